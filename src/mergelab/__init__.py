@@ -1,0 +1,16 @@
+"""mergelab: merge neural networks' weights into one model."""
+
+from mergelab.api import merge, merge_state_dicts, plan_merge
+from mergelab.errors import CheckpointError, ConfigError, MergeError, MergeLabError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "merge",
+    "merge_state_dicts",
+    "plan_merge",
+    "CheckpointError",
+    "ConfigError",
+    "MergeError",
+    "MergeLabError",
+]

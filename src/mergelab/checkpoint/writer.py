@@ -1,0 +1,461 @@
+"""Atomic, streaming, sharded safetensors writing.
+
+The layout of every shard is fixed before the first tensor arrives (names, shapes and dtypes
+are known from the merge plan), so each shard's header is written up front and each tensor goes
+straight to its offset with ``os.pwrite``, in any order, from any thread, without holding a
+shard in memory. Everything is written into a hidden folder beside the output and renamed into
+place by `ShardedWriter.commit`, so a crashed or interrupted merge never leaves a
+finished-looking checkpoint.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import json
+import os
+import re
+import secrets
+import shutil
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+
+import torch
+
+from mergelab.checkpoint.format import build_header, dtype_code, tensor_nbytes
+from mergelab.checkpoint.shards import INDEX_FILE_NAME, ShardPlan, plan_shards
+from mergelab.errors import CheckpointError
+
+# Linux renameat2() flags: swap two paths atomically / fail instead of replacing.
+_RENAME_NOREPLACE = 1
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _renameat2(src: Path, dst: Path, flags: int) -> bool:
+    """Call Linux renameat2; False when the platform or filesystem does not support it."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        function = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    result = function(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), flags)
+    if result == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(src), None, str(dst))
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # exists but belongs to someone else, or we cannot tell: keep its folder
+    return True
+
+
+def _fsync_path(path: Path, directory: bool = False) -> None:
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _is_disk_full(exc: OSError) -> bool:
+    return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+class ShardedWriter:
+    """Write a checkpoint of known tensors as HF-style safetensors shards, atomically.
+
+    Args:
+        out_dir: the folder to create.
+        entries: ``(name, shape, dtype)`` of every tensor, in the order shards are filled.
+        max_shard_size: bytes of tensor data per shard (see `parse_size`); a larger tensor gets a
+            shard of its own.
+        overwrite: replace an existing `out_dir` (atomically, at `commit`).
+        inputs: the checkpoints being read; `out_dir` may not equal, contain or sit inside one.
+        metadata: extra safetensors metadata (str -> str), added to ``{"format": "pt"}``.
+
+    Raises:
+        CheckpointError: before anything is created, for a bad entry, a clash with an input or
+            an existing `out_dir` without `overwrite` (all problems at once).
+
+    Use as a context manager: an exception inside the block aborts (removes the temporary
+    folder); leaving it normally does nothing, so call `commit` inside the block.
+    """
+
+    def __init__(
+        self,
+        out_dir: str | os.PathLike,
+        entries: Sequence[tuple[str, tuple[int, ...], torch.dtype]],
+        *,
+        max_shard_size: int,
+        overwrite: bool = False,
+        inputs: Sequence[str | os.PathLike] = (),
+        metadata: dict[str, str] | None = None,
+    ):
+        self.out_dir = Path(out_dir).expanduser().resolve()
+        self.overwrite = overwrite
+        self._check_target(inputs)
+        self._shapes, self._dtypes = self._check_entries(entries)
+        self._metadata = {"format": "pt", **self._check_metadata(metadata)}
+        try:
+            self.plan: ShardPlan = plan_shards(
+                [(name, tensor_nbytes(shape, self._dtypes[name])) for name, shape, _ in entries],
+                max_shard_size,
+            )
+        except ValueError as exc:
+            raise CheckpointError(f"cannot plan output shards for {self.out_dir}: {exc}") from exc
+
+        self._lock = threading.Lock()
+        self._pending = set(self._shapes)  # planned, not yet started
+        self._writing: set[str] = set()
+        self._written: set[str] = set()
+        self._extra_files: set[str] = set()
+        self._state = "open"  # -> "committed" | "aborted"
+
+        self.out_dir.parent.mkdir(parents=True, exist_ok=True)
+        self._remove_stale_partials()
+        self.tmp_dir = self.out_dir.parent / (
+            f".{self.out_dir.name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
+        )
+        self.tmp_dir.mkdir()
+        self._offsets: dict[str, tuple[Path, int]] = {}
+        try:
+            self._prewrite_headers()
+        except BaseException as exc:
+            self.abort()
+            if isinstance(exc, OSError):
+                raise self._io_error(exc, "its header", self.tmp_dir) from exc
+            raise
+
+    # -- validation (nothing created yet) --------------------------------------------------------
+
+    def _check_target(self, inputs: Sequence[str | os.PathLike]) -> None:
+        problems = []
+        out = self.out_dir
+        for raw in inputs:
+            source = Path(raw).expanduser().resolve()
+            if out == source:
+                problems.append(f"output folder {out} is the input checkpoint {source}")
+            elif source in out.parents:
+                problems.append(f"output folder {out} is inside the input checkpoint {source}")
+            elif out in source.parents:
+                problems.append(f"output folder {out} contains the input checkpoint {source}")
+        if out.exists() and not out.is_dir():
+            problems.append(f"output path {out} exists and is not a folder")
+        elif out.exists() and not self.overwrite:
+            problems.append(f"output folder {out} already exists (pass overwrite=True to replace)")
+        if problems:
+            raise CheckpointError("refusing to write checkpoint: " + "; ".join(problems))
+
+    @staticmethod
+    def _check_entries(
+        entries: Sequence[tuple[str, tuple[int, ...], torch.dtype]],
+    ) -> tuple[dict[str, tuple[int, ...]], dict[str, torch.dtype]]:
+        problems: list[str] = []
+        shapes: dict[str, tuple[int, ...]] = {}
+        dtypes: dict[str, torch.dtype] = {}
+        if not entries:
+            problems.append("no tensors to write")
+        for name, shape, dtype in entries:
+            if not isinstance(name, str) or not name:
+                problems.append(f"tensor name {name!r} is not a non-empty string")
+                continue
+            if name in shapes:
+                problems.append(f"tensor {name!r} is listed twice")
+            shape = tuple(shape)
+            if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+                problems.append(f"tensor {name!r} has invalid shape {shape!r}")
+            try:
+                dtype_code(dtype)
+            except CheckpointError as exc:
+                problems.append(f"tensor {name!r}: {exc}")
+            shapes[name] = shape
+            dtypes[name] = dtype
+        if problems:
+            raise CheckpointError(
+                "invalid output tensor list:\n" + "\n".join(f"  - {p}" for p in problems)
+            )
+        return shapes, dtypes
+
+    @staticmethod
+    def _check_metadata(metadata: dict[str, str] | None) -> dict[str, str]:
+        metadata = dict(metadata or {})
+        bad = [k for k, v in metadata.items() if not isinstance(k, str) or not isinstance(v, str)]
+        if bad:
+            raise CheckpointError(f"safetensors metadata must map str to str; bad keys: {bad}")
+        return metadata
+
+    def _remove_stale_partials(self) -> None:
+        """Delete partial folders of this target left by processes that no longer run."""
+        pattern = re.compile(rf"^\.{re.escape(self.out_dir.name)}\.partial-(\d+)-[0-9a-f]+$")
+        for candidate in self.out_dir.parent.iterdir():
+            match = pattern.match(candidate.name)
+            if match and candidate.is_dir() and not _pid_alive(int(match.group(1))):
+                shutil.rmtree(candidate, ignore_errors=True)
+
+    # -- layout ----------------------------------------------------------------------------------
+
+    def _prewrite_headers(self) -> None:
+        for file_name, names in zip(self.plan.filenames, self.plan.names_by_shard, strict=True):
+            # Widest dtypes first (stable within a width) keeps every tensor aligned to its
+            # element size, as the safetensors library lays files out, so readers that map
+            # tensors in place never need a realigning copy.
+            ordered = sorted(names, key=lambda n: -self._dtypes[n].itemsize)
+            specs = [(n, self._shapes[n], self._dtypes[n]) for n in ordered]
+            prefix, offsets = build_header(specs, self._metadata)
+            path = self.tmp_dir / file_name
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                _pwrite_all(fd, memoryview(prefix), 0)
+                # Sized (sparse) now so every tensor can land at its offset in any order.
+                data = sum(tensor_nbytes(s, d) for _, s, d in specs)
+                os.ftruncate(fd, len(prefix) + data)
+            finally:
+                os.close(fd)
+            for name, offset in zip(ordered, offsets, strict=True):
+                self._offsets[name] = (path, offset)
+
+    @property
+    def files(self) -> tuple[str, ...]:
+        """Shard file names, in order."""
+        return self.plan.filenames
+
+    # -- writing ---------------------------------------------------------------------------------
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Write tensor `name` at its planned offset. Thread-safe; any order.
+
+        Raises:
+            CheckpointError: an unplanned or already written name, a shape or dtype that differs
+                from the plan (cast before writing), or a failed write (the writer is then
+                aborted; a full disk says so).
+        """
+        with self._lock:
+            self._check_state()
+            if name not in self._shapes:
+                raise CheckpointError(
+                    f"tensor {name!r} is not in the output plan of {self.out_dir}"
+                )
+            if name not in self._pending:
+                raise CheckpointError(f"tensor {name!r} was already written to {self.out_dir}")
+            expected_shape, expected_dtype = self._shapes[name], self._dtypes[name]
+            if tuple(tensor.shape) != expected_shape or tensor.dtype != expected_dtype:
+                raise CheckpointError(
+                    f"tensor {name!r}: got shape {tuple(tensor.shape)} {tensor.dtype}, planned "
+                    f"{expected_shape} {expected_dtype}"
+                )
+            self._pending.discard(name)
+            self._writing.add(name)
+
+        path, offset = self._offsets[name]
+        try:
+            data = _as_bytes(tensor)
+            if len(data):
+                fd = os.open(path, os.O_WRONLY)
+                try:
+                    _pwrite_all(fd, data, offset)
+                finally:
+                    os.close(fd)
+        except OSError as exc:
+            with self._lock:
+                self._writing.discard(name)
+            self.abort()
+            raise self._io_error(exc, f"tensor {name!r}", path) from exc
+        except BaseException:
+            with self._lock:  # e.g. KeyboardInterrupt: let the caller retry or abort
+                self._writing.discard(name)
+                self._pending.add(name)
+            raise
+        with self._lock:
+            self._writing.discard(name)
+            self._written.add(name)
+
+    def copy_file(self, src: str | os.PathLike, name: str | None = None) -> None:
+        """Copy a file (tokenizer, generation config, ...) into the output as `name`."""
+        source = Path(src)
+        target = self._extra_path(name or source.name)
+        try:
+            shutil.copyfile(source, target)
+        except OSError as exc:
+            if not source.is_file():
+                raise CheckpointError(f"cannot copy {source} into the output: {exc}") from exc
+            self.abort()
+            raise self._io_error(exc, f"copy of {source}", target) from exc
+
+    def write_json(self, name: str, obj: object) -> None:
+        """Write `obj` as indented JSON into the output as `name` (e.g. an edited config.json)."""
+        target = self._extra_path(name)
+        try:
+            text = json.dumps(obj, indent=2, ensure_ascii=False) + "\n"
+        except (TypeError, ValueError) as exc:
+            raise CheckpointError(f"cannot write {name} as JSON: {exc}") from exc
+        try:
+            target.write_text(text, encoding="utf-8")
+        except OSError as exc:
+            self.abort()
+            raise self._io_error(exc, name, target) from exc
+
+    def _extra_path(self, name: str) -> Path:
+        with self._lock:
+            self._check_state()
+            relative = Path(name)
+            reserved = set(self.plan.filenames) | {INDEX_FILE_NAME}
+            if relative.is_absolute() or ".." in relative.parts or not relative.parts:
+                raise CheckpointError(f"output file name {name!r} must be a relative path")
+            if relative.as_posix() in reserved:
+                raise CheckpointError(f"output file name {name!r} is reserved for the weights")
+            self._extra_files.add(relative.as_posix())
+        target = self.tmp_dir / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        return target
+
+    # -- finishing ------------------------------------------------------------------------------
+
+    def commit(self) -> Path:
+        """Check completeness, sync, write the index and rename the folder into place.
+
+        Returns:
+            The final output folder.
+
+        Raises:
+            CheckpointError: tensors never written (all listed), or a failed write or rename.
+        """
+        with self._lock:
+            self._check_state()
+            missing = [n for n in self._shapes if n not in self._written]
+            if missing:
+                shown = ", ".join(repr(n) for n in missing[:20])
+                more = f" and {len(missing) - 20} more" if len(missing) > 20 else ""
+                raise CheckpointError(
+                    f"cannot commit {self.out_dir}: {len(missing)} planned tensor(s) were never "
+                    f"written: {shown}{more}"
+                )
+            self._state = "committing"
+        current = self.tmp_dir
+        try:
+            if self.plan.is_sharded:
+                index = {
+                    "metadata": {"total_size": self.plan.total_size},
+                    "weight_map": dict(sorted(self.plan.shard_of.items())),
+                }
+                current = self.tmp_dir / INDEX_FILE_NAME
+                current.write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+            # Data must be on disk before the rename makes it visible under the final name.
+            for path in sorted(self.tmp_dir.rglob("*")):
+                if path.is_file():
+                    current = path
+                    _fsync_path(path)
+            current = self.tmp_dir
+            _fsync_path(self.tmp_dir, directory=True)
+            self._move_into_place()
+            _fsync_path(self.out_dir.parent, directory=True)
+        except OSError as exc:
+            with self._lock:
+                self._state = "open"
+            self.abort()
+            raise self._io_error(exc, "commit", current) from exc
+        except BaseException:
+            with self._lock:
+                self._state = "open"
+            self.abort()
+            raise
+        with self._lock:
+            self._state = "committed"
+        return self.out_dir
+
+    def _move_into_place(self) -> None:
+        if not self.out_dir.exists():
+            # NOREPLACE: someone may have created out_dir since we checked; never clobber it.
+            if not _renameat2(self.tmp_dir, self.out_dir, _RENAME_NOREPLACE):
+                if self.out_dir.exists():
+                    raise CheckpointError(f"output folder {self.out_dir} appeared while writing")
+                os.rename(self.tmp_dir, self.out_dir)
+            return
+        if not self.overwrite:
+            raise CheckpointError(f"output folder {self.out_dir} appeared while writing")
+        # One atomic swap where the kernel offers it: readers see the old or the new checkpoint,
+        # never neither. The old one ends up under the partial name and is deleted after.
+        if _renameat2(self.tmp_dir, self.out_dir, _RENAME_EXCHANGE):
+            shutil.rmtree(self.tmp_dir, ignore_errors=True)
+            return
+        aside = self.out_dir.parent / (
+            f".{self.out_dir.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
+        )
+        os.rename(self.out_dir, aside)
+        try:
+            os.rename(self.tmp_dir, self.out_dir)
+        except OSError:
+            os.rename(aside, self.out_dir)  # put the previous output back
+            raise
+        shutil.rmtree(aside, ignore_errors=True)
+
+    def abort(self) -> None:
+        """Remove the temporary folder. Does nothing after a commit; safe to call twice."""
+        with self._lock:
+            if self._state in ("committed", "committing", "aborted"):
+                return
+            self._state = "aborted"
+        # Other threads may still be inside pwrite: each owns its descriptor, so deleting the
+        # files under them only makes their writes land in unlinked inodes.
+        shutil.rmtree(self.tmp_dir, ignore_errors=True)
+
+    def _check_state(self) -> None:
+        if self._state == "aborted":
+            raise CheckpointError(f"writer for {self.out_dir} was aborted")
+        if self._state in ("committed", "committing"):
+            raise CheckpointError(f"writer for {self.out_dir} was already committed")
+
+    def _io_error(self, exc: OSError, what: str, path: Path) -> CheckpointError:
+        if _is_disk_full(exc):
+            return CheckpointError(
+                f"disk full while writing {what} to {path}: {exc.strerror}; the partial output "
+                f"was removed and {self.out_dir} was not created"
+            )
+        return CheckpointError(
+            f"cannot write {what} to {path}: {exc}; the partial output was removed"
+        )
+
+    def __enter__(self) -> ShardedWriter:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc_type is not None:
+            self.abort()
+
+
+def _as_bytes(tensor: torch.Tensor) -> memoryview:
+    """The tensor's bytes in C order on the CPU (one copy at most: device or layout change)."""
+    flat = tensor.detach()
+    if flat.device.type != "cpu":
+        flat = flat.cpu()
+    flat = flat.contiguous().reshape(-1)
+    if flat.numel() == 0:
+        return memoryview(b"")
+    # Reinterpret as bytes; numpy has no bfloat16/float8, uint8 works for every dtype.
+    return memoryview(flat.view(torch.uint8).numpy()).cast("B")
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    # pwrite may write less than asked (Linux caps one call near 2 GiB): loop until done.
+    while len(data):
+        written = os.pwrite(fd, data, offset)
+        if written <= 0:
+            raise OSError(errno.EIO, "pwrite wrote nothing")
+        data = data[written:]
+        offset += written

@@ -1,0 +1,207 @@
+"""`mergelab <subcommand>`: a thin adapter over the Python API."""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from mergelab.errors import MergeLabError
+
+app = typer.Typer(
+    name="mergelab",
+    help="Merge neural networks' weights into one model.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _fail(exc: Exception) -> None:
+    err_console.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True)
+    raise typer.Exit(code=1)
+
+
+def _human(nbytes: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(nbytes) < 1000 or unit == "TB":
+            return f"{nbytes:.1f} {unit}" if unit != "B" else f"{int(nbytes)} B"
+        nbytes /= 1000
+    return f"{nbytes:.1f} TB"
+
+
+@app.command()
+def merge(
+    config: Path = typer.Argument(..., help="Merge config (mergekit-compatible YAML)."),
+    out_dir: Path = typer.Argument(..., help="Output folder (created; must not exist)."),
+    device: str = typer.Option("cpu", help="Device for the merge math: cpu, cuda, cuda:1..."),
+    out_shard_size: str = typer.Option("5GB", help="Maximum shard size: bytes or e.g. 2GB."),
+    overwrite: bool = typer.Option(False, help="Replace an existing output folder atomically."),
+    seed: int = typer.Option(0, help="Seed for randomised methods (DARE, DELLA...)."),
+    dry_run: bool = typer.Option(False, help="Validate and print the plan; write nothing."),
+    allow_nonfinite: bool = typer.Option(False, help="Merge sources holding NaN/Inf anyway."),
+    profile: bool = typer.Option(False, help="Print where the time went (read, merge, write)."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+) -> None:
+    """Merge the models a CONFIG names into OUT_DIR."""
+    from mergelab import api
+
+    try:
+        if dry_run:
+            plan = api.plan_merge(config)
+            _print_plan(plan)
+            return
+        report = api.merge(
+            config,
+            out_dir,
+            device=device,
+            out_shard_size=out_shard_size,
+            overwrite=overwrite,
+            seed=seed,
+            allow_nonfinite=allow_nonfinite,
+            progress=progress,
+        )
+    except MergeLabError as exc:
+        _fail(exc)
+        return
+    for note in report.notes:
+        console.print(f"[yellow]note:[/] {note}")
+    console.print(
+        f"merged {report.tensors} tensors with `{report.method}` into {out_dir} in "
+        f"{report.wall_seconds:.2f} s ({report.tensors_per_second:.1f} tensors/s, "
+        f"{report.gb_per_second:.2f} GB/s read+written)"
+    )
+    if profile:
+        table = Table(title="profile")
+        table.add_column("phase")
+        table.add_column("seconds", justify="right")
+        for phase, seconds in report.profile_table():
+            table.add_row(phase, f"{seconds:.3f}")
+        console.print(table)
+
+
+def _print_plan(plan) -> None:
+    table = Table(title=f"plan: {plan.method.name}")
+    table.add_column("what")
+    table.add_column("value")
+    for key, source in plan.sources.items():
+        table.add_row("source", f"{key}")
+    table.add_row("output tensors", str(len(plan.tasks)))
+    table.add_row("bytes read", _human(plan.total_in_bytes))
+    table.add_row("bytes written", _human(plan.total_out_bytes))
+    table.add_row("estimated peak tensor memory", _human(plan.estimate_peak_bytes()))
+    console.print(table)
+    for note in plan.notes:
+        console.print(f"[yellow]note:[/] {note}")
+    preview = Table(title="first tensors")
+    for col in ("tensor", "shape", "inputs", "out dtype"):
+        preview.add_column(col)
+    for task in plan.tasks[:12]:
+        preview.add_row(
+            task.name,
+            "x".join(map(str, task.shape)) or "scalar",
+            str(len(task.inputs)),
+            str(task.out_dtype).replace("torch.", ""),
+        )
+    console.print(preview)
+
+
+@app.command()
+def validate(config: Path = typer.Argument(..., help="Merge config to check.")) -> None:
+    """Check a config and its sources completely without merging."""
+    from mergelab import api
+
+    try:
+        plan = api.plan_merge(config)
+    except MergeLabError as exc:
+        _fail(exc)
+        return
+    console.print(
+        f"[green]ok[/]: `{plan.method.name}` over {len(plan.sources)} model(s), "
+        f"{len(plan.tasks)} output tensors"
+    )
+    for note in plan.notes:
+        console.print(f"[yellow]note:[/] {note}")
+
+
+@app.command()
+def methods(
+    pattern: str | None = typer.Argument(None, help="Glob on method names, e.g. '*ties*'."),
+) -> None:
+    """List merge methods: name, paper and parameters (from the registry)."""
+    from mergelab.methods import list_methods
+
+    found = list_methods(pattern or "*")
+    if pattern and not found:
+        _fail(ValueError(f"no method matches {pattern!r}"))
+    table = Table(show_lines=True)
+    for col in ("method", "paper", "base", "parameters"):
+        table.add_column(col)
+    for m in found:
+        params = []
+        for p in m.params:
+            rng = ""
+            if p.low is not None or p.high is not None:
+                rng = f" in [{'' if p.low is None else f'{p.low:g}'}, {'' if p.high is None else f'{p.high:g}'}]"
+            default = "required" if p.default is None else f"default {p.default}"
+            scope = "per model" if p.per_model else "global"
+            params.append(f"{p.name} ({p.kind.__name__}, {scope}, {default}{rng})")
+        table.add_row(m.name, f"{m.paper}\n{m.url}", m.base, "\n".join(params) or "-")
+    console.print(table)
+
+
+@app.command()
+def inspect(
+    path: Path = typer.Argument(..., help="Checkpoint folder or file."),
+    pattern: str = typer.Option("*", help="Glob on tensor names."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """List a checkpoint's tensors, shapes, dtypes and parameter count."""
+    from mergelab.checkpoint import open_checkpoint
+
+    try:
+        reader = open_checkpoint(path)
+    except (MergeLabError, FileNotFoundError) as exc:
+        _fail(exc)
+        return
+    with reader:
+        rows = []
+        total = 0
+        for name in reader.keys():
+            shape = reader.shape(name)
+            numel = 1
+            for s in shape:
+                numel *= s
+            total += numel
+            if fnmatch.fnmatch(name, pattern):
+                rows.append((name, list(shape), str(reader.dtype(name)).replace("torch.", ""), numel))
+        if as_json:
+            console.print_json(
+                json.dumps(
+                    {
+                        "path": str(path),
+                        "parameters": total,
+                        "tensors": [
+                            {"name": n, "shape": s, "dtype": d, "numel": c} for n, s, d, c in rows
+                        ],
+                    }
+                )
+            )
+            return
+        table = Table(title=str(path))
+        for col in ("tensor", "shape", "dtype", "parameters"):
+            table.add_column(col)
+        for n, s, d, c in rows:
+            table.add_row(n, "x".join(map(str, s)) or "scalar", d, f"{c:,}")
+        console.print(table)
+        console.print(f"{len(reader.keys())} tensors, {total:,} parameters")
+
+
+if __name__ == "__main__":
+    app()

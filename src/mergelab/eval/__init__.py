@@ -1,0 +1,1 @@
+"""Evaluation: tasks, evaluators and multi-task result tables."""

@@ -1,0 +1,36 @@
+"""Merge methods: one module per family, all declared in one registry (see registry.py)."""
+
+from importlib import import_module
+
+from mergelab.methods.registry import (
+    MergeMethod,
+    Param,
+    TensorMerge,
+    get_method,
+    list_methods,
+    register,
+)
+
+# Each module registers its methods on import. Add a new family here.
+_FAMILIES = (
+    "linear",
+    "task_arithmetic",
+    "spherical",
+    "model_stock",
+    "pairwise",
+    "ram",
+    "passthrough",
+    "tsv",
+    "iso",
+    "magmax",
+    "expo",
+    "pcb",
+)
+for _family in _FAMILIES:
+    try:
+        import_module(f"mergelab.methods.{_family}")
+    except ModuleNotFoundError as exc:  # a family still being written
+        if exc.name != f"mergelab.methods.{_family}":
+            raise
+
+__all__ = ["MergeMethod", "Param", "TensorMerge", "get_method", "list_methods", "register"]

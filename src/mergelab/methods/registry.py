@@ -1,0 +1,177 @@
+"""The registry of merge methods: each method is a declaration plus a pure tensor kernel.
+
+The CLI (`mergelab methods`), config validation and the docs table all read this registry;
+nothing else in mergelab branches on a method's name.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+ParamValue = float | int | bool
+
+
+@dataclass(frozen=True)
+class Param:
+    """One parameter of a merge method.
+
+    `per_model` parameters are given per source model (mergekit's "tensor parameters", e.g.
+    `weight`, `density`); the others are given once for the merge (e.g. `lambda`, `t`).
+    A `default` of None means the parameter is required.
+    """
+
+    name: str
+    kind: type  # float, int or bool
+    default: ParamValue | None
+    description: str
+    per_model: bool = False
+    low: float | None = None
+    high: float | None = None
+
+    def check(self, value: Any) -> str | None:
+        """Return a problem message for `value`, or None if it is acceptable."""
+        if self.kind is bool:
+            if not isinstance(value, bool):
+                return f"`{self.name}` must be true or false; got {value!r}"
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return f"`{self.name}` must be a number; got {value!r}"
+        if self.kind is int and float(value) != int(value):
+            return f"`{self.name}` must be an integer; got {value!r}"
+        if self.low is not None and value < self.low or self.high is not None and value > self.high:
+            lo = "-inf" if self.low is None else f"{self.low:g}"
+            hi = "inf" if self.high is None else f"{self.high:g}"
+            return f"`{self.name}` must be in [{lo}, {hi}]; got {value!r}"
+        return None
+
+    def coerce(self, value: ParamValue) -> ParamValue:
+        if self.kind is bool:
+            return bool(value)
+        return self.kind(value)
+
+
+@dataclass
+class TensorMerge:
+    """Everything a kernel needs to merge one tensor.
+
+    tensors: the source models' tensors, in config order, already cast to the merge dtype
+        (float32 or float64) and on the merge device. When the method uses a base model, the
+        base is *not* among them.
+    base: the base model's tensor, or None when the method takes no base / none was given.
+    model_params: for each entry of `tensors`, its resolved per-model parameters (defaults filled).
+    params: the resolved global parameters (defaults filled).
+    generator: a torch.Generator seeded from the merge seed and the tensor name (randomised
+        methods must draw from it, never from the global RNG).
+    name: the output tensor's name (some methods treat embeddings or norms differently).
+    """
+
+    tensors: list[torch.Tensor]
+    base: torch.Tensor | None
+    model_params: list[dict[str, ParamValue]]
+    params: dict[str, ParamValue]
+    generator: torch.Generator | None = None
+    name: str = ""
+
+    def per_model(self, key: str) -> list[ParamValue]:
+        return [p[key] for p in self.model_params]
+
+
+Kernel = Callable[[TensorMerge], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    """Declaration of a merge method.
+
+    base: "required" (e.g. TIES), "optional" (e.g. nuslerp) or "none" (e.g. linear: a
+        `base_model` then only supplies config/tokenizer files and is merged only if listed
+        under `models`).
+    min_models / max_models: how many non-base source models the method takes.
+    """
+
+    name: str
+    title: str
+    paper: str
+    url: str
+    kernel: Kernel
+    params: tuple[Param, ...] = ()
+    base: Literal["required", "optional", "none"] = "none"
+    min_models: int = 1
+    max_models: int | None = None
+    randomized: bool = False
+    aliases: tuple[str, ...] = field(default=())
+
+    def param(self, name: str) -> Param | None:
+        for p in self.params:
+            if p.name == name:
+                return p
+        return None
+
+    @property
+    def global_params(self) -> tuple[Param, ...]:
+        return tuple(p for p in self.params if not p.per_model)
+
+    @property
+    def model_params(self) -> tuple[Param, ...]:
+        return tuple(p for p in self.params if p.per_model)
+
+
+_REGISTRY: dict[str, MergeMethod] = {}
+
+
+def register(method: MergeMethod) -> MergeMethod:
+    """Add a method to the registry (its name must be new)."""
+    for key in (method.name, *method.aliases):
+        if key in _REGISTRY:
+            raise ValueError(f"merge method {key!r} is registered twice")
+        _REGISTRY[key] = method
+    return method
+
+
+def get_method(name: str) -> MergeMethod:
+    """Look a method up by name; the error lists the known names (and a close match)."""
+    _ensure_loaded()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        import difflib
+
+        close = difflib.get_close_matches(name, _REGISTRY, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        known = ", ".join(sorted({m.name for m in _REGISTRY.values()}))
+        raise KeyError(f"unknown merge method {name!r}{hint}; known methods: {known}") from None
+
+
+def list_methods(pattern: str = "*") -> list[MergeMethod]:
+    """Registered methods whose name matches a glob pattern, sorted by name."""
+    _ensure_loaded()
+    seen = {m.name: m for m in _REGISTRY.values()}
+    return [seen[n] for n in sorted(seen) if fnmatch.fnmatch(n, pattern)]
+
+
+def method_names() -> Sequence[str]:
+    _ensure_loaded()
+    return sorted(_REGISTRY)
+
+
+def resolve_defaults(
+    params: tuple[Param, ...], given: Mapping[str, ParamValue]
+) -> dict[str, ParamValue]:
+    """Fill defaults and coerce types; callers validated the values beforehand."""
+    out: dict[str, ParamValue] = {}
+    for p in params:
+        if p.name in given:
+            out[p.name] = p.coerce(given[p.name])
+        elif p.default is not None:
+            out[p.name] = p.default
+    return out
+
+
+def _ensure_loaded() -> None:
+    # Importing the package registers every built-in method.
+    import mergelab.methods  # noqa: F401

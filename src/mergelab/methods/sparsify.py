@@ -1,0 +1,219 @@
+"""Sparsification of task vectors: the pruning steps of TIES, DARE, Model Breadcrumbs and DELLA.
+
+Every function here is a pure tensor step. Functions whose name ends in `_` prune their argument
+in place (the caller owns the buffer, see `task_vector` users in task_arithmetic.py) and return
+it, so a merge of N models allocates one (N, *shape) buffer and little else.
+
+Selection by magnitude uses a threshold (`torch.kthvalue`, a linear-time selection) instead of a
+full sort, which is several times faster on large matrices. The result equals a *stable* sort's:
+among entries tied with the threshold value, the ones with the lowest flat index come first. A
+plain `torch.argsort` (what mergekit uses) is not stable on tensors of 1000+ entries, so on exact
+ties at the threshold (common with bfloat16 checkpoints) mergekit keeps an arbitrary subset of
+the tied entries; we keep a documented one. Everything else matches mergekit 0.1.5's
+`sparsify.py` value for value.
+
+Rescaling follows mergekit: `rescale=True` multiplies the kept entries by
+||delta||_1 / ||pruned delta||_1 (the L1 norm is preserved), not by the paper's 1/density; for
+random pruning the two agree in expectation. It is skipped when either norm is below 1e-7.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Below this L1 norm mergekit returns the pruned tensor unscaled (avoids 0/0 and huge factors).
+_RESCALE_EPS = 1e-7
+
+
+def _keep_first_ties(
+    mask: torch.Tensor, flat: torch.Tensor, threshold: torch.Tensor, wanted: int
+) -> torch.Tensor:
+    """Trim `mask` (entries on the kept side of `threshold`, ties included) to `wanted` entries
+    by dropping the tied entries with the highest flat indices (stable-sort order)."""
+    excess = int(torch.count_nonzero(mask)) - wanted
+    if excess > 0:
+        tied = (flat == threshold).nonzero().squeeze(1)
+        mask[tied[tied.numel() - excess :]] = False
+    return mask
+
+
+def largest_mask(values: torch.Tensor, count: int) -> torch.Tensor:
+    """Boolean mask of the `count` largest entries of `values` (any shape).
+
+    Equals taking the first `count` indices of a stable descending sort: of the entries equal to
+    the count-th largest value, those with the lowest flat index are kept.
+    """
+    numel = values.numel()
+    if count <= 0:
+        return torch.zeros_like(values, dtype=torch.bool)
+    if count >= numel:
+        return torch.ones_like(values, dtype=torch.bool)
+    flat = values.reshape(-1)
+    threshold = torch.kthvalue(flat, numel - count + 1).values
+    return _keep_first_ties(flat >= threshold, flat, threshold, count).view(values.shape)
+
+
+def smallest_mask(values: torch.Tensor, count: int) -> torch.Tensor:
+    """Boolean mask of the `count` smallest entries of `values` (any shape).
+
+    Equals taking the first `count` indices of a stable ascending sort (lowest index first among
+    entries equal to the count-th smallest value).
+    """
+    numel = values.numel()
+    if count <= 0:
+        return torch.zeros_like(values, dtype=torch.bool)
+    if count >= numel:
+        return torch.ones_like(values, dtype=torch.bool)
+    flat = values.reshape(-1)
+    threshold = torch.kthvalue(flat, count).values
+    return _keep_first_ties(flat <= threshold, flat, threshold, count).view(values.shape)
+
+
+def rescale_l1_(pruned: torch.Tensor, l1_before: torch.Tensor) -> torch.Tensor:
+    """Scale `pruned` in place so its L1 norm is `l1_before` (the norm before pruning).
+
+    Left unscaled when either norm is below 1e-7, as mergekit does (an all-pruned tensor stays 0).
+    """
+    l1_after = pruned.abs().sum()
+    if l1_before < _RESCALE_EPS or l1_after < _RESCALE_EPS:
+        return pruned
+    return pruned.mul_(l1_before / l1_after)
+
+
+def magnitude_prune_(delta: torch.Tensor, density: float, rescale: bool) -> torch.Tensor:
+    """TIES "trim" step: keep the `density` fraction of entries with the largest magnitude.
+
+    TIES-Merging (Yadav et al., 2023, https://arxiv.org/abs/2306.01708), section 3: "we trim each
+    task vector to retain only the top-k% values according to their magnitude".
+    Keeps max(1, int(density * numel)) entries, so any positive density keeps at least one entry.
+    density >= 1 returns `delta` untouched (never rescaled); density <= 0 zeroes it.
+    """
+    if density >= 1:
+        return delta
+    numel = delta.numel()
+    if density <= 0 or numel == 0:
+        return delta.zero_()
+    magnitudes = delta.abs()
+    keep = largest_mask(magnitudes, max(1, int(density * numel)))
+    l1_before = magnitudes.sum() if rescale else None
+    del magnitudes
+    delta.mul_(keep)
+    return delta if l1_before is None else rescale_l1_(delta, l1_before)
+
+
+def random_prune_(
+    delta: torch.Tensor, density: float, rescale: bool, generator: torch.Generator | None
+) -> torch.Tensor:
+    """DARE "drop": keep each entry independently with probability `density`.
+
+    DARE (Yu et al., 2024, https://arxiv.org/abs/2311.03099), section 3: "randomly drops delta
+    parameters with a drop rate p and rescales the remaining ones by 1 / (1 - p)". As in mergekit
+    the rescale preserves the L1 norm instead (equal to 1/density in expectation).
+    density >= 1 returns `delta` untouched; density <= 0 zeroes it without drawing.
+    """
+    if density >= 1:
+        return delta
+    if density <= 0:
+        return delta.zero_()
+    keep = torch.empty_like(delta).bernoulli_(density, generator=generator)
+    l1_before = delta.abs().sum() if rescale else None
+    delta.mul_(keep)
+    return delta if l1_before is None else rescale_l1_(delta, l1_before)
+
+
+def breadcrumbs_prune_(
+    delta: torch.Tensor, density: float, gamma: float, rescale: bool
+) -> torch.Tensor:
+    """Model Breadcrumbs: drop the `gamma` fraction of largest-magnitude entries (outliers) and
+    then the smallest ones, so that a `density` fraction remains.
+
+    Model Breadcrumbs (Davari & Belilovsky, 2023, https://arxiv.org/abs/2312.06795), section 3:
+    "masking out the large outliers ... and the small perturbations".
+    With n entries it keeps int(density * n) entries; the number of dropped outliers is
+    reduced when int(gamma * n) + int(density * n) > n, so the density is always met.
+    Of tied magnitudes, the lowest flat indices count as smaller (stable ascending order).
+    density >= 1 returns `delta` untouched (gamma is then ignored, as in mergekit).
+    """
+    if density >= 1:
+        return delta
+    numel = delta.numel()
+    kept = int(density * numel)
+    outliers = int(gamma * numel)
+    small = max(0, numel - kept - outliers)
+    magnitudes = delta.abs()
+    # Keep the entries whose stable ascending rank lies in [small, small + kept).
+    keep = smallest_mask(magnitudes, small + kept)
+    if small > 0:
+        keep &= ~smallest_mask(magnitudes, small)
+    l1_before = magnitudes.sum() if rescale else None
+    del magnitudes
+    delta.mul_(keep)
+    return delta if l1_before is None else rescale_l1_(delta, l1_before)
+
+
+def della_params_problem(density: float, epsilon: float) -> str | None:
+    """Why (`density`, `epsilon`) cannot be used by DELLA's MagPrune, or None if they can.
+
+    The keep probabilities span [density - epsilon, density + epsilon] and must lie in (0, 1).
+    Only checked when 0 < density < 1 (otherwise no sampling happens), as in mergekit.
+    """
+    if 0 < density < 1 and (density + epsilon >= 1 or density - epsilon <= 0):
+        return (
+            f"`epsilon` ({epsilon:g}) must keep `density` +/- `epsilon` inside (0, 1) for "
+            f"`density` {density:g}; use epsilon < {min(density, 1 - density):g}"
+        )
+    return None
+
+
+def della_keep_probabilities(delta: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
+    """DELLA MagPrune keep probabilities: linear in the magnitude rank within each row.
+
+    DELLA-Merging (Deep et al., 2024, https://arxiv.org/abs/2406.11617), section 3.1: "assign
+    higher probabilities to parameters with higher magnitudes"; the smallest entry of a row gets
+    density - epsilon, the largest density + epsilon, equally spaced in between.
+    Ranks are taken along dim 1 (for 0-d and 1-d tensors: over the whole tensor), as in mergekit;
+    tied magnitudes are ranked by index (stable sort). A row of a single entry, where the rank
+    is undefined (mergekit then yields NaN and fails), gets probability `density`.
+    Returns a tensor shaped like `delta`.
+    """
+    rows = delta.reshape(1, -1) if delta.ndim < 2 else delta
+    length = rows.shape[1]
+    if length <= 1:
+        return torch.full_like(delta, density)
+    order = torch.argsort(rows.abs(), dim=1, stable=True)
+    # Inverting the permutation by a scatter is linear time (mergekit sorts a second time).
+    position_shape = [1] * rows.ndim
+    position_shape[1] = length
+    positions = torch.arange(length, dtype=rows.dtype, device=rows.device).view(position_shape)
+    rank_fraction = torch.empty_like(rows).scatter_(1, order, positions.expand_as(order))
+    del order
+    # Same arithmetic as mergekit: ((rank - 1) / (n - 1)) * 2 * epsilon + (density - epsilon).
+    rank_fraction.div_(length - 1)
+    return rank_fraction.mul_(2).mul_(epsilon).add_(density - epsilon).view(delta.shape)
+
+
+def della_prune_(
+    delta: torch.Tensor,
+    density: float,
+    epsilon: float,
+    rescale: bool,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """DELLA MagPrune: drop entries at random, large magnitudes being kept more often.
+
+    DELLA-Merging (Deep et al., 2024, https://arxiv.org/abs/2406.11617). The paper rescales each
+    kept entry by 1/p_i; mergekit (and we) preserve the L1 norm of the whole tensor instead.
+    density >= 1 returns `delta` untouched; density <= 0 zeroes it. Raises ValueError naming
+    `epsilon` when density +/- epsilon leaves (0, 1).
+    """
+    if density >= 1:
+        return delta
+    if density <= 0:
+        return delta.zero_()
+    problem = della_params_problem(density, epsilon)
+    if problem:
+        raise ValueError(problem)
+    keep = torch.bernoulli(della_keep_probabilities(delta, density, epsilon), generator=generator)
+    l1_before = delta.abs().sum() if rescale else None
+    delta.mul_(keep)
+    return delta if l1_before is None else rescale_l1_(delta, l1_before)

@@ -1,0 +1,468 @@
+"""Generalised task arithmetic: task arithmetic, TIES, DARE, Model Breadcrumbs, DELLA, and SCE.
+
+All of them (as in mergekit 0.1.5, whose names, parameters, defaults and numbers we keep) are one
+recipe, configured differently:
+
+1. task vectors: delta_i = model_i - base                                  (`task_vectors`)
+2. sparsify each delta_i with its own `density` (and `gamma` / `epsilon`); with `rescale`,
+   restore its L1 norm                                                      (sparsify.py)
+3. weight: delta_i *= weight_i
+4. TIES-style methods elect a sign per entry from the sum of weighted deltas (`elect_sign`)
+   and keep only the deltas that agree with it                              (`agreement_mask`)
+5. add up the (kept) weighted deltas; with `normalize`, divide by the sum of the weights of
+   the models that contributed to each entry (`disjoint_sum`, `contributing_weight`)
+6. scale by `lambda` and add to the base.
+
+| method           | sparsify            | sign election | normalize | rescale |
+|------------------|---------------------|---------------|-----------|---------|
+| task_arithmetic  | -                   | -             | false     | false   |
+| ties             | magnitude (top-k)   | sum           | true      | false   |
+| dare_ties        | random (Bernoulli)  | sum           | false     | true    |
+| dare_linear      | random (Bernoulli)  | -             | false     | true    |
+| breadcrumbs      | magnitude outliers  | -             | false     | false   |
+| breadcrumbs_ties | magnitude outliers  | sum           | false     | false   |
+| della            | DELLA MagPrune      | sum           | true      | true    |
+| della_linear     | DELLA MagPrune      | -             | false     | true    |
+
+`sce` (FuseChat) replaces steps 3 and 5 by weights computed from the task vectors themselves.
+
+Conventions and deliberate choices:
+- The base model is required. If it is also listed under `models`, the engine removes it from
+  the sources (its delta is zero) and its per-model parameters are ignored, as in mergekit.
+  With no other source a tensor merges to the base.
+- `int8_mask` is accepted for compatibility; in mergekit it only stores the sign mask as int8 to
+  save memory. Our masks are boolean (1 byte) already, so it changes nothing.
+- Tensors whose shape differs from the base's are an error (the engine reports them before
+  merging; the kernels re-check). mergekit 0.1.5 also raises a size-mismatch error; resized
+  embeddings must be aligned first (e.g. `tokenizer: {source: base}`).
+- Ties at a magnitude threshold are broken by flat index (see sparsify.py). Random masks come
+  from `TensorMerge.generator` only, so a seed reproduces them; mergekit draws from torch's
+  global RNG, so random methods cannot reproduce mergekit's exact masks, only their statistics.
+- The sign election is mergekit's "sum" consensus for every method (TIES paper); the "count"
+  variant is available as a function but, as in mergekit, not as a config parameter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Literal
+
+import torch
+
+from mergelab.errors import ConfigError, MergeError
+from mergelab.methods.registry import MergeMethod, Param, ParamValue, TensorMerge, register
+from mergelab.methods.sparsify import (
+    breadcrumbs_prune_,
+    della_params_problem,
+    della_prune_,
+    largest_mask,
+    magnitude_prune_,
+    random_prune_,
+)
+
+# mergekit treats a total weight below this as zero when normalising a merge without sign election.
+_ZERO_WEIGHT_SUM = 1e-8
+# SCE: model weights summing below this fall back to uniform; erased-weight sums are clamped to it.
+_SCE_EPS = 1e-6
+
+
+# --- pure steps ---------------------------------------------------------------------------------
+
+
+def task_vectors(tensors: Sequence[torch.Tensor], base: torch.Tensor, name: str = "") -> torch.Tensor:
+    """Stack the task vectors tensors[i] - base into one new (N, *base.shape) tensor.
+
+    Task arithmetic (Ilharco et al., 2023, https://arxiv.org/abs/2212.04089): "a task vector
+    ... subtracting the weights of a pre-trained model from the weights of the same model after
+    fine-tuning". The result is a fresh buffer that later steps may modify in place; the inputs
+    are never written to. Raises MergeError when a shape differs from the base's.
+    """
+    for index, tensor in enumerate(tensors):
+        if tensor.shape != base.shape:
+            raise MergeError(
+                f"tensor {name!r}: source {index} has shape {tuple(tensor.shape)} but the base "
+                f"has {tuple(base.shape)}; task vectors need equal shapes (align resized "
+                "embeddings before merging)"
+            )
+    out = base.new_empty((len(tensors), *base.shape))
+    for row, tensor in zip(out, tensors):
+        torch.sub(tensor, base, out=row)
+    return out
+
+
+def elect_sign(
+    weighted_deltas: torch.Tensor, consensus: Literal["sum", "count"] = "sum"
+) -> torch.Tensor:
+    """Per-entry majority sign (+1 or -1, never 0) over the leading model axis.
+
+    TIES-Merging (https://arxiv.org/abs/2306.01708), section 3, "elect": "the sign with the
+    highest total magnitude" ("sum": sign of the sum of the weighted deltas) or, for "count",
+    the sign held by more models. A tie (sum exactly 0) elects +1, as in mergekit.
+    """
+    if consensus == "sum":
+        total = weighted_deltas.sum(dim=0)
+    elif consensus == "count":
+        total = weighted_deltas.sign().sum(dim=0)
+    else:
+        raise ValueError(f"`consensus` must be 'sum' or 'count'; got {consensus!r}")
+    return (total >= 0).to(weighted_deltas.dtype).mul_(2).sub_(1)
+
+
+def agreeing_magnitudes_(weighted_deltas: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
+    """In place: |delta| where a delta has the elected `sign`, 0 elsewhere (the TIES mask).
+
+    Zero entries (pruned, or weight 0) never agree, so they do not count in the normalisation.
+    Keeping magnitudes instead of a separate boolean mask saves a pass and N x numel bytes;
+    `agreement_mask` is the same information as booleans.
+    """
+    return weighted_deltas.mul_(sign).clamp_(min=0)
+
+
+def agreement_mask(weighted_deltas: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
+    """Boolean (N, *shape) mask of the entries whose sign equals the elected `sign` (not 0)."""
+    return (weighted_deltas * sign) > 0
+
+
+def disjoint_sum(agreeing: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
+    """TIES "disjoint merge" numerator: the sum over models of the agreeing weighted deltas.
+
+    `agreeing` is the output of `agreeing_magnitudes_`; the result has the elected sign.
+    """
+    return agreeing.sum(dim=0).mul_(sign)
+
+
+def contributing_weight(weights: Sequence[float], agreeing: torch.Tensor) -> torch.Tensor:
+    """Per-entry sum of the weights of the models that contribute (agreeing entry, nonzero).
+
+    `agreeing` holds non-negative magnitudes (`agreeing_magnitudes_`), so sign() is its 0/1 mask.
+    """
+    total = torch.zeros_like(agreeing[0])
+    for weight, row in zip(weights, agreeing):
+        total.add_(torch.sign(row), alpha=weight)
+    return total
+
+
+def sce_selection_mask(task_vectors: torch.Tensor, select_topk: float) -> torch.Tensor:
+    """SCE "select": keep the entries where the task vectors vary most across models.
+
+    FuseChat (Wan et al., 2024, https://arxiv.org/abs/2408.07990), section 3: select the
+    `select_topk` fraction of entries with the largest variance over models. The fraction is of
+    the entries with nonzero variance (mergekit). Returns a boolean mask shaped like one task
+    vector; ties are broken by flat index.
+    """
+    shape = task_vectors.shape[1:]
+    if select_topk <= 0:
+        return torch.zeros(shape, dtype=torch.bool, device=task_vectors.device)
+    if select_topk >= 1:
+        return torch.ones(shape, dtype=torch.bool, device=task_vectors.device)
+    variance = torch.var(task_vectors, dim=0, correction=0)
+    # mergekit multiplies the count as a tensor (float32 arithmetic); kept for identical counts.
+    count = int(torch.count_nonzero(variance) * select_topk)
+    return largest_mask(variance, count)
+
+
+def sce_model_weights(task_vectors: torch.Tensor) -> torch.Tensor:
+    """SCE "calculate": one weight per model, proportional to the mean square of its task vector.
+
+    Weights sum to 1; when all task vectors are (nearly) zero they are uniform.
+    """
+    energy = torch.stack([row.square().mean() for row in task_vectors])
+    total = energy.sum().item()
+    if abs(total) < _SCE_EPS:
+        return torch.full_like(energy, 1 / energy.numel())
+    return energy / total
+
+
+# --- kernels ------------------------------------------------------------------------------------
+
+# Prune one task vector in place: (delta, its per-model params, rescale, generator) -> delta.
+Pruner = Callable[[torch.Tensor, Mapping[str, ParamValue], bool, torch.Generator | None], None]
+_Params = Mapping[str, ParamValue]
+
+
+def _prune_magnitude(
+    delta: torch.Tensor, params: _Params, rescale: bool, generator: torch.Generator | None
+) -> None:
+    magnitude_prune_(delta, float(params["density"]), rescale)
+
+
+def _prune_random(
+    delta: torch.Tensor, params: _Params, rescale: bool, generator: torch.Generator | None
+) -> None:
+    random_prune_(delta, float(params["density"]), rescale, generator)
+
+
+def _prune_breadcrumbs(
+    delta: torch.Tensor, params: _Params, rescale: bool, generator: torch.Generator | None
+) -> None:
+    breadcrumbs_prune_(delta, float(params["density"]), float(params["gamma"]), rescale)
+
+
+def _prune_della(
+    delta: torch.Tensor, params: _Params, rescale: bool, generator: torch.Generator | None
+) -> None:
+    problem = della_params_problem(float(params["density"]), float(params["epsilon"]))
+    if problem:
+        # The planner should have rejected this already (see `check_model_params`).
+        raise ConfigError(problem)
+    della_prune_(delta, float(params["density"]), float(params["epsilon"]), rescale, generator)
+
+
+def _base_of(m: TensorMerge) -> torch.Tensor:
+    if m.base is None:
+        raise MergeError(f"tensor {m.name!r}: this method needs a base model tensor")
+    return m.base
+
+
+def _generator_of(m: TensorMerge, randomized: bool) -> torch.Generator | None:
+    if randomized and m.generator is None:
+        # Never fall back to the global RNG: results must be reproducible from the seed.
+        raise MergeError(f"tensor {m.name!r}: a random merge needs TensorMerge.generator")
+    return m.generator
+
+
+def generalized_task_arithmetic(
+    m: TensorMerge, pruner: Pruner | None, sign_election: bool, randomized: bool = False
+) -> torch.Tensor:
+    """Merge one tensor by steps 1-6 of the module docstring.
+
+    Global params: `normalize`, `rescale`, `lambda` (and `int8_mask`, which changes nothing).
+    Per-model params: `weight` and the pruner's (`density`, `gamma`, `epsilon`).
+    """
+    base = _base_of(m)
+    if not m.tensors:
+        return base.clone()
+    generator = _generator_of(m, randomized)
+    deltas = task_vectors(m.tensors, base, m.name)
+    if pruner is not None:
+        rescale = bool(m.params["rescale"])
+        for delta, params in zip(deltas, m.model_params):
+            pruner(delta, params, rescale, generator)
+
+    weights = [float(w) for w in m.per_model("weight")]
+    weight_column = torch.tensor(weights, dtype=deltas.dtype, device=deltas.device)
+    deltas.mul_(weight_column.view(-1, *([1] * base.ndim)))
+
+    if sign_election:
+        sign = elect_sign(deltas, "sum")
+        agreeing = agreeing_magnitudes_(deltas, sign)
+        merged = disjoint_sum(agreeing, sign)
+        if m.params["normalize"]:
+            divisor = contributing_weight(weights, agreeing)
+            # Entries no model contributes to are 0 already; dividing them by 1 keeps them 0.
+            divisor[divisor == 0] = 1
+            merged.div_(divisor)
+    else:
+        merged = deltas.sum(dim=0)
+        if m.params["normalize"]:
+            total = weight_column.sum()
+            merged.div_(1.0 if total.abs() < _ZERO_WEIGHT_SUM else total)
+    del deltas
+
+    scale = float(m.params["lambda"])
+    if scale != 1:
+        merged.mul_(scale)
+    return merged.add_(base)
+
+
+def sce(m: TensorMerge) -> torch.Tensor:
+    """SCE merge (select, calculate, erase) of FuseChat (https://arxiv.org/abs/2408.07990).
+
+    Task vectors are masked to the `select_topk` fraction of entries of highest variance across
+    models, weighted by their mean square (normalised to sum 1), and merged TIES-style: entries
+    disagreeing with the elected sign are erased and the rest averaged with those weights.
+    """
+    base = _base_of(m)
+    if not m.tensors:
+        return base.clone()
+    deltas = task_vectors(m.tensors, base, m.name)
+    select_topk = float(m.params["select_topk"])
+    if select_topk < 1:
+        deltas.mul_(sce_selection_mask(deltas, select_topk))
+
+    weights = sce_model_weights(deltas)
+    sign = elect_sign(deltas, "sum")
+    agreeing = agreeing_magnitudes_(deltas, sign)
+    # "erase": entries against the elected sign get weight 0, the rest their model's weight.
+    denominator = contributing_weight(weights.tolist(), agreeing).clamp_(min=_SCE_EPS)
+    merged = disjoint_sum(agreeing.mul_(weights.view(-1, *([1] * base.ndim))), sign)
+    return merged.div_(denominator).add_(base)
+
+
+# --- declarations -------------------------------------------------------------------------------
+
+_WEIGHT = Param(
+    "weight",
+    float,
+    None,
+    "Scale of this model's task vector (required, any sign).",
+    per_model=True,
+)
+_DENSITY = Param(
+    "density",
+    float,
+    1.0,
+    "Fraction of this model's task vector to keep when sparsifying (1 keeps all).",
+    per_model=True,
+    low=0.0,
+    high=1.0,
+)
+_GAMMA = Param(
+    "gamma",
+    float,
+    0.01,
+    "Fraction of the largest-magnitude entries removed as outliers (Model Breadcrumbs).",
+    per_model=True,
+    low=0.0,
+    high=1.0,
+)
+_EPSILON = Param(
+    "epsilon",
+    float,
+    0.15,
+    "Half-width of DELLA's keep probabilities, density +/- epsilon; both ends must lie in (0, 1).",
+    per_model=True,
+    low=0.0,
+    high=1.0,
+)
+_INT8_MASK = Param(
+    "int8_mask",
+    bool,
+    False,
+    "Accepted for mergekit compatibility; saves memory there and has no effect here.",
+)
+_LAMBDA = Param("lambda", float, 1.0, "Scale of the merged task vector before adding it to the base.")
+
+
+def _normalize(default: bool) -> Param:
+    return Param(
+        "normalize",
+        bool,
+        default,
+        "Divide the summed task vectors by the sum of the (contributing) models' weights.",
+    )
+
+
+def _rescale(default: bool) -> Param:
+    return Param(
+        "rescale",
+        bool,
+        default,
+        "After sparsifying, rescale each task vector to its original L1 norm.",
+    )
+
+
+def _declare(
+    name: str,
+    title: str,
+    paper: str,
+    url: str,
+    pruner: Pruner | None,
+    sign_election: bool,
+    normalize: bool,
+    rescale: bool,
+    extra: tuple[Param, ...] = (),
+    randomized: bool = False,
+) -> MergeMethod:
+    def kernel(m: TensorMerge) -> torch.Tensor:
+        return generalized_task_arithmetic(m, pruner, sign_election, randomized)
+
+    kernel.__name__ = f"{name}_kernel"
+    kernel.__doc__ = f"{title} kernel: generalized_task_arithmetic configured for `{name}`."
+    return register(
+        MergeMethod(
+            name=name,
+            title=title,
+            paper=paper,
+            url=url,
+            kernel=kernel,
+            params=(
+                _WEIGHT,
+                _DENSITY,
+                *extra,
+                _INT8_MASK,
+                _normalize(normalize),
+                _rescale(rescale),
+                _LAMBDA,
+            ),
+            base="required",
+            min_models=0,
+            randomized=randomized,
+        )
+    )
+
+
+def check_model_params(params: Mapping[str, ParamValue]) -> str | None:
+    """Cross-parameter problem in one model's resolved params (DELLA's density/epsilon), or None.
+
+    Single-parameter ranges are in each Param; this covers the one constraint between two.
+    """
+    if "epsilon" in params and "density" in params:
+        return della_params_problem(float(params["density"]), float(params["epsilon"]))
+    return None
+
+
+_TASK_ARITHMETIC = "Editing Models with Task Arithmetic (Ilharco et al., 2023)"
+_TIES = "TIES-Merging: Resolving Interference When Merging Models (Yadav et al., 2023)"
+_DARE = "Language Models are Super Mario: Absorbing Abilities from Homologous Models (Yu et al., 2024)"
+_BREADCRUMBS = "Model Breadcrumbs: Scaling Multi-Task Model Merging with Sparse Masks (Davari & Belilovsky, 2023)"
+_DELLA = "DELLA-Merging: Reducing Interference in Model Merging through Magnitude-Based Sampling (Deep et al., 2024)"
+
+_declare(
+    "task_arithmetic", "Task Arithmetic", _TASK_ARITHMETIC, "https://arxiv.org/abs/2212.04089",
+    None, sign_election=False, normalize=False, rescale=False,
+)  # fmt: skip
+_declare(
+    "ties", "TIES", _TIES, "https://arxiv.org/abs/2306.01708",
+    _prune_magnitude, sign_election=True, normalize=True, rescale=False,
+)  # fmt: skip
+_declare(
+    "dare_ties", "DARE TIES", _DARE, "https://arxiv.org/abs/2311.03099",
+    _prune_random, sign_election=True, normalize=False, rescale=True, randomized=True,
+)  # fmt: skip
+_declare(
+    "dare_linear", "Linear DARE", _DARE, "https://arxiv.org/abs/2311.03099",
+    _prune_random, sign_election=False, normalize=False, rescale=True, randomized=True,
+)  # fmt: skip
+_declare(
+    "breadcrumbs", "Model Breadcrumbs", _BREADCRUMBS, "https://arxiv.org/abs/2312.06795",
+    _prune_breadcrumbs, sign_election=False, normalize=False, rescale=False, extra=(_GAMMA,),
+)  # fmt: skip
+_declare(
+    "breadcrumbs_ties", "Model Breadcrumbs with TIES", _BREADCRUMBS,
+    "https://arxiv.org/abs/2312.06795",
+    _prune_breadcrumbs, sign_election=True, normalize=False, rescale=False, extra=(_GAMMA,),
+)  # fmt: skip
+_declare(
+    "della", "DELLA", _DELLA, "https://arxiv.org/abs/2406.11617",
+    _prune_della, sign_election=True, normalize=True, rescale=True, extra=(_EPSILON,),
+    randomized=True,
+)  # fmt: skip
+_declare(
+    "della_linear", "Linear DELLA", _DELLA, "https://arxiv.org/abs/2406.11617",
+    _prune_della, sign_election=False, normalize=False, rescale=True, extra=(_EPSILON,),
+    randomized=True,
+)  # fmt: skip
+
+register(
+    MergeMethod(
+        name="sce",
+        title="SCE (select, calculate, erase)",
+        paper="FuseChat: Knowledge Fusion of Chat Models (Wan et al., 2024)",
+        url="https://arxiv.org/abs/2408.07990",
+        kernel=sce,
+        params=(
+            Param(
+                "select_topk",
+                float,
+                1.0,
+                "Fraction of entries (of those varying across models) to keep, by variance.",
+                low=0.0,
+                high=1.0,
+            ),
+            _INT8_MASK,
+        ),
+        base="required",
+        min_models=0,
+    )
+)

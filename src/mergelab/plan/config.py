@@ -1,0 +1,198 @@
+"""The merge configuration: mergekit's YAML format (a superset), as frozen pydantic models.
+
+A config names the source models (`models`, or `slices` with `layer_range`), the `merge_method`,
+an optional `base_model`, parameters at three levels (per model, per slice, global) and dtypes.
+Parameters may be scalars, per-layer gradients (a list interpolated over the layers) or lists of
+name-filtered values (`[{filter: self_attn, value: 0.5}, {value: 0.3}]`), as in mergekit.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from mergelab.errors import ConfigError
+
+Scalar = Union[bool, int, float, str]
+ScalarOrGradient = Union[Scalar, list[Scalar]]
+
+DTYPES = ("float32", "float16", "bfloat16", "float64")
+DtypeName = Literal["float32", "float16", "bfloat16", "float64"]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ConditionalValue(_Frozen):
+    """A parameter value that applies to tensors whose name contains `filter` (all if omitted)."""
+
+    value: ScalarOrGradient = Field(description="Scalar or per-layer gradient list.")
+    filter: str | None = Field(
+        default=None, description="Substring of the tensor name; `*` or omitted matches all."
+    )
+
+
+ParameterSetting = Union[ScalarOrGradient, ConditionalValue, list[ConditionalValue]]
+Parameters = dict[str, ParameterSetting]
+
+
+class ModelEntry(_Frozen):
+    """A source model of a `models:` merge."""
+
+    model: str = Field(description="Path of a checkpoint folder or file (or a state-dict name).")
+    parameters: Parameters | None = Field(
+        default=None, description="Per-model parameters, e.g. weight, density."
+    )
+
+
+class SliceSource(_Frozen):
+    """A contiguous range of layers of one model, input to an output slice."""
+
+    model: str = Field(description="Path of a checkpoint folder or file.")
+    layer_range: tuple[int, int] = Field(description="[start, end) layer indices.")
+    parameters: Parameters | None = Field(default=None, description="Per-source parameters.")
+
+    @model_validator(mode="after")
+    def _range_ordered(self) -> SliceSource:
+        start, end = self.layer_range
+        if start < 0 or end <= start:
+            raise ValueError(f"layer_range must satisfy 0 <= start < end; got [{start}, {end}]")
+        return self
+
+
+class OutputSlice(_Frozen):
+    """A run of output layers, merged from sources whose layer ranges have equal lengths."""
+
+    sources: list[SliceSource] = Field(min_length=1, description="Input layer ranges.")
+    base_model: str | None = Field(default=None, description="Base model of this slice.")
+    parameters: Parameters | None = Field(default=None, description="Parameters of this slice.")
+
+
+class MergeConfig(_Frozen):
+    """A whole merge. Exactly one of `models` and `slices` is given."""
+
+    merge_method: str = Field(description="Name of a registered merge method.")
+    models: list[ModelEntry] | None = Field(default=None, description="Models to merge.")
+    slices: list[OutputSlice] | None = Field(default=None, description="Layer slices to merge.")
+    base_model: str | None = Field(
+        default=None, description="Model the others were fine-tuned from; donor of config files."
+    )
+    parameters: Parameters | None = Field(default=None, description="Global parameters.")
+    dtype: DtypeName | None = Field(
+        default=None, description="Dtype the sources are cast to before merging (mergekit's)."
+    )
+    out_dtype: DtypeName | None = Field(default=None, description="Dtype of the written tensors.")
+    tokenizer_source: str | None = Field(
+        default=None,
+        description="`base` or a model path: where tokenizer files are copied from.",
+    )
+    chat_template: str | None = Field(
+        default=None, description="Accepted for compatibility; written to tokenizer_config."
+    )
+    name: str | None = Field(default=None, description="Free-form name of the merge.")
+
+    @model_validator(mode="after")
+    def _one_input_form(self) -> MergeConfig:
+        if (self.models is None) == (self.slices is None):
+            raise ValueError("give exactly one of `models` and `slices`")
+        if self.models is not None and not self.models:
+            raise ValueError("`models` is empty")
+        if self.slices is not None and not self.slices:
+            raise ValueError("`slices` is empty")
+        if self.tokenizer_source == "union":
+            raise ValueError(
+                "`tokenizer_source: union` (vocabulary merging) is not supported; "
+                "use `base` or a model path"
+            )
+        return self
+
+    def referenced_models(self) -> list[str]:
+        """Every model path the config names, in first-mention order (base first)."""
+        seen: dict[str, None] = {}
+        if self.base_model:
+            seen[self.base_model] = None
+        for entry in self.models or ():
+            seen[entry.model] = None
+        for out_slice in self.slices or ():
+            if out_slice.base_model:
+                seen[out_slice.base_model] = None
+            for src in out_slice.sources:
+                seen[src.model] = None
+        return list(seen)
+
+
+def _field_names(model: type[BaseModel]) -> list[str]:
+    return list(model.model_fields)
+
+
+_KNOWN_FIELDS = {
+    cls: _field_names(cls)
+    for cls in (MergeConfig, ModelEntry, SliceSource, OutputSlice, ConditionalValue)
+}
+
+
+def _describe_error(err: dict[str, Any]) -> str:
+    loc = ".".join(str(p) for p in err["loc"] if not _is_union_tag(p)) or "<root>"
+    if err["type"] == "extra_forbidden":
+        key = str(err["loc"][-1])
+        candidates = sorted({f for fields in _KNOWN_FIELDS.values() for f in fields})
+        close = difflib.get_close_matches(key, candidates, n=1)
+        hint = f" (did you mean `{close[0]}`?)" if close else ""
+        return f"{loc}: unknown key{hint}"
+    msg = err["msg"]
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, ") :]
+    given = err.get("input")
+    if isinstance(given, (str, int, float)) and err["type"] != "missing":
+        msg += f" (got {given!r})"
+    return f"{loc}: {msg}"
+
+
+def _is_union_tag(part: Any) -> bool:
+    # pydantic puts union member names (e.g. "list[ConditionalValue]") into error locations.
+    return isinstance(part, str) and ("[" in part or part in ("bool", "int", "float", "str"))
+
+
+def parse_config(data: Any, source: str | None = None) -> MergeConfig:
+    """Validate a config mapping; every schema problem is reported at once with its key path."""
+    if isinstance(data, MergeConfig):
+        return data
+    if not isinstance(data, dict):
+        raise ConfigError(f"the config must be a mapping; got {type(data).__name__}", source)
+    try:
+        return MergeConfig.model_validate(data)
+    except ValidationError as exc:
+        problems: list[str] = []
+        for err in exc.errors():
+            text = _describe_error(err)
+            if text not in problems:
+                problems.append(text)
+        raise ConfigError(_prune_union_noise(problems), source) from None
+
+
+def _prune_union_noise(problems: list[str]) -> list[str]:
+    # A bad parameter value fails every member of the union; keep one line per key path.
+    by_loc: dict[str, str] = {}
+    for p in problems:
+        loc = p.split(":", 1)[0]
+        by_loc.setdefault(loc, p)
+    return list(by_loc.values())
+
+
+def load_config(path: str | Path) -> MergeConfig:
+    """Read and validate a YAML config file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file: {exc.strerror}", str(path)) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"YAML syntax error: {exc}", str(path)) from None
+    return parse_config(data, str(path))

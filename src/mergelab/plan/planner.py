@@ -1,0 +1,558 @@
+"""Config -> validated per-tensor plan.
+
+Everything that can be checked before reading tensor data is checked here, and all problems are
+reported at once: the schema, the method and its arity, parameter names and ranges, that every
+source opens, that every output tensor exists in every source with the same shape, and that every
+required parameter resolves for every tensor.
+
+Layer structure is found from tensor names (`model.layers.3.mlp...`, `encoder.layer.3...`,
+`transformer.h.3...`), so no per-architecture table is needed. As in mergekit, a layer tensor's
+gradient position is `t = index / (layers_in_slice - 1)`; other tensors take `t = 0`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from mergelab.errors import CheckpointError, ConfigError
+from mergelab.methods.registry import MergeMethod, Param, ParamValue, get_method
+from mergelab.plan.config import MergeConfig, Parameters
+from mergelab.plan.params import MISSING, resolve_param, setting_leaves
+
+LAYER_RE = re.compile(
+    r"^(?P<stack>(?:.*\.)?(?:layers|layer|h|blocks|block))\.(?P<index>\d+)\.(?P<rest>.+)$"
+)
+# Non-layer tensors that come before the layer stack (taken from the first slice's sources);
+# all others (final norm, lm_head, pooler...) come after it (taken from the last slice's).
+_PRE_LAYER_RE = re.compile(r"(embed|\bwte\b|\bwpe\b|\.wte\.|\.wpe\.|^wte|^wpe)")
+_LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+
+DTYPE_BY_NAME = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+}
+
+
+class TensorSource(Protocol):
+    """What the planner and engine need of a checkpoint (see mergelab.checkpoint)."""
+
+    root: Path | None
+
+    def keys(self) -> list[str]: ...
+    def shape(self, name: str) -> tuple[int, ...]: ...
+    def dtype(self, name: str) -> torch.dtype: ...
+    def get(self, name: str) -> torch.Tensor: ...
+    def resolve(self, name: str) -> str | None: ...
+    def config(self) -> dict | None: ...
+    def file_of(self, name: str) -> Path: ...
+
+
+@dataclass(frozen=True)
+class TensorTask:
+    """How to produce one output tensor.
+
+    inputs: (model key, tensor name in that model) for every input, in merge order; when
+        `base_index` is not None the input at that position is the base model.
+    model_params: per-model parameters of each non-base input, in order.
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    out_dtype: torch.dtype
+    inputs: tuple[tuple[str, str], ...]
+    base_index: int | None
+    model_params: tuple[dict[str, ParamValue], ...]
+    params: dict[str, ParamValue]
+    is_float: bool = True
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    @property
+    def out_nbytes(self) -> int:
+        return self.numel * _itemsize(self.out_dtype)
+
+
+@dataclass
+class MergePlan:
+    """A validated merge: the sources, the method and one task per output tensor."""
+
+    config: MergeConfig
+    method: MergeMethod
+    sources: dict[str, TensorSource]
+    tasks: list[TensorTask]
+    merge_dtype: torch.dtype | None
+    donor: str | None
+    tokenizer_donor: str | None
+    out_config: dict | None
+    notes: list[str] = field(default_factory=list)
+
+    def input_nbytes(self, task: TensorTask) -> int:
+        total = 0
+        for key, name in task.inputs:
+            total += task.numel * _itemsize(self.sources[key].dtype(name))
+        return total
+
+    def estimate_peak_bytes(self, prefetch: int = 2) -> int:
+        """Peak tensor memory: the largest tasks' inputs in flight plus their float32 work."""
+        per_task = sorted(
+            (self.input_nbytes(t) + t.numel * 4 * (len(t.inputs) + 2) + t.out_nbytes)
+            for t in self.tasks
+        )
+        return sum(per_task[-(prefetch + 1) :]) if per_task else 0
+
+    @property
+    def total_out_bytes(self) -> int:
+        return sum(t.out_nbytes for t in self.tasks)
+
+    @property
+    def total_in_bytes(self) -> int:
+        return sum(self.input_nbytes(t) for t in self.tasks)
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+@dataclass
+class _SliceSpec:
+    sources: list[tuple[str, int, int, Parameters | None]]  # key, start, end, params
+    base: str | None
+    params: Parameters | None
+    where: str
+
+
+class _Problems:
+    def __init__(self) -> None:
+        self.items: list[str] = []
+
+    def add(self, msg: str) -> None:
+        if msg not in self.items:
+            self.items.append(msg)
+
+    def __bool__(self) -> bool:
+        return bool(self.items)
+
+
+def split_layer_name(name: str) -> tuple[str, int, str] | None:
+    """`model.layers.3.mlp.up_proj.weight` -> (`model.layers`, 3, `mlp.up_proj.weight`)."""
+    m = LAYER_RE.match(name)
+    if m is None:
+        return None
+    return m["stack"], int(m["index"]), m["rest"]
+
+
+def count_layers(source: TensorSource) -> int:
+    """Number of layers: from config.json when it says, else from the tensor names."""
+    cfg = source.config() or {}
+    for key in _LAYER_COUNT_KEYS:
+        if isinstance(cfg.get(key), int):
+            return cfg[key]
+    indices = [p[1] for p in map(split_layer_name, source.keys()) if p is not None]
+    return max(indices) + 1 if indices else 0
+
+
+def build_plan(
+    config: MergeConfig,
+    open_source: Callable[[str], TensorSource],
+    *,
+    source_label: str | None = None,
+) -> MergePlan:
+    """Validate `config` against its sources and return the per-tensor plan.
+
+    open_source: maps a model string of the config to a TensorSource (a checkpoint reader, or a
+        state dict for in-memory merges); it raises CheckpointError for sources that cannot open.
+    Raises ConfigError listing every problem found.
+    """
+    problems = _Problems()
+    try:
+        method = get_method(config.merge_method)
+    except KeyError as exc:
+        raise ConfigError([f"merge_method: {exc.args[0]}"], source_label) from None
+
+    _check_parameter_settings(config, method, problems)
+
+    sources: dict[str, TensorSource] = {}
+    for key in config.referenced_models():
+        try:
+            sources[key] = open_source(key)
+        except CheckpointError as exc:
+            problems.add(f"model {key!r}: {exc}")
+        except FileNotFoundError as exc:
+            problems.add(f"model {key!r}: {exc}")
+    if problems:
+        raise ConfigError(problems.items, source_label)
+
+    slices = _normalise_slices(config, method, sources, problems)
+    for spec in slices:
+        _check_arity(spec, method, problems)
+    if problems:
+        raise ConfigError(problems.items, source_label)
+
+    merge_dtype = DTYPE_BY_NAME[config.dtype] if config.dtype else None
+    out_dtype = DTYPE_BY_NAME[config.out_dtype] if config.out_dtype else None
+    notes: list[str] = []
+    tasks = _plan_tensors(
+        config, method, slices, sources, merge_dtype, out_dtype, problems, notes
+    )
+    if problems:
+        raise ConfigError(problems.items, source_label)
+    notes.extend(_dtype_notes(sources, tasks, merge_dtype))
+    donor = config.base_model or (slices[0].sources[0][0] if slices else None)
+    tok = config.tokenizer_source
+    tokenizer_donor = donor if tok in (None, "base") else tok
+    if tok not in (None, "base") and tok not in sources:
+        try:
+            sources[tok] = open_source(tok)
+        except (CheckpointError, FileNotFoundError) as exc:
+            raise ConfigError([f"tokenizer_source: {exc}"], source_label) from None
+    out_config = _output_config(config, sources.get(donor) if donor else None, slices)
+    return MergePlan(
+        config=config,
+        method=method,
+        sources=sources,
+        tasks=tasks,
+        merge_dtype=merge_dtype,
+        donor=donor,
+        tokenizer_donor=tokenizer_donor,
+        out_config=out_config,
+        notes=notes,
+    )
+
+
+def _parameter_scopes(config: MergeConfig) -> list[tuple[str, Parameters, bool]]:
+    """(key path, settings, is_per_model_scope) for every parameters block in the config."""
+    scopes: list[tuple[str, Parameters, bool]] = []
+    if config.parameters:
+        scopes.append(("parameters", config.parameters, False))
+    for i, entry in enumerate(config.models or ()):
+        if entry.parameters:
+            scopes.append((f"models.{i}.parameters", entry.parameters, True))
+    for i, out_slice in enumerate(config.slices or ()):
+        if out_slice.parameters:
+            scopes.append((f"slices.{i}.parameters", out_slice.parameters, False))
+        for j, src in enumerate(out_slice.sources):
+            if src.parameters:
+                scopes.append((f"slices.{i}.sources.{j}.parameters", src.parameters, True))
+    return scopes
+
+
+def _check_parameter_settings(config: MergeConfig, method: MergeMethod, problems: _Problems):
+    known = [p.name for p in method.params]
+    for path, settings, per_model in _parameter_scopes(config):
+        for name, setting in settings.items():
+            param = method.param(name)
+            if param is None:
+                import difflib
+
+                close = difflib.get_close_matches(name, known, n=1)
+                hint = f" (did you mean `{close[0]}`?)" if close else ""
+                listing = ", ".join(known) if known else "none"
+                problems.add(
+                    f"{path}.{name}: unknown parameter of method `{method.name}`{hint}; "
+                    f"its parameters: {listing}"
+                )
+                continue
+            if per_model and not param.per_model:
+                problems.add(
+                    f"{path}.{name}: `{name}` is a global parameter of `{method.name}`; "
+                    "set it under the top-level or slice `parameters`"
+                )
+            for leaf in setting_leaves(setting):
+                msg = param.check(leaf)
+                if msg:
+                    problems.add(f"{path}.{name}: {msg} (method `{method.name}`)")
+
+
+def _normalise_slices(
+    config: MergeConfig,
+    method: MergeMethod,
+    sources: Mapping[str, TensorSource],
+    problems: _Problems,
+) -> list[_SliceSpec]:
+    """Both config forms as a list of slices; `models` becomes one slice over all layers.
+
+    As in mergekit, in the `models` form a base model that is not listed is added as an input.
+    """
+    if config.models is not None:
+        entries = [(e.model, e.parameters) for e in config.models]
+        listed = {m for m, _ in entries}
+        if config.base_model and config.base_model not in listed:
+            entries.append((config.base_model, None))
+        specs = []
+        for key, params in entries:
+            specs.append((key, 0, count_layers(sources[key]), params))
+        return [_SliceSpec(specs, config.base_model, None, "models")]
+    out: list[_SliceSpec] = []
+    for i, out_slice in enumerate(config.slices or ()):
+        specs = []
+        for j, src in enumerate(out_slice.sources):
+            n = count_layers(sources[src.model])
+            start, end = src.layer_range
+            if end > n:
+                problems.add(
+                    f"slices.{i}.sources.{j}.layer_range: [{start}, {end}] exceeds the "
+                    f"{n} layers of {src.model!r}"
+                )
+            specs.append((src.model, start, end, src.parameters))
+        lengths = {end - start for _, start, end, _ in specs}
+        if len(lengths) > 1:
+            problems.add(
+                f"slices.{i}.sources: every source of a slice needs the same number of layers; "
+                f"got {sorted(lengths)}"
+            )
+        base = out_slice.base_model or config.base_model
+        out.append(_SliceSpec(specs, base, out_slice.parameters, f"slices.{i}"))
+    return out
+
+
+def _check_arity(spec: _SliceSpec, method: MergeMethod, problems: _Problems) -> None:
+    keys = [s[0] for s in spec.sources]
+    if len(set(keys)) != len(keys):
+        problems.add(f"{spec.where}: a model is listed twice")
+    uses_base = method.base != "none"
+    has_base = spec.base is not None and spec.base in keys
+    if method.base == "required" and spec.base is None:
+        problems.add(f"{spec.where}: method `{method.name}` needs a `base_model`")
+    elif uses_base and spec.base is not None and not has_base:
+        problems.add(
+            f"{spec.where}: base model {spec.base!r} is not among this slice's sources"
+        )
+    n = len(keys) - (1 if uses_base and has_base else 0)
+    what = "non-base models" if uses_base else "models"
+    if n < method.min_models:
+        problems.add(
+            f"{spec.where}: method `{method.name}` needs at least {method.min_models} {what}; "
+            f"got {n}"
+        )
+    if method.max_models is not None and n > method.max_models:
+        problems.add(
+            f"{spec.where}: method `{method.name}` takes at most {method.max_models} {what}; "
+            f"got {n}"
+        )
+
+
+def _is_pre_layer(name: str) -> bool:
+    return _PRE_LAYER_RE.search(name) is not None
+
+
+def _plan_tensors(
+    config: MergeConfig,
+    method: MergeMethod,
+    slices: list[_SliceSpec],
+    sources: Mapping[str, TensorSource],
+    merge_dtype: torch.dtype | None,
+    out_dtype: torch.dtype | None,
+    problems: _Problems,
+    notes: list[str],
+) -> list[TensorTask]:
+    planner = _TensorPlanner(config, method, sources, merge_dtype, out_dtype, problems)
+    planner.notes = notes
+    if config.models is not None:
+        # One slice over everything: output names are the reference model's, in file order.
+        spec = slices[0]
+        ref_key = config.base_model or spec.sources[0][0]
+        layers = max(end for _, _, end, _ in spec.sources)
+        for name in sources[ref_key].keys():
+            parts = split_layer_name(name)
+            t = 0.0
+            if parts is not None:
+                t = parts[1] / (layers - 1) if layers > 1 else 1.0
+            planner.add(name, spec, [(k, name) for k, *_ in spec.sources], t)
+        planner.notes.extend(planner.report_extras(spec, set(sources[ref_key].keys())))
+        return planner.tasks
+
+    first, last = slices[0], slices[-1]
+    ref = sources[first.sources[0][0]]
+    stacks = {p[0] for p in map(split_layer_name, ref.keys()) if p is not None}
+    if len(stacks) > 1:
+        problems.add(
+            f"slices: {first.sources[0][0]!r} has several layer stacks ({', '.join(sorted(stacks))}); "
+            "slices need a model with one"
+        )
+        return []
+    stack = next(iter(stacks), None)
+    non_layer = [n for n in ref.keys() if split_layer_name(n) is None]
+    for name in (n for n in non_layer if _is_pre_layer(n)):
+        planner.add(name, first, [(k, name) for k, *_ in first.sources], 0.0)
+    out_index = 0
+    for spec in slices:
+        length = spec.sources[0][2] - spec.sources[0][1]
+        for offset in range(length):
+            t = offset / (length - 1) if length > 1 else 1.0
+            ref_key, ref_start = spec.sources[0][0], spec.sources[0][1]
+            prefix = f"{stack}.{ref_start + offset}."
+            suffixes = [n[len(prefix) :] for n in sources[ref_key].keys() if n.startswith(prefix)]
+            for rest in suffixes:
+                inputs = [(k, f"{stack}.{start + offset}.{rest}") for k, start, _, _ in spec.sources]
+                planner.add(f"{stack}.{out_index}.{rest}", spec, inputs, t)
+            out_index += 1
+    for name in (n for n in non_layer if not _is_pre_layer(n)):
+        planner.add(name, last, [(k, name) for k, *_ in last.sources], 0.0)
+    return planner.tasks
+
+
+class _TensorPlanner:
+    def __init__(self, config, method, sources, merge_dtype, out_dtype, problems):
+        self.config: MergeConfig = config
+        self.method: MergeMethod = method
+        self.sources: Mapping[str, TensorSource] = sources
+        self.merge_dtype = merge_dtype
+        self.out_dtype = out_dtype
+        self.problems: _Problems = problems
+        self.tasks: list[TensorTask] = []
+        self.notes: list[str] = []
+        self._names: set[str] = set()
+
+    def add(self, out_name: str, spec: _SliceSpec, inputs: list[tuple[str, str]], t: float):
+        resolved: list[tuple[str, str]] = []
+        shapes: list[tuple[tuple[int, ...], str, str]] = []
+        for key, name in inputs:
+            src = self.sources[key]
+            actual = src.resolve(name)
+            if actual is None:
+                self.problems.add(f"tensor `{name}` is missing from model {key!r}")
+                continue
+            resolved.append((key, actual))
+            shapes.append((tuple(src.shape(actual)), key, actual))
+        if len(resolved) != len(inputs):
+            return
+        first_shape, first_key, _ = shapes[0]
+        for shape, key, name in shapes[1:]:
+            if shape != first_shape:
+                self.problems.add(
+                    f"tensor `{name}`: shape {list(shape)} in model {key!r} differs from "
+                    f"{list(first_shape)} in model {first_key!r}"
+                )
+                return
+        if out_name in self._names:
+            self.problems.add(f"output tensor `{out_name}` would be written twice")
+            return
+        self._names.add(out_name)
+
+        uses_base = self.method.base != "none"
+        keys = [k for k, _ in resolved]
+        base_index = keys.index(spec.base) if uses_base and spec.base in keys else None
+        param_scopes = {key: params for key, _, _, params in spec.sources}
+        shared_scopes = [spec.params, self.config.parameters]
+        params = self._resolve(self.method.global_params, shared_scopes, out_name, t, None)
+        model_params = []
+        for i, (key, name) in enumerate(resolved):
+            if i == base_index:
+                continue
+            scopes = [param_scopes.get(key), *shared_scopes]
+            model_params.append(self._resolve(self.method.model_params, scopes, name, t, key))
+        ref_key, ref_name = resolved[base_index if base_index is not None else 0]
+        src_dtype = self.sources[ref_key].dtype(ref_name)
+        is_float = src_dtype.is_floating_point
+        out_dtype = self.out_dtype or self.merge_dtype or src_dtype
+        if not is_float:
+            out_dtype = src_dtype
+        self.tasks.append(
+            TensorTask(
+                name=out_name,
+                shape=first_shape,
+                out_dtype=out_dtype,
+                inputs=tuple(resolved),
+                base_index=base_index,
+                model_params=tuple(model_params),
+                params=params,
+                is_float=is_float,
+            )
+        )
+
+    def _resolve(
+        self,
+        params: Sequence[Param],
+        scopes: list,
+        tensor_name: str,
+        t: float,
+        model: str | None,
+    ) -> dict[str, ParamValue]:
+        out: dict[str, ParamValue] = {}
+        for p in params:
+            value = resolve_param(p, scopes, tensor_name, t)
+            if value is MISSING:
+                who = f" for model {model!r}" if model else ""
+                self.problems.add(
+                    f"parameter `{p.name}` of method `{self.method.name}` is required{who} "
+                    f"but not set (first needed by tensor `{tensor_name}`)"
+                )
+                continue
+            out[p.name] = value  # type: ignore[assignment]
+        return out
+
+    def report_extras(self, spec: _SliceSpec, ref_names: set[str]) -> list[str]:
+        """Tensors some sources have but the reference lacks are not merged: say so."""
+        notes = []
+        for key, *_ in spec.sources:
+            extra = sorted(
+                n for n in self.sources[key].keys()
+                if n not in ref_names and self.sources[key].resolve(n) == n
+            )
+            if extra:
+                shown = ", ".join(extra[:5]) + (" ..." if len(extra) > 5 else "")
+                notes.append(f"{len(extra)} tensor(s) of {key!r} are not in the reference "
+                             f"model and are not written: {shown}")
+        return notes
+
+
+def _dtype_notes(
+    sources: Mapping[str, TensorSource], tasks: list[TensorTask], merge_dtype: torch.dtype | None
+) -> list[str]:
+    seen: dict[str, set[str]] = {}
+    for task in tasks:
+        for key, name in task.inputs:
+            seen.setdefault(key, set()).add(str(sources[key].dtype(name)).replace("torch.", ""))
+    kinds = {d for ds in seen.values() for d in ds if d.startswith(("float", "bfloat"))}
+    notes = []
+    if len(kinds) > 1 or (merge_dtype is not None and kinds - {str(merge_dtype)[6:]}):
+        target = str(merge_dtype).replace("torch.", "") if merge_dtype else "float32"
+        listing = "; ".join(f"{k}: {', '.join(sorted(v))}" for k, v in seen.items())
+        notes.append(f"sources have dtypes ({listing}); all are cast to {target} for the merge")
+    return notes
+
+
+def _output_config(
+    config: MergeConfig, donor: TensorSource | None, slices: list[_SliceSpec]
+) -> dict | None:
+    if donor is None:
+        return None
+    cfg = donor.config()
+    if cfg is None:
+        return None
+    cfg = dict(cfg)
+    if config.out_dtype or config.dtype:
+        cfg["torch_dtype"] = config.out_dtype or config.dtype
+    if config.slices is not None:
+        total = sum(s.sources[0][2] - s.sources[0][1] for s in slices)
+        for key in _LAYER_COUNT_KEYS:
+            if key in cfg:
+                cfg[key] = total
+                break
+    return cfg
+
+
+def describe_plan(plan: MergePlan) -> dict[str, Any]:
+    """A JSON-able summary for `--dry-run`."""
+    return {
+        "method": plan.method.name,
+        "sources": {k: str(getattr(s, "path", k)) for k, s in plan.sources.items()},
+        "tensors": len(plan.tasks),
+        "output_bytes": plan.total_out_bytes,
+        "input_bytes": plan.total_in_bytes,
+        "merge_dtype": str(plan.merge_dtype or torch.float32).replace("torch.", ""),
+        "notes": plan.notes,
+    }

@@ -1,0 +1,332 @@
+"""model_stock, nearswap, arcee_fusion, ram, ramplus_tl and passthrough: hand-computed values,
+properties, declarations (mergekit 0.1.5's names and defaults) and, when mergekit is
+importable, a differential check against it."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import pytest
+import torch
+
+from mergelab.methods import pairwise
+from mergelab.methods.registry import TensorMerge, get_method, resolve_defaults
+
+T = torch.tensor
+
+
+def run(
+    name: str,
+    tensors: list[torch.Tensor],
+    base: torch.Tensor | None = None,
+    params: Mapping[str, Any] | None = None,
+    model_params: list[dict[str, Any]] | None = None,
+    seed: int = 0,
+) -> torch.Tensor:
+    """Run a registered kernel the way the engine does: validated, defaults filled."""
+    method = get_method(name)
+    params = dict(params or {})
+    model_params = model_params or [{} for _ in tensors]
+    problems = [p.check(params[p.name]) for p in method.global_params if p.name in params]
+    problems += [
+        p.check(mp[p.name]) for mp in model_params for p in method.model_params if p.name in mp
+    ]
+    assert not any(problems), problems
+    merge = TensorMerge(
+        tensors=tensors,
+        base=base,
+        model_params=[resolve_defaults(method.model_params, mp) for mp in model_params],
+        params=resolve_defaults(method.global_params, params),
+        generator=torch.Generator().manual_seed(seed),
+        name="layer.weight",
+    )
+    out = method.kernel(merge)
+    assert out.shape == tensors[0].shape
+    return out
+
+
+def randn(*shape: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def ratio(k: int, cos: float) -> float:
+    """Model Stock's interpolation ratio (Jang et al. 2024, eq. 3 generalised to k models)."""
+    return k * cos / (1 + (k - 1) * cos)
+
+
+# --- model_stock ---------------------------------------------------------------------------
+
+
+def test_model_stock_symmetric_pair_follows_closed_form() -> None:
+    # Offsets at +-30 degrees from the x axis: cos(theta) = cos(60 deg) = 0.5, t = 2/3, and the
+    # average offset is (cos 30, 0), so the result is base + 2/3 * (sqrt3/2, 0).
+    base = T([1.0, -2.0])
+    c, s = math.cos(math.pi / 6), math.sin(math.pi / 6)
+    out = run("model_stock", [base + T([c, s]), base + T([c, -s])], base)
+    assert ratio(2, 0.5) == pytest.approx(2 / 3)
+    torch.testing.assert_close(out, base + T([1 / math.sqrt(3), 0.0]))
+
+
+@pytest.mark.parametrize("angle_deg", [20.0, 75.0, 89.0])
+def test_model_stock_symmetric_pair_any_angle(angle_deg: float) -> None:
+    half = math.radians(angle_deg) / 2
+    base = randn(3, seed=1)
+    o1, o2 = T([math.cos(half), math.sin(half), 0.0]), T([math.cos(half), -math.sin(half), 0.0])
+    out = run("model_stock", [base + 2 * o1, base + 2 * o2], base)
+    t = ratio(2, math.cos(2 * half))
+    torch.testing.assert_close(out, base + t * (o1 + o2))
+
+
+def test_model_stock_three_models_closed_form() -> None:
+    # Three unit offsets with pairwise cos 0.5 each (edges of a regular tetrahedron corner).
+    base = torch.zeros(3)
+    offsets = [T([1.0, 0.0, 0.0]), T([0.5, math.sqrt(3) / 2, 0.0])]
+    offsets.append(T([0.5, 1 / (2 * math.sqrt(3)), math.sqrt(2 / 3)]))
+    out = run("model_stock", offsets, base)
+    torch.testing.assert_close(out, ratio(3, 0.5) * sum(offsets) / 3)  # ratio 0.75
+
+
+def test_model_stock_identical_models_return_the_model() -> None:
+    base, w = randn(4, 4, seed=1), randn(4, 4, seed=2)
+    torch.testing.assert_close(run("model_stock", [w, w.clone(), w.clone()], base), w)
+
+
+def test_model_stock_opposite_updates_keep_the_base() -> None:
+    # k = 2, cos = -1: 1 + (k - 1) cos = 0, no finite ratio; mergekit keeps the base.
+    base, d = randn(5, seed=1), T([1.0, 0.0, 2.0, 0.0, -1.0])
+    torch.testing.assert_close(run("model_stock", [base + d, base - d], base), base)
+
+
+def test_model_stock_filter_wise_uses_one_ratio_per_row() -> None:
+    c, s = math.cos(math.pi / 6), math.sin(math.pi / 6)
+    base = torch.zeros(2, 2)
+    # Row 0: +-30 degrees (cos 0.5, t = 2/3). Row 1: orthogonal offsets (cos 0, t = 0).
+    w1 = T([[c, s], [1.0, 0.0]])
+    w2 = T([[c, -s], [0.0, 1.0]])
+    out = run("model_stock", [w1, w2], base, {"filter_wise": True})
+    torch.testing.assert_close(out, T([[2 / 3 * c, 0.0], [0.0, 0.0]]))
+    # Per tensor, the mean cos differs, so the two modes can be told apart.
+    assert not torch.allclose(run("model_stock", [w1, w2], base), out)
+
+
+def test_model_stock_filter_wise_1d_is_per_tensor() -> None:
+    base = randn(6, seed=3)
+    ws = [base + randn(6, seed=s) for s in (4, 5, 6)]
+    torch.testing.assert_close(
+        run("model_stock", ws, base, {"filter_wise": True}), run("model_stock", ws, base)
+    )
+
+
+# --- nearswap --------------------------------------------------------------------------------
+
+
+def test_nearswap_hand_computed() -> None:
+    # weight = clamp(t / |diff|, 0, 1) = (1, 0.2, 0.05) for t = 0.1.
+    base, other = torch.zeros(3), T([0.05, 0.5, -2.0])
+    out = run("nearswap", [other], base, {"t": 0.1})
+    torch.testing.assert_close(out, T([0.05, 0.1, -0.1]))
+
+
+def test_nearswap_t_zero_is_base_and_large_t_is_other() -> None:
+    base, other = randn(4, 3, seed=1), randn(4, 3, seed=2)
+    torch.testing.assert_close(run("nearswap", [other], base, {"t": 0.0}), base)
+    torch.testing.assert_close(run("nearswap", [other], base, {"t": 1e6}), other)
+
+
+def test_nearswap_identical_inputs_return_input() -> None:
+    a = randn(3, 3)
+    torch.testing.assert_close(run("nearswap", [a.clone()], a, {"t": 0.01}), a)
+
+
+# --- arcee_fusion ----------------------------------------------------------------------------
+
+
+def test_arcee_fusion_keeps_only_outlying_changes() -> None:
+    # Every row of `other` is a permutation of (0.1, 0.2, 0.3, 4), so each row has the same KL
+    # divergence K against the uniform softmax of the zero base and importance = K * |value|.
+    # Sorted importances: 4x 0.1K, 4x 0.2K, 4x 0.3K, 4x 4K -> Q1 = 0.1K, median = 0.2K,
+    # Q3 = 0.3K, threshold = 0.2K + 1.5 * 0.2K = 0.5K: only the 4s pass.
+    values = T([0.1, 0.2, 0.3, 4.0])
+    other = torch.stack([values[[0, 1, 2, 3]], values[[3, 2, 1, 0]], values[[1, 3, 0, 2]],
+                         values[[2, 0, 3, 1]]])  # fmt: skip
+    base = torch.zeros(4, 4)
+    out = run("arcee_fusion", [other], base)
+    torch.testing.assert_close(out, torch.where(other == 4.0, other, base))
+
+
+def test_arcee_fusion_takes_each_element_from_base_or_other() -> None:
+    base = randn(16, 32, seed=1)
+    other = base + randn(16, 32, seed=2)
+    out = run("arcee_fusion", [other], base)
+    from_base, from_other = out == base, out == other
+    assert bool((from_base | from_other).all())
+    assert bool((from_other & ~from_base).any()) and bool((from_base & ~from_other).any())
+
+
+def test_arcee_fusion_sparse_changes_are_all_kept() -> None:
+    # With at least 3/4 of the elements unchanged, Q1 = median = Q3 = 0, the threshold is 0 and
+    # every element passes `importance >= threshold`: the result is `other` (as in mergekit).
+    base = randn(8, 8, seed=1)
+    other = base.clone()
+    other[0, :4] += 1.0
+    torch.testing.assert_close(run("arcee_fusion", [other], base), other)
+
+
+def test_arcee_fusion_identical_inputs_return_input() -> None:
+    a = randn(4, 8)
+    torch.testing.assert_close(run("arcee_fusion", [a.clone()], a), a)
+
+
+def test_arcee_fusion_large_tensor_samples_from_the_generator(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Shrink the sample size so the sampled path runs on a small tensor.
+    monkeypatch.setattr(pairwise, "FUSION_QUANTILE_SAMPLE", 500)
+    base = torch.zeros(40, 50)
+    other = randn(40, 50, seed=4)
+    first = run("arcee_fusion", [other], base, seed=7)
+    torch.testing.assert_close(run("arcee_fusion", [other], base, seed=7), first)
+    outs = {tuple(run("arcee_fusion", [other], base, seed=s).flatten().tolist()) for s in range(5)}
+    assert len(outs) > 1  # the sample, hence the threshold, depends on the seed
+
+
+# --- ram / ramplus_tl ---------------------------------------------------------------------------
+
+RAM_BASE = torch.zeros(4)
+# Element 0 changed by both (mean), 1 by model 1 only, 2 by none, 3 below epsilon (dropped).
+RAM_MODELS = [T([1.0, 2.0, 0.0, 1e-6]), T([3.0, 0.0, 0.0, 0.0])]
+
+
+def test_ram_hand_computed() -> None:
+    torch.testing.assert_close(run("ram", RAM_MODELS, RAM_BASE), T([2.0, 2.0, 0.0, 0.0]))
+
+
+def test_ramplus_tl_hand_computed() -> None:
+    # Model 1 changes 1 shared and 1 unique element: rho = 1, clamped to alpha = 0.2,
+    # lambda = 1 + 0.1 * 0.2 = 1.02 on its unique element.
+    out = run("ramplus_tl", RAM_MODELS, RAM_BASE)
+    torch.testing.assert_close(out, T([2.0, 2.04, 0.0, 0.0]))
+    out = run("ramplus_tl", RAM_MODELS, RAM_BASE, {"r": 0.5, "alpha": 0.9})
+    torch.testing.assert_close(out, T([2.0, 2.9, 0.0, 0.0]))  # lambda = 1 + 0.5 * 0.9
+
+
+def test_ramplus_tl_rho_below_alpha() -> None:
+    # Model 1: 1 shared, 2 unique elements -> rho = 0.5 < alpha = 0.9, lambda = 1.25.
+    models = [T([1.0, 2.0, 4.0]), T([3.0, 0.0, 0.0])]
+    out = run("ramplus_tl", models, torch.zeros(3), {"r": 0.5, "alpha": 0.9})
+    torch.testing.assert_close(out, T([2.0, 2.5, 5.0]))
+
+
+@pytest.mark.parametrize("name", ["ram", "ramplus_tl"])
+def test_ram_single_model_and_identical_models_return_the_model(name: str) -> None:
+    base, w = randn(3, 5, seed=1), randn(3, 5, seed=2)
+    torch.testing.assert_close(run(name, [w], base), w)
+    torch.testing.assert_close(run(name, [w, w.clone(), w.clone()], base), w)
+
+
+def test_ram_epsilon_sets_what_counts_as_changed() -> None:
+    out = run("ram", RAM_MODELS, RAM_BASE, {"epsilon": 1.5})  # only |3| and |2| count
+    torch.testing.assert_close(out, T([3.0, 2.0, 0.0, 0.0]))
+
+
+# --- passthrough -----------------------------------------------------------------------------
+
+
+def test_passthrough_copies_or_scales() -> None:
+    a = randn(2, 3)
+    torch.testing.assert_close(run("passthrough", [a]), a)
+    torch.testing.assert_close(run("passthrough", [a], model_params=[{"scale": 0.5}]), a / 2)
+    assert torch.equal(run("passthrough", [a], model_params=[{"scale": 0.0}]), torch.zeros(2, 3))
+
+
+# --- declarations and validation -------------------------------------------------------------
+
+
+# name: (base, min_models, max_models, {param: (default, per_model)}), from mergekit 0.1.5.
+DECLARED = {
+    "model_stock": ("required", 2, None, {"filter_wise": (False, False)}),
+    "nearswap": ("required", 1, 1, {"t": (None, False)}),
+    "arcee_fusion": ("required", 1, 1, {}),
+    "ram": ("required", 1, None, {"epsilon": (1e-5, False)}),
+    "ramplus_tl": (
+        "required",
+        1,
+        None,
+        {"r": (0.1, False), "alpha": (0.2, False), "epsilon": (1e-5, False)},
+    ),
+    # mergekit's scale defaults to None (no scaling); 1.0 gives the same tensor.
+    "passthrough": ("none", 1, 1, {"scale": (1.0, True)}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(DECLARED))
+def test_declarations_match_mergekit(name: str) -> None:
+    base, lo, hi, params = DECLARED[name]
+    method = get_method(name)
+    assert (method.base, method.min_models, method.max_models) == (base, lo, hi)
+    assert {p.name: (p.default, p.per_model) for p in method.params} == params
+    assert method.url and method.title
+
+
+def test_only_arcee_fusion_is_randomised() -> None:
+    assert [n for n in DECLARED if get_method(n).randomized] == ["arcee_fusion"]
+
+
+@pytest.mark.parametrize(
+    ("name", "param", "value"),
+    [("ram", "epsilon", -1.0), ("ramplus_tl", "alpha", -0.1), ("ramplus_tl", "r", "big"),
+     ("model_stock", "filter_wise", "yes"), ("nearswap", "t", None), ("passthrough", "scale", True)],
+)  # fmt: skip
+def test_bad_parameter_messages_name_the_parameter(name: str, param: str, value: Any) -> None:
+    message = get_method(name).param(param).check(value)
+    assert message is not None and f"`{param}`" in message
+
+
+# --- differential check against mergekit (runs only where mergekit 0.1.5 is importable) ---
+
+
+@pytest.fixture(scope="module")
+def mergekit_methods() -> Any:
+    registry = pytest.importorskip("mergekit.merge_methods.registry")
+    from mergekit.merge_methods.base import TensorGroup
+
+    def reference(name, tensors, base=None, params=None, per_input=None):
+        inputs = ([base] if base is not None else []) + tensors
+        group = TensorGroup.from_tensors(inputs, base_index=0 if base is not None else None)
+        (out,) = registry.get(name)((group,), parameters={**(params or {}), **(per_input or {})})
+        return out
+
+    return reference
+
+
+def test_matches_mergekit(mergekit_methods: Any) -> None:
+    ref = mergekit_methods
+    for shape in ((6, 10), (12,), (3, 4, 5)):
+        base = randn(*shape, seed=0)
+        ws = [base + 0.1 * randn(*shape, seed=s) for s in (1, 2, 3)]
+        for fw in (False, True):
+            torch.testing.assert_close(
+                run("model_stock", ws, base, {"filter_wise": fw}),
+                ref("model_stock", ws, base, {"filter_wise": fw}),
+            )
+        for t in (0.01, 0.1, 1.0):
+            torch.testing.assert_close(
+                run("nearswap", ws[:1], base, {"t": t}), ref("nearswap", ws[:1], base, {"t": t})
+            )
+        sparse = [
+            base + randn(*shape, seed=s) * (randn(*shape, seed=s + 9) > 0.3) for s in (4, 5, 6)
+        ]
+        torch.testing.assert_close(
+            run("arcee_fusion", sparse[:1], base), ref("arcee_fusion", sparse[:1], base)
+        )
+        torch.testing.assert_close(run("ram", sparse, base), ref("ram", sparse, base))
+        for params in ({}, {"r": 0.5, "alpha": 0.9}):
+            torch.testing.assert_close(
+                run("ramplus_tl", sparse, base, params), ref("ramplus_tl", sparse, base, params)
+            )
+        torch.testing.assert_close(
+            run("passthrough", ws[:1], model_params=[{"scale": 0.5}]),
+            ref("passthrough", ws[:1], per_input={"scale": [0.5]}),
+        )
