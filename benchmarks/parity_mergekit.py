@@ -307,8 +307,10 @@ def compare_outputs(row: Row, mk_dir: Path, ml_dir: Path, base: dict[str, torch.
     cfg_diff = _config_diff(read_json(mk_dir / "config.json"), read_json(ml_dir / "config.json"))
     if cfg_diff:
         row.problems.append("config.json differs: " + "; ".join(cfg_diff))
-    mk_files = {p.name for p in mk_dir.iterdir() if not p.name.endswith(".safetensors")}
-    ml_files = {p.name for p in ml_dir.iterdir() if not p.name.endswith(".safetensors")}
+    mk_files = {p.name for p in mk_dir.iterdir()
+                if not p.name.endswith(".safetensors") and not p.name.startswith(".")}
+    ml_files = {p.name for p in ml_dir.iterdir()
+                if not p.name.endswith(".safetensors") and not p.name.startswith(".")}
     if mk_files - ml_files:
         row.notes.append(f"files only from mergekit: {', '.join(sorted(mk_files - ml_files))}")
     if ml_files - mk_files:
@@ -442,10 +444,14 @@ def mergelab_methods() -> tuple[set[str], set[str], list[str]]:
 def evaluate(case: Case, family: TinyFamily, work: Path, known: set[str], randomized_ml: set[str],
              self_check: bool, use_cache: bool) -> Row:
     randomized = (case.randomized if case.randomized is not None
-                  else case.method in MERGEKIT_RANDOMIZED or case.method in randomized_ml)
+                  else case.method in MERGEKIT_RANDOMIZED)
     row = Row(case.name, case.method, case.model, "statistical" if randomized else "exact")
     if case.note:
         row.notes.append(case.note)
+    if case.randomized is None and (case.method in randomized_ml) != randomized:
+        # mergekit's choice decides the check: e.g. arcee_fusion only samples above 1M entries.
+        row.notes.append(f"mergelab marks `{case.method}` randomized={not randomized}; "
+                         f"mergekit's kernel is {'random' if randomized else 'deterministic'} here")
     if not self_check and case.method not in known:
         row.skipped, row.check = True, "-"
         row.notes.append("not in mergelab's registry")

@@ -491,3 +491,22 @@ def test_killed_writer_leaves_only_a_partial_that_the_next_writer_removes(tmp_pa
         writer.write("a", torch.ones(1))
         writer.commit()
     assert sorted(os.listdir(tmp_path)) == sorted(["out", alive.name])
+
+
+def test_disk_full_while_committing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    writer = ShardedWriter(tmp_path / "out", [("a", (4,), torch.float32)], max_shard_size=16)
+    writer.write("a", torch.ones(4))
+    monkeypatch.setattr(os, "fsync", _enospc)
+    with pytest.raises(CheckpointError, match="disk full"):
+        writer.commit()
+    assert os.listdir(tmp_path) == []
+
+
+def test_size_strings_and_bad_sizes(tmp_path: Path) -> None:
+    entries = [(f"t{i}", (100,), torch.float32) for i in range(5)]  # 400 bytes each
+    with ShardedWriter(tmp_path / "out", entries, max_shard_size="1KB") as writer:
+        assert writer.files == tuple(f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3))
+        writer.abort()
+    with pytest.raises(CheckpointError, match="shard size"):
+        ShardedWriter(tmp_path / "out", entries, max_shard_size="lots")
+    assert os.listdir(tmp_path) == []

@@ -94,9 +94,10 @@ def test_model_stock_identical_models_return_the_model() -> None:
 
 
 def test_model_stock_opposite_updates_keep_the_base() -> None:
-    # k = 2, cos = -1: 1 + (k - 1) cos = 0, no finite ratio; mergekit keeps the base.
+    # k = 2, cos = -1: 1 + (k - 1) cos = 0, no finite ratio; mergekit keeps the base (the
+    # average, base - d/2, would differ).
     base, d = randn(5, seed=1), T([1.0, 0.0, 2.0, 0.0, -1.0])
-    torch.testing.assert_close(run("model_stock", [base + d, base - d], base), base)
+    torch.testing.assert_close(run("model_stock", [base + d, base - 2 * d], base), base)
 
 
 def test_model_stock_filter_wise_uses_one_ratio_per_row() -> None:
@@ -144,16 +145,24 @@ def test_nearswap_identical_inputs_return_input() -> None:
 
 
 def test_arcee_fusion_keeps_only_outlying_changes() -> None:
-    # Every row of `other` is a permutation of (0.1, 0.2, 0.3, 4), so each row has the same KL
-    # divergence K against the uniform softmax of the zero base and importance = K * |value|.
-    # Sorted importances: 4x 0.1K, 4x 0.2K, 4x 0.3K, 4x 4K -> Q1 = 0.1K, median = 0.2K,
-    # Q3 = 0.3K, threshold = 0.2K + 1.5 * 0.2K = 0.5K: only the 4s pass.
-    values = T([0.1, 0.2, 0.3, 4.0])
-    other = torch.stack([values[[0, 1, 2, 3]], values[[3, 2, 1, 0]], values[[1, 3, 0, 2]],
-                         values[[2, 0, 3, 1]]])  # fmt: skip
-    base = torch.zeros(4, 4)
+    # Every row of `other` is a permutation of the same 8 values, so every row has the same KL
+    # divergence K > 0 against the uniform softmax of the zero base and importance = K * |value|.
+    # Of the 32 sorted importances, indices 7, 15 and 23 give Q1 = 0.2K, median = 0.35K,
+    # Q3 = 0.6K: threshold = 0.35K + 1.5 * 0.4K = 0.95K, so only the 5s pass (0.9 does not).
+    values = T([0.1, 0.2, 0.3, 0.35, 0.45, 0.6, 0.9, 5.0])
+    other = torch.stack([values.roll(2 * i) for i in range(4)])
+    base = torch.zeros(4, 8)
     out = run("arcee_fusion", [other], base)
-    torch.testing.assert_close(out, torch.where(other == 4.0, other, base))
+    torch.testing.assert_close(out, torch.where(other == 5.0, other, base))
+
+
+def test_arcee_fusion_zero_threshold_keeps_zero_importance_changes() -> None:
+    # Softmax ignores a constant shift, so a row moved by +1 has KL = 0 and importance 0; all
+    # importances are 0, the threshold is 0, and `importance >= threshold` keeps the change.
+    base = randn(4, 4, seed=1)
+    other = base.clone()
+    other[0] += 1.0
+    torch.testing.assert_close(run("arcee_fusion", [other], base), other)
 
 
 def test_arcee_fusion_takes_each_element_from_base_or_other() -> None:
@@ -330,3 +339,32 @@ def test_matches_mergekit(mergekit_methods: Any) -> None:
             run("passthrough", ws[:1], model_params=[{"scale": 0.5}]),
             ref("passthrough", ws[:1], per_input={"scale": [0.5]}),
         )
+
+
+# --- every method of this assignment leaves its inputs untouched ------------------------------
+
+ALL_CASES = [
+    ("slerp", 1, True, {"t": 0.3}, {}),
+    ("nuslerp", 2, True, {"nuslerp_flatten": False}, {"weight": 1.0}),
+    ("multislerp", 3, True, {}, {"weight": 1.0}),
+    ("karcher", 3, False, {}, {}),
+    ("model_stock", 3, True, {"filter_wise": True}, {}),
+    ("nearswap", 1, True, {"t": 0.5}, {}),
+    ("arcee_fusion", 1, True, {}, {}),
+    ("ram", 3, True, {}, {}),
+    ("ramplus_tl", 3, True, {}, {}),
+    ("passthrough", 1, False, {}, {"scale": 2.0}),
+]
+
+
+@pytest.mark.parametrize(("name", "count", "with_base", "params", "per_model"), ALL_CASES)
+def test_kernels_do_not_modify_inputs(
+    name: str, count: int, with_base: bool, params: dict[str, Any], per_model: dict[str, Any]
+) -> None:
+    base = randn(6, 7, seed=0) if with_base else None
+    tensors = [randn(6, 7, seed=s) for s in range(1, count + 1)]
+    before = [t.clone() for t in tensors] + ([base.clone()] if base is not None else [])
+    out = run(name, tensors, base, params, [dict(per_model) for _ in tensors])
+    after = tensors + ([base] if base is not None else [])
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+    assert out.dtype == torch.float32 and bool(torch.isfinite(out).all())

@@ -146,7 +146,7 @@ def test_output_keeps_shape_and_float32(name: str) -> None:
 
 def test_kept_rank_matches_the_official_split() -> None:
     assert kept_rank(768, 8, 0.0) == 96
-    assert kept_rank(49, 49, 0.0) == 1  # 49 * (1/49) floors to 0 in floating point
+    assert kept_rank(98, 49, 0.0) == 2  # 98 * (1/49) floors to 1 in floating point
     assert kept_rank(3, 4, 0.0) == 1  # at least one triplet per task
     assert kept_rank(30, 2, 0.1) == 3
     assert kept_rank(10, 2, 1.0) == 10
@@ -200,8 +200,12 @@ def test_tsv_single_model_at_lambda_one_returns_it() -> None:
 
 def test_tsv_non_matrix_and_vocabulary_tables_take_the_mean() -> None:
     base = torch.zeros(3)
-    out = merge("tsv", base, [torch.tensor([1.0, 2.0, 3.0]), torch.tensor([3.0, 0.0, 1.0])],
-                name="model.norm.weight")
+    out = merge(
+        "tsv",
+        base,
+        [torch.tensor([1.0, 2.0, 3.0]), torch.tensor([3.0, 0.0, 1.0])],
+        name="model.norm.weight",
+    )
     torch.testing.assert_close(out, torch.tensor([2.0, 1.0, 2.0]))
 
     gen = torch.Generator().manual_seed(4)
@@ -249,8 +253,9 @@ def test_iso_c_single_task_has_a_flat_spectrum_along_its_own_singular_vectors() 
 
 def test_iso_non_matrix_params_take_the_mean_of_task_vectors() -> None:
     for name in ("iso_c", "iso_cts"):
-        out = merge(name, torch.ones(2), [torch.tensor([2.0, 3.0]), torch.tensor([4.0, 5.0])],
-                    name="bias")
+        out = merge(
+            name, torch.ones(2), [torch.tensor([2.0, 3.0]), torch.tensor([4.0, 5.0])], name="bias"
+        )
         torch.testing.assert_close(out, torch.tensor([3.0, 4.0]))
 
 
@@ -264,8 +269,14 @@ def test_iso_alpha_zero_returns_the_base() -> None:
 
 @pytest.mark.parametrize(
     ("rank", "tasks", "fraction", "expected"),
-    [(10, 3, 0.8, (7, 1)), (4, 2, 0.5, (2, 1)), (768, 8, 0.8, (616, 19)), (2, 3, 0.0, (2, 0)),
-     (6, 2, 0.0, (0, 3)), (5, 2, 1.0, (5, 0))],
+    [
+        (10, 3, 0.8, (7, 1)),
+        (4, 2, 0.5, (2, 1)),
+        (768, 8, 0.8, (616, 19)),
+        (2, 3, 0.0, (2, 0)),
+        (6, 2, 0.0, (0, 3)),
+        (5, 2, 1.0, (5, 0)),
+    ],
 )
 def test_iso_cts_rank_split(rank: int, tasks: int, fraction: float, expected: tuple) -> None:
     assert split_rank(rank, tasks, fraction) == expected
@@ -278,7 +289,9 @@ def test_iso_cts_hand_computed_diagonal() -> None:
     tau1 = torch.diag(torch.tensor([4.0, 0.0, 1.0, 0.5], dtype=torch.float64))
     tau2 = torch.diag(torch.tensor([0.0, 3.0, 0.0, 0.25], dtype=torch.float64))
     stacked = torch.stack([tau1, tau2])
-    torch.testing.assert_close(iso_cts_matrix(stacked, 0.5), 2.0625 * torch.eye(4, dtype=torch.float64))
+    torch.testing.assert_close(
+        iso_cts_matrix(stacked, 0.5), 2.0625 * torch.eye(4, dtype=torch.float64)
+    )
     torch.testing.assert_close(iso_c_matrix(stacked), 2.1875 * torch.eye(4, dtype=torch.float64))
 
 
@@ -310,7 +323,9 @@ def test_magmax_picks_the_largest_magnitude_with_its_sign() -> None:
 def test_magmax_identical_models_at_lambda_one_return_the_model() -> None:
     gen = torch.Generator().manual_seed(8)
     base, model = torch.randn(3, 5, generator=gen), torch.randn(3, 5, generator=gen)
-    torch.testing.assert_close(merge("magmax", base, [model, model.clone()], **{"lambda": 1.0}), model)
+    torch.testing.assert_close(
+        merge("magmax", base, [model, model.clone()], **{"lambda": 1.0}), model
+    )
 
 
 def test_max_magnitude_works_on_any_rank() -> None:
@@ -418,3 +433,12 @@ def test_pcb_outlier_clipping_bounds_magnitudes() -> None:
     # clip at the 2% quantiles: the outlier is pulled down to the 98th value.
     out = pcb_merge(torch.stack([tau, tau]), keep_ratio=1.0, clip_ratio=0.02)
     assert out.abs().max() <= float(torch.sort(tau).values[97]) + 1e-6
+
+
+@pytest.mark.parametrize("name", ["tsv", "iso_c", "iso_cts"])
+def test_svd_failure_on_non_finite_input_is_a_merge_error(name: str) -> None:
+    base = torch.zeros(3, 3)
+    broken = torch.ones(3, 3)
+    broken[0, 0] = float("nan")
+    with pytest.raises(MergeError, match="q_proj"):
+        merge(name, base, [broken, torch.ones(3, 3)], name="layers.0.q_proj.weight")

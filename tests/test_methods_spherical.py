@@ -271,6 +271,11 @@ def test_karcher_zero_point_gives_no_direction_but_counts_in_the_norm() -> None:
     torch.testing.assert_close(out, 4 / 3 * T([R2, R2]))
 
 
+def test_karcher_points_shorter_than_tol_only_count_in_the_norm() -> None:
+    out = run("karcher", [T([2.0, 0.0]), T([0.0, 2.0]), T([0.5, 0.0])], params={"tol": 0.6})
+    torch.testing.assert_close(out, 1.5 * T([R2, R2]))  # norm (2 + 2 + 0.5) / 3
+
+
 def test_karcher_all_zero_gives_zero() -> None:
     assert torch.equal(run("karcher", [torch.zeros(3), torch.zeros(3)]), torch.zeros(3))
 

@@ -282,3 +282,15 @@ def test_randomised_methods_depend_on_seed_only():
     r3 = merge_state_dicts(config, {"base": base, "ft": ft}, seed=4)["w"]
     assert torch.equal(r1, r2)
     assert not torch.equal(r1, r3)
+
+
+def test_cross_parameter_constraints_are_checked_before_merging():
+    base = {"w": torch.zeros(4, 4)}
+    ft = {"w": torch.ones(4, 4)}
+    config = {
+        "merge_method": "della",
+        "base_model": "base",
+        "models": [{"model": "ft", "parameters": {"weight": 1.0, "density": 0.9, "epsilon": 0.2}}],
+    }
+    with pytest.raises(ConfigError, match=r"model 'ft', tensor `w`:.*epsilon"):
+        merge_state_dicts(config, {"base": base, "ft": ft})

@@ -152,10 +152,11 @@ def read_header(path: Path) -> SafetensorsHeader:
             )
         position = record.end
     if position > data_len:
-        last = records[-1].name
+        cut = [r for r in records if r.end > data_len]
+        more = f" (and {len(cut) - 1} tensor(s) after it)" if len(cut) > 1 else ""
         raise CheckpointError(
-            f"{path}: truncated safetensors file: tensor {last!r} ends at data byte {position} "
-            f"but only {data_len} data bytes are present"
+            f"{path}: truncated safetensors file: tensor {cut[0].name!r}{more} ends at data "
+            f"byte {cut[0].end} but only {data_len} data bytes are present"
         )
     if position < data_len:
         raise CheckpointError(

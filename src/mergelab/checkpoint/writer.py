@@ -26,7 +26,7 @@ from types import TracebackType
 import torch
 
 from mergelab.checkpoint.format import build_header, dtype_code, tensor_nbytes
-from mergelab.checkpoint.shards import INDEX_FILE_NAME, ShardPlan, plan_shards
+from mergelab.checkpoint.shards import INDEX_FILE_NAME, ShardPlan, parse_size, plan_shards
 from mergelab.errors import CheckpointError
 
 # Linux renameat2() flags: swap two paths atomically / fail instead of replacing.
@@ -79,8 +79,8 @@ class ShardedWriter:
     Args:
         out_dir: the folder to create.
         entries: ``(name, shape, dtype)`` of every tensor, in the order shards are filled.
-        max_shard_size: bytes of tensor data per shard (see `parse_size`); a larger tensor gets a
-            shard of its own.
+        max_shard_size: bytes of tensor data per shard, or a size string such as "5GB" (see
+            `parse_size`); a larger tensor gets a shard of its own.
         overwrite: replace an existing `out_dir` (atomically, at `commit`).
         inputs: the checkpoints being read; `out_dir` may not equal, contain or sit inside one.
         metadata: extra safetensors metadata (str -> str), added to ``{"format": "pt"}``.
@@ -98,7 +98,7 @@ class ShardedWriter:
         out_dir: str | os.PathLike,
         entries: Sequence[tuple[str, tuple[int, ...], torch.dtype]],
         *,
-        max_shard_size: int,
+        max_shard_size: int | str,
         overwrite: bool = False,
         inputs: Sequence[str | os.PathLike] = (),
         metadata: dict[str, str] | None = None,
@@ -111,31 +111,32 @@ class ShardedWriter:
         try:
             self.plan: ShardPlan = plan_shards(
                 [(name, tensor_nbytes(shape, self._dtypes[name])) for name, shape, _ in entries],
-                max_shard_size,
+                parse_size(max_shard_size),
             )
         except ValueError as exc:
             raise CheckpointError(f"cannot plan output shards for {self.out_dir}: {exc}") from exc
 
         self._lock = threading.Lock()
         self._pending = set(self._shapes)  # planned, not yet started
-        self._writing: set[str] = set()
         self._written: set[str] = set()
-        self._extra_files: set[str] = set()
-        self._state = "open"  # -> "committed" | "aborted"
+        self._state = "open"  # -> "committing" -> "committed", or -> "aborted"
 
-        self.out_dir.parent.mkdir(parents=True, exist_ok=True)
-        self._remove_stale_partials()
-        self.tmp_dir = self.out_dir.parent / (
-            f".{self.out_dir.name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
-        )
-        self.tmp_dir.mkdir()
+        try:
+            self.out_dir.parent.mkdir(parents=True, exist_ok=True)
+            self._remove_stale_partials()
+            self.tmp_dir = self.out_dir.parent / (
+                f".{self.out_dir.name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
+            )
+            self.tmp_dir.mkdir()
+        except OSError as exc:
+            raise CheckpointError(
+                f"cannot create the output folder beside {self.out_dir}: {exc}"
+            ) from exc
         self._offsets: dict[str, tuple[Path, int]] = {}
         try:
             self._prewrite_headers()
-        except BaseException as exc:
+        except BaseException:
             self.abort()
-            if isinstance(exc, OSError):
-                raise self._io_error(exc, "its header", self.tmp_dir) from exc
             raise
 
     # -- validation (nothing created yet) --------------------------------------------------------
@@ -215,14 +216,18 @@ class ShardedWriter:
             specs = [(n, self._shapes[n], self._dtypes[n]) for n in ordered]
             prefix, offsets = build_header(specs, self._metadata)
             path = self.tmp_dir / file_name
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             try:
-                _pwrite_all(fd, memoryview(prefix), 0)
-                # Sized (sparse) now so every tensor can land at its offset in any order.
-                data = sum(tensor_nbytes(s, d) for _, s, d in specs)
-                os.ftruncate(fd, len(prefix) + data)
-            finally:
-                os.close(fd)
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                try:
+                    _pwrite_all(fd, memoryview(prefix), 0)
+                    # Sized (sparse) now so every tensor can land at its offset in any order.
+                    data = sum(tensor_nbytes(s, d) for _, s, d in specs)
+                    os.ftruncate(fd, len(prefix) + data)
+                finally:
+                    os.close(fd)
+            except OSError as exc:
+                self.abort()
+                raise self._io_error(exc, "the header", path) from exc
             for name, offset in zip(ordered, offsets, strict=True):
                 self._offsets[name] = (path, offset)
 
@@ -255,8 +260,7 @@ class ShardedWriter:
                     f"tensor {name!r}: got shape {tuple(tensor.shape)} {tensor.dtype}, planned "
                     f"{expected_shape} {expected_dtype}"
                 )
-            self._pending.discard(name)
-            self._writing.add(name)
+            self._pending.discard(name)  # claimed: a concurrent duplicate write now fails
 
         path, offset = self._offsets[name]
         try:
@@ -268,17 +272,13 @@ class ShardedWriter:
                 finally:
                     os.close(fd)
         except OSError as exc:
-            with self._lock:
-                self._writing.discard(name)
             self.abort()
             raise self._io_error(exc, f"tensor {name!r}", path) from exc
         except BaseException:
             with self._lock:  # e.g. KeyboardInterrupt: let the caller retry or abort
-                self._writing.discard(name)
                 self._pending.add(name)
             raise
         with self._lock:
-            self._writing.discard(name)
             self._written.add(name)
 
     def copy_file(self, src: str | os.PathLike, name: str | None = None) -> None:
@@ -286,6 +286,7 @@ class ShardedWriter:
         source = Path(src)
         target = self._extra_path(name or source.name)
         try:
+            target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(source, target)
         except OSError as exc:
             if not source.is_file():
@@ -301,6 +302,7 @@ class ShardedWriter:
         except (TypeError, ValueError) as exc:
             raise CheckpointError(f"cannot write {name} as JSON: {exc}") from exc
         try:
+            target.parent.mkdir(parents=True, exist_ok=True)
             target.write_text(text, encoding="utf-8")
         except OSError as exc:
             self.abort()
@@ -315,10 +317,7 @@ class ShardedWriter:
                 raise CheckpointError(f"output file name {name!r} must be a relative path")
             if relative.as_posix() in reserved:
                 raise CheckpointError(f"output file name {name!r} is reserved for the weights")
-            self._extra_files.add(relative.as_posix())
-        target = self.tmp_dir / relative
-        target.parent.mkdir(parents=True, exist_ok=True)
-        return target
+        return self.tmp_dir / relative
 
     # -- finishing ------------------------------------------------------------------------------
 
@@ -359,7 +358,6 @@ class ShardedWriter:
             current = self.tmp_dir
             _fsync_path(self.tmp_dir, directory=True)
             self._move_into_place()
-            _fsync_path(self.out_dir.parent, directory=True)
         except OSError as exc:
             with self._lock:
                 self._state = "open"
@@ -372,6 +370,13 @@ class ShardedWriter:
             raise
         with self._lock:
             self._state = "committed"
+        try:
+            # Makes the rename itself durable; the checkpoint is complete and in place already.
+            _fsync_path(self.out_dir.parent, directory=True)
+        except OSError as exc:
+            raise CheckpointError(
+                f"{self.out_dir} is complete, but syncing its parent folder failed: {exc}"
+            ) from exc
         return self.out_dir
 
     def _move_into_place(self) -> None:

@@ -59,31 +59,31 @@ def uses_spectral_path(name: str, shape: torch.Size, svd_embeddings: bool) -> bo
     return svd_embeddings or not is_vocabulary_table(name, shape)
 
 
-def svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Thin SVD (batched over leading dims) in float32, retried in float64 if it fails.
+def svd(matrix: torch.Tensor, name: str = "") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD (batched over leading dims) in the input's precision, retried in float64.
 
     cuSOLVER occasionally fails to converge on ill-conditioned float32 input; float64 is slower
-    but robust. The factors come back in the input's dtype.
+    but robust. The factors come back in the input's dtype. Raises MergeError (naming `name`,
+    the tensor) if even float64 fails, e.g. on non-finite input.
     """
-    work = matrix if matrix.dtype in (torch.float32, torch.float64) else matrix.float()
     try:
-        u, s, vh = torch.linalg.svd(work, full_matrices=False)
+        u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+        if torch.isfinite(s).all():
+            return u, s, vh
     except RuntimeError:  # torch.linalg.LinAlgError is a RuntimeError
-        u, s, vh = torch.linalg.svd(work.double(), full_matrices=False)
-    if not (torch.isfinite(s).all() and torch.isfinite(u).all() and torch.isfinite(vh).all()):
-        u, s, vh = torch.linalg.svd(work.double(), full_matrices=False)
+        pass
+    try:
+        u, s, vh = torch.linalg.svd(matrix.double(), full_matrices=False)
+    except RuntimeError as exc:
+        raise MergeError(
+            f"tensor {name!r}: SVD did not converge (non-finite or badly scaled values?)"
+        ) from exc
     return u.to(matrix.dtype), s.to(matrix.dtype), vh.to(matrix.dtype)
 
 
-def nearest_orthonormal(matrix: torch.Tensor) -> torch.Tensor:
+def nearest_orthonormal(matrix: torch.Tensor, name: str = "") -> torch.Tensor:
     """The orthogonal Procrustes solution: the (semi-)orthogonal matrix closest to `matrix` in
     Frobenius norm, P @ Q^T for matrix = P diag(s) Q^T. Columns that were already orthonormal
     are returned unchanged."""
-    p, _, qh = svd(matrix)
+    p, _, qh = svd(matrix, name)
     return p @ qh
-
-
-def check_finite(result: torch.Tensor, name: str, method: str) -> torch.Tensor:
-    if not torch.isfinite(result).all():
-        raise MergeError(f"method `{method}` produced non-finite values for tensor {name!r}")
-    return result

@@ -33,7 +33,6 @@ from __future__ import annotations
 import torch
 
 from mergelab.methods._lowrank import (
-    check_finite,
     nearest_orthonormal,
     stacked_task_vectors,
     svd,
@@ -46,12 +45,12 @@ _TITLE = "No Task Left Behind: Isotropic Model Merging with Common and Task-Spec
 _AUTHORS = "Marczak, Magistri, Cygert, Twardowski, Bagdanov, van de Weijer, ICML 2025"
 
 
-def iso_c_matrix(task_vectors: torch.Tensor) -> torch.Tensor:
+def iso_c_matrix(task_vectors: torch.Tensor, name: str = "") -> torch.Tensor:
     """Iso-C of stacked task matrices (num_tasks, rows, cols), unscaled.
 
     sum = U diag(s) V^T  ->  mean(s) * U V^T: same singular vectors, flat spectrum.
     """
-    u, s, vh = svd(task_vectors.sum(dim=0))
+    u, s, vh = svd(task_vectors.sum(dim=0), name)
     return (u * s.mean()) @ vh
 
 
@@ -68,10 +67,12 @@ def split_rank(full_rank: int, num_tasks: int, common_space_fraction: float) -> 
     return full_rank - per_task * num_tasks, per_task
 
 
-def iso_cts_matrix(task_vectors: torch.Tensor, common_space_fraction: float = 0.8) -> torch.Tensor:
-    """Iso-CTS of stacked task matrices (num_tasks, rows, cols), unscaled."""
+def iso_cts_matrix(
+    task_vectors: torch.Tensor, common_space_fraction: float = 0.8, name: str = ""
+) -> torch.Tensor:
+    """Iso-CTS of stacked task matrices (num_tasks, rows, cols), unscaled (`name` labels errors)."""
     num_tasks, rows, cols = task_vectors.shape
-    u, s, vh = svd(task_vectors.sum(dim=0))
+    u, s, vh = svd(task_vectors.sum(dim=0), name)
     common, per_task = split_rank(s.shape[0], num_tasks, common_space_fraction)
     u_common, s_common, vh_common = u[:, :common], s[:common], vh[:common]
     if per_task == 0:  # no room for task-specific directions: Iso-C
@@ -79,7 +80,7 @@ def iso_cts_matrix(task_vectors: torch.Tensor, common_space_fraction: float = 0.
 
     # Each task's update with the common column space projected out, and its top directions.
     residual = task_vectors - u_common @ (u_common.T @ task_vectors)
-    u_task, s_task, vh_task = svd(residual)
+    u_task, s_task, vh_task = svd(residual, name)
     u_specific = u_task[:, :, :per_task].permute(1, 0, 2).reshape(rows, num_tasks * per_task)
     s_specific = s_task[:, :per_task].reshape(num_tasks * per_task)
     vh_specific = vh_task[:, :per_task, :].reshape(num_tasks * per_task, cols)
@@ -89,7 +90,7 @@ def iso_cts_matrix(task_vectors: torch.Tensor, common_space_fraction: float = 0.
     vh_all = torch.cat([vh_specific, vh_common], dim=0)
     # The task-specific left vectors are orthogonal to the common ones but not to each other;
     # Procrustes makes the whole set orthonormal while moving it as little as possible.
-    return (nearest_orthonormal(u_all) * s_all.mean()) @ nearest_orthonormal(vh_all)
+    return (nearest_orthonormal(u_all, name) * s_all.mean()) @ nearest_orthonormal(vh_all, name)
 
 
 def _iso_kernel(m: TensorMerge, method: str, cts: bool) -> torch.Tensor:
@@ -98,10 +99,10 @@ def _iso_kernel(m: TensorMerge, method: str, cts: bool) -> torch.Tensor:
     if not uses_spectral_path(m.name, base.shape, bool(m.params["svd_embeddings"])):
         merged = task_vectors.mean(dim=0)
     elif cts:
-        merged = iso_cts_matrix(task_vectors, float(m.params["common_space_fraction"]))
+        merged = iso_cts_matrix(task_vectors, float(m.params["common_space_fraction"]), m.name)
     else:
-        merged = iso_c_matrix(task_vectors)
-    return check_finite(base + alpha * merged, m.name, method)
+        merged = iso_c_matrix(task_vectors, m.name)
+    return base + alpha * merged
 
 
 def iso_c_kernel(m: TensorMerge) -> torch.Tensor:

@@ -40,7 +40,7 @@ import math
 
 import torch
 
-from mergelab.methods._lowrank import check_finite, stacked_task_vectors
+from mergelab.methods._lowrank import stacked_task_vectors
 from mergelab.methods.registry import MergeMethod, Param, TensorMerge, register
 
 
@@ -109,10 +109,8 @@ def pcb_merge(
 def pcb_kernel(m: TensorMerge) -> torch.Tensor:
     """PCB-merging for one tensor: base + lambda * balanced weighted mean of task vectors."""
     base, task_vectors = stacked_task_vectors(m, "pcb")
-    merged = pcb_merge(
-        task_vectors, float(m.params["pcb_ratio"]), float(m.params["clip_ratio"])
-    )
-    return check_finite(base + float(m.params["lambda"]) * merged, m.name, "pcb")
+    merged = pcb_merge(task_vectors, float(m.params["pcb_ratio"]), float(m.params["clip_ratio"]))
+    return base + float(m.params["lambda"]) * merged
 
 
 PCB = register(

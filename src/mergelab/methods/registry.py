@@ -92,6 +92,9 @@ class MergeMethod:
         `base_model` then only supplies config/tokenizer files and is merged only if listed
         under `models`).
     min_models / max_models: how many non-base source models the method takes.
+    check_model_params: optional check of constraints *between* parameters that single-`Param`
+        ranges cannot express; called with one source's resolved per-model params, returns a
+        problem message or None (e.g. DELLA: `density` +/- `epsilon` must lie in (0, 1)).
     """
 
     name: str
@@ -105,6 +108,7 @@ class MergeMethod:
     max_models: int | None = None
     randomized: bool = False
     aliases: tuple[str, ...] = field(default=())
+    check_model_params: Callable[[Mapping[str, ParamValue]], str | None] | None = None
 
     def param(self, name: str) -> Param | None:
         for p in self.params:

@@ -4,7 +4,7 @@ Every function here is a pure tensor step. Functions whose name ends in `_` prun
 in place (the caller owns the buffer, see `task_vector` users in task_arithmetic.py) and return
 it, so a merge of N models allocates one (N, *shape) buffer and little else.
 
-Selection by magnitude uses a threshold (`torch.kthvalue`, a linear-time selection) instead of a
+Selection by magnitude uses a threshold (`kth_smallest`, a linear-time selection) instead of a
 full sort, which is several times faster on large matrices. The result equals a *stable* sort's:
 among entries tied with the threshold value, the ones with the lowest flat index come first. A
 plain `torch.argsort` (what mergekit uses) is not stable on tensors of 1000+ entries, so on exact
@@ -19,10 +19,51 @@ random pruning the two agree in expectation. It is skipped when either norm is b
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 # Below this L1 norm mergekit returns the pruned tensor unscaled (avoids 0/0 and huge factors).
 _RESCALE_EPS = 1e-7
+# Size of the sample that brackets a k-th value; tensors under 4x this use kthvalue directly.
+_SELECT_SAMPLE = 1 << 14
+
+
+def kth_smallest(flat: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th smallest entry (1-based) of a 1-d tensor, as a 0-d tensor.
+
+    Equals `torch.kthvalue(flat, k).values`, about 5x faster on large tensors: a deterministic
+    strided sample brackets the answer, and only the entries inside the bracket (a few percent)
+    go through kthvalue. If the bracket misses, which is always detected, it falls back to
+    kthvalue over all entries, so the result is exact either way.
+    """
+    numel = flat.numel()
+    if numel <= 4 * _SELECT_SAMPLE:
+        return torch.kthvalue(flat, k).values
+    # An odd stride walks through every column of power-of-two-wide matrices, so the sample is
+    # not one column's distribution.
+    stride = (numel // _SELECT_SAMPLE) | 1
+    sample = torch.sort(flat[::stride]).values
+    size = sample.numel()
+    fraction = k / numel
+    # The answer's rank within the sample is Binomial(size, fraction); take +/- 4 sd.
+    margin = 4 * math.sqrt(size * fraction * (1 - fraction)) + 2
+    low_index = math.floor(fraction * size - margin)
+    high_index = math.ceil(fraction * size + margin)
+    inside = torch.ones_like(flat, dtype=torch.bool)
+    below = 0
+    if low_index >= 0:
+        at_least_low = flat >= sample[low_index]
+        below = numel - int(torch.count_nonzero(at_least_low))
+        inside &= at_least_low
+        del at_least_low
+    if high_index < size:
+        inside &= flat <= sample[high_index]
+    candidates = flat[inside]
+    del inside
+    if below < k <= below + candidates.numel():
+        return torch.kthvalue(candidates, k - below).values
+    return torch.kthvalue(flat, k).values
 
 
 def _keep_first_ties(
@@ -49,7 +90,7 @@ def largest_mask(values: torch.Tensor, count: int) -> torch.Tensor:
     if count >= numel:
         return torch.ones_like(values, dtype=torch.bool)
     flat = values.reshape(-1)
-    threshold = torch.kthvalue(flat, numel - count + 1).values
+    threshold = kth_smallest(flat, numel - count + 1)
     return _keep_first_ties(flat >= threshold, flat, threshold, count).view(values.shape)
 
 
@@ -65,7 +106,7 @@ def smallest_mask(values: torch.Tensor, count: int) -> torch.Tensor:
     if count >= numel:
         return torch.ones_like(values, dtype=torch.bool)
     flat = values.reshape(-1)
-    threshold = torch.kthvalue(flat, count).values
+    threshold = kth_smallest(flat, count)
     return _keep_first_ties(flat <= threshold, flat, threshold, count).view(values.shape)
 
 

@@ -69,7 +69,9 @@ _SCE_EPS = 1e-6
 # --- pure steps ---------------------------------------------------------------------------------
 
 
-def task_vectors(tensors: Sequence[torch.Tensor], base: torch.Tensor, name: str = "") -> torch.Tensor:
+def task_vectors(
+    tensors: Sequence[torch.Tensor], base: torch.Tensor, name: str = ""
+) -> torch.Tensor:
     """Stack the task vectors tensors[i] - base into one new (N, *base.shape) tensor.
 
     Task arithmetic (Ilharco et al., 2023, https://arxiv.org/abs/2212.04089): "a task vector
@@ -175,7 +177,7 @@ def sce_model_weights(task_vectors: torch.Tensor) -> torch.Tensor:
 
 # --- kernels ------------------------------------------------------------------------------------
 
-# Prune one task vector in place: (delta, its per-model params, rescale, generator) -> delta.
+# Prunes one task vector in place, given its per-model params, `rescale` and the generator.
 Pruner = Callable[[torch.Tensor, Mapping[str, ParamValue], bool, torch.Generator | None], None]
 _Params = Mapping[str, ParamValue]
 
@@ -331,7 +333,9 @@ _INT8_MASK = Param(
     False,
     "Accepted for mergekit compatibility; saves memory there and has no effect here.",
 )
-_LAMBDA = Param("lambda", float, 1.0, "Scale of the merged task vector before adding it to the base.")
+_LAMBDA = Param(
+    "lambda", float, 1.0, "Scale of the merged task vector before adding it to the base."
+)
 
 
 def _normalize(default: bool) -> Param:
@@ -352,6 +356,16 @@ def _rescale(default: bool) -> Param:
     )
 
 
+def check_model_params(params: Mapping[str, ParamValue]) -> str | None:
+    """Cross-parameter problem in one model's resolved params (DELLA's density/epsilon), or None.
+
+    Single-parameter ranges are in each Param; this covers the one constraint between two.
+    """
+    if "epsilon" in params and "density" in params:
+        return della_params_problem(float(params["density"]), float(params["epsilon"]))
+    return None
+
+
 def _declare(
     name: str,
     title: str,
@@ -364,6 +378,9 @@ def _declare(
     extra: tuple[Param, ...] = (),
     randomized: bool = False,
 ) -> MergeMethod:
+    # Only DELLA has a constraint between two parameters (density and epsilon).
+    check = check_model_params if _EPSILON in extra else None
+
     def kernel(m: TensorMerge) -> torch.Tensor:
         return generalized_task_arithmetic(m, pruner, sign_election, randomized)
 
@@ -388,23 +405,16 @@ def _declare(
             base="required",
             min_models=0,
             randomized=randomized,
+            check_model_params=check,
         )
     )
 
 
-def check_model_params(params: Mapping[str, ParamValue]) -> str | None:
-    """Cross-parameter problem in one model's resolved params (DELLA's density/epsilon), or None.
-
-    Single-parameter ranges are in each Param; this covers the one constraint between two.
-    """
-    if "epsilon" in params and "density" in params:
-        return della_params_problem(float(params["density"]), float(params["epsilon"]))
-    return None
-
-
 _TASK_ARITHMETIC = "Editing Models with Task Arithmetic (Ilharco et al., 2023)"
 _TIES = "TIES-Merging: Resolving Interference When Merging Models (Yadav et al., 2023)"
-_DARE = "Language Models are Super Mario: Absorbing Abilities from Homologous Models (Yu et al., 2024)"
+_DARE = (
+    "Language Models are Super Mario: Absorbing Abilities from Homologous Models (Yu et al., 2024)"
+)
 _BREADCRUMBS = "Model Breadcrumbs: Scaling Multi-Task Model Merging with Sparse Masks (Davari & Belilovsky, 2023)"
 _DELLA = "DELLA-Merging: Reducing Interference in Model Merging through Magnitude-Based Sampling (Deep et al., 2024)"
 

@@ -29,7 +29,6 @@ import math
 import torch
 
 from mergelab.methods._lowrank import (
-    check_finite,
     nearest_orthonormal,
     stacked_task_vectors,
     svd,
@@ -52,23 +51,26 @@ def kept_rank(full_rank: int, num_tasks: int, rank_fraction: float) -> int:
     return max(1, min(full_rank, kept))
 
 
-def tsv_merge_matrix(task_vectors: torch.Tensor, rank_fraction: float = 0.0) -> torch.Tensor:
+def tsv_merge_matrix(
+    task_vectors: torch.Tensor, rank_fraction: float = 0.0, name: str = ""
+) -> torch.Tensor:
     """TSV-M of stacked task matrices (num_tasks, rows, cols) -> merged (rows, cols), unscaled.
 
     With k kept triplets per task: U_hat = [U_1[:, :k], ..., U_T[:, :k]],
     S_hat = [s_1[:k], ..., s_T[:k]], V_hat likewise; result =
     procrustes(U_hat) diag(S_hat) procrustes(V_hat^T). If the tasks' kept subspaces are
     already mutually orthogonal, this is exactly the sum of the rank-k approximations.
+    `name` only labels errors.
     """
     num_tasks, rows, cols = task_vectors.shape
-    u, s, vh = svd(task_vectors)
+    u, s, vh = svd(task_vectors, name)
     k = kept_rank(s.shape[-1], num_tasks, rank_fraction)
     # Concatenate the tasks' blocks side by side: (rows, T*k), (T*k,), (T*k, cols).
     u_hat = u[:, :, :k].permute(1, 0, 2).reshape(rows, num_tasks * k)
     s_hat = s[:, :k].reshape(num_tasks * k)
     vh_hat = vh[:, :k, :].reshape(num_tasks * k, cols)
-    u_orth = nearest_orthonormal(u_hat)
-    vh_orth = nearest_orthonormal(vh_hat)
+    u_orth = nearest_orthonormal(u_hat, name)
+    vh_orth = nearest_orthonormal(vh_hat, name)
     return (u_orth * s_hat) @ vh_orth
 
 
@@ -77,10 +79,10 @@ def tsv_kernel(m: TensorMerge) -> torch.Tensor:
     base, task_vectors = stacked_task_vectors(m, "tsv")
     scale = float(m.params["lambda"])
     if uses_spectral_path(m.name, base.shape, bool(m.params["svd_embeddings"])):
-        merged = tsv_merge_matrix(task_vectors, float(m.params["rank_fraction"]))
+        merged = tsv_merge_matrix(task_vectors, float(m.params["rank_fraction"]), m.name)
     else:
         merged = task_vectors.mean(dim=0)
-    return check_finite(base + scale * merged, m.name, "tsv")
+    return base + scale * merged
 
 
 TSV = register(

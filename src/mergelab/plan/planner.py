@@ -453,7 +453,12 @@ class _TensorPlanner:
             if i == base_index:
                 continue
             scopes = [param_scopes.get(key), *shared_scopes]
-            model_params.append(self._resolve(self.method.model_params, scopes, name, t, key))
+            resolved_params = self._resolve(self.method.model_params, scopes, name, t, key)
+            if self.method.check_model_params is not None:
+                msg = self.method.check_model_params(resolved_params)
+                if msg:
+                    self.problems.add(f"model {key!r}, tensor `{name}`: {msg}")
+            model_params.append(resolved_params)
         ref_key, ref_name = resolved[base_index if base_index is not None else 0]
         src_dtype = self.sources[ref_key].dtype(ref_name)
         is_float = src_dtype.is_floating_point

@@ -1,0 +1,265 @@
+"""Speed and peak memory of `mergelab merge` against `mergekit-yaml`, side by side, same machine.
+
+Builds three Llama-shaped bf16 checkpoints (a base and two fine-tune-like variants; random
+seeded weights), then for each method times both tools on the same YAML, alternating runs, and
+takes the median of `--repeats` runs. Peak RSS is read from the kernel's accounting of each child
+process (`os.wait4`, the same figure as GNU time's "Maximum resident set size"). The I/O floor is
+measured in the same run: reading the inputs from the page cache plus writing one output-sized
+file with fsync.
+
+    make bench-env                       # mergekit 0.1.5 in its own venv
+    .venv/bin/python benchmarks/speed_vs_mergekit.py --size 505m --size 100m --repeats 3
+
+Run it alone: two CPU-heavy jobs at once on 2 cores distort both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import BENCH_VENV, MAIN_VENV, REPO_ROOT  # noqa: E402
+
+CACHE = Path(os.environ.get("MERGELAB_CACHE", Path.home() / ".cache" / "mergelab")) / "bench"
+
+# name -> (hidden, intermediate, layers, vocab)
+SIZES = {
+    "505m": (1024, 4096, 24, 50000),
+    "100m": (512, 2048, 12, 50000),
+}
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    base: Path
+    variants: tuple[Path, Path]
+    params: int
+    bytes_per_model: int
+
+
+def _llama_shapes(hidden: int, inter: int, layers: int, vocab: int) -> dict[str, tuple[int, ...]]:
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, hidden)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            shapes[p + f"self_attn.{proj}.weight"] = (hidden, hidden)
+        shapes[p + "mlp.gate_proj.weight"] = (inter, hidden)
+        shapes[p + "mlp.up_proj.weight"] = (inter, hidden)
+        shapes[p + "mlp.down_proj.weight"] = (hidden, inter)
+        shapes[p + "input_layernorm.weight"] = (hidden,)
+        shapes[p + "post_attention_layernorm.weight"] = (hidden,)
+    shapes["model.norm.weight"] = (hidden,)
+    shapes["lm_head.weight"] = (vocab, hidden)
+    return shapes
+
+
+def build_family(size: str, seed: int = 0) -> Family:
+    """Build (once; cached, atomic) a bf16 base and two variants of the given size."""
+    from safetensors.torch import save_file
+
+    hidden, inter, layers, vocab = SIZES[size]
+    shapes = _llama_shapes(hidden, inter, layers, vocab)
+    params = sum(int(torch.tensor(s).prod()) for s in shapes.values())
+    root = CACHE / f"llama-{size}-seed{seed}"
+    names = ("base", "ft1", "ft2")
+    fam = Family(size, root / "base", (root / "ft1", root / "ft2"), params, params * 2)
+    if (root / ".complete").exists():
+        return fam
+    tmp = root.with_name(root.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    config = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
+        "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": 16,
+        "num_key_value_heads": 16, "vocab_size": vocab, "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+    }
+    gen = torch.Generator().manual_seed(seed)
+    base = {n: (torch.randn(s, generator=gen) * 0.02).to(torch.bfloat16) for n, s in shapes.items()}
+    for k, name in enumerate(names):
+        folder = tmp / name
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text(json.dumps(config, indent=2))
+        if k == 0:
+            sd = base
+        else:
+            g = torch.Generator().manual_seed(seed + k)
+            sd = {n: (t.float() + torch.randn(t.shape, generator=g) * 0.002).to(torch.bfloat16)
+                  for n, t in base.items()}
+        # two shards per model, as a hub checkpoint of this size would be
+        keys = list(sd)
+        half = len(keys) // 2
+        weight_map = {}
+        for i, part in enumerate((keys[:half], keys[half:])):
+            fname = f"model-{i + 1:05d}-of-00002.safetensors"
+            save_file({n: sd[n] for n in part}, str(folder / fname), metadata={"format": "pt"})
+            weight_map.update({n: fname for n in part})
+        (folder / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": params * 2}, "weight_map": weight_map})
+        )
+        del sd
+    tmp.rename(root)
+    (root / ".complete").write_text("ok")
+    return fam
+
+
+def configs(fam: Family) -> dict[str, dict]:
+    b, (m1, m2) = str(fam.base), (str(fam.variants[0]), str(fam.variants[1]))
+    common = {"base_model": b, "dtype": "bfloat16"}
+    return {
+        "ties": {**common, "merge_method": "ties", "parameters": {"lambda": 1.0},
+                 "models": [{"model": m1, "parameters": {"weight": 0.5, "density": 0.5}},
+                            {"model": m2, "parameters": {"weight": 0.5, "density": 0.5}}]},
+        "linear": {"merge_method": "linear", "dtype": "bfloat16",
+                   "models": [{"model": m, "parameters": {"weight": 1 / 3}} for m in (b, m1, m2)]},
+        "dare_ties": {**common, "merge_method": "dare_ties", "parameters": {"lambda": 1.0},
+                      "models": [{"model": m1, "parameters": {"weight": 0.5, "density": 0.5}},
+                                 {"model": m2, "parameters": {"weight": 0.5, "density": 0.5}}]},
+        "slerp": {**common, "merge_method": "slerp", "parameters": {"t": 0.5},
+                  "models": [{"model": m1}]},
+    }
+
+
+def run_measured(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, int]:
+    """Wall seconds and peak RSS (bytes) of one command."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{err[-3000:]}")
+    return wall, usage.ru_maxrss * 1024
+
+
+def drop_output(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def io_floor(fam: Family, out: Path) -> tuple[float, float]:
+    """Seconds to read the three inputs (page cache) and to write + fsync one output."""
+    files = [f for d in (fam.base, *fam.variants) for f in sorted(d.glob("*.safetensors"))]
+    buf = bytearray(64 << 20)
+    view = memoryview(buf)
+    t0 = time.perf_counter()
+    for f in files:
+        with open(f, "rb", buffering=0) as fh:
+            while fh.readinto(view):
+                pass
+    read = time.perf_counter() - t0
+    out.mkdir(parents=True, exist_ok=True)
+    target = out / "floor.bin"
+    t0 = time.perf_counter()
+    with open(target, "wb", buffering=0) as fh:
+        remaining = fam.bytes_per_model
+        while remaining > 0:
+            n = min(len(buf), remaining)
+            fh.write(view[:n])
+            remaining -= n
+        os.fsync(fh.fileno())
+    write = time.perf_counter() - t0
+    target.unlink()
+    return read, write
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", action="append", choices=sorted(SIZES), help="model size(s)")
+    ap.add_argument("--method", action="append", help="methods (default: ties linear dare_ties slerp)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--skip-mergekit", action="store_true")
+    ap.add_argument("--write-docs", action="store_true", help="update docs/benchmarks.md")
+    args = ap.parse_args()
+    sizes = args.size or ["505m"]
+    methods = args.method or ["ties", "linear", "dare_ties", "slerp"]
+    work = CACHE / "runs"
+    work.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    mergekit = BENCH_VENV / "bin" / "mergekit-yaml"
+    mergelab = MAIN_VENV / "bin" / "mergelab"
+    if not args.skip_mergekit and not mergekit.exists():
+        sys.exit("mergekit is not installed: run `make bench-env` first")
+    rows = []
+    for size in sizes:
+        fam = build_family(size)
+        print(f"== {size}: {fam.params / 1e6:.0f}M parameters, {fam.bytes_per_model / 1e9:.2f} GB per model")
+        floors = [io_floor(fam, work / "floor") for _ in range(args.repeats)]
+        read_floor = statistics.median(r for r, _ in floors)
+        write_floor = statistics.median(w for _, w in floors)
+        floor = read_floor + write_floor
+        print(f"I/O floor: read {read_floor:.2f} s + write/fsync {write_floor:.2f} s = {floor:.2f} s")
+        for method in methods:
+            cfg_path = work / f"{size}-{method}.yml"
+            cfg_path.write_text(yaml.safe_dump(configs(fam)[method]))
+            ours, theirs = [], []
+            for _ in range(args.repeats):
+                out = work / "out"
+                if not args.skip_mergekit:
+                    drop_output(out)
+                    theirs.append(run_measured([str(mergekit), str(cfg_path), str(out)], env))
+                drop_output(out)
+                ours.append(run_measured([str(mergelab), "merge", str(cfg_path), str(out), "--no-progress"], env))
+                drop_output(out)
+            row = {
+                "size": size, "method": method, "params_m": round(fam.params / 1e6),
+                "mergelab_s": statistics.median(w for w, _ in ours),
+                "mergelab_rss_gb": max(r for _, r in ours) / 1e9,
+                "floor_s": floor,
+            }
+            if theirs:
+                row["mergekit_s"] = statistics.median(w for w, _ in theirs)
+                row["mergekit_rss_gb"] = max(r for _, r in theirs) / 1e9
+            rows.append(row)
+            print(json.dumps(row))
+    table = render(rows)
+    print(table)
+    if args.write_docs:
+        write_docs(table)
+
+
+def render(rows: list[dict]) -> str:
+    lines = [
+        "| size | method | mergekit s | mergelab s | speed-up | mergelab / I/O floor | "
+        "mergekit peak RSS GB | mergelab peak RSS GB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        mk = r.get("mergekit_s")
+        lines.append(
+            f"| {r['params_m']}M | {r['method']} | {mk:.1f} | {r['mergelab_s']:.1f} | "
+            f"{mk / r['mergelab_s']:.1f}x | {r['mergelab_s'] / r['floor_s']:.2f}x "
+            f"(floor {r['floor_s']:.1f} s) | {r['mergekit_rss_gb']:.2f} | {r['mergelab_rss_gb']:.2f} |"
+            if mk is not None else
+            f"| {r['params_m']}M | {r['method']} | - | {r['mergelab_s']:.1f} | - | "
+            f"{r['mergelab_s'] / r['floor_s']:.2f}x (floor {r['floor_s']:.1f} s) | - | {r['mergelab_rss_gb']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def write_docs(table: str) -> None:
+    docs = REPO_ROOT / "docs" / "benchmarks.md"
+    text = docs.read_text() if docs.exists() else "# Benchmarks\n"
+    start, end = "<!-- speed:start -->", "<!-- speed:end -->"
+    block = f"{start}\n{table}\n{end}"
+    if start in text:
+        text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
+    else:
+        text += f"\n## Speed and memory vs mergekit\n\n{block}\n"
+    docs.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
