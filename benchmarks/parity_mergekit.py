@@ -207,15 +207,34 @@ def _linear(p: Paths) -> dict:
     }
 
 
+def _with(build: ConfigBuilder, **top: object) -> ConfigBuilder:
+    """`build` with extra top-level keys (e.g. out_dtype)."""
+    return lambda p: {**build(p), **top}
+
+
+def _listed_base(build: ConfigBuilder) -> ConfigBuilder:
+    """`build` with the base model also listed first under `models`."""
+
+    def listed(p: Paths) -> dict:
+        cfg = build(p)
+        return {**cfg, "models": [{"model": p.base}, *cfg["models"]]}
+
+    return listed
+
+
 def cases() -> list[Case]:
     llama: list[Case] = [
         Case("linear", "linear", "llama", _linear),
+        Case("linear(out bf16)", "linear", "llama", _with(_linear, out_dtype="bfloat16"),
+             note="out_dtype bfloat16: merged in float32, cast on save"),
         Case("linear+base", "linear", "llama",
              _simple("linear", base=True, params={"weight": 1.0}),
              note="base_model not under models: mergekit merges it in as a 4th model"),
         Case("linear-slices", "linear", "llama", _linear_slices, note="slices, per-slice t"),
         Case("task_arithmetic", "task_arithmetic", "llama", _gta("task_arithmetic", **{"lambda": 0.9})),
         Case("ties", "ties", "llama", _gta("ties", density=0.5)),
+        Case("ties(base listed)", "ties", "llama", _listed_base(_gta("ties", density=0.5)),
+             note="base_model also under models (no parameters)"),
         Case("dare_ties", "dare_ties", "llama", _gta("dare_ties", density=0.5)),
         Case("dare_ties(d=1)", "dare_ties", "llama", _gta("dare_ties", density=1.0),
              randomized=False, note="density 1: no random drop"),
@@ -289,10 +308,20 @@ class Row:
 
 
 def _config_diff(a: dict, b: dict) -> list[str]:
+    """Differing config.json keys. `torch_dtype` and `dtype` are one key: transformers >= 4.56
+    writes `dtype` (as mergekit does, through save_pretrained) and reads both spellings."""
+    a, b = _dtype_key(a), _dtype_key(b)
     ignore = {"transformers_version"}
     keys = sorted((set(a) | set(b)) - ignore)
     return [f"{k}: mergekit={a.get(k, '<absent>')!r} mergelab={b.get(k, '<absent>')!r}"
             for k in keys if a.get(k, "<absent>") != b.get(k, "<absent>")]
+
+
+def _dtype_key(cfg: dict) -> dict:
+    cfg = dict(cfg)
+    if "torch_dtype" in cfg and "dtype" not in cfg:
+        cfg["dtype"] = cfg.pop("torch_dtype")
+    return cfg
 
 
 def compare_outputs(row: Row, mk_dir: Path, ml_dir: Path, base: dict[str, torch.Tensor] | None,
@@ -566,17 +595,16 @@ def _md(text: str) -> str:
 
 
 def write_docs(section: str, path: Path = DOCS_FILE) -> None:
-    """Replace (or append) our section of docs/benchmarks.md, leaving other sections alone."""
+    """Replace (or add) our section of docs/benchmarks.md, leaving other sections alone."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    old = path.read_text() if path.exists() else "# Benchmarks\n\n"
+    old = path.read_text() if path.exists() else ""
     if SECTION in old:
         start = old.index(SECTION)
         nxt = old.find("\n## ", start + len(SECTION))
-        new = old[:start] + section + (old[nxt + 1:] if nxt != -1 else "")
-        if nxt != -1 and not section.endswith("\n\n"):
-            new = old[:start] + section + "\n" + old[nxt + 1:]
+        rest = "\n" + old[nxt + 1:] if nxt != -1 else ""
+        new = old[:start] + section + rest
     else:
-        new = old.rstrip("\n") + "\n\n" + section
+        new = (old.rstrip("\n") + "\n\n" if old.strip() else "") + section
     path.write_text(new)
 
 

@@ -14,7 +14,7 @@ import yaml
 
 from mergelab.checkpoint import ShardedWriter, open_checkpoint, parse_size
 from mergelab.checkpoint.memory import StateDictSource
-from mergelab.engine.execute import MergeReport, execute
+from mergelab.engine.execute import MemorySink, MergeReport, execute
 from mergelab.errors import ConfigError
 from mergelab.plan.config import MergeConfig, load_config, parse_config
 from mergelab.plan.planner import MergePlan, build_plan
@@ -106,7 +106,7 @@ def merge(
     with writer:
         report = execute(
             plan,
-            writer.write,
+            writer,
             device=device,
             seed=seed,
             allow_nonfinite=allow_nonfinite,
@@ -177,11 +177,7 @@ def merge_state_dicts(
         return StateDictSource(model, state_dicts[model])
 
     plan = build_plan(cfg, open_source)
-    out: dict[str, torch.Tensor] = {}
-
-    def sink(name: str, tensor: torch.Tensor) -> None:
-        out[name] = tensor
-
+    sink = MemorySink(plan)
     execute(
         plan,
         sink,
@@ -191,7 +187,7 @@ def merge_state_dicts(
         progress=progress,
         prefetch=0,
     )
-    return out
+    return sink.tensors
 
 
 def dump_plan(plan: MergePlan) -> str:

@@ -47,6 +47,9 @@ class StateDictSource:
         except KeyError:
             raise CheckpointError(f"state dict {self.label!r} has no tensor `{name}`") from None
 
+    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        return self.get(name)[start:stop]
+
     def resolve(self, name: str) -> str | None:
         return name if name in self._tensors else None
 

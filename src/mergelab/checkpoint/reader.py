@@ -147,6 +147,23 @@ class CheckpointReader:
                 raise CheckpointError(f"{entry.file}: cannot read tensor {name!r}: {exc}") from exc
         return _read_exact(entry, name)
 
+    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Read rows [start, stop) of tensor `name` (its leading dimension) and nothing else.
+
+        Rows of a row-major tensor are contiguous on disk, so this is one read; the engine uses
+        it to merge large tensors block by block in bounded memory.
+        """
+        entry = self._entry(name)
+        self._check_open()
+        if not entry.shape or not 0 <= start <= stop <= entry.shape[0]:
+            raise CheckpointError(
+                f"{entry.file}: rows [{start}, {stop}) are outside tensor {name!r} of shape "
+                f"{list(entry.shape)}"
+            )
+        if entry.file in self._torch_files:
+            return self._torch_files[entry.file][name][start:stop].clone()
+        return _read_exact(entry, name, (start, stop))
+
     def get_slice(self, name: str, index: Any) -> torch.Tensor:
         """Read only part of tensor `name` (e.g. ``index=slice(0, 100)`` for 100 embedding rows).
 
@@ -233,10 +250,19 @@ class TensorNotFoundError(CheckpointError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
-def _read_exact(entry: _Entry, name: str) -> torch.Tensor:
-    """Read a safetensors tensor's bytes straight into a new tensor (no intermediate copy)."""
-    tensor = torch.empty(entry.shape, dtype=entry.dtype)
-    if entry.nbytes == 0:
+def _read_exact(
+    entry: _Entry, name: str, rows: tuple[int, int] | None = None
+) -> torch.Tensor:
+    """Read a safetensors tensor's bytes (or rows [start, stop) of it) straight into a new
+    tensor, with no intermediate copy."""
+    shape, skip, nbytes = entry.shape, 0, entry.nbytes
+    if rows is not None:
+        start, stop = rows
+        row_bytes = entry.nbytes // entry.shape[0] if entry.shape[0] else 0
+        shape = (stop - start, *entry.shape[1:])
+        skip, nbytes = start * row_bytes, (stop - start) * row_bytes
+    tensor = torch.empty(shape, dtype=entry.dtype)
+    if nbytes == 0:
         return tensor
     assert entry.offset is not None
     # Safetensors data is little-endian, as is every platform torch ships for.
@@ -246,13 +272,13 @@ def _read_exact(entry: _Entry, name: str) -> torch.Tensor:
         # Unbuffered: readinto() fills the tensor's memory directly. One handle per call keeps
         # concurrent reads from prefetch threads independent.
         with open(entry.file, "rb", buffering=0) as handle:
-            handle.seek(entry.offset)
-            while done < entry.nbytes:
+            handle.seek(entry.offset + skip)
+            while done < nbytes:
                 count = handle.readinto(buffer[done:])
                 if not count:
                     raise CheckpointError(
                         f"{entry.file}: truncated data for tensor {name!r}: got {done} of "
-                        f"{entry.nbytes} bytes (the file changed or was cut after it was opened)"
+                        f"{nbytes} bytes (the file changed or was cut after it was opened)"
                     )
                 done += count
     except OSError as exc:

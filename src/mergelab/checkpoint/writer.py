@@ -119,6 +119,7 @@ class ShardedWriter:
         self._lock = threading.Lock()
         self._pending = set(self._shapes)  # planned, not yet started
         self._written: set[str] = set()
+        self._rows_left: dict[str, int] = {}  # tensors written block by block
         self._state = "open"  # -> "committing" -> "committed", or -> "aborted"
 
         try:
@@ -280,6 +281,53 @@ class ShardedWriter:
             raise
         with self._lock:
             self._written.add(name)
+
+    def write_rows(self, name: str, row_start: int, rows: torch.Tensor) -> None:
+        """Write rows [row_start, row_start + len(rows)) of tensor `name`. Thread-safe.
+
+        Large tensors are merged and written block by block this way; the tensor counts as
+        written once all its rows are. Errors as for `write`, plus rows outside the tensor.
+        """
+        with self._lock:
+            self._check_state()
+            if name not in self._shapes:
+                raise CheckpointError(
+                    f"tensor {name!r} is not in the output plan of {self.out_dir}"
+                )
+            shape, dtype = self._shapes[name], self._dtypes[name]
+            count = rows.shape[0] if rows.dim() else 0
+            if (
+                not shape
+                or rows.dtype != dtype
+                or tuple(rows.shape[1:]) != shape[1:]
+                or row_start < 0
+                or row_start + count > shape[0]
+            ):
+                raise CheckpointError(
+                    f"tensor {name!r}: cannot write {tuple(rows.shape)} {rows.dtype} at row "
+                    f"{row_start}; planned {shape} {dtype}"
+                )
+            left = self._rows_left.get(name, shape[0] if name in self._pending else 0) - count
+            if left < 0:
+                raise CheckpointError(f"tensor {name!r}: more rows written than it has")
+            self._pending.discard(name)
+            self._rows_left[name] = left
+        path, offset = self._offsets[name]
+        row_bytes = tensor_nbytes(shape[1:], dtype)
+        try:
+            data = _as_bytes(rows)
+            if len(data):
+                fd = os.open(path, os.O_WRONLY)
+                try:
+                    _pwrite_all(fd, data, offset + row_start * row_bytes)
+                finally:
+                    os.close(fd)
+        except OSError as exc:
+            self.abort()
+            raise self._io_error(exc, f"tensor {name!r}", path) from exc
+        with self._lock:
+            if self._rows_left[name] == 0:
+                self._written.add(name)
 
     def copy_file(self, src: str | os.PathLike, name: str | None = None) -> None:
         """Copy a file (tokenizer, generation config, ...) into the output as `name`."""

@@ -14,14 +14,37 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
+from mergelab.engine.blocks import TensorBlocks, row_blocks
 from mergelab.errors import CheckpointError, MergeError
 from mergelab.methods.registry import TensorMerge
 from mergelab.plan.planner import MergePlan, TensorTask
 
-Sink = Callable[[str, torch.Tensor], None]
+class Sink(Protocol):
+    """Where merged tensors go: a checkpoint writer, or a dict for in-memory merges."""
+
+    def write(self, name: str, tensor: torch.Tensor) -> None: ...
+    def write_rows(self, name: str, row_start: int, rows: torch.Tensor) -> None: ...
+
+
+class MemorySink:
+    """Collects merged tensors in a dict (tensors merged by blocks are assembled here)."""
+
+    def __init__(self, plan: MergePlan):
+        self.tensors: dict[str, torch.Tensor] = {}
+        self._shapes = {t.name: (t.shape, t.out_dtype) for t in plan.tasks}
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        self.tensors[name] = tensor
+
+    def write_rows(self, name: str, row_start: int, rows: torch.Tensor) -> None:
+        if name not in self.tensors:
+            shape, dtype = self._shapes[name]
+            self.tensors[name] = torch.empty(shape, dtype=dtype)
+        self.tensors[name][row_start : row_start + rows.shape[0]] = rows
 
 
 @dataclass
@@ -64,6 +87,37 @@ def tensor_seed(seed: int, name: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63 - 1)
 
 
+def compute_dtype_of(plan: MergePlan) -> torch.dtype:
+    """Kernels work in float32 (float64 when the config asks for it): STYLE.md, practice 5."""
+    return torch.float64 if plan.merge_dtype == torch.float64 else torch.float32
+
+
+def _meta(plan: MergePlan, task: TensorTask, seed: int, device: torch.device) -> TensorMerge:
+    generator = None
+    if plan.method.randomized:
+        generator = torch.Generator(device=device)
+        generator.manual_seed(tensor_seed(seed, task.name))
+    return TensorMerge(
+        tensors=[],
+        base=None,
+        model_params=[dict(p) for p in task.model_params],
+        params=dict(task.params),
+        generator=generator,
+        name=task.name,
+    )
+
+
+def _copy_non_float(task: TensorTask, tensors: list[torch.Tensor]) -> torch.Tensor:
+    first = tensors[0]
+    for (key, name), other in zip(task.inputs[1:], tensors[1:]):
+        if other.dtype != first.dtype or not torch.equal(other, first):
+            raise MergeError(
+                f"tensor `{name}`: non-floating tensor differs between models "
+                f"{task.inputs[0][0]!r} and {key!r}; it cannot be merged"
+            )
+    return first.clone()
+
+
 def merge_one(
     plan: MergePlan,
     task: TensorTask,
@@ -72,44 +126,126 @@ def merge_one(
     device: torch.device,
     seed: int,
 ) -> torch.Tensor:
-    """Merge one output tensor from its input tensors (already read, in `task.inputs` order)."""
+    """Merge one output tensor whole from its input tensors (in `task.inputs` order)."""
     if not task.is_float:
-        first = tensors[0]
-        for (key, name), other in zip(task.inputs[1:], tensors[1:]):
-            if other.dtype != first.dtype or not torch.equal(other, first):
-                raise MergeError(
-                    f"tensor `{name}`: non-floating tensor differs between models "
-                    f"{task.inputs[0][0]!r} and {key!r}; it cannot be merged"
-                )
-        return first.clone()
-    compute_dtype = torch.float64 if plan.merge_dtype == torch.float64 else torch.float32
+        return _copy_non_float(task, tensors)
+    compute_dtype = compute_dtype_of(plan)
     cast = []
     for t in tensors:
         t = t.to(device, non_blocking=True)
         if plan.merge_dtype is not None and t.dtype != plan.merge_dtype:
             t = t.to(plan.merge_dtype)  # mergekit casts sources to `dtype` first
         cast.append(t.to(compute_dtype))
-    base = cast[task.base_index] if task.base_index is not None else None
-    others = [t for i, t in enumerate(cast) if i != task.base_index]
-    generator = None
-    if plan.method.randomized:
-        generator = torch.Generator(device=device)
-        generator.manual_seed(tensor_seed(seed, task.name))
-    job = TensorMerge(
-        tensors=others,
-        base=base,
-        model_params=[dict(p) for p in task.model_params],
-        params=dict(task.params),
-        generator=generator,
-        name=task.name,
-    )
-    result = plan.method.kernel(job)
-    if tuple(result.shape) != task.shape:
+    job = _meta(plan, task, seed, device)
+    job.base = cast[task.base_index] if task.base_index is not None else None
+    job.tensors = [t for i, t in enumerate(cast) if i != task.base_index]
+    return _checked(plan, task, plan.method.kernel(job), task.shape)
+
+
+def _checked(
+    plan: MergePlan, task: TensorTask, result: torch.Tensor, shape: tuple[int, ...]
+) -> torch.Tensor:
+    if tuple(result.shape) != tuple(shape):
         raise MergeError(
             f"tensor `{task.name}`: method `{plan.method.name}` returned shape "
-            f"{list(result.shape)}, expected {list(task.shape)}"
+            f"{list(result.shape)}, expected {list(shape)}"
         )
     return result
+
+
+def nonfinite_error(
+    plan: MergePlan, key: str, name: str, tensor: torch.Tensor, row_offset: int = 0
+) -> MergeError:
+    bad = int((~torch.isfinite(tensor)).sum())
+    where = f" (in rows from {row_offset})" if row_offset else ""
+    return MergeError(
+        f"tensor `{name}` of model {key!r} ({_file_of(plan.sources[key], name)}) holds "
+        f"{bad} NaN/Inf value(s){where}; pass --allow-nonfinite to merge anyway"
+    )
+
+
+def merge_blockwise(
+    plan: MergePlan,
+    task: TensorTask,
+    ranges: list[tuple[int, int]],
+    sink: Sink,
+    *,
+    device: torch.device,
+    seed: int,
+    allow_nonfinite: bool,
+    on_read: Callable[[int], None],
+) -> None:
+    """Merge one large tensor block by block with the method's `Blockwise` form."""
+    blockwise = plan.method.blockwise
+    assert blockwise is not None
+    meta = _meta(plan, task, seed, device)
+    access = TensorBlocks(
+        plan,
+        task,
+        meta,
+        ranges,
+        device=device,
+        compute_dtype=compute_dtype_of(plan),
+        seed=tensor_seed(seed, task.name),
+        check_finite=not allow_nonfinite,
+        on_read=on_read,
+    )
+    try:
+        state = blockwise.prepare(access) if blockwise.prepare is not None else None
+        for block in access.blocks():
+            rows = block.tensors[0].shape[0] if block.tensors else block.base.shape[0]
+            merged = blockwise.apply(block, state)
+            merged = _checked(plan, task, merged, (rows, *task.shape[1:]))
+            _check_output(plan, task, merged, allow_nonfinite)
+            merged = merged.to(task.out_dtype)
+            if merged.device.type != "cpu":
+                merged = merged.cpu()
+            sink.write_rows(task.name, block.row_start, merged)
+    finally:
+        access.close()
+
+
+def _check_output(
+    plan: MergePlan, task: TensorTask, merged: torch.Tensor, allow_nonfinite: bool
+) -> None:
+    if not allow_nonfinite and merged.is_floating_point() and not bool(torch.isfinite(merged).all()):
+        raise MergeError(
+            f"tensor `{task.name}`: method `{plan.method.name}` produced NaN/Inf values from "
+            "finite inputs"
+        )
+
+
+class _WriteQueue:
+    """Hands writes to one writer thread, so writing overlaps the next merge; at most
+    `max_pending` writes wait (each holds its merged tensor in memory)."""
+
+    def __init__(self, sink: Sink, on_write: Callable[[float], None], max_pending: int = 2):
+        self._sink, self._on_write, self._max = sink, on_write, max_pending
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergelab-write")
+        self._pending: deque[Future] = deque()
+
+    def _timed(self, fn: Callable, *args) -> None:
+        t0 = time.perf_counter()
+        fn(*args)
+        self._on_write(time.perf_counter() - t0)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        self._submit(self._sink.write, name, tensor)
+
+    def write_rows(self, name: str, row_start: int, rows: torch.Tensor) -> None:
+        self._submit(self._sink.write_rows, name, row_start, rows)
+
+    def _submit(self, fn: Callable, *args) -> None:
+        self._pending.append(self._pool.submit(self._timed, fn, *args))
+        while len(self._pending) > self._max or (self._pending and self._pending[0].done()):
+            self._pending.popleft().result()
+
+    def flush(self) -> None:
+        while self._pending:
+            self._pending.popleft().result()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 def execute(
@@ -125,6 +261,8 @@ def execute(
 ) -> MergeReport:
     """Run every task of `plan`, handing each merged tensor (in its output dtype) to `sink`.
 
+    Small tensors are read whole, `prefetch` tasks ahead on reader threads; tensors larger than
+    `blocks.BLOCK_ELEMENTS` (x2) whose method has a `Blockwise` form are merged block by block.
     Raises CheckpointError for unreadable inputs and MergeError for non-finite values (inputs, or
     outputs of a kernel) unless `allow_nonfinite`.
     """
@@ -133,40 +271,45 @@ def execute(
         raise MergeError("--device cuda was asked for but no CUDA device is available")
     start = time.perf_counter()
     timers = {"read": 0.0, "compute": 0.0, "write": 0.0, "wait": 0.0}
+    counters = {"read": 0}
     lock = threading.Lock()
-    bytes_read = 0
-    bytes_written = 0
 
-    def read_task(task: TensorTask) -> list[torch.Tensor]:
+    def add(key: str, seconds: float) -> None:
+        with lock:
+            timers[key] += seconds
+
+    def count_read(nbytes: int) -> None:
+        with lock:
+            counters["read"] += nbytes
+
+    blocked = {
+        t.name: ranges
+        for t in plan.tasks
+        if t.is_float and plan.method.blockwise is not None
+        and (ranges := row_blocks(t.shape)) is not None
+    }
+
+    def read_task(task: TensorTask) -> list[torch.Tensor] | None:
+        if task.name in blocked:
+            return None  # read block by block when its turn comes
         t0 = time.perf_counter()
         out = []
         for key, name in task.inputs:
-            source = plan.sources[key]
-            tensor = source.get(name)
+            tensor = plan.sources[key].get(name)
             if not allow_nonfinite and tensor.is_floating_point():
                 if not bool(torch.isfinite(tensor).all()):
-                    bad = int((~torch.isfinite(tensor)).sum())
-                    raise MergeError(
-                        f"tensor `{name}` of model {key!r} ({_file_of(source, name)}) holds "
-                        f"{bad} NaN/Inf value(s); pass --allow-nonfinite to merge anyway"
-                    )
+                    raise nonfinite_error(plan, key, name, tensor)
             out.append(tensor)
-        with lock:
-            timers["read"] += time.perf_counter() - t0
+        count_read(sum(t.numel() * t.element_size() for t in out))
+        add("read", time.perf_counter() - t0)
         return out
-
-    def write_task(name: str, tensor: torch.Tensor) -> None:
-        t0 = time.perf_counter()
-        sink(name, tensor)
-        with lock:
-            timers["write"] += time.perf_counter() - t0
 
     tasks = plan.tasks
     reader = ThreadPoolExecutor(max_workers=max(1, prefetch), thread_name_prefix="mergelab-read")
-    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergelab-write")
+    writes = _WriteQueue(sink, lambda seconds: add("write", seconds))
     pending_reads: deque[tuple[TensorTask, Future]] = deque()
-    pending_writes: deque[Future] = deque()
     bar = _progress_bar(progress, plan)
+    bytes_written = 0
     try:
         next_index = 0
         for _ in range(len(tasks)):
@@ -176,45 +319,42 @@ def execute(
             task, fut = pending_reads.popleft()
             t0 = time.perf_counter()
             inputs = fut.result()
-            timers["wait"] += time.perf_counter() - t0
-            bytes_read += sum(t.numel() * t.element_size() for t in inputs)
+            add("wait", time.perf_counter() - t0)
 
             t0 = time.perf_counter()
-            merged = merge_one(plan, task, inputs, device=device, seed=seed)
-            if not allow_nonfinite and merged.is_floating_point():
-                if not bool(torch.isfinite(merged).all()):
-                    raise MergeError(
-                        f"tensor `{task.name}`: method `{plan.method.name}` produced NaN/Inf "
-                        "values from finite inputs"
-                    )
-            merged = merged.to(task.out_dtype)
-            if merged.device.type != "cpu":
-                merged = merged.cpu()
-            timers["compute"] += time.perf_counter() - t0
-            del inputs
-
-            pending_writes.append(writer.submit(write_task, task.name, merged))
+            if inputs is None:
+                merge_blockwise(
+                    plan, task, blocked[task.name], writes, device=device, seed=seed,
+                    allow_nonfinite=allow_nonfinite, on_read=count_read,
+                )
+            else:
+                merged = merge_one(plan, task, inputs, device=device, seed=seed)
+                del inputs
+                _check_output(plan, task, merged, allow_nonfinite)
+                merged = merged.to(task.out_dtype)
+                if merged.device.type != "cpu":
+                    merged = merged.cpu()
+                writes.write(task.name, merged)
+                del merged
+            add("compute", time.perf_counter() - t0)
             bytes_written += task.out_nbytes
-            while len(pending_writes) > 2 or (pending_writes and pending_writes[0].done()):
-                pending_writes.popleft().result()
             if bar is not None:
                 bar.advance(task.out_nbytes)
-        while pending_writes:
-            pending_writes.popleft().result()
+        writes.flush()
     except BaseException:
         for _, fut in pending_reads:
             fut.cancel()
         raise
     finally:
         reader.shutdown(wait=True, cancel_futures=True)
-        writer.shutdown(wait=True, cancel_futures=True)
+        writes.close()
         if bar is not None:
             bar.close()
     return MergeReport(
         out_dir=out_dir,
         method=plan.method.name,
         tensors=len(tasks),
-        bytes_read=bytes_read,
+        bytes_read=counters["read"],
         bytes_written=bytes_written,
         wall_seconds=time.perf_counter() - start,
         read_seconds=timers["read"],

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import torch
 
 from mergelab.errors import MergeError
-from mergelab.methods.registry import MergeMethod, Param, TensorMerge, register
+from mergelab.methods.registry import Blockwise, MergeMethod, Param, TensorMerge, register
 
 
 def weighted_sum(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
@@ -86,5 +86,7 @@ register(
         ),
         base="none",
         min_models=1,
+        # Entry-wise: a block of rows merges exactly like the whole tensor.
+        blockwise=Blockwise(apply=lambda block, _state: linear(block)),
     )
 )

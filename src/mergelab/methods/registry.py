@@ -7,9 +7,9 @@ nothing else in mergelab branches on a method's name.
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import torch
 
@@ -68,6 +68,8 @@ class TensorMerge:
     generator: a torch.Generator seeded from the merge seed and the tensor name (randomised
         methods must draw from it, never from the global RNG).
     name: the output tensor's name (some methods treat embeddings or norms differently).
+    row_start: in a blockwise merge (see `Blockwise`), the first row of the whole tensor that
+        this block holds; 0 for a whole tensor.
     """
 
     tensors: list[torch.Tensor]
@@ -76,12 +78,46 @@ class TensorMerge:
     params: dict[str, ParamValue]
     generator: torch.Generator | None = None
     name: str = ""
+    row_start: int = 0
 
     def per_model(self, key: str) -> list[ParamValue]:
         return [p[key] for p in self.model_params]
 
 
 Kernel = Callable[[TensorMerge], torch.Tensor]
+
+
+class BlockAccess(Protocol):
+    """What a blockwise method's `prepare` sees of one whole tensor (see mergelab.engine.blocks).
+
+    `meta` carries the name, parameters and shape information with empty `tensors`;
+    `blocks()` iterates the row blocks in order (each a TensorMerge of float rows, with its own
+    generator when the method is randomised); `rows(indices)` reads a few whole rows (e.g. a
+    sample). Every call reads again: nothing of the tensor is kept in memory between passes.
+    """
+
+    meta: TensorMerge
+    shape: tuple[int, ...]
+    numel: int
+
+    def blocks(self) -> Iterator[TensorMerge]: ...
+    def rows(self, indices: Sequence[int]) -> TensorMerge: ...
+
+
+@dataclass(frozen=True)
+class Blockwise:
+    """A bounded-memory form of a kernel: the tensor is merged in blocks of rows.
+
+    prepare(access) -> state: zero or more passes over the blocks computing whole-tensor
+        statistics (a top-k threshold, norms and a dot product, an L1 norm...); None when the
+        method needs none.
+    apply(block, state) -> merged rows of that block. Called once per block, in row order.
+    The result must equal the whole-tensor kernel's up to float rounding of sums; randomised
+    methods draw each block's randomness from that block's generator.
+    """
+
+    apply: Callable[[TensorMerge, Any], torch.Tensor]
+    prepare: Callable[[BlockAccess], Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -92,6 +128,7 @@ class MergeMethod:
         `base_model` then only supplies config/tokenizer files and is merged only if listed
         under `models`).
     min_models / max_models: how many non-base source models the method takes.
+    blockwise: optional bounded-memory form of the kernel, used for large tensors.
     check_model_params: optional check of constraints *between* parameters that single-`Param`
         ranges cannot express; called with one source's resolved per-model params, returns a
         problem message or None (e.g. DELLA: `density` +/- `epsilon` must lie in (0, 1)).
@@ -109,6 +146,7 @@ class MergeMethod:
     randomized: bool = False
     aliases: tuple[str, ...] = field(default=())
     check_model_params: Callable[[Mapping[str, ParamValue]], str | None] | None = None
+    blockwise: Blockwise | None = None
 
     def param(self, name: str) -> Param | None:
         for p in self.params:

@@ -20,6 +20,7 @@ random pruning the two agree in expectation. It is skipped when either norm is b
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -258,3 +259,103 @@ def della_prune_(
     l1_before = delta.abs().sum() if rescale else None
     delta.mul_(keep)
     return delta if l1_before is None else rescale_l1_(delta, l1_before)
+
+
+# --- top-k by magnitude over a tensor seen in blocks ------------------------------------------------
+
+
+@dataclass
+class MagnitudeCut:
+    """TIES's trim of one task vector, decided over the whole tensor and applied block by block.
+
+    Keeps the entries with |delta| > `threshold`, plus the first `ties_to_keep` entries (in flat
+    order) with |delta| == `threshold`: the same entries `magnitude_prune_` keeps on the whole
+    tensor. `scale` is the L1 rescale factor (None: no rescale). Blocks must be applied in row
+    order, since the tie budget is spent as it goes.
+    """
+
+    threshold: float
+    ties_to_keep: int
+    keep_all_ties: bool
+    scale: float | None = None
+
+    def apply_(self, delta: torch.Tensor) -> torch.Tensor:
+        magnitudes = delta.abs()
+        keep = magnitudes > self.threshold
+        if self.keep_all_ties:
+            keep |= magnitudes == self.threshold
+        elif self.ties_to_keep > 0:
+            tied = (magnitudes == self.threshold).reshape(-1).nonzero().squeeze(1)
+            take = tied[: self.ties_to_keep]
+            keep.view(-1)[take] = True
+            self.ties_to_keep -= take.numel()
+        del magnitudes
+        delta.mul_(keep)
+        if self.scale is not None:
+            delta.mul_(self.scale)
+        return delta
+
+
+class MagnitudeCutSearch:
+    """Finds one task vector's `MagnitudeCut` from a sample and passes over its blocks.
+
+    As `kth_smallest`: a sample brackets the k-th smallest magnitude, one pass counts the entries
+    below the bracket and collects those inside it (a few percent), and kthvalue over those gives
+    the exact threshold. When the bracket misses (always detected), `widen` and pass again.
+    """
+
+    def __init__(self, sample: torch.Tensor, numel: int, density: float, rescale: bool):
+        self.numel, self.rescale = numel, rescale
+        self.keep = max(1, int(density * numel))
+        self.k = numel - self.keep + 1  # the threshold is the k-th smallest magnitude
+        self.sample = torch.sort(sample.reshape(-1).double()).values
+        self.margin_sd = 4.0
+        self._bracket()
+
+    def _bracket(self) -> None:
+        size = self.sample.numel()
+        fraction = self.k / self.numel
+        margin = self.margin_sd * math.sqrt(size * fraction * (1 - fraction)) + 2
+        lo, hi = math.floor(fraction * size - margin), math.ceil(fraction * size + margin)
+        self.low = float(self.sample[lo]) if lo >= 0 else -math.inf
+        self.high = float(self.sample[hi]) if hi < size else math.inf
+        self.below = 0
+        self.candidates: list[torch.Tensor] = []
+        self.l1 = 0.0
+        self.l1_above = 0.0
+
+    def widen(self) -> None:
+        self.margin_sd *= 8
+        self._bracket()
+
+    def observe(self, magnitudes: torch.Tensor) -> None:
+        flat = magnitudes.reshape(-1)
+        above_low = flat >= self.low
+        self.below += flat.numel() - int(torch.count_nonzero(above_low))
+        inside = above_low & (flat <= self.high)
+        self.candidates.append(flat[inside].double())
+        if self.rescale:
+            self.l1 += float(flat.sum(dtype=torch.float64))
+            self.l1_above += float(flat[flat > self.high].sum(dtype=torch.float64))
+
+    def result(self) -> MagnitudeCut | None:
+        """The cut, or None when the bracket missed the threshold (call `widen`, pass again)."""
+        candidates = torch.cat(self.candidates) if self.candidates else torch.empty(0)
+        self.candidates = []
+        if not self.below < self.k <= self.below + candidates.numel():
+            return None
+        threshold = torch.kthvalue(candidates, self.k - self.below).values
+        above_high = self.numel - self.below - candidates.numel()
+        greater = above_high + int((candidates > threshold).sum())
+        tied = int((candidates == threshold).sum())
+        ties_to_keep = self.keep - greater
+        scale = None
+        if self.rescale:
+            kept_l1 = (
+                self.l1_above
+                + float(candidates[candidates > threshold].sum())
+                + float(threshold) * ties_to_keep
+            )
+            if self.l1 >= _RESCALE_EPS and kept_l1 >= _RESCALE_EPS:
+                scale = self.l1 / kept_l1
+        return MagnitudeCut(float(threshold), ties_to_keep, ties_to_keep == tied, scale)

@@ -13,7 +13,14 @@ from __future__ import annotations
 import torch
 
 from mergelab.errors import MergeError
-from mergelab.methods.registry import MergeMethod, Param, TensorMerge, register
+from mergelab.methods.registry import (
+    BlockAccess,
+    Blockwise,
+    MergeMethod,
+    Param,
+    TensorMerge,
+    register,
+)
 
 # mergekit's SLERP falls back to linear interpolation above this |cos| (the spherical formula
 # divides by sin(theta), which is ill-conditioned for (anti)parallel directions).
@@ -52,27 +59,51 @@ def slerp(
     dtype = _work_dtype(v0)
     a = v0.to(dtype).reshape(-1)
     b = v1.to(dtype).reshape(-1)
-    t_ = torch.tensor(t, dtype=dtype, device=a.device)
     if a.numel() == 0:
+        t_ = torch.tensor(t, dtype=dtype, device=a.device)
         return ((1 - t_) * a + t_ * b).reshape(v0.shape)
+    # Dividing the dot product afterwards avoids two full-size normalised copies; it differs from
+    # normalising first only by rounding (float32 overflows only for norms above ~1e19).
+    coef_a, coef_b = slerp_coefficients(
+        t,
+        torch.linalg.vector_norm(a),
+        torch.linalg.vector_norm(b),
+        torch.dot(a, b),
+        dot_threshold=dot_threshold,
+        eps=eps,
+    )
+    out = a * coef_a
+    out.addcmul_(b, coef_b)
+    return out.reshape(v0.shape)
 
-    norm_a = torch.linalg.vector_norm(a)
-    norm_b = torch.linalg.vector_norm(b)
+
+def slerp_coefficients(
+    t: float,
+    norm_a: torch.Tensor,
+    norm_b: torch.Tensor,
+    dot: torch.Tensor,
+    *,
+    dot_threshold: float = SLERP_DOT_THRESHOLD,
+    eps: float = SLERP_EPS,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two coefficients of `slerp` from the norms and dot product of the flattened ends.
+
+    Split out so that a tensor too large to hold in memory can be slerped in blocks: the norms
+    and the dot product are sums over entries (see `_slerp_prepare`).
+    """
+    dtype = norm_a.dtype
+    t_ = torch.tensor(t, dtype=dtype, device=norm_a.device)
     one = torch.ones_like(norm_a)
     norm_a = torch.where(norm_a > eps, norm_a, one)
     norm_b = torch.where(norm_b > eps, norm_b, one)
-    # Dividing the dot product afterwards avoids two full-size normalised copies; it differs from
-    # normalising first only by rounding (float32 overflows only for norms above ~1e19).
-    cos = (torch.dot(a, b) / (norm_a * norm_b)).clamp(-1, 1)
+    cos = (dot / (norm_a * norm_b)).clamp(-1, 1)
     linear = cos.abs() > dot_threshold
     # Keep acos/sin away from the singular point even on the branch torch.where discards.
     theta = torch.acos(torch.where(linear, torch.zeros_like(cos), cos))
     sin_theta = torch.where(linear, one, torch.sin(theta))
     coef_a = torch.where(linear, 1 - t_, torch.sin((1 - t_) * theta) / sin_theta)
     coef_b = torch.where(linear, t_, torch.sin(t_ * theta) / sin_theta)
-    out = a * coef_a
-    out.addcmul_(b, coef_b)
-    return out.reshape(v0.shape)
+    return coef_a, coef_b
 
 
 def nuslerp(
@@ -267,6 +298,29 @@ def _slerp_kernel(m: TensorMerge) -> torch.Tensor:
     return slerp(float(m.params["t"]), m.base, m.tensors[0])
 
 
+def _slerp_prepare(access: BlockAccess) -> tuple[torch.Tensor, torch.Tensor]:
+    """Whole-tensor sums for blockwise slerp: |a|^2, |b|^2 and a.b, accumulated in float64."""
+    sums = torch.zeros(3, dtype=torch.float64)
+    dtype = torch.float32
+    for block in access.blocks():
+        if block.base is None:
+            raise MergeError(f"slerp needs a base model (the t=0 end) for tensor {block.name!r}")
+        a = block.base.reshape(-1).double()
+        b = block.tensors[0].reshape(-1).double()
+        sums += torch.stack([a.dot(a), b.dot(b), a.dot(b)]).cpu()
+        dtype = block.base.dtype
+    norm_a, norm_b, dot = sums[0].sqrt(), sums[1].sqrt(), sums[2]
+    return slerp_coefficients(
+        float(access.meta.params["t"]), norm_a.to(dtype), norm_b.to(dtype), dot.to(dtype)
+    )
+
+
+def _slerp_apply(block: TensorMerge, coefficients: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    coef_a, coef_b = (c.to(block.base.device) for c in coefficients)
+    out = block.base * coef_a
+    return out.addcmul_(block.tensors[0], coef_b)
+
+
 def _nuslerp_kernel(m: TensorMerge) -> torch.Tensor:
     t = nuslerp_t([float(w) for w in m.per_model("weight")])
     row_wise = bool(m.params["nuslerp_row_wise"])
@@ -318,6 +372,7 @@ register(
         base="required",
         min_models=1,
         max_models=1,
+        blockwise=Blockwise(apply=_slerp_apply, prepare=_slerp_prepare),
     )
 )
 

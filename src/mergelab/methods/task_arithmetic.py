@@ -44,14 +44,26 @@ Conventions and deliberate choices:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Literal
 
 import torch
 
 from mergelab.errors import ConfigError, MergeError
-from mergelab.methods.registry import MergeMethod, Param, ParamValue, TensorMerge, register
+from mergelab.methods.registry import (
+    BlockAccess,
+    Blockwise,
+    MergeMethod,
+    Param,
+    ParamValue,
+    TensorMerge,
+    register,
+)
 from mergelab.methods.sparsify import (
+    _RESCALE_EPS,
+    MagnitudeCut,
+    MagnitudeCutSearch,
     breadcrumbs_prune_,
     della_params_problem,
     della_prune_,
@@ -241,6 +253,16 @@ def generalized_task_arithmetic(
         for delta, params in zip(deltas, m.model_params):
             pruner(delta, params, rescale, generator)
 
+    return combine_task_vectors(deltas, base, m, sign_election)
+
+
+def combine_task_vectors(
+    deltas: torch.Tensor, base: torch.Tensor, m: TensorMerge, sign_election: bool
+) -> torch.Tensor:
+    """Steps 3-6 of the module docstring on already sparsified task vectors (consumed).
+
+    Entry-wise, so it serves both the whole-tensor kernel and blocks of rows.
+    """
     weights = [float(w) for w in m.per_model("weight")]
     weight_column = torch.tensor(weights, dtype=deltas.dtype, device=deltas.device)
     deltas.mul_(weight_column.view(-1, *([1] * base.ndim)))
@@ -265,6 +287,98 @@ def generalized_task_arithmetic(
     if scale != 1:
         merged.mul_(scale)
     return merged.add_(base)
+
+
+# --- blockwise forms (large tensors, bounded memory; see mergelab.engine.blocks) -----------------
+
+# Elements of the sample that brackets each task vector's magnitude threshold.
+_SAMPLE_ELEMENTS = 1 << 16
+
+
+def _sample_rows(access: BlockAccess) -> list[int]:
+    rows = access.shape[0]
+    per_row = max(1, access.numel // rows)
+    count = min(rows, max(1, _SAMPLE_ELEMENTS // per_row))
+    # Evenly spread rows (e.g. embedding rows of frequent and rare tokens alike).
+    return sorted({int(i * rows / count) for i in range(count)})
+
+
+def _magnitude_prepare(access: BlockAccess) -> list[MagnitudeCut | None]:
+    """Find each task vector's TIES cut over the whole tensor: a sample, then 1+ passes."""
+    meta = access.meta
+    rescale = bool(meta.params["rescale"])
+    densities = [float(p["density"]) for p in meta.model_params]
+    cuts: list[MagnitudeCut | None] = [None] * len(densities)
+    searches: dict[int, MagnitudeCutSearch] = {}
+    sample = access.rows(_sample_rows(access))
+    base = _base_of(sample)
+    for i, (density, tensor) in enumerate(zip(densities, sample.tensors)):
+        if density >= 1:
+            continue  # magnitude_prune_ keeps everything, unscaled
+        if density <= 0:
+            cuts[i] = MagnitudeCut(math.inf, 0, False)
+            continue
+        searches[i] = MagnitudeCutSearch((tensor - base).abs_(), access.numel, density, rescale)
+    while searches:
+        for block in access.blocks():
+            block_base = _base_of(block)
+            for i, search in searches.items():
+                search.observe((block.tensors[i] - block_base).abs_())
+        for i in list(searches):
+            cut = searches[i].result()
+            if cut is None:
+                searches[i].widen()
+            else:
+                cuts[i] = cut
+                del searches[i]
+    return cuts
+
+
+def _random_prepare(access: BlockAccess) -> list[float | None]:
+    """DARE's L1 rescale factors over the whole tensor (a pass drawing each block's masks)."""
+    meta = access.meta
+    if not meta.params["rescale"]:
+        return [None] * len(meta.model_params)
+    n = len(meta.model_params)
+    before, after = [0.0] * n, [0.0] * n
+    for block in access.blocks():
+        deltas = task_vectors(block.tensors, _base_of(block), block.name)
+        for i, (delta, params) in enumerate(zip(deltas, block.model_params)):
+            before[i] += float(delta.abs().sum(dtype=torch.float64))
+            random_prune_(delta, float(params["density"]), False, block.generator)
+            after[i] += float(delta.abs().sum(dtype=torch.float64))
+    return [
+        b / a if b >= _RESCALE_EPS and a >= _RESCALE_EPS else None
+        for b, a in zip(before, after)
+    ]
+
+
+def _blockwise_apply(pruning: str, sign_election: bool):
+    def apply(block: TensorMerge, state) -> torch.Tensor:
+        base = _base_of(block)
+        if not block.tensors:
+            return base.clone()
+        deltas = task_vectors(block.tensors, base, block.name)
+        for i, (delta, params) in enumerate(zip(deltas, block.model_params)):
+            if pruning == "magnitude" and state[i] is not None:
+                state[i].apply_(delta)
+            elif pruning == "random":
+                random_prune_(delta, float(params["density"]), False, block.generator)
+                if state[i] is not None and float(params["density"]) < 1:
+                    delta.mul_(state[i])
+        return combine_task_vectors(deltas, base, block, sign_election)
+
+    return apply
+
+
+def _blockwise(pruning: str | None, sign_election: bool) -> Blockwise | None:
+    if pruning is None:
+        return Blockwise(apply=_blockwise_apply("none", sign_election))
+    if pruning == "magnitude":
+        return Blockwise(apply=_blockwise_apply("magnitude", sign_election), prepare=_magnitude_prepare)
+    if pruning == "random":
+        return Blockwise(apply=_blockwise_apply("random", sign_election), prepare=_random_prepare)
+    return None  # breadcrumbs, DELLA: merged whole
 
 
 def sce(m: TensorMerge) -> torch.Tensor:
@@ -406,8 +520,16 @@ def _declare(
             min_models=0,
             randomized=randomized,
             check_model_params=check,
+            blockwise=_BLOCKWISE_BY_PRUNER.get(pruner, lambda _: None)(sign_election),
         )
     )
+
+
+_BLOCKWISE_BY_PRUNER: dict[Pruner | None, Callable[[bool], Blockwise | None]] = {
+    None: lambda sign_election: _blockwise(None, sign_election),
+    _prune_magnitude: lambda sign_election: _blockwise("magnitude", sign_election),
+    _prune_random: lambda sign_election: _blockwise("random", sign_election),
+}
 
 
 _TASK_ARITHMETIC = "Editing Models with Task Arithmetic (Ilharco et al., 2023)"
