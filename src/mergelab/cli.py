@@ -90,7 +90,7 @@ def _print_plan(plan) -> None:
     table = Table(title=f"plan: {plan.method.name}")
     table.add_column("what")
     table.add_column("value")
-    for key, source in plan.sources.items():
+    for key, _source in plan.sources.items():
         table.add_row("source", f"{key}")
     table.add_row("output tensors", str(len(plan.tasks)))
     table.add_row("bytes read", _human(plan.total_in_bytes))

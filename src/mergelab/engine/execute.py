@@ -23,6 +23,7 @@ from mergelab.errors import CheckpointError, MergeError
 from mergelab.methods.registry import TensorMerge
 from mergelab.plan.planner import MergePlan, TensorTask
 
+
 class Sink(Protocol):
     """Where merged tensors go: a checkpoint writer, or a dict for in-memory merges."""
 

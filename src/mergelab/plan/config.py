@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from mergelab.errors import ConfigError
 
-Scalar = Union[bool, int, float, str]
-ScalarOrGradient = Union[Scalar, list[Scalar]]
+Scalar = bool | int | float | str
+ScalarOrGradient = Scalar | list[Scalar]
 
 DTYPES = ("float32", "float16", "bfloat16", "float64")
 DtypeName = Literal["float32", "float16", "bfloat16", "float64"]
@@ -37,7 +37,7 @@ class ConditionalValue(_Frozen):
     )
 
 
-ParameterSetting = Union[ScalarOrGradient, ConditionalValue, list[ConditionalValue]]
+ParameterSetting = ScalarOrGradient | ConditionalValue | list[ConditionalValue]
 Parameters = dict[str, ParameterSetting]
 
 
