@@ -172,3 +172,33 @@ def test_blockwise_reads_rows_not_whole_tensors(small_blocks, tmp_path):
     from safetensors.torch import load_file
 
     assert torch.equal(load_file(str(tmp_path / "out" / "model.safetensors"))["w"], merged["w"])
+
+
+@pytest.mark.parametrize(
+    "method,params,model_params,with_base",
+    [
+        ("passthrough", {}, [{"scale": 0.5}], False),
+        ("expo", {"alpha": 0.3}, [{}], True),
+        ("magmax", {"lambda": 0.5}, [{}, {}], True),
+        ("nearswap", {"t": 0.05}, [{}], True),
+    ],
+)
+def test_other_entrywise_methods_blockwise_equal_whole(small_blocks, method, params, model_params, with_base):
+    sds = _family()
+    sources = {k: sds[k] for k in ["base", "ft0", "ft1"][: len(model_params) + 1]}
+    if not with_base:
+        sources = {"ft0": sds["ft0"]}
+    models = [{"model": k, "parameters": mp} for k, mp in zip([k for k in sources if k != "base"], model_params)]
+    config = {"merge_method": method, "models": models, "parameters": params}
+    if with_base:
+        config["base_model"] = "base"
+    merged = merge_state_dicts(config, sources)["w"]
+    m = get_method(method)
+    job = TensorMerge(
+        tensors=[sources[k]["w"] for k in sources if k != "base"],
+        base=sources["base"]["w"] if with_base else None,
+        model_params=[{p.name: p.default for p in m.model_params if p.default is not None} | mp for mp in model_params],
+        params={p.name: p.default for p in m.global_params if p.default is not None} | params,
+        name="w",
+    )
+    torch.testing.assert_close(merged, m.kernel(job), rtol=1e-6, atol=1e-7)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from mergelab.methods._lowrank import stacked_task_vectors
-from mergelab.methods.registry import MergeMethod, Param, TensorMerge, register
+from mergelab.methods.registry import Blockwise, MergeMethod, Param, TensorMerge, register
 
 
 def extrapolate(model: torch.Tensor, base: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -42,6 +42,7 @@ EXPO = register(
         paper="Zheng, Wang, Ji, Huang, Peng, 2024 (ACL 2025)",
         url="https://arxiv.org/abs/2404.16792",
         kernel=expo_kernel,
+        blockwise=Blockwise.entrywise(expo_kernel),
         params=(
             Param(
                 "alpha",

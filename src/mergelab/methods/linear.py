@@ -87,6 +87,6 @@ register(
         base="none",
         min_models=1,
         # Entry-wise: a block of rows merges exactly like the whole tensor.
-        blockwise=Blockwise(apply=lambda block, _state: linear(block)),
+        blockwise=Blockwise.entrywise(linear),
     )
 )

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from mergelab.methods._lowrank import stacked_task_vectors
-from mergelab.methods.registry import MergeMethod, Param, TensorMerge, register
+from mergelab.methods.registry import Blockwise, MergeMethod, Param, TensorMerge, register
 
 
 def max_magnitude(task_vectors: torch.Tensor) -> torch.Tensor:
@@ -48,6 +48,7 @@ MAGMAX = register(
         paper="Marczak, Twardowski, Trzciński, Cygert, ECCV 2024",
         url="https://arxiv.org/abs/2407.06322",
         kernel=magmax_kernel,
+        blockwise=Blockwise.entrywise(magmax_kernel),
         params=(
             Param(
                 "lambda",

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from mergelab.errors import MergeError
-from mergelab.methods.registry import MergeMethod, Param, TensorMerge, register
+from mergelab.methods.registry import Blockwise, MergeMethod, Param, TensorMerge, register
 
 # NearSwap divides by |base - other|; differences below this count as this.
 _NEARSWAP_MIN_DIFF = 1e-6
@@ -93,6 +93,7 @@ register(
         paper="alchemonaut, NearSwap (QuartetAnemoi-70B model card, 2024)",
         url="https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001",
         kernel=_nearswap_kernel,
+        blockwise=Blockwise.entrywise(_nearswap_kernel),
         params=(
             Param(
                 "t",

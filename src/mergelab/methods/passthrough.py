@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from mergelab.methods.registry import MergeMethod, Param, TensorMerge, register
+from mergelab.methods.registry import Blockwise, MergeMethod, Param, TensorMerge, register
 
 
 def _passthrough_kernel(m: TensorMerge) -> torch.Tensor:
@@ -25,6 +25,7 @@ register(
         paper="",
         url="https://github.com/arcee-ai/mergekit",
         kernel=_passthrough_kernel,
+        blockwise=Blockwise.entrywise(_passthrough_kernel),
         params=(
             Param(
                 "scale",

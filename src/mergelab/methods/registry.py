@@ -119,6 +119,12 @@ class Blockwise:
     apply: Callable[[TensorMerge, Any], torch.Tensor]
     prepare: Callable[[BlockAccess], Any] | None = None
 
+    @classmethod
+    def entrywise(cls, kernel: Kernel) -> Blockwise:
+        """For kernels where each output entry depends only on the same entry of the inputs:
+        a block of rows merges exactly as the whole tensor does."""
+        return cls(apply=lambda block, _state: kernel(block))
+
 
 @dataclass(frozen=True)
 class MergeMethod:
