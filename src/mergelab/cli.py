@@ -133,6 +133,7 @@ def validate(config: Path = typer.Argument(..., help="Merge config to check.")) 
 @app.command()
 def methods(
     pattern: str | None = typer.Argument(None, help="Glob on method names, e.g. '*ties*'."),
+    markdown: bool = typer.Option(False, help="Print the reference table as Markdown (docs)."),
 ) -> None:
     """List merge methods: name, paper and parameters (from the registry)."""
     from mergelab.methods import list_methods
@@ -140,6 +141,11 @@ def methods(
     found = list_methods(pattern or "*")
     if pattern and not found:
         _fail(ValueError(f"no method matches {pattern!r}"))
+    if markdown:
+        from mergelab.methods.docs import methods_markdown
+
+        typer.echo(methods_markdown(found))
+        return
     table = Table(show_lines=True)
     for col in ("method", "paper", "base", "parameters"):
         table.add_column(col)
