@@ -206,6 +206,7 @@ class Demo:
                 features, train.labels, task.num_classes, c=settings.recipe.probe_c
             )
             encoder = copy.deepcopy(self.pretrained)
+            started = time.perf_counter()
             with make_progress(self.console) as progress:
                 losses = finetune_under_head(
                     encoder,
@@ -217,8 +218,10 @@ class Demo:
                     progress=tracker(progress, f"{name}: LP-FT", settings.recipe.steps),
                 )
             first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
+            seconds = time.perf_counter() - started
             self.console.print(
-                f"  {name}: fine-tuned {len(losses)} steps, loss {first:.3f} -> {last:.3f}"
+                f"  {name}: fine-tuned {len(losses)} steps in {seconds:.0f} s "
+                f"({seconds / len(losses):.2f} s/step), loss {first:.3f} -> {last:.3f}"
             )
             save_finetuned(
                 folder,
@@ -229,6 +232,22 @@ class Demo:
             )
 
         return cached_folder(self.cache_root / "finetuned", f"{name}-{key}", build)
+
+    def merge_base_folder(self) -> Path:
+        """The pretrained encoder re-saved by this transformers version, as the merges' base.
+
+        The packaged checkpoint carries an `embeddings.position_ids` buffer that
+        `save_pretrained` no longer writes, so the fine-tunes lack it; merging needs the same
+        tensor names in every model, and re-saving the base gives exactly that (same weights).
+        """
+        key = cache_key({"base": folder_fingerprint(self.base_path)})
+
+        def build(folder: Path) -> None:
+            self.pretrained.save_pretrained(folder, safe_serialization=True)
+            self.tokenizer.save_pretrained(folder)
+
+        folder, _ = cached_folder(self.cache_root / "pretrained", f"all-MiniLM-L6-v2-{key}", build)
+        return folder
 
     # -- evaluation -----------------------------------------------------------------------
 
@@ -246,7 +265,8 @@ class Demo:
         import mergelab
 
         config_path = out_dir.with_suffix(".yaml")
-        config_path.write_text(yaml.safe_dump(merge_config(self.base_path, models, trial)))
+        base = self.merge_base_folder()
+        config_path.write_text(yaml.safe_dump(merge_config(base, models, trial)))
         mergelab.merge(
             config_path, out_dir, overwrite=True, seed=self.settings.split_seed, progress=False
         )
@@ -305,11 +325,16 @@ def main() -> None:
             best: tuple[float, int, object] | None = None
             for index, trial in enumerate(trials):
                 out_dir = Path(scratch) / f"{trial.method}-{index}"
+                merge_started = time.perf_counter()
                 merged, _ = demo.run_merge(trial, models, out_dir)
+                merge_seconds = time.perf_counter() - merge_started
                 score = sum(
                     demo.accuracy(merged, name, heads[name], "validation") for name in demo.tasks
                 ) / len(demo.tasks)
-                console.print(f"  {trial.label}: validation average {100 * score:.1f}%")
+                console.print(
+                    f"  {trial.label}: validation average {100 * score:.1f}% "
+                    f"(merged and loaded in {merge_seconds:.1f} s)"
+                )
                 if best is None or score > best[0]:
                     best = (score, index, merged)
             assert best is not None  # every grid has a point

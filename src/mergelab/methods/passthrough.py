@@ -22,8 +22,11 @@ register(
     MergeMethod(
         name="passthrough",
         title="Passthrough",
-        paper="",
-        url="https://github.com/arcee-ai/mergekit",
+        paper=(
+            "Layer stacking as in SOLAR 10.7B: Scaling Large Language Models with Simple yet "
+            "Effective Depth Up-Scaling (Kim et al., 2023); copies tensors, used with `slices`"
+        ),
+        url="https://arxiv.org/abs/2312.15166",
         kernel=_passthrough_kernel,
         blockwise=Blockwise.entrywise(_passthrough_kernel),
         params=(
