@@ -540,7 +540,10 @@ def _output_config(
         return None
     cfg = dict(cfg)
     if config.out_dtype or config.dtype:
-        cfg["torch_dtype"] = config.out_dtype or config.dtype
+        # transformers 5 writes `dtype`, older versions `torch_dtype`: update what is there.
+        keys = [k for k in ("dtype", "torch_dtype") if k in cfg] or ["torch_dtype"]
+        for key in keys:
+            cfg[key] = config.out_dtype or config.dtype
     if config.slices is not None:
         total = sum(s.sources[0][2] - s.sources[0][1] for s in slices)
         for key in _LAYER_COUNT_KEYS:
