@@ -76,7 +76,7 @@ def merge(
     dry_run: bool = False,
     allow_nonfinite: bool = False,
     progress: bool = True,
-    prefetch: int = 2,
+    workers: int | None = None,
 ) -> MergeReport | MergePlan:
     """Merge the checkpoints a config names and write the result to `out_dir`.
 
@@ -111,7 +111,7 @@ def merge(
             seed=seed,
             allow_nonfinite=allow_nonfinite,
             progress=progress,
-            prefetch=prefetch,
+            workers=workers,
             out_dir=str(out_dir),
         )
         _write_side_files(plan, writer)
@@ -185,7 +185,6 @@ def merge_state_dicts(
         seed=seed,
         allow_nonfinite=allow_nonfinite,
         progress=progress,
-        prefetch=0,
     )
     return sink.tensors
 

@@ -75,10 +75,11 @@ class TensorBlocks:
         out = []
         for key, name in self.task.inputs:
             rows = self.plan.sources[key].get_rows(name, start, stop)
-            if self.check_finite and not bool(torch.isfinite(rows).all()):
-                from mergelab.engine.execute import nonfinite_error
+            if self.check_finite:
+                from mergelab.engine.execute import all_finite, nonfinite_error
 
-                raise nonfinite_error(self.plan, key, name, rows, row_offset=start)
+                if not all_finite(rows):
+                    raise nonfinite_error(self.plan, key, name, rows, row_offset=start)
             out.append(rows)
         self._on_read(sum(t.numel() * t.element_size() for t in out))
         return out

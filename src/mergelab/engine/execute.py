@@ -1,24 +1,26 @@
-"""Executes a merge plan tensor by tensor: read (prefetched) -> merge kernel -> write.
+"""Executes a merge plan tensor by tensor: read -> merge kernel -> write.
 
-Reads of the next tensors overlap the current merge on a reader thread pool; writes happen on a
-writer thread. At most `prefetch` tasks' inputs are in flight, so peak memory is bounded by a few
-tensors, never a whole model.
+A few tensors are in flight at once (one per worker thread), each read, merged and handed to a
+writer thread; large tensors are merged in blocks of rows. Peak memory is bounded by a few
+tensors' worth, never a whole model.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 import zlib
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
 
 from mergelab.engine.blocks import TensorBlocks, row_blocks
+from mergelab.engine.memory import tune_allocator
 from mergelab.errors import CheckpointError, MergeError
 from mergelab.methods.registry import TensorMerge
 from mergelab.plan.planner import MergePlan, TensorTask
@@ -154,6 +156,16 @@ def _checked(
     return result
 
 
+def all_finite(tensor: torch.Tensor) -> bool:
+    """Whether every entry is finite. A float32 sum is NaN/Inf if any entry is, and cheaper
+    than an element-wise test; only when the sum overflows is the exact test run."""
+    if not tensor.is_floating_point() or tensor.numel() == 0:
+        return True
+    if bool(torch.isfinite(tensor.sum(dtype=torch.float32))):
+        return True
+    return bool(torch.isfinite(tensor).all())
+
+
 def nonfinite_error(
     plan: MergePlan, key: str, name: str, tensor: torch.Tensor, row_offset: int = 0
 ) -> MergeError:
@@ -209,7 +221,7 @@ def merge_blockwise(
 def _check_output(
     plan: MergePlan, task: TensorTask, merged: torch.Tensor, allow_nonfinite: bool
 ) -> None:
-    if not allow_nonfinite and merged.is_floating_point() and not bool(torch.isfinite(merged).all()):
+    if not allow_nonfinite and not all_finite(merged):
         raise MergeError(
             f"tensor `{task.name}`: method `{plan.method.name}` produced NaN/Inf values from "
             "finite inputs"
@@ -224,6 +236,7 @@ class _WriteQueue:
         self._sink, self._on_write, self._max = sink, on_write, max_pending
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergelab-write")
         self._pending: deque[Future] = deque()
+        self._lock = threading.Lock()
 
     def _timed(self, fn: Callable, *args) -> None:
         t0 = time.perf_counter()
@@ -237,13 +250,24 @@ class _WriteQueue:
         self._submit(self._sink.write_rows, name, row_start, rows)
 
     def _submit(self, fn: Callable, *args) -> None:
-        self._pending.append(self._pool.submit(self._timed, fn, *args))
-        while len(self._pending) > self._max or (self._pending and self._pending[0].done()):
-            self._pending.popleft().result()
+        # Called from several merge threads: the deque is shared, results are awaited outside
+        # the lock, oldest first (so a failed write reports its own error).
+        future = self._pool.submit(self._timed, fn, *args)
+        with self._lock:
+            self._pending.append(future)
+            finished = []
+            while len(self._pending) > self._max or (self._pending and self._pending[0].done()):
+                finished.append(self._pending.popleft())
+        for done in finished:
+            done.result()
 
     def flush(self) -> None:
-        while self._pending:
-            self._pending.popleft().result()
+        while True:
+            with self._lock:
+                if not self._pending:
+                    return
+                future = self._pending.popleft()
+            future.result()
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
@@ -257,12 +281,13 @@ def execute(
     seed: int = 0,
     allow_nonfinite: bool = False,
     progress: bool = True,
-    prefetch: int = 2,
     out_dir: str | None = None,
+    workers: int | None = None,
 ) -> MergeReport:
     """Run every task of `plan`, handing each merged tensor (in its output dtype) to `sink`.
 
-    Small tensors are read whole, `prefetch` tasks ahead on reader threads; tensors larger than
+    `workers` tensors (default: one per core, at most 4; 1 on a GPU) are read and merged at once,
+    so one's reads overlap another's merge; writes go to a writer thread. Tensors larger than
     `blocks.BLOCK_ELEMENTS` (x2) whose method has a `Blockwise` form are merged block by block.
     Raises CheckpointError for unreadable inputs and MergeError for non-finite values (inputs, or
     outputs of a kernel) unless `allow_nonfinite`.
@@ -270,6 +295,7 @@ def execute(
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise MergeError("--device cuda was asked for but no CUDA device is available")
+    tune_allocator()
     start = time.perf_counter()
     timers = {"read": 0.0, "compute": 0.0, "write": 0.0, "wait": 0.0}
     counters = {"read": 0}
@@ -297,58 +323,69 @@ def execute(
         out = []
         for key, name in task.inputs:
             tensor = plan.sources[key].get(name)
-            if not allow_nonfinite and tensor.is_floating_point():
-                if not bool(torch.isfinite(tensor).all()):
-                    raise nonfinite_error(plan, key, name, tensor)
+            if not allow_nonfinite and not all_finite(tensor):
+                raise nonfinite_error(plan, key, name, tensor)
             out.append(tensor)
         count_read(sum(t.numel() * t.element_size() for t in out))
         add("read", time.perf_counter() - t0)
         return out
 
     tasks = plan.tasks
-    reader = ThreadPoolExecutor(max_workers=max(1, prefetch), thread_name_prefix="mergelab-read")
+    if workers is None:
+        workers = 1 if device.type != "cpu" else max(1, min(os.cpu_count() or 1, 4))
     writes = _WriteQueue(sink, lambda seconds: add("write", seconds))
-    pending_reads: deque[tuple[TensorTask, Future]] = deque()
+
+    def run_task(task: TensorTask) -> None:
+        if task.name in blocked:
+            merge_blockwise(
+                plan, task, blocked[task.name], writes, device=device, seed=seed,
+                allow_nonfinite=allow_nonfinite, on_read=count_read,
+            )
+            return
+        inputs = read_task(task)
+        t0 = time.perf_counter()
+        merged = merge_one(plan, task, inputs, device=device, seed=seed)
+        del inputs
+        _check_output(plan, task, merged, allow_nonfinite)
+        merged = merged.to(task.out_dtype)
+        if merged.device.type != "cpu":
+            merged = merged.cpu()
+        add("compute", time.perf_counter() - t0)
+        writes.write(task.name, merged)
+
     bar = _progress_bar(progress, plan)
     bytes_written = 0
+    # Several tensors are merged at once, each on one thread: the serial parts of the kernels
+    # (selection, Python) then overlap, which beats splitting every op across threads.
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mergelab-merge")
+    running: dict[Future, TensorTask] = {}
+    threads_before = torch.get_num_threads()
+    if workers > 1:
+        torch.set_num_threads(1)
     try:
-        next_index = 0
-        for _ in range(len(tasks)):
-            while next_index < len(tasks) and len(pending_reads) <= prefetch:
-                pending_reads.append((tasks[next_index], reader.submit(read_task, tasks[next_index])))
-                next_index += 1
-            task, fut = pending_reads.popleft()
+        queue = deque(tasks)
+        while queue or running:
+            while queue and len(running) < workers:
+                task = queue.popleft()
+                running[pool.submit(run_task, task)] = task
             t0 = time.perf_counter()
-            inputs = fut.result()
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
             add("wait", time.perf_counter() - t0)
-
-            t0 = time.perf_counter()
-            if inputs is None:
-                merge_blockwise(
-                    plan, task, blocked[task.name], writes, device=device, seed=seed,
-                    allow_nonfinite=allow_nonfinite, on_read=count_read,
-                )
-            else:
-                merged = merge_one(plan, task, inputs, device=device, seed=seed)
-                del inputs
-                _check_output(plan, task, merged, allow_nonfinite)
-                merged = merged.to(task.out_dtype)
-                if merged.device.type != "cpu":
-                    merged = merged.cpu()
-                writes.write(task.name, merged)
-                del merged
-            add("compute", time.perf_counter() - t0)
-            bytes_written += task.out_nbytes
-            if bar is not None:
-                bar.advance(task.out_nbytes)
+            for fut in done:
+                task = running.pop(fut)
+                fut.result()
+                bytes_written += task.out_nbytes
+                if bar is not None:
+                    bar.advance(task.out_nbytes)
         writes.flush()
     except BaseException:
-        for _, fut in pending_reads:
+        for fut in running:
             fut.cancel()
         raise
     finally:
-        reader.shutdown(wait=True, cancel_futures=True)
+        pool.shutdown(wait=True, cancel_futures=True)
         writes.close()
+        torch.set_num_threads(threads_before)
         if bar is not None:
             bar.close()
     return MergeReport(
