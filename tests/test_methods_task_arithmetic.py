@@ -556,3 +556,11 @@ def test_matches_mergekit(name, per_model, global_params):
             params.setdefault(spec.name, spec.default)
     expected = method.merge_group(TensorGroup.from_tensors([base, *models], base_index=0), **params)
     torch.testing.assert_close(merge(name, models, base, per_model, **global_params), expected)
+
+
+def test_largest_mask_bracket_path_matches_stable_sort_on_bfloat16_magnitudes():
+    # bf16-rounded magnitudes: many exact ties inside the sampled bracket (the fast path).
+    generator = torch.Generator().manual_seed(7)
+    values = torch.randn(300_000, generator=generator).bfloat16().float().abs()
+    for k in (1, 1_000, 150_000, 299_999):
+        assert torch.equal(largest_mask(values, k), stable_top_k(values, k))

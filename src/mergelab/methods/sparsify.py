@@ -38,9 +38,19 @@ def kth_smallest(flat: torch.Tensor, k: int) -> torch.Tensor:
     go through kthvalue. If the bracket misses, which is always detected, it falls back to
     kthvalue over all entries, so the result is exact either way.
     """
+    bracket = _bracket(flat, k)
+    if bracket is None:
+        return torch.kthvalue(flat, k).values
+    below, candidates, _ = bracket
+    return torch.kthvalue(candidates, k - below).values
+
+
+def _bracket(flat: torch.Tensor, k: int) -> tuple[int, torch.Tensor, torch.Tensor] | None:
+    """(entries below the bracket, the entries inside it, their flat indices), where the
+    bracket is known to hold the k-th smallest entry; None for small tensors or a miss."""
     numel = flat.numel()
     if numel <= 4 * _SELECT_SAMPLE:
-        return torch.kthvalue(flat, k).values
+        return None
     # An odd stride walks through every column of power-of-two-wide matrices, so the sample is
     # not one column's distribution.
     stride = (numel // _SELECT_SAMPLE) | 1
@@ -51,20 +61,23 @@ def kth_smallest(flat: torch.Tensor, k: int) -> torch.Tensor:
     margin = 4 * math.sqrt(size * fraction * (1 - fraction)) + 2
     low_index = math.floor(fraction * size - margin)
     high_index = math.ceil(fraction * size + margin)
-    inside = torch.ones_like(flat, dtype=torch.bool)
+    if low_index < 0 and high_index >= size:
+        return None
     below = 0
     if low_index >= 0:
-        at_least_low = flat >= sample[low_index]
-        below = numel - int(torch.count_nonzero(at_least_low))
-        inside &= at_least_low
-        del at_least_low
-    if high_index < size:
-        inside &= flat <= sample[high_index]
-    candidates = flat[inside]
+        inside = flat >= sample[low_index]
+        below = numel - int(torch.count_nonzero(inside))
+        if high_index < size:
+            inside.logical_and_(flat <= sample[high_index])
+    else:
+        inside = flat <= sample[high_index]
+    # nonzero + index_select: faster than boolean indexing on the CPU
+    indices = inside.nonzero().squeeze(1)
     del inside
+    candidates = flat.index_select(0, indices)
     if below < k <= below + candidates.numel():
-        return torch.kthvalue(candidates, k - below).values
-    return torch.kthvalue(flat, k).values
+        return below, candidates, indices
+    return None
 
 
 def _keep_first_ties(
@@ -91,8 +104,22 @@ def largest_mask(values: torch.Tensor, count: int) -> torch.Tensor:
     if count >= numel:
         return torch.ones_like(values, dtype=torch.bool)
     flat = values.reshape(-1)
-    threshold = kth_smallest(flat, numel - count + 1)
-    return _keep_first_ties(flat >= threshold, flat, threshold, count).view(values.shape)
+    k = numel - count + 1
+    bracket = _bracket(flat, k)
+    if bracket is None:
+        threshold = torch.kthvalue(flat, k).values
+        return _keep_first_ties(flat >= threshold, flat, threshold, count).view(values.shape)
+    # The bracket tells how many entries reach the threshold and where the tied ones are,
+    # without another pass over the whole tensor.
+    below, candidates, indices = bracket
+    threshold = torch.kthvalue(candidates, k - below).values
+    mask = flat >= threshold
+    reaching = numel - below - int(torch.count_nonzero(candidates < threshold))
+    excess = reaching - count
+    if excess > 0:
+        tied = indices[candidates == threshold]
+        mask[tied[tied.numel() - excess :]] = False
+    return mask.view(values.shape)
 
 
 def smallest_mask(values: torch.Tensor, count: int) -> torch.Tensor:
@@ -330,10 +357,10 @@ class MagnitudeCutSearch:
 
     def observe(self, magnitudes: torch.Tensor) -> None:
         flat = magnitudes.reshape(-1)
-        above_low = flat >= self.low
-        self.below += flat.numel() - int(torch.count_nonzero(above_low))
-        inside = above_low & (flat <= self.high)
-        self.candidates.append(flat[inside].double())
+        inside = flat >= self.low
+        self.below += flat.numel() - int(torch.count_nonzero(inside))
+        inside.logical_and_(flat <= self.high)
+        self.candidates.append(flat.index_select(0, inside.nonzero().squeeze(1)).double())
         if self.rescale:
             self.l1 += float(flat.sum(dtype=torch.float64))
             self.l1_above += float(flat[flat > self.high].sum(dtype=torch.float64))

@@ -98,14 +98,21 @@ def task_vectors(
                 f"has {tuple(base.shape)}; task vectors need equal shapes (align resized "
                 "embeddings before merging)"
             )
-    out = base.new_empty((len(tensors), *base.shape))
-    for row, tensor in zip(out, tensors):
-        torch.sub(tensor, base, out=row)
-    return out
+    # One buffer per model, not one (N, ...) stack: buffers of a single tensor's size are
+    # reused by the allocator from merge to merge, while a stack of several would be fresh
+    # memory (page faults) every time. Every function below takes either form.
+    return [torch.sub(tensor, base) for tensor in tensors]
+
+
+def _sum(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    total = tensors[0].clone()
+    for tensor in tensors[1:]:
+        total.add_(tensor)
+    return total
 
 
 def elect_sign(
-    weighted_deltas: torch.Tensor, consensus: Literal["sum", "count"] = "sum"
+    weighted_deltas: Sequence[torch.Tensor], consensus: Literal["sum", "count"] = "sum"
 ) -> torch.Tensor:
     """Per-entry majority sign (+1 or -1, never 0) over the leading model axis.
 
@@ -114,45 +121,51 @@ def elect_sign(
     the sign held by more models. A tie (sum exactly 0) elects +1, as in mergekit.
     """
     if consensus == "sum":
-        total = weighted_deltas.sum(dim=0)
+        total = _sum(weighted_deltas)
     elif consensus == "count":
-        total = weighted_deltas.sign().sum(dim=0)
+        total = _sum([d.sign() for d in weighted_deltas])
     else:
         raise ValueError(f"`consensus` must be 'sum' or 'count'; got {consensus!r}")
-    return (total >= 0).to(weighted_deltas.dtype).mul_(2).sub_(1)
+    return (total >= 0).to(total.dtype).mul_(2).sub_(1)
 
 
-def agreeing_magnitudes_(weighted_deltas: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
+def agreeing_magnitudes_(
+    weighted_deltas: Sequence[torch.Tensor], sign: torch.Tensor
+) -> Sequence[torch.Tensor]:
     """In place: |delta| where a delta has the elected `sign`, 0 elsewhere (the TIES mask).
 
     Zero entries (pruned, or weight 0) never agree, so they do not count in the normalisation.
     Keeping magnitudes instead of a separate boolean mask saves a pass and N x numel bytes;
     `agreement_mask` is the same information as booleans.
     """
-    return weighted_deltas.mul_(sign).clamp_(min=0)
+    for delta in weighted_deltas:
+        delta.mul_(sign).clamp_(min=0)
+    return weighted_deltas
 
 
-def agreement_mask(weighted_deltas: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
+def agreement_mask(weighted_deltas: Sequence[torch.Tensor], sign: torch.Tensor) -> torch.Tensor:
     """Boolean (N, *shape) mask of the entries whose sign equals the elected `sign` (not 0)."""
-    return (weighted_deltas * sign) > 0
+    return torch.stack([(delta * sign) > 0 for delta in weighted_deltas])
 
 
-def disjoint_sum(agreeing: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
+def disjoint_sum(agreeing: Sequence[torch.Tensor], sign: torch.Tensor) -> torch.Tensor:
     """TIES "disjoint merge" numerator: the sum over models of the agreeing weighted deltas.
 
     `agreeing` is the output of `agreeing_magnitudes_`; the result has the elected sign.
     """
-    return agreeing.sum(dim=0).mul_(sign)
+    return _sum(agreeing).mul_(sign)
 
 
-def contributing_weight(weights: Sequence[float], agreeing: torch.Tensor) -> torch.Tensor:
+def contributing_weight(
+    weights: Sequence[float], agreeing: Sequence[torch.Tensor]
+) -> torch.Tensor:
     """Per-entry sum of the weights of the models that contribute (agreeing entry, nonzero).
 
     `agreeing` holds non-negative magnitudes (`agreeing_magnitudes_`), so sign() is its 0/1 mask.
     """
     total = torch.zeros_like(agreeing[0])
     for weight, row in zip(weights, agreeing):
-        total.add_(torch.sign(row), alpha=weight)
+        total.add_(torch.sign(row), alpha=weight)  # 0/1 here; faster than a bool mask
     return total
 
 
@@ -257,15 +270,15 @@ def generalized_task_arithmetic(
 
 
 def combine_task_vectors(
-    deltas: torch.Tensor, base: torch.Tensor, m: TensorMerge, sign_election: bool
+    deltas: Sequence[torch.Tensor], base: torch.Tensor, m: TensorMerge, sign_election: bool
 ) -> torch.Tensor:
     """Steps 3-6 of the module docstring on already sparsified task vectors (consumed).
 
     Entry-wise, so it serves both the whole-tensor kernel and blocks of rows.
     """
     weights = [float(w) for w in m.per_model("weight")]
-    weight_column = torch.tensor(weights, dtype=deltas.dtype, device=deltas.device)
-    deltas.mul_(weight_column.view(-1, *([1] * base.ndim)))
+    for delta, weight in zip(deltas, weights):
+        delta.mul_(weight)
 
     if sign_election:
         sign = elect_sign(deltas, "sum")
@@ -274,13 +287,15 @@ def combine_task_vectors(
         if m.params["normalize"]:
             divisor = contributing_weight(weights, agreeing)
             # Entries no model contributes to are 0 already; dividing them by 1 keeps them 0.
-            divisor[divisor == 0] = 1
+            # (add_ of the mask: several times faster than masked_fill_ on the CPU)
+            divisor.add_(divisor == 0)
             merged.div_(divisor)
     else:
-        merged = deltas.sum(dim=0)
+        merged = _sum(deltas)
         if m.params["normalize"]:
-            total = weight_column.sum()
-            merged.div_(1.0 if total.abs() < _ZERO_WEIGHT_SUM else total)
+            # Summed as a tensor in the merge dtype, as mergekit does, for identical rounding.
+            total = torch.tensor(weights, dtype=merged.dtype).sum()
+            merged.div_(1.0 if total.abs() < _ZERO_WEIGHT_SUM else total.item())
     del deltas
 
     scale = float(m.params["lambda"])
@@ -391,7 +406,7 @@ def sce(m: TensorMerge) -> torch.Tensor:
     base = _base_of(m)
     if not m.tensors:
         return base.clone()
-    deltas = task_vectors(m.tensors, base, m.name)
+    deltas = torch.stack(task_vectors(m.tensors, base, m.name))
     select_topk = float(m.params["select_topk"])
     if select_topk < 1:
         deltas.mul_(sce_selection_mask(deltas, select_topk))
