@@ -396,7 +396,8 @@ def test_breadcrumbs_and_breadcrumbs_ties_hand_computed():
 def test_dare_reproducible_from_generator():
     base, a = torch.zeros(6), T([1.0, -2.0, 3.0, -4.0, 5.0, -6.0])
     out = merge("dare_linear", [a], base, weights(1.0, density=0.5), rescale=False, seed=7)
-    keep = torch.empty(6).bernoulli_(0.5, generator=torch.Generator().manual_seed(7))
+    # the mask is uniform draws below the density, from the given generator only
+    keep = torch.rand(6, generator=torch.Generator().manual_seed(7)) < 0.5
     assert torch.equal(out, a * keep)
 
 

@@ -184,7 +184,8 @@ def random_prune_(
         return delta
     if density <= 0:
         return delta.zero_()
-    keep = torch.empty_like(delta).bernoulli_(density, generator=generator)
+    # uniform < p is a Bernoulli(p) draw, and 4x faster than bernoulli_ on the CPU
+    keep = torch.rand(delta.shape, generator=generator, device=delta.device) < density
     l1_before = delta.abs().sum() if rescale else None
     delta.mul_(keep)
     return delta if l1_before is None else rescale_l1_(delta, l1_before)
@@ -282,7 +283,8 @@ def della_prune_(
     problem = della_params_problem(density, epsilon)
     if problem:
         raise ValueError(problem)
-    keep = torch.bernoulli(della_keep_probabilities(delta, density, epsilon), generator=generator)
+    probabilities = della_keep_probabilities(delta, density, epsilon)
+    keep = torch.rand(probabilities.shape, generator=generator, device=delta.device) < probabilities
     l1_before = delta.abs().sum() if rescale else None
     delta.mul_(keep)
     return delta if l1_before is None else rescale_l1_(delta, l1_before)
