@@ -209,5 +209,14 @@ def inspect(
         console.print(f"{len(reader.keys())} tensors, {total:,} parameters")
 
 
+# Subcommands of other concerns (evaluation, diagnostics, alignment...) live beside their code:
+# each module here defines `register(app)`. Add a module to this tuple to add its commands.
+_COMMAND_MODULES: tuple[str, ...] = ()
+for _module in _COMMAND_MODULES:
+    import importlib
+
+    importlib.import_module(_module).register(app)
+
+
 if __name__ == "__main__":
     app()

@@ -27,10 +27,6 @@ _FAMILIES = (
     "pcb",
 )
 for _family in _FAMILIES:
-    try:
-        import_module(f"mergelab.methods.{_family}")
-    except ModuleNotFoundError as exc:  # a family still being written
-        if exc.name != f"mergelab.methods.{_family}":
-            raise
+    import_module(f"mergelab.methods.{_family}")
 
 __all__ = ["MergeMethod", "Param", "TensorMerge", "get_method", "list_methods", "register"]
