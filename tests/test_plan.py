@@ -307,3 +307,20 @@ def test_integer_buffer_missing_from_some_models_is_copied_from_the_others():
     del b_missing["model.norm.weight"]
     with pytest.raises(ConfigError, match="`model.norm.weight` is missing from model 'b'"):
         merge_state_dicts(config, {"a": a, "b": b_missing})
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "task_arithmetic", "breadcrumbs"])
+def test_in_memory_merge_never_modifies_the_callers_tensors(method):
+    g = torch.Generator().manual_seed(0)
+    sds = {k: {"w": torch.randn(64, 64, generator=g)} for k in ("base", "a", "b")}
+    before = {k: v["w"].clone() for k, v in sds.items()}
+    merge_state_dicts(
+        {
+            "merge_method": method,
+            "base_model": "base",
+            "models": [{"model": m, "parameters": {"weight": 1.0, "density": 0.5}} for m in "ab"],
+        },
+        sds,
+    )
+    for k in sds:
+        assert torch.equal(sds[k]["w"], before[k]), k

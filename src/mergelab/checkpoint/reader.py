@@ -64,6 +64,9 @@ class CheckpointReader:
     Thread-safe: `get` may be called from several prefetch threads at once.
     """
 
+    # Every tensor `get`/`get_rows` returns is a fresh copy the caller owns.
+    returns_copies = True
+
     def __init__(
         self,
         path: Path,

@@ -23,7 +23,7 @@ from mergelab.methods.registry import TensorMerge
 from mergelab.plan.planner import MergePlan, TensorTask
 
 # Elements of one tensor per block of rows. Tensors up to twice this are merged whole.
-BLOCK_ELEMENTS = 1 << 22
+BLOCK_ELEMENTS = 1 << 21
 
 
 def row_blocks(shape: Sequence[int]) -> list[tuple[int, int]] | None:
@@ -85,12 +85,9 @@ class TensorBlocks:
         return out
 
     def _as_merge(self, raw: list[torch.Tensor], start: int, index: int) -> TensorMerge:
-        cast = []
-        for t in raw:
-            t = t.to(self.device, non_blocking=True)
-            if self.plan.merge_dtype is not None and t.dtype != self.plan.merge_dtype:
-                t = t.to(self.plan.merge_dtype)
-            cast.append(t.to(self.compute_dtype))
+        from mergelab.engine.execute import cast_inputs
+
+        cast, writable = cast_inputs(self.plan, self.task, raw, self.device)
         base_index = self.task.base_index
         generator = None
         if self.meta.generator is not None:
@@ -104,6 +101,7 @@ class TensorBlocks:
             generator=generator,
             name=self.meta.name,
             row_start=start,
+            writable=writable,
         )
 
     def blocks(self) -> Iterator[TensorMerge]:

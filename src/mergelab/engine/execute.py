@@ -132,17 +132,31 @@ def merge_one(
     """Merge one output tensor whole from its input tensors (in `task.inputs` order)."""
     if not task.is_float:
         return _copy_non_float(task, tensors)
-    compute_dtype = compute_dtype_of(plan)
-    cast = []
-    for t in tensors:
-        t = t.to(device, non_blocking=True)
-        if plan.merge_dtype is not None and t.dtype != plan.merge_dtype:
-            t = t.to(plan.merge_dtype)  # mergekit casts sources to `dtype` first
-        cast.append(t.to(compute_dtype))
+    cast, writable = cast_inputs(plan, task, tensors, device)
     job = _meta(plan, task, seed, device)
     job.base = cast[task.base_index] if task.base_index is not None else None
     job.tensors = [t for i, t in enumerate(cast) if i != task.base_index]
+    job.writable = writable
     return _checked(plan, task, plan.method.kernel(job), task.shape)
+
+
+def cast_inputs(
+    plan: MergePlan, task: TensorTask, tensors: list[torch.Tensor], device: torch.device
+) -> tuple[list[torch.Tensor], bool]:
+    """Inputs on the merge device in the compute dtype (via the config's `dtype`, as mergekit),
+    and whether every non-base one is a tensor of our own (safe to overwrite in place)."""
+    compute_dtype = compute_dtype_of(plan)
+    cast, writable = [], True
+    for i, ((key, _), original) in enumerate(zip(task.inputs, tensors)):
+        t = original.to(device, non_blocking=True)
+        if plan.merge_dtype is not None and t.dtype != plan.merge_dtype:
+            t = t.to(plan.merge_dtype)  # mergekit casts sources to `dtype` first
+        t = t.to(compute_dtype)
+        own = t is not original or getattr(plan.sources[key], "returns_copies", False)
+        if i != task.base_index:
+            writable &= own
+        cast.append(t)
+    return cast, writable
 
 
 def _checked(

@@ -70,6 +70,8 @@ class TensorMerge:
     name: the output tensor's name (some methods treat embeddings or norms differently).
     row_start: in a blockwise merge (see `Blockwise`), the first row of the whole tensor that
         this block holds; 0 for a whole tensor.
+    writable: the engine made `tensors` for this merge alone (read from disk or cast), so a
+        kernel may overwrite them in place to save memory; never true for a caller's tensors.
     """
 
     tensors: list[torch.Tensor]
@@ -79,6 +81,7 @@ class TensorMerge:
     generator: torch.Generator | None = None
     name: str = ""
     row_start: int = 0
+    writable: bool = False
 
     def per_model(self, key: str) -> list[ParamValue]:
         return [p[key] for p in self.model_params]

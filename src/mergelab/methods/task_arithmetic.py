@@ -82,14 +82,18 @@ _SCE_EPS = 1e-6
 
 
 def task_vectors(
-    tensors: Sequence[torch.Tensor], base: torch.Tensor, name: str = ""
-) -> torch.Tensor:
-    """Stack the task vectors tensors[i] - base into one new (N, *base.shape) tensor.
+    tensors: Sequence[torch.Tensor],
+    base: torch.Tensor,
+    name: str = "",
+    in_place: bool = False,
+) -> list[torch.Tensor]:
+    """The task vectors tensors[i] - base, one new tensor per model (or, with `in_place`, the
+    given tensors overwritten: see `TensorMerge.writable`).
 
     Task arithmetic (Ilharco et al., 2023, https://arxiv.org/abs/2212.04089): "a task vector
     ... subtracting the weights of a pre-trained model from the weights of the same model after
-    fine-tuning". The result is a fresh buffer that later steps may modify in place; the inputs
-    are never written to. Raises MergeError when a shape differs from the base's.
+    fine-tuning". Later steps modify the result in place; unless `in_place`, the inputs are
+    never written to. Raises MergeError when a shape differs from the base's.
     """
     for index, tensor in enumerate(tensors):
         if tensor.shape != base.shape:
@@ -101,6 +105,8 @@ def task_vectors(
     # One buffer per model, not one (N, ...) stack: buffers of a single tensor's size are
     # reused by the allocator from merge to merge, while a stack of several would be fresh
     # memory (page faults) every time. Every function below takes either form.
+    if in_place:
+        return [tensor.sub_(base) for tensor in tensors]
     return [torch.sub(tensor, base) for tensor in tensors]
 
 
@@ -260,7 +266,7 @@ def generalized_task_arithmetic(
     if not m.tensors:
         return base.clone()
     generator = _generator_of(m, randomized)
-    deltas = task_vectors(m.tensors, base, m.name)
+    deltas = task_vectors(m.tensors, base, m.name, in_place=m.writable)
     if pruner is not None:
         rescale = bool(m.params["rescale"])
         for delta, params in zip(deltas, m.model_params):
@@ -373,7 +379,7 @@ def _blockwise_apply(pruning: str, sign_election: bool):
         base = _base_of(block)
         if not block.tensors:
             return base.clone()
-        deltas = task_vectors(block.tensors, base, block.name)
+        deltas = task_vectors(block.tensors, base, block.name, in_place=block.writable)
         for i, (delta, params) in enumerate(zip(deltas, block.model_params)):
             if pruning == "magnitude" and state[i] is not None:
                 state[i].apply_(delta)

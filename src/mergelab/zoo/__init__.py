@@ -1,0 +1,1 @@
+"""Benchmark zoos: a pretrained encoder fine-tuned on several real tasks, built reproducibly."""
