@@ -18,10 +18,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,17 +134,46 @@ def configs(fam: Family) -> dict[str, dict]:
     }
 
 
-def run_measured(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, int]:
-    """Wall seconds and peak RSS (bytes) of one command."""
+def run_measured(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, int, str]:
+    """Wall seconds, peak RSS (bytes) and stdout of one command."""
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
-    err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{err[-3000:]}")
-    return wall, usage.ru_maxrss * 1024
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=err)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - start
+        out.seek(0)
+        err.seek(0)
+        stdout = out.read().decode(errors="replace")
+        stderr = err.read().decode(errors="replace")
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({code}):\n{stderr[-3000:]}")
+    return wall, usage.ru_maxrss * 1024, stdout
+
+
+def merge_seconds(stdout: str) -> float:
+    """The merge's own time as `mergelab merge` reports it (without interpreter start-up)."""
+    match = re.search(r"in ([0-9.]+) s", " ".join(stdout.split()))
+    return float(match.group(1)) if match else float("nan")
+
+
+def startup_seconds(repeats: int) -> float:
+    """Interpreter start-up and imports of the mergelab CLI (paid by every run)."""
+    cmd = [str(MAIN_VENV / "bin" / "python"), "-c", "import mergelab.cli"]
+    return statistics.median(run_measured(cmd)[0] for _ in range(repeats))
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return f"{os.cpu_count()} cores ({cpu}), {mem:.0f} GiB RAM, torch {torch.__version__}"
 
 
 def drop_output(path: Path) -> None:
@@ -193,67 +224,90 @@ def main() -> None:
     if not args.skip_mergekit and not mergekit.exists():
         sys.exit("mergekit is not installed: run `make bench-env` first")
     rows = []
+    startup = startup_seconds(args.repeats)
+    print(f"start-up of the mergelab CLI (python + imports): {startup:.2f} s")
     for size in sizes:
         fam = build_family(size)
         print(f"== {size}: {fam.params / 1e6:.0f}M parameters, {fam.bytes_per_model / 1e9:.2f} GB per model")
-        floors = [io_floor(fam, work / "floor") for _ in range(args.repeats)]
-        read_floor = statistics.median(r for r, _ in floors)
-        write_floor = statistics.median(w for _, w in floors)
-        floor = read_floor + write_floor
-        print(f"I/O floor: read {read_floor:.2f} s + write/fsync {write_floor:.2f} s = {floor:.2f} s")
         for method in methods:
             cfg_path = work / f"{size}-{method}.yml"
             cfg_path.write_text(yaml.safe_dump(configs(fam)[method]))
-            ours, theirs = [], []
+            ours, theirs, floors = [], [], []
             for _ in range(args.repeats):
                 out = work / "out"
+                # the floor is measured beside every run, so it sees the same machine state
+                floors.append(io_floor(fam, work / "floor"))
                 if not args.skip_mergekit:
                     drop_output(out)
                     theirs.append(run_measured([str(mergekit), str(cfg_path), str(out)], env))
                 drop_output(out)
                 ours.append(run_measured([str(mergelab), "merge", str(cfg_path), str(out), "--no-progress"], env))
                 drop_output(out)
+            read_floor = statistics.median(r for r, _ in floors)
+            write_floor = statistics.median(w for _, w in floors)
             row = {
                 "size": size, "method": method, "params_m": round(fam.params / 1e6),
-                "mergelab_s": statistics.median(w for w, _ in ours),
-                "mergelab_rss_gb": max(r for _, r in ours) / 1e9,
-                "floor_s": floor,
+                "mergelab_s": statistics.median(w for w, _, _ in ours),
+                "mergelab_merge_s": statistics.median(merge_seconds(o) for _, _, o in ours),
+                "mergelab_rss_gb": max(r for _, r, _ in ours) / 1e9,
+                "floor_read_s": read_floor, "floor_write_s": write_floor,
+                "floor_s": read_floor + write_floor,
             }
             if theirs:
-                row["mergekit_s"] = statistics.median(w for w, _ in theirs)
-                row["mergekit_rss_gb"] = max(r for _, r in theirs) / 1e9
+                row["mergekit_s"] = statistics.median(w for w, _, _ in theirs)
+                row["mergekit_rss_gb"] = max(r for _, r, _ in theirs) / 1e9
             rows.append(row)
             print(json.dumps(row))
-    table = render(rows)
+    table = render(rows, startup)
     print(table)
     if args.write_docs:
-        write_docs(table)
+        write_docs(table, sizes, methods, args.repeats)
 
 
-def render(rows: list[dict]) -> str:
+def render(rows: list[dict], startup: float) -> str:
     lines = [
-        "| size | method | mergekit s | mergelab s | speed-up | mergelab / I/O floor | "
-        "mergekit peak RSS GB | mergelab peak RSS GB |",
-        "|---|---|---|---|---|---|---|---|",
+        "| size | method | mergekit s | mergelab s | speed-up | mergelab merge s (no start-up) "
+        "| I/O floor s (read + write/fsync) | mergelab / floor | peak RSS GB mergekit | "
+        "peak RSS GB mergelab |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         mk = r.get("mergekit_s")
+        mk_cell = "-" if mk is None else f"{mk:.1f}"
+        speedup = "-" if mk is None else f"{mk / r['mergelab_s']:.1f}x"
+        mk_rss = r.get("mergekit_rss_gb")
+        mk_rss_cell = "-" if mk_rss is None else f"{mk_rss:.2f}"
         lines.append(
-            f"| {r['params_m']}M | {r['method']} | {mk:.1f} | {r['mergelab_s']:.1f} | "
-            f"{mk / r['mergelab_s']:.1f}x | {r['mergelab_s'] / r['floor_s']:.2f}x "
-            f"(floor {r['floor_s']:.1f} s) | {r['mergekit_rss_gb']:.2f} | {r['mergelab_rss_gb']:.2f} |"
-            if mk is not None else
-            f"| {r['params_m']}M | {r['method']} | - | {r['mergelab_s']:.1f} | - | "
-            f"{r['mergelab_s'] / r['floor_s']:.2f}x (floor {r['floor_s']:.1f} s) | - | {r['mergelab_rss_gb']:.2f} |"
+            f"| {r['params_m']}M | {r['method']} | {mk_cell} | {r['mergelab_s']:.1f} | {speedup} | "
+            f"{r['mergelab_merge_s']:.1f} | {r['floor_s']:.2f} ({r['floor_read_s']:.2f} + "
+            f"{r['floor_write_s']:.2f}) | {r['mergelab_s'] / r['floor_s']:.1f}x | "
+            f"{mk_rss_cell} | {r['mergelab_rss_gb']:.2f} |"
         )
+    lines.append("")
+    lines.append(f"Start-up of the mergelab CLI (Python + torch + imports), included in "
+                 f"`mergelab s`: {startup:.2f} s.")
     return "\n".join(lines)
 
 
-def write_docs(table: str) -> None:
+def write_docs(table: str, sizes: list[str], methods: list[str], repeats: int) -> None:
     docs = REPO_ROOT / "docs" / "benchmarks.md"
     text = docs.read_text() if docs.exists() else "# Benchmarks\n"
     start, end = "<!-- speed:start -->", "<!-- speed:end -->"
-    block = f"{start}\n{table}\n{end}"
+    command = (
+        "make bench-env && .venv/bin/python benchmarks/speed_vs_mergekit.py "
+        + " ".join(f"--size {s}" for s in sizes)
+        + f" --repeats {repeats} --write-docs"
+    )
+    header = (
+        f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {machine()}, no GPU. "
+        f"Reproduce with `{command}`. Three Llama-shaped bf16 checkpoints per size (a base and "
+        "two variants, random seeded weights, two shards each), methods "
+        f"{', '.join(methods)}; each cell is the median of {repeats} runs, mergekit and mergelab "
+        "alternating, peak RSS the maximum (the kernel's accounting of each process, as GNU "
+        "time reports it). The I/O floor is measured beside every run: reading the three inputs "
+        "from the page cache plus writing and fsyncing one output-sized file."
+    )
+    block = f"{start}\n{header}\n\n{table}\n{end}"
     if start in text:
         text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
     else:
