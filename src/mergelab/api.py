@@ -84,8 +84,18 @@ def merge(
     written into a temporary folder beside `out_dir` and renamed into place only when complete;
     an existing `out_dir` is refused unless `overwrite`, and writing into an input always is.
     With `dry_run`, returns the validated MergePlan and writes nothing.
+    A data-aware method (RegMean, Fisher, AdaMerging) with a `data:` section in the config runs
+    through mergelab.datamerge.config instead of the per-tensor engine.
     Returns a MergeReport (timings, bytes, notes).
     """
+    cfg, config_dir = _read_config(config)
+    if cfg.data is not None and not dry_run and _needs_data(cfg.merge_method):
+        from mergelab.datamerge.config import merge_with_data
+
+        return merge_with_data(
+            cfg, config_dir, out_dir, out_shard_size=out_shard_size, overwrite=overwrite,
+            seed=seed, progress=progress, device=device,
+        )
     plan = plan_merge(config)
     if dry_run:
         return plan
@@ -118,6 +128,15 @@ def merge(
         writer.commit()
     _close_sources(plan)
     return report
+
+
+def _needs_data(method_name: str) -> bool:
+    from mergelab.methods.registry import get_method
+
+    try:
+        return "data" in get_method(method_name).needs
+    except KeyError:
+        return False  # the planner reports the unknown name with the other problems
 
 
 def _source_path(source: Any) -> Path | None:

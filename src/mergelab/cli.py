@@ -147,7 +147,7 @@ def methods(
         typer.echo(methods_markdown(found))
         return
     table = Table(show_lines=True)
-    for col in ("method", "paper", "base", "parameters"):
+    for col in ("method", "paper", "base", "needs", "parameters"):
         table.add_column(col)
     for m in found:
         params = []
@@ -158,7 +158,8 @@ def methods(
             default = "required" if p.default is None else f"default {p.default}"
             scope = "per model" if p.per_model else "global"
             params.append(f"{p.name} ({p.kind.__name__}, {scope}, {default}{rng})")
-        table.add_row(m.name, f"{m.paper}\n{m.url}", m.base, "\n".join(params) or "-")
+        needs = ", ".join(m.needs) or "-"
+        table.add_row(m.name, f"{m.paper}\n{m.url}", m.base, needs, "\n".join(params) or "-")
     console.print(table)
 
 
@@ -211,7 +212,7 @@ def inspect(
 
 # Subcommands of other concerns (evaluation, diagnostics, alignment...) live beside their code:
 # each module here defines `register(app)`. Add a module to this tuple to add its commands.
-_COMMAND_MODULES: tuple[str, ...] = ()
+_COMMAND_MODULES: tuple[str, ...] = ("mergelab.diagnostics.cli", "mergelab.eval.cli", "mergelab.zoo.cli", "mergelab.datamerge.cli")
 for _module in _COMMAND_MODULES:
     import importlib
 

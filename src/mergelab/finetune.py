@@ -143,13 +143,37 @@ def finetune_under_head(
     AdamW with a linear warm-up then linear decay to zero. The head's parameters and (per the
     recipe) the word embeddings end exactly as they started.
     """
+    return finetune_classifier(
+        encoder, head, tokenizer, texts, labels, recipe, head_learning_rate=None, progress=progress
+    )
+
+
+def finetune_classifier(
+    encoder: nn.Module,
+    head: nn.Linear,
+    tokenizer,
+    texts: Sequence[str],
+    labels: Sequence[int],
+    recipe: LPFTRecipe,
+    *,
+    head_learning_rate: float | None = None,
+    progress: Progress | None = None,
+) -> list[float]:
+    """Fine-tune `encoder` (and `head` unless `head_learning_rate` is None) in place.
+
+    With `head_learning_rate=None` the head stays frozen (LP-FT's second stage); otherwise it is
+    trained jointly with the encoder at its own learning rate (a head from random init needs a
+    larger one than the pretrained encoder). Same schedule and seeding as `finetune_under_head`.
+    Returns the loss of every step.
+    """
     if len(texts) != len(labels):
         raise ValueError(f"{len(texts)} texts for {len(labels)} labels")
-    head.requires_grad_(False)
-    parameters = trainable_parameters(encoder, recipe)
-    optimizer = torch.optim.AdamW(
-        parameters, lr=recipe.learning_rate, weight_decay=recipe.weight_decay
-    )
+    train_head = head_learning_rate is not None
+    head.requires_grad_(train_head)
+    groups = [{"params": trainable_parameters(encoder, recipe), "lr": recipe.learning_rate}]
+    if train_head:
+        groups.append({"params": list(head.parameters()), "lr": head_learning_rate})
+    optimizer = torch.optim.AdamW(groups, lr=recipe.learning_rate, weight_decay=recipe.weight_decay)
 
     def lr_factor(step: int) -> float:
         if step < recipe.warmup_steps:
@@ -185,6 +209,7 @@ def finetune_under_head(
                     progress(1)
     finally:
         encoder.train(was_training)
+        head.requires_grad_(False)
     return losses
 
 

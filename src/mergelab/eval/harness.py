@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -167,3 +168,298 @@ def render_table(rows: Sequence[ModelRow], title: str = "Test accuracy"):
             pct(row.retained_gain),
         )
     return table
+
+
+# --- evaluating an encoder with per-task heads ------------------------------------------------------
+
+
+def head_classes(head: nn.Module) -> int | None:
+    """The number of classes a head outputs: `out_features` of a Linear (or of its last Linear)."""
+    if isinstance(head, nn.Linear):
+        return head.out_features
+    linears = [m for m in head.modules() if isinstance(m, nn.Linear)]
+    return linears[-1].out_features if linears else None
+
+
+def check_head(head: nn.Module, num_classes: int, task: str) -> None:
+    """Raise MergeLabError when `head` does not output one logit per class of `task`."""
+    from mergelab.errors import MergeLabError
+
+    found = head_classes(head)
+    if found is not None and found != num_classes:
+        raise MergeLabError(
+            f"the head given for task {task!r} outputs {found} classes; the task has {num_classes}"
+        )
+
+
+def state_dict_hash(tensors: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 over names, dtypes, shapes and bytes of a state dict (order-independent)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        if tensor.numel():
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+class ResultCache:
+    """Accuracies on disk, one small JSON file per key, written atomically.
+
+    The key hashes the encoder's weights, the head's weights, the task, the split and the
+    evaluator's fingerprint (its data and settings), so a result is reused only for the very
+    same model on the very same examples.
+    """
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    @staticmethod
+    def key(*parts: str) -> str:
+        import hashlib
+
+        return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()
+
+    def _path(self, key: str) -> Path:
+        return self.root / key[:2] / f"{key}.json"
+
+    def get(self, key: str) -> float | None:
+        import json
+
+        path = self._path(key)
+        try:
+            return float(json.loads(path.read_text())["accuracy"])
+        except (OSError, ValueError, KeyError, TypeError):
+            # Absent, or unreadable (a crash mid-write cannot cause this: writes are atomic).
+            return None
+
+    def put(self, key: str, value: float, **facts) -> None:
+        import json
+        import os
+        import tempfile
+
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        with os.fdopen(handle, "w") as out:
+            json.dump({"accuracy": value, **facts}, out)
+        os.replace(temporary, path)
+
+
+def default_result_cache() -> ResultCache:
+    import os
+
+    env = os.environ.get("MERGELAB_CACHE")
+    return ResultCache((Path(env) if env else Path.home() / ".cache" / "mergelab") / "eval")
+
+
+def evaluate_model(
+    evaluator,
+    encoder: Mapping[str, torch.Tensor],
+    heads: Mapping[str, nn.Module],
+    *,
+    tasks: Sequence[str] | None = None,
+    split: str = "test",
+    cache: ResultCache | None = None,
+) -> dict[str, float]:
+    """Accuracy of `encoder` (a state dict) with each task's own head, per task.
+
+    evaluator: anything with `accuracy(encoder, head, task, split)` (see mergelab.zoo.base);
+        its optional `num_classes(task)` lets heads be checked before any compute, and its
+        optional `fingerprint` (a string naming its data and settings) enables `cache`.
+    tasks: the tasks to score (default: every task in `heads`); a task without a head, or a
+        head whose class count does not match the task, raises MergeLabError.
+    """
+    from mergelab.errors import MergeLabError
+
+    tasks = list(heads) if tasks is None else list(tasks)
+    missing = [t for t in tasks if t not in heads]
+    if missing:
+        raise MergeLabError(f"no head for task(s) {missing}; heads given for {sorted(heads)}")
+    num_classes = getattr(evaluator, "num_classes", None)
+    if num_classes is not None:
+        for task in tasks:
+            check_head(heads[task], num_classes(task), task)
+    fingerprint = getattr(evaluator, "fingerprint", None)
+    use_cache = cache is not None and fingerprint is not None
+    weights = state_dict_hash(encoder) if use_cache else ""
+    results: dict[str, float] = {}
+    for task in tasks:
+        key = ""
+        if use_cache:
+            key = cache.key(fingerprint, weights, state_dict_hash(heads[task].state_dict()), task, split)
+            hit = cache.get(key)
+            if hit is not None:
+                results[task] = hit
+                continue
+        results[task] = float(evaluator.accuracy(encoder, heads[task], task, split))
+        if use_cache:
+            cache.put(key, results[task], task=task, split=split)
+    return results
+
+
+# --- results over several seeds: tables, JSON, chart -------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Spread:
+    """Mean and sample standard deviation over seeds (std 0 for a single seed)."""
+
+    mean: float
+    std: float
+    n: int
+
+    @classmethod
+    def of(cls, values: Sequence[float]) -> Spread | None:
+        if not values:
+            return None
+        mean = sum(values) / len(values)
+        if len(values) < 2:
+            return cls(mean, 0.0, 1)
+        var = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
+        return cls(mean, var**0.5, len(values))
+
+
+@dataclass(frozen=True)
+class AggregateRow:
+    """One model over seeds: per-task accuracy, average, normalised and retained gain."""
+
+    name: str
+    accuracy: dict[str, Spread]
+    average: Spread
+    normalised: Spread | None
+    retained_gain: Spread | None
+    note: str = ""
+
+
+def aggregate_rows(per_seed: Sequence[Sequence[ModelRow]], notes: Mapping[str, str] | None = None) -> list[AggregateRow]:
+    """Combine the `summarise` rows of several seeds, model by model (in first-seed order).
+
+    A model missing from some seed is aggregated over the seeds that have it.
+    """
+    order: list[str] = []
+    by_name: dict[str, list[ModelRow]] = {}
+    for rows in per_seed:
+        for row in rows:
+            if row.name not in by_name:
+                order.append(row.name)
+                by_name[row.name] = []
+            by_name[row.name].append(row)
+    out = []
+    for name in order:
+        rows = by_name[name]
+        tasks = list(rows[0].accuracy)
+
+        def optional(values):
+            present = [v for v in values if v is not None]
+            return Spread.of(present) if present else None
+
+        out.append(
+            AggregateRow(
+                name=name,
+                accuracy={t: Spread.of([r.accuracy[t] for r in rows]) for t in tasks},
+                average=Spread.of([r.average for r in rows]),
+                normalised=optional([r.normalised for r in rows]),
+                retained_gain=optional([r.retained_gain for r in rows]),
+                note=(notes or {}).get(name, ""),
+            )
+        )
+    return out
+
+
+def _pct(spread: Spread | None, with_std: bool = True) -> str:
+    if spread is None:
+        return "-"
+    if with_std and spread.n > 1:
+        return f"{100 * spread.mean:.1f} ± {100 * spread.std:.1f}"
+    return f"{100 * spread.mean:.1f}"
+
+
+def markdown_table(rows: Sequence[AggregateRow]) -> str:
+    """A markdown table: model, each task, average, normalised, gain kept, note (percentages;
+    `mean ± std` over seeds when there are several)."""
+    tasks = list(rows[0].accuracy) if rows else []
+    header = ["model", *tasks, "average", "normalised", "gain kept", "chosen on validation"]
+    lines = ["| " + " | ".join(header) + " |", "|---" + "|---:" * (len(header) - 2) + "|---|"]
+    for row in rows:
+        cells = [
+            row.name,
+            *(_pct(row.accuracy[t]) for t in tasks),
+            f"**{_pct(row.average)}**",
+            _pct(row.normalised),
+            _pct(row.retained_gain),
+            row.note or "",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _spread_json(spread: Spread | None):
+    return None if spread is None else {"mean": spread.mean, "std": spread.std, "n": spread.n}
+
+
+def rows_to_json(rows: Sequence[AggregateRow]) -> list[dict]:
+    return [
+        {
+            "model": r.name,
+            "accuracy": {t: _spread_json(s) for t, s in r.accuracy.items()},
+            "average": _spread_json(r.average),
+            "normalised": _spread_json(r.normalised),
+            "retained_gain": _spread_json(r.retained_gain),
+            "note": r.note,
+        }
+        for r in rows
+    ]
+
+
+def bar_chart(rows: Sequence[AggregateRow], path: str | Path, title: str = "") -> Path:
+    """A horizontal bar chart of average accuracy (error bars: std over seeds), written as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless: no display on CI or servers
+    import matplotlib.pyplot as plt
+
+    names = [r.name for r in rows]
+    means = [100 * r.average.mean for r in rows]
+    stds = [100 * r.average.std for r in rows]
+    figure, axes = plt.subplots(figsize=(8, 0.35 * len(rows) + 1.2))
+    positions = list(range(len(rows)))[::-1]
+    axes.barh(positions, means, xerr=stds, color="#4c72b0", ecolor="#333333", capsize=2)
+    axes.set_yticks(positions, names, fontsize=8)
+    axes.set_xlabel("average test accuracy (%)")
+    axes.set_xlim(0, 100)
+    if title:
+        axes.set_title(title, fontsize=10)
+    figure.tight_layout()
+    path = Path(path)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def write_report(
+    rows: Sequence[AggregateRow], out_dir: str | Path, *, title: str, facts: Mapping | None = None,
+    stem: str = "results",
+) -> dict[str, Path]:
+    """Write `stem`.json, `stem`.md and `stem`.png into `out_dir` (each atomically replaced)."""
+    import json
+    import os
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {kind: out / f"{stem}.{kind}" for kind in ("json", "md", "png")}
+    payload = {"title": title, "facts": dict(facts or {}), "rows": rows_to_json(rows)}
+    text = {
+        "json": json.dumps(payload, indent=2, default=str) + "\n",
+        "md": f"## {title}\n\n" + markdown_table(rows),
+    }
+    for kind, content in text.items():
+        temporary = paths[kind].with_suffix(f".{kind}.tmp")
+        temporary.write_text(content)
+        os.replace(temporary, paths[kind])
+    temporary_png = out / f".{stem}.tmp.png"
+    bar_chart(rows, temporary_png, title)
+    os.replace(temporary_png, paths["png"])
+    return paths

@@ -278,3 +278,258 @@ def get_task(name: str) -> TextTask:
     except KeyError:
         known = ", ".join(sorted(TASKS))
         raise MergeLabError(f"unknown task {name!r}; known tasks: {known}") from None
+
+
+# --- fortune topics (Debian `fortunes`) -----------------------------------------------------------
+
+FORTUNES_DIR = Path("/usr/share/games/fortunes")
+FORTUNES_SOURCE = (
+    "fortune-mod 1.99.1 cookie files as packaged by Debian (`fortunes`, BSD licence; "
+    "http://www.redellipse.net/code/fortune)"
+)
+# Eight topical files with at least ~200 quotes each (file names are the labels). Files whose
+# topic is a style (platitudes, zippy) or an author (pratchett) would be a different task.
+FORTUNE_TOPICS = (
+    "computers",
+    "science",
+    "politics",
+    "work",
+    "songs-poems",
+    "men-women",
+    "food",
+    "law",
+)
+
+
+def _require_file(path: Path, package: str, what: str) -> Path:
+    if not path.is_file():
+        raise MergeLabError(
+            f"the {what} task needs {path}, from the Debian package `{package}`: "
+            f"`apt-get install {package}`"
+        )
+    return path
+
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+
+
+def parse_fortune_file(text: str) -> list[str]:
+    """The quotes of a fortune cookie file: items separated by lines holding only `%`,
+    whitespace collapsed, empty items dropped."""
+    quotes = []
+    for item in re.split(r"^%\s*$", text, flags=re.MULTILINE):
+        # Some quotes carry terminal bells and other control characters.
+        quote = " ".join(_CONTROL.sub(" ", item).split())
+        if quote:
+            quotes.append(quote)
+    return quotes
+
+
+@lru_cache(maxsize=1)
+def load_fortune_topics() -> LabelledTexts:
+    """Quotes labelled by the topic file they come from. A quote found in two topics is dropped
+    (its label would be arbitrary); each quote is its own group."""
+    label_of: dict[str, set[int]] = {}
+    for label, topic in enumerate(FORTUNE_TOPICS):
+        path = _require_file(FORTUNES_DIR / topic, "fortunes", "fortune topic")
+        for quote in parse_fortune_file(path.read_text(encoding="utf-8", errors="replace")):
+            label_of.setdefault(quote, set()).add(label)
+    rows = sorted((q, next(iter(ls))) for q, ls in label_of.items() if len(ls) == 1)
+    return LabelledTexts(
+        texts=tuple(q for q, _ in rows),
+        labels=tuple(lab for _, lab in rows),
+        groups=tuple(q for q, _ in rows),
+    )
+
+
+# --- WordNet glosses (Debian `wordnet-base`) -------------------------------------------------------
+
+WORDNET_DIR = Path("/usr/share/wordnet")
+WORDNET_SOURCE = (
+    "WordNet 3.0 (Princeton University, WordNet 3.0 licence: free use with the copyright "
+    "notice), as packaged by Debian (`wordnet-base`); https://wordnet.princeton.edu/"
+)
+# Lexicographer file numbers of WordNet 3.0 (lexnames(5WN)) for the noun supersenses we use.
+NOUN_SUPERSENSES = {
+    4: "act",
+    5: "animal",
+    6: "artifact",
+    13: "food",
+    15: "location",
+    18: "person",
+    20: "plant",
+    26: "state",
+}
+PARTS_OF_SPEECH = {"noun": ("n",), "verb": ("v",), "adjective": ("a", "s"), "adverb": ("r",)}
+
+
+def parse_wordnet_data_line(line: str) -> tuple[int, str, str] | None:
+    """(lexicographer file number, synset type, definition) of one `data.*` line, or None for
+    the licence header. The definition is the gloss without its quoted usage examples, which
+    often contain the word itself."""
+    if line.startswith("  ") or "|" not in line:
+        return None
+    fields, gloss = line.split("|", 1)
+    parts = fields.split()
+    definition = gloss.strip().split('; "')[0].strip().rstrip(";").strip()
+    if len(parts) < 3 or not definition:
+        return None
+    return int(parts[1]), parts[2], definition
+
+
+@lru_cache(maxsize=1)
+def _wordnet_glosses() -> tuple[tuple[int, str, str], ...]:
+    rows = []
+    for part in ("noun", "verb", "adj", "adv"):
+        path = _require_file(WORDNET_DIR / f"data.{part}", "wordnet-base", "WordNet")
+        with path.open(encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                parsed = parse_wordnet_data_line(line)
+                if parsed is not None:
+                    rows.append(parsed)
+    return tuple(rows)
+
+
+def _unique_labels(pairs: list[tuple[str, int]]) -> LabelledTexts:
+    """Texts with one label each; a text seen with two labels is dropped; sorted for stability."""
+    label_of: dict[str, set[int]] = {}
+    for text, label in pairs:
+        label_of.setdefault(text, set()).add(label)
+    rows = sorted((t, next(iter(ls))) for t, ls in label_of.items() if len(ls) == 1)
+    return LabelledTexts(
+        tuple(t for t, _ in rows), tuple(lab for _, lab in rows), tuple(t for t, _ in rows)
+    )
+
+
+def load_noun_supersense() -> LabelledTexts:
+    """Noun glosses labelled with their supersense (lexicographer file) among NOUN_SUPERSENSES."""
+    index = {lexfile: i for i, lexfile in enumerate(NOUN_SUPERSENSES)}
+    return _unique_labels(
+        [(gloss, index[lexfile]) for lexfile, kind, gloss in _wordnet_glosses()
+         if kind == "n" and lexfile in index]
+    )
+
+
+def load_part_of_speech() -> LabelledTexts:
+    """Every gloss labelled with its synset's part of speech (satellite adjectives count as
+    adjectives)."""
+    index = {kind: i for i, kinds in enumerate(PARTS_OF_SPEECH.values()) for kind in kinds}
+    return _unique_labels([(gloss, index[kind]) for _, kind, gloss in _wordnet_glosses()])
+
+
+FORTUNE_TOPIC = TextTask(
+    name="fortune",
+    description="fortune cookie quote: which of 8 topic files it comes from",
+    label_names=FORTUNE_TOPICS,
+    load=load_fortune_topics,
+    source=FORTUNES_SOURCE,
+)
+
+NOUN_SUPERSENSE = TextTask(
+    name="supersense",
+    description="WordNet noun gloss: its supersense, 8 classes",
+    label_names=tuple(NOUN_SUPERSENSES.values()),
+    load=load_noun_supersense,
+    source=WORDNET_SOURCE,
+)
+
+PART_OF_SPEECH = TextTask(
+    name="pos",
+    description="WordNet gloss: part of speech of the word it defines",
+    label_names=tuple(PARTS_OF_SPEECH),
+    load=load_part_of_speech,
+    source=WORDNET_SOURCE,
+)
+
+for _task in (FORTUNE_TOPIC, NOUN_SUPERSENSE, PART_OF_SPEECH):
+    TASKS[_task.name] = _task
+
+
+# --- user tasks from a CSV file ------------------------------------------------------------------
+
+CSV_PREFIX = "csv:"
+
+
+def read_csv_task(path: str | Path, name: str | None = None) -> TextTask:
+    """A task from a CSV file with a header holding `text` and `label` (and optionally `group`).
+
+    Labels are either all integers 0..K-1 (every one present) or class names (sorted
+    alphabetically to give 0..K-1). Rows with the same `group` share a split; without a group
+    column each row is its own group. Every problem (missing column, empty text or label, mixed
+    or gapped integer labels, a single class) raises MergeLabError naming the file and row.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise MergeLabError(f"task CSV {path} does not exist")
+    with path.open(encoding="utf-8", newline="") as handle:
+        reader = csv.DictReader(handle)
+        header = reader.fieldnames or []
+        missing = [c for c in ("text", "label") if c not in header]
+        if missing:
+            raise MergeLabError(
+                f"task CSV {path}: missing column(s) {missing}; the header is {header} "
+                "(expected `text,label` and optionally `group`)"
+            )
+        texts: list[str] = []
+        raw_labels: list[str] = []
+        groups: list[str] = []
+        for row_number, row in enumerate(reader, start=2):
+            text = (row.get("text") or "").strip()
+            label = (row.get("label") or "").strip()
+            if not text:
+                raise MergeLabError(f"task CSV {path}, row {row_number}: empty `text`")
+            if not label:
+                raise MergeLabError(f"task CSV {path}, row {row_number}: empty `label`")
+            texts.append(text)
+            raw_labels.append(label)
+            group = (row.get("group") or "").strip() if "group" in header else ""
+            groups.append(group or f"row{row_number}")
+    if not texts:
+        raise MergeLabError(f"task CSV {path} has a header but no rows")
+    label_names, labels = _csv_labels(raw_labels, path)
+    data = LabelledTexts(tuple(texts), tuple(labels), tuple(groups))
+    task_name = name or path.stem
+    return TextTask(
+        name=task_name,
+        description=f"user task from {path}",
+        label_names=label_names,
+        load=lambda: data,
+        source=f"user data: {path}",
+    )
+
+
+def _csv_labels(raw: list[str], path: Path) -> tuple[tuple[str, ...], list[int]]:
+    is_int = [re.fullmatch(r"-?\d+", value) is not None for value in raw]
+    if any(is_int) and not all(is_int):
+        first_text = raw[is_int.index(False)]
+        raise MergeLabError(
+            f"task CSV {path}: the `label` column mixes integers and names (e.g. {first_text!r}); "
+            "use integers 0..K-1 or class names throughout"
+        )
+    if all(is_int):
+        values = [int(v) for v in raw]
+        present = sorted(set(values))
+        if present != list(range(len(present))):
+            raise MergeLabError(
+                f"task CSV {path}: integer labels must be 0..K-1 with every class present; "
+                f"got {present}"
+            )
+        label_names = tuple(str(v) for v in present)
+        labels = values
+    else:
+        label_names = tuple(sorted(set(raw)))
+        index = {n: i for i, n in enumerate(label_names)}
+        labels = [index[v] for v in raw]
+    if len(label_names) < 2:
+        raise MergeLabError(
+            f"task CSV {path}: the `label` column holds a single class {label_names}; "
+            "a classification task needs at least two"
+        )
+    return label_names, labels
+
+
+def resolve_task(name: str) -> TextTask:
+    """A built-in task by name, or a user task given as `csv:PATH` (see `read_csv_task`)."""
+    if name.startswith(CSV_PREFIX):
+        return read_csv_task(name[len(CSV_PREFIX) :])
+    return get_task(name)

@@ -25,6 +25,7 @@ _FAMILIES = (
     "magmax",
     "expo",
     "pcb",
+    "data_aware",
 )
 for _family in _FAMILIES:
     import_module(f"mergelab.methods.{_family}")

@@ -138,6 +138,9 @@ class MergeMethod:
         under `models`).
     min_models / max_models: how many non-base source models the method takes.
     blockwise: optional bounded-memory form of the kernel, used for large tensors.
+    needs: inputs beyond the checkpoints, e.g. ("data",) for methods that run data through the
+        models (RegMean, Fisher, AdaMerging: see mergelab.datamerge); the data-free planner
+        refuses such methods unless the config has a `data:` section.
     check_model_params: optional check of constraints *between* parameters that single-`Param`
         ranges cannot express; called with one source's resolved per-model params, returns a
         problem message or None (e.g. DELLA: `density` +/- `epsilon` must lie in (0, 1)).
@@ -156,6 +159,7 @@ class MergeMethod:
     aliases: tuple[str, ...] = field(default=())
     check_model_params: Callable[[Mapping[str, ParamValue]], str | None] | None = None
     blockwise: Blockwise | None = None
+    needs: tuple[str, ...] = ()
 
     def param(self, name: str) -> Param | None:
         for p in self.params:

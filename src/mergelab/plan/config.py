@@ -73,6 +73,35 @@ class OutputSlice(_Frozen):
     parameters: Parameters | None = Field(default=None, description="Parameters of this slice.")
 
 
+class DataSection(_Frozen):
+    """Data for data-aware methods (RegMean, Fisher, AdaMerging; see mergelab.datamerge).
+
+    Each source model gets its own task's data: give `task` (one for all models) or `tasks`
+    (one per entry of `models`, in order). A task is a registered task name (`mergelab.eval`),
+    `csv:PATH` or a path to a CSV file with `text` and `label` columns.
+    """
+
+    task: str | None = Field(default=None, description="Task name or CSV path for every model.")
+    tasks: list[str] | None = Field(
+        default=None, description="One task name or CSV path per model, in `models` order."
+    )
+    split: Literal["train", "validation", "test"] = Field(
+        default="train", description="Split whose inputs the method sees."
+    )
+    examples: int = Field(default=256, ge=1, description="Examples per task.")
+    batch_size: int = Field(default=16, ge=1, description="Examples per batch.")
+    max_length: int = Field(default=64, ge=1, description="Tokens per text (longer are cut).")
+    seed: int = Field(default=0, description="Seed of the split and of sampled Fisher labels.")
+
+    @model_validator(mode="after")
+    def _one_task_form(self) -> DataSection:
+        if (self.task is None) == (self.tasks is None):
+            raise ValueError("give exactly one of `task` and `tasks`")
+        if self.tasks is not None and not self.tasks:
+            raise ValueError("`tasks` is empty")
+        return self
+
+
 class MergeConfig(_Frozen):
     """A whole merge. Exactly one of `models` and `slices` is given."""
 
@@ -95,6 +124,9 @@ class MergeConfig(_Frozen):
         default=None, description="Accepted for compatibility; written to tokenizer_config."
     )
     name: str | None = Field(default=None, description="Free-form name of the merge.")
+    data: DataSection | None = Field(
+        default=None, description="Data for data-aware methods (regmean, fisher, adamerging...)."
+    )
 
     @model_validator(mode="after")
     def _one_input_form(self) -> MergeConfig:
@@ -132,7 +164,7 @@ def _field_names(model: type[BaseModel]) -> list[str]:
 
 _KNOWN_FIELDS = {
     cls: _field_names(cls)
-    for cls in (MergeConfig, ModelEntry, SliceSource, OutputSlice, ConditionalValue)
+    for cls in (MergeConfig, ModelEntry, SliceSource, OutputSlice, ConditionalValue, DataSection)
 }
 
 

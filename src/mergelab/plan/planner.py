@@ -182,6 +182,7 @@ def build_plan(
     except KeyError as exc:
         raise ConfigError([f"merge_method: {exc.args[0]}"], source_label) from None
 
+    _check_data_section(config, method, problems)
     _check_parameter_settings(config, method, problems)
 
     sources: dict[str, TensorSource] = {}
@@ -230,6 +231,24 @@ def build_plan(
         out_config=out_config,
         notes=notes,
     )
+
+
+def _check_data_section(config: MergeConfig, method: MergeMethod, problems: _Problems) -> None:
+    # Data-aware methods run through mergelab.datamerge, never through this per-tensor plan.
+    if "data" in method.needs:
+        if config.data is None:
+            problems.add(
+                f"merge_method: `{method.name}` needs data: add a `data:` section naming a task "
+                "or a dataset path (e.g. `data: {task: sentiment}`), or call mergelab.data_merge"
+            )
+        else:
+            problems.add(
+                f"merge_method: `{method.name}` runs data through the models, which only "
+                "`mergelab merge` (mergelab.merge) with its `data:` section or mergelab.data_merge "
+                "do; a per-tensor plan (dry run, validate, merge_state_dicts) cannot"
+            )
+    elif config.data is not None:
+        problems.add(f"data: `{method.name}` uses no data; remove the `data:` section")
 
 
 def _parameter_scopes(config: MergeConfig) -> list[tuple[str, Parameters, bool]]:

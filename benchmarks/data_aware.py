@@ -1,0 +1,325 @@
+"""Data-aware merges (Fisher, RegMean, RegMean++, AdaMerging) beside task arithmetic and TIES.
+
+    .venv/bin/python benchmarks/data_aware.py --zoo mlp --seeds 0,1
+    .venv/bin/python benchmarks/data_aware.py --zoo text --seeds 0,1 --examples 256
+
+For every recipe and seed of the zoo: the baselines and the data-free rows come from the
+benchmark runner (mergelab.eval.bench.run_seed: task arithmetic and TIES with their lambda and
+density picked on validation); each data-aware method then runs once at the paper's settings
+through `mergelab.data_merge`:
+
+- RegMean, RegMean++, Fisher: statistics on the first `--examples` training inputs of each task
+  (Fisher: the gradient of the log-likelihood of labels sampled from each model's own
+  predictions, as Matena & Raffel; a seeded generator);
+- AdaMerging task-wise and layer-wise: entropy minimised on the first `--ada-examples` unlabeled
+  *test* inputs of each task, the paper's (transductive) protocol.
+
+Reported: test accuracy per task (each task's own head on the merged encoder), normalised
+accuracy and gain kept over the linear probe, examples per task, seconds (statistics or
+optimisation plus the merge) and peak extra resident memory during the merge (sampled every
+5 ms, above the level before it started). Results go to docs/benchmarks.md between this
+script's own markers and to benchmarks/_work/data_aware-<zoo>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+import threading
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+DATA_AWARE = ("fisher", "regmean", "regmean_plusplus", "adamerging_taskwise", "adamerging_layerwise")
+DATA_FREE = ("task_arithmetic", "ties")
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm", encoding="ascii") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakMemory:
+    """Peak resident memory above the level at entry, sampled by a thread every 5 ms."""
+
+    def __enter__(self) -> PeakMemory:
+        self.start = _rss_bytes()
+        self.peak = self.start
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, _rss_bytes())
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss_bytes())
+
+    @property
+    def extra_mb(self) -> float:
+        return (self.peak - self.start) / 1e6
+
+
+@dataclass
+class Cost:
+    method: str
+    examples: int
+    seconds: float
+    stats_seconds: float
+    peak_mb: float
+
+
+def regmean_on_validation(built, module, data, alphas, scalings):
+    """RegMean with its settings picked on the validation split (Grams collected once, the
+    closed form solved per setting), as the data-free rows pick lambda/density.
+
+    Returns {row: (result, label)}: "regmean" is the paper's method (scaling 1, alpha picked
+    from `alphas`); "regmean_scaled" also picks mergelab's `scaling` of the merged task vector
+    from `scalings` (alpha 0.9).
+    """
+    from mergelab.datamerge import DataMergeResult
+    from mergelab.datamerge.common import check_state_dicts
+    from mergelab.datamerge.regmean import collect_model_grams, merge_with_grams
+    from mergelab.eval.harness import evaluate_model
+
+    tasks = list(built.tasks)
+    finetuned = {t: built.finetuned[t] for t in tasks}
+    start = time.perf_counter()
+    stats = collect_model_grams(
+        module, finetuned, data, max_examples=None, device=None, progress=False, stats_dir=None
+    )
+    stats_seconds = time.perf_counter() - start
+    keys = check_state_dicts(module, finetuned)
+    settings = {"regmean": [(a, 1.0) for a in alphas],
+                "regmean_scaled": [(0.9, s) for s in scalings]}
+    out = {}
+    for row, points in settings.items():
+        tick = time.perf_counter()
+        best = None
+        for alpha, scaling in points:
+            merged = merge_with_grams(
+                [finetuned[t] for t in tasks], [stats[t].layers for t in tasks], keys,
+                alpha=alpha, base=built.pretrained, scaling=scaling,
+            )
+            score = sum(evaluate_model(built.evaluator, {**built.pretrained, **merged}, built.heads,
+                                       tasks=tasks, split="validation").values()) / len(tasks)
+            if best is None or score > best[0]:
+                best = (score, alpha, scaling, merged)
+        _, alpha, scaling, merged = best
+        label = f"alpha {alpha:g}" + (f", scaling {scaling:g}" if row == "regmean_scaled" else "")
+        out[row] = (
+            DataMergeResult(
+                method="regmean", state_dict=merged, params={"alpha": alpha, "scaling": scaling},
+                examples={t: stats[t].examples for t in tasks},
+                seconds=stats_seconds + time.perf_counter() - tick, stats_seconds=stats_seconds,
+            ),
+            label,
+        )
+    return out
+
+
+def run(args: argparse.Namespace) -> str:
+    import mergelab
+    from mergelab.datamerge.zoos import ZooData
+    from mergelab.eval.bench import (
+        FINETUNED_ROW,
+        PROBE_ROW,
+        replace_section,
+        run_seed,
+    )
+    from mergelab.eval.harness import aggregate_rows, evaluate_model, markdown_table, summarise
+    from mergelab.zoo.registry import get_zoo
+
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    zoo = get_zoo(args.zoo)
+    recipes = args.recipes.split(",") if args.recipes else list(zoo.recipes)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    methods = [m for m in args.methods.split(",") if m] if args.methods else list(DATA_AWARE)
+    sections = []
+    alphas = [float(a) for a in args.regmean_alphas.split(",") if a]
+    scalings = [float(a) for a in args.regmean_scalings.split(",") if a]
+    record: dict = {"zoo": args.zoo, "recipes": {}, "command": args.command}
+    for recipe in recipes:
+        per_seed_rows = []
+        costs: dict[str, list[Cost]] = {}
+        choices: dict[str, list[str]] = {}
+        for seed in seeds:
+            print(f"{args.zoo} zoo, recipe {recipe}, seed {seed}", flush=True)
+            built = zoo.build(recipe=recipe, seed=seed, progress=False)
+            seed_result = run_seed(built, list(DATA_FREE), log=print)
+            results = dict(seed_result.results)
+            adapter = ZooData(built)
+            module = adapter.module()
+            tasks = list(built.tasks)
+            chosen: dict[str, str] = {}
+            for name, outcome in seed_result.outcomes.items():
+                choices.setdefault(name, []).append(outcome.chosen)
+            for method in methods:
+                ada = method.startswith("adamerging")
+                split, n = ("test", args.ada_examples) if ada else ("train", args.examples)
+                data = {t: adapter.task_data(t, split, n, args.batch_size) for t in tasks}
+                params = (
+                    {"steps": args.ada_steps, "lr": args.ada_lr} if ada else {}
+                )
+                with PeakMemory() as memory, warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    tick = time.perf_counter()
+                    if method == "regmean":
+                        picked = regmean_on_validation(built, module, data, alphas, scalings)
+                        result, chosen[method] = picked["regmean"]
+                        extra_rows = {"regmean_scaled": picked["regmean_scaled"]}
+                    else:
+                        extra_rows = {}
+                        result = mergelab.data_merge(
+                            method,
+                            module,
+                            {t: built.finetuned[t] for t in tasks},
+                            data,
+                            base_state_dict=built.pretrained,
+                            fisher_target="sample",
+                            generator=torch.Generator().manual_seed(seed),
+                            **params,
+                        )
+                    seconds = time.perf_counter() - tick
+                for message in sorted({str(w.message) for w in caught}):
+                    print(f"    warning: {message}", flush=True)
+                merged = {**built.pretrained, **result.state_dict}
+                results[method] = evaluate_model(built.evaluator, merged, built.heads, tasks=tasks)
+                examples = max(result.examples.values())
+                costs.setdefault(method, []).append(Cost(method, examples, seconds, result.stats_seconds, memory.extra_mb))
+                for row, (extra, label) in extra_rows.items():
+                    chosen[row] = label
+                    results[row] = evaluate_model(
+                        built.evaluator, {**built.pretrained, **extra.state_dict}, built.heads, tasks=tasks
+                    )
+                    print(f"  {row} ({label}): test "
+                          f"{100 * sum(results[row].values()) / len(tasks):.1f}%", flush=True)
+                avg = sum(results[method].values()) / len(tasks)
+                extra = ""
+                if result.coefficients is not None and result.coefficients.dim() == 1:
+                    extra = " coefficients " + ", ".join(f"{c:.2f}" for c in result.coefficients.tolist())
+                print(f"  {method}: test {100 * avg:.1f}% [{seconds:.1f} s, +{memory.extra_mb:.0f} MB,"
+                      f" {examples} examples/task]{extra}", flush=True)
+            for name, label in chosen.items():
+                choices.setdefault(name, []).append(label)
+            per_seed_rows.append(
+                summarise(results, finetuned=results[FINETUNED_ROW], probe=results[PROBE_ROW])
+            )
+        rows = aggregate_rows(per_seed_rows, {k: " / ".join(v) for k, v in choices.items()})
+        cost_lines = [
+            "| method | examples per task | statistics / optimisation (s) | merge (s) | total (s) "
+            "| peak extra memory (MB) |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for method, cs in costs.items():
+            total = sum(c.seconds for c in cs) / len(cs)
+            stats = sum(c.stats_seconds for c in cs) / len(cs)
+            cost_lines.append(
+                f"| `{method}` | {cs[0].examples} | {stats:.2f} | {total - stats:.2f} | {total:.2f} | "
+                f"{max(c.peak_mb for c in cs):.0f} |"
+            )
+        by = {r.name: r for r in rows}
+        data_rows = [*methods, "regmean_scaled"]
+        best = max((by[m] for m in data_rows if m in by), key=lambda r: r.average.mean, default=None)
+        ties = by.get("ties")
+        verdict = ""
+        if best is not None and ties is not None:
+            verdict = (
+                f"Best data-aware merge: `{best.name}` at {100 * best.average.mean:.1f}% average "
+                f"({'above' if best.average.mean > ties.average.mean else 'not above'} TIES at "
+                f"{100 * ties.average.mean:.1f}%)"
+            )
+            if best.normalised is not None:
+                verdict += f", normalised {100 * best.normalised.mean:.1f}%"
+            if best.retained_gain is not None:
+                verdict += f", gain over the probe kept {100 * best.retained_gain.mean:.1f}%"
+            verdict += "."
+        sections += [f"### recipe `{recipe}`", "", markdown_table(rows), "", verdict, "",
+                     "Cost (mean over seeds; peak: the largest over seeds):", "", *cost_lines, ""]
+        record["recipes"][recipe] = {
+            "rows": [
+                {"name": r.name, "average": r.average.mean,
+                 "normalised": None if r.normalised is None else r.normalised.mean,
+                 "retained_gain": None if r.retained_gain is None else r.retained_gain.mean}
+                for r in rows
+            ],
+            "costs": {m: [c.__dict__ for c in cs] for m, cs in costs.items()},
+        }
+    wall = time.perf_counter() - started
+    header = [
+        f"## Data-aware merges: {args.zoo} zoo",
+        "",
+        f"Reproduce: `{args.command}`",
+        "",
+        f"Wall time {wall / 60:.1f} min, seeds {', '.join(map(str, seeds))}, CPU "
+        f"({args.threads} torch thread(s)) on a machine shared with other jobs, so seconds are "
+        "indicative. Test accuracy in %, `mean ± std` over seeds, each task scored with its own "
+        "head on the merged encoder; normalised and gain kept as in the data-free tables.",
+        "",
+        f"Data: RegMean, RegMean++ and Fisher see the first {args.examples} *training* inputs of "
+        f"each task (Fisher: labels sampled from each model's predictions); AdaMerging minimises "
+        f"prediction entropy on the first {args.ada_examples} unlabeled *test* inputs of each task "
+        f"(the paper's transductive protocol), {args.ada_steps} Adam steps at lr {args.ada_lr:g}, "
+        f"coefficients initialised at 0.3 and kept in [0, 1]. RegMean: alpha (the scale of the "
+        f"non-diagonal Gram entries) picked on validation from {args.regmean_alphas} with the "
+        "Grams collected once; `regmean_scaled` (mergelab's extension, not in the paper) also "
+        f"multiplies the merged task vector by a scaling picked on validation from "
+        f"{args.regmean_scalings} (alpha 0.9), from the same Grams; RegMean++: alpha 0.9; "
+        "biases and norms averaged. RegMean's seconds include its validation search. Task "
+        "arithmetic and TIES have lambda/density picked on validation (mergelab.eval.bench.GRIDS); Fisher "
+        "and AdaMerging run at the papers' settings.",
+        "",
+    ]
+    body = "\n".join(header + sections)
+    if args.docs:
+        path = Path(args.docs)
+        document = path.read_text() if path.is_file() else "# Benchmarks\n"
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(replace_section(document, f"data-aware-{args.zoo}", body))
+        os.replace(tmp, path)
+    out = REPO / "benchmarks" / "_work"
+    out.mkdir(parents=True, exist_ok=True)
+    record["wall_seconds"] = wall
+    (out / f"data_aware-{args.zoo}.json").write_text(json.dumps(record, indent=1) + "\n")
+    return body
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--zoo", default="mlp", help="mlp, text or vision")
+    parser.add_argument("--recipes", default="", help="comma-separated (default: all of the zoo)")
+    parser.add_argument("--seeds", default="0,1")
+    parser.add_argument("--methods", default="", help="data-aware methods (default: all five)")
+    parser.add_argument("--examples", type=int, default=256, help="examples per task for statistics")
+    parser.add_argument("--ada-examples", type=int, default=256, help="unlabeled test inputs per task")
+    parser.add_argument("--ada-steps", type=int, default=200)
+    parser.add_argument("--ada-lr", type=float, default=5e-3)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--regmean-alphas", default="0.5,0.9,1.0",
+                        help="RegMean's alpha picked on validation from these ('0.9': no search)")
+    parser.add_argument("--regmean-scalings", default="1,1.5,2,2.5,3",
+                        help="scalings of the merged task vector for the `regmean_scaled` row")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--docs", default=str(REPO / "docs" / "benchmarks.md"),
+                        help="markdown file to update ('' for none)")
+    args = parser.parse_args(argv)
+    args.command = "python benchmarks/data_aware.py " + " ".join(
+        shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])
+    )
+    print(run(args))
+
+
+if __name__ == "__main__":
+    main()

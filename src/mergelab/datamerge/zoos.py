@@ -1,0 +1,86 @@
+"""Data-aware merges on the benchmark zoos: each zoo's encoder module and task data as TaskData.
+
+The zoo interface (mergelab.zoo.base.BuiltZoo) scores state dicts; data-aware methods also need
+the encoder as a module and batches of each task's inputs. This adapter knows the three zoos:
+`mlp` (tensor inputs), `text` (tokenised MiniLM batches, mean-pooled features) and `vision`
+(MobileNetV2 images, pooled features). The task head comes from the zoo.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from mergelab.errors import MergeLabError
+from mergelab.stats.batches import TaskData
+from mergelab.zoo.base import BuiltZoo
+
+SPLITS = ("train", "validation", "test")
+
+
+def _chunks(x: torch.Tensor, y: torch.Tensor, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, len(y), batch_size)]
+
+
+class ZooData:
+    """`module()`: the encoder architecture holding the pretrained weights;
+    `task_data(task, split, examples, batch_size)`: that split's first `examples` examples."""
+
+    def __init__(self, built: BuiltZoo):
+        self.built = built
+        self._module: nn.Module | None = None
+        self._tokenizer = None
+        if built.zoo not in ("mlp", "text", "vision"):
+            raise MergeLabError(f"no data-aware adapter for zoo {built.zoo!r} (mlp, text, vision)")
+
+    def module(self) -> nn.Module:
+        if self._module is None:
+            zoo = self.built.zoo
+            if zoo == "mlp":
+                from mergelab.zoo.mlp import MLPEncoder
+
+                module = MLPEncoder(self.built.evaluator.settings.hidden)
+            elif zoo == "text":
+                from mergelab.zoo.text import load_pretrained
+
+                self._tokenizer, module = load_pretrained()
+            else:
+                from mergelab.zoo.vision import encoder_from_state_dict
+
+                module = encoder_from_state_dict(self.built.pretrained)
+            module.load_state_dict(self.built.pretrained, strict=False)
+            self._module = module.eval()
+        return self._module
+
+    def _forward(self) -> Callable | None:
+        if self.built.zoo == "text":
+            from mergelab.datamerge.text import pooled_forward
+
+            return pooled_forward
+        return None  # the mlp and vision encoders return features when called
+
+    def task_data(self, task: str, split: str, examples: int, batch_size: int = 32) -> TaskData:
+        if split not in SPLITS:
+            raise MergeLabError(f"unknown split {split!r}; use {', '.join(SPLITS)}")
+        ev = self.built.evaluator
+        zoo = self.built.zoo
+        if zoo == "mlp":
+            x, y = ev.data(task, split)
+            batches = _chunks(x[:examples], y[:examples], batch_size)
+        elif zoo == "vision":
+            part = ev.data.split(task, split)
+            n = min(examples, len(part))
+            batches = _chunks(part.batch(slice(0, n)), part.labels[:n], batch_size)
+        else:
+            from mergelab.datamerge.text import text_batches
+
+            self.module()
+            texts = ev.split(task, split)
+            n = min(examples, len(texts))
+            batches = text_batches(
+                self._tokenizer, texts.texts[:n], texts.labels[:n],
+                batch_size=batch_size, max_length=ev._settings.max_length,
+            )
+        return TaskData(batches, head=self.built.heads[task], forward=self._forward())

@@ -1,0 +1,124 @@
+"""`mergelab diagnose`: weight-space metrics between task vectors, written as a report."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    """Add the `diagnose` and `diagnose-study` commands to the `mergelab` app."""
+
+    @app.command()
+    def diagnose(
+        models: list[Path] = typer.Argument(..., help="Two or more fine-tuned checkpoints."),
+        base: Path = typer.Option(..., "--base", help="The checkpoint they were fine-tuned from."),
+        out: Path = typer.Option(..., "--out", help="Report folder to create."),
+        top_k: float = typer.Option(
+            0.2, "--top-k", help="Fraction of each task vector TSSD keeps, in (0, 1]."
+        ),
+        truncation: str = typer.Option(
+            "model",
+            help="Where TSSD's top-K% is taken: over each whole task vector (model) or per tensor.",
+        ),
+        name: list[str] = typer.Option(
+            None, "--name", help="Label of each model in the report (repeat, in model order)."
+        ),
+        exclude: list[str] = typer.Option(
+            None, "--exclude", help="Glob of tensor names to leave out (repeatable)."
+        ),
+        html: bool = typer.Option(False, "--html", help="Also write report.html."),
+        overwrite: bool = typer.Option(False, help="Replace an existing report folder."),
+        progress: bool = typer.Option(True, help="Show a progress bar."),
+    ) -> None:
+        """Compare the task vectors of MODELS (each minus --base): cosine, L2, sign conflicts,
+        SSD and TSSD, per layer and whole model, with heatmaps."""
+        from rich.console import Console
+
+        from mergelab.diagnostics.metrics import diagnose as run_diagnose
+        from mergelab.diagnostics.report import check_target, layer_columns, write_report
+        from mergelab.errors import MergeLabError
+
+        console = Console()
+        try:
+            check_target(out, overwrite)  # fail before the (possibly long) passes
+            result = run_diagnose(
+                models,
+                base,
+                names=name or None,
+                top_k=top_k,
+                truncation=truncation,  # type: ignore[arg-type]
+                exclude=exclude or (),
+                progress=progress,
+            )
+            folder = write_report(
+                result,
+                out,
+                html_report=html,
+                overwrite=overwrite,
+                command=shlex.join(["mergelab", *sys.argv[1:]]),
+            )
+        except MergeLabError as exc:
+            Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False)
+            raise typer.Exit(code=1) from None
+        total = result.total
+        console.print(
+            f"{len(result.tensors)} tensors ({total.numel:,} parameters) of {len(result.models)} "
+            f"models compared in {result.wall_seconds:.1f} s"
+        )
+        for title, value in layer_columns(result):
+            console.print(f"  {title}: {value(total):.4f}")
+        console.print(f"report: {folder / 'report.md'}")
+
+    @app.command("diagnose-study")
+    def diagnose_study(
+        zoo: str = typer.Option("mlp", help="Zoo name (mlp, text, vision...)."),
+        recipe: str = typer.Option("lpft", help="The zoo's fine-tuning recipe."),
+        seed: int = typer.Option(0, help="The zoo's fine-tuning seed."),
+        methods: str = typer.Option(
+            "task_arithmetic,ties", help="Comma-separated merge methods of the registry."
+        ),
+        top_k: float = typer.Option(0.2, "--top-k", help="TSSD's kept fraction, in (0, 1]."),
+        out: Path = typer.Option(None, "--out", help="Write the study as markdown to this file."),
+        progress: bool = typer.Option(True, help="Show progress bars."),
+    ) -> None:
+        """Does a metric predict the merge outcome? Merge every pair of a zoo's tasks and
+        rank-correlate each metric with the drop in normalised accuracy (Spearman)."""
+        import os
+        import time
+
+        from rich.console import Console
+
+        from mergelab.diagnostics.predict import pairwise_study
+        from mergelab.errors import MergeLabError
+        from mergelab.zoo.registry import get_zoo
+
+        console = Console()
+        started = time.perf_counter()
+        try:
+            built = get_zoo(zoo).build(recipe=recipe, seed=seed, progress=progress)
+            study = pairwise_study(
+                built,
+                [m.strip() for m in methods.split(",") if m.strip()],
+                top_k=top_k,
+                progress=progress,
+            )
+        except MergeLabError as exc:
+            Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False)
+            raise typer.Exit(code=1) from None
+        seconds = time.perf_counter() - started
+        command = shlex.join(["mergelab", *sys.argv[1:]])
+        text = (
+            f"Zoo `{zoo}`, recipe `{recipe}`, seed {seed}; `{command}` ({seconds:.0f} s).\n\n"
+            + study.markdown()
+        )
+        console.print(study.summary, markup=False, highlight=False)
+        if out is not None:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            partial = out.with_name(f".{out.name}.partial-{os.getpid()}")
+            partial.write_text(text)
+            os.replace(partial, out)  # a reader never sees half a file
+            console.print(f"study: {out}")

@@ -1,0 +1,426 @@
+"""The merge benchmark: every applicable data-free method of the registry on a zoo.
+
+For each zoo seed, each method's hyperparameters are picked from a small grid by the average
+validation accuracy over the zoo's tasks (each task scored with its own head), and the chosen
+merge is reported on the test split. Baselines: the pretrained encoder with each task's
+fine-tuned head (the floor), with a linear probe per task (the cheap alternative a user has),
+and each task's own fine-tuned model. Rows are aggregated over seeds (mean and sample std).
+
+Merges go through `mergelab.merge_state_dicts`, the same validation and kernels as
+`mergelab merge`. Grids are data (`GRIDS`); a method without an entry runs at its registry
+defaults (weight 1 per model). Methods that take fewer models than the zoo has tasks (SLERP,
+NuSLERP, NearSwap...) or need data are listed as not applicable.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import re
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mergelab.errors import MergeLabError
+from mergelab.eval.harness import (
+    AggregateRow,
+    ResultCache,
+    aggregate_rows,
+    evaluate_model,
+    markdown_table,
+    summarise,
+    write_report,
+)
+from mergelab.zoo.base import BuiltZoo, StateDict
+
+BASE_NAME = "pretrained"
+FLOOR_ROW = "pretrained + fine-tuned heads"
+PROBE_ROW = "pretrained + linear probe"
+FINETUNED_ROW = "individual fine-tuned"
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class GridPoint:
+    """One setting of a method: global parameters and per-model parameters (same for all)."""
+
+    global_params: Mapping[str, Any] = field(default_factory=dict)
+    model_params: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        items = {**self.model_params, **self.global_params}
+        items.pop("weight", None)
+        return ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in items.items()) or "defaults"
+
+
+def grid(global_axes: Mapping[str, Sequence] | None = None,
+         model_axes: Mapping[str, Sequence] | None = None) -> list[GridPoint]:
+    """The cartesian product of the axes (see `merge_config` for the models' `weight`)."""
+    global_axes = dict(global_axes or {})
+    model_axes = dict(model_axes or {})
+    points = []
+    for model_values in itertools.product(*model_axes.values()):
+        for global_values in itertools.product(*global_axes.values()):
+            points.append(GridPoint(dict(zip(global_axes, global_values)),
+                                    dict(zip(model_axes, model_values))))
+    return points
+
+
+# Small grids (2-4 points), picked on validation. Methods that sum task vectors (normalize off)
+# need lambda well under 1 for five tasks; methods that average them (normalize on, TIES'
+# disjoint mean, TSV, ISO) want lambda/alpha around 1.
+GRIDS: dict[str, list[GridPoint]] = {
+    "linear": grid(),
+    "task_arithmetic": grid({"lambda": [0.3, 0.6, 1.0]}),
+    "ties": grid({"lambda": [1.0, 1.5]}, {"density": [0.2, 0.5]}),
+    "dare_ties": grid({"lambda": [0.3, 0.6]}, {"density": [0.5]}),
+    "dare_linear": grid({"lambda": [0.3, 0.6]}, {"density": [0.5]}),
+    "breadcrumbs": grid({"lambda": [0.3, 0.6]}, {"density": [0.9], "gamma": [0.01]}),
+    "breadcrumbs_ties": grid({"lambda": [0.3, 0.6]}, {"density": [0.9], "gamma": [0.01]}),
+    "della": grid({"lambda": [1.0, 1.5]}, {"density": [0.5], "epsilon": [0.15]}),
+    "della_linear": grid({"lambda": [0.3, 0.6]}, {"density": [0.5], "epsilon": [0.15]}),
+    "sce": grid({"select_topk": [0.2, 1.0]}),
+    "tsv": grid({"lambda": [0.5, 1.0]}),
+    "iso_c": grid({"alpha": [0.7, 1.3]}),
+    "iso_cts": grid({"alpha": [0.7, 1.3]}),
+    "pcb": grid({"lambda": [0.7, 1.2]}),
+    "magmax": grid({"lambda": [0.5, 1.0]}),
+}
+# Methods of the registry that are not merges of several fine-tunes.
+NOT_BENCHMARKED = {"passthrough": "copies one model"}
+
+
+def _method_objects():
+    from mergelab.methods import list_methods
+
+    return list_methods("*")
+
+
+def applicable_methods(num_models: int) -> tuple[list[str], dict[str, str]]:
+    """(methods to run, {method: why not}) for a zoo of `num_models` fine-tunes."""
+    run, skipped = [], {}
+    for method in _method_objects():
+        needs = tuple(getattr(method, "needs", ()) or ())
+        if method.name in NOT_BENCHMARKED:
+            skipped[method.name] = NOT_BENCHMARKED[method.name]
+        elif needs:
+            skipped[method.name] = f"needs {', '.join(needs)}"
+        elif num_models < method.min_models or (method.max_models is not None and num_models > method.max_models):
+            most = "any number" if method.max_models is None else str(method.max_models)
+            skipped[method.name] = f"takes {method.min_models}-{most} models, the zoo has {num_models}"
+        else:
+            run.append(method.name)
+    return run, skipped
+
+
+def grid_for(method_name: str) -> list[GridPoint]:
+    """The method's grid, or one point at its registry defaults."""
+    return GRIDS.get(method_name, [GridPoint()])
+
+
+def merge_config(method_name: str, point: GridPoint, tasks: Sequence[str]) -> dict:
+    """The mergekit-style config of one merge of the zoo's fine-tunes (names are state dicts).
+
+    Methods with a per-model `weight` get weight 1 for every model unless the point sets it.
+    """
+    from mergelab.methods import get_method
+
+    method = get_method(method_name)
+    model_params = dict(point.model_params)
+    if method.param("weight") is not None:
+        model_params.setdefault("weight", 1.0)
+    config: dict[str, Any] = {
+        "merge_method": method_name,
+        "models": [{"model": t, "parameters": dict(model_params)} for t in tasks],
+        "parameters": dict(point.global_params),
+        "dtype": "float32",
+    }
+    if method.base != "none":
+        config["base_model"] = BASE_NAME
+    return config
+
+
+def merge_zoo(built: BuiltZoo, method_name: str, point: GridPoint,
+              tasks: Sequence[str] | None = None) -> StateDict:
+    """Merge the zoo's fine-tuned encoders (of `tasks`, default all) with one grid point."""
+    import mergelab
+
+    tasks = list(built.tasks if tasks is None else tasks)
+    sources = {BASE_NAME: built.pretrained, **{t: built.finetuned[t] for t in tasks}}
+    return mergelab.merge_state_dicts(merge_config(method_name, point, tasks), sources, seed=built.seed)
+
+
+@dataclass
+class MethodOutcome:
+    method: str
+    chosen: str
+    validation: float | None
+    test: dict[str, float]
+    seconds: float
+    grid_scores: list[tuple[str, float]]
+
+
+@dataclass
+class SeedResult:
+    """One zoo seed: test accuracy per model row, and how each method was chosen."""
+
+    zoo: str
+    recipe: str
+    seed: int
+    results: dict[str, dict[str, float]]
+    outcomes: dict[str, MethodOutcome]
+    failures: dict[str, str]
+    seconds: float
+
+
+def _mean(values: Iterable[float]) -> float:
+    values = list(values)
+    return sum(values) / len(values)
+
+
+def run_seed(built: BuiltZoo, methods: Sequence[str], *, cache: ResultCache | None = None,
+             log: Log = lambda _: None) -> SeedResult:
+    """Baselines and every method of `methods` on one built zoo (see the module docstring)."""
+    started = time.perf_counter()
+    ev, tasks = built.evaluator, list(built.tasks)
+    results: dict[str, dict[str, float]] = {
+        FLOOR_ROW: evaluate_model(ev, built.pretrained, built.heads, tasks=tasks, cache=cache),
+        PROBE_ROW: evaluate_model(ev, built.pretrained, built.probe_heads, tasks=tasks, cache=cache),
+        FINETUNED_ROW: {
+            t: evaluate_model(ev, built.finetuned[t], {t: built.heads[t]}, cache=cache)[t] for t in tasks
+        },
+    }
+    log(f"  baselines: probe {100 * _mean(results[PROBE_ROW].values()):.1f}%, fine-tuned "
+        f"{100 * _mean(results[FINETUNED_ROW].values()):.1f}%")
+    outcomes: dict[str, MethodOutcome] = {}
+    failures: dict[str, str] = {}
+    for name in methods:
+        tick = time.perf_counter()
+        points = grid_for(name)
+        best: tuple[float, int, StateDict] | None = None
+        scores: list[tuple[str, float]] = []
+        try:
+            for index, point in enumerate(points):
+                merged = merge_zoo(built, name, point)
+                if len(points) == 1:
+                    best = (float("nan"), index, merged)
+                    break
+                score = _mean(evaluate_model(ev, merged, built.heads, tasks=tasks, split="validation",
+                                             cache=cache).values())
+                scores.append((point.label, score))
+                if best is None or score > best[0]:
+                    best = (score, index, merged)
+                del merged
+        except MergeLabError as exc:
+            failures[name] = " ".join(str(exc).split())
+            log(f"  {name}: failed: {failures[name]}")
+            continue
+        assert best is not None  # every grid has a point
+        score, index, merged = best
+        test = evaluate_model(ev, merged, built.heads, tasks=tasks, cache=cache)
+        results[name] = test
+        outcomes[name] = MethodOutcome(name, points[index].label, None if len(points) == 1 else score,
+                                       test, time.perf_counter() - tick, scores)
+        log(f"  {name} ({points[index].label}): test {100 * _mean(test.values()):.1f}% "
+            f"[{time.perf_counter() - tick:.0f} s]")
+    return SeedResult(built.zoo, built.recipe, built.seed, results, outcomes, failures,
+                      time.perf_counter() - started)
+
+
+def aggregate(seed_results: Sequence[SeedResult]) -> list[AggregateRow]:
+    """Rows over seeds; notes say which grid point each seed chose."""
+    per_seed = [
+        summarise(r.results, finetuned=r.results[FINETUNED_ROW], probe=r.results[PROBE_ROW])
+        for r in seed_results
+    ]
+    chosen: dict[str, list[str]] = {}
+    for r in seed_results:
+        for name, outcome in r.outcomes.items():
+            if len(grid_for(name)) > 1:
+                chosen.setdefault(name, []).append(outcome.chosen)
+    return aggregate_rows(per_seed, {name: " / ".join(labels) for name, labels in chosen.items()})
+
+
+def ordering_statement(rows: Sequence[AggregateRow]) -> str:
+    """Whether the published ordering TIES >= task arithmetic >= simple average holds here."""
+    by = {r.name: r.average.mean for r in rows}
+    if not all(k in by for k in ("ties", "task_arithmetic", "linear")):
+        return "ordering not checked (TIES, task arithmetic or the simple average was not run)"
+    ties, ta, avg = by["ties"], by["task_arithmetic"], by["linear"]
+    holds = ties >= ta >= avg
+    parts = f"TIES {100 * ties:.1f}, task arithmetic {100 * ta:.1f}, simple average {100 * avg:.1f}"
+    return f"published ordering TIES >= task arithmetic >= average {'holds' if holds else 'does NOT hold'} ({parts})"
+
+
+# --- docs/benchmarks.md ------------------------------------------------------------------------------
+
+
+def section_markers(zoo: str) -> tuple[str, str]:
+    return f"<!-- mergelab-bench:{zoo}:start -->", f"<!-- mergelab-bench:{zoo}:end -->"
+
+
+def replace_section(document: str, zoo: str, body: str) -> str:
+    """`document` with the text between `zoo`'s markers replaced by `body` (appended if absent)."""
+    start, end = section_markers(zoo)
+    block = f"{start}\n{body.rstrip()}\n{end}"
+    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.DOTALL)
+    if pattern.search(document):
+        return pattern.sub(lambda _: block, document, count=1)
+    return document.rstrip() + "\n\n" + block + "\n"
+
+
+def update_docs(path: str | Path, zoo: str, body: str) -> None:
+    """Replace (or append) `zoo`'s section of the markdown file at `path`, atomically."""
+    path = Path(path)
+    document = path.read_text() if path.is_file() else "# Benchmarks\n"
+    temporary = path.with_suffix(path.suffix + ".tmp")
+    temporary.write_text(replace_section(document, zoo, body))
+    os.replace(temporary, path)
+
+
+@dataclass
+class BenchReport:
+    zoo: str
+    recipes: dict[str, list[AggregateRow]]
+    seeds: list[int]
+    seed_results: dict[str, list[SeedResult]]
+    skipped: dict[str, str]
+    wall_seconds: float
+    build_seconds: float
+    markdown: str
+    files: dict[str, dict[str, Path]]
+
+
+def run_bench(
+    zoo_name: str,
+    *,
+    recipes: Sequence[str] | None = None,
+    seeds: Sequence[int] = (0, 1),
+    methods: Sequence[str] | None = None,
+    out_dir: str | Path | None = None,
+    docs_path: str | Path | None = None,
+    command: str = "",
+    zoo_options: Mapping[str, Any] | None = None,
+    cache: ResultCache | None = None,
+    progress: bool = True,
+    log: Log = print,
+) -> BenchReport:
+    """Build (or load) the zoo for every recipe and seed, run the methods, write the reports.
+
+    methods: names to run (default: every applicable data-free method); an unknown or
+        inapplicable name raises MergeLabError before anything is built.
+    out_dir: where `<zoo>-<recipe>.json/.md/.png` go (default: no files).
+    docs_path: a markdown file whose `<zoo>` section (between markers) gets the tables.
+    """
+    from mergelab.zoo.registry import get_zoo
+
+    started = time.perf_counter()
+    zoo = get_zoo(zoo_name, **dict(zoo_options or {}))
+    recipes = list(recipes or zoo.recipes)
+    bad = [r for r in recipes if r not in zoo.recipes]
+    if bad:
+        raise MergeLabError(f"unknown recipe(s) {bad} for zoo {zoo_name!r}; recipes: {list(zoo.recipes)}")
+    if not seeds:
+        raise MergeLabError("give at least one seed")
+    runnable, skipped = applicable_methods(len(zoo.tasks()))
+    if methods:
+        from mergelab.methods import get_method
+
+        for name in methods:
+            try:
+                get_method(name)
+            except KeyError as exc:
+                raise MergeLabError(str(exc.args[0])) from None
+            if name in skipped:
+                raise MergeLabError(f"method {name!r} does not apply to this zoo: {skipped[name]}")
+        runnable = [m for m in methods]
+    results: dict[str, list[SeedResult]] = {}
+    build_seconds = 0.0
+    built = None
+    for recipe in recipes:
+        for seed in seeds:
+            log(f"{zoo_name} zoo, recipe {recipe}, seed {seed}")
+            tick = time.perf_counter()
+            built = zoo.build(recipe=recipe, seed=seed, progress=progress)
+            build_seconds += time.perf_counter() - tick
+            results.setdefault(recipe, []).append(run_seed(built, runnable, cache=cache, log=log))
+    rows = {recipe: aggregate(seed_results) for recipe, seed_results in results.items()}
+    wall = time.perf_counter() - started
+    markdown = bench_markdown(zoo_name, rows, results, skipped, seeds, wall, build_seconds, command, built)
+    files: dict[str, dict[str, Path]] = {}
+    if out_dir is not None:
+        for recipe, recipe_rows in rows.items():
+            files[recipe] = write_report(
+                recipe_rows, out_dir, title=f"{zoo_name} zoo, recipe {recipe}",
+                facts={"seeds": list(seeds), "wall_seconds": wall, "command": command,
+                       "failures": {str(r.seed): r.failures for r in results[recipe]}},
+                stem=f"{zoo_name}-{recipe}",
+            )
+    if docs_path is not None:
+        update_docs(docs_path, zoo_name, markdown)
+    return BenchReport(zoo_name, rows, list(seeds), results, skipped, wall, build_seconds, markdown, files)
+
+
+def bench_markdown(
+    zoo_name: str,
+    rows: Mapping[str, Sequence[AggregateRow]],
+    results: Mapping[str, Sequence[SeedResult]],
+    skipped: Mapping[str, str],
+    seeds: Sequence[int],
+    wall: float,
+    build_seconds: float,
+    command: str,
+    built_sample: BuiltZoo | None,
+) -> str:
+    """The docs section: command, wall time, one table per recipe, the ordering check."""
+    lines = [
+        f"## Merge benchmark: {zoo_name} zoo",
+        "",
+        f"Reproduce: `{command or f'mergelab bench --zoo {zoo_name}'}`",
+        "",
+        f"Wall time {wall / 60:.1f} min (of which building or loading the zoo {build_seconds / 60:.1f} min), "
+        f"{len(seeds)} fine-tuning seed(s) ({', '.join(map(str, seeds))}), CPU "
+        f"({torch.get_num_threads()} torch thread(s)) on a machine shared with other jobs.",
+        "",
+        "Test accuracy in %, `mean ± std` over seeds; each task is scored with its own head on the "
+        "merged encoder. normalised = accuracy / the task's fine-tuned accuracy; gain kept = "
+        "(accuracy - probe) / (fine-tuned - probe), both averaged over tasks. Hyperparameters "
+        "were picked on the validation split from the grid in `mergelab.eval.bench.GRIDS` "
+        "(last column: the choice per seed).",
+        "",
+    ]
+    for recipe, recipe_rows in rows.items():
+        lines += [f"### recipe `{recipe}`", "", markdown_table(recipe_rows), ordering_statement(recipe_rows) + ".", ""]
+        failures = {name: why for r in results[recipe] for name, why in r.failures.items()}
+        if failures:
+            lines += ["Failed merges: " + "; ".join(f"`{k}`: {v}" for k, v in failures.items()), ""]
+        merge_seconds = {name: _mean(r.outcomes[name].seconds for r in results[recipe] if name in r.outcomes)
+                         for name in results[recipe][0].outcomes}
+        if merge_seconds:
+            lines += ["Seconds per method (grid merges + evaluations, mean over seeds): "
+                      + ", ".join(f"{k} {v:.0f}" for k, v in merge_seconds.items()), ""]
+    if skipped:
+        lines += ["Not applicable: " + "; ".join(f"`{k}` ({v})" for k, v in sorted(skipped.items())), ""]
+    sample = built_sample
+    if sample is not None and sample.info.get("data"):
+        data = sample.info["data"]
+        lines += ["Data: " + ("; ".join(data) if isinstance(data, list) else str(data)) + ".", ""]
+    if sample is not None and sample.info.get("model"):
+        lines += [f"Model: {sample.info['model']}.", ""]
+    settings = sample.info.get("settings") if sample is not None else None
+    if isinstance(settings, Mapping):
+        flat = []
+        for key, value in settings.items():
+            if isinstance(value, Mapping):
+                flat.append(f"{key} " + "/".join(str(v) for v in value.values() if not isinstance(v, float) or v >= 1))
+            elif isinstance(value, (list, tuple)):
+                flat.append(f"{key} " + ",".join(map(str, value)))
+            else:
+                flat.append(f"{key} {value}")
+        lines += ["Zoo settings: " + "; ".join(flat) + ".", ""]
+    return "\n".join(lines)

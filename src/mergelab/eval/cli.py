@@ -1,0 +1,78 @@
+"""`mergelab bench`: the merge benchmark on a zoo (see mergelab.eval.bench)."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from mergelab.errors import MergeLabError
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def parse_seeds(text: str) -> list[int]:
+    """"0,1" or "0-2" -> [0, 1] / [0, 1, 2]; raises MergeLabError on anything else."""
+    seeds: list[int] = []
+    for part in (p.strip() for p in text.split(",")):
+        try:
+            if "-" in part[1:]:
+                low, high = part.split("-", 1) if not part.startswith("-") else (part, part)
+                seeds.extend(range(int(low), int(high) + 1))
+            elif part:
+                seeds.append(int(part))
+        except ValueError:
+            raise MergeLabError(f"--seeds: {part!r} is not an integer or a range like 0-2") from None
+    if not seeds:
+        raise MergeLabError("--seeds: give at least one seed, e.g. 0,1")
+    return seeds
+
+
+def _names(text: str | None) -> list[str] | None:
+    return [n.strip() for n in text.split(",") if n.strip()] if text else None
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def bench(
+        zoo: str = typer.Option(..., help="Zoo name: text, vision or mlp (the unit-test zoo)."),
+        recipe: str | None = typer.Option(None, help="Fine-tuning recipe(s), comma-separated (default: all)."),
+        seeds: str = typer.Option("0,1", help="Zoo fine-tuning seeds, e.g. 0,1 or 0-2."),
+        methods: str | None = typer.Option(None, help="Merge methods, comma-separated (default: every applicable data-free one)."),
+        out_dir: Path = typer.Option(Path("bench-results"), help="Folder for the JSON, markdown and PNG results."),
+        docs: Path | None = typer.Option(None, help="Markdown file whose section for this zoo gets the tables (e.g. docs/benchmarks.md)."),
+        threads: int = typer.Option(1, help="torch CPU threads."),
+        cache: bool = typer.Option(True, help="Reuse evaluation results cached by a hash of the weights."),
+        progress: bool = typer.Option(True, help="Show progress bars while fine-tuning."),
+    ) -> None:
+        """Merge a zoo's fine-tunes with every method; report test accuracy per task."""
+        import torch
+
+        from mergelab.eval.bench import run_bench
+        from mergelab.eval.harness import default_result_cache
+
+        torch.set_num_threads(threads)
+        command = "mergelab " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+        try:
+            report = run_bench(
+                zoo,
+                recipes=_names(recipe),
+                seeds=parse_seeds(seeds),
+                methods=_names(methods),
+                out_dir=out_dir,
+                docs_path=docs,
+                command=command,
+                cache=default_result_cache() if cache else None,
+                progress=progress,
+                log=console.print,
+            )
+        except MergeLabError as exc:
+            err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+            raise typer.Exit(code=1) from None
+        console.print(report.markdown, markup=False, highlight=False)
+        for recipe_name, files in report.files.items():
+            console.print(f"{recipe_name}: " + ", ".join(str(p) for p in files.values()))

@@ -1,0 +1,270 @@
+"""Data-aware merges: their pure kernels and their registry declarations.
+
+These methods need statistics of each model on data (Gram matrices, Fisher information) or an
+optimisation on data, so they are not per-tensor kernels of checkpoints alone: they run through
+`mergelab.data_merge` (mergelab.datamerge), which collects the statistics with mergelab.stats and
+then calls the closed forms below tensor by tensor. They are declared here, in the same
+registry as every other method, with `needs=("data",)` so listing, docs and config validation
+know them; a data-free merge refuses them with a message saying what to add.
+
+- RegMean: Jin et al. 2023, https://arxiv.org/abs/2212.09849
+- RegMean++: Nguyen et al. 2025, https://arxiv.org/abs/2508.03121
+- Fisher merging: Matena & Raffel 2022, https://arxiv.org/abs/2111.09832
+- AdaMerging: Yang et al. 2024, https://arxiv.org/abs/2310.02575
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+
+import torch
+
+from mergelab.errors import MergeError
+from mergelab.methods.registry import MergeMethod, Param, TensorMerge, register
+
+
+class SingularGramWarning(UserWarning):
+    """A layer's summed Gram matrix was singular and was regularised (the layer is named)."""
+
+
+# --- RegMean ---------------------------------------------------------------------------------------
+
+
+def scale_off_diagonal(gram: torch.Tensor, alpha: float) -> torch.Tensor:
+    """alpha * G + (1 - alpha) * diag(G): RegMean's shrinkage of the non-diagonal entries.
+
+    With alpha = 1 the merge is the exact least-squares solution of the joint data; with
+    alpha = 0 it is a per-input-feature weighted average (Jin et al., section 3.3). Works on a
+    batch of Grams [..., d, d].
+    """
+    if alpha == 1.0:
+        return gram
+    diagonal = torch.diag_embed(torch.diagonal(gram, dim1=-2, dim2=-1))
+    return alpha * gram + (1.0 - alpha) * diagonal
+
+
+def regmean_solve(
+    weights: Sequence[torch.Tensor],
+    grams: Sequence[torch.Tensor],
+    *,
+    alpha: float = 0.9,
+    regularization: float = 1e-6,
+    name: str = "",
+) -> torch.Tensor:
+    """RegMean's closed form for one linear map: W = (sum_i G_i)^-1 sum_i G_i W_i.
+
+    weights: each model's weight [out, in], or [groups, out/groups, in/groups*kernel] for
+        grouped convolutions (one system per group). W_i maps inputs x to W_i x, so the
+        regression target of model i on its inputs X_i is X_i W_i^T and the merged W minimises
+        sum_i ||X_i W^T - X_i W_i^T||^2 (Jin et al., eq. 2).
+    grams: each model's input Gram X_i^T X_i, [in, in] or [groups, in, in] (float64 preferred).
+    alpha: scales the non-diagonal entries of every Gram (see `scale_off_diagonal`).
+    regularization: when sum_i G_i is singular (an input feature no model's data ever
+        activates), `regularization * mean(diag)` is added to its diagonal, pulling the
+        undetermined directions to the simple average; a SingularGramWarning names the layer.
+    Returns the merged weight in the first weight's dtype and shape.
+    """
+    if len(weights) != len(grams) or not weights:
+        raise MergeError(f"`{name}`: RegMean needs one Gram per model; got {len(grams)} for {len(weights)}")
+    work = torch.float64
+    scaled = [scale_off_diagonal(g.to(work), alpha) for g in grams]
+    gram_sum = torch.stack(scaled).sum(0)
+    # rhs = sum_i G_i W_i^T: [..., in, out]
+    rhs = sum(g @ w.to(work).transpose(-1, -2) for g, w in zip(scaled, weights, strict=True))
+    factor, info = torch.linalg.cholesky_ex(gram_sum)
+    if bool((info != 0).any()):
+        mean_diag = torch.diagonal(gram_sum, dim1=-2, dim2=-1).mean(-1).clamp(min=1e-12)
+        ridge = (regularization * mean_diag)[..., None, None] * torch.eye(
+            gram_sum.shape[-1], dtype=work, device=gram_sum.device
+        )
+        average = torch.stack([w.to(work) for w in weights]).mean(0).transpose(-1, -2)
+        warnings.warn(
+            f"RegMean: the summed Gram of layer `{name or '?'}` is singular; added "
+            f"{regularization:g} x mean(diag) to its diagonal (undetermined directions fall "
+            "back to the average)",
+            SingularGramWarning,
+            stacklevel=2,
+        )
+        gram_sum = gram_sum + ridge
+        rhs = rhs + ridge @ average
+        factor, info = torch.linalg.cholesky_ex(gram_sum)
+        if bool((info != 0).any()):
+            raise MergeError(f"`{name}`: the regularised Gram is still not positive definite")
+    solution = torch.cholesky_solve(rhs, factor)
+    merged = solution.transpose(-1, -2)
+    if not torch.isfinite(merged).all():
+        raise MergeError(f"`{name}`: RegMean produced non-finite values")
+    return merged.to(weights[0].dtype)
+
+
+def count_weighted_rows(weights: Sequence[torch.Tensor], counts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """RegMean for an embedding table: its input is a one-hot token, whose Gram is the diagonal
+    of token counts, so the closed form is a per-row average weighted by how often each model's
+    data used that token. Rows no data used take the plain average."""
+    table = torch.stack([w.double() for w in weights])  # [models, vocab, dim]
+    c = torch.stack([x.double() for x in counts])  # [models, vocab]
+    total = c.sum(0)
+    weighted = (c[..., None] * table).sum(0) / total.clamp(min=1e-300)[:, None]
+    merged = torch.where(total[:, None] > 0, weighted, table.mean(0))
+    return merged.to(weights[0].dtype)
+
+
+# --- Fisher merging -------------------------------------------------------------------------------
+
+
+def fisher_average(
+    tensors: Sequence[torch.Tensor],
+    fishers: Sequence[torch.Tensor],
+    *,
+    model_weights: Sequence[float] | None = None,
+    floor: float = 1e-6,
+) -> torch.Tensor:
+    """Matena & Raffel's merge of one tensor: sum_i w_i F_i theta_i / sum_i w_i F_i.
+
+    floor: added to every Fisher entry, so an entry no model's data informs (all F = 0) becomes
+        the weighted average instead of 0/0.
+    """
+    if len(tensors) != len(fishers) or not tensors:
+        raise MergeError("Fisher merging needs one Fisher per model")
+    weights = model_weights or [1.0] * len(tensors)
+    num = torch.zeros_like(tensors[0], dtype=torch.float64)
+    den = torch.zeros_like(tensors[0], dtype=torch.float64)
+    for w, t, f in zip(weights, tensors, fishers, strict=True):
+        weight = w * (f.double() + floor)
+        num += weight * t.double()
+        den += weight
+    return (num / den).to(tensors[0].dtype)
+
+
+# --- declarations ---------------------------------------------------------------------------------
+
+
+def _needs_data(task: TensorMerge) -> torch.Tensor:
+    raise MergeError(
+        f"`{task.name}`: this method needs data; run it through mergelab.data_merge or give the "
+        "config a `data:` section"
+    )
+
+
+_ALPHA = Param(
+    "alpha",
+    float,
+    0.9,
+    "Scale of the non-diagonal Gram entries (1: exact least squares; 0: diagonal, a "
+    "per-feature weighted average). Jin et al. tune it in [0, 1]; 0.9 is their usual choice.",
+    low=0.0,
+    high=1.0,
+)
+_REGULARIZATION = Param(
+    "regularization",
+    float,
+    1e-6,
+    "Added to the diagonal of a singular summed Gram, relative to its mean diagonal "
+    "(a warning names the layer).",
+    low=0.0,
+)
+_AVERAGE_GRAMS = Param(
+    "average_grams",
+    bool,
+    False,
+    "Divide each model's Grams by its number of rows first (equal say per model whatever its "
+    "amount of data); false sums them, the joint least-squares problem of the paper.",
+)
+_SCALING = Param(
+    "scaling",
+    float,
+    1.0,
+    "mergelab extension (not in the paper): multiply the merged task vector (merge - base) by "
+    "this, as task arithmetic's lambda; 1 is the paper's RegMean. Other values need the base.",
+    low=0.0,
+)
+_ADA = (
+    Param("steps", int, 500, "Optimisation steps (the paper: 500).", low=1),
+    Param("lr", float, 1e-3, "Adam learning rate of the coefficients (the paper: 1e-3).", low=0.0),
+    Param("init", float, 0.3, "Initial coefficient of every task vector (the paper: 0.3).", low=0.0),
+    Param("clamp", bool, True, "Keep coefficients in [0, 1] after every step, as the paper's code."),
+)
+
+register(
+    MergeMethod(
+        name="regmean",
+        title="RegMean: regression mean of linear layers from input Gram matrices",
+        paper="Jin et al. 2023, Dataless Knowledge Fusion by Merging Weights of Language Models",
+        url="https://arxiv.org/abs/2212.09849",
+        kernel=_needs_data,
+        params=(_ALPHA, _REGULARIZATION, _AVERAGE_GRAMS, _SCALING),
+        base="optional",
+        min_models=2,
+        needs=("data",),
+    )
+)
+register(
+    MergeMethod(
+        name="regmean_plusplus",
+        title="RegMean++: RegMean with Grams collected in the partially merged model",
+        paper="Nguyen et al. 2025, RegMean++: Enhancing Effectiveness and Generalization of "
+        "Regression Mean for Model Merging",
+        url="https://arxiv.org/abs/2508.03121",
+        kernel=_needs_data,
+        params=(_ALPHA, _REGULARIZATION, _AVERAGE_GRAMS, _SCALING),
+        base="optional",
+        min_models=2,
+        needs=("data",),
+    )
+)
+register(
+    MergeMethod(
+        name="fisher",
+        title="Fisher merging: parameters averaged with diagonal Fisher weights",
+        paper="Matena & Raffel 2022, Merging Models with Fisher-Weighted Averaging",
+        url="https://arxiv.org/abs/2111.09832",
+        kernel=_needs_data,
+        params=(
+            Param("weight", float, 1.0, "Scalar weight of the model.", per_model=True, low=0.0),
+            Param(
+                "fisher_floor",
+                float,
+                1e-6,
+                "Added to every Fisher entry (entries no data informs are averaged).",
+                low=0.0,
+            ),
+            Param(
+                "normalize",
+                bool,
+                True,
+                "Divide each model's Fisher by its mean over all parameters, so a model whose "
+                "loss is flatter overall does not lose every coordinate.",
+            ),
+        ),
+        base="none",
+        min_models=2,
+        needs=("data",),
+    )
+)
+register(
+    MergeMethod(
+        name="adamerging_taskwise",
+        title="AdaMerging (task-wise): one learned coefficient per task vector",
+        paper="Yang et al. 2024, AdaMerging: Adaptive Model Merging for Multi-Task Learning",
+        url="https://arxiv.org/abs/2310.02575",
+        kernel=_needs_data,
+        params=_ADA,
+        base="required",
+        min_models=1,
+        needs=("data",),
+    )
+)
+register(
+    MergeMethod(
+        name="adamerging_layerwise",
+        title="AdaMerging (layer-wise): one learned coefficient per task vector and tensor",
+        paper="Yang et al. 2024, AdaMerging: Adaptive Model Merging for Multi-Task Learning",
+        url="https://arxiv.org/abs/2310.02575",
+        kernel=_needs_data,
+        params=_ADA,
+        base="required",
+        min_models=1,
+        needs=("data",),
+    )
+)

