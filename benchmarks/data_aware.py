@@ -286,13 +286,16 @@ def run(args: argparse.Namespace) -> str:
     if args.docs:
         path = Path(args.docs)
         document = path.read_text() if path.is_file() else "# Benchmarks\n"
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(replace_section(document, f"data-aware-{args.zoo}", body))
+        # A run limited to some recipes gets a section of its own, so runs can go in parallel.
+        key = f"data-aware-{args.zoo}" + (f"-{'-'.join(recipes)}" if args.recipes else "")
+        tmp = path.with_suffix(f".{key}.tmp")
+        tmp.write_text(replace_section(document, key, body))
         os.replace(tmp, path)
     out = REPO / "benchmarks" / "_work"
     out.mkdir(parents=True, exist_ok=True)
     record["wall_seconds"] = wall
-    (out / f"data_aware-{args.zoo}.json").write_text(json.dumps(record, indent=1) + "\n")
+    suffix = f"-{'-'.join(recipes)}" if args.recipes else ""
+    (out / f"data_aware-{args.zoo}{suffix}.json").write_text(json.dumps(record, indent=1) + "\n")
     return body
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -117,6 +119,8 @@ def test_run_bench_writes_reports_and_docs_section(tmp_path):
     assert "Not applicable: " in text and "`slerp`" in text
     for kind in ("json", "md", "png"):
         assert (tmp_path / "out" / f"mlp-joint.{kind}").is_file()
+    seed1 = json.loads((tmp_path / "out" / "mlp-joint-seed1.json").read_text())
+    assert seed1["seed"] == 1 and set(seed1["results"]["ties"]) == {"parity", "low_high", "mod3", "loops"}
 
 
 def test_run_bench_bad_input():

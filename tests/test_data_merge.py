@@ -105,6 +105,11 @@ def test_singular_gram_is_regularised_with_a_warning_naming_the_layer():
     average = (sds["m0"]["0.weight"] + sds["m1"]["0.weight"]) / 2
     assert torch.allclose(merged[:, 2], average[:, 2], atol=1e-4)  # falls back to the average
     assert torch.isfinite(merged).all()
+    # The kernel alone names the layer it was given.
+    w = torch.ones(1, 2, dtype=torch.float64)
+    with pytest.warns(SingularGramWarning, match="layer `encoder.fc`"):
+        out = regmean_solve([w, 3 * w], [torch.zeros(2, 2, dtype=torch.float64)] * 2, name="encoder.fc")
+    assert torch.allclose(out, 2 * w)  # no data at all: the average
 
 
 def test_regmean_on_convolutions_and_embeddings_recovers_joint_least_squares():
@@ -457,3 +462,10 @@ def test_zoo_adapter_on_the_mlp_zoo_feeds_every_method():
         assert min(scores.values()) > 0.6, (method, scores)  # a working encoder, not a broken one
         assert set(result.state_dict) == set(built.pretrained)
     assert min(probe.values()) > 0.6
+    from mergelab.datamerge.zoos import merge_zoo_with_data
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SingularGramWarning)
+        direct = merge_zoo_with_data(built, "regmean", examples=100, alpha=0.5)
+    assert direct.examples == {"parity": 100, "low_high": 100}
+    assert set(direct.state_dict) == set(built.pretrained)

@@ -324,3 +324,12 @@ def test_in_memory_merge_never_modifies_the_callers_tensors(method):
     )
     for k in sds:
         assert torch.equal(sds[k]["w"], before[k]), k
+
+
+def test_batchnorm_step_counters_may_differ_and_keep_the_first_models_value():
+    a, b = _layered([1, 1, 1]), _layered([3, 3, 3])
+    a["bn.num_batches_tracked"] = torch.tensor(10)
+    b["bn.num_batches_tracked"] = torch.tensor(99)
+    config = {"merge_method": "linear", "models": [{"model": "a"}, {"model": "b"}], "parameters": {"weight": 1.0}}
+    out = merge_state_dicts(config, {"a": a, "b": b})
+    assert int(out["bn.num_batches_tracked"]) == 10

@@ -16,6 +16,7 @@ from mergelab.stats import (
     collect_fisher,
     collect_grams,
     estimate_gram_bytes,
+    load_fisher,
     load_grams,
     with_head,
 )
@@ -199,6 +200,17 @@ def test_fisher_equals_per_example_squared_gradients(mode):
     F.cross_entropy(model(x), y, reduction="sum").backward()
     batch_sq = model[0].weight.grad.square() / 7
     assert not torch.allclose(batch_sq, expected["0.weight"], rtol=1e-3)
+
+
+def test_fisher_on_disk_round_trip(tmp_path):
+    model = nn.Sequential(nn.Linear(3, 2))
+    x = torch.randn(4, 3, generator=_gen(3))
+    stats = collect_fisher(model, [x], target="argmax", out_dir=tmp_path / "fisher")
+    loaded, examples = load_fisher(tmp_path / "fisher")
+    assert examples == 4 and set(loaded) == {"0.weight", "0.bias"}
+    assert torch.equal(loaded["0.weight"], stats.fisher["0.weight"])
+    with pytest.raises(Exception, match="not a Fisher statistics folder"):
+        load_fisher(tmp_path)
 
 
 def test_fisher_argmax_and_sample_targets():

@@ -263,7 +263,7 @@ TINY_DIGITS = ImageTask(
 )
 TINY_SETTINGS = VisionSettings(
     input_size=16, bn_batches_per_task=1, bn_batch_size=32, steps=3, batch_size=16,
-    warmup_steps=1, probe_c=0.1,
+    warmup_steps=1, probe_cs=(0.1, 1.0),
 )  # fmt: skip
 
 
@@ -282,11 +282,11 @@ def test_tiny_zoo_builds_caches_and_keeps_batchnorm_statistics(tmp_path):
     assert not torch.equal(base["features.0.0.weight"], tuned["features.0.0.weight"])
     # LP-FT keeps the probe as the head.
     assert torch.equal(built.heads[task].weight, built.probe_heads[task].weight)
-    # The base's statistics were re-estimated on the task data, not ImageNet's.
+    # The base is the published ImageNet encoder, BatchNorm statistics included.
     from mergelab.zoo.mobilenet import load_imagenet_state_dict
 
     imagenet = load_imagenet_state_dict()
-    assert not torch.equal(base["features.0.1.running_mean"], imagenet["features.0.1.running_mean"])
+    assert all(torch.equal(base[k], imagenet[k]) for k in base)
     probe_acc = built.evaluator.accuracy(base, built.probe_heads[task], task, "validation")
     assert 0.2 < probe_acc <= 1.0  # ten classes: chance is 0.1
     repaired = built.evaluator.reestimate_batchnorm(tuned)
@@ -352,3 +352,52 @@ def test_softmax_probe_matches_scikit_learn():
     assert torch.allclose(ours.bias.double(), torch.as_tensor(theirs.intercept_), atol=1e-4)
     with pytest.raises(ValueError, match="every class"):
         fit_softmax_probe(features, labels % 2, 3)
+
+
+def _two_layer_net() -> nn.Sequential:
+    torch.manual_seed(1)
+    net = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 5, 1), nn.BatchNorm2d(5)
+    )
+    with torch.no_grad():  # statistics that do not standardise the data, as ImageNet's on digits
+        for bn in (net[1], net[4]):
+            bn.running_mean.uniform_(-1, 1)
+            bn.running_var.uniform_(0.5, 3)
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-0.5, 0.5)
+    return net.eval()
+
+
+def test_repair_undoes_a_weight_rescaling_exactly():
+    from mergelab.zoo.batchnorm import normalised_statistics, repair_batchnorm
+
+    net = _two_layer_net()
+    batch = torch.randn(16, 3, 6, 6, generator=torch.Generator().manual_seed(2))
+    reference = net(batch)
+    targets = normalised_statistics(net, [batch])
+    # Shrink the first conv (the variance collapse of a merge, in miniature): outputs change...
+    with torch.no_grad():
+        net[0].weight.mul_(0.3)
+        net[0].bias.mul_(0.3)
+    assert not torch.allclose(net(batch), reference, atol=1e-2)
+    # ...and REPAIR to the old normalised statistics brings them back, in eval mode.
+    repair_batchnorm(net, [batch], targets)
+    assert not net.training
+    assert torch.allclose(net(batch), reference, atol=1e-4)
+
+
+def test_repair_with_own_statistics_is_identity_and_plain_reset_is_not():
+    from mergelab.zoo.batchnorm import average_statistics, normalised_statistics, repair_batchnorm
+
+    net = _two_layer_net()
+    batch = torch.randn(16, 3, 6, 6, generator=torch.Generator().manual_seed(3))
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    own = normalised_statistics(net, [batch])
+    assert average_statistics([own, own])["1"][0].shape == (4,)
+    repair_batchnorm(net, [batch], average_statistics([own, own]))
+    for key, value in before.items():
+        assert torch.allclose(net.state_dict()[key].float(), value.float(), atol=1e-4), key
+    reestimate_batchnorm(net, [batch])  # standardises instead: different statistics
+    assert not torch.allclose(net[1].running_mean, before["1.running_mean"], atol=1e-2)
+    with pytest.raises(ValueError, match="no target statistics"):
+        repair_batchnorm(net, [batch], {"1": own["1"]})

@@ -303,10 +303,9 @@ def _function(ctx: _Context, node: fx.Node, args: list[Any]) -> Any:
     feats = [a for a in args if isinstance(a, Feat)]
     if node.op == "call_method" and target in _NON_FEATURE_METHODS:
         return None
-    if target is getattr or (node.op == "call_function" and target == operator.getitem
-                             and isinstance(args[0], tuple)):  # fmt: skip
-        if target is getattr:
-            return None
+    if target is getattr:  # x.shape and the like: not features
+        return None
+    if target == operator.getitem and isinstance(args[0], tuple):  # one output of a tuple
         return args[0][node.args[1]]
     if not feats:
         return None

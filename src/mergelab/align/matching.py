@@ -76,7 +76,7 @@ def weight_matching(
     Coordinate descent: for one space at a time, with the other spaces' permutations fixed,
     maximise sum over tensors of <W_ref, P W_other> by a linear assignment; repeat over the
     spaces in random order until no permutation changes. Starts from the identity.
-    generator: drives the order of spaces (reproducible runs).
+    generator: shuffles the order of spaces in each sweep (as in the paper); None: spec order.
     """
     check_same_shapes([reference, other])
     spec.check(reference, "reference model")
@@ -88,7 +88,12 @@ def weight_matching(
     oth = {k: v.detach().to(torch.float64) for k, v in other.items() if k in spec.axes}
     for _ in range(max_iter):
         changed = False
-        order = torch.randperm(len(names), generator=generator).tolist()
+        # Without a generator the spaces go in spec order: never the global RNG.
+        order = (
+            torch.randperm(len(names), generator=generator).tolist()
+            if generator is not None
+            else list(range(len(names)))
+        )
         for index in order:
             name = names[index]
             n = sizes[name]
@@ -191,7 +196,8 @@ def weight_matching_many(
     keys = [k for k in state_dicts[0] if k in spec.axes and state_dicts[0][k].is_floating_point()]
     for _ in range(max_rounds):
         moved = False
-        for i in torch.randperm(n, generator=generator).tolist():
+        order = range(n) if generator is None else torch.randperm(n, generator=generator).tolist()
+        for i in order:
             others = [aligned[j] for j in range(n) if j != i]
             mean = {k: sum(o[k].double() for o in others) / len(others) for k in keys}
             found = weight_matching(spec, mean, {k: state_dicts[i][k] for k in keys},

@@ -84,3 +84,39 @@ class ZooData:
                 batch_size=batch_size, max_length=ev._settings.max_length,
             )
         return TaskData(batches, head=self.built.heads[task], forward=self._forward())
+
+
+def merge_zoo_with_data(
+    built: BuiltZoo,
+    method: str,
+    *,
+    examples: int = 256,
+    batch_size: int = 32,
+    split: str | None = None,
+    seed: int = 0,
+    **params,
+):
+    """A data-aware merge of a built zoo's fine-tuned encoders (what the benchmark runner calls).
+
+    split: where the inputs come from; default "train" for statistics (RegMean, RegMean++,
+        Fisher) and "test" (unlabeled) for AdaMerging, as in its paper.
+    Returns the `DataMergeResult` (its `state_dict` holds every encoder tensor).
+    """
+    from mergelab.datamerge import data_merge
+
+    adapter = ZooData(built)
+    tasks = list(built.tasks)
+    chosen = split or ("test" if method.startswith("adamerging") else "train")
+    data = {t: adapter.task_data(t, chosen, examples, batch_size) for t in tasks}
+    result = data_merge(
+        method,
+        adapter.module(),
+        {t: built.finetuned[t] for t in tasks},
+        data,
+        base_state_dict=built.pretrained,
+        fisher_target="sample",
+        generator=torch.Generator().manual_seed(seed),
+        **params,
+    )
+    result.state_dict = {**built.pretrained, **result.state_dict}
+    return result

