@@ -76,6 +76,7 @@ def register(app: typer.Typer) -> None:
         except MergeLabError as exc:
             err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
             raise typer.Exit(code=1) from None
-        console.print(report.markdown, markup=False, highlight=False)
+        # Plain echo: rich would wrap the markdown tables at the terminal width.
+        typer.echo(report.markdown)
         for recipe_name, files in report.files.items():
             console.print(f"{recipe_name}: " + ", ".join(str(p) for p in files.values()))
