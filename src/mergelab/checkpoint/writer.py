@@ -120,6 +120,7 @@ class ShardedWriter:
         self._pending = set(self._shapes)  # planned, not yet started
         self._written: set[str] = set()
         self._rows_left: dict[str, int] = {}  # tensors written block by block
+        self._failure: CheckpointError | None = None  # the error that aborted the writer
         self._state = "open"  # -> "committing" -> "committed", or -> "aborted"
 
         try:
@@ -273,8 +274,11 @@ class ShardedWriter:
                 finally:
                     os.close(fd)
         except OSError as exc:
+            error = self._io_error(exc, f"tensor {name!r}", path)
+            if self._failure is None:
+                self._failure = error
             self.abort()
-            raise self._io_error(exc, f"tensor {name!r}", path) from exc
+            raise error from exc
         except BaseException:
             with self._lock:  # e.g. KeyboardInterrupt: let the caller retry or abort
                 self._pending.add(name)
@@ -323,8 +327,11 @@ class ShardedWriter:
                 finally:
                     os.close(fd)
         except OSError as exc:
+            error = self._io_error(exc, f"tensor {name!r}", path)
+            if self._failure is None:
+                self._failure = error
             self.abort()
-            raise self._io_error(exc, f"tensor {name!r}", path) from exc
+            raise error from exc
         with self._lock:
             if self._rows_left[name] == 0:
                 self._written.add(name)
@@ -465,7 +472,9 @@ class ShardedWriter:
 
     def _check_state(self) -> None:
         if self._state == "aborted":
-            raise CheckpointError(f"writer for {self.out_dir} was aborted")
+            # Writes run on several threads: one that fails after another's error says why.
+            reason = f": {self._failure}" if self._failure is not None else ""
+            raise CheckpointError(f"writer for {self.out_dir} was aborted{reason}")
         if self._state in ("committed", "committing"):
             raise CheckpointError(f"writer for {self.out_dir} was already committed")
 
