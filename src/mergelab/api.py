@@ -62,7 +62,23 @@ def plan_merge(config: str | os.PathLike | Mapping | MergeConfig) -> MergePlan:
     """Validate a config (file path, mapping or MergeConfig) and its sources; return the plan."""
     cfg, config_dir = _read_config(config)
     label = str(config) if isinstance(config, (str, os.PathLike)) else None
-    return build_plan(cfg, _opener(config_dir), source_label=label)
+    return _build(cfg, _opener(config_dir), label, config_dir)
+
+
+def _build(cfg: MergeConfig, open_source, label: str | None, config_dir: Path | None = None) -> MergePlan:
+    if cfg.expert_groups is not None:
+        # Copies inside one model (modality or MoE experts): mergelab.multimodal plans them.
+        from mergelab.multimodal.groups import plan_expert_groups
+
+        grams = cfg.expert_groups.grams
+        if grams is not None and config_dir is not None and not Path(grams).is_absolute():
+            candidate = config_dir / grams
+            if candidate.exists():
+                cfg = cfg.model_copy(
+                    update={"expert_groups": cfg.expert_groups.model_copy(update={"grams": str(candidate)})}
+                )
+        return plan_expert_groups(cfg, open_source, source_label=label)
+    return build_plan(cfg, open_source, source_label=label)
 
 
 def merge(
@@ -89,7 +105,10 @@ def merge(
     Returns a MergeReport (timings, bytes, notes).
     """
     cfg, config_dir = _read_config(config)
-    if cfg.data is not None and not dry_run and _needs_data(cfg.merge_method):
+    if (
+        cfg.data is not None and cfg.expert_groups is None and not dry_run
+        and _needs_data(cfg.merge_method)
+    ):
         from mergelab.datamerge.config import merge_with_data
 
         return merge_with_data(
@@ -195,7 +214,7 @@ def merge_state_dicts(
             raise FileNotFoundError(f"no state dict named {model!r} (given: {known})")
         return StateDictSource(model, state_dicts[model])
 
-    plan = build_plan(cfg, open_source)
+    plan = _build(cfg, open_source, None)
     sink = MemorySink(plan)
     execute(
         plan,

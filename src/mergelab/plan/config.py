@@ -102,6 +102,59 @@ class DataSection(_Frozen):
         return self
 
 
+class ExpertGroupSpec(_Frozen):
+    """Copies of one weight inside a model, one per modality (or expert), merged into one.
+
+    Each member is a name pattern where `*` matches any text (including dots); tensors of the
+    members are paired by what their `*`s match, and `into` (with as many `*`s) names the merged
+    tensor: members `{v: "*.mlp_v.*", l: "*.mlp_l.*"}` with `into: "*.mlp.*"` merge
+    `blocks.0.mlp_v.fc1.weight` and `blocks.0.mlp_l.fc1.weight` into `blocks.0.mlp.fc1.weight`.
+    """
+
+    name: str | None = Field(default=None, description="Label used in messages.")
+    members: dict[str, str] = Field(
+        description="Member name (e.g. v, l, vl) -> name pattern, in merge order."
+    )
+    into: str = Field(description="Name pattern of the merged tensor.")
+    optional: list[str] = Field(
+        default_factory=list,
+        description="Members that some tensors lack (e.g. a VL copy only in the top blocks).",
+    )
+
+
+class ExpertGroupsSection(_Frozen):
+    """Merge groups of copies *inside one model* (modality experts, MoE experts) into one weight.
+
+    The config's single `models` entry is the model holding the copies; `base_model` is the seed
+    checkpoint (for modality arithmetic, TIES and other methods with a base). See
+    mergelab.multimodal.
+    """
+
+    preset: str | None = Field(
+        default=None, description="Named pattern set (see `mergelab multimodal presets`)."
+    )
+    groups: list[ExpertGroupSpec] | None = Field(
+        default=None, description="Groups given explicitly (added to the preset's)."
+    )
+    drop: list[str] = Field(
+        default_factory=list, description="Name patterns of tensors not written (e.g. routers)."
+    )
+    member_parameters: dict[str, Parameters] | None = Field(
+        default=None, description="Per-member parameters of the method (e.g. density per copy)."
+    )
+    grams: str | None = Field(
+        default=None,
+        description="RegMean: statistics folder with the Gram matrix of every member's linear "
+        "layer (mergelab.stats.collect_grams(..., out_dir=...)).",
+    )
+
+    @model_validator(mode="after")
+    def _something_to_merge(self) -> ExpertGroupsSection:
+        if self.preset is None and not self.groups:
+            raise ValueError("give a `preset` or `groups`")
+        return self
+
+
 class MergeConfig(_Frozen):
     """A whole merge. Exactly one of `models` and `slices` is given."""
 
@@ -127,6 +180,10 @@ class MergeConfig(_Frozen):
     data: DataSection | None = Field(
         default=None, description="Data for data-aware methods (regmean, fisher, adamerging...)."
     )
+    expert_groups: ExpertGroupsSection | None = Field(
+        default=None,
+        description="Merge copies of weights inside one model (modality or MoE experts).",
+    )
 
     @model_validator(mode="after")
     def _one_input_form(self) -> MergeConfig:
@@ -136,6 +193,11 @@ class MergeConfig(_Frozen):
             raise ValueError("`models` is empty")
         if self.slices is not None and not self.slices:
             raise ValueError("`slices` is empty")
+        if self.expert_groups is not None and (self.models is None or len(self.models) != 1):
+            raise ValueError(
+                "`expert_groups` merges copies inside one model: give exactly one entry under "
+                "`models` (and the seed checkpoint as `base_model`)"
+            )
         if self.tokenizer_source == "union":
             raise ValueError(
                 "`tokenizer_source: union` (vocabulary merging) is not supported; "
@@ -164,7 +226,10 @@ def _field_names(model: type[BaseModel]) -> list[str]:
 
 _KNOWN_FIELDS = {
     cls: _field_names(cls)
-    for cls in (MergeConfig, ModelEntry, SliceSource, OutputSlice, ConditionalValue, DataSection)
+    for cls in (
+        MergeConfig, ModelEntry, SliceSource, OutputSlice, ConditionalValue, DataSection,
+        ExpertGroupSpec, ExpertGroupsSection,
+    )
 }
 
 
