@@ -216,6 +216,14 @@ def test_multislerp_antipodal_pair_falls_back_to_linear() -> None:
     torch.testing.assert_close(out, base)
 
 
+def test_multislerp_with_every_task_vector_zero_returns_the_base() -> None:
+    # a tensor no model changed (an unused pooler): the base, not an "antipodal" error
+    base = randn(4, 3, seed=5)
+    out = run("multislerp", [base.clone(), base.clone(), base.clone()], base,
+              model_params=weights(0.2, 0.5, 0.3))
+    torch.testing.assert_close(out, base)
+
+
 def test_multislerp_zero_weighted_mean_of_three_is_an_error() -> None:
     a = T([1.0, 0.0])
     with pytest.raises(MergeError, match="weight"):

@@ -172,6 +172,8 @@ def multislerp(
     Edge cases (as mergekit 0.1.5): one tensor is returned unchanged (even with a base); if
     the weighted mean of the unit vectors vanishes (antipodal inputs with balancing weights),
     two tensors fall back to the linear sum w1 x1 + w2 x2, and more raise MergeError.
+    Unlike mergekit, when every task vector is zero (a tensor no model changed, e.g. an unused
+    pooler) the base is returned instead of an error: there is no direction to interpolate.
     """
     if len(tensors) == 1:
         return tensors[0]
@@ -195,6 +197,8 @@ def multislerp(
     if base_flat is not None:
         vectors = [x - base_flat for x in vectors]
     norms = torch.stack([torch.linalg.vector_norm(x) for x in vectors])
+    if base_flat is not None and bool((norms == 0).all()):
+        return base_flat.reshape(shape).clone()
     inv = 1 / (norms + eps)
 
     mean = torch.zeros_like(vectors[0])
