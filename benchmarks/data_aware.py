@@ -138,12 +138,19 @@ def run(args: argparse.Namespace) -> str:
         replace_section,
         run_seed,
     )
-    from mergelab.eval.harness import aggregate_rows, evaluate_model, markdown_table, summarise
+    from mergelab.eval.harness import (
+        aggregate_rows,
+        default_result_cache,
+        evaluate_model,
+        markdown_table,
+        summarise,
+    )
     from mergelab.zoo.registry import get_zoo
 
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    zoo = get_zoo(args.zoo)
+    # The same evaluation subset as `mergelab bench --eval-limit`, so the rows compare.
+    zoo = get_zoo(args.zoo, **({"eval_limit": args.eval_limit} if args.eval_limit else {}))
     recipes = args.recipes.split(",") if args.recipes else list(zoo.recipes)
     seeds = [int(s) for s in args.seeds.split(",")]
     methods = [m for m in args.methods.split(",") if m] if args.methods else list(DATA_AWARE)
@@ -158,7 +165,7 @@ def run(args: argparse.Namespace) -> str:
         for seed in seeds:
             print(f"{args.zoo} zoo, recipe {recipe}, seed {seed}", flush=True)
             built = zoo.build(recipe=recipe, seed=seed, progress=False)
-            seed_result = run_seed(built, list(DATA_FREE), log=print)
+            seed_result = run_seed(built, list(DATA_FREE), log=print, cache=default_result_cache())
             results = dict(seed_result.results)
             adapter = ZooData(built)
             module = adapter.module()
@@ -315,6 +322,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--regmean-scalings", default="1,1.5,2,2.5,3",
                         help="scalings of the merged task vector for the `regmean_scaled` row")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--eval-limit", type=int, default=0,
+                        help="text zoo: score on at most this many validation/test examples per task "
+                             "(as `mergelab bench --eval-limit`; 0: all)")
     parser.add_argument("--docs", default=str(REPO / "docs" / "benchmarks.md"),
                         help="markdown file to update ('' for none)")
     args = parser.parse_args(argv)

@@ -84,6 +84,8 @@ def register(app: typer.Typer) -> None:
         top_k: float = typer.Option(0.2, "--top-k", help="TSSD's kept fraction, in (0, 1]."),
         out: Path = typer.Option(None, "--out", help="Write the study as markdown to this file."),
         progress: bool = typer.Option(True, help="Show progress bars."),
+        eval_limit: int = typer.Option(None, help="Text zoo: score on a seeded subset of at most this many validation/test examples per task."),
+        threads: int = typer.Option(0, help="torch CPU threads (0: torch's default, one per core)."),
     ) -> None:
         """Does a metric predict the merge outcome? Merge every pair of a zoo's tasks and
         rank-correlate each metric with the drop in normalised accuracy (Spearman)."""
@@ -98,8 +100,13 @@ def register(app: typer.Typer) -> None:
 
         console = Console()
         started = time.perf_counter()
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
+        options = {"eval_limit": eval_limit} if eval_limit is not None else {}
         try:
-            built = get_zoo(zoo).build(recipe=recipe, seed=seed, progress=progress)
+            built = get_zoo(zoo, **options).build(recipe=recipe, seed=seed, progress=progress)
             study = pairwise_study(
                 built,
                 [m.strip() for m in methods.split(",") if m.strip()],
