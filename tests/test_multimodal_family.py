@@ -312,7 +312,6 @@ def test_mask_words_never_masks_special_tokens():
 
 
 def test_quick_recipe_end_to_end(tmp_path):
-    pytest.importorskip("mergelab.multimodal.groups")
     settings = quick_settings()
     cache = tmp_path / "cache"
     report = run_recipe(settings, tmp_path / "out", seeds=[0, 1], progress=False, cache_root=cache)
@@ -336,3 +335,17 @@ def test_quick_recipe_end_to_end(tmp_path):
     assert entries and all((p / ".complete").is_file() for p in entries)
     again = run_recipe(settings, tmp_path / "out2", seeds=[0], progress=False, cache_root=cache)
     assert [v["scores"] for v in again["seeds"][0]["variants"]] == [v["scores"] for v in report["seeds"][0]["variants"]]
+
+
+def test_cli_quick_recipe_prints_the_report(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from mergelab.cli import app
+
+    monkeypatch.setenv("MERGELAB_CACHE", str(tmp_path / "cache"))
+    result = CliRunner().invoke(
+        app, ["multimodal", "recipe", "--quick", "--seeds", "0", "--out-dir", str(tmp_path / "out"), "--no-progress"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "| seed + modality_arithmetic" in result.output
+    assert (tmp_path / "out" / "results.md").read_text() in result.output

@@ -212,7 +212,10 @@ def inspect(
 
 # Subcommands of other concerns (evaluation, diagnostics, alignment...) live beside their code:
 # each module here defines `register(app)`. Add a module to this tuple to add its commands.
-_COMMAND_MODULES: tuple[str, ...] = ("mergelab.diagnostics.cli", "mergelab.eval.cli", "mergelab.zoo.cli", "mergelab.datamerge.cli")
+_COMMAND_MODULES: tuple[str, ...] = (
+    "mergelab.diagnostics.cli", "mergelab.eval.cli", "mergelab.zoo.cli", "mergelab.datamerge.cli",
+    "mergelab.multimodal.cli",
+)
 for _module in _COMMAND_MODULES:
     import importlib
 
