@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test demo lint bench-env parity clean
+.PHONY: venv test demo lint bench-env parity data-packages zoo bench multimodal clean
 
 $(STAMP): pyproject.toml constraints.txt Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -43,6 +43,36 @@ $(BENCH_VENV)/.installed: constraints.txt
 
 parity: $(STAMP) bench-env
 	$(PY) benchmarks/parity_mergekit.py
+
+# Debian packages that carry the zoos' data (../shared/DATA.md): WordNet glosses, fortune quotes,
+# Fashion-MNIST. Benchmarks only: `make test` needs none of them (those tests skip, saying so).
+DATA_PACKAGES := wordnet-base fortunes dataset-fashion-mnist
+data-packages:
+	@dpkg -s $(DATA_PACKAGES) >/dev/null 2>&1 || \
+	  { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(DATA_PACKAGES); }
+
+MERGELAB := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(VENV)/bin/mergelab
+SEEDS ?= 0,1
+THREADS ?= 0
+
+# The benchmark zoos (cached under ~/.cache/mergelab/zoo, rebuilt only when missing):
+# MiniLM on five text tasks and MobileNetV2 on three image tasks, both recipes, $(SEEDS).
+zoo: $(STAMP) data-packages
+	$(MERGELAB) zoo build --zoo text --seeds $(SEEDS) --threads $(THREADS)
+	$(MERGELAB) zoo build --zoo vision --seeds $(SEEDS) --threads $(THREADS)
+
+# Every table of docs/benchmarks.md that comes from the zoos: data-free methods on both zoos,
+# the data-aware methods beside them, and the metric-vs-outcome study on the text zoo's pairs.
+bench: zoo
+	$(MERGELAB) bench --zoo text --seeds $(SEEDS) --eval-limit 150 --threads $(THREADS) --no-progress --out-dir bench-results/text --docs docs/benchmarks.md
+	$(MERGELAB) bench --zoo vision --seeds $(SEEDS) --threads $(THREADS) --no-progress --out-dir bench-results/vision --docs docs/benchmarks.md
+	$(MERGELAB) diagnose-study --zoo text --recipe lpft --seed 0 --eval-limit 150 --threads $(THREADS) --no-progress --docs docs/benchmarks.md
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/data_aware.py --zoo text --seeds $(SEEDS) --eval-limit 150 --threads $(THREADS)
+	$(PY) benchmarks/data_aware.py --zoo vision --seeds $(SEEDS) --threads $(THREADS)
+
+# Sung et al.'s multimodal merging study in miniature, into docs/multimodal.md.
+multimodal: $(STAMP) data-packages
+	$(MERGELAB) multimodal recipe --seeds $(SEEDS) --threads $(THREADS) --no-progress --out-dir bench-results/multimodal --docs docs/multimodal.md
 
 clean:
 	rm -rf $(VENV) $(BENCH_VENV) build dist src/*.egg-info

@@ -147,7 +147,8 @@ def run(args: argparse.Namespace) -> str:
     )
     from mergelab.zoo.registry import get_zoo
 
-    torch.set_num_threads(args.threads)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     started = time.perf_counter()
     # The same evaluation subset as `mergelab bench --eval-limit`, so the rows compare.
     zoo = get_zoo(args.zoo, **({"eval_limit": args.eval_limit} if args.eval_limit else {}))
@@ -271,7 +272,7 @@ def run(args: argparse.Namespace) -> str:
         f"Reproduce: `{args.command}`",
         "",
         f"Wall time {wall / 60:.1f} min, seeds {', '.join(map(str, seeds))}, CPU "
-        f"({args.threads} torch thread(s)) on a machine shared with other jobs, so seconds are "
+        f"({torch.get_num_threads()} torch thread(s)) on a machine shared with other jobs, so seconds are "
         "indicative. Test accuracy in %, `mean ± std` over seeds, each task scored with its own "
         "head on the merged encoder; normalised and gain kept as in the data-free tables.",
         "",
@@ -321,7 +322,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="RegMean's alpha picked on validation from these ('0.9': no search)")
     parser.add_argument("--regmean-scalings", default="1,1.5,2,2.5,3",
                         help="scalings of the merged task vector for the `regmean_scaled` row")
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: one per core)")
     parser.add_argument("--eval-limit", type=int, default=0,
                         help="text zoo: score on at most this many validation/test examples per task "
                              "(as `mergelab bench --eval-limit`; 0: all)")

@@ -478,9 +478,13 @@ def test_study_cli_on_a_registered_zoo(tmp_path: Path, monkeypatch):
     monkeypatch.setitem(registry._ZOOS, "fake-diagnostics", FakeZoo)
     out = tmp_path / "study.md"
     args = ["diagnose-study", "--zoo", "fake-diagnostics", "--methods", "task_arithmetic"]
-    result = CliRunner().invoke(app, [*args, "--out", str(out), "--no-progress"])
+    docs = tmp_path / "benchmarks.md"
+    docs.write_text("# Benchmarks\n\nearlier section\n")
+    result = CliRunner().invoke(app, [*args, "--out", str(out), "--docs", str(docs), "--no-progress"])
     assert result.exit_code == 0, result.output
     text = out.read_text()
     assert "| a + a_copy | task_arithmetic |" in text and "Spearman" in text
+    section = docs.read_text()
+    assert section.startswith("# Benchmarks\n\nearlier section\n") and text in section
     unknown = CliRunner().invoke(app, ["diagnose-study", "--zoo", "nope", "--no-progress"])
     assert unknown.exit_code == 1 and "unknown zoo" in unknown.output

@@ -343,9 +343,15 @@ def test_cli_quick_recipe_prints_the_report(tmp_path, monkeypatch):
     from mergelab.cli import app
 
     monkeypatch.setenv("MERGELAB_CACHE", str(tmp_path / "cache"))
+    docs = tmp_path / "guide.md"
+    docs.write_text("# Guide\n\nkept text\n")
     result = CliRunner().invoke(
-        app, ["multimodal", "recipe", "--quick", "--seeds", "0", "--out-dir", str(tmp_path / "out"), "--no-progress"]
-    )
+        app,
+        ["multimodal", "recipe", "--quick", "--seeds", "0", "--out-dir", str(tmp_path / "out"),
+         "--no-progress", "--docs", str(docs)],
+    )  # fmt: skip
     assert result.exit_code == 0, result.output
+    guide = docs.read_text()
+    assert guide.startswith("# Guide\n\nkept text\n") and "| seed + modality_arithmetic" in guide
     assert "| seed + modality_arithmetic" in result.output
     assert (tmp_path / "out" / "results.md").read_text() in result.output

@@ -83,6 +83,7 @@ def register(app: typer.Typer) -> None:
         ),
         top_k: float = typer.Option(0.2, "--top-k", help="TSSD's kept fraction, in (0, 1]."),
         out: Path = typer.Option(None, "--out", help="Write the study as markdown to this file."),
+        docs: Path = typer.Option(None, "--docs", help="Markdown file whose section for this study gets it (e.g. docs/benchmarks.md)."),
         progress: bool = typer.Option(True, help="Show progress bars."),
         eval_limit: int = typer.Option(None, help="Text zoo: score on a seeded subset of at most this many validation/test examples per task."),
         threads: int = typer.Option(0, help="torch CPU threads (0: torch's default, one per core)."),
@@ -129,3 +130,9 @@ def register(app: typer.Typer) -> None:
             partial.write_text(text)
             os.replace(partial, out)  # a reader never sees half a file
             console.print(f"study: {out}")
+        if docs is not None:
+            from mergelab.eval.bench import update_docs
+
+            heading = f"## Does a metric predict the merge outcome? {zoo} zoo, recipe `{recipe}`\n\n"
+            update_docs(docs, f"study:{zoo}:{recipe}:{seed}", heading + text)
+            console.print(f"study: section of {docs}")

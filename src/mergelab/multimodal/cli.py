@@ -13,6 +13,7 @@ from rich.console import Console
 from mergelab.errors import MergeLabError
 
 console = Console(stderr=True)
+DOCS_SECTION = "multimodal-recipe"  # the marker name of the report's section in a docs file
 app = typer.Typer(
     name="multimodal",
     help="Modality-specific -> modality-agnostic merging (Sung et al. 2023) in miniature.",
@@ -39,6 +40,7 @@ def recipe(
     threads: int = typer.Option(0, help="torch CPU threads (0: torch's default, one per core)."),
     progress: bool = typer.Option(True, help="Show a progress bar per stage."),
     cache: bool = typer.Option(True, help="Reuse pre-trained checkpoints and scores cached under $MERGELAB_CACHE/multimodal."),
+    docs: Path | None = typer.Option(None, help="Markdown file whose recipe section gets the report (e.g. docs/multimodal.md)."),
 ) -> None:
     """Seed pre-training, modality-specific pre-training, merges, fine-tuning on four tasks and
     the weight metrics' correlation with merge quality; prints the markdown report."""
@@ -62,6 +64,10 @@ def recipe(
     except MergeLabError as exc:
         console.print(f"[bold red]error:[/] {exc}", highlight=False)
         raise typer.Exit(code=1) from None
+    if docs is not None:
+        from mergelab.eval.bench import update_docs
+
+        update_docs(docs, DOCS_SECTION, report["markdown"])
     # Plain echo: rich would wrap the markdown tables at the terminal width.
     typer.echo(report["markdown"])
 
