@@ -78,6 +78,7 @@ from mergelab.multimodal.family import (
     expand_to_specific,
     expert_tensor_names,
 )
+from mergelab.stats._progress import progress_bar
 
 # Bump when the meaning of a cached checkpoint or score changes (objectives, schedules, data).
 RECIPE_VERSION = 1
@@ -247,28 +248,8 @@ class Reporter:
     @contextmanager
     def stage(self, description: str, total: int) -> Iterator[Callable[[int], None]]:
         started = time.perf_counter()
-        if not self.enabled:
-            yield lambda _n: None
-        else:
-            from rich.console import Console
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeElapsedColumn,
-            )
-
-            with Progress(
-                TextColumn("{task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TimeElapsedColumn(),
-                console=Console(stderr=True),
-                transient=True,
-            ) as bar:
-                task = bar.add_task(description, total=total)
-                yield lambda n: bar.advance(task, n)
+        with progress_bar(description, total, self.enabled) as advance:
+            yield advance
         self.log(f"{description}: {time.perf_counter() - started:.1f} s")
 
 
