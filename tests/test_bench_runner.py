@@ -13,7 +13,9 @@ from mergelab.errors import MergeLabError
 from mergelab.eval.bench import (
     FINETUNED_ROW,
     PROBE_ROW,
+    REPAIR_SUFFIX,
     GridPoint,
+    aggregate,
     applicable_methods,
     grid,
     merge_config,
@@ -24,7 +26,7 @@ from mergelab.eval.bench import (
     run_seed,
 )
 from mergelab.eval.cli import parse_seeds
-from mergelab.eval.harness import AggregateRow, Spread
+from mergelab.eval.harness import AggregateRow, Spread, evaluate_model
 from mergelab.zoo.mlp import MLPZoo
 
 
@@ -81,6 +83,36 @@ def test_run_seed_picks_the_best_validation_point(built):
     # Each fine-tune on its own task is the reference row; the probe is the cheap alternative.
     assert set(result.results[FINETUNED_ROW]) == set(built.tasks)
     assert sum(result.results[FINETUNED_ROW].values()) > sum(result.results[PROBE_ROW].values())
+
+
+def test_run_seed_adds_repaired_rows_when_the_zoo_can_repair(built):
+    import dataclasses
+
+    seen = []
+
+    class Repairing:
+        """The MLP zoo's evaluator plus a stand-in repair: "repair" into the first fine-tune."""
+
+        def accuracy(self, *args, **kwargs):
+            return built.evaluator.accuracy(*args, **kwargs)
+
+        def repair_batchnorm(self, merged, sources):
+            seen.append(len(sources))
+            return sources[0]
+
+    zoo = dataclasses.replace(built, evaluator=Repairing())
+    result = run_seed(zoo, ["task_arithmetic", "linear"])
+    first = built.finetuned[built.tasks[0]]
+    assert result.results["linear" + REPAIR_SUFFIX] == evaluate_model(
+        built.evaluator, first, built.heads, tasks=list(built.tasks)
+    )
+    assert result.results["linear"] == run_seed(built, ["linear"]).results["linear"]
+    repaired = result.outcomes["task_arithmetic" + REPAIR_SUFFIX]
+    assert repaired.method == "task_arithmetic" and len(repaired.grid_scores) == 3
+    assert seen and set(seen) == {len(built.tasks)}
+    rows = {row.name for row in aggregate([result])}
+    assert {"linear", "linear" + REPAIR_SUFFIX, "task_arithmetic" + REPAIR_SUFFIX} <= rows
+    assert "linear" + REPAIR_SUFFIX not in run_seed(zoo, ["linear"], repair=False).results
 
 
 def test_ordering_statement():

@@ -183,9 +183,27 @@ def _mean(values: Iterable[float]) -> float:
     return sum(values) / len(values)
 
 
+REPAIR_SUFFIX = " + BN REPAIR"
+
+
+def post_merge_variants(built: BuiltZoo, repair: bool = True) -> dict[str, Callable[[StateDict], StateDict] | None]:
+    """Row-name suffix -> what is done to a merged encoder before it is scored ("": nothing).
+
+    With `repair` and an evaluator that offers `repair_batchnorm(merged, sources)` (the vision
+    zoo), every method gets a second row whose BatchNorm statistics are set by REPAIR from the
+    fine-tuned sources, its grid point picked on validation after the repair."""
+    variants: dict[str, Callable[[StateDict], StateDict] | None] = {"": None}
+    fix = getattr(built.evaluator, "repair_batchnorm", None) if repair else None
+    if fix is not None:
+        sources = [built.finetuned[t] for t in built.tasks]
+        variants[REPAIR_SUFFIX] = lambda merged: fix(merged, sources)
+    return variants
+
+
 def run_seed(built: BuiltZoo, methods: Sequence[str], *, cache: ResultCache | None = None,
-             log: Log = lambda _: None) -> SeedResult:
-    """Baselines and every method of `methods` on one built zoo (see the module docstring)."""
+             log: Log = lambda _: None, repair: bool = True) -> SeedResult:
+    """Baselines and every method of `methods` on one built zoo (see the module docstring);
+    `repair`: also the "+ BN REPAIR" rows where the zoo supports them (`post_merge_variants`)."""
     started = time.perf_counter()
     ev, tasks = built.evaluator, list(built.tasks)
     results: dict[str, dict[str, float]] = {
@@ -197,37 +215,42 @@ def run_seed(built: BuiltZoo, methods: Sequence[str], *, cache: ResultCache | No
     }
     log(f"  baselines: probe {100 * _mean(results[PROBE_ROW].values()):.1f}%, fine-tuned "
         f"{100 * _mean(results[FINETUNED_ROW].values()):.1f}%")
+    variants = post_merge_variants(built, repair)
     outcomes: dict[str, MethodOutcome] = {}
     failures: dict[str, str] = {}
     for name in methods:
         tick = time.perf_counter()
         points = grid_for(name)
-        best: tuple[float, int, StateDict] | None = None
-        scores: list[tuple[str, float]] = []
+        # suffix -> (validation score, grid index, scored encoder) of the best point so far
+        best: dict[str, tuple[float, int, StateDict]] = {}
+        scores: dict[str, list[tuple[str, float]]] = {suffix: [] for suffix in variants}
         try:
             for index, point in enumerate(points):
                 merged = merge_zoo(built, name, point)
-                if len(points) == 1:
-                    best = (float("nan"), index, merged)
-                    break
-                score = _mean(evaluate_model(ev, merged, built.heads, tasks=tasks, split="validation",
-                                             cache=cache).values())
-                scores.append((point.label, score))
-                if best is None or score > best[0]:
-                    best = (score, index, merged)
+                for suffix, transform in variants.items():
+                    model = merged if transform is None else transform(merged)
+                    if len(points) == 1:
+                        best[suffix] = (float("nan"), index, model)
+                        continue
+                    score = _mean(evaluate_model(ev, model, built.heads, tasks=tasks,
+                                                 split="validation", cache=cache).values())
+                    scores[suffix].append((point.label, score))
+                    if suffix not in best or score > best[suffix][0]:
+                        best[suffix] = (score, index, model)
                 del merged
         except MergeLabError as exc:
             failures[name] = " ".join(str(exc).split())
             log(f"  {name}: failed: {failures[name]}")
             continue
-        assert best is not None  # every grid has a point
-        score, index, merged = best
-        test = evaluate_model(ev, merged, built.heads, tasks=tasks, cache=cache)
-        results[name] = test
-        outcomes[name] = MethodOutcome(name, points[index].label, None if len(points) == 1 else score,
-                                       test, time.perf_counter() - tick, scores)
-        log(f"  {name} ({points[index].label}): test {100 * _mean(test.values()):.1f}% "
-            f"[{time.perf_counter() - tick:.0f} s]")
+        for suffix in variants:
+            score, index, model = best[suffix]
+            test = evaluate_model(ev, model, built.heads, tasks=tasks, cache=cache)
+            row = name + suffix
+            results[row] = test
+            outcomes[row] = MethodOutcome(name, points[index].label, None if len(points) == 1 else score,
+                                          test, time.perf_counter() - tick, scores[suffix])
+            log(f"  {row} ({points[index].label}): test {100 * _mean(test.values()):.1f}% "
+                f"[{time.perf_counter() - tick:.0f} s]")
     return SeedResult(built.zoo, built.recipe, built.seed, results, outcomes, failures,
                       time.perf_counter() - started)
 
@@ -252,7 +275,7 @@ def aggregate(seed_results: Sequence[SeedResult]) -> list[AggregateRow]:
     chosen: dict[str, list[str]] = {}
     for r in seed_results:
         for name, outcome in r.outcomes.items():
-            if len(grid_for(name)) > 1:
+            if len(grid_for(outcome.method)) > 1:
                 chosen.setdefault(name, []).append(outcome.chosen)
     return aggregate_rows(per_seed, {name: " / ".join(labels) for name, labels in chosen.items()})
 
@@ -320,6 +343,7 @@ def run_bench(
     cache: ResultCache | None = None,
     progress: bool = True,
     log: Log = print,
+    repair: bool = True,
 ) -> BenchReport:
     """Build (or load) the zoo for every recipe and seed, run the methods, write the reports.
 
@@ -327,6 +351,7 @@ def run_bench(
         inapplicable name raises MergeLabError before anything is built.
     out_dir: where `<zoo>-<recipe>.json/.md/.png` go (default: no files).
     docs_path: a markdown file whose `<zoo>` section (between markers) gets the tables.
+    repair: add "+ BN REPAIR" rows where the zoo supports it (`post_merge_variants`).
     """
     from mergelab.zoo.registry import get_zoo
 
@@ -359,7 +384,7 @@ def run_bench(
             tick = time.perf_counter()
             built = zoo.build(recipe=recipe, seed=seed, progress=progress)
             build_seconds += time.perf_counter() - tick
-            seed_result = run_seed(built, runnable, cache=cache, log=log)
+            seed_result = run_seed(built, runnable, cache=cache, log=log, repair=repair)
             results.setdefault(recipe, []).append(seed_result)
             if out_dir is not None:
                 # Each seed's raw numbers as soon as they exist: a long run cut short keeps them.

@@ -49,6 +49,7 @@ def register(app: typer.Typer) -> None:
         cache: bool = typer.Option(True, help="Reuse evaluation results cached by a hash of the weights."),
         progress: bool = typer.Option(True, help="Show progress bars while fine-tuning."),
         eval_limit: int | None = typer.Option(None, help="Text zoo: score on a seeded subset of at most this many validation/test examples per task."),
+        bn_repair: bool = typer.Option(True, help="Zoos with BatchNorm (vision): also score each merge after REPAIR of its BatchNorm statistics."),
     ) -> None:
         """Merge a zoo's fine-tunes with every method; report test accuracy per task."""
         import torch
@@ -72,6 +73,7 @@ def register(app: typer.Typer) -> None:
                 zoo_options={"eval_limit": eval_limit} if eval_limit is not None else None,
                 progress=progress,
                 log=console.print,
+                repair=bn_repair,
             )
         except MergeLabError as exc:
             err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
