@@ -135,6 +135,7 @@ def run(args: argparse.Namespace) -> str:
     from mergelab.eval.bench import (
         FINETUNED_ROW,
         PROBE_ROW,
+        post_merge_variants,
         replace_section,
         run_seed,
     )
@@ -168,6 +169,7 @@ def run(args: argparse.Namespace) -> str:
             built = zoo.build(recipe=recipe, seed=seed, progress=False)
             seed_result = run_seed(built, list(DATA_FREE), log=print, cache=default_result_cache())
             results = dict(seed_result.results)
+            variants = post_merge_variants(built)
             adapter = ZooData(built)
             module = adapter.module()
             tasks = list(built.tasks)
@@ -204,14 +206,17 @@ def run(args: argparse.Namespace) -> str:
                 for message in sorted({str(w.message) for w in caught}):
                     print(f"    warning: {message}", flush=True)
                 merged = {**built.pretrained, **result.state_dict}
-                results[method] = evaluate_model(built.evaluator, merged, built.heads, tasks=tasks)
+                for suffix, transform in variants.items():  # "+ BN REPAIR" rows on the vision zoo
+                    model = merged if transform is None else transform(merged)
+                    results[method + suffix] = evaluate_model(built.evaluator, model, built.heads, tasks=tasks)
                 examples = max(result.examples.values())
                 costs.setdefault(method, []).append(Cost(method, examples, seconds, result.stats_seconds, memory.extra_mb))
                 for row, (extra, label) in extra_rows.items():
                     chosen[row] = label
-                    results[row] = evaluate_model(
-                        built.evaluator, {**built.pretrained, **extra.state_dict}, built.heads, tasks=tasks
-                    )
+                    merged_extra = {**built.pretrained, **extra.state_dict}
+                    for suffix, transform in variants.items():
+                        model = merged_extra if transform is None else transform(merged_extra)
+                        results[row + suffix] = evaluate_model(built.evaluator, model, built.heads, tasks=tasks)
                     print(f"  {row} ({label}): test "
                           f"{100 * sum(results[row].values()) / len(tasks):.1f}%", flush=True)
                 avg = sum(results[method].values()) / len(tasks)
@@ -238,15 +243,15 @@ def run(args: argparse.Namespace) -> str:
                 f"| `{method}` | {cs[0].examples} | {stats:.2f} | {total - stats:.2f} | {total:.2f} | "
                 f"{max(c.peak_mb for c in cs):.0f} |"
             )
-        by = {r.name: r for r in rows}
-        data_rows = [*methods, "regmean_scaled"]
-        best = max((by[m] for m in data_rows if m in by), key=lambda r: r.average.mean, default=None)
-        ties = by.get("ties")
+        data_aware_rows = {*methods, "regmean_scaled"}
+        best = max((r for r in rows if r.name.split(" + ")[0] in data_aware_rows),
+                   key=lambda r: r.average.mean, default=None)
+        ties = max((r for r in rows if r.name.split(" + ")[0] == "ties"), key=lambda r: r.average.mean, default=None)
         verdict = ""
         if best is not None and ties is not None:
             verdict = (
                 f"Best data-aware merge: `{best.name}` at {100 * best.average.mean:.1f}% average "
-                f"({'above' if best.average.mean > ties.average.mean else 'not above'} TIES at "
+                f"({'above' if best.average.mean > ties.average.mean else 'not above'} `{ties.name}` at "
                 f"{100 * ties.average.mean:.1f}%)"
             )
             if best.normalised is not None:
