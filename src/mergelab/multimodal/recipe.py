@@ -1066,7 +1066,7 @@ def markdown_report(report: Mapping[str, Any]) -> str:
     per_seed = report["seeds"]
     names = [v["name"] for v in per_seed[0]["variants"]]
     lines = [
-        "# Multimodal merging in miniature (Sung et al. 2023)",
+        "## Results of the study in miniature (Sung et al. 2023)",
         "",
         f"Command: `{report.get('command', '')}`  ",
         f"Seeds: {', '.join(str(s['seed']) for s in per_seed)}; total wall time {report['wall_seconds']:.0f} s; "
@@ -1075,7 +1075,7 @@ def markdown_report(report: Mapping[str, Any]) -> str:
         f"Model: {report['model_config']}; parameters: specific {per_seed[0]['parameters']['specific']:,}, "
         f"agnostic {per_seed[0]['parameters']['agnostic']:,}",
         "",
-        "## Downstream scores after fine-tuning (test, %)",
+        "### Downstream scores after fine-tuning (test, %)",
         "",
         "Retrieval: mean of recall@1 and @5 in both directions; VQA, NLVR and classification: accuracy. "
         "Zero-shot: retrieval before fine-tuning. Val loss: summed pre-training losses on held-out data "
@@ -1100,14 +1100,14 @@ def markdown_report(report: Mapping[str, Any]) -> str:
             f"| {cell([r['validation']['total'] for r in rows], 3)} | {_fmt(_mean([r['pretrain_seconds'] for r in rows]), 0)} "
             f"| {_fmt(_mean([r['merge_seconds'] for r in rows]), 1)} | {_fmt(_mean([r['finetune_seconds'] for r in rows]), 0)} |"
         )
-    lines += ["", "## Retrieval details (after fine-tuning, mean over seeds)", "",
+    lines += ["", "### Retrieval details (after fine-tuning, mean over seeds)", "",
               "| variant | image->text R@1 | R@5 | text->image R@1 | R@5 |", "|---|---|---|---|---|"]
     for name in names:
         rows = [next(v for v in s["variants"] if v["name"] == name) for s in per_seed]
         lines.append(f"| {name} | " + " | ".join(
             _fmt(_mean([r["scores"]["retrieval"][k] for r in rows])) for k in ("i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5")
         ) + " |")
-    lines += ["", "## Vision vs language copies before merging (whole model, mean over seeds)", "",
+    lines += ["", "### Vision vs language copies before merging (whole model, mean over seeds)", "",
               "Over the linear weight matrices of every block (layer norms and biases left out). "
               "Raw: the weights themselves; seed: W_m - W_seed. TSSD keeps the top "
               f"{report['settings']['tssd_top_k']:.0%} magnitudes.", "",
@@ -1129,19 +1129,19 @@ def markdown_report(report: Mapping[str, Any]) -> str:
             rel = _mean([s["metrics"][fraction]["blocks"][b].get("seed", {}).get("tssd", float("nan")) for s in per_seed])
             cells.append(f"{_fmt(raw, 3)} / {_fmt(rel, 3)}")
         lines.append(f"| {fraction} | " + " | ".join(cells) + " |")
-    lines += ["", "## Spearman correlation of each metric with the merge drop", "",
+    lines += ["", "### Spearman correlation of each metric with the merge drop", "",
               "Drop = the seed's modality-specific average minus the merge's average; a metric that predicts "
               "merge quality correlates positively (distances) or negatively (cosine). Few merges: read n.", "",
               "| merges | weights | metric | n | rho | p |", "|---|---|---|---|---|---|"]
     for row in report["correlations"]:
         lines.append(f"| {row['subset']} | {row['weights']} | {row['metric']} | {row['n']} | {_fmt(row['rho'], 2)} | {_fmt(row['p'], 3)} |")
-    lines += ["", "## Wall time per stage (s)", "", "| stage | " + " | ".join(f"seed {s['seed']}" for s in per_seed) + " |",
+    lines += ["", "### Wall time per stage (s)", "", "| stage | " + " | ".join(f"seed {s['seed']}" for s in per_seed) + " |",
               "|---|" + "---|" * len(per_seed)]
     for stage in per_seed[0]["stage_seconds"]:
         lines.append(f"| {stage} | " + " | ".join(_fmt(s["stage_seconds"].get(stage), 0) for s in per_seed) + " |")
     notes = [(s["seed"], v["name"], n) for s in per_seed for v in s["variants"] for n in v["notes"]]
     if notes:
-        lines += ["", "## Notes", ""] + [f"- seed {seed}, {name}: {note}" for seed, name, note in notes]
+        lines += ["", "### Notes", ""] + [f"- seed {seed}, {name}: {note}" for seed, name, note in notes]
     return "\n".join(lines) + "\n"
 
 
