@@ -317,7 +317,7 @@ def test_quick_recipe_end_to_end(tmp_path):
     report = run_recipe(settings, tmp_path / "out", seeds=[0, 1], progress=False, cache_root=cache)
     names = [v["name"] for v in report["seeds"][0]["variants"]]
     assert [v["name"] for v in report["seeds"][1]["variants"]] == names
-    assert len(names) == 2 + len(settings.merges) and len(set(names)) == len(names)
+    assert len(names) == 1 + len(settings.seed_fractions) + len(settings.merges) and len(set(names)) == len(names)
     for variant in report["seeds"][0]["variants"] + report["seeds"][1]["variants"]:
         for task in mmdata.TASK_NAMES:
             assert math.isfinite(variant["scores"][task]["score"])
@@ -355,3 +355,77 @@ def test_cli_quick_recipe_prints_the_report(tmp_path, monkeypatch):
     assert guide.startswith("# Guide\n\nkept text\n") and "| seed + modality_arithmetic" in guide
     assert "| seed + modality_arithmetic" in result.output
     assert (tmp_path / "out" / "results.md").read_text() in result.output
+
+
+def test_nlvr_labels_are_balanced_within_every_statement_template():
+    """No template answers itself: a majority vote per statement text, ignoring the images,
+    stays near chance (before the fix, 'the X is dark in both images' was false 86% of the time)."""
+    generator = torch.Generator().manual_seed(0)
+    count, words = 2000, [f"class{k}" for k in range(10)]
+    attributes = torch.stack(
+        [
+            torch.randint(0, 10, (count,), generator=generator),
+            torch.randint(0, 2, (count,), generator=generator),
+            torch.randint(0, 3, (count,), generator=generator),
+            torch.randint(0, 2, (count,), generator=generator),
+        ],
+        dim=1,
+    )
+    first, second, texts, labels = mmdata.nlvr_examples(attributes, 3000, words, generator)
+    assert bool((first != second).all())
+    by_template: dict[str, list[int]] = {}
+    for text, label in zip(texts, labels.tolist()):
+        template = " ".join("X" if w in words else w for w in text.split())
+        by_template.setdefault(template, []).append(label)
+    assert len(by_template) == len(mmdata._STATEMENTS)
+    majority = sum(max(sum(v), len(v) - sum(v)) for v in by_template.values()) / len(texts)
+    assert majority < 0.56, majority
+    for template, values in by_template.items():
+        assert 0.35 < sum(values) / len(values) < 0.65, template
+    # Every label is the statement's truth on that very pair.
+    for index in range(0, 3000, 97):
+        kind = next(k for k, s in enumerate(mmdata._STATEMENTS) for c in range(10)
+                    if s(attributes[first[index]].tolist(), attributes[second[index]].tolist(), c, words)[0] == texts[index])
+        truths = {s_truth for c in range(10)
+                  for s_text, s_truth in [mmdata._STATEMENTS[kind](attributes[first[index]].tolist(), attributes[second[index]].tolist(), c, words)]
+                  if s_text == texts[index]}
+        assert truths == {bool(labels[index])}
+
+
+def test_gram_batches_hold_no_padding_and_every_drawn_text():
+    from mergelab.multimodal.recipe import _by_length
+
+    pad = mmdata.PAD_ID
+    ids = torch.tensor([[1, 7, 8, pad, pad], [1, 9, pad, pad, pad], [1, 5, 6, pad, pad], [1, 4, 4, 4, 4]])
+    groups = _by_length(ids)
+    assert sorted(length for _, length in groups) == [2, 3, 5]
+    assert sorted(torch.cat([rows for rows, _ in groups]).tolist()) == [0, 1, 2, 3]
+    for rows, length in groups:
+        assert not bool((ids[rows, :length] == pad).any()) and bool((ids[rows, length:] == pad).all())
+
+
+def test_a_positive_seed_fraction_must_give_seed_steps():
+    with pytest.raises(MergeLabError, match="0 of seed_steps=2"):
+        settings_with(quick_settings(), seed_fractions=(0.0, 0.1, 1.0))
+
+
+def test_merge_drop_is_measured_against_the_model_it_was_merged_from():
+    from mergelab.multimodal.recipe import correlations
+
+    def variant(kind, fraction, average, method=None):
+        return {"kind": kind, "source_fraction": fraction, "average": average, "method": method}
+
+    metrics = {"0": {"model": {"raw": {"tssd": 0.1}}}, "1": {"model": {"raw": {"tssd": 0.9}}}}
+    seed = {
+        "variants": [
+            variant("specific", 1.0, 90.0), variant("specific", 0.0, 50.0),
+            variant("merge", 0.0, 30.0, "interpolation"),  # drop 20 from its own (naive) model
+            variant("merge", 1.0, 60.0, "interpolation"), variant("merge", 1.0, 50.0, "ties"),  # 30, 40
+        ],
+        "metrics": metrics,
+    }  # fmt: skip
+    rows = {(r["subset"], r["weights"], r["metric"]): r for r in correlations([seed])}
+    # Drops 20, 30, 40 rise with TSSD 0.1, 0.9, 0.9; against the fraction-1 model they would
+    # be 60, 30, 40 and fall.
+    row = rows[("all merges", "raw", "tssd")]
+    assert row["n"] == 3 and row["rho"] > 0.8

@@ -326,17 +326,23 @@ def nlvr_examples(
     attributes: torch.Tensor, n: int, class_words: Sequence[str], generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor, list[str], torch.Tensor]:
     """`n` (first image, second image, statement, label) examples over images with
-    `attributes`; labels (1 true, 0 false) balanced by drawing the wanted label first and
-    rejecting examples until one has it. Half of the candidate pairs share a class, so that
-    statements about both images are true often enough."""
+    `attributes`; labels (1 true, 0 false) balanced within every statement kind: the kind and
+    the wanted label are drawn first, then examples of that kind are rejected until one has the
+    label, so no statement template predicts the answer without the images. Half of the
+    candidate pairs share a class, so that statements about both images are true often enough.
+    """
     by_class: dict[int, list[int]] = {}
     for index, cls in enumerate(attributes[:, CLASS].tolist()):
         by_class.setdefault(cls, []).append(index)
     count = attributes.shape[0]
+    if count < 2:
+        raise MergeLabError(f"NLVR examples need at least two images; got {count}")
     first, second, texts, labels = [], [], [], []
     for _ in range(n):
+        kind = int(torch.randint(0, len(_STATEMENTS), (1,), generator=generator))
         want = bool(torch.rand(1, generator=generator) < 0.5)
-        for _attempt in range(200):
+        example = None
+        for _attempt in range(400):
             i = int(torch.randint(0, count, (1,), generator=generator))
             same = by_class[int(attributes[i, CLASS])]
             if torch.rand(1, generator=generator) < 0.5 and len(same) > 1:
@@ -345,13 +351,16 @@ def nlvr_examples(
                 j = int(torch.randint(0, count, (1,), generator=generator))
             if j == i:
                 continue
-            kind = int(torch.randint(0, len(_STATEMENTS), (1,), generator=generator))
             c = int(attributes[i, CLASS]) if torch.rand(1, generator=generator) < 0.5 else int(
                 torch.randint(0, len(class_words), (1,), generator=generator)
             )
             text, truth = _STATEMENTS[kind](attributes[i].tolist(), attributes[j].tolist(), c, class_words)
+            example = (i, j, text, truth)  # the last complete draw, kept if none has the label
             if truth == want:
                 break
+        if example is None:
+            raise MergeLabError("could not draw two distinct images for an NLVR example")
+        i, j, text, truth = example
         first.append(i)
         second.append(j)
         texts.append(text)

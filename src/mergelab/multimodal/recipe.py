@@ -82,6 +82,10 @@ from mergelab.stats._progress import progress_bar
 
 # Bump when the meaning of a cached checkpoint or score changes (objectives, schedules, data).
 RECIPE_VERSION = 1
+# Bump when only downstream scores change (task data, fine-tuning, evaluation, validation losses):
+# pre-trained checkpoints stay valid. 2: NLVR labels balanced per statement template, validation
+# ITM negatives drawn uniformly.
+SCORES_VERSION = 2
 Log = Callable[[str], None]
 
 
@@ -101,6 +105,15 @@ class ModelShape:
     embed_dim: int = 64
 
 
+def _lineage(seed_fraction: float) -> str:
+    return {0.0: "naive", 1.0: "seed"}.get(seed_fraction, f"seed x{seed_fraction:g}")
+
+
+def specific_label(seed_fraction: float) -> str:
+    """The row name of the modality-specific model pre-trained from a seed fraction."""
+    return "modality-specific (no merge)" + ("" if seed_fraction == 1.0 else f", {_lineage(seed_fraction)}")
+
+
 @dataclass(frozen=True)
 class MergeRun:
     """One merge: which specific model (by seed fraction), the method and its parameters.
@@ -115,7 +128,7 @@ class MergeRun:
 
     @property
     def label(self) -> str:
-        where = {0.0: "naive", 1.0: "seed"}.get(self.seed_fraction, f"seed x{self.seed_fraction:g}")
+        where = _lineage(self.seed_fraction)
         shown = ", ".join(f"{k} {v:g}" for k, v in self.parameters)
         return f"{where} + {self.method}" + (f" ({shown})" if shown else "")
 
@@ -170,6 +183,11 @@ class RecipeSettings:
             problems.append("seed_fractions must hold 1.0 (the full seed: the upper-bound row)")
         if any(not 0.0 <= f <= 1.0 for f in self.seed_fractions):
             problems.append(f"seed_fractions must lie in [0, 1]; got {self.seed_fractions}")
+        empty = sorted(f for f in self.seed_fractions if f > 0 and round(f * self.seed_steps) == 0)
+        if empty:
+            problems.append(
+                f"seed fractions {empty} give 0 of seed_steps={self.seed_steps} steps (use 0 for the naive setting)"
+            )
         missing = sorted({m.seed_fraction for m in self.merges} - set(self.seed_fractions))
         if missing:
             problems.append(f"merges use seed fractions {missing} not in seed_fractions")
@@ -319,8 +337,13 @@ def pretraining_losses(
     texts: torch.Tensor,
     settings: RecipeSettings,
     generator: torch.Generator,
+    hard_negatives: bool = True,
 ) -> dict[str, torch.Tensor]:
-    """VLMo's four objectives on one batch: `mim`, `mlm`, `itc`, `itm` (scalar tensors)."""
+    """VLMo's four objectives on one batch: `mim`, `mlm`, `itc`, `itm` (scalar tensors).
+
+    hard_negatives: ITM negatives drawn by the model's own image-text similarity (VLMo, for
+    training); False draws them uniformly among the non-matching pairs, so that the ITM loss of
+    different models is measured on the same negatives (validation)."""
     pixels = to_pixels(pairs.images.images[pair_index])
     captions = trim_padding(pairs.captions[pair_index])
     texts = trim_padding(texts)
@@ -342,8 +365,9 @@ def pretraining_losses(
 
     half = batch // 2
     with torch.no_grad():
-        negative_text = _hard_negatives(logits[:half], fits[:half], generator)
-        negative_image = _hard_negatives(logits.T[half:], fits.T[half:], generator)
+        weights = logits if hard_negatives else torch.zeros_like(logits)
+        negative_text = _hard_negatives(weights[:half], fits[:half], generator)
+        negative_image = _hard_negatives(weights.T[half:], fits.T[half:], generator)
     image_rows = torch.cat([torch.arange(batch), torch.arange(half), negative_image])
     text_rows = torch.cat([torch.arange(batch), negative_text, torch.arange(half, batch)])
     matches = fits[image_rows, text_rows].long()
@@ -422,7 +446,7 @@ def validation_losses(model: MultimodalTransformer, data: MultimodalData, settin
     batches = 0
     for start in range(0, min(len(pairs), texts.shape[0]) - size + 1, size):
         index = torch.arange(start, start + size)
-        losses = pretraining_losses(model, pairs, index, texts[index], settings, generator)
+        losses = pretraining_losses(model, pairs, index, texts[index], settings, generator, hard_negatives=False)
         for name, value in losses.items():
             sums[name] = sums.get(name, 0.0) + float(value)
         batches += 1
@@ -784,6 +808,7 @@ def _score_model(
         {
             "stage": "scores",
             "version": RECIPE_VERSION,
+            "scores_version": SCORES_VERSION,
             "weights": state_dict_hash(model.state_dict()),
             "specific": model.config.modality_specific,
             # What scores depend on besides the weights: data, fine-tuning, validation losses.
@@ -812,9 +837,20 @@ def _score_model(
     return result["scores"], result["zero_shot"], result["validation"], result["seconds"]
 
 
+def _by_length(ids: torch.Tensor) -> list[tuple[torch.Tensor, int]]:
+    """(rows, length) groups of `ids` whose rows all have that many non-padding tokens (padding
+    is trailing), so a batch of one group needs no padding at all."""
+    lengths = (ids != MultimodalTransformer.pad_id).sum(dim=1)
+    return [((lengths == n).nonzero().squeeze(1), int(n)) for n in torch.unique(lengths).tolist()]
+
+
 def _gram_batches(data: MultimodalData, settings: RecipeSettings, seed: int) -> list[dict[str, torch.Tensor]]:
     """Each modality's pre-training inputs, as the specific model saw them: images (vision
-    experts), texts (language experts), image-caption pairs (VL experts on top, V/L below)."""
+    experts), texts (language experts), image-caption pairs (VL experts on top, V/L below).
+
+    Texts are grouped by length so no batch holds padding: `collect_grams` sees every token
+    of a batch, and pad positions (outputs nothing trains or reads) would otherwise make up over
+    half of the language and VL copies' Gram rows."""
     generator = torch.Generator().manual_seed(seed)
     pairs, texts = data.pretrain.pairs, data.pretrain.texts
     size = settings.batch_size * 2
@@ -823,8 +859,11 @@ def _gram_batches(data: MultimodalData, settings: RecipeSettings, seed: int) -> 
         images = torch.randint(0, len(pairs), (size,), generator=generator)
         words = torch.randint(0, texts.shape[0], (size,), generator=generator)
         batches.append({"pixels": to_pixels(pairs.images.images[images])})
-        batches.append({"input_ids": texts[words]})
-        batches.append({"pixels": to_pixels(pairs.images.images[images]), "input_ids": pairs.captions[images]})
+        for rows, length in _by_length(texts[words]):
+            batches.append({"input_ids": texts[words[rows], :length]})
+        for rows, length in _by_length(pairs.captions[images]):
+            chosen = images[rows]
+            batches.append({"pixels": to_pixels(pairs.images.images[chosen]), "input_ids": pairs.captions[chosen, :length]})
     return batches
 
 
@@ -847,7 +886,10 @@ def _merge(
 
         stats = collect_grams(specific, _gram_batches(data, settings, seed), layers=["blocks.*"])
         grams = stats.layers
-        notes.append(f"Grams from {stats.examples} examples ({settings.gram_batches} batches per input kind)")
+        notes.append(
+            f"Grams from {stats.examples} examples ({settings.gram_batches} draws of "
+            f"{2 * settings.batch_size} per input kind, texts grouped by length: no padding)"
+        )
 
     def merged_with(parameters: Mapping[str, float]) -> StateDict:
         return merge_expert_groups(
@@ -961,11 +1003,14 @@ def run_seed(
         finetune_total += variant.finetune_seconds
         variants.append(variant)
 
-    add(
-        Variant("modality-specific (no merge)", "specific", source_fraction=1.0,
-                pretrain_seconds=seed_meta["seconds"] + specific_seconds[1.0]),
-        specifics[1.0],
-    )
+    # Every specific model is scored: the fraction-1 one is the upper bound, and each merge's
+    # drop is measured against the specific model it was merged from (its own pre-training).
+    for fraction in sorted(fractions, reverse=True):
+        add(
+            Variant(specific_label(fraction), "specific", source_fraction=fraction,
+                    pretrain_seconds=(seed_meta["seconds"] if fraction > 0 else 0.0) + specific_seconds[fraction]),
+            specifics[fraction],
+        )
     add(
         Variant("modality-agnostic from scratch", "agnostic", pretrain_seconds=scratch_meta["seconds"]),
         scratch,
@@ -1021,9 +1066,11 @@ METRIC_NAMES = ("cosine", "l2", "ssd", "tssd")
 
 
 def correlations(per_seed: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Spearman's rho of each whole-model metric with the merge drop (the seed's specific
-    model's average minus the merge's), over all merges of all seeds and over the
-    interpolation merges alone. NaN where fewer than three merges or a constant column."""
+    """Spearman's rho of each whole-model metric with the merge drop (the average of the
+    specific model the merge was made from minus the merge's), over all merges of all seeds and
+    over the interpolation merges alone. The metrics describe a specific model's copies, so
+    merges made from one model share an x value. NaN where fewer than three merges or a
+    constant column."""
     from scipy.stats import spearmanr
 
     rows = []
@@ -1032,10 +1079,11 @@ def correlations(per_seed: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
             for metric in METRIC_NAMES:
                 xs, ys = [], []
                 for seed_result in per_seed:
-                    upper = next(v for v in seed_result["variants"] if v["kind"] == "specific")["average"]
+                    own = {v["source_fraction"]: v["average"] for v in seed_result["variants"] if v["kind"] == "specific"}
                     for v in seed_result["variants"]:
                         if v["kind"] != "merge" or (subset != "all merges" and v["method"] != "interpolation"):
                             continue
+                        upper = own[v["source_fraction"]]
                         value = seed_result["metrics"][f"{v['source_fraction']:g}"]["model"].get(kind, {}).get(metric)
                         if value is None or not math.isfinite(value):
                             continue
@@ -1130,7 +1178,7 @@ def markdown_report(report: Mapping[str, Any]) -> str:
             cells.append(f"{_fmt(raw, 3)} / {_fmt(rel, 3)}")
         lines.append(f"| {fraction} | " + " | ".join(cells) + " |")
     lines += ["", "### Spearman correlation of each metric with the merge drop", "",
-              "Drop = the seed's modality-specific average minus the merge's average; a metric that predicts "
+              "Drop = the average of the modality-specific model a merge was made from minus the merge's; a metric that predicts "
               "merge quality correlates positively (distances) or negatively (cosine). Few merges: read n.", "",
               "| merges | weights | metric | n | rho | p |", "|---|---|---|---|---|---|"]
     for row in report["correlations"]:
