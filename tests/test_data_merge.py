@@ -12,7 +12,7 @@ from torch import nn
 import mergelab
 from mergelab.datamerge import TaskData, data_merge
 from mergelab.datamerge.streaming import regmean_from_disk
-from mergelab.errors import CheckpointError, ConfigError
+from mergelab.errors import CheckpointError, ConfigError, MergeError
 from mergelab.methods import get_method
 from mergelab.methods.data_aware import (
     SingularGramWarning,
@@ -110,6 +110,26 @@ def test_singular_gram_is_regularised_with_a_warning_naming_the_layer():
     with pytest.warns(SingularGramWarning, match="layer `encoder.fc`"):
         out = regmean_solve([w, 3 * w], [torch.zeros(2, 2, dtype=torch.float64)] * 2, name="encoder.fc")
     assert torch.allclose(out, 2 * w)  # no data at all: the average
+
+
+def test_regmean_ridge_grows_until_a_noisy_singular_gram_factorises():
+    # A float32 Gram of exactly collinear inputs (a grayscale image on three channels) can have
+    # a slightly negative eigenvalue, larger than the smallest ridge: the ridge must grow.
+    x = torch.randn(64, 2, generator=_gen(7))
+    inputs = torch.cat([x, x[:, :1]], dim=1)  # feature 2 repeats feature 0
+    gram = (inputs.T @ inputs).double()
+    eigenvalues, vectors = torch.linalg.eigh(gram)
+    eigenvalues[0] = -1e-4 * torch.diagonal(gram).mean()  # rounding noise below -1e-6 x mean(diag)
+    noisy = vectors @ torch.diag(eigenvalues) @ vectors.T
+    w0, w1 = torch.randn(2, 3, generator=_gen(8)).double(), torch.randn(2, 3, generator=_gen(9)).double()
+    with pytest.warns(SingularGramWarning, match=r"added 0\.001 x mean\(diag\)"):
+        merged = regmean_solve([w0, w1], [noisy / 2, noisy / 2], alpha=1.0, name="features.0.0")
+    assert torch.isfinite(merged).all()
+    # On the inputs' span the merge still fits both models' outputs on average.
+    expected = inputs.double() @ ((w0 + w1) / 2).T
+    assert torch.allclose(inputs.double() @ merged.T, expected, rtol=1e-2, atol=1e-2)
+    with pytest.raises(MergeError, match="not positive definite even with"):
+        regmean_solve([w0, w1], [-gram, -gram], alpha=1.0, name="broken")
 
 
 def test_regmean_on_convolutions_and_embeddings_recovers_joint_least_squares():

@@ -44,6 +44,9 @@ def scale_off_diagonal(gram: torch.Tensor, alpha: float) -> torch.Tensor:
     return alpha * gram + (1.0 - alpha) * diagonal
 
 
+_MAX_RIDGE_STEPS = 6  # regularization x 1 ... x 1e5
+
+
 def regmean_solve(
     weights: Sequence[torch.Tensor],
     grams: Sequence[torch.Tensor],
@@ -61,8 +64,10 @@ def regmean_solve(
     grams: each model's input Gram X_i^T X_i, [in, in] or [groups, in, in] (float64 preferred).
     alpha: scales the non-diagonal entries of every Gram (see `scale_off_diagonal`).
     regularization: when sum_i G_i is singular (an input feature no model's data ever
-        activates), `regularization * mean(diag)` is added to its diagonal, pulling the
-        undetermined directions to the simple average; a SingularGramWarning names the layer.
+        activates, collinear inputs), `regularization * mean(diag)` is added to its diagonal,
+        pulling the undetermined directions to the simple average; the ridge grows tenfold
+        (at most 1e5 times) until Cholesky succeeds; a SingularGramWarning names the layer and
+        the strength used.
     Returns the merged weight in the first weight's dtype and shape.
     """
     if len(weights) != len(grams) or not weights:
@@ -74,23 +79,33 @@ def regmean_solve(
     rhs = sum(g @ w.to(work).transpose(-1, -2) for g, w in zip(scaled, weights, strict=True))
     factor, info = torch.linalg.cholesky_ex(gram_sum)
     if bool((info != 0).any()):
+        # A ridge of `regularization` x mean(diag) first, growing tenfold while Cholesky still
+        # fails: Grams accumulated in float32 over exactly collinear inputs (a grayscale image
+        # repeated on three channels) carry rounding noise of about 1e-7 x their largest
+        # eigenvalue, which can exceed the smallest ridge.
         mean_diag = torch.diagonal(gram_sum, dim1=-2, dim2=-1).mean(-1).clamp(min=1e-12)
-        ridge = (regularization * mean_diag)[..., None, None] * torch.eye(
-            gram_sum.shape[-1], dtype=work, device=gram_sum.device
-        )
+        identity = torch.eye(gram_sum.shape[-1], dtype=work, device=gram_sum.device)
         average = torch.stack([w.to(work) for w in weights]).mean(0).transpose(-1, -2)
+        strength = regularization
+        for _ in range(_MAX_RIDGE_STEPS):
+            ridge = (strength * mean_diag)[..., None, None] * identity
+            factor, info = torch.linalg.cholesky_ex(gram_sum + ridge)
+            if not bool((info != 0).any()):
+                break
+            strength *= 10.0
+        else:
+            raise MergeError(
+                f"`{name}`: the summed Gram is not positive definite even with "
+                f"{strength / 10:g} x mean(diag) on its diagonal (non-finite or negative statistics?)"
+            )
         warnings.warn(
             f"RegMean: the summed Gram of layer `{name or '?'}` is singular; added "
-            f"{regularization:g} x mean(diag) to its diagonal (undetermined directions fall "
+            f"{strength:g} x mean(diag) to its diagonal (undetermined directions fall "
             "back to the average)",
             SingularGramWarning,
             stacklevel=2,
         )
-        gram_sum = gram_sum + ridge
         rhs = rhs + ridge @ average
-        factor, info = torch.linalg.cholesky_ex(gram_sum)
-        if bool((info != 0).any()):
-            raise MergeError(f"`{name}`: the regularised Gram is still not positive definite")
     solution = torch.cholesky_solve(rhs, factor)
     merged = solution.transpose(-1, -2)
     if not torch.isfinite(merged).all():
