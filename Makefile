@@ -66,7 +66,7 @@ zoo: $(STAMP) data-packages
 bench: zoo
 	$(MERGELAB) bench --zoo text --seeds $(SEEDS) --eval-limit 150 --threads $(THREADS) --no-progress --out-dir bench-results/text --docs docs/benchmarks.md
 	$(MERGELAB) bench --zoo vision --seeds $(SEEDS) --threads $(THREADS) --no-progress --out-dir bench-results/vision --docs docs/benchmarks.md
-	$(MERGELAB) diagnose-study --zoo text --recipe lpft --seed 0 --eval-limit 150 --threads $(THREADS) --no-progress --docs docs/benchmarks.md
+	for recipe in lpft joint; do $(MERGELAB) diagnose-study --zoo text --recipe $$recipe --seed 0 --eval-limit 150 --threads $(THREADS) --no-progress --docs docs/benchmarks.md || exit 1; done
 	for recipe in lpft joint; do HF_HUB_OFFLINE=1 $(PY) benchmarks/data_aware.py --zoo text --recipes $$recipe --seeds $(SEEDS) --eval-limit 150 --threads $(THREADS) --ada-steps 100 --ada-examples 128 || exit 1; done
 	$(PY) benchmarks/data_aware.py --zoo vision --seeds $(SEEDS) --threads $(THREADS)
 
