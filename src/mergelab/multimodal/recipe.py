@@ -376,6 +376,15 @@ def pretraining_losses(
     return {"mim": mim, "mlm": mlm, "itc": itc, "itm": itm}
 
 
+def _optimiser_step(loss: torch.Tensor, model: nn.Module, optimizer, schedule) -> None:
+    """One update: gradients of `loss`, clipped to norm 1 (both stages), then the schedule."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    schedule.step()
+
+
 def _warmup_cosine(step: int, warmup: int, total: int, floor: float = 0.1) -> float:
     if step < warmup:
         return (step + 1) / warmup
@@ -420,11 +429,7 @@ def pretrain(
         total = sum(losses.values())
         if not torch.isfinite(total):
             raise MergeLabError(f"pre-training diverged at step {step}: losses {_floats(losses)}")
-        optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
+        _optimiser_step(total, model, optimizer, schedule)
         history.append(_floats(losses))
         if step in snapshots:
             taken[step] = _clone_state(model)
@@ -636,11 +641,7 @@ def finetune_and_score(
         loss = task.loss(model, head, split.train, next(batches), generator)
         if not torch.isfinite(loss):
             raise MergeLabError(f"fine-tuning on {task.name} diverged (loss {float(loss)})")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
+        _optimiser_step(loss, model, optimizer, schedule)
         advance(1)
     model.eval()
     return task.evaluate(model, head, split.test, settings)
