@@ -68,7 +68,7 @@ bench: zoo
 	$(MERGELAB) bench --zoo vision --seeds $(SEEDS) --threads $(THREADS) --no-progress --out-dir bench-results/vision --docs docs/benchmarks.md
 	for recipe in lpft joint; do $(MERGELAB) diagnose-study --zoo text --recipe $$recipe --seed 0 --eval-limit 150 --threads $(THREADS) --no-progress --docs docs/benchmarks.md || exit 1; done
 	for recipe in lpft joint; do HF_HUB_OFFLINE=1 $(PY) benchmarks/data_aware.py --zoo text --recipes $$recipe --seeds $(SEEDS) --eval-limit 150 --threads $(THREADS) --ada-steps 100 --ada-examples 128 || exit 1; done
-	$(PY) benchmarks/data_aware.py --zoo vision --seeds $(SEEDS) --threads $(THREADS)
+	$(PY) benchmarks/data_aware.py --zoo vision --seeds $(SEEDS) --threads $(THREADS) --ada-steps 100
 
 # Sung et al.'s multimodal merging study in miniature, into docs/multimodal.md.
 multimodal: $(STAMP) data-packages
