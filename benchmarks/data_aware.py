@@ -170,6 +170,13 @@ def run(args: argparse.Namespace) -> str:
             seed_result = run_seed(built, list(DATA_FREE), log=print, cache=default_result_cache())
             results = dict(seed_result.results)
             variants = post_merge_variants(built)
+
+            def score(row: str, merged: dict, built=built, variants=variants, results=results) -> None:
+                """Test accuracy of `merged` as `row`, and of each post-merge variant of it
+                ("+ BN REPAIR" on the vision zoo)."""
+                for suffix, transform in variants.items():
+                    model = merged if transform is None else transform(merged)
+                    results[row + suffix] = evaluate_model(built.evaluator, model, built.heads, tasks=list(built.tasks))
             adapter = ZooData(built)
             module = adapter.module()
             tasks = list(built.tasks)
@@ -206,17 +213,12 @@ def run(args: argparse.Namespace) -> str:
                 for message in sorted({str(w.message) for w in caught}):
                     print(f"    warning: {message}", flush=True)
                 merged = {**built.pretrained, **result.state_dict}
-                for suffix, transform in variants.items():  # "+ BN REPAIR" rows on the vision zoo
-                    model = merged if transform is None else transform(merged)
-                    results[method + suffix] = evaluate_model(built.evaluator, model, built.heads, tasks=tasks)
+                score(method, merged)
                 examples = max(result.examples.values())
                 costs.setdefault(method, []).append(Cost(method, examples, seconds, result.stats_seconds, memory.extra_mb))
                 for row, (extra, label) in extra_rows.items():
                     chosen[row] = label
-                    merged_extra = {**built.pretrained, **extra.state_dict}
-                    for suffix, transform in variants.items():
-                        model = merged_extra if transform is None else transform(merged_extra)
-                        results[row + suffix] = evaluate_model(built.evaluator, model, built.heads, tasks=tasks)
+                    score(row, {**built.pretrained, **extra.state_dict})
                     print(f"  {row} ({label}): test "
                           f"{100 * sum(results[row].values()) / len(tasks):.1f}%", flush=True)
                 avg = sum(results[method].values()) / len(tasks)
