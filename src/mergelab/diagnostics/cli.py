@@ -90,7 +90,6 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Does a metric predict the merge outcome? Merge every pair of a zoo's tasks and
         rank-correlate each metric with the drop in normalised accuracy (Spearman)."""
-        import os
         import time
 
         from rich.console import Console
@@ -125,10 +124,9 @@ def register(app: typer.Typer) -> None:
         )
         console.print(study.summary, markup=False, highlight=False)
         if out is not None:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            partial = out.with_name(f".{out.name}.partial-{os.getpid()}")
-            partial.write_text(text)
-            os.replace(partial, out)  # a reader never sees half a file
+            from mergelab.fileio import write_text_atomic
+
+            write_text_atomic(out, text)  # a reader never sees half a file
             console.print(f"study: {out}")
         if docs is not None:
             from mergelab.eval.bench import update_docs

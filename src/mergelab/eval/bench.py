@@ -15,7 +15,6 @@ NuSLERP, NearSwap...) or need data are listed as not applicable.
 from __future__ import annotations
 
 import itertools
-import os
 import re
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -35,6 +34,7 @@ from mergelab.eval.harness import (
     summarise,
     write_report,
 )
+from mergelab.fileio import write_text_atomic
 from mergelab.zoo.base import BuiltZoo, StateDict
 
 BASE_NAME = "pretrained"
@@ -260,10 +260,7 @@ def save_seed_result(result: SeedResult, path: Path) -> None:
     import json
     from dataclasses import asdict
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(".json.tmp")
-    temporary.write_text(json.dumps(asdict(result), indent=2, default=str) + "\n")
-    os.replace(temporary, path)
+    write_text_atomic(path, json.dumps(asdict(result), indent=2, default=str) + "\n")
 
 
 def aggregate(seed_results: Sequence[SeedResult]) -> list[AggregateRow]:
@@ -312,9 +309,7 @@ def update_docs(path: str | Path, zoo: str, body: str) -> None:
     """Replace (or append) `zoo`'s section of the markdown file at `path`, atomically."""
     path = Path(path)
     document = path.read_text() if path.is_file() else "# Benchmarks\n"
-    temporary = path.with_suffix(path.suffix + ".tmp")
-    temporary.write_text(replace_section(document, zoo, body))
-    os.replace(temporary, path)
+    write_text_atomic(path, replace_section(document, zoo, body))
 
 
 @dataclass

@@ -237,15 +237,10 @@ class ResultCache:
 
     def put(self, key: str, value: float, **facts) -> None:
         import json
-        import os
-        import tempfile
 
-        path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        with os.fdopen(handle, "w") as out:
-            json.dump({"accuracy": value, **facts}, out)
-        os.replace(temporary, path)
+        from mergelab.fileio import write_text_atomic
+
+        write_text_atomic(self._path(key), json.dumps({"accuracy": value, **facts}))
 
 
 def default_result_cache() -> ResultCache:
@@ -445,7 +440,8 @@ def write_report(
 ) -> dict[str, Path]:
     """Write `stem`.json, `stem`.md and `stem`.png into `out_dir` (each atomically replaced)."""
     import json
-    import os
+
+    from mergelab.fileio import write_atomic, write_text_atomic
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -456,10 +452,6 @@ def write_report(
         "md": f"## {title}\n\n" + markdown_table(rows),
     }
     for kind, content in text.items():
-        temporary = paths[kind].with_suffix(f".{kind}.tmp")
-        temporary.write_text(content)
-        os.replace(temporary, paths[kind])
-    temporary_png = out / f".{stem}.tmp.png"
-    bar_chart(rows, temporary_png, title)
-    os.replace(temporary_png, paths["png"])
+        write_text_atomic(paths[kind], content)
+    write_atomic(paths["png"], lambda temporary: bar_chart(rows, temporary, title))
     return paths

@@ -37,7 +37,6 @@ import copy
 import json
 import math
 import os
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -51,6 +50,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from mergelab.errors import MergeLabError
+from mergelab.fileio import write_text_atomic
 from mergelab.finetune import cache_key, cached_folder
 from mergelab.multimodal.data import (
     MASK_ID,
@@ -1194,18 +1194,6 @@ def markdown_report(report: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w") as out:
-            out.write(text)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
 def _json_safe(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None
@@ -1256,8 +1244,8 @@ def run_recipe(
     }
     report["markdown"] = markdown_report(report)
     out = Path(out_dir)
-    _write_atomic(out / "results.json", json.dumps(_json_safe(report), indent=1) + "\n")
-    _write_atomic(out / "results.md", report["markdown"])
+    write_text_atomic(out / "results.json", json.dumps(_json_safe(report), indent=1) + "\n")
+    write_text_atomic(out / "results.md", report["markdown"])
     return report
 
 
