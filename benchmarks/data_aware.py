@@ -135,6 +135,7 @@ def run(args: argparse.Namespace) -> str:
     from mergelab.eval.bench import (
         FINETUNED_ROW,
         PROBE_ROW,
+        machine_note,
         post_merge_variants,
         replace_section,
         run_seed,
@@ -150,7 +151,7 @@ def run(args: argparse.Namespace) -> str:
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    started = time.perf_counter()
+    started, load_at_start = time.perf_counter(), os.getloadavg()[0]
     # The same evaluation subset as `mergelab bench --eval-limit`, so the rows compare.
     zoo = get_zoo(args.zoo, **({"eval_limit": args.eval_limit} if args.eval_limit else {}))
     recipes = args.recipes.split(",") if args.recipes else list(zoo.recipes)
@@ -278,9 +279,8 @@ def run(args: argparse.Namespace) -> str:
         "",
         f"Reproduce: `{args.command}`",
         "",
-        f"Wall time {wall / 60:.1f} min, seeds {', '.join(map(str, seeds))}, CPU "
-        f"({torch.get_num_threads()} torch thread(s)) on a machine shared with other jobs, so seconds are "
-        "indicative. Test accuracy in %, `mean ± std` over seeds, each task scored with its own "
+        f"Wall time {wall / 60:.1f} min, seeds {', '.join(map(str, seeds))}, {machine_note(load_at_start)}. "
+        "Test accuracy in %, `mean ± std` over seeds, each task scored with its own "
         "head on the merged encoder; normalised and gain kept as in the data-free tables.",
         "",
         f"Data: RegMean, RegMean++ and Fisher see the first {args.examples} *training* inputs of "

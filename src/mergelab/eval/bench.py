@@ -15,6 +15,7 @@ NuSLERP, NearSwap...) or need data are listed as not applicable.
 from __future__ import annotations
 
 import itertools
+import os
 import re
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -255,6 +256,16 @@ def run_seed(built: BuiltZoo, methods: Sequence[str], *, cache: ResultCache | No
                       time.perf_counter() - started)
 
 
+def machine_note(load_at_start: float) -> str:
+    """How the run used the machine, for a docs line: threads, cores and the 1-minute load
+    average at the start and now (this run's own threads count in the second figure), so a
+    reader can tell an idle machine from a shared one instead of trusting a fixed phrase."""
+    return (
+        f"CPU ({torch.get_num_threads()} torch thread(s), {os.cpu_count()} core(s); 1-minute load "
+        f"average {load_at_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end)"
+    )
+
+
 def save_seed_result(result: SeedResult, path: Path) -> None:
     """Write one seed's test accuracies, choices and timings as JSON (atomically)."""
     import json
@@ -350,7 +361,7 @@ def run_bench(
     """
     from mergelab.zoo.registry import get_zoo
 
-    started = time.perf_counter()
+    started, load_at_start = time.perf_counter(), os.getloadavg()[0]
     zoo = get_zoo(zoo_name, **dict(zoo_options or {}))
     recipes = list(recipes or zoo.recipes)
     bad = [r for r in recipes if r not in zoo.recipes]
@@ -386,7 +397,9 @@ def run_bench(
                 save_seed_result(seed_result, Path(out_dir) / f"{zoo_name}-{recipe}-seed{seed}.json")
     rows = {recipe: aggregate(seed_results) for recipe, seed_results in results.items()}
     wall = time.perf_counter() - started
-    markdown = bench_markdown(zoo_name, rows, results, skipped, seeds, wall, build_seconds, command, built)
+    markdown = bench_markdown(
+        zoo_name, rows, results, skipped, seeds, wall, build_seconds, command, built, load_at_start
+    )
     files: dict[str, dict[str, Path]] = {}
     if out_dir is not None:
         for recipe, recipe_rows in rows.items():
@@ -411,6 +424,7 @@ def bench_markdown(
     build_seconds: float,
     command: str,
     built_sample: BuiltZoo | None,
+    load_at_start: float = 0.0,
 ) -> str:
     """The docs section: command, wall time, one table per recipe, the ordering check."""
     lines = [
@@ -419,8 +433,7 @@ def bench_markdown(
         f"Reproduce: `{command or f'mergelab bench --zoo {zoo_name}'}`",
         "",
         f"Wall time {wall / 60:.1f} min (of which building or loading the zoo {build_seconds / 60:.1f} min), "
-        f"{len(seeds)} fine-tuning seed(s) ({', '.join(map(str, seeds))}), CPU "
-        f"({torch.get_num_threads()} torch thread(s)) on a machine shared with other jobs.",
+        f"{len(seeds)} fine-tuning seed(s) ({', '.join(map(str, seeds))}), {machine_note(load_at_start)}.",
         "",
         "Test accuracy in %, `mean ± std` over seeds; each task is scored with its own head on the "
         "merged encoder. normalised = accuracy / the task's fine-tuned accuracy; gain kept = "
