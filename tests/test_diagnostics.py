@@ -26,7 +26,14 @@ from mergelab.diagnostics.metrics import (
     soft_sign_dissimilarity,
     truncated_soft_sign_dissimilarity,
 )
-from mergelab.diagnostics.predict import MergeRecord, correlations, pairwise_study, summarize
+from mergelab.diagnostics.predict import (
+    MergeRecord,
+    correlations,
+    pairwise_study,
+    pooled_summary,
+    stratified_records,
+    summarize,
+)
 from mergelab.diagnostics.report import write_report
 from mergelab.errors import CheckpointError, ConfigError, MergeError
 from mergelab.zoo.base import BuiltZoo
@@ -388,6 +395,27 @@ def test_spearman_on_monotone_relations():
     assert "rho=+1.00" in text and "best predictor: SSD" in text
 
 
+def test_pooling_recipes_separates_the_recipe_effect_from_the_ranking():
+    # Within each recipe a larger L2 goes with a *smaller* drop, but the second recipe has both
+    # larger L2 and larger drops: pooled raw values say "predicts", ranks within a recipe say
+    # the opposite, exactly.
+    small = _records([0.10 - 0.01 * v for v in range(1, 7)], list(range(1, 7)), metric="l2")
+    large = _records([0.50 - 0.01 * v for v in range(1, 7)], [10 + v for v in range(1, 7)], metric="l2")
+    groups = {"lpft": small, "joint": large}
+    (raw,) = correlations([*small, *large])
+    assert raw.rho > 0.5  # the expected direction, from the recipe effect alone
+    ranked = stratified_records(groups)
+    # Centred ranks: the smallest of six is -1, the largest +1, within each recipe.
+    assert [r.metrics["l2"] for r in ranked[:6]] == pytest.approx([-1, -0.6, -0.2, 0.2, 0.6, 1])
+    assert [r.outcome for r in ranked[:6]] == pytest.approx([1, 0.6, 0.2, -0.2, -0.6, -1])
+    (within,) = correlations(ranked)
+    assert within.rho == pytest.approx(-1.0) and within.n == 12
+    assert within.verdict().startswith("correlates against the expected direction")
+    text = pooled_summary(groups)
+    assert "| lpft | 6 | 3.5000 | 0.0650 |" in text and "| joint | 6 | 13.5000 | 0.4650 |" in text
+    assert "rho=+" in text.split("### Within")[0] and "rho=-1.00" in text.split("### Within")[1]
+
+
 class _FakeEvaluator:
     """Accuracy falls with the distance from the task's own fine-tuned encoder."""
 
@@ -470,7 +498,7 @@ def test_study_cli_on_a_registered_zoo(tmp_path: Path, monkeypatch):
     from mergelab.zoo import registry
 
     class FakeZoo:
-        name, recipes = "fake", ("none",)
+        name, recipes = "fake", ("none", "none2")
 
         def build(self, *, recipe: str, seed: int, progress: bool = True) -> BuiltZoo:
             return _fake_zoo()
@@ -486,5 +514,12 @@ def test_study_cli_on_a_registered_zoo(tmp_path: Path, monkeypatch):
     assert "| a + a_copy | task_arithmetic |" in text and "Spearman" in text
     section = docs.read_text()
     assert section.startswith("# Benchmarks\n\nearlier section\n") and text in section
+    both = CliRunner().invoke(app, [*args, "--recipe", "none,none2", "--docs", str(docs), "--no-progress"])
+    assert both.exit_code == 0, both.output
+    document = docs.read_text()
+    for key in ("study:fake-diagnostics:none:0", "study:fake-diagnostics:none2:0",
+                "study:fake-diagnostics:none+none2:0"):
+        assert document.count(f"<!-- mergelab-bench:{key}:start -->") == 1
+    assert "recipes pooled" in document and "### Within each recipe" in document
     unknown = CliRunner().invoke(app, ["diagnose-study", "--zoo", "nope", "--no-progress"])
     assert unknown.exit_code == 1 and "unknown zoo" in unknown.output

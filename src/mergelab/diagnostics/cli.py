@@ -76,7 +76,11 @@ def register(app: typer.Typer) -> None:
     @app.command("diagnose-study")
     def diagnose_study(
         zoo: str = typer.Option("mlp", help="Zoo name (mlp, text, vision...)."),
-        recipe: str = typer.Option("lpft", help="The zoo's fine-tuning recipe."),
+        recipe: str = typer.Option(
+            "lpft",
+            help="The zoo's fine-tuning recipe; several, comma-separated, also pool their merges "
+            "(raw, and ranked within each recipe).",
+        ),
         seed: int = typer.Option(0, help="The zoo's fine-tuning seed."),
         methods: str = typer.Option(
             "task_arithmetic,ties", help="Comma-separated merge methods of the registry."
@@ -94,7 +98,7 @@ def register(app: typer.Typer) -> None:
 
         from rich.console import Console
 
-        from mergelab.diagnostics.predict import pairwise_study
+        from mergelab.diagnostics.predict import pairwise_study, pooled_summary
         from mergelab.errors import MergeLabError
         from mergelab.zoo.registry import get_zoo
 
@@ -105,32 +109,55 @@ def register(app: typer.Typer) -> None:
 
             torch.set_num_threads(threads)
         options = {"eval_limit": eval_limit} if eval_limit is not None else {}
+        recipes = [r.strip() for r in recipe.split(",") if r.strip()]
+        studies = {}
         try:
-            built = get_zoo(zoo, **options).build(recipe=recipe, seed=seed, progress=progress)
-            study = pairwise_study(
-                built,
-                [m.strip() for m in methods.split(",") if m.strip()],
-                top_k=top_k,
-                progress=progress,
-            )
+            if not recipes:
+                raise MergeLabError("give at least one recipe")
+            zoo_object = get_zoo(zoo, **options)
+            for name in recipes:
+                built = zoo_object.build(recipe=name, seed=seed, progress=progress)
+                studies[name] = (
+                    pairwise_study(
+                        built,
+                        [m.strip() for m in methods.split(",") if m.strip()],
+                        top_k=top_k,
+                        progress=progress,
+                    ),
+                    time.perf_counter() - started,
+                )
         except MergeLabError as exc:
             Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False)
             raise typer.Exit(code=1) from None
-        seconds = time.perf_counter() - started
         command = shlex.join(["mergelab", *sys.argv[1:]])
-        text = (
-            f"Zoo `{zoo}`, recipe `{recipe}`, seed {seed}; `{command}` ({seconds:.0f} s).\n\n"
-            + study.markdown()
-        )
-        console.print(study.summary, markup=False, highlight=False)
+        # Each recipe's section says its own seconds (a rerun of one recipe replaces only it).
+        sections: dict[str, tuple[str, str]] = {}
+        previous = 0.0
+        for name, (study, elapsed) in studies.items():
+            text = (
+                f"Zoo `{zoo}`, recipe `{name}`, seed {seed}; `{command}` "
+                f"({elapsed - previous:.0f} s for this recipe).\n\n" + study.markdown()
+            )
+            previous = elapsed
+            heading = f"## Does a metric predict the merge outcome? {zoo} zoo, recipe `{name}`\n\n"
+            sections[f"study:{zoo}:{name}:{seed}"] = (heading, text)
+            console.print(f"recipe {name}:", markup=False, highlight=False)
+            console.print(study.summary, markup=False, highlight=False)
+        if len(studies) > 1:
+            pooled = pooled_summary({name: study.records for name, (study, _) in studies.items()})
+            heading = f"## Does a metric predict the merge outcome? {zoo} zoo, recipes pooled\n\n"
+            text = f"Zoo `{zoo}`, seed {seed}; `{command}`.\n\n" + pooled
+            sections[f"study:{zoo}:{'+'.join(recipes)}:{seed}"] = (heading, text)
+            console.print(pooled, markup=False, highlight=False)
         if out is not None:
             from mergelab.fileio import write_text_atomic
 
-            write_text_atomic(out, text)  # a reader never sees half a file
+            # One file; a reader never sees half of it.
+            write_text_atomic(out, "\n".join(heading + text for heading, text in sections.values()))
             console.print(f"study: {out}")
         if docs is not None:
             from mergelab.eval.bench import update_docs
 
-            heading = f"## Does a metric predict the merge outcome? {zoo} zoo, recipe `{recipe}`\n\n"
-            update_docs(docs, f"study:{zoo}:{recipe}:{seed}", heading + text)
-            console.print(f"study: section of {docs}")
+            for key, (heading, text) in sections.items():
+                update_docs(docs, key, heading + text)
+            console.print(f"study: {len(sections)} section(s) of {docs}")

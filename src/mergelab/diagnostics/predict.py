@@ -17,7 +17,7 @@ import itertools
 import math
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -164,6 +164,72 @@ def summarize(
         else:
             lines.append("- no metric predicts the outcome significantly here.")
         lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _within_group_ranks(values: Sequence[float]) -> list[float]:
+    """Ranks centred on 0 and scaled to [-1, 1] within one group (ties share a rank)."""
+    from scipy.stats import rankdata
+
+    if len(values) < 2:
+        return [0.0] * len(values)
+    ranks = rankdata(values)
+    middle, half = (len(values) + 1) / 2, (len(values) - 1) / 2
+    return [float((r - middle) / half) for r in ranks]
+
+
+def stratified_records(groups: Mapping[str, Sequence[MergeRecord]]) -> list[MergeRecord]:
+    """The records of every group with each metric and the outcome replaced by their centred
+    rank *within the group* (per method).
+
+    Pooling merges of several zoos or recipes mixes two effects: a metric that only tells the
+    groups apart (one recipe's task vectors are larger and its merges worse) correlates with
+    the outcome without ranking the merges of any one group. Ranking inside each group first
+    removes the group effect, so a Spearman rho on these records asks only "within a group,
+    do the merges with a larger metric lose more?", over all groups' merges at once.
+    """
+    out: list[MergeRecord] = []
+    for group in groups.values():
+        by_method: dict[str, list[MergeRecord]] = {}
+        for record in group:
+            by_method.setdefault(record.method, []).append(record)
+        for records in by_method.values():
+            outcome = _within_group_ranks([r.outcome for r in records])
+            metric_names = [m for m in records[0].metrics if all(m in r.metrics for r in records)]
+            ranked = {m: _within_group_ranks([float(r.metrics[m]) for r in records]) for m in metric_names}
+            for i, r in enumerate(records):
+                out.append(replace(r, metrics={m: ranked[m][i] for m in metric_names}, outcome=outcome[i]))
+    return out
+
+
+def pooled_summary(groups: Mapping[str, Sequence[MergeRecord]], what: str = "recipe") -> str:
+    """Markdown: the correlations over every group's merges, raw and within-group (stratified),
+    with each group's mean metric and outcome so the reader sees the group effect."""
+    names = list(groups)
+    records = [r for g in groups.values() for r in g]
+    metrics = [m for m in METRICS if all(m in r.metrics for r in records)]
+    lines = [f"Merges of the {what}s {', '.join(f'`{n}`' for n in names)} taken together.", ""]
+    header = [what, "merges"] + [_TITLES[m] for m in metrics] + ["mean drop"]
+    lines += ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    for name, group in groups.items():
+        group = list(group)
+        means = [sum(float(r.metrics[m]) for r in group) / len(group) for m in metrics]
+        drop = sum(r.outcome for r in group) / len(group)
+        lines.append(
+            f"| {name} | {len(group)} | " + " | ".join(f"{v:.4f}" for v in means) + f" | {drop:.4f} |"
+        )
+    lines += [
+        "",
+        "### Pooled (raw values)",
+        "",
+        f"A metric that only tells the {what}s apart correlates here without ranking the merges "
+        f"of any one {what}: compare with the within-{what} figures below.",
+        "",
+        summarize(correlations(records, metrics)),
+        f"### Within each {what} (ranks taken inside each {what}, then pooled)",
+        "",
+        summarize(correlations(stratified_records(groups), metrics)),
+    ]
     return "\n".join(lines).rstrip() + "\n"
 
 
