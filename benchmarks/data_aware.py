@@ -137,8 +137,8 @@ def run(args: argparse.Namespace) -> str:
         PROBE_ROW,
         machine_note,
         post_merge_variants,
-        replace_section,
         run_seed,
+        update_docs,
     )
     from mergelab.eval.harness import (
         aggregate_rows,
@@ -275,7 +275,7 @@ def run(args: argparse.Namespace) -> str:
         }
     wall = time.perf_counter() - started
     header = [
-        f"## Data-aware merges: {args.zoo} zoo",
+        f"## Data-aware merges: {args.zoo} zoo" + (f" ({args.label})" if args.label else ""),
         "",
         f"Reproduce: `{args.command}`",
         "",
@@ -299,17 +299,15 @@ def run(args: argparse.Namespace) -> str:
     ]
     body = "\n".join(header + sections)
     if args.docs:
-        path = Path(args.docs)
-        document = path.read_text() if path.is_file() else "# Benchmarks\n"
-        # A run limited to some recipes gets a section of its own, so runs can go in parallel.
+        # A run limited to some recipes gets a section of its own, so runs can go in parallel;
+        # so does a labelled variant (other settings beside the default run's table).
         key = f"data-aware-{args.zoo}" + (f"-{'-'.join(recipes)}" if args.recipes else "")
-        tmp = path.with_suffix(f".{key}.tmp")
-        tmp.write_text(replace_section(document, key, body))
-        os.replace(tmp, path)
+        key += f"-{args.label}" if args.label else ""
+        update_docs(args.docs, key, body)
     out = REPO / "benchmarks" / "_work"
     out.mkdir(parents=True, exist_ok=True)
     record["wall_seconds"] = wall
-    suffix = f"-{'-'.join(recipes)}" if args.recipes else ""
+    suffix = (f"-{'-'.join(recipes)}" if args.recipes else "") + (f"-{args.label}" if args.label else "")
     (out / f"data_aware-{args.zoo}{suffix}.json").write_text(json.dumps(record, indent=1) + "\n")
     return body
 
@@ -333,6 +331,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eval-limit", type=int, default=0,
                         help="text zoo: score on at most this many validation/test examples per task "
                              "(as `mergelab bench --eval-limit`; 0: all)")
+    parser.add_argument("--label", default="",
+                        help="a name for a run with other settings: its docs section (and JSON) "
+                        "sits beside the default run's instead of replacing it")
     parser.add_argument("--docs", default=str(REPO / "docs" / "benchmarks.md"),
                         help="markdown file to update ('' for none)")
     args = parser.parse_args(argv)
