@@ -72,6 +72,8 @@ bench: zoo
 	$(MERGELAB) diagnose-study --zoo text --recipe lpft,joint --seed 0 --eval-limit 150 --threads $(THREADS) --no-progress --docs docs/benchmarks.md
 	for recipe in lpft joint; do HF_HUB_OFFLINE=1 $(PY) benchmarks/data_aware.py --zoo text --recipes $$recipe --seeds $(SEEDS) --eval-limit 150 --threads $(THREADS) --ada-steps 100 --ada-examples 128 || exit 1; done
 	$(PY) benchmarks/data_aware.py --zoo vision --seeds $(SEEDS) --threads $(THREADS) --ada-steps 100
+	$(PY) benchmarks/data_aware.py --zoo vision --seeds $(SEEDS) --threads $(THREADS) --methods regmean,regmean_plusplus --examples 1024 --label stats-1024
+	$(PY) benchmarks/data_aware.py --zoo vision --seeds $(SEEDS) --threads $(THREADS) --methods regmean --examples 4096 --label stats-4096
 
 # Sung et al.'s multimodal merging study in miniature, into docs/multimodal.md.
 multimodal: $(STAMP) data-packages
