@@ -129,6 +129,47 @@ def regmean_on_validation(built, module, data, alphas, scalings):
     return out
 
 
+def _and(names: list[str]) -> str:
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
+def data_note(args: argparse.Namespace, methods: list[str]) -> str:
+    """The docs' "Data:" paragraph, naming only the methods this run ran."""
+    statistics = [m for m in ("regmean", "regmean_plusplus", "fisher") if m in methods]
+    titles = {"regmean": "RegMean", "regmean_plusplus": "RegMean++", "fisher": "Fisher"}
+    parts = []
+    if statistics:
+        parts.append(
+            f"{_and([titles[m] for m in statistics])} see the first {args.examples} *training* "
+            "inputs of each task" + (" (Fisher: labels sampled from each model's predictions)" if "fisher" in statistics else "")
+        )
+    if any(m.startswith("adamerging") for m in methods):
+        parts.append(
+            f"AdaMerging minimises prediction entropy on the first {args.ada_examples} unlabeled "
+            f"*test* inputs of each task (the paper's transductive protocol), {args.ada_steps} Adam "
+            f"steps at lr {args.ada_lr:g}, coefficients initialised at 0.3 and kept in [0, 1]"
+        )
+    text = "Data: " + "; ".join(parts) + "." if parts else ""
+    if "regmean" in methods:
+        text += (
+            f" RegMean: alpha (the scale of the non-diagonal Gram entries) picked on validation from "
+            f"{args.regmean_alphas} with the Grams collected once; `regmean_scaled` (mergelab's "
+            "extension, not in the paper) also multiplies the merged task vector by a scaling picked "
+            f"on validation from {args.regmean_scalings} (alpha 0.9), from the same Grams. RegMean's "
+            "seconds include its validation search."
+        )
+    if "regmean_plusplus" in methods:
+        text += " RegMean++: alpha 0.9."
+    if "regmean" in methods or "regmean_plusplus" in methods:
+        text += " Biases and norms are averaged."
+    text += " Task arithmetic and TIES have lambda/density picked on validation (mergelab.eval.bench.GRIDS)."
+    at_paper = [t for m, t in (("fisher", "Fisher"), ("adamerging", "AdaMerging"))
+                if any(x.startswith(m) for x in methods)]
+    if at_paper:
+        text += f" {' and '.join(at_paper)} run at the papers' settings."
+    return text.strip()
+
+
 def run(args: argparse.Namespace) -> str:
     import mergelab
     from mergelab.datamerge.zoos import ZooData
@@ -283,18 +324,7 @@ def run(args: argparse.Namespace) -> str:
         "Test accuracy in %, `mean ± std` over seeds, each task scored with its own "
         "head on the merged encoder; normalised and gain kept as in the data-free tables.",
         "",
-        f"Data: RegMean, RegMean++ and Fisher see the first {args.examples} *training* inputs of "
-        f"each task (Fisher: labels sampled from each model's predictions); AdaMerging minimises "
-        f"prediction entropy on the first {args.ada_examples} unlabeled *test* inputs of each task "
-        f"(the paper's transductive protocol), {args.ada_steps} Adam steps at lr {args.ada_lr:g}, "
-        f"coefficients initialised at 0.3 and kept in [0, 1]. RegMean: alpha (the scale of the "
-        f"non-diagonal Gram entries) picked on validation from {args.regmean_alphas} with the "
-        "Grams collected once; `regmean_scaled` (mergelab's extension, not in the paper) also "
-        f"multiplies the merged task vector by a scaling picked on validation from "
-        f"{args.regmean_scalings} (alpha 0.9), from the same Grams; RegMean++: alpha 0.9; "
-        "biases and norms averaged. RegMean's seconds include its validation search. Task "
-        "arithmetic and TIES have lambda/density picked on validation (mergelab.eval.bench.GRIDS); Fisher "
-        "and AdaMerging run at the papers' settings.",
+        data_note(args, methods),
         "",
     ]
     body = "\n".join(header + sections)
