@@ -140,7 +140,8 @@ def data_note(args: argparse.Namespace, methods: list[str]) -> str:
     parts = []
     if statistics:
         parts.append(
-            f"{_and([titles[m] for m in statistics])} see the first {args.examples} *training* "
+            f"{_and([titles[m] for m in statistics])} {'sees' if len(statistics) == 1 else 'see'} "
+            f"the first {args.examples} *training* "
             "inputs of each task" + (" (Fisher: labels sampled from each model's predictions)" if "fisher" in statistics else "")
         )
     if any(m.startswith("adamerging") for m in methods):
