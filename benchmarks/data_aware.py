@@ -189,6 +189,7 @@ def run(args: argparse.Namespace) -> str:
         markdown_table,
         summarise,
     )
+    from mergelab.fileio import write_text_atomic
     from mergelab.zoo.registry import get_zoo
 
     if args.threads > 0:
@@ -339,7 +340,7 @@ def run(args: argparse.Namespace) -> str:
     out.mkdir(parents=True, exist_ok=True)
     record["wall_seconds"] = wall
     suffix = (f"-{'-'.join(recipes)}" if args.recipes else "") + (f"-{args.label}" if args.label else "")
-    (out / f"data_aware-{args.zoo}{suffix}.json").write_text(json.dumps(record, indent=1) + "\n")
+    write_text_atomic(out / f"data_aware-{args.zoo}{suffix}.json", json.dumps(record, indent=1) + "\n")
     return body
 
 
