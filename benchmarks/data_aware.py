@@ -167,7 +167,7 @@ def data_note(args: argparse.Namespace, methods: list[str]) -> str:
     at_paper = [t for m, t in (("fisher", "Fisher"), ("adamerging", "AdaMerging"))
                 if any(x.startswith(m) for x in methods)]
     if at_paper:
-        text += f" {' and '.join(at_paper)} run at the papers' settings."
+        text += f" {_and(at_paper)} {'runs' if len(at_paper) == 1 else 'run'} at the papers' settings."
     return text.strip()
 
 
@@ -330,17 +330,14 @@ def run(args: argparse.Namespace) -> str:
         "",
     ]
     body = "\n".join(header + sections)
-    if args.docs:
-        # A run limited to some recipes gets a section of its own, so runs can go in parallel;
-        # so does a labelled variant (other settings beside the default run's table).
-        key = f"data-aware-{args.zoo}" + (f"-{'-'.join(recipes)}" if args.recipes else "")
-        key += f"-{args.label}" if args.label else ""
-        update_docs(args.docs, key, body)
-    out = REPO / "benchmarks" / "_work"
-    out.mkdir(parents=True, exist_ok=True)
-    record["wall_seconds"] = wall
+    # A run limited to some recipes gets a docs section and JSON of its own, so runs can go in
+    # parallel; so does a labelled variant (other settings beside the default run's table).
     suffix = (f"-{'-'.join(recipes)}" if args.recipes else "") + (f"-{args.label}" if args.label else "")
-    write_text_atomic(out / f"data_aware-{args.zoo}{suffix}.json", json.dumps(record, indent=1) + "\n")
+    if args.docs:
+        update_docs(args.docs, f"data-aware-{args.zoo}{suffix}", body)
+    record["wall_seconds"] = wall
+    write_text_atomic(REPO / "benchmarks" / "_work" / f"data_aware-{args.zoo}{suffix}.json",
+                      json.dumps(record, indent=1) + "\n")
     return body
 
 

@@ -103,7 +103,6 @@ def register(app: typer.Typer) -> None:
         from mergelab.zoo.registry import get_zoo
 
         console = Console()
-        started = time.perf_counter()
         if threads:
             import torch
 
@@ -116,6 +115,7 @@ def register(app: typer.Typer) -> None:
                 raise MergeLabError("give at least one recipe")
             zoo_object = get_zoo(zoo, **options)
             for name in recipes:
+                tick = time.perf_counter()
                 built = zoo_object.build(recipe=name, seed=seed, progress=progress)
                 studies[name] = (
                     pairwise_study(
@@ -124,7 +124,7 @@ def register(app: typer.Typer) -> None:
                         top_k=top_k,
                         progress=progress,
                     ),
-                    time.perf_counter() - started,
+                    time.perf_counter() - tick,
                 )
         except MergeLabError as exc:
             Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False)
@@ -132,13 +132,11 @@ def register(app: typer.Typer) -> None:
         command = shlex.join(["mergelab", *sys.argv[1:]])
         # Each recipe's section says its own seconds (a rerun of one recipe replaces only it).
         sections: dict[str, tuple[str, str]] = {}
-        previous = 0.0
-        for name, (study, elapsed) in studies.items():
+        for name, (study, seconds) in studies.items():
             text = (
                 f"Zoo `{zoo}`, recipe `{name}`, seed {seed}; `{command}` "
-                f"({elapsed - previous:.0f} s for this recipe).\n\n" + study.markdown()
+                f"({seconds:.0f} s for this recipe).\n\n" + study.markdown()
             )
-            previous = elapsed
             heading = f"## Does a metric predict the merge outcome? {zoo} zoo, recipe `{name}`\n\n"
             sections[f"study:{zoo}:{name}:{seed}"] = (heading, text)
             console.print(f"recipe {name}:", markup=False, highlight=False)
