@@ -25,12 +25,13 @@ venv: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+	$(VENV)/bin/lint-imports
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
 
 demo: $(STAMP)
-	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m mergelab.demo
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m mergelab_bench.demo
 
 # mergekit 0.1.5 in its own venv: a peer to measure against, never imported by mergelab.
 BENCH_VENV := .bench-venv

@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/data_aware.py --zoo text --seeds 0,1 --examples 256
 
 For every recipe and seed of the zoo: the baselines and the data-free rows come from the
-benchmark runner (mergelab.eval.bench.run_seed: task arithmetic and TIES with their lambda and
+benchmark runner (mergelab_bench.bench.run_seed: task arithmetic and TIES with their lambda and
 density picked on validation); each data-aware method then runs once at the paper's settings
 through `mergelab.data_merge`:
 
@@ -163,7 +163,7 @@ def data_note(args: argparse.Namespace, methods: list[str]) -> str:
         text += " RegMean++: alpha 0.9."
     if "regmean" in methods or "regmean_plusplus" in methods:
         text += " Biases and norms are averaged."
-    text += " Task arithmetic and TIES have lambda/density picked on validation (mergelab.eval.bench.GRIDS)."
+    text += " Task arithmetic and TIES have lambda/density picked on validation (mergelab_bench.bench.GRIDS)."
     at_paper = [t for m, t in (("fisher", "Fisher"), ("adamerging", "AdaMerging"))
                 if any(x.startswith(m) for x in methods)]
     if at_paper:
@@ -173,15 +173,6 @@ def data_note(args: argparse.Namespace, methods: list[str]) -> str:
 
 def run(args: argparse.Namespace) -> str:
     import mergelab
-    from mergelab.datamerge.zoos import ZooData
-    from mergelab.eval.bench import (
-        FINETUNED_ROW,
-        PROBE_ROW,
-        machine_note,
-        post_merge_variants,
-        run_seed,
-        update_docs,
-    )
     from mergelab.eval.harness import (
         aggregate_rows,
         default_result_cache,
@@ -190,7 +181,16 @@ def run(args: argparse.Namespace) -> str:
         summarise,
     )
     from mergelab.fileio import write_text_atomic
-    from mergelab.zoo.registry import get_zoo
+    from mergelab_bench.bench import (
+        FINETUNED_ROW,
+        PROBE_ROW,
+        machine_note,
+        post_merge_variants,
+        run_seed,
+        update_docs,
+    )
+    from mergelab_bench.data_aware_zoos import ZooData
+    from mergelab_bench.zoo.registry import get_zoo
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)

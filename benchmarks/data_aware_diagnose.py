@@ -32,12 +32,12 @@ def main() -> None:
     warnings.simplefilter("ignore")
 
     import mergelab
-    from mergelab.datamerge.zoos import ZooData
-    from mergelab.eval.bench import GridPoint, merge_zoo
     from mergelab.eval.harness import evaluate_model
     from mergelab.stats.batches import call_module, split_batch
     from mergelab.stats.fisher import BoundForward
-    from mergelab.zoo.registry import get_zoo
+    from mergelab_bench.bench import GridPoint, merge_zoo
+    from mergelab_bench.data_aware_zoos import ZooData
+    from mergelab_bench.zoo.registry import get_zoo
 
     built = get_zoo(args.zoo).build(recipe=args.recipe, seed=args.seed, progress=False)
     adapter = ZooData(built)

@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 from mergelab import merge_state_dicts
-from mergelab.zoo.base import BuiltZoo, StateDict
-from mergelab.zoo.vision import VisionSettings, VisionZoo
+from mergelab_bench.zoo.base import BuiltZoo, StateDict
+from mergelab_bench.zoo.vision import VisionSettings, VisionZoo
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

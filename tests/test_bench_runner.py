@@ -10,7 +10,9 @@ from typer.testing import CliRunner
 
 from mergelab.cli import app
 from mergelab.errors import MergeLabError
-from mergelab.eval.bench import (
+from mergelab.eval.cli import parse_seeds
+from mergelab.eval.harness import AggregateRow, Spread, evaluate_model
+from mergelab_bench.bench import (
     FINETUNED_ROW,
     PROBE_ROW,
     REPAIR_SUFFIX,
@@ -25,9 +27,7 @@ from mergelab.eval.bench import (
     run_bench,
     run_seed,
 )
-from mergelab.eval.cli import parse_seeds
-from mergelab.eval.harness import AggregateRow, Spread, evaluate_model
-from mergelab.zoo.mlp import MLPZoo
+from mergelab_bench.zoo.mlp import MLPZoo
 
 
 @pytest.fixture(scope="module")

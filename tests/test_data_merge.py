@@ -462,9 +462,9 @@ def test_cli_config_with_data_section_runs_a_data_aware_merge(tiny_bert_folders)
 
 
 def test_zoo_adapter_on_the_mlp_zoo_feeds_every_method():
-    from mergelab.datamerge.zoos import ZooData
     from mergelab.eval.harness import evaluate_model
-    from mergelab.zoo.mlp import MLPZoo, MLPZooSettings
+    from mergelab_bench.data_aware_zoos import ZooData
+    from mergelab_bench.zoo.mlp import MLPZoo, MLPZooSettings
 
     built = MLPZoo(MLPZooSettings(tasks=("parity", "low_high"), steps=60)).build(recipe="lpft", seed=0)
     adapter = ZooData(built)
@@ -482,7 +482,7 @@ def test_zoo_adapter_on_the_mlp_zoo_feeds_every_method():
         assert min(scores.values()) > 0.6, (method, scores)  # a working encoder, not a broken one
         assert set(result.state_dict) == set(built.pretrained)
     assert min(probe.values()) > 0.6
-    from mergelab.datamerge.zoos import merge_zoo_with_data
+    from mergelab_bench.data_aware_zoos import merge_zoo_with_data
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", SingularGramWarning)

@@ -26,7 +26,9 @@ from mergelab.diagnostics.metrics import (
     soft_sign_dissimilarity,
     truncated_soft_sign_dissimilarity,
 )
-from mergelab.diagnostics.predict import (
+from mergelab.diagnostics.report import write_report
+from mergelab.errors import CheckpointError, ConfigError, MergeError
+from mergelab_bench.metric_study import (
     MergeRecord,
     correlations,
     pairwise_study,
@@ -34,9 +36,7 @@ from mergelab.diagnostics.predict import (
     stratified_records,
     summarize,
 )
-from mergelab.diagnostics.report import write_report
-from mergelab.errors import CheckpointError, ConfigError, MergeError
-from mergelab.zoo.base import BuiltZoo
+from mergelab_bench.zoo.base import BuiltZoo
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -495,7 +495,7 @@ def test_pairwise_study_bad_input():
 
 
 def test_study_cli_on_a_registered_zoo(tmp_path: Path, monkeypatch):
-    from mergelab.zoo import registry
+    from mergelab_bench.zoo import registry
 
     class FakeZoo:
         name, recipes = "fake", ("none", "none2")

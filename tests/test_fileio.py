@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from mergelab.eval.bench import update_docs
 from mergelab.fileio import write_atomic, write_text_atomic
+from mergelab_bench.bench import update_docs
 
 
 def test_write_text_atomic_replaces_whole_file(tmp_path):

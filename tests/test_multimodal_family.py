@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from mergelab.errors import MergeLabError
-from mergelab.multimodal import data as mmdata
-from mergelab.multimodal.family import (
+from mergelab_bench.multimodal import data as mmdata
+from mergelab_bench.multimodal.family import (
     FamilyConfig,
     MultimodalTransformer,
     agnostic_config,
@@ -19,7 +19,7 @@ from mergelab.multimodal.family import (
     expand_to_specific,
     expert_tensor_names,
 )
-from mergelab.multimodal.recipe import (
+from mergelab_bench.multimodal.recipe import (
     DOWNSTREAM_TASKS,
     finetune_and_score,
     mask_words,
@@ -393,7 +393,7 @@ def test_nlvr_labels_are_balanced_within_every_statement_template():
 
 
 def test_gram_batches_hold_no_padding_and_every_drawn_text():
-    from mergelab.multimodal.recipe import _by_length
+    from mergelab_bench.multimodal.recipe import _by_length
 
     pad = mmdata.PAD_ID
     ids = torch.tensor([[1, 7, 8, pad, pad], [1, 9, pad, pad, pad], [1, 5, 6, pad, pad], [1, 4, 4, 4, 4]])
@@ -410,7 +410,7 @@ def test_a_positive_seed_fraction_must_give_seed_steps():
 
 
 def test_merge_drop_is_measured_against_the_model_it_was_merged_from():
-    from mergelab.multimodal.recipe import correlations
+    from mergelab_bench.multimodal.recipe import correlations
 
     def variant(kind, fraction, average, method=None):
         return {"kind": kind, "source_fraction": fraction, "average": average, "method": method}

@@ -13,9 +13,15 @@ from torch import nn
 from mergelab.errors import MergeLabError
 from mergelab.eval.harness import evaluate_model
 from mergelab.finetune import DONE_MARKER
-from mergelab.zoo.cache import MANIFEST, ZooCacheError, read_entry, state_dict_delta, with_base
-from mergelab.zoo.mlp import MLPZoo, MLPZooSettings
-from mergelab.zoo.registry import get_zoo
+from mergelab_bench.zoo.cache import (
+    MANIFEST,
+    ZooCacheError,
+    read_entry,
+    state_dict_delta,
+    with_base,
+)
+from mergelab_bench.zoo.mlp import MLPZoo, MLPZooSettings
+from mergelab_bench.zoo.registry import get_zoo
 
 
 @pytest.fixture(scope="module")

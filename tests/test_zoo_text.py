@@ -32,7 +32,7 @@ def test_text_zoo_tiny_build_cache_and_finetune_folder(tmp_path):
 
 
 def _run(tmp_path):
-    from mergelab.zoo.text import TextZoo, finetune_to_folder, quick_settings
+    from mergelab_bench.zoo.text import TextZoo, finetune_to_folder, quick_settings
 
     settings = quick_settings(tasks=("sentiment", "subjectivity"), sizes=SplitSizes(24, 8, 8),
                               steps=2, batch_size=8, warmup_steps=1)

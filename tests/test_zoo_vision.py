@@ -11,11 +11,11 @@ import pytest
 import torch
 from torch import nn
 
+from mergelab.align.batchnorm import frozen_batchnorm_statistics, reestimate_batchnorm
 from mergelab.errors import CheckpointError, MergeLabError
-from mergelab.zoo.batchnorm import frozen_batchnorm_statistics, reestimate_batchnorm
-from mergelab.zoo.cache import ZooCacheError
-from mergelab.zoo.mobilenet import FEATURE_DIM, MobileNetV2
-from mergelab.zoo.vision import (
+from mergelab_bench.zoo.cache import ZooCacheError
+from mergelab_bench.zoo.mobilenet import FEATURE_DIM, MobileNetV2
+from mergelab_bench.zoo.vision import (
     ImageSplitSizes,
     ImageTask,
     LabelledImages,
@@ -41,7 +41,7 @@ needs_weights = pytest.mark.skipif(
 
 @needs_weights
 def test_mobilenet_matches_packaged_checkpoint_key_for_key():
-    from mergelab.zoo.mobilenet import load_imagenet_state_dict
+    from mergelab_bench.zoo.mobilenet import load_imagenet_state_dict
 
     checkpoint = load_imagenet_state_dict()
     ours = MobileNetV2().state_dict()
@@ -55,7 +55,7 @@ def test_mobilenet_matches_packaged_checkpoint_key_for_key():
 
 @needs_weights
 def test_pretrained_encoder_has_no_classifier_and_imagenet_weights():
-    from mergelab.zoo.mobilenet import load_imagenet_state_dict, pretrained_encoder
+    from mergelab_bench.zoo.mobilenet import load_imagenet_state_dict, pretrained_encoder
 
     encoder = pretrained_encoder()
     assert encoder.classifier is None
@@ -283,7 +283,7 @@ def test_tiny_zoo_builds_caches_and_keeps_batchnorm_statistics(tmp_path):
     # LP-FT keeps the probe as the head.
     assert torch.equal(built.heads[task].weight, built.probe_heads[task].weight)
     # The base is the published ImageNet encoder, BatchNorm statistics included.
-    from mergelab.zoo.mobilenet import load_imagenet_state_dict
+    from mergelab_bench.zoo.mobilenet import load_imagenet_state_dict
 
     imagenet = load_imagenet_state_dict()
     assert all(torch.equal(base[k], imagenet[k]) for k in base)
@@ -338,7 +338,7 @@ def test_joint_recipe_trains_its_head_and_bad_heads_are_rejected(tmp_path):
 def test_softmax_probe_matches_scikit_learn():
     from sklearn.linear_model import LogisticRegression
 
-    from mergelab.zoo.vision import fit_softmax_probe
+    from mergelab_bench.zoo.vision import fit_softmax_probe
 
     generator = torch.Generator().manual_seed(0)
     features = torch.rand(60, 5, generator=generator) * 3
@@ -369,7 +369,7 @@ def _two_layer_net() -> nn.Sequential:
 
 
 def test_repair_undoes_a_weight_rescaling_exactly():
-    from mergelab.zoo.batchnorm import normalised_statistics, repair_batchnorm
+    from mergelab.align.batchnorm import normalised_statistics, repair_batchnorm
 
     net = _two_layer_net()
     batch = torch.randn(16, 3, 6, 6, generator=torch.Generator().manual_seed(2))
@@ -387,7 +387,7 @@ def test_repair_undoes_a_weight_rescaling_exactly():
 
 
 def test_repair_with_own_statistics_is_identity_and_plain_reset_is_not():
-    from mergelab.zoo.batchnorm import average_statistics, normalised_statistics, repair_batchnorm
+    from mergelab.align.batchnorm import average_statistics, normalised_statistics, repair_batchnorm
 
     net = _two_layer_net()
     batch = torch.randn(16, 3, 6, 6, generator=torch.Generator().manual_seed(3))

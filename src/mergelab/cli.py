@@ -213,13 +213,24 @@ def inspect(
 # Subcommands of other concerns (evaluation, diagnostics, alignment...) live beside their code:
 # each module here defines `register(app)`. Add a module to this tuple to add its commands.
 _COMMAND_MODULES: tuple[str, ...] = (
-    "mergelab.diagnostics.cli", "mergelab.eval.cli", "mergelab.zoo.cli", "mergelab.datamerge.cli",
-    "mergelab.multimodal.cli",
+    "mergelab.diagnostics.cli", "mergelab.eval.cli", "mergelab.datamerge.cli",
 )
-for _module in _COMMAND_MODULES:
-    import importlib
+# Packages above the library (the benchmark harness, plug-ins) add theirs through the
+# `mergelab.commands` entry point group: the library never imports them.
+COMMAND_ENTRY_POINTS = "mergelab.commands"
 
-    importlib.import_module(_module).register(app)
+
+def _register_commands() -> None:
+    import importlib
+    from importlib.metadata import entry_points
+
+    for module in _COMMAND_MODULES:
+        importlib.import_module(module).register(app)
+    for entry in sorted(entry_points(group=COMMAND_ENTRY_POINTS), key=lambda e: e.name):
+        entry.load()(app)
+
+
+_register_commands()
 
 
 if __name__ == "__main__":

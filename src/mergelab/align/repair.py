@@ -18,8 +18,8 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
+from mergelab.align.batchnorm import batchnorm_layers, reestimate_batchnorm
 from mergelab.align.spec import AlignError, PermutationSpec
-from mergelab.zoo.batchnorm import batchnorm_layers, reestimate_batchnorm
 
 
 def _inputs(batch) -> tuple:
@@ -29,7 +29,7 @@ def _inputs(batch) -> tuple:
 def reset_batchnorm(model: nn.Module, batches: Iterable, *, num_batches: int | None = None) -> int:
     """Reset BatchNorm running statistics and re-estimate them on `batches` (model inputs).
 
-    A thin adapter over `mergelab.zoo.batchnorm.reestimate_batchnorm` (a plain average over the
+    A thin adapter over `mergelab.align.batchnorm.reestimate_batchnorm` (a plain average over the
     batches, independent of their order; modes and `num_batches_tracked` preserved). For a
     partial zip pass the trunk: only its layers are re-estimated. Returns the number of batches
     used, 0 for a model without BatchNorm; AlignError when `batches` is empty.

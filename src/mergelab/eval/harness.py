@@ -261,7 +261,7 @@ def evaluate_model(
 ) -> dict[str, float]:
     """Accuracy of `encoder` (a state dict) with each task's own head, per task.
 
-    evaluator: anything with `accuracy(encoder, head, task, split)` (see mergelab.zoo.base);
+    evaluator: anything with `accuracy(encoder, head, task, split)` (see mergelab_bench.zoo.base);
         its optional `num_classes(task)` lets heads be checked before any compute, and its
         optional `fingerprint` (a string naming its data and settings) enables `cache`.
     tasks: the tasks to score (default: every task in `heads`); a task without a head, or a

@@ -259,7 +259,7 @@ def _modality_groups(stem: str, parts: Sequence[str], suffixes: Mapping[str, str
 register_preset(
     Preset(
         "mergelab-mini",
-        "mergelab's miniature modality-specific transformer (mergelab.multimodal.family): "
+        "mergelab's miniature modality-specific transformer (mergelab_bench.multimodal.family): "
         "blocks.N.{norm1,attn,norm2,mlp}_{v,l,vl} -> blocks.N.{norm1,attn,norm2,mlp}",
         lambda names: (
             _modality_groups("blocks.*", ("norm1", "attn", "norm2", "mlp"),

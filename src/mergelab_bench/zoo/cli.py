@@ -26,7 +26,7 @@ def register(app: typer.Typer) -> None:
     @zoo_app.command("list")
     def list_zoos() -> None:
         """List the registered zoos."""
-        from mergelab.zoo.registry import zoo_names
+        from mergelab_bench.zoo.registry import zoo_names
 
         for name in zoo_names():
             console.print(name)
@@ -47,7 +47,7 @@ def register(app: typer.Typer) -> None:
         import torch
 
         from mergelab.eval.cli import parse_seeds
-        from mergelab.zoo.registry import get_zoo
+        from mergelab_bench.zoo.registry import get_zoo
 
         if threads > 0:
             torch.set_num_threads(threads)
@@ -95,7 +95,7 @@ def register(app: typer.Typer) -> None:
         """Fine-tune a text encoder on one task with a recipe that keeps it mergeable."""
         import torch
 
-        from mergelab.zoo.text import finetune_to_folder
+        from mergelab_bench.zoo.text import finetune_to_folder
 
         if threads > 0:
             torch.set_num_threads(threads)

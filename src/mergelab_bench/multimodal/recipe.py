@@ -4,7 +4,7 @@ Sung et al. 2023, "An Empirical Study of Multimodal Model Merging" (EMNLP Findin
 https://arxiv.org/abs/2304.14933; code github.com/ylsung/vl-merging). The pipeline
 (`run_recipe`), per seed:
 
-1. seed pre-training: the modality-AGNOSTIC model (`mergelab.multimodal.family`) on both
+1. seed pre-training: the modality-AGNOSTIC model (`mergelab_bench.multimodal.family`) on both
    modalities with VLMo's objectives: masked image modelling (pixels of 40% of the patches),
    masked language modelling (15% of the words), image-text contrast and image-text matching
    with hard negatives (Bao et al. 2022, https://arxiv.org/abs/2111.02358). Checkpoints part-way
@@ -17,7 +17,7 @@ https://arxiv.org/abs/2304.14933; code github.com/ylsung/vl-merging). The pipeli
    (`mergelab.multimodal.groups.merge_expert_groups`): interpolation, modality arithmetic
    (lambda picked by the merged model's pre-training validation loss), RegMean (Grams of every
    expert's own inputs, collected on the specific model), TIES.
-4. every variant fine-tuned on four tasks (`mergelab.multimodal.data`): image-text retrieval,
+4. every variant fine-tuned on four tasks (`mergelab_bench.multimodal.data`): image-text retrieval,
    VQA, NLVR2-style statements about two images, image classification; zero-shot retrieval
    is measured before fine-tuning.
 5. weight metrics between the vision and language copies (cosine, L2, SSD, TSSD from
@@ -52,7 +52,8 @@ from torch import nn
 from mergelab.errors import MergeLabError
 from mergelab.fileio import write_text_atomic
 from mergelab.finetune import cache_key, cached_folder
-from mergelab.multimodal.data import (
+from mergelab.stats._progress import progress_bar
+from mergelab_bench.multimodal.data import (
     MASK_ID,
     SPECIAL_TOKENS,
     TASK_NAMES,
@@ -66,7 +67,7 @@ from mergelab.multimodal.data import (
     compatible,
     to_pixels,
 )
-from mergelab.multimodal.family import (
+from mergelab_bench.multimodal.family import (
     LANGUAGE,
     VISION,
     FamilyConfig,
@@ -78,7 +79,6 @@ from mergelab.multimodal.family import (
     expand_to_specific,
     expert_tensor_names,
 )
-from mergelab.stats._progress import progress_bar
 
 # Bump when the meaning of a cached checkpoint or score changes (objectives, schedules, data).
 RECIPE_VERSION = 1

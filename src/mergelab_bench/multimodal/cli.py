@@ -1,5 +1,5 @@
 """`mergelab multimodal recipe`: Sung et al.'s multimodal merging study in miniature
-(a thin adapter over `mergelab.multimodal.recipe.run_recipe`)."""
+(a thin adapter over `mergelab_bench.multimodal.recipe.run_recipe`)."""
 
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def recipe(
     the weight metrics' correlation with merge quality; prints the markdown report."""
     import torch
 
-    from mergelab.multimodal.recipe import full_settings, quick_settings, run_recipe
+    from mergelab_bench.multimodal.recipe import full_settings, quick_settings, run_recipe
 
     if threads > 0:
         torch.set_num_threads(threads)
@@ -65,7 +65,7 @@ def recipe(
         console.print(f"[bold red]error:[/] {exc}", highlight=False)
         raise typer.Exit(code=1) from None
     if docs is not None:
-        from mergelab.eval.bench import update_docs
+        from mergelab_bench.bench import update_docs
 
         update_docs(docs, DOCS_SECTION, report["markdown"])
     # Plain echo: rich would wrap the markdown tables at the terminal width.

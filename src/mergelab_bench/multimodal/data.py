@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from mergelab.errors import MergeLabError
-from mergelab.zoo.vision import LabelledImages
+from mergelab_bench.zoo.vision import LabelledImages
 
 # --- attributes ----------------------------------------------------------------------------------
 
@@ -401,7 +401,7 @@ def _every_attribute_tuple(num_classes: int) -> list[tuple[int, int, int, int]]:
 
 def _load_base_images(source: str) -> tuple[LabelledImages, LabelledImages | None, tuple[str, ...]]:
     """(training pool, official test set or None, class words)."""
-    from mergelab.zoo import vision
+    from mergelab_bench.zoo import vision
 
     if source == "fashion_mnist":
         return vision.load_fashion_mnist_train(), vision.load_fashion_mnist_test(), FASHION_WORDS

@@ -11,7 +11,7 @@ function, a number of classes. Both recipes of the text and vision zoos exist he
 
 Everything is seeded: the split and the pretraining by `split_seed`, the fine-tuning by the
 zoo seed; training uses only `torch.Generator`s. Built zoos are kept in memory, and on disk too
-when a `cache_root` is given (through `mergelab.zoo.cache`, verified when read).
+when a `cache_root` is given (through `mergelab_bench.zoo.cache`, verified when read).
 Data: scikit-learn's copy of the UCI optical digits test set (Alpaydin & Kaynak 1998, CC BY 4.0).
 """
 
@@ -30,8 +30,8 @@ from torch.func import functional_call
 
 from mergelab.errors import MergeLabError
 from mergelab.finetune import cache_key
-from mergelab.zoo.base import BuiltZoo, StateDict
-from mergelab.zoo.cache import (
+from mergelab_bench.zoo.base import BuiltZoo, StateDict
+from mergelab_bench.zoo.cache import (
     cached_entry,
     linear_from_tensors,
     linear_tensors,
@@ -296,7 +296,7 @@ class MLPZoo:
         missing = [f"{t}.{part}" for t in s.tasks for part in ("encoder", "head", "probe")
                    if f"{t}.{part}" not in files]
         if "pretrained" not in files or missing:
-            from mergelab.zoo.cache import ZooCacheError
+            from mergelab_bench.zoo.cache import ZooCacheError
 
             raise ZooCacheError(f"MLP zoo cache lacks {missing or ['pretrained']}")
         pretrained = files["pretrained"]

@@ -36,7 +36,7 @@ from mergelab.eval.harness import (
     write_report,
 )
 from mergelab.fileio import write_text_atomic
-from mergelab.zoo.base import BuiltZoo, StateDict
+from mergelab_bench.zoo.base import BuiltZoo, StateDict
 
 BASE_NAME = "pretrained"
 FLOOR_ROW = "pretrained + fine-tuned heads"
@@ -359,7 +359,7 @@ def run_bench(
     docs_path: a markdown file whose `<zoo>` section (between markers) gets the tables.
     repair: add "+ BN REPAIR" rows where the zoo supports it (`post_merge_variants`).
     """
-    from mergelab.zoo.registry import get_zoo
+    from mergelab_bench.zoo.registry import get_zoo
 
     started, load_at_start = time.perf_counter(), os.getloadavg()[0]
     zoo = get_zoo(zoo_name, **dict(zoo_options or {}))
@@ -438,7 +438,7 @@ def bench_markdown(
         "Test accuracy in %, `mean ± std` over seeds; each task is scored with its own head on the "
         "merged encoder. normalised = accuracy / the task's fine-tuned accuracy; gain kept = "
         "(accuracy - probe) / (fine-tuned - probe), both averaged over tasks. Hyperparameters "
-        "were picked on the validation split from the grid in `mergelab.eval.bench.GRIDS` "
+        "were picked on the validation split from the grid in `mergelab_bench.bench.GRIDS` "
         "(last column: the choice per seed).",
         "",
     ]

@@ -11,13 +11,13 @@ from collections.abc import Callable
 from typing import Any
 
 from mergelab.errors import MergeLabError
-from mergelab.zoo.base import Zoo
+from mergelab_bench.zoo.base import Zoo
 
 # name -> "module:factory"; the factory takes keyword options (e.g. cache_root) and returns a Zoo.
 _ZOOS: dict[str, str | Callable[..., Zoo]] = {
-    "mlp": "mergelab.zoo.mlp:MLPZoo",
-    "text": "mergelab.zoo.text:TextZoo",
-    "vision": "mergelab.zoo.vision:VisionZoo",
+    "mlp": "mergelab_bench.zoo.mlp:MLPZoo",
+    "text": "mergelab_bench.zoo.text:TextZoo",
+    "vision": "mergelab_bench.zoo.vision:VisionZoo",
 }
 
 

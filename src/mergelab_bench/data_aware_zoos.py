@@ -1,6 +1,6 @@
 """Data-aware merges on the benchmark zoos: each zoo's encoder module and task data as TaskData.
 
-The zoo interface (mergelab.zoo.base.BuiltZoo) scores state dicts; data-aware methods also need
+The zoo interface (mergelab_bench.zoo.base.BuiltZoo) scores state dicts; data-aware methods also need
 the encoder as a module and batches of each task's inputs. This adapter knows the three zoos:
 `mlp` (tensor inputs), `text` (tokenised MiniLM batches, mean-pooled features) and `vision`
 (MobileNetV2 images, pooled features). The task head comes from the zoo.
@@ -15,7 +15,7 @@ from torch import nn
 
 from mergelab.errors import MergeLabError
 from mergelab.stats.batches import TaskData
-from mergelab.zoo.base import BuiltZoo
+from mergelab_bench.zoo.base import BuiltZoo
 
 SPLITS = ("train", "validation", "test")
 
@@ -39,15 +39,15 @@ class ZooData:
         if self._module is None:
             zoo = self.built.zoo
             if zoo == "mlp":
-                from mergelab.zoo.mlp import MLPEncoder
+                from mergelab_bench.zoo.mlp import MLPEncoder
 
                 module = MLPEncoder(self.built.evaluator.settings.hidden)
             elif zoo == "text":
-                from mergelab.zoo.text import load_pretrained
+                from mergelab_bench.zoo.text import load_pretrained
 
                 self._tokenizer, module = load_pretrained()
             else:
-                from mergelab.zoo.vision import encoder_from_state_dict
+                from mergelab_bench.zoo.vision import encoder_from_state_dict
 
                 module = encoder_from_state_dict(self.built.pretrained)
             module.load_state_dict(self.built.pretrained, strict=False)

@@ -316,7 +316,7 @@ def pairwise_study(
     """Merge every pair of a zoo's tasks with each method and correlate metrics with the drop.
 
     Args:
-        built_zoo: a `mergelab.zoo.base.BuiltZoo` (fine-tuned encoders, heads, evaluator).
+        built_zoo: a `mergelab_bench.zoo.base.BuiltZoo` (fine-tuned encoders, heads, evaluator).
         methods: registry names of the merge methods.
         candidates: method -> hyperparameter settings ({"weight", "density", "lambda"...}, per
             model and global mixed; the registry says which is which). With several, the one with

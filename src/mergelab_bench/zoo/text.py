@@ -46,8 +46,8 @@ from mergelab.finetune import (  # noqa: E402
     fit_linear_probe,
     folder_fingerprint,
 )
-from mergelab.zoo.base import BuiltZoo, StateDict  # noqa: E402
-from mergelab.zoo.cache import (  # noqa: E402
+from mergelab_bench.zoo.base import BuiltZoo, StateDict  # noqa: E402
+from mergelab_bench.zoo.cache import (  # noqa: E402
     cached_entry,
     default_cache_root,
     linear_from_tensors,

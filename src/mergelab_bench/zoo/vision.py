@@ -44,17 +44,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mergelab.errors import CheckpointError, MergeLabError
-from mergelab.finetune import cache_key
-from mergelab.zoo.base import BuiltZoo, StateDict
-from mergelab.zoo.batchnorm import (
+from mergelab.align.batchnorm import (
     average_statistics,
     frozen_batchnorm_statistics,
     normalised_statistics,
     reestimate_batchnorm,
     repair_batchnorm,
 )
-from mergelab.zoo.cache import (
+from mergelab.errors import CheckpointError, MergeLabError
+from mergelab.finetune import cache_key
+from mergelab_bench.zoo.base import BuiltZoo, StateDict
+from mergelab_bench.zoo.cache import (
     ZooCacheError,
     cached_entry,
     linear_from_tensors,
@@ -62,8 +62,13 @@ from mergelab.zoo.cache import (
     state_dict_delta,
     with_base,
 )
-from mergelab.zoo.cache import default_cache_root as zoo_cache_root
-from mergelab.zoo.mobilenet import FEATURE_DIM, WEIGHTS_SOURCE, MobileNetV2, pretrained_encoder
+from mergelab_bench.zoo.cache import default_cache_root as zoo_cache_root
+from mergelab_bench.zoo.mobilenet import (
+    FEATURE_DIM,
+    WEIGHTS_SOURCE,
+    MobileNetV2,
+    pretrained_encoder,
+)
 
 # torchvision's ImageNet normalisation, which the pretrained weights expect.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

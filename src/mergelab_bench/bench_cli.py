@@ -1,0 +1,68 @@
+"""`mergelab bench`: the merge benchmark on a zoo (see mergelab_bench.bench)."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from mergelab.errors import MergeLabError
+from mergelab.eval.cli import parse_seeds
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _names(text: str | None) -> list[str] | None:
+    return [n.strip() for n in text.split(",") if n.strip()] if text else None
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def bench(
+        zoo: str = typer.Option(..., help="Zoo name: text, vision or mlp (the unit-test zoo)."),
+        recipe: str | None = typer.Option(None, help="Fine-tuning recipe(s), comma-separated (default: all)."),
+        seeds: str = typer.Option("0,1", help="Zoo fine-tuning seeds, e.g. 0,1 or 0-2."),
+        methods: str | None = typer.Option(None, help="Merge methods, comma-separated (default: every applicable data-free one)."),
+        out_dir: Path = typer.Option(Path("bench-results"), help="Folder for the JSON, markdown and PNG results."),
+        docs: Path | None = typer.Option(None, help="Markdown file whose section for this zoo gets the tables (e.g. docs/benchmarks.md)."),
+        threads: int = typer.Option(0, help="torch CPU threads (0: torch's default, one per core)."),
+        cache: bool = typer.Option(True, help="Reuse evaluation results cached by a hash of the weights."),
+        progress: bool = typer.Option(True, help="Show progress bars while fine-tuning."),
+        eval_limit: int | None = typer.Option(None, help="Text zoo: score on a seeded subset of at most this many validation/test examples per task."),
+        bn_repair: bool = typer.Option(True, help="Zoos with BatchNorm (vision): also score each merge after REPAIR of its BatchNorm statistics."),
+    ) -> None:
+        """Merge a zoo's fine-tunes with every method; report test accuracy per task."""
+        import torch
+
+        from mergelab.eval.harness import default_result_cache
+        from mergelab_bench.bench import run_bench
+
+        if threads > 0:
+            torch.set_num_threads(threads)
+        command = "mergelab " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+        try:
+            report = run_bench(
+                zoo,
+                recipes=_names(recipe),
+                seeds=parse_seeds(seeds),
+                methods=_names(methods),
+                out_dir=out_dir,
+                docs_path=docs,
+                command=command,
+                cache=default_result_cache() if cache else None,
+                zoo_options={"eval_limit": eval_limit} if eval_limit is not None else None,
+                progress=progress,
+                log=console.print,
+                repair=bn_repair,
+            )
+        except MergeLabError as exc:
+            err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+            raise typer.Exit(code=1) from None
+        # Plain echo: rich would wrap the markdown tables at the terminal width.
+        typer.echo(report.markdown)
+        for recipe_name, files in report.files.items():
+            console.print(f"{recipe_name}: " + ", ".join(str(p) for p in files.values()))

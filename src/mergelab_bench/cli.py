@@ -1,0 +1,20 @@
+"""The harness's commands, added to `mergelab` through the `mergelab.commands` entry point."""
+
+from __future__ import annotations
+
+import importlib
+
+import typer
+
+_COMMAND_MODULES = (
+    "mergelab_bench.zoo.cli",
+    "mergelab_bench.bench_cli",
+    "mergelab_bench.study_cli",
+    "mergelab_bench.multimodal.cli",
+)
+
+
+def register(app: typer.Typer) -> None:
+    """Add `zoo`, `bench`, `diagnose-study` and `multimodal` to the `mergelab` app."""
+    for module in _COMMAND_MODULES:
+        importlib.import_module(module).register(app)
