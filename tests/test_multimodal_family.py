@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from mergelab import merge_expert_groups
 from mergelab.errors import MergeLabError
 from mergelab_bench.multimodal import data as mmdata
 from mergelab_bench.multimodal.family import (
@@ -142,9 +143,8 @@ def test_config_validation_names_the_field():
     [("interpolation", {"alpha": 0.5}), ("modality_arithmetic", {"lambda": 0.5}), ("ties", {"density": 1.0, "weight": 1.0})],
 )
 def test_trivial_merge_of_an_expanded_seed_gives_the_seed_back(method, parameters):
-    groups = pytest.importorskip("mergelab.multimodal.groups")
     seed = build_model(agnostic_config(CONFIG), 5).state_dict()
-    merged = groups.merge_expert_groups(
+    merged = merge_expert_groups(
         expand_to_specific(seed, CONFIG), preset="mergelab-mini", method=method,
         parameters=parameters, seed=seed,
     )  # fmt: skip
@@ -156,9 +156,8 @@ def test_trivial_merge_of_an_expanded_seed_gives_the_seed_back(method, parameter
 
 
 def test_interpolation_of_a_specific_model_weights_the_copies():
-    groups = pytest.importorskip("mergelab.multimodal.groups")
     state = build_model(CONFIG, 0).state_dict()
-    merged = groups.merge_expert_groups(state, preset="mergelab-mini", method="interpolation", parameters={"alpha": 0.25})
+    merged = merge_expert_groups(state, preset="mergelab-mini", method="interpolation", parameters={"alpha": 0.25})
     v, lang = state["blocks.0.mlp_v.fc1.weight"], state["blocks.0.mlp_l.fc1.weight"]
     torch.testing.assert_close(merged["blocks.0.mlp.fc1.weight"], 0.25 * v + 0.75 * lang)
     top = [state[f"blocks.2.attn_{m}.proj.weight"] for m in ("v", "l", "vl")]

@@ -1,4 +1,4 @@
-"""Expert-group merging (mergelab.multimodal.groups): formulas, properties, checkpoints, bad input."""
+"""Expert-group merging (mergelab.plan.expert_groups): formulas, properties, checkpoints, bad input."""
 
 from __future__ import annotations
 
@@ -12,14 +12,9 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 import mergelab
-from mergelab import ConfigError
+from mergelab import ConfigError, merge_expert_groups
 from mergelab.cli import app
-from mergelab.multimodal.groups import (
-    compile_pattern,
-    fill_pattern,
-    match_groups,
-    merge_expert_groups,
-)
+from mergelab.plan.expert_groups import compile_pattern, fill_pattern, match_groups
 from mergelab.stats.gram import GramStats, LayerGram
 from mergelab.stats.store import save_grams
 
@@ -61,7 +56,7 @@ def test_patterns_capture_and_fill():
 
 
 def test_output_order_follows_the_model():
-    from mergelab.multimodal.groups import get_preset
+    from mergelab.plan.expert_groups import get_preset
 
     sd, seed = _specific()
     groups, drop = get_preset("mergelab-mini").build(list(sd))
@@ -393,7 +388,7 @@ def test_two_models_are_refused():
 
 
 def test_match_groups_reports_tensors_claimed_twice():
-    from mergelab.multimodal.groups import ExpertGroup
+    from mergelab.plan.expert_groups import ExpertGroup
 
     g1 = ExpertGroup("a", (("v", "*.x_v.*"), ("l", "*.x_l.*")), "*.x.*")
     g2 = ExpertGroup("b", (("v", "*_v.*"), ("l", "*_l.*")), "*.*")

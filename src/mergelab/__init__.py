@@ -1,6 +1,6 @@
 """mergelab: merge neural networks' weights into one model."""
 
-from mergelab.api import merge, merge_state_dicts, plan_merge
+from mergelab.api import merge, merge_expert_groups, merge_state_dicts, plan_merge
 from mergelab.datamerge import data_merge
 from mergelab.errors import CheckpointError, ConfigError, MergeError, MergeLabError
 
@@ -9,6 +9,7 @@ __version__ = "0.1.0"
 __all__ = [
     "data_merge",
     "merge",
+    "merge_expert_groups",
     "merge_state_dicts",
     "plan_merge",
     "CheckpointError",

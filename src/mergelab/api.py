@@ -1,11 +1,12 @@
-"""The Python API: `merge` (checkpoints on disk) and `merge_state_dicts` (in memory)."""
+"""The Python API: `merge` (checkpoints on disk), `merge_state_dicts` (in memory) and
+`merge_expert_groups` (the copies inside one in-memory model)."""
 
 from __future__ import annotations
 
 import json
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,8 @@ from mergelab.checkpoint import ShardedWriter, open_checkpoint, parse_size
 from mergelab.checkpoint.memory import StateDictSource
 from mergelab.engine.execute import MemorySink, MergeReport, execute
 from mergelab.errors import ConfigError
-from mergelab.plan.config import MergeConfig, load_config, parse_config
+from mergelab.plan.config import ExpertGroupSpec, MergeConfig, load_config, parse_config
+from mergelab.plan.expert_groups import GramLookup
 from mergelab.plan.planner import MergePlan, build_plan
 
 # Files copied from the donor (base model, or tokenizer_source for tokenizer files).
@@ -44,18 +46,32 @@ def _read_config(config: str | os.PathLike | Mapping | MergeConfig) -> tuple[Mer
     return load_config(path), path.parent
 
 
+def _resolve_path(name: str, config_dir: Path | None) -> Path:
+    """A path of the config: as given, else relative to the config file's folder."""
+    path = Path(name).expanduser()
+    if not path.exists() and config_dir is not None and not path.is_absolute():
+        candidate = config_dir / path
+        if candidate.exists():
+            path = candidate
+    if not path.exists():
+        raise FileNotFoundError(f"no such file or folder: {name}")
+    return path
+
+
 def _opener(config_dir: Path | None):
     def open_source(model: str):
-        path = Path(model).expanduser()
-        if not path.exists() and config_dir is not None and not path.is_absolute():
-            candidate = config_dir / path
-            if candidate.exists():
-                path = candidate
-        if not path.exists():
-            raise FileNotFoundError(f"no such file or folder: {model}")
-        return open_checkpoint(path)
+        return open_checkpoint(_resolve_path(model, config_dir))
 
     return open_source
+
+
+def _gram_opener(config_dir: Path | None):
+    def open_grams(folder: str) -> GramLookup:
+        from mergelab.stats.store import GramStore
+
+        return GramStore(_resolve_path(folder, config_dir))
+
+    return open_grams
 
 
 def plan_merge(config: str | os.PathLike | Mapping | MergeConfig) -> MergePlan:
@@ -66,19 +82,7 @@ def plan_merge(config: str | os.PathLike | Mapping | MergeConfig) -> MergePlan:
 
 
 def _build(cfg: MergeConfig, open_source, label: str | None, config_dir: Path | None = None) -> MergePlan:
-    if cfg.expert_groups is not None:
-        # Copies inside one model (modality or MoE experts): mergelab.multimodal plans them.
-        from mergelab.multimodal.groups import plan_expert_groups
-
-        grams = cfg.expert_groups.grams
-        if grams is not None and config_dir is not None and not Path(grams).is_absolute():
-            candidate = config_dir / grams
-            if candidate.exists():
-                cfg = cfg.model_copy(
-                    update={"expert_groups": cfg.expert_groups.model_copy(update={"grams": str(candidate)})}
-                )
-        return plan_expert_groups(cfg, open_source, source_label=label)
-    return build_plan(cfg, open_source, source_label=label)
+    return build_plan(cfg, open_source, source_label=label, open_grams=_gram_opener(config_dir))
 
 
 def merge(
@@ -227,10 +231,76 @@ def merge_state_dicts(
     return sink.tensors
 
 
+# The names an in-memory expert-group merge gives its inputs in the config it builds.
+MODEL_KEY, SEED_KEY, GRAMS_KEY = "model", "seed", "grams"
+
+
+def merge_expert_groups(
+    state_dict: Mapping[str, torch.Tensor],
+    *,
+    method: str,
+    preset: str | None = None,
+    groups: Iterable[Mapping[str, Any] | ExpertGroupSpec] | None = None,
+    drop: Sequence[str] = (),
+    parameters: Mapping[str, Any] | None = None,
+    member_parameters: Mapping[str, Mapping[str, Any]] | None = None,
+    seed: Mapping[str, torch.Tensor] | None = None,
+    grams: GramLookup | None = None,
+    device: str = "cpu",
+    random_seed: int = 0,
+) -> dict[str, torch.Tensor]:
+    """Merge the expert groups of one in-memory model; returns the merged state dict (CPU).
+
+    The config's `expert_groups:` section as arguments, run like `merge_state_dicts`.
+    state_dict: the model holding the copies. preset / groups / drop: as the config's
+    `expert_groups` section (see mergelab.plan.expert_groups). method: any registry method that
+    works per tensor (`interpolation`, `modality_arithmetic`, `ties`, ...: the members are its
+    models, `seed` its base) or one that reads Gram matrices (`regmean`, with `grams`).
+    parameters: the method's global parameters; member_parameters: per-member ones
+    (e.g. `{"v": {"density": 0.5}}`). seed: the seed checkpoint (modality-agnostic names, or
+    the member names). grams: module name -> Gram (mergelab.stats.collect_grams(...).layers, or
+    a mergelab.stats.GramStore). random_seed: the seed of randomised methods (DARE).
+    Raises ConfigError listing every problem, before any tensor is merged.
+    """
+    section: dict[str, Any] = {"drop": list(drop)}
+    if preset is not None:
+        section["preset"] = preset
+    if groups is not None:
+        section["groups"] = [
+            g.model_dump(exclude_none=True) if isinstance(g, ExpertGroupSpec) else dict(g)
+            for g in groups
+        ]
+    if member_parameters is not None:
+        section["member_parameters"] = {k: dict(v) for k, v in member_parameters.items()}
+    if grams is not None:
+        section["grams"] = GRAMS_KEY
+    raw: dict[str, Any] = {
+        "merge_method": method,
+        "models": [{"model": MODEL_KEY}],
+        "expert_groups": section,
+    }
+    if parameters:
+        raw["parameters"] = dict(parameters)
+    if seed is not None:
+        raw["base_model"] = SEED_KEY
+    config = parse_config(raw)
+    held = {MODEL_KEY: state_dict, SEED_KEY: seed}
+
+    def open_source(key: str) -> StateDictSource:
+        if held.get(key) is None:
+            raise FileNotFoundError(f"no state dict for {key!r}")
+        return StateDictSource(key, held[key])
+
+    plan = build_plan(config, open_source, open_grams=lambda _folder: grams)
+    sink = MemorySink(plan)
+    execute(plan, sink, device=device, seed=random_seed, progress=False)
+    return sink.tensors
+
+
 def dump_plan(plan: MergePlan) -> str:
     from mergelab.plan.planner import describe_plan
 
     return json.dumps(describe_plan(plan), indent=2)
 
 
-__all__ = ["merge", "merge_state_dicts", "plan_merge", "ConfigError"]
+__all__ = ["merge", "merge_expert_groups", "merge_state_dicts", "plan_merge", "ConfigError"]

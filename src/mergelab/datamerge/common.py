@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import torch
 from torch import nn
 
 from mergelab.errors import ConfigError
+from mergelab.methods.data_aware import average  # noqa: F401  (re-exported: the one mean)
 
 StateDict = Mapping[str, torch.Tensor]
 
@@ -56,13 +57,6 @@ def working_copy(module: nn.Module) -> nn.Module:
 def load_into(module: nn.Module, state_dict: StateDict) -> None:
     """Copy `state_dict` into `module` (keys it lacks keep the module's values)."""
     module.load_state_dict(dict(state_dict), strict=False)
-
-
-def average(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Mean of float tensors (in float64, cast back); the first tensor for integer ones."""
-    if not tensors[0].is_floating_point():
-        return tensors[0].clone()
-    return torch.stack([t.double() for t in tensors]).mean(0).to(tensors[0].dtype)
 
 
 def module_of(key: str) -> tuple[str, str]:

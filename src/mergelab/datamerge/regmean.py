@@ -21,8 +21,9 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from mergelab.datamerge.common import StateDict, average, load_into, module_of, working_copy
-from mergelab.methods.data_aware import SingularGramWarning, count_weighted_rows, regmean_solve
+from mergelab.datamerge.common import StateDict, load_into, module_of, working_copy
+from mergelab.methods.data_aware import SingularGramWarning
+from mergelab.methods.data_aware import regmean_tensor as merge_tensor
 from mergelab.plan.planner import split_layer_name
 from mergelab.stats.batches import TaskData, call_module, split_batch, to_device
 from mergelab.stats.gram import GRAM_TYPES, GramStats, LayerGram, collect_grams, gram_layers
@@ -31,53 +32,6 @@ from mergelab.stats.gram import GRAM_TYPES, GramStats, LayerGram, collect_grams,
 def _raw_forward(task: TaskData):
     # Grams need only the layers' inputs: call the module, no head, no logits.
     return task.forward or (lambda module, inputs: call_module(module, inputs))
-
-
-def merge_tensor(
-    key: str,
-    tensors: Sequence[torch.Tensor],
-    grams: Sequence[LayerGram] | None,
-    *,
-    alpha: float,
-    regularization: float,
-    average_grams: bool,
-) -> torch.Tensor:
-    """RegMean's result for one tensor: the closed form for a weight with Grams, else the mean.
-
-    grams: each model's LayerGram of the module owning `key` (None: no statistics, averaged).
-    """
-    owner, leaf = module_of(key)
-    if grams is None or leaf != "weight" or not tensors[0].is_floating_point():
-        return average(tensors)
-    if all(g.count == 0 for g in grams):
-        return average(tensors)  # the layer never ran on any model's data
-    stats = [g.mean() if average_grams else g.gram for g in grams]
-    # Solve where the statistics live (the GPU when they were collected there).
-    home = tensors[0].device
-    tensors = [t.to(stats[0].device) for t in tensors]
-    return _closed_form(owner, grams[0].kind, tensors, stats, alpha, regularization).to(home)
-
-
-def _closed_form(
-    owner: str,
-    kind: str,
-    tensors: Sequence[torch.Tensor],
-    stats: Sequence[torch.Tensor],
-    alpha: float,
-    regularization: float,
-) -> torch.Tensor:
-    if kind == "embedding":
-        return count_weighted_rows(tensors, stats)
-    if kind == "linear":
-        return regmean_solve(tensors, stats, alpha=alpha, regularization=regularization, name=owner)
-    # convolution [out, in/groups, *kernel] -> one system per group [groups, out/groups, d]
-    groups, d, _ = stats[0].shape
-    shape = tensors[0].shape
-    per_group = [t.reshape(groups, shape[0] // groups, d) for t in tensors]
-    merged = regmean_solve(
-        per_group, stats, alpha=alpha, regularization=regularization, name=owner
-    )
-    return merged.reshape(shape)
 
 
 def merge_with_grams(

@@ -140,6 +140,8 @@ def merge_one(
     if not task.is_float:
         return _copy_non_float(task, tensors)
     cast, writable = cast_inputs(plan, task, tensors, device)
+    if task.copied:
+        return cast[0]  # outside every expert group: written as read (through the merge dtype)
     job = _meta(plan, task, seed, device)
     job.base = cast[task.base_index] if task.base_index is not None else None
     job.tensors = [t for i, t in enumerate(cast) if i != task.base_index]
@@ -333,7 +335,7 @@ def execute(
     blocked = {
         t.name: ranges
         for t in plan.tasks
-        if t.is_float and plan.method.blockwise is not None
+        if t.is_float and not t.copied and plan.method.blockwise is not None
         and (ranges := row_blocks(t.shape)) is not None
     }
 

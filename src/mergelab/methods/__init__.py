@@ -15,6 +15,7 @@ from mergelab.methods.registry import (
 _FAMILIES = (
     "linear",
     "task_arithmetic",
+    "modality",
     "spherical",
     "model_stock",
     "pairwise",

@@ -5,7 +5,10 @@ optimisation on data, so they are not per-tensor kernels of checkpoints alone: t
 `mergelab.data_merge` (mergelab.datamerge), which collects the statistics with mergelab.stats and
 then calls the closed forms below tensor by tensor. They are declared here, in the same
 registry as every other method, with `needs=("data",)` so listing, docs and config validation
-know them; a data-free merge refuses them with a message saying what to add.
+know them; a data-free merge refuses them with a message saying what to add. RegMean also
+declares a `gram_kernel` (`regmean_with_grams`): given each model's Gram of a tensor's layer it
+merges that tensor, which an expert-group merge (mergelab.plan.expert_groups) does with every
+member's Gram from a statistics folder.
 
 - RegMean: Jin et al. 2023, https://arxiv.org/abs/2212.09849
 - RegMean++: Nguyen et al. 2025, https://arxiv.org/abs/2508.03121
@@ -21,7 +24,14 @@ from collections.abc import Sequence
 import torch
 
 from mergelab.errors import MergeError
-from mergelab.methods.registry import MergeMethod, Param, TensorMerge, register
+from mergelab.methods.registry import (
+    InputGram,
+    MergeMethod,
+    Param,
+    ParamValue,
+    TensorMerge,
+    register,
+)
 
 
 class SingularGramWarning(UserWarning):
@@ -125,6 +135,84 @@ def count_weighted_rows(weights: Sequence[torch.Tensor], counts: Sequence[torch.
     return merged.to(weights[0].dtype)
 
 
+def average(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Mean of float tensors (in float64, cast back); the first tensor for integer ones."""
+    if not tensors[0].is_floating_point():
+        return tensors[0].clone()
+    return torch.stack([t.double() for t in tensors]).mean(0).to(tensors[0].dtype)
+
+
+def regmean_tensor(
+    name: str,
+    tensors: Sequence[torch.Tensor],
+    grams: Sequence[InputGram] | None,
+    *,
+    alpha: float,
+    regularization: float,
+    average_grams: bool,
+) -> torch.Tensor:
+    """RegMean's result for one tensor: the closed form for a weight with Grams, else the mean.
+
+    name: the tensor's name; only a `...weight` is a linear map (biases and norms are averaged,
+        as in the paper). grams: each model's Gram of the layer owning the tensor (None: no
+        statistics, averaged); `kind` picks the closed form: `regmean_solve` for linear layers,
+        one system per group for convolutions, `count_weighted_rows` for embeddings.
+    average_grams: divide each Gram by its row count first (equal say per model).
+    """
+    owner, _, leaf = name.rpartition(".")
+    if grams is None or leaf != "weight" or not tensors[0].is_floating_point():
+        return average(tensors)
+    if all(g.count == 0 for g in grams):
+        return average(tensors)  # the layer never ran on any model's data
+    stats = [g.mean() if average_grams else g.gram for g in grams]
+    # Solve where the statistics live (the GPU when they were collected there).
+    home = tensors[0].device
+    tensors = [t.to(stats[0].device) for t in tensors]
+    kind = grams[0].kind
+    if kind == "embedding":
+        merged = count_weighted_rows(tensors, stats)
+    elif kind == "linear":
+        merged = regmean_solve(tensors, stats, alpha=alpha, regularization=regularization, name=owner)
+    else:
+        # convolution [out, in/groups, *kernel] -> one system per group [groups, out/groups, d]
+        groups, d, _ = stats[0].shape
+        shape = tensors[0].shape
+        per_group = [t.reshape(groups, shape[0] // groups, d) for t in tensors]
+        merged = regmean_solve(
+            per_group, stats, alpha=alpha, regularization=regularization, name=owner
+        ).reshape(shape)
+    return merged.to(home)
+
+
+def regmean_with_grams(m: TensorMerge, grams: Sequence[InputGram] | None) -> torch.Tensor:
+    """The registry `regmean` on one tensor, given each model's Gram of its layer.
+
+    Reads the declaration's parameters: `alpha`, `regularization`, `average_grams`, and
+    `scaling` (merged task vector times `scaling` on the base: needs `m.base` unless 1).
+    """
+    merged = regmean_tensor(
+        m.name,
+        m.tensors,
+        grams,
+        alpha=float(m.params["alpha"]),
+        regularization=float(m.params["regularization"]),
+        average_grams=bool(m.params["average_grams"]),
+    )
+    scaling = float(m.params["scaling"])
+    if scaling != 1.0 and merged.is_floating_point():
+        if m.base is None:
+            raise MergeError(f"`{m.name}`: RegMean `scaling` {scaling:g} needs the base model")
+        origin = m.base.to(merged)
+        merged = origin + scaling * (merged - origin)
+    return merged
+
+
+def _scaling_needs_base(params: dict[str, ParamValue], has_base: bool) -> str | None:
+    if float(params["scaling"]) != 1.0 and not has_base:
+        return f"`scaling` {params['scaling']:g} needs the base model (set `base_model`), or set it to 1"
+    return None
+
+
 # --- Fisher merging -------------------------------------------------------------------------------
 
 
@@ -212,6 +300,8 @@ register(
         base="optional",
         min_models=2,
         needs=("data",),
+        check_params=_scaling_needs_base,
+        gram_kernel=regmean_with_grams,
     )
 )
 register(

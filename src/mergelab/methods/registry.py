@@ -90,6 +90,25 @@ class TensorMerge:
 Kernel = Callable[[TensorMerge], torch.Tensor]
 
 
+class InputGram(Protocol):
+    """One model's input statistics of the layer owning a tensor (mergelab.stats.LayerGram).
+
+    kind: "linear", "conv" or "embedding"; gram: the summed Gram ([in, in]; convs
+    [groups, d, d]; embeddings the token counts); count: rows summed; mean(): gram / count.
+    """
+
+    kind: str
+    gram: torch.Tensor
+    count: int
+
+    def mean(self) -> torch.Tensor: ...
+
+
+# A kernel that reads each model's input Gram of the tensor's layer besides the tensors:
+# grams has one entry per entry of `task.tensors`, or is None when the tensor has none.
+GramKernel = Callable[[TensorMerge, Sequence[InputGram] | None], torch.Tensor]
+
+
 class BlockAccess(Protocol):
     """What a blockwise method's `prepare` sees of one whole tensor (see mergelab.engine.blocks).
 
@@ -144,6 +163,13 @@ class MergeMethod:
     check_model_params: optional check of constraints *between* parameters that single-`Param`
         ranges cannot express; called with one source's resolved per-model params, returns a
         problem message or None (e.g. DELLA: `density` +/- `epsilon` must lie in (0, 1)).
+    check_params: the same for the global parameters, which may also depend on whether a base
+        tensor is given: called with one tensor's resolved global params and `has_base`
+        (e.g. RegMean: a `scaling` other than 1 needs the base).
+    gram_kernel: for methods whose math reads each model's input Gram matrix of the layer
+        owning the tensor (RegMean): `gram_kernel(task, grams)` (see `GramKernel`). A planner
+        that holds such statistics (the expert-group planner, mergelab.plan.expert_groups)
+        binds them to it; `kernel` is what runs without them.
     """
 
     name: str
@@ -160,11 +186,22 @@ class MergeMethod:
     check_model_params: Callable[[Mapping[str, ParamValue]], str | None] | None = None
     blockwise: Blockwise | None = None
     needs: tuple[str, ...] = ()
+    check_params: Callable[[Mapping[str, ParamValue], bool], str | None] | None = None
+    gram_kernel: GramKernel | None = None
 
     def param(self, name: str) -> Param | None:
         for p in self.params:
             if p.name == name:
                 return p
+        return None
+
+    def arity_problem(self, count: int, what: str = "models") -> str | None:
+        """A message when `count` (non-base) inputs are fewer than `min_models` or more than
+        `max_models`; None when the method takes that many. `what` names the inputs."""
+        if count < self.min_models:
+            return f"method `{self.name}` needs at least {self.min_models} {what}; got {count}"
+        if self.max_models is not None and count > self.max_models:
+            return f"method `{self.name}` takes at most {self.max_models} {what}; got {count}"
         return None
 
     @property

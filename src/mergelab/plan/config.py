@@ -120,6 +120,10 @@ class ExpertGroupSpec(_Frozen):
         default_factory=list,
         description="Members that some tensors lack (e.g. a VL copy only in the top blocks).",
     )
+    parameters: Parameters | None = Field(
+        default=None,
+        description="The method's parameters for this group's tensors (before the global ones).",
+    )
 
 
 class ExpertGroupsSection(_Frozen):
@@ -127,11 +131,13 @@ class ExpertGroupsSection(_Frozen):
 
     The config's single `models` entry is the model holding the copies; `base_model` is the seed
     checkpoint (for modality arithmetic, TIES and other methods with a base). See
-    mergelab.multimodal.
+    mergelab.plan.expert_groups and docs/multimodal.md.
     """
 
     preset: str | None = Field(
-        default=None, description="Named pattern set (see `mergelab multimodal presets`)."
+        default=None,
+        description="Named pattern set: mergelab-mini, vlmo, beit3, mixtral, moe "
+        "(mergelab.plan.expert_groups.PRESETS).",
     )
     groups: list[ExpertGroupSpec] | None = Field(
         default=None, description="Groups given explicitly (added to the preset's)."
@@ -140,12 +146,14 @@ class ExpertGroupsSection(_Frozen):
         default_factory=list, description="Name patterns of tensors not written (e.g. routers)."
     )
     member_parameters: dict[str, Parameters] | None = Field(
-        default=None, description="Per-member parameters of the method (e.g. density per copy)."
+        default=None,
+        description="Per-member parameters of the method (e.g. density per copy), as "
+        "`models.N.parameters` are per model.",
     )
     grams: str | None = Field(
         default=None,
-        description="RegMean: statistics folder with the Gram matrix of every member's linear "
-        "layer (mergelab.stats.collect_grams(..., out_dir=...)).",
+        description="For methods reading Gram matrices (regmean): statistics folder with the "
+        "Gram of every member's linear layer (mergelab.stats.collect_grams(..., out_dir=...)).",
     )
 
     @model_validator(mode="after")

@@ -8,6 +8,11 @@ required parameter resolves for every tensor.
 Layer structure is found from tensor names (`model.layers.3.mlp...`, `encoder.layer.3...`,
 `transformer.h.3...`), so no per-architecture table is needed. As in mergekit, a layer tensor's
 gradient position is `t = index / (layers_in_slice - 1)`; other tensors take `t = 0`.
+
+Three layouts say which input tensors make each output tensor: `models` (the same names in every
+model), `slices` (layer ranges) and `expert_groups` (copies inside one model, planned by
+mergelab.plan.expert_groups). Each yields `PlannedTensor`s (mergelab.plan.layout); the
+parameters of all of them are validated and resolved here, by the same code.
 """
 
 from __future__ import annotations
@@ -15,23 +20,28 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
 from mergelab.errors import CheckpointError, ConfigError
 from mergelab.methods.registry import MergeMethod, Param, ParamValue, get_method
+from mergelab.plan import expert_groups
 from mergelab.plan.config import MergeConfig, Parameters
+from mergelab.plan.layout import (  # noqa: F401  (LAYER_RE, TensorSource: re-exported)
+    LAYER_COUNT_KEYS,
+    LAYER_RE,
+    PlannedInput,
+    PlannedTensor,
+    TensorSource,
+    count_layers,
+    split_layer_name,
+)
 from mergelab.plan.params import MISSING, resolve_param, setting_leaves
 
-LAYER_RE = re.compile(
-    r"^(?P<stack>(?:.*\.)?(?:layers|layer|h|blocks|block))\.(?P<index>\d+)\.(?P<rest>.+)$"
-)
 # Non-layer tensors that come before the layer stack (taken from the first slice's sources);
 # all others (final norm, lm_head, pooler...) come after it (taken from the last slice's).
 _PRE_LAYER_RE = re.compile(r"(embed|\bwte\b|\bwpe\b|\.wte\.|\.wpe\.|^wte|^wpe)")
-_LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 
 DTYPE_BY_NAME = {
     "float32": torch.float32,
@@ -41,20 +51,6 @@ DTYPE_BY_NAME = {
 }
 
 
-class TensorSource(Protocol):
-    """What the planner and engine need of a checkpoint (see mergelab.checkpoint)."""
-
-    root: Path | None
-
-    def keys(self) -> list[str]: ...
-    def shape(self, name: str) -> tuple[int, ...]: ...
-    def dtype(self, name: str) -> torch.dtype: ...
-    def get(self, name: str) -> torch.Tensor: ...
-    def resolve(self, name: str) -> str | None: ...
-    def config(self) -> dict | None: ...
-    def file_of(self, name: str) -> Path: ...
-
-
 @dataclass(frozen=True)
 class TensorTask:
     """How to produce one output tensor.
@@ -62,6 +58,8 @@ class TensorTask:
     inputs: (model key, tensor name in that model) for every input, in merge order; when
         `base_index` is not None the input at that position is the base model.
     model_params: per-model parameters of each non-base input, in order.
+    copied: the single input is written unchanged (cast like any merge input), without calling
+        the method: tensors outside every expert group.
     """
 
     name: str
@@ -72,6 +70,7 @@ class TensorTask:
     model_params: tuple[dict[str, ParamValue], ...]
     params: dict[str, ParamValue]
     is_float: bool = True
+    copied: bool = False
 
     @property
     def numel(self) -> int:
@@ -142,26 +141,12 @@ class _Problems:
         if msg not in self.items:
             self.items.append(msg)
 
+    def extend(self, messages: Sequence[str]) -> None:
+        for msg in messages:
+            self.add(msg)
+
     def __bool__(self) -> bool:
         return bool(self.items)
-
-
-def split_layer_name(name: str) -> tuple[str, int, str] | None:
-    """`model.layers.3.mlp.up_proj.weight` -> (`model.layers`, 3, `mlp.up_proj.weight`)."""
-    m = LAYER_RE.match(name)
-    if m is None:
-        return None
-    return m["stack"], int(m["index"]), m["rest"]
-
-
-def count_layers(source: TensorSource) -> int:
-    """Number of layers: from config.json when it says, else from the tensor names."""
-    cfg = source.config() or {}
-    for key in _LAYER_COUNT_KEYS:
-        if isinstance(cfg.get(key), int):
-            return cfg[key]
-    indices = [p[1] for p in map(split_layer_name, source.keys()) if p is not None]
-    return max(indices) + 1 if indices else 0
 
 
 def build_plan(
@@ -169,11 +154,14 @@ def build_plan(
     open_source: Callable[[str], TensorSource],
     *,
     source_label: str | None = None,
+    open_grams: Callable[[str], expert_groups.GramLookup] | None = None,
 ) -> MergePlan:
     """Validate `config` against its sources and return the per-tensor plan.
 
     open_source: maps a model string of the config to a TensorSource (a checkpoint reader, or a
         state dict for in-memory merges); it raises CheckpointError for sources that cannot open.
+    open_grams: maps `expert_groups.grams` to its Gram matrices (module name -> Gram); default:
+        mergelab.stats.GramStore, a lazy reader of a statistics folder.
     Raises ConfigError listing every problem found.
     """
     problems = _Problems()
@@ -184,34 +172,37 @@ def build_plan(
 
     _check_data_section(config, method, problems)
     _check_parameter_settings(config, method, problems)
-
-    sources: dict[str, TensorSource] = {}
-    for key in config.referenced_models():
-        try:
-            sources[key] = open_source(key)
-        except CheckpointError as exc:
-            problems.add(f"model {key!r}: {exc}")
-        except FileNotFoundError as exc:
-            problems.add(f"model {key!r}: {exc}")
-    if problems:
-        raise ConfigError(problems.items, source_label)
-
-    slices = _normalise_slices(config, method, sources, problems)
-    for spec in slices:
-        _check_arity(spec, method, problems)
+    groups = config.expert_groups is not None
+    if groups:
+        problems.extend(expert_groups.check_config(config, method))
+    keys = expert_groups.source_keys(config, method) if groups else config.referenced_models()
+    sources = _open_sources(config, keys, open_source, problems)
     if problems:
         raise ConfigError(problems.items, source_label)
 
     merge_dtype = DTYPE_BY_NAME[config.dtype] if config.dtype else None
     out_dtype = DTYPE_BY_NAME[config.out_dtype] if config.out_dtype else None
-    notes: list[str] = []
-    tasks = _plan_tensors(
-        config, method, slices, sources, merge_dtype, out_dtype, problems, notes
-    )
+    planner = _TensorPlanner(config, method, sources, merge_dtype, out_dtype, problems)
+    slices: list[_SliceSpec] = []
+    if groups:
+        layout = expert_groups.plan_groups(config, method, sources, open_grams)
+        problems.extend(layout.problems)
+        for planned in layout.tensors:
+            planner.plan_tensor(planned)
+        method, donor = layout.method, layout.donor
+        planner.notes.extend(layout.notes)
+    else:
+        slices = _normalise_slices(config, method, sources, problems)
+        for spec in slices:
+            _check_arity(spec, method, problems)
+        if problems:
+            raise ConfigError(problems.items, source_label)
+        _plan_tensors(config, slices, sources, planner)
+        donor = config.base_model or (slices[0].sources[0][0] if slices else None)
     if problems:
         raise ConfigError(problems.items, source_label)
+    tasks, notes = planner.tasks, planner.notes
     notes.extend(_dtype_notes(sources, tasks, merge_dtype))
-    donor = config.base_model or (slices[0].sources[0][0] if slices else None)
     tok = config.tokenizer_source
     tokenizer_donor = donor if tok in (None, "base") else tok
     if tok not in (None, "base") and tok not in sources:
@@ -233,7 +224,27 @@ def build_plan(
     )
 
 
+def _open_sources(
+    config: MergeConfig,
+    keys: Sequence[str],
+    open_source: Callable[[str], TensorSource],
+    problems: _Problems,
+) -> dict[str, TensorSource]:
+    sources: dict[str, TensorSource] = {}
+    for key in keys:
+        where = "base_model" if key == config.base_model else "model"
+        try:
+            sources[key] = open_source(key)
+        except (CheckpointError, FileNotFoundError) as exc:
+            problems.add(f"{where} {key!r}: {exc}")
+    return sources
+
+
 def _check_data_section(config: MergeConfig, method: MergeMethod, problems: _Problems) -> None:
+    if config.expert_groups is not None:
+        # Copies inside one model: their statistics come from `expert_groups.grams`.
+        problems.extend(expert_groups.check_statistics(config, method))
+        return
     # Data-aware methods run through mergelab.datamerge, never through this per-tensor plan.
     if "data" in method.needs:
         if config.data is None:
@@ -265,6 +276,8 @@ def _parameter_scopes(config: MergeConfig) -> list[tuple[str, Parameters, bool]]
         for j, src in enumerate(out_slice.sources):
             if src.parameters:
                 scopes.append((f"slices.{i}.sources.{j}.parameters", src.parameters, True))
+    if config.expert_groups is not None:
+        scopes.extend(expert_groups.parameter_scopes(config.expert_groups))
     return scopes
 
 
@@ -285,9 +298,10 @@ def _check_parameter_settings(config: MergeConfig, method: MergeMethod, problems
                 )
                 continue
             if per_model and not param.per_model:
+                shared = "a group's" if config.expert_groups is not None else "slice"
                 problems.add(
                     f"{path}.{name}: `{name}` is a global parameter of `{method.name}`; "
-                    "set it under the top-level or slice `parameters`"
+                    f"set it under the top-level or {shared} `parameters`"
                 )
             for leaf in setting_leaves(setting):
                 msg = param.check(leaf)
@@ -350,17 +364,9 @@ def _check_arity(spec: _SliceSpec, method: MergeMethod, problems: _Problems) -> 
             f"{spec.where}: base model {spec.base!r} is not among this slice's sources"
         )
     n = len(keys) - (1 if uses_base and has_base else 0)
-    what = "non-base models" if uses_base else "models"
-    if n < method.min_models:
-        problems.add(
-            f"{spec.where}: method `{method.name}` needs at least {method.min_models} {what}; "
-            f"got {n}"
-        )
-    if method.max_models is not None and n > method.max_models:
-        problems.add(
-            f"{spec.where}: method `{method.name}` takes at most {method.max_models} {what}; "
-            f"got {n}"
-        )
+    msg = method.arity_problem(n, "non-base models" if uses_base else "models")
+    if msg:
+        problems.add(f"{spec.where}: {msg}")
 
 
 def _is_pre_layer(name: str) -> bool:
@@ -369,16 +375,11 @@ def _is_pre_layer(name: str) -> bool:
 
 def _plan_tensors(
     config: MergeConfig,
-    method: MergeMethod,
     slices: list[_SliceSpec],
     sources: Mapping[str, TensorSource],
-    merge_dtype: torch.dtype | None,
-    out_dtype: torch.dtype | None,
-    problems: _Problems,
-    notes: list[str],
-) -> list[TensorTask]:
-    planner = _TensorPlanner(config, method, sources, merge_dtype, out_dtype, problems)
-    planner.notes = notes
+    planner: _TensorPlanner,
+) -> None:
+    """The `models` and `slices` layouts: every output tensor, planned in output order."""
     if config.models is not None:
         # One slice over everything: output names are the reference model's, in file order.
         spec = slices[0]
@@ -391,17 +392,17 @@ def _plan_tensors(
                 t = parts[1] / (layers - 1) if layers > 1 else 1.0
             planner.add(name, spec, [(k, name) for k, *_ in spec.sources], t)
         planner.notes.extend(planner.report_extras(spec, set(sources[ref_key].keys())))
-        return planner.tasks
+        return
 
     first, last = slices[0], slices[-1]
     ref = sources[first.sources[0][0]]
     stacks = {p[0] for p in map(split_layer_name, ref.keys()) if p is not None}
     if len(stacks) > 1:
-        problems.add(
+        planner.problems.add(
             f"slices: {first.sources[0][0]!r} has several layer stacks ({', '.join(sorted(stacks))}); "
             "slices need a model with one"
         )
-        return []
+        return
     stack = next(iter(stacks), None)
     non_layer = [n for n in ref.keys() if split_layer_name(n) is None]
     for name in (n for n in non_layer if _is_pre_layer(n)):
@@ -420,10 +421,11 @@ def _plan_tensors(
             out_index += 1
     for name in (n for n in non_layer if not _is_pre_layer(n)):
         planner.add(name, last, [(k, name) for k, *_ in last.sources], 0.0)
-    return planner.tasks
 
 
 class _TensorPlanner:
+    """Checks and resolves every output tensor of any layout into its TensorTask."""
+
     def __init__(self, config, method, sources, merge_dtype, out_dtype, problems):
         self.config: MergeConfig = config
         self.method: MergeMethod = method
@@ -436,6 +438,8 @@ class _TensorPlanner:
         self._names: set[str] = set()
 
     def add(self, out_name: str, spec: _SliceSpec, inputs: list[tuple[str, str]], t: float):
+        """One output tensor of the `models` or `slices` layout: its inputs (model key, tensor
+        name) must exist in every source with one shape (integer buffers some lack excepted)."""
         resolved: list[tuple[str, str]] = []
         shapes: list[tuple[tuple[int, ...], str, str]] = []
         missing: list[str] = []
@@ -470,44 +474,72 @@ class _TensorPlanner:
                     f"{list(first_shape)} in model {first_key!r}"
                 )
                 return
-        if out_name in self._names:
-            self.problems.add(f"output tensor `{out_name}` would be written twice")
-            return
-        self._names.add(out_name)
-
         uses_base = self.method.base != "none"
         keys = [k for k, _ in resolved]
         base_index = keys.index(spec.base) if uses_base and spec.base in keys else None
         param_scopes = {key: params for key, _, _, params in spec.sources}
-        shared_scopes = [spec.params, self.config.parameters]
-        params = self._resolve(self.method.global_params, shared_scopes, out_name, t, None)
-        model_params = []
-        for i, (key, name) in enumerate(resolved):
-            if i == base_index:
-                continue
-            scopes = [param_scopes.get(key), *shared_scopes]
-            resolved_params = self._resolve(self.method.model_params, scopes, name, t, key)
-            if self.method.check_model_params is not None:
-                msg = self.method.check_model_params(resolved_params)
-                if msg:
-                    self.problems.add(f"model {key!r}, tensor `{name}`: {msg}")
-            model_params.append(resolved_params)
-        ref_key, ref_name = resolved[base_index if base_index is not None else 0]
-        src_dtype = self.sources[ref_key].dtype(ref_name)
+        planned_inputs = tuple(
+            PlannedInput(key, name, param_scopes.get(key), f"model {key!r}") for key, name in resolved
+        )
+        scopes = (spec.params, self.config.parameters)
+        self.plan_tensor(PlannedTensor(out_name, planned_inputs, base_index, scopes, t))
+
+    def plan_tensor(self, planned: PlannedTensor) -> None:
+        """Resolve and check the parameters of one output tensor of any layout; add its task.
+
+        Global parameters resolve at the output name from `planned.scopes`; each non-base
+        input's per-model parameters at its own tensor name, from its own scope first.
+        """
+        out_name, inputs, base_index = planned.name, planned.inputs, planned.base_index
+        if out_name in self._names:
+            self.problems.add(f"output tensor `{out_name}` would be written twice")
+            return
+        self._names.add(out_name)
+        first = inputs[0]
+        shape = tuple(self.sources[first.key].shape(first.name))
+        reference = planned.reference
+        if reference is None:
+            reference = base_index if base_index is not None else 0
+        ref = inputs[reference]
+        src_dtype = self.sources[ref.key].dtype(ref.name)
         is_float = src_dtype.is_floating_point
         out_dtype = self.out_dtype or self.merge_dtype or src_dtype
         if not is_float:
             out_dtype = src_dtype
+        params: dict[str, ParamValue] = {}
+        model_params: list[dict[str, ParamValue]] = []
+        if planned.copied:
+            model_params = [{}]
+        else:
+            scopes = list(planned.scopes)
+            params = self._resolve(self.method.global_params, scopes, out_name, planned.t, None)
+            if self.method.check_params is not None and len(params) == len(self.method.global_params):
+                msg = self.method.check_params(params, base_index is not None)
+                if msg:
+                    self.problems.add(f"tensor `{out_name}`: {msg} (method `{self.method.name}`)")
+            for i, item in enumerate(inputs):
+                if i == base_index:
+                    continue
+                resolved_params = self._resolve(
+                    self.method.model_params, [item.parameters, *scopes], item.name, planned.t,
+                    item.label,
+                )
+                if self.method.check_model_params is not None:
+                    msg = self.method.check_model_params(resolved_params)
+                    if msg:
+                        self.problems.add(f"{item.label}, tensor `{item.name}`: {msg}")
+                model_params.append(resolved_params)
         self.tasks.append(
             TensorTask(
                 name=out_name,
-                shape=first_shape,
+                shape=shape,
                 out_dtype=out_dtype,
-                inputs=tuple(resolved),
+                inputs=tuple((item.key, item.name) for item in inputs),
                 base_index=base_index,
                 model_params=tuple(model_params),
                 params=params,
                 is_float=is_float,
+                copied=planned.copied,
             )
         )
 
@@ -517,13 +549,13 @@ class _TensorPlanner:
         scopes: list,
         tensor_name: str,
         t: float,
-        model: str | None,
+        label: str | None,
     ) -> dict[str, ParamValue]:
         out: dict[str, ParamValue] = {}
         for p in params:
             value = resolve_param(p, scopes, tensor_name, t)
             if value is MISSING:
-                who = f" for model {model!r}" if model else ""
+                who = f" for {label}" if label else ""
                 self.problems.add(
                     f"parameter `{p.name}` of method `{self.method.name}` is required{who} "
                     f"but not set (first needed by tensor `{tensor_name}`)"
@@ -579,7 +611,7 @@ def _output_config(
             cfg[key] = config.out_dtype or config.dtype
     if config.slices is not None:
         total = sum(s.sources[0][2] - s.sources[0][1] for s in slices)
-        for key in _LAYER_COUNT_KEYS:
+        for key in LAYER_COUNT_KEYS:
             if key in cfg:
                 cfg[key] = total
                 break

@@ -16,8 +16,8 @@ the `l` copies; an image-text pair is one joint sequence (image tokens, then tex
 bottom blocks send image tokens through `v` and text tokens through `l`, attention running over
 the whole sequence, and whose top `vl_layers` blocks send every token through `vl`.
 
-Names (the contract `mergelab.multimodal.groups` matches): block i of a specific model holds
-`blocks.{i}.norm1_{m}`, `blocks.{i}.attn_{m}.qkv`, `blocks.{i}.attn_{m}.proj`,
+Names (the contract the `mergelab-mini` preset of `mergelab.plan.expert_groups` matches): block i
+of a specific model holds `blocks.{i}.norm1_{m}`, `blocks.{i}.attn_{m}.qkv`, `blocks.{i}.attn_{m}.proj`,
 `blocks.{i}.norm2_{m}`, `blocks.{i}.mlp_{m}.fc1`, `blocks.{i}.mlp_{m}.fc2`; the agnostic model
 has the same names without the `_{m}` suffix. Every other tensor has one name in both. All
 layers are plain `nn.Linear` / `nn.LayerNorm`, so Gram hooks (`mergelab.stats`) on an expert's

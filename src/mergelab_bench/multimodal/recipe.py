@@ -14,7 +14,7 @@ https://arxiv.org/abs/2304.14933; code github.com/ylsung/vl-merging). The pipeli
    seed fraction of 0 is the paper's naive setting: experts initialised independently.
 3. variants: the specific model itself (no merge, the upper bound); an agnostic model
    pre-trained from scratch for the same total steps; merges of the specific models' experts
-   (`mergelab.multimodal.groups.merge_expert_groups`): interpolation, modality arithmetic
+   (`mergelab.merge_expert_groups`): interpolation, modality arithmetic
    (lambda picked by the merged model's pre-training validation loss), RegMean (Grams of every
    expert's own inputs, collected on the specific model), TIES.
 4. every variant fine-tuned on four tasks (`mergelab_bench.multimodal.data`): image-text retrieval,
@@ -877,7 +877,7 @@ def _merge(
     seed: int,
 ) -> tuple[StateDict, dict[str, float], list[str]]:
     """(merged agnostic state, the parameters used, notes) for one merge run."""
-    from mergelab.multimodal.groups import merge_expert_groups
+    from mergelab import merge_expert_groups
 
     state = {k: v.detach().clone() for k, v in specific.state_dict().items()}
     notes: list[str] = []
