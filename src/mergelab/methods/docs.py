@@ -32,17 +32,22 @@ def methods_markdown(methods: Sequence[MergeMethod]) -> str:
         arity = f"{m.min_models}+" if m.max_models is None else (
             str(m.min_models) if m.min_models == m.max_models else f"{m.min_models}-{m.max_models}"
         )
+        needs = ", ".join(m.needs) or "-"
+        if m.gram_kernel is not None:
+            needs += " or Grams"
         lines.append(
             f"| `{m.name}` | [{m.paper}]({m.url}) | {m.base} | {arity} | "
             f"{'yes' if m.randomized else 'no'} | {'blockwise' if m.blockwise else 'whole'} | "
-            f"{', '.join(m.needs) or '-'} |"
+            f"{needs} |"
         )
     lines += [
         "",
         "*large tensors*: `blockwise` methods merge tensors above 8M entries in blocks of rows "
         "(bounded memory); `whole` methods hold the whole tensor of every model in float32.",
         "*needs*: `data` methods run data through the models (`mergelab.data_merge`, or "
-        "`mergelab merge` with a `data:` section in the config; see docs/data_aware.md).",
+        "`mergelab merge` with a `data:` section in the config; see docs/data_aware.md); "
+        "`or Grams`: given each model's Gram matrices instead, as an expert-group merge reads "
+        "them from `expert_groups.grams` (docs/multimodal.md).",
         "",
     ]
     for m in methods:
