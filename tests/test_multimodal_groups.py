@@ -394,3 +394,169 @@ def test_match_groups_reports_tensors_claimed_twice():
     g2 = ExpertGroup("b", (("v", "*_v.*"), ("l", "*_l.*")), "*.*")
     match = match_groups(["k.x_v.w", "k.x_l.w"], [g1, g2])
     assert any("matches both" in p for p in match.problems)
+
+
+# --- one planner: the groups are a layout of build_plan, their methods registry methods ----------
+
+
+def _two_copy_model(seed: int = 0) -> tuple[dict, dict, dict]:
+    """(model with V and L copies in every block, each copy as a separate agnostic model, seed)."""
+    g = torch.Generator().manual_seed(seed)
+    sd, per_member, seed_sd = {}, {"v": {}, "l": {}}, {}
+    for i in range(BLOCKS):
+        for leaf, shape in (("fc1.weight", (6, 4)), ("fc1.bias", (6,)), ("fc2.weight", (4, 6))):
+            base = torch.randn(*shape, generator=g)
+            seed_sd[f"blocks.{i}.mlp.{leaf}"] = base
+            for m in ("v", "l"):
+                copy = base + 0.1 * torch.randn(*shape, generator=g)
+                sd[f"blocks.{i}.mlp_{m}.{leaf}"] = copy
+                per_member[m][f"blocks.{i}.mlp.{leaf}"] = copy
+    return sd, per_member, seed_sd
+
+
+_FFN = [{"name": "ffn", "members": {"v": "*.mlp_v.*", "l": "*.mlp_l.*"}, "into": "*.mlp.*"}]
+
+
+@pytest.mark.parametrize("method,params", [
+    ("interpolation", {"alpha": [0.2, 0.8]}),  # a gradient over the layers: t is the same
+    ("modality_arithmetic", {"lambda": 0.7}),
+    ("ties", {"weight": 1.0, "density": 0.5}),
+    ("dare_ties", {"weight": 1.0, "density": 0.5}),  # same tensor names: same random masks
+])
+def test_a_group_merge_equals_the_merge_of_its_members_as_models(method, params):
+    sd, per_member, seed_sd = _two_copy_model()
+    uses_seed = method != "interpolation"
+    grouped = merge_expert_groups(sd, method=method, groups=_FFN, parameters=params,
+                                  seed=seed_sd if uses_seed else None, random_seed=4)
+    raw = {"merge_method": method, "models": [{"model": "v"}, {"model": "l"}], "parameters": params}
+    if uses_seed:
+        raw["base_model"] = "seed"
+    separate = mergelab.merge_state_dicts(raw, {**per_member, "seed": seed_sd}, seed=4)
+    assert set(grouped) == set(separate)
+    for k in separate:
+        assert torch.equal(grouped[k], separate[k]), k
+
+
+def test_group_parameters_and_member_parameters_reach_the_kernel():
+    sd, per_member, _ = _two_copy_model()
+    groups = [{"name": "fc1", "members": {"v": "*.mlp_v.fc1.*", "l": "*.mlp_l.fc1.*"},
+               "into": "*.mlp.fc1.*", "parameters": {"alpha": 1.0}},
+              {"name": "fc2", "members": {"v": "*.mlp_v.fc2.*", "l": "*.mlp_l.fc2.*"},
+               "into": "*.mlp.fc2.*"}]
+    out = merge_expert_groups(sd, method="interpolation", groups=groups, parameters={"alpha": 0.0})
+    assert torch.equal(out["blocks.1.mlp.fc1.weight"], per_member["v"]["blocks.1.mlp.fc1.weight"])
+    assert torch.equal(out["blocks.1.mlp.fc2.weight"], per_member["l"]["blocks.1.mlp.fc2.weight"])
+    out = merge_expert_groups(sd, method="linear", groups=_FFN, parameters={"normalize": False},
+                              member_parameters={"v": {"weight": [0.0, 1.0]}, "l": {"weight": 0.5}})
+    expected = 1.0 * per_member["v"]["blocks.2.mlp.fc2.weight"] + 0.5 * per_member["l"]["blocks.2.mlp.fc2.weight"]
+    assert torch.allclose(out["blocks.2.mlp.fc2.weight"], expected)
+
+
+def test_parameter_errors_come_from_the_one_validator_with_key_paths():
+    sd, per_member, seed_sd = _two_copy_model()
+    base = {"models": [{"model": "m"}]}
+    # the same message as for a config of separate models
+    with pytest.raises(ConfigError) as info:
+        mergelab.merge_state_dicts({"merge_method": "interpolation", "parameters": {"alpha": 1.5},
+                                    "models": [{"model": "v"}, {"model": "l"}]}, per_member)
+    plain = "parameters.alpha: `alpha` must be in [0, 1]; got 1.5 (method `interpolation`)"
+    assert plain in str(info.value)
+    msg = _plan_error({**base, "merge_method": "interpolation", "parameters": {"alpha": 1.5},
+                       "expert_groups": {"groups": _FFN}}, sd)
+    assert plain in msg
+    msg = _plan_error({**base, "merge_method": "interpolation",
+                       "expert_groups": {"groups": [{**_FFN[0], "parameters": {"alpha": -0.1}}],
+                                         "member_parameters": {"v": {"alpha": 0.5}}}}, sd)
+    assert "expert_groups.groups.0.parameters.alpha: `alpha` must be in [0, 1]; got -0.1" in msg
+    assert ("expert_groups.member_parameters.v.alpha: `alpha` is a global parameter of "
+            "`interpolation`; set it under the top-level or a group's `parameters`") in msg
+    msg = _plan_error({**base, "merge_method": "ties", "base_model": "s", "parameters": {"weight": 1.0},
+                       "expert_groups": {"groups": _FFN, "member_parameters": {"l": {"density": 1.3}}}},
+                      sd, seed_sd)
+    assert "expert_groups.member_parameters.l.density: `density` must be in [0, 1]; got 1.3 (method `ties`)" in msg
+    msg = _plan_error({**base, "merge_method": "linear", "expert_groups": {"groups": _FFN}}, sd)
+    assert "parameter `weight` of method `linear` is required for member `v`" in msg
+    msg = _plan_error({**base, "merge_method": "regmean", "parameters": {"alpah": 0.5, "scaling": -1},
+                       "expert_groups": {"groups": _FFN, "grams": "g"}}, sd)
+    assert "parameters.alpah: unknown parameter of method `regmean` (did you mean `alpha`?)" in msg
+    assert "parameters.scaling: `scaling` must be in [0, inf]; got -1 (method `regmean`)" in msg
+
+
+def test_arity_and_data_needs_come_from_the_declarations():
+    g = torch.Generator().manual_seed(0)
+    sd = {f"layers.0.experts.{e}.w.weight": torch.randn(2, 2, generator=g) for e in range(4)}
+    msg = _plan_error({"merge_method": "interpolation", "models": [{"model": "m"}],
+                       "expert_groups": {"preset": "moe"}}, sd)
+    assert "group `experts`: method `interpolation` takes at most 3 members; got 4" in msg
+    msg = _plan_error({"merge_method": "fisher", "models": [{"model": "m"}],
+                       "expert_groups": {"preset": "moe"}}, sd)
+    assert "`fisher` needs data per model" in msg and "regmean" in msg and "expert_groups.grams" in msg
+
+
+def _grams_of(sd: dict, seed: int = 5, counts: tuple[int, ...] = (20, 60)) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    layers = {}
+    for i, (name, tensor) in enumerate(sorted(sd.items())):
+        if tensor.dim() == 2:
+            count = counts[i % len(counts)]
+            x = torch.randn(count, tensor.shape[1], generator=g) * (1 + i % 3)
+            layers[name.rsplit(".", 1)[0]] = LayerGram("linear", (x.T @ x).double(), count)
+    return layers
+
+
+def test_group_regmean_takes_the_registry_parameters():
+    from mergelab.methods.data_aware import regmean_solve
+
+    sd, per_member, seed_sd = _two_copy_model()
+    grams = _grams_of(sd)
+    key, v, lang = "blocks.1.mlp.fc2.weight", "blocks.1.mlp_v.fc2", "blocks.1.mlp_l.fc2"
+    weights = [per_member["v"][key], per_member["l"][key]]
+    # average_grams: each Gram divided by its row count first
+    out = merge_expert_groups(sd, method="regmean", groups=_FFN, grams=grams,
+                              parameters={"alpha": 0.8, "average_grams": True})
+    expected = regmean_solve(weights, [grams[v].mean(), grams[lang].mean()], alpha=0.8)
+    assert torch.allclose(out[key], expected, atol=1e-6)
+    summed = merge_expert_groups(sd, method="regmean", groups=_FFN, grams=grams, parameters={"alpha": 0.8})
+    assert not torch.allclose(summed[key], out[key], atol=1e-4)  # the counts differ: so do the merges
+    # scaling: the merged task vector from the seed, scaled
+    scaled = merge_expert_groups(sd, method="regmean", groups=_FFN, grams=grams, seed=seed_sd,
+                                 parameters={"alpha": 0.8, "scaling": 0.5})
+    for k in summed:
+        assert torch.allclose(scaled[k], seed_sd[k] + 0.5 * (summed[k] - seed_sd[k]), atol=1e-6), k
+    with pytest.raises(ConfigError, match=r"`scaling` 0.5 needs the base model \(set `base_model`\)"):
+        merge_expert_groups(sd, method="regmean", groups=_FFN, grams=grams, parameters={"scaling": 0.5})
+
+
+def test_the_gram_seam_maps_an_output_tensor_to_its_members_grams():
+    from mergelab.methods.registry import get_method
+    from mergelab.plan.expert_groups import bind_grams, member_grams
+
+    grams = {"a.x_v": LayerGram("linear", torch.eye(2, dtype=torch.float64), 3),
+             "a.x_l": LayerGram("linear", 2 * torch.eye(2, dtype=torch.float64), 5)}
+    grams_of = member_grams(grams, {"a.x.weight": ["a.x_v", "a.x_l"]})
+    assert [g.count for g in grams_of("a.x.weight")] == [3, 5]
+    assert grams_of("a.x.bias") is None  # no Gram: the registry kernel averages it
+    bound = bind_grams(get_method("regmean"), grams_of)
+    assert bound.name == "regmean" and bound.params == get_method("regmean").params
+    with pytest.raises(ValueError, match="reads no Gram"):
+        bind_grams(get_method("ties"), grams_of)
+
+
+def test_validate_and_dry_run_plan_an_expert_group_config(tmp_path):
+    sd, seed = _specific()
+    model = _save(tmp_path / "specific", sd)
+    seed_dir = _save(tmp_path / "seed", seed)
+    config = _write_config(tmp_path / "merge.yml", {
+        "merge_method": "modality_arithmetic", "models": [{"model": str(model)}],
+        "base_model": str(seed_dir), "parameters": {"lambda": 0.5},
+        "expert_groups": {"preset": "mergelab-mini"},
+    })
+    result = CliRunner().invoke(app, ["validate", str(config)])
+    assert result.exit_code == 0, result.output
+    assert "modality_arithmetic" in result.output and f"{len(seed)} output tensors" in result.output
+    result = CliRunner().invoke(app, ["merge", str(config), str(tmp_path / "out"), "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert not (tmp_path / "out").exists()
+    plan = mergelab.plan_merge(config)
+    assert sorted(t.name for t in plan.tasks) == sorted(seed)
+    assert sum(t.copied for t in plan.tasks) == 2  # embed and head: outside every group
