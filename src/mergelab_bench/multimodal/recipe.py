@@ -878,11 +878,12 @@ def _merge(
 ) -> tuple[StateDict, dict[str, float], list[str]]:
     """(merged agnostic state, the parameters used, notes) for one merge run."""
     from mergelab import merge_expert_groups
+    from mergelab.methods import get_method
 
     state = {k: v.detach().clone() for k, v in specific.state_dict().items()}
     notes: list[str] = []
     grams = None
-    if run.method == "regmean":
+    if get_method(run.method).gram_kernel is not None:  # RegMean: each copy's Gram
         from mergelab.stats import collect_grams
 
         stats = collect_grams(specific, _gram_batches(data, settings, seed), layers=["blocks.*"])
