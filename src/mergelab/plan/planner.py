@@ -516,7 +516,7 @@ class _TensorPlanner:
             if self.method.check_params is not None and len(params) == len(self.method.global_params):
                 msg = self.method.check_params(params, base_index is not None)
                 if msg:
-                    self.problems.add(f"tensor `{out_name}`: {msg} (method `{self.method.name}`)")
+                    self.problems.add(f"parameters: {msg} (method `{self.method.name}`)")
             for i, item in enumerate(inputs):
                 if i == base_index:
                     continue
