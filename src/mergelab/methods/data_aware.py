@@ -19,7 +19,7 @@ member's Gram from a statistics folder.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -207,7 +207,7 @@ def regmean_with_grams(m: TensorMerge, grams: Sequence[InputGram] | None) -> tor
     return merged
 
 
-def _scaling_needs_base(params: dict[str, ParamValue], has_base: bool) -> str | None:
+def _scaling_needs_base(params: Mapping[str, ParamValue], has_base: bool) -> str | None:
     if float(params["scaling"]) != 1.0 and not has_base:
         return f"`scaling` {params['scaling']:g} needs the base model (set `base_model`), or set it to 1"
     return None

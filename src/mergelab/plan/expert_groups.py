@@ -29,6 +29,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import torch
+
 from mergelab.methods.registry import InputGram, MergeMethod, TensorMerge, list_methods
 from mergelab.plan.config import ExpertGroupSpec, ExpertGroupsSection, MergeConfig, Parameters
 from mergelab.plan.layout import (
@@ -373,7 +375,7 @@ def bind_grams(method: MergeMethod, grams_of: GramsOf) -> MergeMethod:
     if gram_kernel is None:
         raise ValueError(f"method `{method.name}` reads no Gram matrices")
 
-    def kernel(task: TensorMerge):
+    def kernel(task: TensorMerge) -> torch.Tensor:
         return gram_kernel(task, grams_of(task.name))
 
     return dataclasses.replace(method, kernel=kernel, blockwise=None)
@@ -497,7 +499,8 @@ def _groups_of(
 
 
 def _layer_position(name: str, layers: int) -> float:
-    # As the old planner of groups: layers counted in the model, non-layer tensors at t = 0.
+    # A gradient runs over the model's own layers (a group merge has no slices); tensors outside
+    # the layer stack, and every tensor of a one-layer model, take t = 0.
     split = split_layer_name(name)
     return 0.0 if split is None or layers < 2 else min(split[1] / (layers - 1), 1.0)
 
@@ -551,8 +554,9 @@ def plan_groups(
     tensors: list[PlannedTensor] = []
     for name in match.order:
         item = grouped.get(name)
-        if item is None:
-            tensors.append(PlannedTensor(name, (PlannedInput(model_key, name),), None, (), 0.0, copied=True))
+        if item is None:  # outside every group: written as it is
+            only = (PlannedInput(model_key, name),)
+            tensors.append(PlannedTensor(name, only, None, (), 0.0, copied=True))
             continue
         shapes = {tuple(model.shape(n)) for _, n in item.members}
         dtypes = {model.dtype(n) for _, n in item.members}
