@@ -560,3 +560,5 @@ def test_validate_and_dry_run_plan_an_expert_group_config(tmp_path):
     plan = mergelab.plan_merge(config)
     assert sorted(t.name for t in plan.tasks) == sorted(seed)
     assert sum(t.copied for t in plan.tasks) == 2  # embed and head: outside every group
+    assert plan.method.name == "modality_arithmetic" and plan.donor == str(model)
+    assert any("expert groups: " in note for note in plan.notes)

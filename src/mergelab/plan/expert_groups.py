@@ -622,6 +622,8 @@ def plan_groups(
     ]
     if model.config() is not None:
         notes.append("config.json is copied unchanged: adapt it to the merged architecture")
+    if section.grams is not None and method.gram_kernel is None:
+        notes.append(f"expert_groups.grams is not read: `{method.name}` uses no Gram matrices")
     return GroupLayout(tensors, method, model_key, notes, problems)
 
 
