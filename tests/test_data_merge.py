@@ -385,7 +385,7 @@ def test_task_data_head_and_plain_batches_mix():
 @pytest.fixture(scope="module")
 def tiny_bert_folders(tmp_path_factory):
     transformers = pytest.importorskip("transformers")
-    from mergelab.finetune import save_head
+    from mergelab.training import save_head
 
     root = tmp_path_factory.mktemp("tiny_bert")
     words = ["good", "bad", "fine", "awful", "film", "plot", "the", "was", "very"]

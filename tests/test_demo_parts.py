@@ -22,13 +22,14 @@ from mergelab.eval.tasks import (
     make_splits,
     plot_sentences,
 )
-from mergelab.finetune import (
+from mergelab.training import (
     DONE_MARKER,
     HEAD_FILE,
-    LPFTRecipe,
+    FinetuneSettings,
+    TextExamples,
     cache_key,
     cached_folder,
-    finetune_under_head,
+    finetune_classifier,
     fit_linear_probe,
     load_head,
     save_finetuned,
@@ -208,16 +209,17 @@ def test_lpft_freezes_head_and_word_embeddings_and_is_seeded(tiny_bert):
     import copy
 
     texts, labels = _toy_sentences(48)
-    recipe = LPFTRecipe(steps=4, batch_size=8, max_length=16, learning_rate=1e-3, warmup_steps=1)
+    recipe = FinetuneSettings(steps=4, batch_size=8, learning_rate=1e-3, warmup_steps=1)
+    examples = TextExamples(tokenizer, texts, labels, max_length=16)
     features = embed_texts(encoder, tokenizer, texts)
     head = fit_linear_probe(features, labels, 2)
     head_before = {k: v.clone() for k, v in head.state_dict().items()}
 
     runs = []
     for _ in range(2):
-        model = copy.deepcopy(encoder)
-        before = {k: v.clone() for k, v in model.state_dict().items()}
-        losses = finetune_under_head(model, head, tokenizer, texts, labels, recipe)
+        before = {k: v.clone() for k, v in copy.deepcopy(encoder).state_dict().items()}
+        result = finetune_classifier(encoder, examples, 2, recipe, head=head)
+        losses, model = result.losses, result.encoder
         assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
         after = model.state_dict()
         word = "embeddings.word_embeddings.weight"
@@ -228,7 +230,8 @@ def test_lpft_freezes_head_and_word_embeddings_and_is_seeded(tiny_bert):
         runs.append((losses, after))
     for key, value in head.state_dict().items():
         assert torch.equal(value, head_before[key])
-    assert not any(p.requires_grad for p in head.parameters())
+        assert torch.equal(result.head.state_dict()[key], head_before[key])  # the probe is the head
+    assert not any(p.requires_grad for p in result.head.parameters())
     # Same recipe, same seed: the same losses and weights, bit for bit.
     assert runs[0][0] == runs[1][0]
     assert all(torch.equal(runs[0][1][k], runs[1][1][k]) for k in runs[0][1])
@@ -237,8 +240,9 @@ def test_lpft_freezes_head_and_word_embeddings_and_is_seeded(tiny_bert):
 def test_lpft_needs_enough_examples(tiny_bert):
     encoder, tokenizer = tiny_bert
     with pytest.raises(ValueError, match="batch_size"):
-        finetune_under_head(
-            encoder, nn.Linear(32, 2), tokenizer, ["good"] * 3, [1] * 3, LPFTRecipe(steps=1)
+        finetune_classifier(
+            encoder, TextExamples(tokenizer, ["good"] * 3, [1] * 3), 2, FinetuneSettings(steps=1),
+            head=nn.Linear(32, 2),
         )
 
 

@@ -12,7 +12,7 @@ from torch import nn
 
 from mergelab.errors import MergeLabError
 from mergelab.eval.harness import evaluate_model
-from mergelab.finetune import DONE_MARKER
+from mergelab.training import DONE_MARKER
 from mergelab_bench.zoo.cache import (
     MANIFEST,
     ZooCacheError,

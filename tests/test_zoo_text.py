@@ -32,7 +32,9 @@ def test_text_zoo_tiny_build_cache_and_finetune_folder(tmp_path):
 
 
 def _run(tmp_path):
-    from mergelab_bench.zoo.text import TextZoo, finetune_to_folder, quick_settings
+    from mergelab.training import FinetuneSettings
+    from mergelab.training.task import finetune_to_folder
+    from mergelab_bench.zoo.text import TextZoo, quick_settings
 
     settings = quick_settings(tasks=("sentiment", "subjectivity"), sizes=SplitSizes(24, 8, 8),
                               steps=2, batch_size=8, warmup_steps=1)
@@ -54,10 +56,10 @@ def _run(tmp_path):
         built.evaluator.accuracy(built.pretrained, torch.nn.Linear(384, 3), "sentiment", "test")
 
     out = tmp_path / "ft"
-    summary = finetune_to_folder("sentiment", out, recipe="joint", steps=2,
-                                 settings=settings)
+    training = FinetuneSettings(recipe="joint", steps=2, batch_size=8, warmup_steps=1)
+    summary = finetune_to_folder("sentiment", out, training, sizes=settings.sizes, progress=False)
     assert (out / "head.safetensors").is_file() and (out / "config.json").is_file()
     assert summary["split_sizes"] == {"train": 24, "validation": 8, "test": 8}
     with pytest.raises(MergeLabError, match="already exists"):
-        finetune_to_folder("sentiment", out, settings=settings)
+        finetune_to_folder("sentiment", out, training, sizes=settings.sizes)
 

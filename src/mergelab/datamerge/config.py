@@ -87,7 +87,7 @@ def merge_with_data(
     from transformers import AutoModel, AutoTokenizer
 
     from mergelab.eval.tasks import SplitSizes, load_splits
-    from mergelab.finetune import HEAD_FILE, load_head
+    from mergelab.training.folder import HEAD_FILE, load_head
 
     start = time.perf_counter()
     method = get_method(config.merge_method)

@@ -27,7 +27,7 @@ https://arxiv.org/abs/2304.14933; code github.com/ylsung/vl-merging). The pipeli
 
 Pre-trained checkpoints and fine-tuning scores are cached under `$MERGELAB_CACHE/multimodal`
 (default `~/.cache/mergelab/multimodal`), keyed by a hash of everything that produced them and
-built atomically (`mergelab.finetune.cached_folder`). Results are written atomically as
+built atomically (`mergelab.training.cached_folder`). Results are written atomically as
 `results.json` and `results.md`.
 """
 
@@ -51,8 +51,8 @@ from torch import nn
 
 from mergelab.errors import MergeLabError
 from mergelab.fileio import write_text_atomic
-from mergelab.finetune import cache_key, cached_folder
 from mergelab.stats._progress import progress_bar
+from mergelab.training import FinetuneSettings, cache_key, cached_folder, train
 from mergelab_bench.multimodal.data import (
     MASK_ID,
     SPECIAL_TOKENS,
@@ -493,7 +493,7 @@ def _nlvr_head(dim: int) -> nn.Module:
     return nn.Sequential(nn.Linear(2 * dim, 2 * dim), nn.LayerNorm(2 * dim), nn.GELU(), nn.Linear(2 * dim, 2))
 
 
-def _retrieval_loss(model, head, data: PairData, index, generator):
+def _retrieval_loss(model, head, data: PairData, index):
     fits = compatible(data.images.attributes[index], data.caption_says[index])
     pixels = to_pixels(data.images.images[index])
     return soft_contrastive_loss(contrastive_logits(model, pixels, trim_padding(data.captions[index])), fits)
@@ -531,7 +531,7 @@ def _labels_of(data) -> torch.Tensor:
 
 
 def _classifier_task(name: str, metric: str, make_head, logits_fn) -> DownstreamTask:
-    def loss(model, head, data, index, generator):
+    def loss(model, head, data, index):
         return F.cross_entropy(logits_fn(model, head, data, index), _labels_of(data)[index])
 
     @torch.no_grad()
@@ -617,34 +617,45 @@ def finetune_and_score(
     seed: int,
     advance: Callable[[int], None] = lambda _n: None,
 ) -> dict[str, float]:
-    """Fine-tune a copy of `model` (all of it, plus a fresh head) on `task`'s training split,
-    then score it on the test split. AdamW, 10% warm-up then linear decay; the head at its own
-    (larger) learning rate. Batches and the head's initialisation come from `seed`."""
+    """Fine-tune a copy of `model` (all of it, plus a fresh head) on `task`'s training split by
+    `finetune_settings`, then score it on the test split. Batches and the head's initialisation
+    come from `seed`."""
     model = copy.deepcopy(model)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         head = task.make_head(model, data)
     split = data.tasks[task.name]
-    groups = [{"params": list(model.parameters()), "lr": settings.finetune_learning_rate}]
-    if head is not None:
-        groups.append({"params": list(head.parameters()), "lr": settings.head_learning_rate})
-    optimizer = torch.optim.AdamW(groups, weight_decay=0.01)
-    steps = settings.finetune_steps
-    warmup = max(1, steps // 10)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: (s + 1) / warmup if s < warmup else max(0.0, (steps - s) / max(1, steps - warmup))
-    )
-    generator = torch.Generator().manual_seed(seed)
-    batches = _index_batches(len(split.train), settings.finetune_batch_size, generator)
-    model.train()
-    for _ in range(steps):
-        loss = task.loss(model, head, split.train, next(batches), generator)
-        if not torch.isfinite(loss):
-            raise MergeLabError(f"fine-tuning on {task.name} diverged (loss {float(loss)})")
-        _optimiser_step(loss, model, optimizer, schedule)
-        advance(1)
+    train(model, _TaskExamples(task, split.train), finetune_settings(settings, seed), head=head,
+          progress=advance, description=f"fine-tuning on {task.name}")  # fmt: skip
     model.eval()
     return task.evaluate(model, head, split.test, settings)
+
+
+def finetune_settings(settings: RecipeSettings, seed: int) -> FinetuneSettings:
+    """The downstream fine-tuning of every model: all of it plus a fresh head (at its own
+    learning rate), AdamW with weight decay 0.01, 10% warm-up then linear decay, gradients
+    clipped to norm 1."""
+    steps = settings.finetune_steps
+    return FinetuneSettings.checked(
+        recipe="joint", steps=steps, batch_size=settings.finetune_batch_size,
+        learning_rate=settings.finetune_learning_rate,
+        head_learning_rate=settings.head_learning_rate, weight_decay=0.01,
+        warmup_steps=max(1, steps // 10), schedule="linear", max_grad_norm=1.0,
+        freeze_input_embeddings=False, seed=seed,
+    )  # fmt: skip
+
+
+class _TaskExamples:
+    """A downstream task's training split as examples of the training loop."""
+
+    def __init__(self, task: DownstreamTask, data):
+        self.task, self.data = task, data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def loss(self, model: nn.Module, head: nn.Module | None, indices: torch.Tensor) -> torch.Tensor:
+        return self.task.loss(model, head, self.data, indices)
 
 
 # --- weight metrics between the modality copies --------------------------------------------------

@@ -2,7 +2,7 @@
 
 Each piece is one folder `ROOT/NAME` holding safetensors files and a `manifest.json` with the
 SHA-256 of every file and free-form facts (`meta`). Folders are built in a temporary folder and
-renamed into place with a completion marker (`mergelab.finetune.cached_folder`), so an
+renamed into place with a completion marker (`mergelab.training.cached_folder`), so an
 interrupted build leaves nothing that a later run takes as finished: a folder without the marker
 is rebuilt. A folder *with* the marker whose manifest or files do not check out (a disk error, a
 hand edit, a copy cut short) raises `ZooCacheError` naming the file: silently rebuilding would
@@ -24,7 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from mergelab.errors import MergeLabError
-from mergelab.finetune import DONE_MARKER, cached_folder
+from mergelab.training.cache import DONE_MARKER, cached_folder
 
 StateDict = dict[str, torch.Tensor]
 Files = dict[str, StateDict]

