@@ -1,8 +1,9 @@
 """Bit-identity of `mergelab.training` with the five loops it replaced.
 
 tests/data/training_golden.json holds digests of the weights (and the losses) of short seeded
-fine-tunes run through the old loops (tests/data/make_training_golden.py, at the commit that
-still had them; CPU, one thread). The same cases run here through the one loop: the zoos'
+fine-tunes run through the old loops, on CPU with one thread, by tests/data/make_training_golden.py
+as committed in 4c98494 (the last commit with those loops; it imports them, so it left the tree
+with them). The same cases run here through the one loop: the zoos'
 cached fine-tunes (keyed by settings, not by code) stay valid only if these match exactly.
 """
 
@@ -165,3 +166,15 @@ def test_multimodal_study_fine_tunes_are_bit_identical():
 
         scores = finetune_and_score(model, replace(task, evaluate=evaluate), data, settings, seed=7)
         assert {**seen, "scores": scores} == GOLDEN[f"multimodal_{name}"], name
+
+
+def test_demo_cache_key_keeps_its_old_shape():
+    """The demo's cached fine-tunes are keyed by the old recipe dataclass's fields; the key is
+    rebuilt from the new settings so the cache stays valid."""
+    from mergelab_bench.demo import DemoSettings, recipe_key
+
+    assert recipe_key(DemoSettings()) == {  # asdict(LPFTRecipe(steps=150)) before the refactor
+        "steps": 150, "batch_size": 16, "max_length": 64, "learning_rate": 5e-5,
+        "weight_decay": 0.0, "warmup_steps": 10, "probe_c": 1.0,
+        "freeze_word_embeddings": True, "seed": 0,
+    }  # fmt: skip

@@ -42,7 +42,7 @@ def load_head(path: Path) -> nn.Linear:
     if missing:
         raise CheckpointError(f"{path} lacks tensor(s) {missing}")
     num_classes, dim = tensors["weight"].shape
-    head = nn.Linear(dim, num_classes)
+    head = nn.utils.skip_init(nn.Linear, dim, num_classes)  # no draw from the global RNG
     with torch.no_grad():
         head.weight.copy_(tensors["weight"])
         head.bias.copy_(tensors["bias"])

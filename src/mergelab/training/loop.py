@@ -158,7 +158,7 @@ def train(
                 loss = examples.loss(model, head, indices)
                 if not torch.isfinite(loss):
                     raise TrainingError(
-                        f"{description} diverged at step {step + 1}: loss {float(loss)}"
+                        f"{description} diverged at step {step + 1}: loss {float(loss.detach())}"
                     )
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()

@@ -42,7 +42,7 @@ def fit_linear_probe(
     if num_classes == 2:
         coef = torch.cat([-coef / 2, coef / 2])
         intercept = torch.cat([-intercept / 2, intercept / 2])
-    head = nn.Linear(features.shape[1], num_classes)
+    head = nn.utils.skip_init(nn.Linear, features.shape[1], num_classes)
     with torch.no_grad():
         head.weight.copy_(coef)
         head.bias.copy_(intercept)
@@ -84,7 +84,7 @@ def fit_softmax_probe(
         return loss
 
     optimizer.step(objective)
-    head = nn.Linear(x.shape[1], num_classes)
+    head = nn.utils.skip_init(nn.Linear, x.shape[1], num_classes)
     with torch.no_grad():
         head.weight.copy_(weight.detach())
         head.bias.copy_(bias.detach())

@@ -39,7 +39,7 @@ class Finetuned:
 def random_head(dim: int, num_classes: int, generator: torch.Generator) -> nn.Linear:
     """nn.Linear's default initialisation (uniform +-1/sqrt(dim), weight then bias), drawn
     from `generator` instead of the global RNG."""
-    head = nn.Linear(dim, num_classes)
+    head = nn.utils.skip_init(nn.Linear, dim, num_classes)  # no draw from the global RNG
     bound = dim**-0.5
     with torch.no_grad():
         head.weight.uniform_(-bound, bound, generator=generator)
