@@ -151,7 +151,11 @@ def test_mlp_zoo_is_bit_identical():
 def test_multimodal_study_fine_tunes_are_bit_identical():
     from mergelab_bench.multimodal import data as mmdata
     from mergelab_bench.multimodal.family import build_model
-    from mergelab_bench.multimodal.recipe import DOWNSTREAM_TASKS, finetune_and_score, quick_settings
+    from mergelab_bench.multimodal.recipe import (
+        DOWNSTREAM_TASKS,
+        finetune_and_score,
+        quick_settings,
+    )
 
     settings = replace(quick_settings(), finetune_steps=4)
     data = mmdata.build_data(settings.data)

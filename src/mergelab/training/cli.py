@@ -59,6 +59,7 @@ def register(app: typer.Typer) -> None:
         warmup_steps: int = _option("warmup_steps"),
         weight_decay: float = _option("weight_decay"),
         probe_c: float = _option("probe_c"),
+        probe_solver: str = _option("probe_solver"),
         seed: int = typer.Option(
             _FIELDS["seed"].default, help=f"{_FIELDS['seed'].description} Also seeds the split."
         ),
@@ -74,7 +75,8 @@ def register(app: typer.Typer) -> None:
             settings = FinetuneSettings.checked(
                 recipe=recipe, steps=steps, batch_size=batch_size, learning_rate=learning_rate,
                 head_learning_rate=head_learning_rate, warmup_steps=warmup_steps,
-                weight_decay=weight_decay, probe_c=probe_c, seed=seed,
+                weight_decay=weight_decay, probe_c=probe_c, probe_solver=probe_solver,
+                seed=seed,
             )  # fmt: skip
             if threads > 0:
                 import torch
