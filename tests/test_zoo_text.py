@@ -33,7 +33,7 @@ def test_text_zoo_tiny_build_cache_and_finetune_folder(tmp_path):
 
 def _run(tmp_path):
     from mergelab.training import FinetuneSettings
-    from mergelab.training.task import finetune_to_folder
+    from mergelab.training.to_folder import finetune_to_folder
     from mergelab_bench.zoo.text import TextZoo, quick_settings
 
     settings = quick_settings(tasks=("sentiment", "subjectivity"), sizes=SplitSizes(24, 8, 8),

@@ -43,9 +43,9 @@ class ZooData:
 
                 module = MLPEncoder(self.built.evaluator.settings.hidden)
             elif zoo == "text":
-                from mergelab_bench.zoo.text import load_pretrained
+                from mergelab.training.to_folder import load_text_encoder
 
-                self._tokenizer, module = load_pretrained()
+                self._tokenizer, module = load_text_encoder()
             else:
                 from mergelab_bench.zoo.vision import encoder_from_state_dict
 

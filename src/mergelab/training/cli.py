@@ -69,7 +69,7 @@ def register(app: typer.Typer) -> None:
         progress: bool = typer.Option(True, help="Show a progress bar."),
     ) -> None:
         """Fine-tune an encoder on one task with a recipe that keeps it mergeable."""
-        from mergelab.training.task import finetune_to_folder
+        from mergelab.training.to_folder import finetune_to_folder
 
         try:
             settings = FinetuneSettings.checked(

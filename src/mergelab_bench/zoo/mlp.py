@@ -145,7 +145,7 @@ def _init_linear(layer: nn.Linear, generator: torch.Generator) -> None:
         layer.bias.uniform_(-bound, bound, generator=generator)
 
 
-def _adam(steps: int, batch_size: int, learning_rate: float, head_learning_rate: float,
+def _adam_settings(steps: int, batch_size: int, learning_rate: float, head_learning_rate: float,
           weight_decay: float = 0.0, recipe: str = "joint") -> FinetuneSettings:
     """The zoo's training settings: Adam at a constant rate on batches drawn with replacement
     from a generator the caller has already drawn initialisations from."""
@@ -236,7 +236,7 @@ class MLPZoo:
             _init_linear(layer, generator)
         x, y = splits["train"]
         lr = s.pretrain_learning_rate
-        train(encoder, TensorExamples(x, y), _adam(s.pretrain_steps, s.batch_size, lr, lr),
+        train(encoder, TensorExamples(x, y), _adam_settings(s.pretrain_steps, s.batch_size, lr, lr),
               head=head, generator=generator)  # fmt: skip
         return {k: v.detach().clone() for k, v in encoder.state_dict().items()}
 
@@ -246,7 +246,7 @@ class MLPZoo:
         generator = torch.Generator().manual_seed(int(cache_key({"probe": task})[:8], 16))
         head = nn.Linear(features.shape[1], num_classes)
         _init_linear(head, generator)
-        settings = _adam(s.probe_steps, len(labels), 0.05, 0.05, s.probe_weight_decay)
+        settings = _adam_settings(s.probe_steps, len(labels), 0.05, 0.05, s.probe_weight_decay)
         train(head, _FullBatch(features, labels), settings, generator=generator)
         return head.requires_grad_(False)
 
@@ -262,7 +262,7 @@ class MLPZoo:
             head = nn.Linear(s.hidden, probe.out_features)
             _init_linear(head, generator)
         x, y = evaluator.data(task, "train")
-        settings = _adam(s.steps, s.batch_size, s.learning_rate, s.head_learning_rate, recipe=recipe)
+        settings = _adam_settings(s.steps, s.batch_size, s.learning_rate, s.head_learning_rate, recipe=recipe)
         result = finetune_classifier(encoder, TensorExamples(x, y), probe.out_features, settings,
                                      head=head, generator=generator)  # fmt: skip
         return ({k: v.detach().clone() for k, v in result.encoder.state_dict().items()},

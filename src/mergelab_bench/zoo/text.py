@@ -47,7 +47,7 @@ from mergelab.training import (  # noqa: E402
     folder_fingerprint,
     random_head,
 )
-from mergelab.training.task import default_text_model, load_text_encoder  # noqa: E402
+from mergelab.training.to_folder import default_text_model, load_text_encoder  # noqa: E402
 from mergelab_bench.zoo.base import BuiltZoo, StateDict  # noqa: E402
 from mergelab_bench.zoo.cache import (  # noqa: E402
     cached_entry,
@@ -106,10 +106,6 @@ class TextZooSettings:
             probe_c=self.probe_c,
             seed=seed,
         )
-
-
-pretrained_path = default_text_model
-load_pretrained = load_text_encoder
 
 
 def state_dict_of(module: nn.Module) -> StateDict:
@@ -298,8 +294,8 @@ class TextZoo:
 
     def _base(self):
         if self._loaded is None:
-            path = self.model_path or pretrained_path()
-            tokenizer, model = load_pretrained(path)
+            path = self.model_path or default_text_model()
+            tokenizer, model = load_text_encoder(path)
             splits = {
                 name: load_splits(task, self.settings.sizes, seed=self.settings.split_seed)
                 for name, task in self._tasks.items()
