@@ -133,25 +133,25 @@ def train(
     """
     flags = [p.requires_grad for p in model.parameters()]
     train_head = head is not None and settings.recipe == "joint"
-    if head is not None:
-        head.requires_grad_(train_head)
-    groups = [{"params": trainable_parameters(model, settings), "lr": settings.learning_rate}]
-    if train_head:
-        groups.append({"params": list(head.parameters()), "lr": settings.head_learning_rate})
-    if not any(group["params"] for group in groups):
-        raise TrainingError("nothing to train: every parameter is frozen")
-    optimizer = _OPTIMIZERS[settings.optimizer](
-        groups, lr=settings.learning_rate, weight_decay=settings.weight_decay
-    )
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: learning_rate_factor(step, settings)
-    )
-    if generator is None:
-        generator = torch.Generator().manual_seed(settings.seed)
-    batches = index_batches(len(examples), settings, generator)
-    clipped = [p for p in model.parameters() if p.requires_grad]
     losses: list[float] = []
     try:
+        groups = [{"params": trainable_parameters(model, settings), "lr": settings.learning_rate}]
+        if head is not None:
+            head.requires_grad_(train_head)
+        if train_head:
+            groups.append({"params": list(head.parameters()), "lr": settings.head_learning_rate})
+        if not any(group["params"] for group in groups):
+            raise TrainingError("nothing to train: every parameter is frozen")
+        optimizer = _OPTIMIZERS[settings.optimizer](
+            groups, lr=settings.learning_rate, weight_decay=settings.weight_decay
+        )
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: learning_rate_factor(step, settings)
+        )
+        if generator is None:
+            generator = torch.Generator().manual_seed(settings.seed)
+        batches = index_batches(len(examples), settings, generator)
+        clipped = [p for p in model.parameters() if p.requires_grad]
         with _training_mode(model, settings), torch.random.fork_rng(devices=[]):
             torch.manual_seed(settings.seed)
             for step, indices in enumerate(batches):

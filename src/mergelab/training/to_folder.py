@@ -199,6 +199,8 @@ def finetune_to_folder(
             )
         run = _image_run(task, str(model), split_seed, input_size)
     else:
+        if model is not None and not (Path(model) / "config.json").is_file():
+            raise CheckpointError(f"{model} is not a Hugging Face model folder (no config.json)")
         run = _text_run(task, model, split_seed, sizes, max_length)
     train, test = run.train, run.test
     probe = fit_probe(train.features(run.encoder), train.labels, run.num_classes, settings)
