@@ -57,13 +57,11 @@ def fit_softmax_probe(
     c: float = 1.0,
     max_iter: int = 500,
 ) -> nn.Linear:
-    """Multinomial logistic regression on raw `features`, as scikit-learn's
-    `LogisticRegression(C=c)` (objective: C * summed cross-entropy + ||W||^2 / 2, bias not
-    penalised), solved with full-batch L-BFGS in float64; returned as an `nn.Linear`.
+    """scikit-learn's `LogisticRegression(C=c)` objective solved with full-batch L-BFGS in
+    float64 (at most `max_iter` iterations), as an `nn.Linear`.
 
-    Written in torch because scikit-learn's solver took over a minute on 1,280 features here;
-    this takes a second and is deterministic. No feature scaler is folded in (DATA.md: it blew up
-    a near-constant feature's weight). Raises ValueError when a class is absent from `labels`.
+    Written in torch because scikit-learn's solver took over a minute on MobileNetV2's 1,280
+    features; this takes a second. Raises ValueError when a class is absent from `labels`.
     """
     _check_classes(labels, num_classes)
     x = features.detach().double()
