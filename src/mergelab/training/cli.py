@@ -11,6 +11,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from mergelab.errors import MergeLabError
 from mergelab.training.settings import FinetuneSettings
@@ -28,7 +29,7 @@ def _option(field: str, flag: str | None = None):
 
 
 def _fail(exc: Exception) -> None:
-    err_console.print(f"[bold red]error:[/] {exc}", highlight=False, markup=False)
+    err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
     raise typer.Exit(code=1)
 
 
