@@ -55,6 +55,7 @@ from mergelab.training import (
     finetune_classifier,
     fit_softmax_probe,
     image_tasks,
+    step_progress,
 )
 from mergelab.training.image_tasks import (  # noqa: F401 (the zoo's tasks and inputs)
     DIGIT_NAMES,
@@ -692,7 +693,7 @@ class VisionZoo:
         heads: dict[str, nn.Module] = {}
         facts: dict[str, dict] = {}
         total = len(self._declared) * self.settings.steps
-        with _progress_bar(progress, total, f"vision zoo, {recipe}, seed {seed}") as advance:
+        with step_progress(f"vision zoo, {recipe}, seed {seed}", total, progress) as advance:
             for index, task in enumerate(self._declared):
 
                 def build_one(index=index, task=task) -> tuple[dict[str, StateDict], dict]:
@@ -779,24 +780,3 @@ def _say(message: str) -> None:
     from rich.console import Console
 
     Console(stderr=True).print(f"[dim]{message}[/dim]")
-
-
-class _progress_bar:
-    """A rich progress bar over fine-tuning steps (or a no-op); yields `advance(n)`."""
-
-    def __init__(self, enabled: bool, total: int, description: str):
-        self.enabled, self.total, self.description = enabled, total, description
-
-    def __enter__(self) -> Callable[[int], None]:
-        if not self.enabled:
-            return lambda n: None
-        from rich.progress import Progress
-
-        self._progress = Progress(transient=False)
-        self._progress.start()
-        task = self._progress.add_task(self.description, total=self.total)
-        return lambda n: self._progress.advance(task, n)
-
-    def __exit__(self, *exc) -> None:
-        if self.enabled:
-            self._progress.stop()
