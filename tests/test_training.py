@@ -346,3 +346,13 @@ def test_finetune_command_image_tasks_npz_and_digits(tmp_path):
     assert read_recipe(digits)["base_model"] == str(out)
     missing = CliRunner().invoke(_cli(), ["finetune", "--task", "digits", "--out-dir", str(tmp_path / "x")])
     assert missing.exit_code == 1 and "--model" in missing.output
+
+
+def test_progress_true_draws_a_bar_and_a_callback_counts_steps():
+    x, y = blobs()
+    settings = FinetuneSettings(recipe="joint", **SMALL)
+    steps = []
+    plain = finetune_classifier(trunk(), TensorExamples(x, y), 3, settings, progress=steps.append)
+    assert steps == [1] * settings.steps
+    with_bar = finetune_classifier(trunk(), TensorExamples(x, y), 3, settings, progress=True)
+    assert with_bar.losses == plain.losses

@@ -116,7 +116,7 @@ def train(
     *,
     head: nn.Module | None = None,
     generator: torch.Generator | None = None,
-    progress: Progress | None = None,
+    progress: Progress | bool | None = None,
     description: str = "fine-tuning",
 ) -> list[float]:
     """Train `model` (and `head`, with the joint recipe) in place on `examples`; return the loss
@@ -128,9 +128,15 @@ def train(
     modules' train/eval modes.
     generator: the stream batches are drawn from; by default a fresh one seeded with
         `settings.seed`. Pass one to continue a stream (e.g. after a head's initialisation).
+    progress: True draws a rich progress bar of the steps (named `description`); a callable
+        is called with 1 after every step (to drive a bar of the caller's).
     Raises TrainingError before the first step when there are fewer examples than a batch, and
     at the step where the loss stops being finite.
     """
+    if isinstance(progress, bool):
+        with step_progress(description, settings.steps, enabled=progress) as advance:
+            return train(model, examples, settings, head=head, generator=generator,
+                         progress=advance, description=description)  # fmt: skip
     flags = [p.requires_grad for p in model.parameters()]
     train_head = head is not None and settings.recipe == "joint"
     losses: list[float] = []

@@ -55,7 +55,7 @@ def finetune_classifier(
     *,
     head: nn.Linear | None = None,
     generator: torch.Generator | None = None,
-    progress: Progress | None = None,
+    progress: Progress | bool | None = None,
     description: str = "fine-tuning",
 ) -> Finetuned:
     """Fine-tune a copy of `encoder` on `examples` by `settings.recipe`; `encoder` and `head`
