@@ -42,7 +42,7 @@ def trainable_parameters(encoder: nn.Module, settings: FinetuneSettings) -> list
     silently train everything).
     """
     names = [name for name, _ in encoder.named_parameters()]
-    unmatched = [p for p in settings.freeze if not fnmatch.filter(names, p)]
+    unmatched = [p for p in settings.freeze if not any(fnmatch.fnmatchcase(n, p) for n in names)]
     if unmatched:
         raise TrainingError(f"`freeze` pattern(s) {unmatched} match no parameter of the encoder")
     frozen = {id(p) for name, p in encoder.named_parameters()
