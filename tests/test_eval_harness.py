@@ -148,13 +148,13 @@ def _csv(tmp_path: Path, text: str) -> Path:
 
 
 def test_csv_task_with_names_and_integers(tmp_path):
-    task = read_csv_task(_csv(tmp_path, "text,label\nhello,pos\nbye,neg\nhi,pos\n"))
+    task = read_csv_task(_csv(tmp_path, "text,label\nhello,pos\nbye,neg\nhi,pos\nno,neg\n"))
     assert task.name == "mine" and task.label_names == ("neg", "pos")
-    assert task.load().labels == (1, 0, 1)
-    assert len(set(task.load().groups)) == 3
-    ints = read_csv_task(_csv(tmp_path, "label,text,group\n1,a,g\n0,b,g\n2,c,h\n"))
-    assert ints.label_names == ("0", "1", "2") and ints.load().labels == (1, 0, 2)
-    assert ints.load().groups == ("g", "g", "h")
+    assert task.load().labels == (1, 0, 1, 0)
+    assert len(set(task.load().groups)) == 4
+    ints = read_csv_task(_csv(tmp_path, "label,text,group\n1,a,g\n0,b,g\n2,c,h\n2,d,h\n1,e,h\n0,f,g\n"))
+    assert ints.label_names == ("0", "1", "2") and ints.load().labels == (1, 0, 2, 2, 1, 0)
+    assert ints.load().groups == ("g", "g", "h", "h", "h", "g")
     assert resolve_task(f"csv:{tmp_path / 'mine.csv'}").num_classes == 3
 
 
@@ -165,7 +165,7 @@ def test_csv_task_with_names_and_integers(tmp_path):
         ("text,label\na,1\nb,x\n", "mixes integers and names"),
         ("text,label\na,0\nb,2\n", r"integer labels must be 0..K-1 .* got \[0, 2\]"),
         ("text,label\na,x\nb,x\n", "single class"),
-        ("text,label\na,x\nb,\n", "row 3: empty `label`"),
+        ("text,label\na,x\nb,\n", "line 3: empty `label`"),
         ("text,label\n", "no rows"),
     ],
 )

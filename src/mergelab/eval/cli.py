@@ -1,6 +1,10 @@
-"""Command-line helpers of evaluation (`--seeds` parsing); `mergelab eval` lives here."""
+"""`mergelab eval`: score a user's model on a user's task, with baselines and intervals; and
+`--seeds` parsing for other commands. A thin adapter over `mergelab.eval.run`."""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import typer
 from rich.console import Console
@@ -28,5 +32,68 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
+def _fail(exc: Exception) -> None:
+    err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+    raise typer.Exit(code=1)
+
+
 def register(app: typer.Typer) -> None:
-    """Evaluation commands of the `mergelab` app (none yet)."""
+    """Evaluation commands of the `mergelab` app: `mergelab eval`."""
+
+    @app.command("eval")
+    def eval_command(
+        model: Path = typer.Argument(
+            ..., help="Model folder: a Hugging Face encoder (+ head.safetensors, as `mergelab "
+            "finetune` writes it; or `--head`), or a causal LM for perplexity tasks."
+        ),
+        task: list[str] = typer.Option(
+            ..., "--task", help="Task spec, repeatable: a built-in text task (sentiment, "
+            "subjectivity, fortune, supersense, pos), csv:PATH or PATH.csv (columns text,label), "
+            "npz:PATH (arrays images, labels[, label_names]), images:DIR (a sub-folder per class) "
+            "or perplexity:PATH (a text file, one example per line)."
+        ),
+        head: Path | None = typer.Option(
+            None, help="Classifier head (safetensors weight+bias) to score the encoder with, "
+            "e.g. one source's head.safetensors for a merged encoder."
+        ),
+        base: Path | None = typer.Option(
+            None, help="Pretrained model for the baselines (default: the base recorded in the "
+            "folder's recipe.json, else the packaged all-MiniLM-L6-v2)."
+        ),
+        split: str = typer.Option("test", help="Split to score: test or validation."),
+        limit: int = typer.Option(
+            2000, help="At most this many examples per split (a seeded subset); "
+            "0: all."
+        ),
+        seed: int | None = typer.Option(
+            None, help="Seed of the splits, the subset and the bootstrap (default: the seed "
+            "recorded in recipe.json, so a fine-tune is scored on the rows it never trained on; "
+            "else 0)."
+        ),
+        baselines: bool = typer.Option(
+            True, help="Also score the pretrained model with a linear probe (fit on the "
+            "training split, its strength chosen on validation)."
+        ),
+        as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
+    ) -> None:
+        """Score MODEL on each --task: accuracy (or perplexity) with its 95% bootstrap interval."""
+        from mergelab.eval.run import evaluate_folder, results_table
+
+        if split not in ("test", "validation"):
+            _fail(MergeLabError(f"--split must be test or validation; got {split!r}"))
+            return
+        try:
+            report = evaluate_folder(
+                model, task, head=head, base=base, split=split,
+                limit=limit or None, seed=seed, baselines=baselines,
+            )  # fmt: skip
+        except MergeLabError as exc:
+            _fail(exc)
+            return
+        if as_json:
+            typer.echo(json.dumps(report.to_json(), indent=2))
+            return
+        for note in report.notes:
+            console.print(f"[yellow]note:[/] {note}", highlight=False)
+        console.print(results_table(report))
+        console.print(report.explanation(), highlight=False)

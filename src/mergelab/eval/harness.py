@@ -9,11 +9,13 @@ head on that embedding, so a merged encoder can be scored with each task's own h
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from mergelab.eval.bootstrap import Interval
 
 Progress = Callable[[int], None]  # called with the number of items just finished
 
@@ -96,13 +98,15 @@ def head_accuracy(head: nn.Module, features: torch.Tensor, labels: Sequence[int]
 
 @dataclass(frozen=True)
 class ModelRow:
-    """One model's accuracy on each task, and its derived figures (None where undefined)."""
+    """One model's accuracy on each task, and its derived figures (None where undefined);
+    `intervals`: the 95% bootstrap interval of each task's accuracy, where measured."""
 
     name: str
     accuracy: dict[str, float]
     average: float
     normalised: float | None
     retained_gain: float | None
+    intervals: dict[str, Interval] = field(default_factory=dict)
 
 
 def summarise(
@@ -110,6 +114,7 @@ def summarise(
     *,
     finetuned: Mapping[str, float] | None = None,
     probe: Mapping[str, float] | None = None,
+    intervals: Mapping[str, Mapping[str, Interval]] | None = None,
 ) -> list[ModelRow]:
     """Per-model averages of a {model: {task: accuracy}} table.
 
@@ -119,6 +124,7 @@ def summarise(
         what fine-tuning gained over the linear probe that a model keeps (1 = all of it, 0 = no
         better than the probe, negative = worse). Tasks where fine-tuning did not beat the probe
         are left out, since the ratio means nothing there.
+    intervals: {model: {task: Interval}}, carried into the rows (and printed by the tables).
     Every model must report every task of the first model.
     """
     rows: list[ModelRow] = []
@@ -139,34 +145,48 @@ def summarise(
                 if finetuned[t] > probe[t]
             ]
             retained = sum(gains) / len(gains) if gains else None
-        rows.append(ModelRow(name, {t: by_task[t] for t in tasks}, average, normalised, retained))
+        measured = {t: i for t, i in (intervals or {}).get(name, {}).items() if t in tasks}
+        rows.append(
+            ModelRow(name, {t: by_task[t] for t in tasks}, average, normalised, retained, measured)
+        )
     return rows
 
 
+def interval_text(interval: Interval | None) -> str:
+    """` [82.1, 87.9]` (percent) or "" without an interval."""
+    if interval is None:
+        return ""
+    return f" [{100 * interval.low:.1f}, {100 * interval.high:.1f}]"
+
+
 def render_table(rows: Sequence[ModelRow], title: str = "Test accuracy"):
-    """A rich Table of `rows`: one column per task, then average, normalised, retained gain."""
+    """A rich Table of `rows`: one column per task (accuracy and, where measured, its 95%
+    bootstrap interval), then average, normalised, retained gain (the last two only when some
+    row has them)."""
     from rich.table import Table
 
     table = Table(title=title)
     table.add_column("model", style="bold")
     tasks = list(rows[0].accuracy) if rows else []
+    derived = any(r.normalised is not None or r.retained_gain is not None for r in rows)
     for task in tasks:
         table.add_column(task, justify="right")
-    table.add_column("average", justify="right", style="bold")
-    table.add_column("normalised", justify="right")
-    table.add_column("gain kept", justify="right")
+    if len(tasks) > 1 or derived:
+        table.add_column("average", justify="right", style="bold")
+    if derived:
+        table.add_column("normalised", justify="right")
+        table.add_column("gain kept", justify="right")
 
     def pct(value: float | None) -> str:
         return "-" if value is None else f"{100 * value:.1f}%"
 
     for row in rows:
-        table.add_row(
-            row.name,
-            *(pct(row.accuracy[t]) for t in tasks),
-            pct(row.average),
-            pct(row.normalised),
-            pct(row.retained_gain),
-        )
+        cells = [pct(row.accuracy[t]) + interval_text(row.intervals.get(t)) for t in tasks]
+        if len(tasks) > 1 or derived:
+            cells.append(pct(row.average))
+        if derived:
+            cells += [pct(row.normalised), pct(row.retained_gain)]
+        table.add_row(row.name, *cells)
     return table
 
 
@@ -300,19 +320,21 @@ def evaluate_model(
 
 @dataclass(frozen=True)
 class Spread:
-    """Mean and sample standard deviation over seeds (std 0 for a single seed)."""
+    """Mean and sample standard deviation over seeds (std 0 for a single seed); `interval`: the
+    bootstrap interval over examples of a single seed's value, where measured."""
 
     mean: float
     std: float
     n: int
+    interval: Interval | None = None
 
     @classmethod
-    def of(cls, values: Sequence[float]) -> Spread | None:
+    def of(cls, values: Sequence[float], interval: Interval | None = None) -> Spread | None:
         if not values:
             return None
         mean = sum(values) / len(values)
         if len(values) < 2:
-            return cls(mean, 0.0, 1)
+            return cls(mean, 0.0, 1, interval)
         var = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
         return cls(mean, var**0.5, len(values))
 
@@ -332,7 +354,8 @@ class AggregateRow:
 def aggregate_rows(per_seed: Sequence[Sequence[ModelRow]], notes: Mapping[str, str] | None = None) -> list[AggregateRow]:
     """Combine the `summarise` rows of several seeds, model by model (in first-seed order).
 
-    A model missing from some seed is aggregated over the seeds that have it.
+    A model missing from some seed is aggregated over the seeds that have it. A bootstrap
+    interval is kept for a model measured on a single seed (over seeds, the std is shown).
     """
     order: list[str] = []
     by_name: dict[str, list[ModelRow]] = {}
@@ -354,7 +377,10 @@ def aggregate_rows(per_seed: Sequence[Sequence[ModelRow]], notes: Mapping[str, s
         out.append(
             AggregateRow(
                 name=name,
-                accuracy={t: Spread.of([r.accuracy[t] for r in rows]) for t in tasks},
+                accuracy={
+                    t: Spread.of([r.accuracy[t] for r in rows], rows[0].intervals.get(t))
+                    for t in tasks
+                },
                 average=Spread.of([r.average for r in rows]),
                 normalised=optional([r.normalised for r in rows]),
                 retained_gain=optional([r.retained_gain for r in rows]),
@@ -369,12 +395,13 @@ def _pct(spread: Spread | None, with_std: bool = True) -> str:
         return "-"
     if with_std and spread.n > 1:
         return f"{100 * spread.mean:.1f} ± {100 * spread.std:.1f}"
-    return f"{100 * spread.mean:.1f}"
+    return f"{100 * spread.mean:.1f}" + interval_text(spread.interval)
 
 
 def markdown_table(rows: Sequence[AggregateRow]) -> str:
     """A markdown table: model, each task, average, normalised, gain kept, note (percentages;
-    `mean ± std` over seeds when there are several)."""
+    `mean ± std` over seeds when there are several; `value [low, high]`, the 95% bootstrap
+    interval over examples, for a single seed's measured accuracy)."""
     tasks = list(rows[0].accuracy) if rows else []
     header = ["model", *tasks, "average", "normalised", "gain kept", "chosen on validation"]
     lines = ["| " + " | ".join(header) + " |", "|---" + "|---:" * (len(header) - 2) + "|---|"]
@@ -392,7 +419,12 @@ def markdown_table(rows: Sequence[AggregateRow]) -> str:
 
 
 def _spread_json(spread: Spread | None):
-    return None if spread is None else {"mean": spread.mean, "std": spread.std, "n": spread.n}
+    if spread is None:
+        return None
+    out = {"mean": spread.mean, "std": spread.std, "n": spread.n}
+    if spread.interval is not None:
+        out["interval"] = [spread.interval.low, spread.interval.high]
+    return out
 
 
 def rows_to_json(rows: Sequence[AggregateRow]) -> list[dict]:

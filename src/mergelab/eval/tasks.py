@@ -16,6 +16,7 @@ from __future__ import annotations
 import bz2
 import csv
 import importlib.util
+import io
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -25,42 +26,45 @@ from pathlib import Path
 import torch
 
 from mergelab.errors import MergeLabError
+from mergelab.eval.data import LabelledTexts, Splits
+
+__all__ = [
+    "LabelledTexts", "SplitSizes", "TaskSplits", "TextTask", "make_splits", "load_splits",
+    "default_split_sizes",
+]  # fmt: skip
+
+TaskSplits = Splits  # the splits of a text task: Splits[LabelledTexts]
 
 
 @dataclass(frozen=True)
-class LabelledTexts:
-    """Texts with integer labels and a group id per text (texts of one group share a split)."""
+class SplitSizes:
+    """How many examples each split holds, and which share of the groups each split may use.
 
-    texts: tuple[str, ...]
-    labels: tuple[int, ...]
-    groups: tuple[str, ...]
+    A count of None takes every example of the split's groups (equally many per class, as many
+    as the rarest class has, for a balanced task).
+    """
 
-    def __post_init__(self) -> None:
-        if not len(self.texts) == len(self.labels) == len(self.groups):
-            raise ValueError(
-                f"texts, labels and groups differ in length: "
-                f"{len(self.texts)}, {len(self.labels)}, {len(self.groups)}"
-            )
+    train: int | None
+    validation: int | None
+    test: int | None
+    validation_group_share: float = 0.2
+    test_group_share: float = 0.2
 
-    def __len__(self) -> int:
-        return len(self.texts)
 
-    def subset(self, indices: Sequence[int]) -> LabelledTexts:
-        return LabelledTexts(
-            texts=tuple(self.texts[i] for i in indices),
-            labels=tuple(self.labels[i] for i in indices),
-            groups=tuple(self.groups[i] for i in indices),
-        )
+# Every example of each split's groups: built-in tasks scored by `mergelab eval` (the
+# evaluator's `limit` then takes a seeded subset).
+ALL_EXAMPLES = SplitSizes(train=None, validation=None, test=None)
 
 
 @dataclass(frozen=True)
 class TextTask:
-    """Declaration of a text classification task.
+    """Declaration of a text classification task (the text variant of `mergelab.eval.task.Task`).
 
     load: returns every labelled text of the task (deterministic, no randomness).
     balanced: draw equally many examples of each class into every split (for tasks whose raw
         class counts are an artefact of how the data was collected).
     source: where the data comes from and under which licence (shown next to results).
+    sizes: the split sizes `splits()` uses; None: `default_split_sizes`.
     """
 
     name: str
@@ -69,28 +73,35 @@ class TextTask:
     load: Callable[[], LabelledTexts]
     source: str
     balanced: bool = False
+    sizes: SplitSizes | None = None
+    modality: str = "text"
+    metric: str = "accuracy"
 
     @property
     def num_classes(self) -> int:
         return len(self.label_names)
 
+    @property
+    def is_user_data(self) -> bool:
+        return self.source.startswith("user data")
 
-@dataclass(frozen=True)
-class SplitSizes:
-    """How many examples each split holds, and which share of the groups each split may use."""
-
-    train: int
-    validation: int
-    test: int
-    validation_group_share: float = 0.2
-    test_group_share: float = 0.2
+    def splits(self, seed: int = 0) -> Splits[LabelledTexts]:
+        """The task's train/validation/test splits drawn from `seed` (see `make_splits`)."""
+        return load_splits(self, self.sizes or default_split_sizes(self), seed=seed)
 
 
-@dataclass(frozen=True)
-class TaskSplits:
-    train: LabelledTexts
-    validation: LabelledTexts
-    test: LabelledTexts
+def default_split_sizes(task: TextTask) -> SplitSizes:
+    """A user task (any size) gets 55/15/15% of its rows (`mergelab finetune` splits so too, so
+    `mergelab eval` scores a fine-tune on the very test rows it never trained on); a built-in
+    task every example of each split's groups. Raises MergeLabError for a user task too small
+    to split."""
+    if not task.is_user_data:
+        return ALL_EXAMPLES
+    n = len(task.load())
+    sizes = SplitSizes(train=int(0.55 * n), validation=int(0.15 * n), test=int(0.15 * n))
+    if min(sizes.train, sizes.validation, sizes.test) < 2:
+        raise MergeLabError(f"task {task.name!r} has {n} rows: too few to split (need about 20)")
+    return sizes
 
 
 def _permutation(n: int, generator: torch.Generator) -> list[int]:
@@ -100,18 +111,23 @@ def _permutation(n: int, generator: torch.Generator) -> list[int]:
 def _draw(
     data: LabelledTexts,
     indices: list[int],
-    count: int,
+    count: int | None,
     num_classes: int,
     balanced: bool,
     generator: torch.Generator,
     where: str,
 ) -> LabelledTexts:
-    """Draw `count` of `indices` at random (equally many per class when `balanced`)."""
+    """Draw `count` of `indices` at random (equally many per class when `balanced`; None: all,
+    or as many per class as the rarest class has when balanced)."""
     order = [indices[i] for i in _permutation(len(indices), generator)]
     if not balanced:
+        count = len(order) if count is None else count
         if len(order) < count:
             raise MergeLabError(f"{where}: asked for {count} examples, only {len(order)} exist")
         return data.subset(sorted(order[:count]))
+    if count is None:
+        per_class_available = [sum(1 for i in order if data.labels[i] == c) for c in range(num_classes)]
+        count = num_classes * min(per_class_available)
     per_class, extra = divmod(count, num_classes)
     chosen: list[int] = []
     for label in range(num_classes):
@@ -153,12 +169,12 @@ def make_splits(
     for index, group in enumerate(data.groups):
         by_split[split_of_group.get(group, "train")].append(index)
 
-    def draw(split: str, count: int) -> LabelledTexts:
+    def draw(split: str, count: int | None) -> LabelledTexts:
         return _draw(
             data, by_split[split], count, num_classes, balanced, generator, f"{name} {split} split"
         )
 
-    return TaskSplits(
+    return Splits(
         train=draw("train", sizes.train),
         validation=draw("validation", sizes.validation),
         test=draw("test", sizes.test),
@@ -451,42 +467,60 @@ CSV_PREFIX = "csv:"
 
 
 def read_csv_task(path: str | Path, name: str | None = None) -> TextTask:
-    """A task from a CSV file with a header holding `text` and `label` (and optionally `group`).
+    """A task from a UTF-8 CSV file with a header holding `text` and `label` (and optionally
+    `group`).
 
     Labels are either all integers 0..K-1 (every one present) or class names (sorted
     alphabetically to give 0..K-1). Rows with the same `group` share a split; without a group
-    column each row is its own group. Every problem (missing column, empty text or label, mixed
-    or gapped integer labels, a single class) raises MergeLabError naming the file and row.
+    column each row is its own group. Every problem (not UTF-8, missing column, empty text or
+    label, mixed or gapped integer labels, a single class, a class with a single example)
+    raises MergeLabError naming the file and the line or label.
     """
     path = Path(path)
     if not path.is_file():
         raise MergeLabError(f"task CSV {path} does not exist")
-    with path.open(encoding="utf-8", newline="") as handle:
-        reader = csv.DictReader(handle)
-        header = reader.fieldnames or []
-        missing = [c for c in ("text", "label") if c not in header]
-        if missing:
-            raise MergeLabError(
-                f"task CSV {path}: missing column(s) {missing}; the header is {header} "
-                "(expected `text,label` and optionally `group`)"
-            )
-        texts: list[str] = []
-        raw_labels: list[str] = []
-        groups: list[str] = []
-        for row_number, row in enumerate(reader, start=2):
+    raw = path.read_bytes()
+    try:
+        content = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = raw[: error.start].count(b"\n") + 1
+        raise MergeLabError(
+            f"task CSV {path}, line {line}: not UTF-8 text ({error.reason} at byte {error.start}); "
+            "save the file as UTF-8"
+        ) from None
+    reader = csv.DictReader(io.StringIO(content, newline=""))
+    header = reader.fieldnames or []
+    missing = [c for c in ("text", "label") if c not in header]
+    if missing:
+        raise MergeLabError(
+            f"task CSV {path}: missing column(s) {missing}; the header is {header} "
+            "(expected `text,label` and optionally `group`)"
+        )
+    texts: list[str] = []
+    raw_labels: list[str] = []
+    groups: list[str] = []
+    lines: list[int] = []
+    try:
+        for row in reader:
+            # The reader's line number: a quoted field may span several physical lines.
+            row_line = reader.line_num
             text = (row.get("text") or "").strip()
             label = (row.get("label") or "").strip()
             if not text:
-                raise MergeLabError(f"task CSV {path}, row {row_number}: empty `text`")
+                raise MergeLabError(f"task CSV {path}, line {row_line}: empty `text`")
             if not label:
-                raise MergeLabError(f"task CSV {path}, row {row_number}: empty `label`")
+                raise MergeLabError(f"task CSV {path}, line {row_line}: empty `label`")
             texts.append(text)
             raw_labels.append(label)
+            lines.append(row_line)
             group = (row.get("group") or "").strip() if "group" in header else ""
-            groups.append(group or f"row{row_number}")
+            groups.append(group or f"row{row_line}")
+    except csv.Error as error:
+        raise MergeLabError(f"task CSV {path}, line {reader.line_num}: {error}") from None
     if not texts:
         raise MergeLabError(f"task CSV {path} has a header but no rows")
     label_names, labels = _csv_labels(raw_labels, path)
+    _check_class_sizes(labels, label_names, lines, f"task CSV {path}")
     data = LabelledTexts(tuple(texts), tuple(labels), tuple(groups))
     task_name = name or path.stem
     return TextTask(
@@ -496,6 +530,22 @@ def read_csv_task(path: str | Path, name: str | None = None) -> TextTask:
         load=lambda: data,
         source=f"user data: {path}",
     )
+
+
+def _check_class_sizes(
+    labels: Sequence[int], label_names: Sequence[str], lines: Sequence[int], where: str
+) -> None:
+    """Raise MergeLabError when a class has a single example (it cannot be in two splits)."""
+    counts: dict[int, list[int]] = {}
+    for label, line in zip(labels, lines, strict=True):
+        counts.setdefault(label, []).append(line)
+    single = [(label_names[k], at[0]) for k, at in sorted(counts.items()) if len(at) < 2]
+    if single:
+        listed = ", ".join(f"{name!r} (line {line})" for name, line in single)
+        raise MergeLabError(
+            f"{where}: label(s) {listed} have a single example; every class needs at least two "
+            "(one to learn from, one to score on), and many more for a meaningful score"
+        )
 
 
 def _csv_labels(raw: list[str], path: Path) -> tuple[tuple[str, ...], list[int]]:
@@ -529,7 +579,11 @@ def _csv_labels(raw: list[str], path: Path) -> tuple[tuple[str, ...], list[int]]
 
 
 def resolve_task(name: str) -> TextTask:
-    """A built-in task by name, or a user task given as `csv:PATH` (see `read_csv_task`)."""
+    """A built-in text task by name, or a user task given as `csv:PATH` or a bare `PATH.csv`
+    (see `read_csv_task`). For every kind of task (images, perplexity) see
+    `mergelab.eval.sources.load_task`."""
     if name.startswith(CSV_PREFIX):
         return read_csv_task(name[len(CSV_PREFIX) :])
+    if name.lower().endswith(".csv") and name not in TASKS:
+        return read_csv_task(name)
     return get_task(name)

@@ -42,7 +42,8 @@ import torch
 import torch.nn.functional as F
 
 from mergelab.errors import MergeLabError
-from mergelab_bench.zoo.vision import LabelledImages
+from mergelab.eval.data import LabelledImages, Splits
+from mergelab.eval.task import FixedSplitsTask
 
 # --- attributes ----------------------------------------------------------------------------------
 
@@ -487,12 +488,9 @@ class ClassificationData:
         return self.labels.shape[0]
 
 
-@dataclass(frozen=True)
-class TaskData:
-    """One downstream task's train and test splits."""
-
-    train: PairData | VQAData | NLVRData | ClassificationData
-    test: PairData | VQAData | NLVRData | ClassificationData
+# One downstream task's splits (eval's `Splits`): train and test; no validation split, since
+# the study selects nothing on these tasks.
+TaskData = Splits
 
 
 @dataclass(frozen=True)
@@ -502,12 +500,30 @@ class MultimodalData:
     class_words: tuple[str, ...]
     answers: tuple[str, ...]
     pretrain: PretrainData
-    tasks: dict[str, TaskData]
+    tasks: dict[str, Splits]
     source: str
 
     @property
     def num_classes(self) -> int:
         return len(self.class_words)
+
+    def task(self, name: str) -> FixedSplitsTask:
+        """Downstream task `name` as an eval `Task` (its splits were drawn by `build_data`)."""
+        if name not in self.tasks:
+            raise MergeLabError(f"unknown multimodal task {name!r}; tasks: {', '.join(TASK_NAMES)}")
+        label_names = {
+            "retrieval": (),
+            "vqa": self.answers,
+            "nlvr": ("false", "true"),
+            "classification": self.class_words,
+        }[name]
+        return FixedSplitsTask(
+            name=name,
+            label_names=tuple(label_names),
+            data=self.tasks[name],
+            metric="recall" if name == "retrieval" else "accuracy",
+            source=self.source,
+        )
 
 
 TASK_NAMES = ("retrieval", "vqa", "nlvr", "classification")
@@ -589,7 +605,7 @@ def build_data(settings: DataSettings) -> MultimodalData:
         validation_pairs=pairs(rendered(validation_pool), None),
         validation_texts=tokenizer.encode(validation_texts, length),
     )
-    tasks: dict[str, TaskData] = {}
+    tasks: dict[str, Splits] = {}
     splits = {"train": (train_pool, settings.task_train), "test": (test_pool, settings.task_test)}
     retrieval, vqa, nlvr, classification = {}, {}, {}, {}
     for split, (pool, n) in splits.items():
@@ -608,7 +624,7 @@ def build_data(settings: DataSettings) -> MultimodalData:
         images = sample(pool, n)
         classification[split] = ClassificationData(images, images.attributes[:, CLASS].clone())
     for name, parts in zip(TASK_NAMES, (retrieval, vqa, nlvr, classification), strict=True):
-        tasks[name] = TaskData(train=parts["train"], test=parts["test"])
+        tasks[name] = Splits(train=parts["train"], test=parts["test"])
     source = IMAGE_SOURCE_TEXT[settings.image_source] + "; " + "; ".join(
         TEXT_SOURCE_TEXT[s] for s in settings.text_sources
     )

@@ -1,6 +1,6 @@
 """The vision zoo: ImageNet MobileNetV2 fine-tuned on three grayscale digit/clothing tasks.
 
-Tasks (each a small `ImageTask` declaration; grayscale repeated to 3 channels, resized to the
+Tasks (each a small `mergelab.eval.images.ImageTask` declaration over this module's loaders; grayscale repeated to 3 channels, resized to the
 zoo's input size, normalised with ImageNet's mean and std; one linear head per task on the
 1280 pooled features):
 - `fashion_mnist`: Fashion-MNIST (Xiao et al. 2017, MIT licence), Debian `dataset-fashion-mnist`;
@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -48,6 +47,15 @@ from mergelab.align.batchnorm import (
     repair_batchnorm,
 )
 from mergelab.errors import CheckpointError, MergeLabError
+from mergelab.eval.data import LabelledImages
+from mergelab.eval.images import (  # noqa: F401 (re-exported: the zoo's tasks are eval's types)
+    ImageSplits,
+    ImageSplitSizes,
+    ImageTask,
+    image_folder_task,
+    load_image_folder,
+    make_image_splits,
+)
 from mergelab.training import (
     FinetuneSettings,
     TensorExamples,
@@ -91,112 +99,6 @@ CACHE_FORMAT = 1
 # --- data ---------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class LabelledImages:
-    """Grayscale images (uint8 [N, H, W]) with integer labels (int64 [N])."""
-
-    images: torch.Tensor
-    labels: torch.Tensor
-
-    def __post_init__(self) -> None:
-        if self.images.dim() != 3 or self.images.dtype != torch.uint8:
-            raise ValueError(
-                f"images must be uint8 [N, H, W]; got {self.images.dtype} {tuple(self.images.shape)}"
-            )
-        if self.labels.dim() != 1 or self.labels.shape[0] != self.images.shape[0]:
-            raise ValueError(
-                f"{self.images.shape[0]} images for labels of shape {tuple(self.labels.shape)}"
-            )
-
-    def __len__(self) -> int:
-        return self.images.shape[0]
-
-    def subset(self, indices: torch.Tensor) -> LabelledImages:
-        return LabelledImages(self.images[indices], self.labels[indices])
-
-
-@dataclass(frozen=True)
-class ImageSplitSizes:
-    """Examples per split. Validation (and test, unless the task has its own test set) are drawn
-    from the loaded pool before training, so the three never overlap."""
-
-    train: int
-    validation: int
-    test: int
-
-
-@dataclass(frozen=True)
-class ImageTask:
-    """Declaration of an image classification task (the image twin of `eval.tasks.TextTask`).
-
-    load: every labelled training-pool image (deterministic).
-    load_test: the task's official test set, when it has one; otherwise the test split is drawn
-        from `load`'s pool.
-    source: origin and licence of the data, shown next to results.
-    """
-
-    name: str
-    description: str
-    label_names: tuple[str, ...]
-    load: Callable[[], LabelledImages]
-    source: str
-    sizes: ImageSplitSizes
-    load_test: Callable[[], LabelledImages] | None = None
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.label_names)
-
-
-@dataclass(frozen=True)
-class ImageSplits:
-    train: LabelledImages
-    validation: LabelledImages
-    test: LabelledImages
-
-    def get(self, split: str) -> LabelledImages:
-        if split not in ("train", "validation", "test"):
-            raise MergeLabError(f"unknown split {split!r}; use train, validation or test")
-        return getattr(self, split)
-
-
-def make_image_splits(task: ImageTask, seed: int = 0) -> ImageSplits:
-    """Draw disjoint train/validation/test splits of `task`, reproducibly from `seed`."""
-    pool = task.load()
-    _check_labels(task, pool, "pool")
-    sizes = task.sizes
-    generator = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(pool), generator=generator)
-    if task.load_test is not None:
-        official = task.load_test()
-        _check_labels(task, official, "test set")
-        test_order = torch.randperm(len(official), generator=generator)
-        if sizes.test > len(official):
-            raise MergeLabError(
-                f"{task.name}: {sizes.test} test images asked, {len(official)} exist"
-            )
-        test = official.subset(test_order[: sizes.test].sort().values)
-    else:
-        test = pool.subset(order[: sizes.test].sort().values)
-        order = order[sizes.test :]
-    pool_needed = sizes.train + sizes.validation
-    if pool_needed > len(order):
-        raise MergeLabError(
-            f"{task.name}: {pool_needed} train+validation images asked, {len(order)} available"
-        )
-    validation = pool.subset(order[: sizes.validation].sort().values)
-    train = pool.subset(order[sizes.validation : pool_needed].sort().values)
-    return ImageSplits(train=train, validation=validation, test=test)
-
-
-def _check_labels(task: ImageTask, data: LabelledImages, what: str) -> None:
-    if len(data) and (int(data.labels.min()) < 0 or int(data.labels.max()) >= task.num_classes):
-        raise MergeLabError(
-            f"task {task.name!r} ({what}): labels must lie in 0..{task.num_classes - 1}; "
-            f"found {int(data.labels.min())}..{int(data.labels.max())}"
-        )
-
-
 def load_fashion_mnist_train() -> LabelledImages:
     """Fashion-MNIST's 60,000 training images (28x28)."""
     return LabelledImages(*image_tasks.load_fashion_mnist_train())
@@ -215,60 +117,6 @@ def load_mnist_5k() -> LabelledImages:
 def load_sklearn_digits() -> LabelledImages:
     """scikit-learn's 1,797 8x8 digits, intensities 0..16 rescaled to 0..255."""
     return LabelledImages(*image_tasks.load_sklearn_digits())
-
-
-def load_image_folder(
-    folder: str | os.PathLike, size: int = 28
-) -> tuple[LabelledImages, tuple[str, ...]]:
-    """A user's task from `folder/<class name>/<image files>`: grayscale, resized to size x size.
-
-    Classes are the sub-folder names in sorted order. Raises MergeLabError for a missing folder,
-    no class sub-folders, an empty class or an unreadable image (naming the file).
-    """
-    from PIL import Image, UnidentifiedImageError
-
-    root = Path(folder)
-    if not root.is_dir():
-        raise MergeLabError(f"image folder {root} does not exist")
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if len(classes) < 2:
-        raise MergeLabError(
-            f"image folder {root} needs at least two class sub-folders; found {classes}"
-        )
-    images: list[torch.Tensor] = []
-    labels: list[int] = []
-    for label, name in enumerate(classes):
-        files = sorted(
-            p for p in (root / name).iterdir() if p.is_file() and not p.name.startswith(".")
-        )
-        if not files:
-            raise MergeLabError(f"class folder {root / name} holds no images")
-        for path in files:
-            try:
-                with Image.open(path) as image:
-                    gray = image.convert("L").resize((size, size), Image.BILINEAR)
-                    pixels = torch.frombuffer(bytearray(gray.tobytes()), dtype=torch.uint8)
-            except (UnidentifiedImageError, OSError) as error:
-                raise MergeLabError(f"cannot read image {path}: {error}") from error
-            images.append(pixels.reshape(size, size))
-            labels.append(label)
-    return LabelledImages(torch.stack(images), torch.tensor(labels)), tuple(classes)
-
-
-def image_folder_task(
-    name: str, folder: str | os.PathLike, sizes: ImageSplitSizes, size: int = 28
-) -> ImageTask:
-    """Declare a user task from a folder of images (see `load_image_folder`)."""
-    _, label_names = load_image_folder(folder, size)
-    return ImageTask(
-        name=name,
-        description=f"images in {folder}",
-        label_names=label_names,
-        load=lambda: load_image_folder(folder, size)[0],
-        source=f"user images from {folder}",
-        sizes=sizes,
-    )
-
 
 
 FASHION_MNIST = ImageTask(
