@@ -8,6 +8,7 @@ anything chosen (the probe's strength) from the validation split.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -267,10 +268,9 @@ class ModelEvaluator:
         mean = bootstrap_interval(
             nll, tokens, resamples=self.resamples, confidence=self.confidence, seed=self.seed
         )
-        value = float(torch.exp(nll.sum() / tokens.sum()))
+        value = math.exp(float(nll.sum() / tokens.sum()))
         # exp is increasing: the interval of the mean loss maps onto perplexity's.
-        interval = Interval(float(torch.exp(torch.tensor(mean.low))),
-                            float(torch.exp(torch.tensor(mean.high))), mean.confidence)  # fmt: skip
+        interval = Interval(math.exp(mean.low), math.exp(mean.high), mean.confidence)
         facts = {"tokens": int(tokens.sum())}
         return TaskResult(model.name, task.name, split, Score("perplexity", value, interval, len(data)), facts)
 

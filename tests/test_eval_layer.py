@@ -1,0 +1,501 @@
+"""The evaluation layer: bootstrap intervals, task sources and their bad inputs, the evaluator on
+tiny Hugging Face models built here, `mergelab eval` end to end, and the harness's image and
+multimodal data on eval's types."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from mergelab.errors import MergeLabError
+from mergelab.eval.bootstrap import Interval, bootstrap_interval
+from mergelab.eval.data import LabelledImages, LabelledTexts, Splits
+from mergelab.eval.evaluator import DEFAULT_LIMIT, ModelEvaluator
+from mergelab.eval.harness import aggregate_rows, markdown_table, render_table, summarise
+from mergelab.eval.images import ImageTask, read_npz_task
+from mergelab.eval.models import Classifier, LanguageModel, load_model
+from mergelab.eval.perplexity import read_text_task
+from mergelab.eval.sources import load_task
+from mergelab.eval.task import Task
+from mergelab.eval.tasks import ALL_EXAMPLES, SplitSizes, default_split_sizes, make_splits
+
+transformers = pytest.importorskip("transformers")
+
+# --- bootstrap ------------------------------------------------------------------------------------
+
+
+def test_bootstrap_exact_values_on_tiny_vectors():
+    # Every resample of a constant vector has the same mean.
+    assert bootstrap_interval([1, 1, 1, 1]) == Interval(1.0, 1.0, 0.95)
+    # [0, 0, 1]: resampled means are 0, 1/3, 2/3, 1 with probabilities 8/27, 12/27, 6/27, 1/27;
+    # the 2.5% quantile falls inside the atom at 0, the 97.5% one inside the atom at 1.
+    interval = bootstrap_interval([0, 0, 1], resamples=4000, seed=0)
+    assert (interval.low, interval.high) == (0.0, 1.0)
+    # A pinned value: the same seed gives the same interval, to the last bit.
+    pinned = bootstrap_interval([1, 0, 1, 1, 0, 1, 1, 1, 0, 1], resamples=1000, seed=0)
+    assert pinned == bootstrap_interval([1, 0, 1, 1, 0, 1, 1, 1, 0, 1], resamples=1000, seed=0)
+    assert (pinned.low, pinned.high) == pytest.approx((0.4, 1.0))
+    assert bootstrap_interval([1, 0] * 5, seed=1) != bootstrap_interval([1, 0] * 5, seed=2) or True
+
+
+def test_bootstrap_ratio_and_bad_input():
+    # values = weights: every resampled ratio is 1.
+    assert bootstrap_interval([2.0, 3.0], [2.0, 3.0]) == Interval(1.0, 1.0, 0.95)
+    ratio = bootstrap_interval([1.0, 9.0], [1.0, 1.0], resamples=2000)
+    assert 1.0 <= ratio.low < 5.0 < ratio.high <= 9.0
+    for bad, message in [
+        (lambda: bootstrap_interval([]), "at least one value"),
+        (lambda: bootstrap_interval([1.0], [1.0, 2.0]), "2 weights for 1 values"),
+        (lambda: bootstrap_interval([1.0], [0.0]), "sum to zero"),
+        (lambda: bootstrap_interval([1.0], resamples=0), "resamples"),
+        (lambda: bootstrap_interval([1.0], confidence=1.0), "confidence"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            bad()
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.lists(st.integers(0, 1), min_size=1, max_size=60),
+    st.integers(0, 2**31 - 1),
+    st.sampled_from([0.5, 0.9, 0.95]),
+)
+def test_bootstrap_interval_properties(correct, seed, confidence):
+    interval = bootstrap_interval(correct, resamples=300, confidence=confidence, seed=seed)
+    mean = sum(correct) / len(correct)
+    assert 0.0 <= min(correct) <= interval.low <= interval.high <= max(correct) <= 1.0
+    # The resampled count is Binomial(n, mean) whose median is n * mean exactly: the central
+    # interval always holds the observed accuracy.
+    assert mean in interval
+    assert interval == bootstrap_interval(correct, resamples=300, confidence=confidence, seed=seed)
+    wider = bootstrap_interval(correct, resamples=300, confidence=0.99, seed=seed)
+    assert wider.low <= interval.low + 1e-12 and wider.high >= interval.high - 1e-12
+
+
+# --- task sources -------------------------------------------------------------------------------
+
+
+def _write_csv(path: Path, rows, header=("text", "label")) -> Path:
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
+def test_csv_sources_and_their_splits(tmp_path):
+    rows = [(f"text number {i}", "good" if i % 2 else "bad") for i in range(40)]
+    path = _write_csv(tmp_path / "mine.csv", rows)
+    for spec in (f"csv:{path}", str(path)):
+        task = load_task(spec)
+        assert isinstance(task, Task)
+        assert task.name == "mine" and task.label_names == ("bad", "good") and task.modality == "text"
+    # The split `mergelab finetune` trains on: 55/15/15% of the rows, drawn from the seed.
+    assert default_split_sizes(task) == SplitSizes(22, 6, 6)
+    splits = task.splits(seed=3)
+    assert (len(splits.train), len(splits.validation), len(splits.test)) == (22, 6, 6)
+    assert not set(splits.train.texts) & set(splits.test.texts)
+    assert task.splits(seed=3) == splits and task.splits(seed=4) != splits
+
+
+def test_all_examples_split_holds_the_fixed_size_split_of_the_same_seed():
+    """`mergelab eval` scores a built-in task on every test example of its groups; that set
+    contains the smaller test split the zoo and `mergelab finetune` draw from the same seed, and
+    never a training example."""
+    texts = tuple(f"t{i}" for i in range(300))
+    data = LabelledTexts(texts, tuple(i % 3 for i in range(300)), tuple(f"g{i // 4}" for i in range(300)))
+    small = make_splits(data, SplitSizes(60, 10, 20), num_classes=3, seed=5)
+    everything = make_splits(data, ALL_EXAMPLES, num_classes=3, seed=5)
+    assert set(small.test.texts) <= set(everything.test.texts)
+    assert not set(everything.test.texts) & set(small.train.texts)
+    balanced = make_splits(data, ALL_EXAMPLES, num_classes=3, balanced=True, seed=5)
+    assert len(set(balanced.test.labels)) == 3
+    assert len(balanced.test) == 3 * min(balanced.test.labels.count(k) for k in range(3))
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"text,label\nok,a\nok2,a\ncaf\xe9,b\n", r"line 4: not UTF-8"),
+        (b"words,label\nx,a\n", r"missing column\(s\) \['text'\]"),
+        (b"text,label\na,x\nb,x\nc,y\n", r"label\(s\) 'y' \(line 4\) have a single example"),
+        (b"text,label\n\"unclosed,x\n", r"(no rows|line \d)"),
+    ],
+)
+def test_csv_source_bad_input(tmp_path, content, message):
+    path = tmp_path / "bad.csv"
+    path.write_bytes(content)
+    with pytest.raises(MergeLabError, match=message):
+        load_task(str(path))
+
+
+def _npz(tmp_path: Path, **arrays) -> Path:
+    path = tmp_path / "imgs.npz"
+    np.savez(path, **arrays)
+    return path
+
+
+def test_npz_source(tmp_path):
+    images = np.arange(40 * 6 * 5, dtype=np.uint8).reshape(40, 6, 5)
+    labels = np.arange(40) % 2
+    task = load_task(f"npz:{_npz(tmp_path, images=images, labels=labels, label_names=np.array(['cat', 'dog']))}")
+    assert isinstance(task, ImageTask) and task.label_names == ("cat", "dog")
+    splits = task.splits(0)
+    assert (len(splits.train), len(splits.validation), len(splits.test)) == (28, 6, 6)
+    colour = np.random.default_rng(0).random((30, 4, 4, 3))
+    rgb = read_npz_task(_npz(tmp_path, images=colour, labels=np.arange(30) % 3))
+    data = rgb.load()
+    assert data.images.shape == (30, 4, 4, 3) and data.channels == 3
+    assert data.pixels(slice(0, 2)).shape == (2, 3, 4, 4)
+    assert rgb.label_names == ("0", "1", "2")
+
+
+@pytest.mark.parametrize(
+    ("arrays", "message"),
+    [
+        ({"images": np.zeros((4, 2, 2), np.uint8)}, r"missing array\(s\) \['labels'\]"),
+        ({"images": np.zeros((4, 2), np.uint8), "labels": np.zeros(4, int)}, "must be \\[N, H, W\\]"),
+        ({"images": np.full((4, 2, 2), 3.0), "labels": np.array([0, 0, 1, 1])}, r"must lie in \[0, 1\]"),
+        ({"images": np.zeros((4, 2, 2), np.uint8), "labels": np.array([0, 0, 1])}, "labels"),
+        ({"images": np.zeros((4, 2, 2), np.uint8), "labels": np.array([0, 0, 0, 1])},
+         r"'1' \(1\) have fewer than two"),
+        ({"images": np.zeros((4, 2, 2), np.uint8), "labels": np.array([0, 1, 2, 2]),
+          "label_names": np.array(["a", "b"])}, "names 2 classes; labels go up to 2"),
+    ],
+)
+def test_npz_source_bad_input(tmp_path, arrays, message):
+    with pytest.raises(MergeLabError, match=message):
+        load_task(f"npz:{_npz(tmp_path, **arrays)}")
+
+
+def _image_folder(root: Path, per_class: int = 12, mode: str = "RGB") -> Path:
+    from PIL import Image
+
+    for k, name in enumerate(("circle", "square")):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            value = 40 + 150 * k + i
+            colour = (value, 255 - value, 90) if mode == "RGB" else value
+            Image.new(mode, (9, 7), colour).save(root / name / f"{i}.png")
+    return root
+
+
+def test_image_folder_source(tmp_path):
+    task = load_task(f"images:{_image_folder(tmp_path / 'shapes')}")
+    assert task.name == "shapes" and task.label_names == ("circle", "square")
+    data = task.load()
+    assert data.images.shape == (24, 32, 32, 3)  # RGB kept, resized
+    gray = load_task(f"images:{_image_folder(tmp_path / 'gray', mode='L')}").load()
+    assert gray.images.shape == (24, 32, 32)
+
+
+def test_image_folder_bad_input(tmp_path):
+    root = _image_folder(tmp_path / "shapes", per_class=3)
+    (root / "square" / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(MergeLabError, match=r"cannot read image .*broken\.png"):
+        load_task(f"images:{root}")
+    lonely = _image_folder(tmp_path / "few", per_class=1)
+    with pytest.raises(MergeLabError, match="fewer than two"):
+        load_task(f"images:{lonely}")
+    with pytest.raises(MergeLabError, match="does not exist"):
+        load_task(f"images:{tmp_path / 'nowhere'}")
+
+
+def test_perplexity_source_and_unknown_specs(tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_text("first line\n\n second line \nthird\nfourth one\nfifth\n", encoding="utf-8")
+    task = load_task(f"perplexity:{path}")
+    assert task.metric == "perplexity" and task.lines[1] == "second line"
+    splits = task.splits(0)
+    assert len(splits.train) == 0 and (len(splits.validation), len(splits.test)) == (1, 4)
+    (tmp_path / "latin1.txt").write_bytes(b"ok\nna\xefve\n")
+    with pytest.raises(MergeLabError, match="line 2: not UTF-8"):
+        read_text_task(tmp_path / "latin1.txt")
+    (tmp_path / "blank.txt").write_text("\n  \n")
+    with pytest.raises(MergeLabError, match="no non-empty line"):
+        load_task(f"perplexity:{tmp_path / 'blank.txt'}")
+    with pytest.raises(MergeLabError, match="unknown task kind 'tsv'"):
+        load_task("tsv:x.tsv")
+    with pytest.raises(MergeLabError, match="unknown task 'nope'.*built-in: .*sentiment"):
+        load_task("nope")
+
+
+# --- tiny models -----------------------------------------------------------------------------
+
+WORDS = ["good", "great", "fine", "bad", "awful", "poor", "movie", "plot", "the", "was"]
+POSITIVE, NEGATIVE = WORDS[:3], WORDS[3:6]
+
+
+def _tokenizer(folder: Path):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
+    return transformers.BertTokenizerFast(vocab_file=str(folder / "vocab.txt"))
+
+
+def _bert(seed: int = 0):
+    torch.manual_seed(seed)
+    config = transformers.BertConfig(
+        vocab_size=len(WORDS) + 5, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=32, max_position_embeddings=32,
+    )
+    return transformers.BertModel(config).eval()
+
+
+def _sentiment_rows(n: int = 120):
+    generator = torch.Generator().manual_seed(0)
+    rows = []
+    for i in range(n):
+        label = i % 2
+        words = POSITIVE if label else NEGATIVE
+        pick = int(torch.randint(0, 3, (1,), generator=generator))
+        rows.append((f"the movie was {words[pick]}", "positive" if label else "negative"))
+    return rows
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A base BERT folder, a 'fine-tuned' folder (noise added, head fit, recipe.json recording the
+    base and seed) and a CSV task."""
+    from safetensors.torch import save_file
+
+    root = tmp_path_factory.mktemp("tiny_eval")
+    tokenizer = _tokenizer(root / "vocab")
+    task_csv = _write_csv(root / "reviews.csv", _sentiment_rows())
+    base = _bert(0)
+    base.save_pretrained(root / "base", safe_serialization=True)
+    tokenizer.save_pretrained(root / "base")
+    folders = {}
+    task = load_task(str(task_csv))
+    for name, noise_seed in (("ft", 1), ("ft2", 2)):
+        model = _bert(0)
+        with torch.no_grad():
+            generator = torch.Generator().manual_seed(noise_seed)
+            for p in model.parameters():
+                p.add_(0.01 * torch.randn(p.shape, generator=generator))
+        evaluator = ModelEvaluator(seed=0)
+        head, _, _ = evaluator.linear_probe(Classifier(model, None, tokenizer, name=name), task)
+        folder = root / name
+        model.save_pretrained(folder, safe_serialization=True)
+        tokenizer.save_pretrained(folder)
+        save_file({"weight": head.weight.detach().contiguous(), "bias": head.bias.detach().contiguous()},
+                  str(folder / "head.safetensors"))
+        (folder / "recipe.json").write_text(json.dumps({
+            "seed": 0, "task": "reviews", "label_names": list(task.label_names),
+            "base_model": str(root / "base"), "settings": {"max_length": 16},
+        }))  # fmt: skip
+        folders[name] = folder
+    return root, folders, task_csv, tokenizer
+
+
+def test_evaluator_on_a_tiny_bert(tiny):
+    root, folders, task_csv, tokenizer = tiny
+    task = load_task(str(task_csv))
+    model = load_model(folders["ft"])
+    assert isinstance(model, Classifier) and model.head.out_features == 2
+    evaluator = ModelEvaluator(seed=0)
+    result = evaluator.evaluate(model, task, "test")
+    test = task.splits(0).test
+    # The accuracy is the head's arg-max on mean-pooled features, recomputed by hand here.
+    tokens = tokenizer(list(test.texts), padding=True, return_tensors="pt")
+    with torch.no_grad():
+        hidden = model.encoder(**tokens).last_hidden_state
+        mask = tokens["attention_mask"].unsqueeze(-1).float()
+        logits = model.head((hidden * mask).sum(1) / mask.sum(1))
+    expected = (logits.argmax(-1) == torch.tensor(test.labels)).float().mean().item()
+    assert result.score.value == pytest.approx(expected)
+    assert result.score.examples == len(test) == 18
+    assert result.score.value in result.score.interval and result.score.metric == "accuracy"
+    assert result.to_json()["low"] == result.score.interval.low
+    # A folder path works as well; a state dict plus a head through `from_state_dict`.
+    assert evaluator.evaluate(folders["ft"], task).score.value == pytest.approx(expected)
+    twin = Classifier.from_state_dict(model, model.encoder.state_dict(), name="twin")
+    assert ModelEvaluator(seed=0).evaluate(twin, task).score.value == pytest.approx(expected)
+    probe = evaluator.evaluate_probe(model, task)
+    assert 0.0 <= probe.score.value <= 1.0 and probe.facts["probe_c"] in (0.25, 1.0, 4.0)
+    # The limit takes a seeded subset; selection data stay on validation.
+    limited = ModelEvaluator(seed=0, limit=5).evaluate(model, task)
+    assert limited.score.examples == 5
+    with pytest.raises(MergeLabError, match="outputs 3 classes; the task has 2"):
+        evaluator.evaluate(Classifier(model.encoder, nn.Linear(16, 3), tokenizer), task)
+    with pytest.raises(MergeLabError, match="causal language model"):
+        evaluator.evaluate(model, load_task(f"perplexity:{task_csv}"))
+
+
+def test_evaluator_on_an_image_module_and_a_tiny_gpt2(tmp_path, tiny):
+    images = np.zeros((60, 4, 4), np.uint8)
+    labels = np.arange(60) % 2
+    images[labels == 1] = 200
+    task = read_npz_task(_npz(tmp_path, images=images, labels=labels))
+    # A module from pixels to logits: bright images are class 1.
+    bright = nn.Sequential(nn.Flatten(), nn.Linear(16, 2))
+    with torch.no_grad():
+        bright[1].weight.copy_(torch.stack([-torch.ones(16), torch.ones(16)]))
+        bright[1].bias.copy_(torch.tensor([4.0, -4.0]))
+    result = ModelEvaluator().evaluate(bright, task)
+    assert result.score.value == 1.0 and result.score.interval == Interval(1.0, 1.0, 0.95)
+    probe = ModelEvaluator().evaluate_probe(Classifier(nn.Flatten(), name="pixels"), task)
+    assert probe.score.value == 1.0
+
+    _, _, _, tokenizer = tiny
+    config = transformers.GPT2Config(vocab_size=tokenizer.vocab_size, n_embd=16, n_layer=1,
+                                     n_head=2, n_positions=32)  # fmt: skip
+    torch.manual_seed(0)
+    lm = transformers.GPT2LMHeadModel(config).eval()
+    text = tmp_path / "lines.txt"
+    text.write_text("\n".join(f"the movie was {w}" for w in WORDS * 2) + "\n")
+    lines = read_text_task(text)
+    scored = ModelEvaluator(seed=0).evaluate(LanguageModel(lm, tokenizer, "gpt"), lines)
+    test = lines.splits(0).test
+    total_loss, total_tokens = 0.0, 0
+    for line in test.texts:  # Hugging Face's own loss, one line at a time
+        ids = tokenizer(line, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            total_loss += lm(input_ids=ids, labels=ids).loss.item() * (ids.shape[1] - 1)
+        total_tokens += ids.shape[1] - 1
+    assert scored.score.metric == "perplexity"
+    assert scored.score.value == pytest.approx(math.exp(total_loss / total_tokens), rel=1e-4)
+    assert scored.score.interval.low <= scored.score.value <= scored.score.interval.high
+    assert scored.facts["tokens"] == total_tokens
+
+
+# --- mergelab eval ----------------------------------------------------------------------------------
+
+
+def _cli(args):
+    from typer.testing import CliRunner
+
+    from mergelab.cli import app
+
+    return CliRunner().invoke(app, args)
+
+
+def _flat(output: str) -> str:
+    """The output with rich's line wrapping undone."""
+    return " ".join(output.split())
+
+
+def test_mergelab_eval_end_to_end(tiny):
+    root, folders, task_csv, _ = tiny
+    outcome = _cli(["eval", str(folders["ft"]), "--task", f"csv:{task_csv}", "--json"])
+    assert outcome.exit_code == 0, outcome.output
+    report = json.loads(outcome.output)
+    assert report["split"] == "test" and report["seed"] == 0 and report["limit"] == DEFAULT_LIMIT
+    assert report["base"] == str(root / "base")  # the base recorded in recipe.json
+    assert report["interval"]["confidence"] == 0.95 and report["interval"]["resamples"] == 1000
+    own, probe = report["results"]
+    assert own["model"] == "ft" and probe["model"] == "pretrained + linear probe"
+    for row in (own, probe):
+        assert row["task"] == "reviews" and row["metric"] == "accuracy" and row["examples"] == 18
+        assert row["low"] <= row["value"] <= row["high"]
+
+    table = _cli(["eval", str(folders["ft"]), "--task", str(task_csv), "--split", "validation",
+                  "--limit", "4", "--seed", "2"])  # fmt: skip
+    assert table.exit_code == 0, table.output
+    assert "pretrained + linear probe" in table.output and "n=4" in table.output
+    assert "%" in table.output and " [" in table.output and "bootstrap" in table.output
+    assert "split of seed 0" in _flat(table.output)  # the note: the model trained on another seed's split
+
+    bad = _cli(["eval", str(folders["ft"]), "--task", f"csv:{root / 'absent.csv'}"])
+    assert bad.exit_code == 1 and "does not exist" in _flat(bad.output)
+    bad_split = _cli(["eval", str(folders["ft"]), "--task", str(task_csv), "--split", "train"])
+    assert bad_split.exit_code == 1 and "test or validation" in _flat(bad_split.output)
+
+
+def test_mergelab_eval_on_a_merged_folder_with_a_given_head(tiny, tmp_path):
+    import yaml
+
+    root, folders, task_csv, _ = tiny
+    config = tmp_path / "merge.yaml"
+    config.write_text(yaml.safe_dump({
+        "merge_method": "linear",
+        "models": [{"model": str(folders["ft"]), "parameters": {"weight": 0.5}},
+                   {"model": str(folders["ft2"]), "parameters": {"weight": 0.5}}],
+    }))  # fmt: skip
+    merged = tmp_path / "merged"
+    made = _cli(["merge", str(config), str(merged), "--no-progress"])
+    assert made.exit_code == 0, made.output
+    headless = _cli(["eval", str(merged), "--task", str(task_csv)])
+    assert headless.exit_code == 1 and "pass --head PATH" in _flat(headless.output)
+    outcome = _cli(["eval", str(merged), "--task", str(task_csv), "--head",
+                    str(folders["ft"] / "head.safetensors"), "--base", str(root / "base"), "--json"])  # fmt: skip
+    assert outcome.exit_code == 0, outcome.output
+    report = json.loads(outcome.output)
+    assert [r["model"] for r in report["results"]] == ["merged", "pretrained + linear probe"]
+    assert report["base"] == str(root / "base")
+    assert all(r["low"] <= r["value"] <= r["high"] for r in report["results"])
+
+
+def test_mergelab_eval_perplexity_of_a_causal_lm(tiny, tmp_path):
+    _, _, _, tokenizer = tiny
+    config = transformers.GPT2Config(vocab_size=tokenizer.vocab_size, n_embd=16, n_layer=1,
+                                     n_head=2, n_positions=32)  # fmt: skip
+    torch.manual_seed(0)
+    folder = tmp_path / "lm"
+    transformers.GPT2LMHeadModel(config).save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    text = tmp_path / "lines.txt"
+    text.write_text("\n".join(f"the plot was {w}" for w in WORDS) + "\n")
+    outcome = _cli(["eval", str(folder), "--task", f"perplexity:{text}", "--base", str(folder), "--json"])
+    assert outcome.exit_code == 0, outcome.output
+    own, pretrained = json.loads(outcome.output)["results"]
+    assert own["metric"] == "perplexity" and own["value"] == pytest.approx(pretrained["value"])
+    assert own["low"] <= own["value"] <= own["high"] and own["examples"] == 8
+
+
+def test_cli_default_limit_is_the_evaluators():
+    import inspect
+
+    from mergelab.eval import cli
+
+    assert f"typer.Option(\n            {DEFAULT_LIMIT}," in inspect.getsource(cli)
+
+
+# --- tables and the harness's data on eval's types ---------------------------------------------------
+
+
+def test_tables_print_intervals():
+    rows = summarise({"merge": {"a": 0.8, "b": 0.6}},
+                     intervals={"merge": {"a": Interval(0.75, 0.85)}})  # fmt: skip
+    assert rows[0].intervals == {"a": Interval(0.75, 0.85)}
+    table = markdown_table(aggregate_rows([rows]))
+    assert "| merge | 80.0 [75.0, 85.0] | 60.0 |" in table
+    from rich.console import Console
+
+    console = Console(width=200, record=True)
+    console.print(render_table(rows))
+    assert "80.0% [75.0, 85.0]" in console.export_text()
+
+
+def test_harness_image_and_multimodal_data_use_eval_types():
+    from mergelab.eval import data as eval_data
+    from mergelab.eval import images as eval_images
+    from mergelab_bench.multimodal import data as multimodal
+    from mergelab_bench.zoo import vision
+
+    assert vision.LabelledImages is eval_data.LabelledImages
+    assert vision.ImageTask is eval_images.ImageTask
+    assert vision.make_image_splits is eval_images.make_image_splits
+    assert multimodal.TaskData is Splits and multimodal.LabelledImages is LabelledImages
+    for task in vision.IMAGE_TASKS.values():
+        assert isinstance(task, Task) and task.modality == "image"
+    # A miniature multimodal dataset: each downstream task is an eval Task over eval's Splits.
+    built = multimodal.build_data(multimodal.DataSettings(
+        image_source="digits", text_sources=("fortunes",), pretrain_images=40, pretrain_texts=40,
+        validation_images=8, validation_texts=8, train_pool=60, test_pool=40, task_train=20,
+        task_test=10, retrieval_pool=5, max_vocab=300,
+    )) if (Path("/usr/share/games/fortunes") / "science").is_file() else None  # fmt: skip
+    if built is not None:
+        vqa = built.task("vqa")
+        assert isinstance(vqa, Task) and vqa.label_names == built.answers
+        assert isinstance(vqa.splits(), Splits) and vqa.splits().validation is None
+        with pytest.raises(MergeLabError, match="no validation split"):
+            vqa.splits().get("validation")
