@@ -499,3 +499,27 @@ def test_harness_image_and_multimodal_data_use_eval_types():
         assert isinstance(vqa.splits(), Splits) and vqa.splits().validation is None
         with pytest.raises(MergeLabError, match="no validation split"):
             vqa.splits().get("validation")
+
+
+def test_mergelab_eval_on_an_image_folder_with_a_tiny_vit(tmp_path):
+    from safetensors.torch import save_file
+
+    images = _image_folder(tmp_path / "shapes")
+    config = transformers.ViTConfig(image_size=8, patch_size=4, num_channels=3, hidden_size=16,
+                                    num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)  # fmt: skip
+    torch.manual_seed(0)
+    folder = tmp_path / "vit"
+    transformers.ViTModel(config).save_pretrained(folder, safe_serialization=True)
+    head = nn.Linear(16, 2)
+    save_file({"weight": head.weight.detach(), "bias": head.bias.detach()}, str(folder / "head.safetensors"))
+    model = load_model(folder)
+    assert isinstance(model, Classifier) and model.tokenizer is None
+    assert model.preprocess(torch.rand(2, 1, 32, 32)).shape == (2, 3, 8, 8)
+    outcome = _cli(["eval", str(folder), "--task", f"images:{images}", "--base", str(folder), "--json"])
+    assert outcome.exit_code == 0, outcome.output
+    own, probe = json.loads(outcome.output)["results"]
+    assert own["task"] == "shapes" and own["examples"] == 4 and probe["model"] == "pretrained + linear probe"
+    no_base = _cli(["eval", str(folder), "--task", f"images:{images}", "--json"])
+    assert no_base.exit_code == 0, no_base.output
+    report = json.loads(no_base.output)
+    assert len(report["results"]) == 1 and "no pretrained baseline for image tasks" in report["notes"][0]

@@ -33,7 +33,9 @@ def parse_seeds(text: str) -> list[int]:
 
 
 def _fail(exc: Exception) -> None:
-    err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+    from rich.markup import escape
+
+    err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
     raise typer.Exit(code=1)
 
 
@@ -93,7 +95,9 @@ def register(app: typer.Typer) -> None:
         if as_json:
             typer.echo(json.dumps(report.to_json(), indent=2))
             return
+        from rich.markup import escape
+
         for note in report.notes:
-            console.print(f"[yellow]note:[/] {note}", highlight=False)
+            console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
         console.print(results_table(report))
-        console.print(report.explanation(), highlight=False)
+        console.print(report.explanation(), highlight=False, markup=False)

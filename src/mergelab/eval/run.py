@@ -58,7 +58,7 @@ class EvalReport:
 
     def explanation(self) -> str:
         return (
-            f"[brackets]: {self.confidence:.0%} percentile-bootstrap interval over the scored "
+            f"[low, high]: the {self.confidence:.0%} percentile-bootstrap interval over the scored "
             f"{self.split} examples ({self.resamples:,} resamples, seed {self.seed}): where the "
             "score would likely fall on another draw of as many examples; it does not cover "
             "training randomness (seeds)."
