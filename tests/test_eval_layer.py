@@ -319,6 +319,10 @@ def test_evaluator_on_a_tiny_bert(tiny):
     assert evaluator.evaluate(folders["ft"], task).score.value == pytest.approx(expected)
     twin = Classifier.from_state_dict(model, model.encoder.state_dict(), name="twin")
     assert ModelEvaluator(seed=0).evaluate(twin, task).score.value == pytest.approx(expected)
+    by_task = ModelEvaluator(seed=0).evaluate_heads(model, model.encoder.state_dict(), {"reviews": model.head}, [task])
+    assert by_task["reviews"].score.value == pytest.approx(expected)
+    with pytest.raises(MergeLabError, match=r"no head for task\(s\) \['reviews'\]"):
+        evaluator.evaluate_heads(model, model.encoder.state_dict(), {}, [task])
     probe = evaluator.evaluate_probe(model, task)
     assert 0.0 <= probe.score.value <= 1.0 and probe.facts["probe_c"] in (0.25, 1.0, 4.0)
     # The limit takes a seeded subset; selection data stay on validation.

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -295,6 +295,29 @@ class ModelEvaluator:
                 f"task {task.name!r} is scored by perplexity; give a causal language model"
             )
         return self._evaluate_classifier(model, task, split)
+
+    def evaluate_heads(
+        self,
+        template: Classifier,
+        state_dict: Mapping[str, torch.Tensor],
+        heads: Mapping[str, nn.Module],
+        tasks: Sequence[Task],
+        split: str = "test",
+    ) -> dict[str, TaskResult]:
+        """Score an encoder given as a state dict (loaded into a copy of `template`'s encoder)
+        with each task's own head, as the benchmark zoos store fine-tunes and merges.
+
+        Raises MergeLabError for a task without a head or a state dict that does not fit.
+        """
+        missing = [t.name for t in tasks if t.name not in heads]
+        if missing:
+            raise MergeLabError(f"no head for task(s) {missing}; heads given for {sorted(heads)}")
+        model = Classifier.from_state_dict(template, state_dict, name=template.name)
+        results = {}
+        for task in tasks:
+            model.head = heads[task.name]
+            results[task.name] = self.evaluate(model, task, split)
+        return results
 
 
 def _pooled(output) -> torch.Tensor:
