@@ -11,21 +11,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Generic, Protocol, TypeVar
+from typing import Generic, TypeVar
 
 import torch
 
 from mergelab.errors import MergeLabError
 
 SPLIT_NAMES = ("train", "validation", "test")
-
-
-class Examples(Protocol):
-    """What a split holds: labelled examples that can be counted and subset."""
-
-    def __len__(self) -> int: ...
-
-    def subset(self, indices): ...
 
 
 @dataclass(frozen=True)
@@ -112,8 +104,3 @@ class Splits(Generic[D]):
             raise MergeLabError(f"this task has no {split} split")
         return data
 
-
-def label_counts(labels, num_classes: int) -> list[int]:
-    """Examples per class 0..num_classes-1."""
-    counts = torch.bincount(torch.as_tensor(labels, dtype=torch.long), minlength=num_classes)
-    return counts.tolist()
