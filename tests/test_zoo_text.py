@@ -63,3 +63,39 @@ def _run(tmp_path):
     with pytest.raises(MergeLabError, match="already exists"):
         finetune_to_folder("sentiment", out, training, sizes=settings.sizes)
 
+
+
+def test_mergelab_eval_scores_a_finetune_folder_on_its_own_test_rows(tmp_path):
+    """`mergelab eval` on what `mergelab finetune --task csv:...` wrote: the same test rows (its
+    accuracy is the one the fine-tune reported), the recorded base as the probe's encoder."""
+    import csv
+    import json
+
+    from typer.testing import CliRunner
+
+    from mergelab.cli import app
+    from mergelab_bench.zoo.text import finetune_to_folder, pretrained_path, quick_settings
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        table = tmp_path / "mine.csv"
+        with table.open("w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["text", "label"])
+            for i in range(60):
+                word = ("wonderful", "lovely", "great")[i % 3] if i % 2 else ("dull", "awful", "boring")[i % 3]
+                writer.writerow([f"the film number {i} was {word}", "good" if i % 2 else "bad"])
+        out = tmp_path / "ft"
+        settings = quick_settings(steps=2, batch_size=8, warmup_steps=1)
+        summary = finetune_to_folder(f"csv:{table}", out, steps=2, settings=settings)
+        outcome = CliRunner().invoke(app, ["eval", str(out), "--task", f"csv:{table}", "--json"])
+    finally:
+        torch.set_num_threads(threads)
+    assert outcome.exit_code == 0, outcome.output
+    report = json.loads(outcome.output)
+    own, probe = report["results"]
+    assert own["examples"] == summary["split_sizes"]["test"] == 9
+    assert own["value"] == pytest.approx(summary["finetuned_test_accuracy"])
+    assert report["base"] == str(pretrained_path()) and probe["model"] == "pretrained + linear probe"
+    assert own["low"] <= own["value"] <= own["high"]

@@ -160,7 +160,12 @@ def _baselines(evaluator, scored, tasks, split, base_folder, notes):
             "no pretrained baseline for image tasks without --base (the packaged default is a "
             "text encoder)"
         )
-    folder = base_folder or (packaged_minilm_path() if text_tasks else None)
+    folder = base_folder
+    if folder is None and text_tasks:
+        try:
+            folder = packaged_minilm_path()
+        except MergeLabError as error:
+            notes.append(f"no pretrained baseline: {error}")
     if folder is None:
         return None, []
     pretrained = load_base_encoder(folder, name=PRETRAINED_ROW)
