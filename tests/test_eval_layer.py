@@ -447,11 +447,13 @@ def test_mergelab_eval_perplexity_of_a_causal_lm(tiny, tmp_path):
     tokenizer.save_pretrained(folder)
     text = tmp_path / "lines.txt"
     text.write_text("\n".join(f"the plot was {w}" for w in WORDS) + "\n")
-    outcome = _cli(["eval", str(folder), "--task", f"perplexity:{text}", "--base", str(folder), "--json"])
+    outcome = _cli(["eval", str(folder), "--task", f"perplexity:{text}", "--base", str(folder),
+                    "--max-length", "4", "--json"])
     assert outcome.exit_code == 0, outcome.output
     own, pretrained = json.loads(outcome.output)["results"]
     assert own["metric"] == "perplexity" and own["value"] == pytest.approx(pretrained["value"])
     assert own["low"] <= own["value"] <= own["high"] and own["examples"] == 8
+    assert own["tokens"] == 8 * 3  # each line cut to 4 tokens predicts 3
 
 
 def test_cli_default_limit_is_the_evaluators():

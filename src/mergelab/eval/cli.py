@@ -72,6 +72,10 @@ def register(app: typer.Typer) -> None:
             "recorded in recipe.json, so a fine-tune is scored on the rows it never trained on; "
             "else 0)."
         ),
+        max_length: int | None = typer.Option(
+            None, help="Tokens per text or line (default: the fine-tune's recorded max_length, "
+            "else 128)."
+        ),
         baselines: bool = typer.Option(
             True, help="Also score the pretrained model with a linear probe (fit on the "
             "training split, its strength chosen on validation)."
@@ -87,7 +91,7 @@ def register(app: typer.Typer) -> None:
         try:
             report = evaluate_folder(
                 model, task, head=head, base=base, split=split,
-                limit=limit or None, seed=seed, baselines=baselines,
+                limit=limit or None, seed=seed, baselines=baselines, max_length=max_length,
             )  # fmt: skip
         except MergeLabError as exc:
             _fail(exc)

@@ -88,12 +88,14 @@ def evaluate_folder(
     limit: int | None = DEFAULT_LIMIT,
     seed: int | None = None,
     baselines: bool = True,
+    max_length: int | None = None,
 ) -> EvalReport:
     """Score the model folder `model` on every task of `task_specs` (see
     `mergelab.eval.sources`), plus the baselines; every spec is read before any compute.
 
     seed: of splits, subsets and bootstrap; default: the seed in the folder's recipe.json (the
         split `mergelab finetune` trained on), else 0.
+    max_length: tokens per text (default: the fine-tune's recorded max_length, else 128).
     Raises MergeLabError for a bad spec, a folder that is not a model, a missing head, or a
     model that does not fit a task.
     """
@@ -124,7 +126,8 @@ def evaluate_folder(
                 f"the head was trained with classes {names}; task {task.name!r} has "
                 f"{list(task.label_names)}: check they are the same classes in the same order"
             )
-    max_length = (recipe.get("settings") or {}).get("max_length", 128)
+    if max_length is None:
+        max_length = (recipe.get("settings") or {}).get("max_length", 128)
     evaluator = ModelEvaluator(limit=limit, seed=seed, max_length=int(max_length))
     results = [evaluator.evaluate(scored, task, split) for task in tasks]
     base_folder = _base_folder(recipe, Path(base) if base is not None else None, notes)
