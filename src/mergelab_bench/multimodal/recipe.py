@@ -516,8 +516,9 @@ def _classification_logits(model, head, data: ClassificationData, index):
 
 @dataclass(frozen=True)
 class DownstreamTask:
-    """How one task trains and scores a model: a head (None: the model's own contrastive
-    heads), a training loss, and a test score in percent (with details)."""
+    """How the study trains and scores a model on one task: a head (None: the model's own
+    contrastive heads), a training loss, and a test score in percent (with details). The task's
+    data is an eval `Task`: `MultimodalData.task(name)`."""
 
     name: str
     metric: str
@@ -624,7 +625,7 @@ def finetune_and_score(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         head = task.make_head(model, data)
-    split = data.tasks[task.name]
+    split = data.task(task.name).splits()
     train(model, _TaskExamples(task, split.train), finetune_settings(settings, seed), head=head,
           progress=advance, description=f"fine-tuning on {task.name}")  # fmt: skip
     model.eval()

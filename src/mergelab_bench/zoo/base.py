@@ -41,7 +41,9 @@ class BuiltZoo:
 
 
 class Evaluator(Protocol):
-    """Scores an encoder (state dict) with a head on one task's split."""
+    """Scores an encoder (state dict) with a head on one task's split: a bare accuracy, fast
+    enough to call once per merge in a grid search. (The library's `mergelab.eval.evaluator`
+    scores a model with confidence intervals; the zoos' data are its task types.)"""
 
     def accuracy(
         self, encoder: StateDict, head: torch.nn.Module, task: str, split: str
