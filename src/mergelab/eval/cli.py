@@ -89,10 +89,13 @@ def register(app: typer.Typer) -> None:
             _fail(MergeLabError(f"--split must be test or validation; got {split!r}"))
             return
         try:
-            report = evaluate_folder(
-                model, task, head=head, base=base, split=split,
-                limit=limit or None, seed=seed, baselines=baselines, max_length=max_length,
-            )  # fmt: skip
+            # A spinner on a terminal only: piped (or --json) output stays clean.
+            with err_console.status("loading") as status:
+                report = evaluate_folder(
+                    model, task, head=head, base=base, split=split,
+                    limit=limit or None, seed=seed, baselines=baselines, max_length=max_length,
+                    say=lambda message: status.update(message),
+                )  # fmt: skip
         except MergeLabError as exc:
             _fail(exc)
             return

@@ -8,6 +8,7 @@ task's training split; for perplexity tasks, the pretrained language model itsel
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -89,6 +90,7 @@ def evaluate_folder(
     seed: int | None = None,
     baselines: bool = True,
     max_length: int | None = None,
+    say: Callable[[str], None] | None = None,
 ) -> EvalReport:
     """Score the model folder `model` on every task of `task_specs` (see
     `mergelab.eval.sources`), plus the baselines; every spec is read before any compute.
@@ -96,6 +98,7 @@ def evaluate_folder(
     seed: of splits, subsets and bootstrap; default: the seed in the folder's recipe.json (the
         split `mergelab finetune` trained on), else 0.
     max_length: tokens per text (default: the fine-tune's recorded max_length, else 128).
+    say: called with a short message before each step (progress for the CLI).
     Raises MergeLabError for a bad spec, a folder that is not a model, a missing head, or a
     model that does not fit a task.
     """
@@ -110,8 +113,8 @@ def evaluate_folder(
             f"{folder} was fine-tuned on the split of seed {recorded_seed}; with --seed {seed} "
             "the test split may hold examples it trained on"
         )
-    if not specs_given(task_specs):
-        raise MergeLabError("give at least one --task")
+    if not task_specs or not all(spec.strip() for spec in task_specs):
+        raise MergeLabError("give at least one task spec, and no empty one")
     tasks = [load_task(spec) for spec in task_specs]
     scored = load_model(folder, head=head)
     if isinstance(scored, Classifier) and scored.head is None:
@@ -129,12 +132,16 @@ def evaluate_folder(
     if max_length is None:
         max_length = (recipe.get("settings") or {}).get("max_length", 128)
     evaluator = ModelEvaluator(limit=limit, seed=seed, max_length=int(max_length))
-    results = [evaluator.evaluate(scored, task, split) for task in tasks]
+    say = say or (lambda _message: None)
+    results = []
+    for task in tasks:
+        say(f"scoring {scored.name} on {task.name}")
+        results.append(evaluator.evaluate(scored, task, split))
     base_folder = _base_folder(recipe, Path(base) if base is not None else None, notes)
     used_base = None
     if baselines:
         used_base, baseline_results = _baselines(
-            evaluator, scored, tasks, split, base_folder, notes
+            evaluator, scored, tasks, split, base_folder, notes, say
         )
         by_task: dict[str, list[TaskResult]] = {}
         for result in baseline_results:
@@ -143,11 +150,7 @@ def evaluate_folder(
     return EvalReport(str(folder), used_base, split, seed, limit, results, notes)
 
 
-def specs_given(specs) -> bool:
-    return bool(specs) and all(s.strip() for s in specs)
-
-
-def _baselines(evaluator, scored, tasks, split, base_folder, notes):
+def _baselines(evaluator, scored, tasks, split, base_folder, notes, say):
     if isinstance(scored, LanguageModel):
         if base_folder is None:
             notes.append("no pretrained baseline for a language model without --base")
@@ -155,7 +158,11 @@ def _baselines(evaluator, scored, tasks, split, base_folder, notes):
         pretrained = load_base_encoder(base_folder, name=PRETRAINED_ROW)
         if not isinstance(pretrained, LanguageModel):
             raise MergeLabError(f"--base {base_folder} is not a causal language model")
-        return str(base_folder), [evaluator.evaluate(pretrained, t, split) for t in tasks]
+        results = []
+        for task in tasks:
+            say(f"scoring the pretrained model on {task.name}")
+            results.append(evaluator.evaluate(pretrained, task, split))
+        return str(base_folder), results
     text_tasks = [t for t in tasks if t.modality == "text"]
     other = [t for t in tasks if t.modality != "text"]
     if base_folder is None and other:
@@ -175,7 +182,10 @@ def _baselines(evaluator, scored, tasks, split, base_folder, notes):
     if not isinstance(pretrained, Classifier):
         raise MergeLabError(f"the base {folder} is a language model, not an encoder")
     chosen = tasks if base_folder is not None else text_tasks
-    results = [evaluator.evaluate_probe(pretrained, t, split, name=PROBE_ROW) for t in chosen]
+    results = []
+    for task in chosen:
+        say(f"fitting and scoring a linear probe on the pretrained model, {task.name}")
+        results.append(evaluator.evaluate_probe(pretrained, task, split, name=PROBE_ROW))
     return str(folder), results
 
 
