@@ -409,6 +409,8 @@ def test_mergelab_eval_end_to_end(tiny):
 
     bad = _cli(["eval", str(folders["ft"]), "--task", f"csv:{root / 'absent.csv'}"])
     assert bad.exit_code == 1 and "does not exist" in _flat(bad.output)
+    twice = _cli(["eval", str(folders["ft"]), "--task", str(task_csv), "--task", f"csv:{task_csv}"])
+    assert twice.exit_code == 1 and "['reviews'] given twice" in _flat(twice.output)
     bad_split = _cli(["eval", str(folders["ft"]), "--task", str(task_csv), "--split", "train"])
     assert bad_split.exit_code == 1 and "test or validation" in _flat(bad_split.output)
 

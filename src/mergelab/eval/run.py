@@ -116,6 +116,10 @@ def evaluate_folder(
     if not task_specs or not all(spec.strip() for spec in task_specs):
         raise MergeLabError("give at least one task spec, and no empty one")
     tasks = [load_task(spec) for spec in task_specs]
+    task_names = [t.name for t in tasks]
+    twice = sorted({n for n in task_names if task_names.count(n) > 1})
+    if twice:
+        raise MergeLabError(f"task name(s) {twice} given twice; each task is scored once")
     scored = load_model(folder, head=head)
     if isinstance(scored, Classifier) and scored.head is None:
         raise MergeLabError(
