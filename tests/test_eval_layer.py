@@ -147,10 +147,17 @@ def _npz(tmp_path: Path, **arrays) -> Path:
 def test_npz_source(tmp_path):
     images = np.arange(40 * 6 * 5, dtype=np.uint8).reshape(40, 6, 5)
     labels = np.arange(40) % 2
-    task = load_task(f"npz:{_npz(tmp_path, images=images, labels=labels, label_names=np.array(['cat', 'dog']))}")
+    path = _npz(tmp_path, images=images, labels=labels, label_names=np.array(["cat", "dog"]))
+    task = load_task(f"npz:{path}")
     assert isinstance(task, ImageTask) and task.label_names == ("cat", "dog")
-    splits = task.splits(0)
-    assert (len(splits.train), len(splits.validation), len(splits.test)) == (28, 6, 6)
+    splits = task.splits(3)
+    assert (len(splits.train), len(splits.validation), len(splits.test)) == (22, 6, 6)
+    # The very split `mergelab finetune --task npz:PATH` trains on, for the same seed.
+    from mergelab.training.image_tasks import image_splits, read_image_task
+
+    trained = image_splits(read_image_task(f"npz:{path}"), 3)
+    for split in ("train", "validation", "test"):
+        assert torch.equal(splits.get(split).images, trained[split][0])
     colour = np.random.default_rng(0).random((30, 4, 4, 3))
     rgb = read_npz_task(_npz(tmp_path, images=colour, labels=np.arange(30) % 3))
     data = rgb.load()
@@ -289,8 +296,8 @@ def tiny(tmp_path_factory):
         save_file({"weight": head.weight.detach().contiguous(), "bias": head.bias.detach().contiguous()},
                   str(folder / "head.safetensors"))
         (folder / "recipe.json").write_text(json.dumps({
-            "seed": 0, "task": "reviews", "label_names": list(task.label_names),
-            "base_model": str(root / "base"), "settings": {"max_length": 16},
+            "task": "reviews", "modality": "text", "label_names": list(task.label_names),
+            "base_model": str(root / "base"), "data": {"split_seed": 0, "max_length": 16},
         }))  # fmt: skip
         folders[name] = folder
     return root, folders, task_csv, tokenizer
@@ -526,7 +533,7 @@ def test_mergelab_eval_on_an_image_folder_with_a_tiny_vit(tmp_path):
     outcome = _cli(["eval", str(folder), "--task", f"images:{images}", "--base", str(folder), "--json"])
     assert outcome.exit_code == 0, outcome.output
     own, probe = json.loads(outcome.output)["results"]
-    assert own["task"] == "shapes" and own["examples"] == 4 and probe["model"] == "pretrained + linear probe"
+    assert own["task"] == "shapes" and own["examples"] == 3 and probe["model"] == "pretrained + linear probe"
     no_base = _cli(["eval", str(folder), "--task", f"images:{images}", "--json"])
     assert no_base.exit_code == 0, no_base.output
     report = json.loads(no_base.output)

@@ -74,7 +74,8 @@ def test_mergelab_eval_scores_a_finetune_folder_on_its_own_test_rows(tmp_path):
     from typer.testing import CliRunner
 
     from mergelab.cli import app
-    from mergelab_bench.zoo.text import finetune_to_folder, pretrained_path, quick_settings
+    from mergelab.training import FinetuneSettings
+    from mergelab.training.to_folder import default_text_model, finetune_to_folder
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -87,8 +88,8 @@ def test_mergelab_eval_scores_a_finetune_folder_on_its_own_test_rows(tmp_path):
                 word = ("wonderful", "lovely", "great")[i % 3] if i % 2 else ("dull", "awful", "boring")[i % 3]
                 writer.writerow([f"the film number {i} was {word}", "good" if i % 2 else "bad"])
         out = tmp_path / "ft"
-        settings = quick_settings(steps=2, batch_size=8, warmup_steps=1)
-        summary = finetune_to_folder(f"csv:{table}", out, steps=2, settings=settings)
+        settings = FinetuneSettings(steps=2, batch_size=8, warmup_steps=1)
+        summary = finetune_to_folder(f"csv:{table}", out, settings, progress=False)
         outcome = CliRunner().invoke(app, ["eval", str(out), "--task", f"csv:{table}", "--json"])
     finally:
         torch.set_num_threads(threads)
@@ -97,5 +98,5 @@ def test_mergelab_eval_scores_a_finetune_folder_on_its_own_test_rows(tmp_path):
     own, probe = report["results"]
     assert own["examples"] == summary["split_sizes"]["test"] == 9
     assert own["value"] == pytest.approx(summary["finetuned_test_accuracy"])
-    assert report["base"] == str(pretrained_path()) and probe["model"] == "pretrained + linear probe"
+    assert report["base"] == str(default_text_model()) and probe["model"] == "pretrained + linear probe"
     assert own["low"] <= own["value"] <= own["high"]

@@ -105,7 +105,9 @@ def evaluate_folder(
     folder = Path(model)
     recipe = read_recipe(folder)
     notes: list[str] = []
-    recorded_seed = recipe.get("seed")
+    data_facts = recipe.get("data") if isinstance(recipe.get("data"), dict) else {}
+    # `mergelab finetune` records the split's seed under data.split_seed (older folders: seed).
+    recorded_seed = data_facts.get("split_seed", recipe.get("seed"))
     if seed is None:
         seed = int(recorded_seed) if isinstance(recorded_seed, int) else 0
     elif isinstance(recorded_seed, int) and recorded_seed != seed:
@@ -134,7 +136,8 @@ def evaluate_folder(
                 f"{list(task.label_names)}: check they are the same classes in the same order"
             )
     if max_length is None:
-        max_length = (recipe.get("settings") or {}).get("max_length", 128)
+        settings = recipe.get("settings") if isinstance(recipe.get("settings"), dict) else {}
+        max_length = data_facts.get("max_length", settings.get("max_length", 128))
     evaluator = ModelEvaluator(limit=limit, seed=seed, max_length=int(max_length))
     say = say or (lambda _message: None)
     results = []
