@@ -552,3 +552,52 @@ def test_builtin_task_scored_on_over_1000_test_examples_disjoint_from_the_zoos_t
     assert not set(everything.test.groups) & set(zoo.train.groups)
     evaluator = ModelEvaluator(seed=0)
     assert len(evaluator.examples(task, "test")) == min(DEFAULT_LIMIT, len(everything.test)) >= 1000
+
+
+class TinyImageEncoder(nn.Module):
+    """[B, 3, S, S] -> [B, 8]: a conv, ReLU and global average pooling."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+
+    def forward(self, x):
+        return torch.relu(self.conv(x)).mean(dim=(2, 3))
+
+
+def tiny_image_encoder() -> nn.Module:
+    torch.manual_seed(0)
+    return TinyImageEncoder()
+
+
+def test_mergelab_eval_on_an_image_finetune_folder(tmp_path):
+    """`mergelab finetune --task npz:...` then `mergelab eval` on its folder: the same test
+    images (the accuracy the fine-tune reported), the recorded encoder factory as the base."""
+    generator = np.random.default_rng(0)
+    labels = np.arange(60) % 2
+    images = (generator.integers(0, 60, (60, 8, 8)) + 150 * labels[:, None, None]).astype(np.uint8)
+    np.savez(tmp_path / "bright.npz", images=images, labels=labels)
+    factory = f"{__name__}:tiny_image_encoder"
+    out = tmp_path / "ft"
+    made = _cli(["finetune", "--task", f"npz:{tmp_path / 'bright.npz'}", "--model", factory,
+                 "--out-dir", str(out), "--steps", "4", "--batch-size", "8", "--warmup-steps", "1",
+                 "--input-size", "8", "--no-progress"])  # fmt: skip
+    assert made.exit_code == 0, made.output
+    summary = json.loads(made.stdout)
+    outcome = _cli(["eval", str(out), "--task", f"npz:{tmp_path / 'bright.npz'}", "--json"])
+    assert outcome.exit_code == 0, outcome.output
+    report = json.loads(outcome.output)
+    own, probe = report["results"]
+    assert own["examples"] == summary["split_sizes"]["test"] == 9
+    assert own["value"] == pytest.approx(summary["finetuned_test_accuracy"])
+    assert report["base"] == factory and probe["model"] == "pretrained + linear probe"
+
+
+def test_builtin_image_task_draws_finetunes_split():
+    from mergelab.training.image_tasks import image_splits, read_image_task
+
+    task = load_task("digits")
+    assert isinstance(task, ImageTask) and task.num_classes == 10
+    ours, trained = task.splits(1), image_splits(read_image_task("digits"), 1)
+    for split in ("train", "validation", "test"):
+        assert torch.equal(ours.get(split).labels, trained[split][1])

@@ -45,12 +45,14 @@ def register(app: typer.Typer) -> None:
     @app.command("eval")
     def eval_command(
         model: Path = typer.Argument(
-            ..., help="Model folder: a Hugging Face encoder (+ head.safetensors, as `mergelab "
-            "finetune` writes it; or `--head`), or a causal LM for perplexity tasks."
+            ..., help="Model folder: what `mergelab finetune` writes (a Hugging Face encoder or "
+            "an image encoder, + head.safetensors), a merged encoder (with --head), or a causal "
+            "LM for perplexity tasks."
         ),
         task: list[str] = typer.Option(
             ..., "--task", help="Task spec, repeatable: a built-in text task (sentiment, "
-            "subjectivity, fortune, supersense, pos), csv:PATH or PATH.csv (columns text,label), "
+            "subjectivity, fortune, supersense, pos) or image task (digits, mnist_5k, "
+            "fashion_mnist), csv:PATH or PATH.csv (columns text,label), "
             "npz:PATH (arrays images, labels[, label_names]), images:DIR (a sub-folder per class) "
             "or perplexity:PATH (a text file, one example per line)."
         ),

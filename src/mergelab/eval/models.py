@@ -4,8 +4,9 @@
   (features: mean-pooled last hidden states, as `mergelab.eval.harness.embed_texts`); image
   encoders are any torch module from pixels to features (or to logits, without a head).
 - `LanguageModel`: a causal language model with its tokenizer (perplexity tasks).
-A model folder is what `mergelab finetune` writes (a Hugging Face encoder, its tokenizer,
-`head.safetensors`, `recipe.json`) or what `mergelab merge` writes (no head: pass one).
+A model folder is what `mergelab finetune` writes (a Hugging Face encoder and its tokenizer, or
+an image encoder's weights with the factory that builds it; `head.safetensors`, `recipe.json`)
+or what `mergelab merge` writes (no head: pass one).
 """
 
 from __future__ import annotations
@@ -149,8 +150,14 @@ def load_model(
     Raises MergeLabError for a folder without config.json or weights that do not load.
     """
     folder = Path(folder)
+    recipe = read_recipe(folder) if folder.is_dir() else {}
+    if not (folder / "config.json").is_file() and recipe.get("encoder_factory"):
+        return load_image_module(folder, head=head, name=name)
     if not (folder / "config.json").is_file():
-        raise MergeLabError(f"{folder} is not a Hugging Face model folder (no config.json)")
+        raise MergeLabError(
+            f"{folder} is not a model folder (no config.json, nor a recipe.json naming an "
+            "encoder_factory)"
+        )
     _quiet_transformers()
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
@@ -173,6 +180,43 @@ def load_model(
     except (OSError, ValueError) as error:
         raise MergeLabError(f"{folder} has no tokenizer to read texts with: {error}") from None
     return Classifier(encoder, task_head, tokenizer, None, name)
+
+
+def load_image_module(
+    spec: str | os.PathLike, *, head: str | os.PathLike | None = None, name: str | None = None,
+    input_size: int | None = None,
+) -> Classifier:  # fmt: skip
+    """An image encoder as `mergelab finetune` trains one: a folder it wrote for an image task
+    (weights, head.safetensors, recipe.json naming the `module:function` encoder factory), or
+    the factory itself (a pretrained encoder, no head). Its input is as in training: grayscale
+    resized to the recorded `input_size` (default 32), repeated to 3 channels and normalised
+    with ImageNet's mean and std."""
+    from mergelab.errors import CheckpointError
+    from mergelab.training.to_folder import load_image_encoder
+
+    folder = Path(spec)
+    recipe = read_recipe(folder) if folder.is_dir() else {}
+    try:
+        encoder, _factory = load_image_encoder(str(spec))
+    except CheckpointError as error:
+        raise MergeLabError(str(error)) from None
+    head_path = Path(head) if head is not None else folder / HEAD_FILE
+    task_head = read_head(head_path) if head is not None or head_path.is_file() else None
+    data = recipe.get("data") if isinstance(recipe.get("data"), dict) else {}
+    size = int(input_size or data.get("input_size", 32))
+    return Classifier(encoder, task_head, None, _grayscale_imagenet(size), name or folder.name)
+
+
+def _grayscale_imagenet(size: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    from mergelab.training.image_tasks import normalise
+
+    def preprocess(pixels: torch.Tensor) -> torch.Tensor:
+        gray = pixels.mean(dim=1, keepdim=True) if pixels.shape[1] != 1 else pixels
+        if tuple(gray.shape[-2:]) != (size, size):
+            gray = nn.functional.interpolate(gray, size=(size, size), mode="bilinear", align_corners=False)
+        return normalise(gray)
+
+    return preprocess
 
 
 def _image_preprocess(config, folder: Path) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -198,9 +242,16 @@ def _image_preprocess(config, folder: Path) -> Callable[[torch.Tensor], torch.Te
     return preprocess
 
 
-def load_base_encoder(folder: str | os.PathLike, name: str = "pretrained") -> Model:
-    """The pretrained model at `folder`, without any head."""
-    model = load_model(folder, name=name)
+def load_base_encoder(
+    spec: str | os.PathLike, name: str = "pretrained", input_size: int | None = None
+) -> Model:
+    """The pretrained model at `spec` (a model folder, or an image encoder's `module:function`
+    factory), without any head."""
+    folder = Path(spec)
+    if (folder / "config.json").is_file():
+        model = load_model(folder, name=name)
+    else:
+        model = load_image_module(spec, name=name, input_size=input_size)
     if isinstance(model, Classifier):
         model.head = None
     return model

@@ -66,15 +66,18 @@ class EvalReport:
         )
 
 
-def _base_folder(recipe: dict, base: Path | None, notes: list[str]) -> Path | None:
+def _base_folder(recipe: dict, base: Path | None, notes: list[str]) -> str | None:
+    """The pretrained model of the baselines: `--base`, else the recorded base (a folder, or for
+    an image fine-tune the encoder's `module:function` factory) when it exists here."""
     recorded = recipe.get(RECIPE_BASE_KEY)
     if base is not None:
         if recorded and Path(recorded) != Path(base):
             notes.append(f"--base {base} replaces the recorded base {recorded}")
-        return Path(base)
+        return str(base)
     if recorded:
-        if Path(recorded).is_dir():
-            return Path(recorded)
+        is_factory = recipe.get("modality") == "image" and ":" in str(recorded)
+        if Path(recorded).is_dir() or (is_factory and not Path(recorded).exists()):
+            return str(recorded)
         notes.append(f"the recorded base {recorded} does not exist here; using the default")
     return None
 
@@ -145,10 +148,11 @@ def evaluate_folder(
         say(f"scoring {scored.name} on {task.name}")
         results.append(evaluator.evaluate(scored, task, split))
     base_folder = _base_folder(recipe, Path(base) if base is not None else None, notes)
+    input_size = data_facts.get("input_size")
     used_base = None
     if baselines:
         used_base, baseline_results = _baselines(
-            evaluator, scored, tasks, split, base_folder, notes, say
+            evaluator, scored, tasks, split, base_folder, notes, say, input_size
         )
         by_task: dict[str, list[TaskResult]] = {}
         for result in baseline_results:
@@ -157,7 +161,7 @@ def evaluate_folder(
     return EvalReport(str(folder), used_base, split, seed, limit, results, notes)
 
 
-def _baselines(evaluator, scored, tasks, split, base_folder, notes, say):
+def _baselines(evaluator, scored, tasks, split, base_folder, notes, say, input_size=None):
     if isinstance(scored, LanguageModel):
         if base_folder is None:
             notes.append("no pretrained baseline for a language model without --base")
@@ -185,7 +189,7 @@ def _baselines(evaluator, scored, tasks, split, base_folder, notes, say):
             notes.append(f"no pretrained baseline: {error}")
     if folder is None:
         return None, []
-    pretrained = load_base_encoder(folder, name=PRETRAINED_ROW)
+    pretrained = load_base_encoder(folder, name=PRETRAINED_ROW, input_size=input_size)
     if not isinstance(pretrained, Classifier):
         raise MergeLabError(f"the base {folder} is a language model, not an encoder")
     chosen = tasks if base_folder is not None else text_tasks

@@ -1,6 +1,8 @@
 """Task specs a user can name (`mergelab eval --task SPEC`, `load_task(SPEC)`).
 
 - a built-in text task: `sentiment`, `subjectivity`, `fortune`, `supersense`, `pos`;
+- a built-in image task: `digits`, `mnist_5k`, `fashion_mnist` (the data `mergelab finetune`
+  reads, split as it splits them);
 - `csv:PATH` or a bare `PATH.csv`: a UTF-8 CSV with columns `text,label` (optionally `group`);
 - `npz:PATH` or a bare `PATH.npz`: arrays `images` [N, H, W(, C)] and `labels` [N], optionally
   `label_names`;
@@ -17,7 +19,9 @@ from mergelab.errors import MergeLabError
 from mergelab.eval.task import Task
 
 IMAGE_FOLDER_SIZE = 32
-SPEC_FORMS = "a built-in text task, csv:PATH, PATH.csv, npz:PATH, images:DIR or perplexity:PATH"
+SPEC_FORMS = (
+    "a built-in text or image task, csv:PATH, PATH.csv, npz:PATH, images:DIR or perplexity:PATH"
+)
 
 
 def load_task(spec: str) -> Task:
@@ -46,5 +50,32 @@ def load_task(spec: str) -> Task:
         return images.read_npz_task(spec)
     if spec in tasks.TASKS:
         return tasks.TASKS[spec]
-    known = ", ".join(sorted(tasks.TASKS))
+    builtin_images = _builtin_image_tasks()
+    if spec in builtin_images:
+        return builtin_image_task(spec)
+    known = ", ".join(sorted([*tasks.TASKS, *builtin_images]))
     raise MergeLabError(f"unknown task {spec!r}; give {SPEC_FORMS} (built-in: {known})")
+
+
+def _builtin_image_tasks() -> dict:
+    from mergelab.training.image_tasks import BUILTIN_IMAGE_TASKS
+
+    return BUILTIN_IMAGE_TASKS
+
+
+def builtin_image_task(name: str):
+    """A built-in image task (`digits`, `mnist_5k`, `fashion_mnist`) as an eval `ImageTask`,
+    with `mergelab finetune`'s loaders and split sizes (so the same seed draws the same split)."""
+    from mergelab.eval.data import LabelledImages
+    from mergelab.eval.images import ImageSplitSizes, ImageTask
+
+    load, load_test, label_names, source, sizes = _builtin_image_tasks()[name]
+    return ImageTask(
+        name=name,
+        description=f"built-in image task {name}",
+        label_names=tuple(label_names),
+        load=lambda: LabelledImages(*load()),
+        load_test=(lambda: LabelledImages(*load_test())) if load_test is not None else None,
+        source=source,
+        sizes=ImageSplitSizes(*sizes),
+    )
