@@ -502,6 +502,14 @@ def test_harness_image_and_multimodal_data_use_eval_types():
     assert multimodal.TaskData is Splits and multimodal.LabelledImages is LabelledImages
     for task in vision.IMAGE_TASKS.values():
         assert isinstance(task, Task) and task.modality == "image"
+    # What the vision zoo's cache keys hold of its tasks is unchanged (source, classes, sizes).
+    facts = {t.name: (t.num_classes, t.sizes) for t in vision.IMAGE_TASKS.values()}
+    assert facts == {
+        "fashion_mnist": (10, eval_images.ImageSplitSizes(10_000, 1_000, 2_000)),
+        "mnist_5k": (10, eval_images.ImageSplitSizes(3_500, 500, 1_000)),
+        "digits": (10, eval_images.ImageSplitSizes(1_137, 300, 360)),
+    }
+    assert vision.FASHION_MNIST.source == vision.FASHION_MNIST_SOURCE
     # A miniature multimodal dataset: each downstream task is an eval Task over eval's Splits.
     built = multimodal.build_data(multimodal.DataSettings(
         image_source="digits", text_sources=("fortunes",), pretrain_images=40, pretrain_texts=40,

@@ -34,7 +34,7 @@ import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -56,6 +56,7 @@ from mergelab.eval.images import (  # noqa: F401 (re-exported: the zoo's tasks a
     load_image_folder,
     make_image_splits,
 )
+from mergelab.eval.sources import builtin_image_task
 from mergelab.training import (
     FinetuneSettings,
     TensorExamples,
@@ -119,30 +120,16 @@ def load_sklearn_digits() -> LabelledImages:
     return LabelledImages(*image_tasks.load_sklearn_digits())
 
 
-FASHION_MNIST = ImageTask(
-    name="fashion_mnist",
-    description="Fashion-MNIST clothing item, 10 classes",
-    label_names=FASHION_NAMES,
-    load=load_fashion_mnist_train,
-    load_test=load_fashion_mnist_test,
-    source=FASHION_MNIST_SOURCE,
-    sizes=ImageSplitSizes(train=10_000, validation=1_000, test=2_000),
+# The built-in image tasks of the library (mergelab finetune's data and split sizes), with the
+# zoo's descriptions: one declaration each, so the zoo and `mergelab eval` draw the same splits.
+FASHION_MNIST = replace(
+    builtin_image_task("fashion_mnist"), description="Fashion-MNIST clothing item, 10 classes"
 )
-MNIST_5K = ImageTask(
-    name="mnist_5k",
-    description="handwritten digit (MNIST, 5,000 images)",
-    label_names=DIGIT_NAMES,
-    load=load_mnist_5k,
-    source=MNIST_5K_SOURCE,
-    sizes=ImageSplitSizes(train=3_500, validation=500, test=1_000),
+MNIST_5K = replace(
+    builtin_image_task("mnist_5k"), description="handwritten digit (MNIST, 5,000 images)"
 )
-DIGITS = ImageTask(
-    name="digits",
-    description="handwritten digit (sklearn 8x8, upsampled)",
-    label_names=DIGIT_NAMES,
-    load=load_sklearn_digits,
-    source=DIGITS_SOURCE,
-    sizes=ImageSplitSizes(train=1_137, validation=300, test=360),
+DIGITS = replace(
+    builtin_image_task("digits"), description="handwritten digit (sklearn 8x8, upsampled)"
 )
 
 IMAGE_TASKS: dict[str, ImageTask] = {t.name: t for t in (FASHION_MNIST, MNIST_5K, DIGITS)}
