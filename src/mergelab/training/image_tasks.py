@@ -1,9 +1,9 @@
-"""Image classification data for `mergelab finetune`: the vision zoo's three built-in tasks and
-a user's NPZ file, as uint8 images [N, H, W] with int64 labels, split reproducibly.
+"""Image data for `mergelab finetune`: the loaders of the three built-in image tasks (uint8
+images [N, H, W], int64 labels) and the model inputs of the vision zoo (grayscale resized to
+input_size x input_size, repeated to 3 channels, ImageNet-normalised).
 
-`read_image_task` is the one entry point (the command reads image tasks only through it), so it
-can later defer to `mergelab.eval`'s image task sources. Model inputs follow the vision zoo:
-grayscale resized to input_size x input_size, repeated to 3 channels, ImageNet-normalised.
+The tasks themselves (declarations, the NPZ reader, splits) are `mergelab.eval`'s
+(`mergelab.eval.sources.load_task`), so `mergelab eval` scores a fine-tune on its own test split.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import importlib.util
 import math
 import os
 import struct
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -128,24 +127,6 @@ FASHION_NAMES = (
 )  # fmt: skip
 
 
-@dataclass(frozen=True)
-class ImageTaskData:
-    """An image task's labelled pool (and official test set, if any) with its split sizes."""
-
-    name: str
-    images: torch.Tensor
-    labels: torch.Tensor
-    label_names: tuple[str, ...]
-    source: str
-    sizes: tuple[int, int, int]  # train, validation, test
-    test_images: torch.Tensor | None = None
-    test_labels: torch.Tensor | None = None
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.label_names)
-
-
 # name -> (pool loader, official test loader or None, label names, source, sizes)
 BUILTIN_IMAGE_TASKS = {
     "digits": (load_sklearn_digits, None, DIGIT_NAMES, DIGITS_SOURCE, (1137, 300, 360)),
@@ -157,84 +138,6 @@ BUILTIN_IMAGE_TASKS = {
 
 def is_image_task(spec: str) -> bool:
     return spec in BUILTIN_IMAGE_TASKS or spec.startswith("npz:")
-
-
-def read_image_task(spec: str) -> ImageTaskData:
-    """An image task by name (`digits`, `mnist_5k`, `fashion_mnist`) or `npz:PATH`: a NumPy
-    archive with `images` (uint8 [N, H, W]) and `labels` (integers 0..K-1), optionally
-    `label_names`; its splits are 55/15/15% of the rows."""
-    if spec.startswith("npz:"):
-        return _read_npz(Path(spec[4:]))
-    if spec not in BUILTIN_IMAGE_TASKS:
-        known = ", ".join(sorted(BUILTIN_IMAGE_TASKS))
-        raise MergeLabError(f"unknown image task {spec!r}; built-in: {known}, or npz:PATH")
-    load, load_test, names, source, sizes = BUILTIN_IMAGE_TASKS[spec]
-    images, labels = load()
-    test_images, test_labels = load_test() if load_test is not None else (None, None)
-    return ImageTaskData(spec, images, labels, names, source, sizes, test_images, test_labels)
-
-
-def _read_npz(path: Path) -> ImageTaskData:
-    import numpy as np
-
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            arrays = {k: archive[k] for k in archive.files}
-    except (OSError, ValueError) as error:
-        raise MergeLabError(f"cannot read NPZ task {path}: {error}") from None
-    missing = sorted({"images", "labels"} - set(arrays))
-    if missing:
-        raise MergeLabError(f"NPZ task {path} lacks array(s) {missing}; it needs images and labels")
-    images, labels = arrays["images"], arrays["labels"]
-    if images.dtype != np.uint8 or images.ndim != 3:
-        raise MergeLabError(
-            f"NPZ task {path}: images must be uint8 [N, H, W]; got {images.dtype} {images.shape}"
-        )
-    if labels.ndim != 1 or labels.shape[0] != images.shape[0] or labels.dtype.kind not in "iu":
-        raise MergeLabError(
-            f"NPZ task {path}: labels must be {images.shape[0]} integers; got {labels.dtype} "
-            f"{labels.shape}"
-        )
-    num_classes = int(labels.max()) + 1 if labels.size else 0
-    if labels.size == 0 or labels.min() < 0 or sorted(set(labels.tolist())) != list(range(num_classes)):
-        raise MergeLabError(f"NPZ task {path}: labels must cover 0..K-1 with every class present")
-    names = tuple(str(n) for n in arrays["label_names"]) if "label_names" in arrays else tuple(
-        str(k) for k in range(num_classes)
-    )
-    if len(names) != num_classes:
-        raise MergeLabError(f"NPZ task {path}: {len(names)} label_names for {num_classes} classes")
-    n = images.shape[0]
-    sizes = (int(0.55 * n), int(0.15 * n), int(0.15 * n))
-    if min(sizes) < 2:
-        raise MergeLabError(f"NPZ task {path} has {n} images: too few to split (need about 20)")
-    return ImageTaskData(
-        path.stem, torch.from_numpy(images.copy()), torch.from_numpy(labels.astype(np.int64)),
-        names, f"user images from {path}", sizes,
-    )  # fmt: skip
-
-
-def image_splits(task: ImageTaskData, seed: int) -> dict[str, Images]:
-    """Disjoint train/validation/test splits drawn from `seed` (test from the official test set
-    when the task has one), each in source order."""
-    train, validation, test = task.sizes
-    generator = torch.Generator().manual_seed(seed)
-    order = torch.randperm(task.images.shape[0], generator=generator)
-    if task.test_images is not None:
-        if test > task.test_images.shape[0]:
-            raise MergeLabError(f"{task.name}: {test} test images asked, {task.test_images.shape[0]} exist")
-        picked = torch.randperm(task.test_images.shape[0], generator=generator)[:test].sort().values
-        test_split = (task.test_images[picked], task.test_labels[picked])
-    else:
-        picked, order = order[:test].sort().values, order[test:]
-        test_split = (task.images[picked], task.labels[picked])
-    if train + validation > order.shape[0]:
-        raise MergeLabError(
-            f"{task.name}: {train + validation} train+validation images asked, {order.shape[0]} available"
-        )
-    parts = {"validation": order[:validation].sort().values,
-             "train": order[validation : validation + train].sort().values}
-    splits = {name: (task.images[idx], task.labels[idx]) for name, idx in parts.items()}
-    return {"train": splits["train"], "validation": splits["validation"], "test": test_split}
 
 
 def to_model_scale(images: torch.Tensor, size: int) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """`mergelab finetune`: fine-tune an encoder on one task and write it as a folder.
 
 Text tasks (`mergelab.eval.tasks`: built-in names or `csv:PATH`) fine-tune a Hugging Face
-encoder, by default the packaged all-MiniLM-L6-v2; image tasks (`image_tasks.read_image_task`:
+encoder, by default the packaged all-MiniLM-L6-v2; image tasks (`mergelab.eval.sources`:
 `digits`, `mnist_5k`, `fashion_mnist` or `npz:PATH`) fine-tune any torch module that maps a
 batch of images [B, 3, S, S] to features [B, dim], named by a `module:function` factory (or a
 folder this command wrote for an image task, to continue from it).
@@ -33,13 +33,7 @@ from mergelab.training.folder import (
     save_finetuned,
     save_finetuned_module,
 )
-from mergelab.training.image_tasks import (
-    image_splits,
-    is_image_task,
-    normalise,
-    read_image_task,
-    to_model_scale,
-)
+from mergelab.training.image_tasks import is_image_task, normalise, to_model_scale
 from mergelab.training.loop import step_progress
 from mergelab.training.probe import fit_probe
 from mergelab.training.recipes import finetune_classifier, random_head
@@ -264,23 +258,30 @@ def _text_run(name: str, model, split_seed: int, sizes, max_length: int) -> _Run
 
 
 def _image_run(name: str, model: str, split_seed: int, input_size: int) -> _Run:
-    task = read_image_task(name)
-    splits = image_splits(task, split_seed)
+    from mergelab.eval.sources import load_task
+
+    # The task and its split are eval's (`mergelab eval` then scores the very test images).
+    task = load_task(name)
+    splits = task.splits(split_seed)
+    if splits.train.images.dim() != 3:
+        raise MergeLabError(
+            f"image task {name!r} holds colour images; fine-tuning reads grayscale [N, H, W]"
+        )
     encoder, factory = load_image_encoder(model)
 
     def examples(split) -> TensorExamples:
-        images, labels = split
-        return TensorExamples(to_model_scale(images, input_size), labels, transform=normalise)
+        return TensorExamples(
+            to_model_scale(split.images, input_size), split.labels, transform=normalise
+        )
 
     def save(folder: Path, encoder, head, recipe) -> None:
         save_finetuned_module(folder, encoder, head, {**recipe, "encoder_factory": factory})
 
     return _Run(
         task.name, "image", encoder, model, task.num_classes, task.label_names,
-        examples(splits["train"]), examples(splits["test"]), save,
-        {s: int(splits[s][1].shape[0]) for s in ("train", "validation", "test")},
-        {"sizes": dict(zip(("train", "validation", "test"), task.sizes)),
+        examples(splits.train), examples(splits.test), save,
+        {s: len(splits.get(s)) for s in ("train", "validation", "test")},
+        {"sizes": asdict(task.sizes),
          "input_size": input_size, "source": task.source,
          "preprocessing": "grayscale resized bilinearly, repeated to 3 channels, ImageNet mean/std"},
     )  # fmt: skip
-
