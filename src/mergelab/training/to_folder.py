@@ -112,15 +112,13 @@ def _atomic_folder(out_dir: Path) -> Iterator[Path]:
 
 
 def _text_sizes(task, n_rows: int | None):
-    from mergelab.eval.tasks import SplitSizes
+    """Built-in tasks: 1000/100/300; a CSV: eval's split of a user task (55/15/15% of its rows),
+    the one `mergelab eval` scores on."""
+    from mergelab.eval.tasks import SplitSizes, default_split_sizes
 
-    if not task.source.startswith("user data"):
+    if not task.is_user_data:
         return SplitSizes(train=1000, validation=100, test=300)
-    sizes = SplitSizes(train=int(0.55 * n_rows), validation=int(0.15 * n_rows),
-                       test=int(0.15 * n_rows))  # fmt: skip
-    if min(sizes.train, sizes.validation, sizes.test) < 2:
-        raise MergeLabError(f"task {task.name!r} has {n_rows} rows: too few to split (need about 20)")
-    return sizes
+    return default_split_sizes(task)
 
 
 @dataclass
