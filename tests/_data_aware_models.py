@@ -73,3 +73,61 @@ GOLDEN_RUNS = {
     "regmean_plusplus": {"alpha": 0.7},
     "fisher": {"normalize": True},
 }
+
+
+def tiny_bert_folders(root):
+    """Hugging Face BERT folders (base, m0, m1, twin; each with a `head.safetensors`) and a CSV
+    task under `root`: what `mergelab merge` with a `data:` section reads."""
+    import csv
+
+    import transformers
+
+    from mergelab.finetune import save_head
+
+    words = ["good", "bad", "fine", "awful", "film", "plot", "the", "was", "very"]
+    vocab = root / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+    tokenizer = transformers.BertTokenizerFast(vocab_file=str(vocab))
+    config = transformers.BertConfig(
+        vocab_size=len(words) + 5, hidden_size=8, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=16, max_position_embeddings=32,
+    )
+    torch.manual_seed(0)
+    base = transformers.BertModel(config).eval()
+    folders = {}
+    for name, noise in (("base", 0.0), ("m0", 0.05), ("m1", 0.05), ("twin", 0.0)):
+        model = transformers.BertModel(config)
+        model.load_state_dict(base.state_dict())
+        with torch.no_grad():
+            for i, p in enumerate(model.parameters()):
+                p.add_(noise * torch.randn(p.shape, generator=_gen(200 + i + len(name))))
+        folder = root / name
+        model.save_pretrained(folder, safe_serialization=True)
+        tokenizer.save_pretrained(folder)
+        head = nn.Linear(8, 2)
+        with torch.no_grad():
+            head.weight.copy_(torch.randn(2, 8, generator=_gen(300 + len(name))))
+            head.bias.zero_()
+        save_head(head, folder / "head.safetensors")
+        folders[name] = folder
+    with (root / "task.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["text", "label"])
+        for j in range(24):
+            writer.writerow([f"the film was very {words[j % 4]} {words[4 + j % 3]}", int(j % 4 in (0, 2))])
+    return folders
+
+
+def bert_config(root, folders, method, models=("m0", "m1"), **extra):
+    """A `mergelab merge` config with a `data:` section over the tiny BERT folders."""
+    return {
+        "merge_method": method,
+        "models": [{"model": str(folders[m])} for m in models],
+        "base_model": str(folders["base"]),
+        "data": {"task": str(root / "task.csv"), "examples": 12, "batch_size": 4},
+        **extra,
+    }
+
+
+# method -> parameters of the golden `mergelab merge` runs on the tiny BERT
+BERT_GOLDEN_RUNS = {"regmean": {"alpha": 0.8}, "fisher": {}}
