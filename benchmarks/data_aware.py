@@ -88,44 +88,36 @@ def regmean_on_validation(built, module, data, alphas, scalings):
     from `alphas`); "regmean_scaled" also picks mergelab's `scaling` of the merged task vector
     from `scalings` (alpha 0.9).
     """
-    from mergelab.datamerge import DataMergeResult
-    from mergelab.datamerge.common import check_state_dicts
-    from mergelab.datamerge.regmean import collect_model_grams, merge_with_grams
+    import mergelab
     from mergelab.eval.harness import evaluate_model
 
     tasks = list(built.tasks)
     finetuned = {t: built.finetuned[t] for t in tasks}
-    start = time.perf_counter()
-    stats = collect_model_grams(
-        module, finetuned, data, max_examples=None, device=None, progress=False, stats_dir=None
-    )
-    stats_seconds = time.perf_counter() - start
-    keys = check_state_dicts(module, finetuned)
+    out = {}
+    statistics = None  # collected by the first merge, reused by every other setting
+    stats_seconds = 0.0
     settings = {"regmean": [(a, 1.0) for a in alphas],
                 "regmean_scaled": [(0.9, s) for s in scalings]}
-    out = {}
     for row, points in settings.items():
         tick = time.perf_counter()
         best = None
         for alpha, scaling in points:
-            merged = merge_with_grams(
-                [finetuned[t] for t in tasks], [stats[t].layers for t in tasks], keys,
-                alpha=alpha, base=built.pretrained, scaling=scaling,
+            result = mergelab.data_merge(
+                "regmean", module, finetuned, data, base_state_dict=built.pretrained,
+                statistics=statistics, alpha=alpha, scaling=scaling,
             )
+            if statistics is None:
+                statistics, stats_seconds = result.statistics, result.stats_seconds
+            merged = result.state_dict
             score = sum(evaluate_model(built.evaluator, {**built.pretrained, **merged}, built.heads,
                                        tasks=tasks, split="validation").values()) / len(tasks)
             if best is None or score > best[0]:
-                best = (score, alpha, scaling, merged)
-        _, alpha, scaling, merged = best
+                best = (score, alpha, scaling, result)
+        _, alpha, scaling, result = best
         label = f"alpha {alpha:g}" + (f", scaling {scaling:g}" if row == "regmean_scaled" else "")
-        out[row] = (
-            DataMergeResult(
-                method="regmean", state_dict=merged, params={"alpha": alpha, "scaling": scaling},
-                examples={t: stats[t].examples for t in tasks},
-                seconds=stats_seconds + time.perf_counter() - tick, stats_seconds=stats_seconds,
-            ),
-            label,
-        )
+        result.seconds = stats_seconds + time.perf_counter() - tick
+        result.stats_seconds = stats_seconds
+        out[row] = (result, label)
     return out
 
 

@@ -75,14 +75,42 @@ def _gram_opener(config_dir: Path | None):
 
 
 def plan_merge(config: str | os.PathLike | Mapping | MergeConfig) -> MergePlan:
-    """Validate a config (file path, mapping or MergeConfig) and its sources; return the plan."""
+    """Validate a config (file path, mapping or MergeConfig) and its sources; return the plan.
+
+    Every config is accepted, `data:` included: a data-aware method's plan is validated in full
+    (parameters, sources, tasks, heads, statistics folders) without running any data; its data
+    stage is described by `mergelab.plan.stages.describe_data_stage` (`--dry-run` prints it).
+    """
     cfg, config_dir = _read_config(config)
     label = str(config) if isinstance(config, (str, os.PathLike)) else None
-    return _build(cfg, _opener(config_dir), label, config_dir)
+    plan = _build(cfg, _opener(config_dir), label, config_dir)
+    _provider(plan, config_dir, label)  # checks the data section's folders, tasks and heads
+    plan.config_dir = config_dir
+    return plan
 
 
-def _build(cfg: MergeConfig, open_source, label: str | None, config_dir: Path | None = None) -> MergePlan:
-    return build_plan(cfg, open_source, source_label=label, open_grams=_gram_opener(config_dir))
+def _provider(plan: MergePlan, config_dir: Path | None, label: str | None):
+    """The config's data provider for a data-aware plan (checked: no model loaded, no data
+    run), or None for data-free methods or when statistics folders hold everything."""
+    if not plan.method.needs_data or plan.config.data is None:
+        return None
+    from mergelab.plan.stages import statistics_folders
+    from mergelab.stats.config_data import ConfigData
+    from mergelab.stats.stage import is_statistics_folder
+
+    folders = statistics_folders(plan.config, plan, config_dir)
+    loaded = {k for k, f in folders.items() if is_statistics_folder(f)}
+    provider = ConfigData(plan.config, config_dir, plan.method, skip=loaded)
+    problems = provider.check()
+    if problems:
+        raise ConfigError(problems, label)
+    return provider
+
+
+def _build(cfg: MergeConfig, open_source, label: str | None, config_dir: Path | None = None,
+           data_supplied: bool = False) -> MergePlan:
+    return build_plan(cfg, open_source, source_label=label, open_grams=_gram_opener(config_dir),
+                      data_supplied=data_supplied)
 
 
 def merge(
@@ -100,32 +128,65 @@ def merge(
 ) -> MergeReport | MergePlan:
     """Merge the checkpoints a config names and write the result to `out_dir`.
 
-    The whole config is validated against the sources before any tensor is read. The output is
-    written into a temporary folder beside `out_dir` and renamed into place only when complete;
-    an existing `out_dir` is refused unless `overwrite`, and writing into an input always is.
+    The whole config is validated against the sources before any tensor is read or any data
+    is run. A data-aware method then runs its data stage (mergelab.plan.stages): statistics
+    (RegMean, Fisher...) are collected from the config's `data:` section, or loaded from the
+    statistics folders it names, and read per tensor by the engine; an optimised method
+    (AdaMerging) runs its optimiser, whose output plan (a task-arithmetic config, written to
+    the output as `mergelab_config.yml`) the engine executes. The output is written into a
+    temporary folder beside `out_dir` and renamed into place only when complete; an existing
+    `out_dir` is refused unless `overwrite`, and writing into an input always is.
     With `dry_run`, returns the validated MergePlan and writes nothing.
-    A data-aware method (RegMean, Fisher, AdaMerging) with a `data:` section in the config runs
-    through mergelab.datamerge.config instead of the per-tensor engine.
     Returns a MergeReport (timings, bytes, notes).
     """
     cfg, config_dir = _read_config(config)
-    if (
-        cfg.data is not None and cfg.expert_groups is None and not dry_run
-        and _needs_data(cfg.merge_method)
-    ):
-        from mergelab.datamerge.config import merge_with_data
-
-        return merge_with_data(
-            cfg, config_dir, out_dir, out_shard_size=out_shard_size, overwrite=overwrite,
-            seed=seed, progress=progress, device=device,
-        )
-    plan = plan_merge(config)
+    label = str(config) if isinstance(config, (str, os.PathLike)) else None
+    open_source = _opener(config_dir)
+    plan = _build(cfg, open_source, label, config_dir)
+    provider = _provider(plan, config_dir, label)
     if dry_run:
+        plan.config_dir = config_dir
         return plan
     try:
         max_shard = parse_size(out_shard_size)
     except ValueError as exc:
         raise ConfigError([f"out_shard_size: {exc}"]) from None
+    with tempfile.TemporaryDirectory(prefix="mergelab-stats-") as scratch:
+        prepared = None
+        if plan.method.needs_data:
+            prepared = _prepare(plan, provider, config_dir, open_source, label, Path(scratch),
+                                device=device, seed=seed, progress=progress)
+            plan = prepared.plan
+        report = _write(plan, out_dir, max_shard, overwrite, device, seed, allow_nonfinite,
+                        progress, workers)
+    if prepared is not None:
+        report.notes[:0] = prepared.notes
+        if prepared.examples:
+            report.notes.append(
+                "examples per model: " + ", ".join(f"{m}={k}" for m, k in prepared.examples.items())
+            )
+    return report
+
+
+def _prepare(plan, provider, config_dir, open_source, label, scratch: Path, *, device, seed, progress):
+    from mergelab.plan.stages import prepare_plan, statistics_folders
+    from mergelab.stats.stage import CollectOptions
+
+    data = plan.config.data
+    folders = statistics_folders(plan.config, plan, config_dir)
+    # Statistics the config does not keep go to a scratch folder: read back one tensor's at a
+    # time, so the merge holds a few entries, never every model's statistics at once.
+    for i, key in enumerate(plan.merged_sources):
+        folders.setdefault(key, scratch / str(i))
+    options = CollectOptions(
+        device=None if device == "cpu" else device,
+        progress=progress,
+        generator=torch.Generator().manual_seed((data.seed if data else 0) + seed),
+    )
+    return prepare_plan(plan, provider, options, open_source, folders=folders, source_label=label)
+
+
+def _write(plan, out_dir, max_shard, overwrite, device, seed, allow_nonfinite, progress, workers):
     entries = [(t.name, t.shape, t.out_dtype) for t in plan.tasks]
     inputs = [_source_path(s) for s in plan.sources.values()]
     writer = ShardedWriter(
@@ -151,15 +212,6 @@ def merge(
         writer.commit()
     _close_sources(plan)
     return report
-
-
-def _needs_data(method_name: str) -> bool:
-    from mergelab.methods.registry import get_method
-
-    try:
-        return "data" in get_method(method_name).needs
-    except KeyError:
-        return False  # the planner reports the unknown name with the other problems
 
 
 def _source_path(source: Any) -> Path | None:
@@ -211,14 +263,7 @@ def merge_state_dicts(
     Returns the merged state dict (tensors on CPU, in the output dtype).
     """
     cfg, _ = _read_config(config)
-
-    def open_source(model: str) -> StateDictSource:
-        if model not in state_dicts:
-            known = ", ".join(sorted(state_dicts))
-            raise FileNotFoundError(f"no state dict named {model!r} (given: {known})")
-        return StateDictSource(model, state_dicts[model])
-
-    plan = _build(cfg, open_source, None)
+    plan = _build(cfg, _state_dict_opener(state_dicts), None)
     sink = MemorySink(plan)
     execute(
         plan,
@@ -229,6 +274,16 @@ def merge_state_dicts(
         progress=progress,
     )
     return sink.tensors
+
+
+def _state_dict_opener(state_dicts: Mapping[str, Mapping[str, torch.Tensor]]):
+    def open_source(model: str) -> StateDictSource:
+        if model not in state_dicts:
+            known = ", ".join(sorted(state_dicts))
+            raise FileNotFoundError(f"no state dict named {model!r} (given: {known})")
+        return StateDictSource(model, state_dicts[model])
+
+    return open_source
 
 
 # The names an in-memory expert-group merge gives its inputs in the config it builds.
@@ -300,7 +355,7 @@ def merge_expert_groups(
 def dump_plan(plan: MergePlan) -> str:
     from mergelab.plan.planner import describe_plan
 
-    return json.dumps(describe_plan(plan), indent=2)
+    return json.dumps(describe_plan(plan), indent=2, default=str)
 
 
 __all__ = ["merge", "merge_expert_groups", "merge_state_dicts", "plan_merge", "ConfigError"]

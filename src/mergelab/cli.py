@@ -99,6 +99,7 @@ def _print_plan(plan) -> None:
     console.print(table)
     for note in plan.notes:
         console.print(f"[yellow]note:[/] {note}")
+    _print_data_stage(plan)
     preview = Table(title="first tensors")
     for col in ("tensor", "shape", "inputs", "out dtype"):
         preview.add_column(col)
@@ -110,6 +111,35 @@ def _print_plan(plan) -> None:
             str(task.out_dtype).replace("torch.", ""),
         )
     console.print(preview)
+
+
+def _print_data_stage(plan) -> None:
+    """What a data-aware method's data stage will run (nothing is run here)."""
+    from mergelab.plan.stages import describe_data_stage
+
+    stage = describe_data_stage(plan, plan.config_dir)
+    if stage is None:
+        return
+    table = Table(title=f"data stage: {stage['stage']} ({stage['method']})")
+    table.add_column("what")
+    table.add_column("value")
+    if stage["stage"] == "statistics":
+        for kind in stage["statistics"]:
+            table.add_row("statistics", f"{kind['kind']}: {kind['what']} ({kind['per_example']} per example)")
+        table.add_row("collector", stage["collector"])
+        table.add_row("estimated statistics", _human(stage["estimated_statistics_bytes"]))
+    else:
+        table.add_row("optimiser", f"{stage['optimiser']} {stage['options']}")
+        table.add_row("output", stage["output"])
+    table.add_row("estimated forward passes", f"{stage['estimated_forward_passes']:,}")
+    table.add_row("cost", stage["cost"])
+    for source in stage["sources"]:
+        where = (
+            f"loaded from {source['statistics_folder']}" if source["loaded_from_folder"]
+            else f"task {source['task']}, split {source['split']}, {source['examples']} examples"
+        )
+        table.add_row(f"model {source['model']}", where)
+    console.print(table)
 
 
 @app.command()
@@ -128,6 +158,7 @@ def validate(config: Path = typer.Argument(..., help="Merge config to check.")) 
     )
     for note in plan.notes:
         console.print(f"[yellow]note:[/] {note}")
+    _print_data_stage(plan)
 
 
 @app.command()
@@ -213,8 +244,7 @@ def inspect(
 # Subcommands of other concerns (evaluation, diagnostics, alignment...) live beside their code:
 # each module here defines `register(app)`. Add a module to this tuple to add its commands.
 _COMMAND_MODULES: tuple[str, ...] = (
-    "mergelab.diagnostics.cli", "mergelab.eval.cli", "mergelab.datamerge.cli",
-    "mergelab.training.cli",
+    "mergelab.diagnostics.cli", "mergelab.eval.cli", "mergelab.training.cli",
 )
 # Packages above the library (the benchmark harness, plug-ins) add theirs through the
 # `mergelab.commands` entry point group: the library never imports them.

@@ -56,7 +56,7 @@ class ZooData:
 
     def _forward(self) -> Callable | None:
         if self.built.zoo == "text":
-            from mergelab.datamerge.text import pooled_forward
+            from mergelab.stats.text import pooled_forward
 
             return pooled_forward
         return None  # the mlp and vision encoders return features when called
@@ -74,7 +74,7 @@ class ZooData:
             n = min(examples, len(part))
             batches = _chunks(part.batch(slice(0, n)), part.labels[:n], batch_size)
         else:
-            from mergelab.datamerge.text import text_batches
+            from mergelab.stats.text import text_batches
 
             self.module()
             texts = ev.split(task, split)
@@ -99,14 +99,15 @@ def merge_zoo_with_data(
     """A data-aware merge of a built zoo's fine-tuned encoders (what the benchmark runner calls).
 
     split: where the inputs come from; default "train" for statistics (RegMean, RegMean++,
-        Fisher) and "test" (unlabeled) for AdaMerging, as in its paper.
+        Fisher) and "test" (unlabeled) for optimised methods (AdaMerging), as in its paper.
     Returns the `DataMergeResult` (its `state_dict` holds every encoder tensor).
     """
     from mergelab.datamerge import data_merge
+    from mergelab.methods import get_method
 
     adapter = ZooData(built)
     tasks = list(built.tasks)
-    chosen = split or ("test" if method.startswith("adamerging") else "train")
+    chosen = split or ("test" if get_method(method).optimiser is not None else "train")
     data = {t: adapter.task_data(t, chosen, examples, batch_size) for t in tasks}
     result = data_merge(
         method,

@@ -73,6 +73,38 @@ def _is_disk_full(exc: OSError) -> bool:
     return exc.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
+def move_into_place(tmp_dir: Path, out_dir: Path, *, overwrite: bool) -> None:
+    """Rename the finished folder `tmp_dir` to `out_dir`: the one atomic-folder step of every
+    mergelab writer (checkpoints, statistics folders).
+
+    A missing `out_dir` is never clobbered if it appears meanwhile (CheckpointError). An
+    existing one is replaced only with `overwrite`: in one atomic swap where the kernel offers
+    it (readers see the old or the new folder, never neither), else by moving it aside, which
+    is put back if the second rename fails. Leaves nothing of the old folder behind on success.
+    """
+    if not out_dir.exists():
+        # NOREPLACE: someone may have created out_dir since we checked; never clobber it.
+        if not _renameat2(tmp_dir, out_dir, _RENAME_NOREPLACE):
+            if out_dir.exists():
+                raise CheckpointError(f"output folder {out_dir} appeared while writing")
+            os.rename(tmp_dir, out_dir)
+        return
+    if not overwrite:
+        raise CheckpointError(f"output folder {out_dir} appeared while writing")
+    # The old folder ends up under the temporary name and is deleted after.
+    if _renameat2(tmp_dir, out_dir, _RENAME_EXCHANGE):
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        return
+    aside = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
+    os.rename(out_dir, aside)
+    try:
+        os.rename(tmp_dir, out_dir)
+    except OSError:
+        os.rename(aside, out_dir)  # put the previous folder back
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
+
+
 class ShardedWriter:
     """Write a checkpoint of known tensors as HF-style safetensors shards, atomically.
 
@@ -435,30 +467,7 @@ class ShardedWriter:
         return self.out_dir
 
     def _move_into_place(self) -> None:
-        if not self.out_dir.exists():
-            # NOREPLACE: someone may have created out_dir since we checked; never clobber it.
-            if not _renameat2(self.tmp_dir, self.out_dir, _RENAME_NOREPLACE):
-                if self.out_dir.exists():
-                    raise CheckpointError(f"output folder {self.out_dir} appeared while writing")
-                os.rename(self.tmp_dir, self.out_dir)
-            return
-        if not self.overwrite:
-            raise CheckpointError(f"output folder {self.out_dir} appeared while writing")
-        # One atomic swap where the kernel offers it: readers see the old or the new checkpoint,
-        # never neither. The old one ends up under the partial name and is deleted after.
-        if _renameat2(self.tmp_dir, self.out_dir, _RENAME_EXCHANGE):
-            shutil.rmtree(self.tmp_dir, ignore_errors=True)
-            return
-        aside = self.out_dir.parent / (
-            f".{self.out_dir.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
-        )
-        os.rename(self.out_dir, aside)
-        try:
-            os.rename(self.tmp_dir, self.out_dir)
-        except OSError:
-            os.rename(aside, self.out_dir)  # put the previous output back
-            raise
-        shutil.rmtree(aside, ignore_errors=True)
+        move_into_place(self.tmp_dir, self.out_dir, overwrite=self.overwrite)
 
     def abort(self) -> None:
         """Remove the temporary folder. Does nothing after a commit; safe to call twice."""

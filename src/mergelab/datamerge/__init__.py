@@ -7,31 +7,31 @@
     )
     result.state_dict  # the merged weights
 
-Data flow (DESIGN.md): the models, loaded one at a time into a copy of `base_module`, run a few
-batches of their task's data; mergelab.stats collects per-layer statistics through hooks; the
-closed forms of mergelab.methods.data_aware (or AdaMerging's optimisation) give the merged
-state dict. Method declarations (parameters, ranges, defaults) live in the registry like every
-other method's.
+A thin front over the one pipeline (DESIGN.md), in memory: the arguments become a config whose
+models are the given state dicts; the planner validates it once (parameters from the registry)
+before any data runs; the method's declared data stage (mergelab.plan.stages) collects its
+statistics from the given data (or runs its optimiser, whose output is a task-arithmetic
+config); the engine merges that plan into memory. `mergelab merge` with a `data:` section runs
+the same stages on checkpoints on disk.
 """
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import yaml
 from torch import nn
 
-from mergelab.datamerge.common import StateDict, check_state_dicts
 from mergelab.errors import ConfigError
-from mergelab.methods.registry import get_method, resolve_defaults
 from mergelab.stats.batches import Batch, DataError, TaskData, as_task_data
 
 DataLike = TaskData | Sequence[Batch] | Callable[[], Iterable[Batch]]
+StateDict = Mapping[str, torch.Tensor]
+BASE_KEY = "__base__"  # the config's name of the base state dict
 
 
 @dataclass
@@ -42,8 +42,13 @@ class DataMergeResult:
     examples: examples of each task's data the method used (per model).
     seconds: wall time of the whole merge (statistics or optimisation included).
     stats_seconds: of which collecting statistics (RegMean, Fisher) or optimising the
-        coefficients (AdaMerging); the rest is the closed-form merge and bookkeeping.
+        coefficients (AdaMerging); the rest is the engine's merge and bookkeeping.
     coefficients: AdaMerging's learned coefficients ([tasks] or [tasks, tensors]), else None.
+    config: the config the engine executed (AdaMerging: the learned task-arithmetic config;
+        `yaml` is it as text, which `merge_state_dicts` / `mergelab merge` run to the same
+        weights, bit for bit).
+    statistics: model -> kind -> statistics store; pass it back as `data_merge(...,
+        statistics=...)` to merge again (other parameters) without running the data again.
     """
 
     method: str
@@ -56,41 +61,44 @@ class DataMergeResult:
     coefficient_tensors: list[str] = field(default_factory=list)
     entropy_history: list[float] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    config: Any = None
+    statistics: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def yaml(self) -> str:
+        """The executed config as YAML (floats written to read back exactly)."""
+        return yaml.safe_dump(self.config.model_dump(exclude_none=True, mode="json"), sort_keys=False)
 
 
-def _check_params(method_name: str, params: Mapping[str, Any], model_params: Mapping[str, Mapping[str, Any]], names: Sequence[str]):
-    method = get_method(method_name)
-    if "data" not in method.needs:
-        raise ConfigError(
-            f"merge_method `{method_name}` needs no data: use mergelab.merge_state_dicts"
-        )
+def _check_module(module: nn.Module, state_dicts: Mapping[str, StateDict]) -> None:
+    """Every state dict's keys are the module's, with its shapes (all problems listed)."""
+    expected = module.state_dict()
     problems: list[str] = []
-    for key, value in params.items():
-        p = method.param(key)
-        if p is None or p.per_model:
-            problems.append(f"`{key}` is not a global parameter of `{method_name}`")
-            continue
-        msg = p.check(value)
-        if msg:
-            problems.append(f"{msg} (method `{method_name}`)")
-    for model, given in model_params.items():
-        if model not in names:
-            problems.append(f"model_params names unknown model {model!r}")
-        for key, value in given.items():
-            p = method.param(key)
-            if p is None or not p.per_model:
-                problems.append(f"`{key}` is not a per-model parameter of `{method_name}`")
-                continue
-            msg = p.check(value)
-            if msg:
-                problems.append(f"model {model!r}: {msg}")
-    if len(names) < method.min_models:
-        problems.append(f"`{method_name}` needs at least {method.min_models} models; got {len(names)}")
+    for name, sd in state_dicts.items():
+        unknown = sorted(set(sd) - set(expected))
+        if unknown:
+            problems.append(f"model {name!r} has keys the module lacks: {unknown[:8]}")
+        for key in sorted(set(sd) & set(expected)):
+            if tuple(sd[key].shape) != tuple(expected[key].shape):
+                problems.append(
+                    f"model {name!r}: `{key}` has shape {list(sd[key].shape)}, the module "
+                    f"{list(expected[key].shape)}"
+                )
     if problems:
         raise ConfigError(problems)
-    resolved = resolve_defaults(method.global_params, params)
-    per_model = {n: resolve_defaults(method.model_params, model_params.get(n, {})) for n in names}
-    return method, resolved, per_model
+
+
+class _GivenData:
+    """DataProvider (mergelab.stats.stage) over the caller's module and TaskData."""
+
+    def __init__(self, module: nn.Module, data: Mapping[str, TaskData]):
+        self._module, self._data = module, data
+
+    def module(self) -> nn.Module:
+        return self._module
+
+    def task_data(self, key: str) -> TaskData:
+        return self._data[key]
 
 
 def data_merge(
@@ -107,12 +115,13 @@ def data_merge(
     device: str | torch.device | None = None,
     progress: bool = False,
     stats_dir: str | None = None,
+    statistics: Mapping[str, Mapping[str, Any]] | None = None,
     **params: Any,
 ) -> DataMergeResult:
     """Merge fine-tuned state dicts of one architecture with a data-aware method.
 
-    method: "regmean", "regmean_plusplus", "fisher", "adamerging_taskwise" or
-        "adamerging_layerwise" (see `mergelab methods` for their parameters).
+    method: any registered method that needs data ("regmean", "regmean_plusplus", "fisher",
+        "adamerging_taskwise", "adamerging_layerwise"; see `mergelab methods`).
     base_module: the architecture (a torch module whose state dict keys match); its own weights
         are the base theta_0 (AdaMerging; RegMean's optional `scaling`) unless
         `base_state_dict` is given. It is not modified.
@@ -124,12 +133,57 @@ def data_merge(
     max_examples: examples per task used for statistics (default: every batch given).
     fisher_target: "auto", "labels", "sample" or "argmax" (see mergelab.stats.fisher).
     generator: the randomness of Fisher's sampled labels.
-    stats_dir: keep the statistics on disk, one folder per model (RegMean and Fisher).
+    stats_dir: keep the statistics on disk, one folder per model (stats_dir/<model name>);
+        existing folders are loaded instead of running the data.
+    statistics: statistics of an earlier merge (`DataMergeResult.statistics`) to reuse.
     params: the method's global parameters (alpha, steps, lr...).
     Raises ConfigError (parameters, key/shape mismatches) or DataError (data) before merging.
     """
+    from pathlib import Path
+
+    from mergelab.api import _build, _state_dict_opener
+    from mergelab.engine.execute import MemorySink, execute
+    from mergelab.methods.registry import get_method, resolve_defaults
+    from mergelab.plan.config import parse_config
+    from mergelab.plan.stages import prepare_plan
+    from mergelab.stats.stage import CollectOptions
+
+    start = time.perf_counter()
     names = list(finetuned_state_dicts)
-    method_decl, resolved, per_model = _check_params(method, params, model_params or {}, names)
+    if not names:
+        raise ConfigError("no fine-tuned model to merge")
+    try:
+        declared = get_method(method)
+    except KeyError as exc:
+        raise ConfigError([f"merge_method: {exc.args[0]}"]) from None
+    if not declared.needs_data:
+        raise ConfigError(f"merge_method `{method}` needs no data: use mergelab.merge_state_dicts")
+    state_dicts: dict[str, StateDict] = dict(finetuned_state_dicts)
+    keys = list(finetuned_state_dicts[names[0]])
+    cfg: dict[str, Any] = {
+        "merge_method": method,
+        "models": [
+            {"model": n, **({"parameters": dict(model_params[n])} if model_params and n in model_params else {})}
+            for n in names
+        ],
+    }
+    if params:
+        cfg["parameters"] = dict(params)
+    unknown = sorted(set(model_params or {}) - set(names))
+    if declared.base != "none":
+        base = base_state_dict if base_state_dict is not None else base_module.state_dict()
+        state_dicts[BASE_KEY] = {k: base[k] for k in keys if k in base}
+        cfg["base_model"] = BASE_KEY
+    floats = [v.dtype for v in finetuned_state_dicts[names[0]].values() if v.is_floating_point()]
+    if floats and all(d == torch.float64 for d in floats):
+        cfg["dtype"] = "float64"  # float64 models are merged in float64, as they were given
+    config = parse_config(cfg)
+    open_source = _state_dict_opener(state_dicts)
+    # One validation, by the planner, before any data runs.
+    plan = _build(config, open_source, None, data_supplied=True)
+    if unknown:
+        raise ConfigError([f"model_params names unknown model {m!r}" for m in unknown])
+    _check_module(base_module, finetuned_state_dicts)
     missing = sorted(set(names) - set(batches_per_task))
     extra = sorted(set(batches_per_task) - set(names))
     if missing or extra:
@@ -137,97 +191,37 @@ def data_merge(
             f"the data must name exactly the models to merge; no data for {missing}, "
             f"data for unknown model(s) {extra}"
         )
-    keys = check_state_dicts(base_module, finetuned_state_dicts)
     data = {n: as_task_data(batches_per_task[n]) for n in names}
-    if device is not None:
-        # Work on copies moved to the device: the caller's module and heads stay where they are.
-        base_module = copy.deepcopy(base_module).to(device)
-        data = {
-            n: dataclasses.replace(t, head=None if t.head is None else copy.deepcopy(t.head).to(device))
-            for n, t in data.items()
-        }
-    start = time.perf_counter()
+    options = CollectOptions(
+        max_examples=max_examples,
+        device=device,
+        progress=progress,
+        fisher_target=fisher_target,
+        generator=generator,
+    )
     notes: list[str] = []
-    coefficients = None
-    coefficient_tensors: list[str] = []
-    history: list[float] = []
-    common = dict(max_examples=max_examples, device=device, progress=progress)
-    if method_decl.name in ("regmean", "regmean_plusplus"):
-        from mergelab.datamerge import regmean as rm
-
-        skipped = rm.unsupported_weights(base_module, keys)
-        if skipped:
-            notes.append("averaged (no Gram statistics for this layer type): " + ", ".join(skipped))
-        scaling = float(resolved["scaling"])
-        base = None
-        if scaling != 1.0:
-            base = base_state_dict if base_state_dict is not None else base_module.state_dict()
-        gram_params = dict(
-            alpha=float(resolved["alpha"]),
-            regularization=float(resolved["regularization"]),
-            average_grams=bool(resolved["average_grams"]),
-            base=base,
-            scaling=scaling,
-        )
-        if method_decl.name == "regmean":
-            merged, examples, stats_seconds = rm.regmean(
-                base_module, finetuned_state_dicts, data, keys, stats_dir=stats_dir, **gram_params, **common
-            )
-        else:
-            merged, examples, stats_seconds = rm.regmean_plusplus(
-                base_module, finetuned_state_dicts, data, keys, **gram_params, **common
-            )
-    elif method_decl.name == "fisher":
-        from mergelab.datamerge.fisher import fisher_merge
-
-        merged, examples, stats_seconds = fisher_merge(
-            base_module,
-            finetuned_state_dicts,
-            data,
-            keys,
-            model_weights={n: float(per_model[n]["weight"]) for n in names},
-            fisher_floor=float(resolved["fisher_floor"]),
-            normalize=bool(resolved["normalize"]),
-            target=fisher_target,  # type: ignore[arg-type]
-            generator=generator,
-            stats_dir=stats_dir,
-            **common,
-        )
-    else:
-        from mergelab.datamerge.adamerging import adamerging
-
-        base = base_state_dict if base_state_dict is not None else base_module.state_dict()
-        base = {k: base[k] for k in keys}
-        if max_examples is not None:
-            notes.append("max_examples does not apply to AdaMerging: give it the batches to use")
-        result = adamerging(
-            base_module,
-            base,
-            finetuned_state_dicts,
-            data,
-            granularity="task" if method_decl.name == "adamerging_taskwise" else "layer",
-            steps=int(resolved["steps"]),
-            lr=float(resolved["lr"]),
-            init=float(resolved["init"]),
-            clamp=bool(resolved["clamp"]),
-            device=device,
-            progress=progress,
-        )
-        merged, examples = result.state_dict, result.examples
-        stats_seconds = result.seconds  # the optimisation is AdaMerging's pass over the data
-        coefficients, coefficient_tensors = result.coefficients, result.tensor_names
-        history = result.entropy_history
+    if declared.optimiser is not None and max_examples is not None:
+        notes.append("max_examples does not apply to AdaMerging: give it the batches to use")
+    folders = {n: Path(stats_dir) / n for n in names} if stats_dir is not None else None
+    prepared = prepare_plan(
+        plan, _GivenData(base_module, data), options, open_source,
+        folders=folders, statistics=statistics,
+    )
+    sink = MemorySink(prepared.plan)
+    execute(prepared.plan, sink, device="cpu" if device is None else device, progress=False)
     return DataMergeResult(
-        method=method_decl.name,
-        state_dict={k: v.detach().cpu() for k, v in merged.items()},
-        params=resolved,
-        examples=examples,
+        method=declared.name,
+        state_dict={k: v.detach().cpu() for k, v in sink.tensors.items()},
+        params=resolve_defaults(declared.global_params, params),
+        examples=prepared.examples,
         seconds=time.perf_counter() - start,
-        stats_seconds=stats_seconds,
-        coefficients=coefficients,
-        coefficient_tensors=coefficient_tensors,
-        entropy_history=history,
-        notes=notes,
+        stats_seconds=prepared.stage_seconds,
+        coefficients=prepared.coefficients,
+        coefficient_tensors=prepared.coefficient_tensors,
+        entropy_history=prepared.entropy_history,
+        notes=[*prepared.notes, *notes],
+        config=prepared.config,
+        statistics=prepared.statistics,
     )
 
 

@@ -128,6 +128,20 @@ def _copy_non_float(task: TensorTask, tensors: list[torch.Tensor]) -> torch.Tens
     return first.clone()
 
 
+def read_statistics(plan: MergePlan, task: TensorTask) -> list[dict[str, torch.Tensor]] | None:
+    """The statistics of each non-base input of `task`, read from the plan's stores (None when
+    the task has none). Read as stored: Grams stay float64, whatever the merge dtype."""
+    if not task.statistics:
+        return None
+    out = []
+    for ref in task.statistics:
+        if ref is None:
+            raise MergeError(f"tensor `{task.name}`: statistics of only some sources")
+        store, entry = ref
+        out.append(plan.statistics[store].read(entry))
+    return out
+
+
 def merge_one(
     plan: MergePlan,
     task: TensorTask,
@@ -135,8 +149,10 @@ def merge_one(
     *,
     device: torch.device,
     seed: int,
+    statistics: list[dict[str, torch.Tensor]] | None = None,
 ) -> torch.Tensor:
-    """Merge one output tensor whole from its input tensors (in `task.inputs` order)."""
+    """Merge one output tensor whole from its input tensors (in `task.inputs` order) and, for
+    a method reading statistics, each non-base input's statistics (`read_statistics`)."""
     if not task.is_float:
         return _copy_non_float(task, tensors)
     cast, writable = cast_inputs(plan, task, tensors, device)
@@ -146,6 +162,8 @@ def merge_one(
     job.base = cast[task.base_index] if task.base_index is not None else None
     job.tensors = [t for i, t in enumerate(cast) if i != task.base_index]
     job.writable = writable
+    if statistics is not None:
+        job.statistics = [{k: v.to(device) for k, v in s.items()} for s in statistics]
     return _checked(plan, task, plan.method.kernel(job), task.shape)
 
 
@@ -316,6 +334,17 @@ def execute(
     outputs of a kernel) unless `allow_nonfinite`.
     """
     device = torch.device(device)
+    if plan.awaits_statistics:
+        raise MergeError(
+            f"method `{plan.method.name}` reads {', '.join(plan.method.statistics)} statistics, "
+            "which this plan lacks: run the statistics stage first (mergelab.merge and "
+            "mergelab.data_merge do; see mergelab.plan.stages)"
+        )
+    if plan.method.optimiser is not None:
+        raise MergeError(
+            f"method `{plan.method.name}` is optimised: execute its optimiser's output plan "
+            "(mergelab.plan.stages.prepare_plan)"
+        )
     if device.type == "cuda" and not torch.cuda.is_available():
         raise MergeError("--device cuda was asked for but no CUDA device is available")
     tune_allocator()
@@ -339,7 +368,7 @@ def execute(
         and (ranges := row_blocks(t.shape)) is not None
     }
 
-    def read_task(task: TensorTask) -> list[torch.Tensor] | None:
+    def read_task(task: TensorTask) -> tuple[list[torch.Tensor], list | None] | None:
         if task.name in blocked:
             return None  # read block by block when its turn comes
         t0 = time.perf_counter()
@@ -349,9 +378,13 @@ def execute(
             if not allow_nonfinite and not all_finite(tensor):
                 raise nonfinite_error(plan, key, name, tensor)
             out.append(tensor)
-        count_read(sum(t.numel() * t.element_size() for t in out))
+        statistics = read_statistics(plan, task)
+        nbytes = sum(t.numel() * t.element_size() for t in out)
+        for entry in statistics or ():
+            nbytes += sum(v.numel() * v.element_size() for v in entry.values())
+        count_read(nbytes)
         add("read", time.perf_counter() - t0)
-        return out
+        return out, statistics
 
     tasks = plan.tasks
     if workers is None:
@@ -365,10 +398,10 @@ def execute(
                 allow_nonfinite=allow_nonfinite, on_read=count_read,
             )
             return
-        inputs = read_task(task)
+        inputs, statistics = read_task(task)
         t0 = time.perf_counter()
-        merged = merge_one(plan, task, inputs, device=device, seed=seed)
-        del inputs
+        merged = merge_one(plan, task, inputs, device=device, seed=seed, statistics=statistics)
+        del inputs, statistics
         _check_output(plan, task, merged, allow_nonfinite)
         merged = merged.to(task.out_dtype)
         if merged.device.type != "cpu":

@@ -1,14 +1,16 @@
 """Data-aware merges: their pure kernels and their registry declarations.
 
 These methods need statistics of each model on data (Gram matrices, Fisher information) or an
-optimisation on data, so they are not per-tensor kernels of checkpoints alone: they run through
-`mergelab.data_merge` (mergelab.datamerge), which collects the statistics with mergelab.stats and
-then calls the closed forms below tensor by tensor. They are declared here, in the same
-registry as every other method, with `needs=("data",)` so listing, docs and config validation
-know them; a data-free merge refuses them with a message saying what to add. RegMean also
-declares a `gram_kernel` (`regmean_with_grams`): given each model's Gram of a tensor's layer it
-merges that tensor, which an expert-group merge (mergelab.plan.expert_groups) does with every
-member's Gram from a statistics folder.
+optimisation on data. They are ordinary registry methods: a declaration naming the statistics
+its kernel reads (`statistics=("gram",)`), or the optimisation stage whose output is a plan of
+another method (AdaMerging -> task arithmetic). The statistics stage (mergelab.stats.stage)
+collects the statistics before planning, the plan references them per tensor, and the engine
+hands each kernel below its tensors and their statistics (`TensorMerge.statistics`), exactly as
+it hands any other kernel its tensors. The kernels and closed forms here are pure.
+RegMean also declares a `gram_kernel` (`regmean_with_grams`): given each model's Gram of a
+tensor's layer it merges that tensor, which an expert-group merge (mergelab.plan.expert_groups)
+does with every member's Gram from a statistics folder; its registry `kernel` is the same math
+reading the Grams the engine hands it in `TensorMerge.statistics`.
 
 - RegMean: Jin et al. 2023, https://arxiv.org/abs/2212.09849
 - RegMean++: Nguyen et al. 2025, https://arxiv.org/abs/2508.03121
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -240,14 +243,70 @@ def fisher_average(
     return (num / den).to(tensors[0].dtype)
 
 
-# --- declarations ---------------------------------------------------------------------------------
+# --- kernels ---------------------------------------------------------------------------------------
 
 
-def _needs_data(task: TensorMerge) -> torch.Tensor:
-    raise MergeError(
-        f"`{task.name}`: this method needs data; run it through mergelab.data_merge or give the "
-        "config a `data:` section"
+@dataclass(frozen=True)
+class StatisticsGram:
+    """An `InputGram` from one entry of `TensorMerge.statistics` ({"gram", "rows"}): the Gram's
+    rank tells the layer ([vocab] token counts: embedding; [in, in]: linear; [groups, d, d]:
+    convolution)."""
+
+    gram: torch.Tensor
+    count: int
+
+    @property
+    def kind(self) -> str:
+        return {1: "embedding", 2: "linear"}.get(self.gram.dim(), "conv")
+
+    def mean(self) -> torch.Tensor:
+        return self.gram / max(self.count, 1)
+
+
+def grams_of(statistics: Sequence[Mapping[str, torch.Tensor]] | None) -> list[StatisticsGram] | None:
+    """Each source's Gram from a kernel's statistics (None: the tensor has none)."""
+    if statistics is None or any(s is None for s in statistics):
+        return None
+    return [StatisticsGram(s["gram"], int(s["rows"])) for s in statistics]
+
+
+def regmean_kernel(job: TensorMerge) -> torch.Tensor:
+    """RegMean (and RegMean++: the same closed form, other Grams) for one tensor, from the
+    statistics the engine hands it: `regmean_with_grams` on each source's Gram of the layer
+    owning the tensor (biases, norms and tensors without statistics: the average).
+
+    `scaling` (mergelab's extension, not in the paper) multiplies the merged task vector
+    (merge - base) like task arithmetic's lambda; RegMean is linear in the weights, so this is
+    RegMean of the task vectors, scaled. 1 is the paper's RegMean.
+    """
+    return regmean_with_grams(job, grams_of(job.statistics))
+
+
+def fisher_kernel(job: TensorMerge) -> torch.Tensor:
+    """Fisher merging of one tensor: `fisher_average` of each source's diagonal Fisher (divided
+    by that source's mean Fisher entry over all parameters when `normalize`); the average for
+    tensors without a Fisher (buffers, frozen parameters)."""
+    if job.statistics is None or any(s is None for s in job.statistics):
+        return average(job.tensors)
+    fishers = [s["fisher"] for s in job.statistics]
+    if bool(job.params["normalize"]):
+        fishers = [f / float(s["fisher_mean"]) for f, s in zip(fishers, job.statistics, strict=True)]
+    return fisher_average(
+        job.tensors,
+        [f.to(job.tensors[0].device) for f in fishers],
+        model_weights=[float(w) for w in job.per_model("weight")],
+        floor=float(job.params["fisher_floor"]),
     )
+
+
+def _optimised(job: TensorMerge) -> torch.Tensor:
+    raise MergeError(
+        f"`{job.name}`: this method is an optimisation whose output is a plan of another method; "
+        "run its optimiser first (mergelab.merge and mergelab.data_merge do)"
+    )
+
+
+# --- declarations ---------------------------------------------------------------------------------
 
 
 _ALPHA = Param(
@@ -295,11 +354,12 @@ register(
         title="RegMean: regression mean of linear layers from input Gram matrices",
         paper="Jin et al. 2023, Dataless Knowledge Fusion by Merging Weights of Language Models",
         url="https://arxiv.org/abs/2212.09849",
-        kernel=_needs_data,
+        kernel=regmean_kernel,
         params=(_ALPHA, _REGULARIZATION, _AVERAGE_GRAMS, _SCALING),
         base="optional",
         min_models=2,
         needs=("data",),
+        statistics=("gram",),
         check_params=_scaling_needs_base,
         gram_kernel=regmean_with_grams,
     )
@@ -311,11 +371,14 @@ register(
         paper="Nguyen et al. 2025, RegMean++: Enhancing Effectiveness and Generalization of "
         "Regression Mean for Model Merging",
         url="https://arxiv.org/abs/2508.03121",
-        kernel=_needs_data,
+        kernel=regmean_kernel,
         params=(_ALPHA, _REGULARIZATION, _AVERAGE_GRAMS, _SCALING),
         base="optional",
         min_models=2,
         needs=("data",),
+        statistics=("gram",),
+        collector="progressive",
+        check_params=_scaling_needs_base,
     )
 )
 register(
@@ -324,7 +387,7 @@ register(
         title="Fisher merging: parameters averaged with diagonal Fisher weights",
         paper="Matena & Raffel 2022, Merging Models with Fisher-Weighted Averaging",
         url="https://arxiv.org/abs/2111.09832",
-        kernel=_needs_data,
+        kernel=fisher_kernel,
         params=(
             Param("weight", float, 1.0, "Scalar weight of the model.", per_model=True, low=0.0),
             Param(
@@ -345,6 +408,7 @@ register(
         base="none",
         min_models=2,
         needs=("data",),
+        statistics=("fisher",),
     )
 )
 register(
@@ -353,11 +417,13 @@ register(
         title="AdaMerging (task-wise): one learned coefficient per task vector",
         paper="Yang et al. 2024, AdaMerging: Adaptive Model Merging for Multi-Task Learning",
         url="https://arxiv.org/abs/2310.02575",
-        kernel=_needs_data,
+        kernel=_optimised,
         params=_ADA,
         base="required",
         min_models=1,
         needs=("data",),
+        optimiser="adamerging",
+        optimiser_options=(("granularity", "task"),),
     )
 )
 register(
@@ -366,10 +432,12 @@ register(
         title="AdaMerging (layer-wise): one learned coefficient per task vector and tensor",
         paper="Yang et al. 2024, AdaMerging: Adaptive Model Merging for Multi-Task Learning",
         url="https://arxiv.org/abs/2310.02575",
-        kernel=_needs_data,
+        kernel=_optimised,
         params=_ADA,
         base="required",
         min_models=1,
         needs=("data",),
+        optimiser="adamerging",
+        optimiser_options=(("granularity", "layer"),),
     )
 )

@@ -72,6 +72,11 @@ class TensorMerge:
         this block holds; 0 for a whole tensor.
     writable: the engine made `tensors` for this merge alone (read from disk or cast), so a
         kernel may overwrite them in place to save memory; never true for a caller's tensors.
+    statistics: for a method declaring `statistics`, one mapping per entry of `tensors` (that
+        source's statistics of this tensor, e.g. {"gram": [in, in], "rows": []} of the layer
+        owning a weight), float64/float32 as stored, on the merge device; None when the
+        sources have no statistics for this tensor (biases, norms: kernels fall back to a
+        data-free rule, e.g. the average).
     """
 
     tensors: list[torch.Tensor]
@@ -82,6 +87,7 @@ class TensorMerge:
     name: str = ""
     row_start: int = 0
     writable: bool = False
+    statistics: list[Mapping[str, torch.Tensor]] | None = None
 
     def per_model(self, key: str) -> list[ParamValue]:
         return [p[key] for p in self.model_params]
@@ -158,8 +164,18 @@ class MergeMethod:
     min_models / max_models: how many non-base source models the method takes.
     blockwise: optional bounded-memory form of the kernel, used for large tensors.
     needs: inputs beyond the checkpoints, e.g. ("data",) for methods that run data through the
-        models (RegMean, Fisher, AdaMerging: see mergelab.datamerge); the data-free planner
-        refuses such methods unless the config has a `data:` section.
+        models (RegMean, Fisher, AdaMerging); the planner refuses such methods unless the config
+        has a `data:` section (or the caller supplies the data, as `mergelab.data_merge`).
+    statistics: the per-tensor statistics the kernel reads (kinds registered in
+        mergelab.stats.kinds, e.g. ("gram",) or ("fisher",)): a statistics stage collects them
+        from the data before planning (or loads a statistics folder), the plan references them
+        per tensor and the engine hands them to the kernel in `TensorMerge.statistics`.
+    collector: name of a registered statistics collector (mergelab.stats.stage) that gathers
+        `statistics` differently from the default (each source on its own data), e.g.
+        "progressive" (RegMean++: Grams collected in the partially merged model).
+    optimiser: name of a registered optimisation stage (mergelab.plan.stages) whose output is a
+        plan of another method (AdaMerging: per-tensor task-arithmetic coefficients); such a
+        method's own kernel is never called. `optimiser_options` are handed to that stage.
     check_model_params: optional check of constraints *between* parameters that single-`Param`
         ranges cannot express; called with one source's resolved per-model params, returns a
         problem message or None (e.g. DELLA: `density` +/- `epsilon` must lie in (0, 1)).
@@ -188,6 +204,15 @@ class MergeMethod:
     needs: tuple[str, ...] = ()
     check_params: Callable[[Mapping[str, ParamValue], bool], str | None] | None = None
     gram_kernel: GramKernel | None = None
+    statistics: tuple[str, ...] = ()
+    collector: str | None = None
+    optimiser: str | None = None
+    optimiser_options: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def needs_data(self) -> bool:
+        """Whether the method runs data through the models (statistics or an optimiser)."""
+        return "data" in self.needs
 
     def param(self, name: str) -> Param | None:
         for p in self.params:

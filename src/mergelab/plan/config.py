@@ -74,11 +74,14 @@ class OutputSlice(_Frozen):
 
 
 class DataSection(_Frozen):
-    """Data for data-aware methods (RegMean, Fisher, AdaMerging; see mergelab.datamerge).
+    """Data for data-aware methods (RegMean, Fisher, AdaMerging; see mergelab.stats.stage).
 
     Each source model gets its own task's data: give `task` (one for all models) or `tasks`
     (one per entry of `models`, in order). A task is a registered task name (`mergelab.eval`),
     `csv:PATH` or a path to a CSV file with `text` and `label` columns.
+    `statistics` names statistics folders (one per entry of `models`, or one parent folder
+    holding a subfolder per model named after the model's folder): folders that exist are
+    loaded and no data is run; missing ones are collected from the task(s) and saved there.
     """
 
     task: str | None = Field(default=None, description="Task name or CSV path for every model.")
@@ -92,11 +95,18 @@ class DataSection(_Frozen):
     batch_size: int = Field(default=16, ge=1, description="Examples per batch.")
     max_length: int = Field(default=64, ge=1, description="Tokens per text (longer are cut).")
     seed: int = Field(default=0, description="Seed of the split and of sampled Fisher labels.")
+    statistics: str | list[str] | None = Field(
+        default=None,
+        description="Statistics folders to load (or to save collected statistics into): one "
+        "per model, or one parent folder with a subfolder per model.",
+    )
 
     @model_validator(mode="after")
     def _one_task_form(self) -> DataSection:
-        if (self.task is None) == (self.tasks is None):
+        if self.task is not None and self.tasks is not None:
             raise ValueError("give exactly one of `task` and `tasks`")
+        if self.task is None and self.tasks is None and self.statistics is None:
+            raise ValueError("give `task`, `tasks` or `statistics`")
         if self.tasks is not None and not self.tasks:
             raise ValueError("`tasks` is empty")
         return self

@@ -378,7 +378,8 @@ def bind_grams(method: MergeMethod, grams_of: GramsOf) -> MergeMethod:
     def kernel(task: TensorMerge) -> torch.Tensor:
         return gram_kernel(task, grams_of(task.name))
 
-    return dataclasses.replace(method, kernel=kernel, blockwise=None)
+    # The Grams are bound here: the plan carries no statistics references for the engine.
+    return dataclasses.replace(method, kernel=kernel, blockwise=None, statistics=(), collector=None)
 
 
 def _open_gram_folder(path: str) -> GramLookup:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -60,6 +61,10 @@ class TensorTask:
     model_params: per-model parameters of each non-base input, in order.
     copied: the single input is written unchanged (cast like any merge input), without calling
         the method: tensors outside every expert group.
+    statistics: for a method declaring `statistics`, one lazy reference per non-base input:
+        (key of a store in `MergePlan.statistics`, entry in it), or None where that source has
+        no statistics of this tensor; empty when the method reads none. The engine reads the
+        entries next to the tensors.
     """
 
     name: str
@@ -71,6 +76,7 @@ class TensorTask:
     params: dict[str, ParamValue]
     is_float: bool = True
     copied: bool = False
+    statistics: tuple[tuple[str, str] | None, ...] = ()
 
     @property
     def numel(self) -> int:
@@ -97,6 +103,23 @@ class MergePlan:
     tokenizer_donor: str | None
     out_config: dict | None
     notes: list[str] = field(default_factory=list)
+    statistics: dict[str, Any] = field(default_factory=dict)  # store key -> StatisticsSource
+    config_dir: Path | None = None  # where relative paths of the config (data:) resolve
+
+    @property
+    def merged_sources(self) -> list[str]:
+        """Keys of the sources whose tensors the kernel merges (the base excluded), in order."""
+        out: dict[str, None] = {}
+        for task in self.tasks:
+            for i, (key, _) in enumerate(task.inputs):
+                if i != task.base_index:
+                    out.setdefault(key)
+        return list(out)
+
+    @property
+    def awaits_statistics(self) -> bool:
+        """The method reads statistics that are not attached yet (see `attach_statistics`)."""
+        return bool(self.method.statistics) and not self.statistics
 
     def input_nbytes(self, task: TensorTask) -> int:
         total = 0
@@ -155,6 +178,7 @@ def build_plan(
     *,
     source_label: str | None = None,
     open_grams: Callable[[str], expert_groups.GramLookup] | None = None,
+    data_supplied: bool = False,
 ) -> MergePlan:
     """Validate `config` against its sources and return the per-tensor plan.
 
@@ -162,6 +186,11 @@ def build_plan(
         state dict for in-memory merges); it raises CheckpointError for sources that cannot open.
     open_grams: maps `expert_groups.grams` to its Gram matrices (module name -> Gram); default:
         mergelab.stats.GramStore, a lazy reader of a statistics folder.
+    data_supplied: the caller brings the data of a data-aware method itself (mergelab.data_merge),
+        so the config needs no `data:` section.
+    A data-aware method's plan is complete except for its statistics (`awaits_statistics`),
+    which the statistics stage attaches (`attach_statistics`); an optimised method's plan is
+    validated here and replaced by its optimiser's output plan.
     Raises ConfigError listing every problem found.
     """
     problems = _Problems()
@@ -170,7 +199,7 @@ def build_plan(
     except KeyError as exc:
         raise ConfigError([f"merge_method: {exc.args[0]}"], source_label) from None
 
-    _check_data_section(config, method, problems)
+    _check_data_section(config, method, problems, data_supplied)
     _check_parameter_settings(config, method, problems)
     groups = config.expert_groups is not None
     if groups:
@@ -240,26 +269,105 @@ def _open_sources(
     return sources
 
 
-def _check_data_section(config: MergeConfig, method: MergeMethod, problems: _Problems) -> None:
+def _check_data_section(
+    config: MergeConfig, method: MergeMethod, problems: _Problems, data_supplied: bool
+) -> None:
     if config.expert_groups is not None:
         # Copies inside one model: their statistics come from `expert_groups.grams`.
         problems.extend(expert_groups.check_statistics(config, method))
         return
-    # Data-aware methods run through mergelab.datamerge, never through this per-tensor plan.
-    if "data" in method.needs:
-        if config.data is None:
+    data = config.data
+    if not method.needs_data:
+        if data is not None:
+            problems.add(f"data: `{method.name}` uses no data; remove the `data:` section")
+        return
+    if data is None:
+        if not data_supplied:
             problems.add(
                 f"merge_method: `{method.name}` needs data: add a `data:` section naming a task "
-                "or a dataset path (e.g. `data: {task: sentiment}`), or call mergelab.data_merge"
+                "or a dataset path (e.g. `data: {task: sentiment}`) or statistics folders "
+                "(`data: {statistics: [...]}`), or call mergelab.data_merge"
             )
-        else:
+        return
+    if config.slices is not None:
+        problems.add("slices: data-aware methods merge whole models; use `models`")
+        return
+    n = len(config.models or ())
+    if data.tasks is not None and len(data.tasks) != n:
+        problems.add(f"data.tasks: {len(data.tasks)} task(s) for {n} model(s)")
+    if isinstance(data.statistics, list) and len(data.statistics) != n:
+        problems.add(f"data.statistics: {len(data.statistics)} folder(s) for {n} model(s)")
+    if data.statistics is not None and not method.statistics:
+        problems.add(
+            f"data.statistics: `{method.name}` learns from the data itself and reads no statistics"
+        )
+    if method.optimiser is not None:
+        for path, settings, _ in _parameter_scopes(config):
+            for name, setting in settings.items():
+                if isinstance(setting, (list, dict)) or hasattr(setting, "model_dump"):
+                    problems.add(
+                        f"{path}.{name}: `{method.name}` is optimised once for the whole merge; "
+                        "give a single value (no gradients or filters)"
+                    )
+
+
+def attach_statistics(
+    plan: MergePlan, stores: Mapping[str, Mapping[str, Any]], *, source_label: str | None = None
+) -> MergePlan:
+    """The plan with each task's lazy statistics references filled in.
+
+    stores: merged source key -> statistics kind -> StatisticsSource (mergelab.stats.store),
+        one per kind the method declares. A tensor gets a reference per source where that
+        source's store holds an entry for it; a tensor whose statistics some sources have and
+        others lack is an error, as is a source or kind without a store (all listed).
+    Returns a new MergePlan sharing the sources; the input plan is unchanged.
+    """
+    import dataclasses
+
+    problems = _Problems()
+    kinds = plan.method.statistics
+    if len(kinds) != 1:
+        raise ConfigError(
+            [f"merge_method: `{plan.method.name}` declares statistics {list(kinds)}; a plan "
+             "carries exactly one kind per tensor"], source_label,
+        )
+    (kind,) = kinds
+    merged = plan.merged_sources
+    store_keys: dict[str, str] = {}
+    table: dict[str, Any] = {}
+    for key in merged:
+        store = (stores.get(key) or {}).get(kind)
+        if store is None:
+            problems.add(f"model {key!r}: no {kind} statistics (collect them or name a folder)")
+            continue
+        store_keys[key] = f"{key}#{kind}"
+        table[store_keys[key]] = store
+    if problems:
+        raise ConfigError(problems.items, source_label)
+    tasks = []
+    for task in plan.tasks:
+        refs: list[tuple[str, str] | None] = []
+        for i, (key, name) in enumerate(task.inputs):
+            if i == task.base_index:
+                continue
+            entry = table[store_keys[key]].entry_for(name) if task.is_float else None
+            refs.append(None if entry is None else (store_keys[key], entry))
+        present = [r is not None for r in refs]
+        if any(present) and not all(present):
+            lacking = [k for (k, _), p in zip(
+                [inp for j, inp in enumerate(task.inputs) if j != task.base_index], present
+            ) if not p]
             problems.add(
-                f"merge_method: `{method.name}` runs data through the models, which only "
-                "`mergelab merge` (mergelab.merge) with its `data:` section or mergelab.data_merge "
-                "do; a per-tensor plan (dry run, validate, merge_state_dicts) cannot"
+                f"tensor `{task.name}` has {kind} statistics in some sources but not in "
+                f"{', '.join(map(repr, lacking))}"
             )
-    elif config.data is not None:
-        problems.add(f"data: `{method.name}` uses no data; remove the `data:` section")
+        tasks.append(dataclasses.replace(task, statistics=tuple(refs) if any(present) else ()))
+    if problems:
+        raise ConfigError(problems.items, source_label)
+    with_stats = sum(1 for t in tasks if t.statistics)
+    notes = [*plan.notes, f"{with_stats} of {len(tasks)} tensors merged with {kind} statistics; "
+             "the others by the method's data-free rule"]
+    return dataclasses.replace(plan, tasks=tasks, statistics=table, notes=notes)
 
 
 def _parameter_scopes(config: MergeConfig) -> list[tuple[str, Parameters, bool]]:
@@ -619,8 +727,11 @@ def _output_config(
 
 
 def describe_plan(plan: MergePlan) -> dict[str, Any]:
-    """A JSON-able summary for `--dry-run`."""
+    """A JSON-able summary for `--dry-run` (with the data stage a data-aware method will run)."""
+    from mergelab.plan.stages import describe_data_stage
+
     return {
+        "data_stage": describe_data_stage(plan, plan.config_dir),
         "method": plan.method.name,
         "sources": {k: str(getattr(s, "path", k)) for k, s in plan.sources.items()},
         "tensors": len(plan.tasks),

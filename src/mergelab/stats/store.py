@@ -1,9 +1,15 @@
-"""Statistics on disk: one safetensors file plus a JSON description, written atomically.
+"""Statistics of one model on one data set, on disk or in memory, read one entry at a time.
 
-A folder holds the Grams of one model on one data set (`grams.safetensors`: one float64 tensor
-per layer, named by module; `stats.json`: kind and row count per layer, examples, batches). The
-streaming RegMean (mergelab.datamerge.streaming) reads one layer at a time from it, so models
-whose statistics do not fit in memory at once can still be merged.
+A statistics folder holds one safetensors file plus a JSON description, written atomically:
+Grams (`grams.safetensors`: one float64 tensor per layer, named by module; `stats.json`: kind
+and row count per layer, examples, batches) or a diagonal Fisher (`fisher.safetensors`: one
+tensor per parameter; `stats.json`: examples and the mean Fisher entry).
+
+Every store, on disk or in memory, is a `StatisticsSource`: the planner asks it which entry
+holds a tensor's statistics (`entry_for`), the plan keeps that reference, and the engine reads
+the entry (`read`) next to the tensors when their turn comes, so memory stays bounded by a few
+entries whatever the size of the model. Expert-group methods can point any tensor at any entry
+("the Gram of module X of source S") through the same `read`.
 """
 
 from __future__ import annotations
@@ -12,12 +18,15 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from mergelab.checkpoint.writer import move_into_place
 from mergelab.errors import CheckpointError
 from mergelab.stats.gram import GramStats, LayerGram
 
@@ -27,27 +36,69 @@ INFO_FILE = "stats.json"
 FORMAT = 1
 
 
+class StatisticsSource(Protocol):
+    """Lazy access to one source model's statistics of one kind."""
+
+    kind: str
+    examples: int
+
+    def entry_for(self, tensor_name: str) -> str | None:
+        """The entry holding this tensor's statistics, or None (the tensor has none)."""
+        ...
+
+    def read(self, entry: str) -> dict[str, torch.Tensor]:
+        """The statistics of one entry, as the kernels read them (see each kind)."""
+        ...
+
+    def entry_nbytes(self, entry: str) -> int: ...
+
+
 def _atomic_folder(out_dir: str | os.PathLike, write) -> Path:
-    """Write into a temporary sibling folder with `write(tmp)`, then rename it into place."""
+    """Write into a temporary sibling folder with `write(tmp)`, then move it into place with
+    the checkpoint writer's atomic step (an existing statistics folder is replaced, never
+    lost: see `mergelab.checkpoint.writer.move_into_place`)."""
     final = Path(out_dir).expanduser().resolve()
+    if final.exists() and not (final / INFO_FILE).is_file():
+        # Replace an older statistics folder only if it is one (never an arbitrary folder).
+        raise CheckpointError(f"{final} exists and is not a statistics folder")
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
     try:
         write(tmp)
-        if final.exists():
-            # Replace an older statistics folder only if it is one (never an arbitrary folder).
-            if not (final / INFO_FILE).is_file():
-                raise CheckpointError(f"{final} exists and is not a statistics folder")
-            old = final.with_name(f".{final.name}.old-{os.getpid()}")
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
+        move_into_place(tmp, final, overwrite=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
+
+
+def _read_info(folder: Path, data_file: str, kind: str, what: str) -> dict:
+    info_path = folder / INFO_FILE
+    if not info_path.is_file() or not (folder / data_file).is_file():
+        raise CheckpointError(f"{folder} is not a {what} statistics folder (needs {INFO_FILE} and {data_file})")
+    try:
+        info = json.loads(info_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{info_path} is not valid JSON: {exc}") from None
+    if info.get("kind") != kind:
+        raise CheckpointError(f"{info_path} does not describe {what} statistics")
+    return info
+
+
+# --- Gram matrices (RegMean) ------------------------------------------------------------------------
+
+
+def gram_entry_for(tensor_name: str, layers) -> str | None:
+    """A weight's statistics are its owning module's Gram (`fc.weight` -> `fc`)."""
+    owner, _, leaf = tensor_name.rpartition(".")
+    if leaf == "weight" and owner in layers:
+        return owner
+    return None
+
+
+def gram_statistics(layer: LayerGram) -> dict[str, torch.Tensor]:
+    """A layer's Gram as the kernels read it: {"gram": the sum, "rows": its row count}."""
+    return {"gram": layer.gram, "rows": torch.tensor(layer.count, dtype=torch.int64)}
 
 
 def save_grams(stats: GramStats, out_dir: str | os.PathLike) -> Path:
@@ -69,22 +120,14 @@ def save_grams(stats: GramStats, out_dir: str | os.PathLike) -> Path:
 
 
 class GramStore:
-    """Lazy reader of a statistics folder: one layer's Gram at a time."""
+    """Lazy reader of a Gram statistics folder: one layer's Gram at a time."""
+
+    kind = "gram"
 
     def __init__(self, folder: str | os.PathLike):
         self.folder = Path(folder)
-        info_path = self.folder / INFO_FILE
+        self.info = _read_info(self.folder, GRAMS_FILE, "grams", "Gram")
         grams_path = self.folder / GRAMS_FILE
-        if not info_path.is_file() or not grams_path.is_file():
-            raise CheckpointError(
-                f"{self.folder} is not a Gram statistics folder (needs {INFO_FILE} and {GRAMS_FILE})"
-            )
-        try:
-            self.info = json.loads(info_path.read_text())
-        except json.JSONDecodeError as exc:
-            raise CheckpointError(f"{info_path} is not valid JSON: {exc}") from None
-        if self.info.get("kind") != "grams":
-            raise CheckpointError(f"{info_path} does not describe Gram statistics")
         self._file = safe_open(str(grams_path), framework="pt")
         missing = sorted(set(self.info["layers"]) - set(self._file.keys()))
         if missing:
@@ -104,6 +147,48 @@ class GramStore:
         meta = self.info["layers"][name]
         return LayerGram(meta["kind"], self._file.get_tensor(name), int(meta["count"]))
 
+    def entry_for(self, tensor_name: str) -> str | None:
+        return gram_entry_for(tensor_name, self.info["layers"])
+
+    def read(self, entry: str) -> dict[str, torch.Tensor]:
+        return gram_statistics(self.get(entry))
+
+    def entry_nbytes(self, entry: str) -> int:
+        shape = self._file.get_slice(entry).get_shape()
+        n = 8
+        for s in shape:
+            n *= s
+        return n
+
+
+class MemoryGrams:
+    """A GramStats in memory behind the same interface as `GramStore`."""
+
+    kind = "gram"
+
+    def __init__(self, stats: GramStats):
+        self.stats = stats
+
+    @property
+    def examples(self) -> int:
+        return self.stats.examples
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.stats.layers
+
+    def get(self, name: str) -> LayerGram:
+        return self.stats.layers[name]
+
+    def entry_for(self, tensor_name: str) -> str | None:
+        return gram_entry_for(tensor_name, self.stats.layers)
+
+    def read(self, entry: str) -> dict[str, torch.Tensor]:
+        return gram_statistics(self.stats.layers[entry])
+
+    def entry_nbytes(self, entry: str) -> int:
+        g = self.stats.layers[entry].gram
+        return g.numel() * g.element_size()
+
 
 def load_grams(folder: str | os.PathLike) -> GramStats:
     """Read a whole statistics folder into memory."""
@@ -112,10 +197,21 @@ def load_grams(folder: str | os.PathLike) -> GramStats:
     return GramStats(layers=layers, examples=store.examples, batches=int(store.info["batches"]))
 
 
+# --- diagonal Fisher (Fisher merging) ---------------------------------------------------------------
+
+
+def fisher_mean(fisher: Mapping[str, torch.Tensor]) -> float:
+    """The mean Fisher entry over every parameter (1 for an all-zero Fisher): what Fisher
+    merging's `normalize` divides each model's Fisher by."""
+    total = sum(float(f.double().sum()) for f in fisher.values())
+    count = sum(f.numel() for f in fisher.values())
+    return total / count if count and total > 0 else 1.0
+
+
 def save_fisher(fisher: dict[str, torch.Tensor], examples: int, out_dir: str | os.PathLike) -> Path:
     """Write a diagonal Fisher (parameter name -> tensor) to `out_dir`, atomically."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in fisher.items()}
-    info = {"format": FORMAT, "kind": "fisher", "examples": examples}
+    info = {"format": FORMAT, "kind": "fisher", "examples": examples, "mean": fisher_mean(tensors)}
 
     def write(tmp: Path) -> None:
         save_file(tensors, str(tmp / FISHER_FILE), metadata={"format": "pt"})
@@ -124,15 +220,76 @@ def save_fisher(fisher: dict[str, torch.Tensor], examples: int, out_dir: str | o
     return _atomic_folder(out_dir, write)
 
 
+def _fisher_statistics(fisher: torch.Tensor, mean: float) -> dict[str, torch.Tensor]:
+    return {"fisher": fisher, "fisher_mean": torch.tensor(mean, dtype=torch.float64)}
+
+
+class FisherStore:
+    """Lazy reader of a Fisher statistics folder: one parameter's Fisher at a time."""
+
+    kind = "fisher"
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = Path(folder)
+        self.info = _read_info(self.folder, FISHER_FILE, "fisher", "Fisher")
+        self._file = safe_open(str(self.folder / FISHER_FILE), framework="pt")
+        self._names = set(self._file.keys())
+        if "mean" not in self.info:  # folders written before the mean was recorded
+            self.info["mean"] = fisher_mean({k: self._file.get_tensor(k) for k in self._names})
+
+    @property
+    def examples(self) -> int:
+        return int(self.info["examples"])
+
+    def entry_for(self, tensor_name: str) -> str | None:
+        return tensor_name if tensor_name in self._names else None
+
+    def read(self, entry: str) -> dict[str, torch.Tensor]:
+        return _fisher_statistics(self._file.get_tensor(entry), float(self.info["mean"]))
+
+    def entry_nbytes(self, entry: str) -> int:
+        n = 4
+        for s in self._file.get_slice(entry).get_shape():
+            n *= s
+        return n
+
+
+class MemoryFisher:
+    """A diagonal Fisher in memory behind the same interface as `FisherStore`."""
+
+    kind = "fisher"
+
+    def __init__(self, fisher: Mapping[str, torch.Tensor], examples: int):
+        self.fisher = dict(fisher)
+        self.examples = examples
+        self.mean = fisher_mean(self.fisher)
+
+    def entry_for(self, tensor_name: str) -> str | None:
+        return tensor_name if tensor_name in self.fisher else None
+
+    def read(self, entry: str) -> dict[str, torch.Tensor]:
+        return _fisher_statistics(self.fisher[entry], self.mean)
+
+    def entry_nbytes(self, entry: str) -> int:
+        f = self.fisher[entry]
+        return f.numel() * f.element_size()
+
+
 def load_fisher(folder: str | os.PathLike) -> tuple[dict[str, torch.Tensor], int]:
     """Read a Fisher written by `save_fisher`: (parameter name -> tensor, examples)."""
-    folder = Path(folder)
-    info_path, data_path = folder / INFO_FILE, folder / FISHER_FILE
-    if not info_path.is_file() or not data_path.is_file():
-        raise CheckpointError(f"{folder} is not a Fisher statistics folder (needs {INFO_FILE} and {FISHER_FILE})")
-    info = json.loads(info_path.read_text())
-    if info.get("kind") != "fisher":
-        raise CheckpointError(f"{info_path} does not describe a Fisher")
-    from safetensors.torch import load_file
+    store = FisherStore(folder)
+    return {k: store._file.get_tensor(k) for k in sorted(store._names)}, store.examples
 
-    return load_file(str(data_path)), int(info["examples"])
+
+def open_statistics(folder: str | os.PathLike) -> StatisticsSource:
+    """Open a statistics folder of any kind (Grams or Fisher), lazily."""
+    info_path = Path(folder) / INFO_FILE
+    kind = None
+    if info_path.is_file():
+        try:
+            kind = json.loads(info_path.read_text()).get("kind")
+        except json.JSONDecodeError as exc:
+            raise CheckpointError(f"{info_path} is not valid JSON: {exc}") from None
+    if kind == "fisher":
+        return FisherStore(folder)
+    return GramStore(folder)

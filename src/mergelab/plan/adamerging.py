@@ -1,4 +1,5 @@
-"""AdaMerging (Yang et al. 2024, https://arxiv.org/abs/2310.02575) on any torch module.
+"""AdaMerging (Yang et al. 2024, https://arxiv.org/abs/2310.02575): an optimiser whose output
+is a plan.
 
 The merged model is theta = theta_0 + sum_k lambda_k tau_k (task-wise: one lambda per task
 vector tau_k = theta_k - theta_0; layer-wise: one per task vector and tensor, as the paper's code
@@ -6,6 +7,11 @@ does). The lambdas are learned by minimising the Shannon entropy of each task he
 on that task's unlabeled inputs, summed over tasks: the paper shows entropy tracks the error
 rate. The merged weights stay a differentiable function of the lambdas through
 `torch.func.functional_call`, so the models themselves are never modified.
+
+The result is not weights but a plain task-arithmetic config (`coefficients_config`): each
+model's `weight` per tensor, through the config's name filters, which `mergelab merge` (or
+`merge_state_dicts`) turns into the merged weights; the floats are written so that they read
+back exactly, so the saved YAML reproduces the weights bit for bit.
 """
 
 from __future__ import annotations
@@ -30,7 +36,8 @@ StateDict = Mapping[str, torch.Tensor]
 @dataclass
 class AdaMergingResult:
     """coefficients: [tasks] (task-wise) or [tasks, tensors] (layer-wise), in `tasks` order;
-    tensor_names: the tensors the columns of a layer-wise result refer to."""
+    tensor_names: the tensors the columns of a layer-wise result refer to; state_dict: the
+    optimiser's own view of the merged weights (the engine's, from the config, is the result)."""
 
     state_dict: dict[str, torch.Tensor]
     coefficients: torch.Tensor
@@ -162,3 +169,79 @@ def unique_examples(data: Mapping[str, TaskData], tasks: Sequence[str]) -> dict[
     for t in tasks:
         out[t] = sum(batch_size(split_batch(b)[0]) for b in data[t].iterate())
     return out
+
+
+def coefficients_config(
+    config,
+    tasks: Sequence[str],
+    coefficients: torch.Tensor,
+    tensor_names: Sequence[str],
+):
+    """The task-arithmetic MergeConfig applying learned coefficients: theta_0 + sum_k w_k tau_k.
+
+    config: the AdaMerging config (its models, base, dtypes and tokenizer are kept; `data:`
+        and the optimiser's parameters are dropped).
+    tasks: model keys, in the order of the coefficients' rows.
+    coefficients: [tasks] (one `weight` per model) or [tasks, tensors] (a `weight` per tensor
+        through name filters; tensors without a coefficient, whose task vectors are zero, get 0).
+    Filters match substrings, first match first: entries are ordered longest name first, so a
+    tensor's own name is the first filter it contains (a shorter name inside it comes later).
+    """
+    from mergelab.plan.config import MergeConfig
+
+    values = coefficients.detach().cpu().double()
+    models = []
+    for i, task in enumerate(tasks):
+        if values.dim() == 1:
+            weight = float(values[i])
+        else:
+            order = sorted(range(len(tensor_names)), key=lambda j: (-len(tensor_names[j]), tensor_names[j]))
+            weight = [{"filter": tensor_names[j], "value": float(values[i, j])} for j in order]
+            weight.append({"value": 0.0})
+        models.append({"model": task, "parameters": {"weight": weight}})
+    listed = {m["model"] for m in models}
+    if config.base_model not in listed:
+        models.append({"model": config.base_model})
+    dumped = config.model_dump(exclude_none=True, mode="json")
+    for key in ("data", "parameters", "models", "merge_method", "name"):
+        dumped.pop(key, None)
+    return MergeConfig.model_validate(
+        {
+            "merge_method": "task_arithmetic",
+            "models": models,
+            "parameters": {"lambda": 1.0, "normalize": False},
+            "name": f"{config.merge_method} coefficients (learned on data)",
+            **dumped,
+        }
+    )
+
+
+def optimise(plan, provider, options, folders=None):
+    """The `adamerging` optimisation stage: learn the coefficients on the provider's data and
+    return (the task-arithmetic config that applies them, the AdaMergingResult)."""
+    from mergelab.stats.stage import load_weights, source_weights, task_on_device, working_module
+
+    granularity = dict(plan.method.optimiser_options).get("granularity", "task")
+    params = plan.tasks[0].params if plan.tasks else {}
+    tasks = plan.merged_sources
+    base_key = plan.config.base_model
+    names = [n for t in plan.tasks for i, (k, n) in enumerate(t.inputs) if i == t.base_index]
+    base = {n: plan.sources[base_key].get(n) for n in names}
+    finetuned = {k: source_weights(plan, k) for k in tasks}
+    module = working_module(provider, options.device)
+    load_weights(module, base)
+    data = {k: task_on_device(provider.task_data(k), options.device) for k in tasks}
+    result = adamerging(
+        module,
+        base,
+        finetuned,
+        data,
+        granularity=granularity,
+        steps=int(params["steps"]),
+        lr=float(params["lr"]),
+        init=float(params["init"]),
+        clamp=bool(params["clamp"]),
+        device=options.device,
+        progress=options.progress,
+    )
+    return coefficients_config(plan.config, tasks, result.coefficients, result.tensor_names), result
