@@ -1,4 +1,5 @@
-"""Data-aware merges (mergelab.datamerge): exact closed forms, properties and bad input."""
+"""Data-aware merges (mergelab.data_merge and `mergelab merge` with `data:`): exact closed forms,
+properties and bad input."""
 
 from __future__ import annotations
 
@@ -7,11 +8,11 @@ import warnings
 
 import pytest
 import torch
+import yaml
 from torch import nn
 
 import mergelab
 from mergelab.datamerge import TaskData, data_merge
-from mergelab.datamerge.streaming import regmean_from_disk
 from mergelab.errors import CheckpointError, ConfigError, MergeError
 from mergelab.methods import get_method
 from mergelab.methods.data_aware import (
@@ -99,7 +100,7 @@ def test_singular_gram_is_regularised_with_a_warning_naming_the_layer():
         sds[f"m{i}"] = {"0.weight": torch.randn(2, 3, generator=_gen(i))}
     x = torch.randn(8, 3, generator=_gen(5))
     x[:, 2] = 0.0  # feature 2 is never active: column 2 of W is undetermined
-    with pytest.warns(SingularGramWarning, match=r"1 layer\(s\) is singular: `0`"):
+    with pytest.warns(SingularGramWarning, match=r"summed Gram of layer `0` is singular"):
         result = data_merge("regmean", module, sds, {"m0": [x], "m1": [x]}, alpha=1.0)
     merged = result.state_dict["0.weight"]
     average = (sds["m0"]["0.weight"] + sds["m1"]["0.weight"]) / 2
@@ -281,12 +282,12 @@ def test_bad_input_is_reported_clearly():
         data_merge("regmean", encoder, sds, {"t0": data["t0"]})
     with pytest.raises(ConfigError, match="`alpha` must be in"):
         data_merge("regmean", encoder, sds, data, alpha=1.5)
-    with pytest.raises(ConfigError, match="`density` is not a global parameter"):
+    with pytest.raises(ConfigError, match="parameters.density: unknown parameter of method `regmean`"):
         data_merge("regmean", encoder, sds, data, density=0.5)
     with pytest.raises(ConfigError, match="needs no data"):
         data_merge("ties", encoder, sds, data)
     bad = {"t0": sds["t0"], "t1": {**sds["t1"], "0.weight": torch.zeros(2, 2)}}
-    with pytest.raises(ConfigError, match=r"`0.weight` has shape \[2, 2\]"):
+    with pytest.raises(ConfigError, match=r"tensor `0.weight`: shape \[2, 2\] in model 't1' differs"):
         data_merge("regmean", encoder, bad, data)
     with pytest.raises(DataError, match="yielded no batch"):
         data_merge("regmean", encoder, sds, {"t0": [], "t1": data["t1"]})
@@ -316,7 +317,8 @@ def test_data_free_merge_refuses_data_aware_methods():
     assert get_method("ties").needs == ()
 
 
-def test_statistics_on_disk_then_streaming_regmean_equals_in_memory(tmp_path):
+def test_statistics_on_disk_then_plain_mergelab_merge_equals_in_memory(tmp_path):
+    """Streaming RegMean from statistics folders is an ordinary config run by the engine."""
     from safetensors.torch import save_file
 
     torch.manual_seed(0)
@@ -334,32 +336,49 @@ def test_statistics_on_disk_then_streaming_regmean_equals_in_memory(tmp_path):
         save_file(sds[f"m{i}"], str(folder / "model.safetensors"))
         folders.append(folder)
     in_memory = data_merge("regmean", base, sds, data, stats_dir=str(tmp_path / "stats"))
-    report = regmean_from_disk(
-        folders, [tmp_path / "stats" / "m0", tmp_path / "stats" / "m1"], tmp_path / "out",
-        progress=False,
-    )
-    assert report.tensors == 4 and report.regmean_tensors == 2
+    stats = [str(tmp_path / "stats" / f"m{i}") for i in range(2)]
+    config = {
+        "merge_method": "regmean",
+        "models": [{"model": str(f)} for f in folders],
+        "data": {"statistics": stats},
+    }
+    report = mergelab.merge(config, tmp_path / "out", progress=False)
+    assert report.tensors == 4
+    assert any("2 of 4 tensors merged with gram statistics" in n for n in report.notes), report.notes
     merged = mergelab.checkpoint.open_checkpoint(tmp_path / "out")
     for k, v in in_memory.state_dict.items():
-        assert torch.allclose(merged.get(k), v, atol=1e-6), k
-    with pytest.raises(CheckpointError, match="one statistics folder per checkpoint"):
-        regmean_from_disk(folders, [tmp_path / "stats" / "m0"], tmp_path / "out2")
-    with pytest.raises(CheckpointError, match="not a Gram statistics folder"):
-        regmean_from_disk(folders, [tmp_path, tmp_path], tmp_path / "out3")
-    assert not (tmp_path / "out2").exists() and not (tmp_path / "out3").exists()
-    # The same through the CLI.
+        assert torch.equal(merged.get(k), v), k  # the same engine and kernel: bit for bit
+    # A parent folder with one subfolder per model (named after the model's folder) works too.
+    (tmp_path / "by_name").mkdir()
+    for i in range(2):
+        (tmp_path / "stats" / f"m{i}").rename(tmp_path / "by_name" / f"m{i}")
+    parent = {**config, "data": {"statistics": str(tmp_path / "by_name")}}
+    mergelab.merge(parent, tmp_path / "out_parent", progress=False)
+    again = mergelab.checkpoint.open_checkpoint(tmp_path / "out_parent")
+    assert all(torch.equal(again.get(k), merged.get(k)) for k in in_memory.state_dict)
+    with pytest.raises(ConfigError, match=r"data.statistics: 1 folder\(s\) for 2 model\(s\)"):
+        mergelab.merge({**config, "data": {"statistics": stats[:1]}}, tmp_path / "out2")
+    with pytest.raises(ConfigError, match="exists and is not a statistics folder"):
+        mergelab.merge({**config, "data": {"statistics": [str(tmp_path)] * 2}}, tmp_path / "out3")
+    with pytest.raises(ConfigError, match="give `task` or `tasks` to collect them"):
+        missing = [str(tmp_path / "nowhere" / f"m{i}") for i in range(2)]
+        mergelab.merge({**config, "data": {"statistics": missing}}, tmp_path / "out4")
+    assert not any((tmp_path / f"out{i}").exists() for i in (2, 3, 4))
+    # The same through the CLI: validate and --dry-run say what will be read, merge runs it.
     from typer.testing import CliRunner
 
     from mergelab.cli import app
 
-    args = ["regmean-stream", *map(str, folders), "--out", str(tmp_path / "cli"), "--no-progress"]
-    for i in range(2):
-        args += ["--stats", str(tmp_path / "stats" / f"m{i}")]
-    outcome = CliRunner().invoke(app, args)
+    (tmp_path / "parent.yml").write_text(yaml.safe_dump(parent))
+    runner = CliRunner()
+    outcome = runner.invoke(app, ["validate", str(tmp_path / "parent.yml")])
     assert outcome.exit_code == 0, outcome.output
-    assert "2 by RegMean" in outcome.output
+    assert "loaded from" in outcome.output and "gram" in outcome.output
+    outcome = runner.invoke(app, ["merge", str(tmp_path / "parent.yml"), str(tmp_path / "cli"), "--no-progress"])
+    assert outcome.exit_code == 0, outcome.output
     cli_merged = mergelab.checkpoint.open_checkpoint(tmp_path / "cli")
     assert torch.equal(cli_merged.get("0.weight"), merged.get("0.weight"))
+    assert "regmean-stream" not in runner.invoke(app, ["--help"]).output
 
 
 def test_task_data_head_and_plain_batches_mix():
@@ -433,7 +452,10 @@ def test_cli_config_with_data_section_runs_a_data_aware_merge(tiny_bert_folders)
             **extra,
         }
 
-    report = mergelab.merge(config("regmean", ["base", "twin"]), root / "same", progress=False)
+    # (RegMean's base is optional: a listed `base_model` would be the base, not a merged model.)
+    same = config("regmean", ["base", "twin"])
+    del same["base_model"]
+    report = mergelab.merge(same, root / "same", progress=False)
     merged = load_file(str(root / "same" / "model.safetensors"))
     original = load_file(str(folders["base"] / "model.safetensors"))
     for k, v in original.items():

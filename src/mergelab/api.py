@@ -16,7 +16,7 @@ import yaml
 from mergelab.checkpoint import ShardedWriter, open_checkpoint, parse_size
 from mergelab.checkpoint.memory import StateDictSource
 from mergelab.engine.execute import MemorySink, MergeReport, execute
-from mergelab.errors import ConfigError
+from mergelab.errors import ConfigError, MergeLabError
 from mergelab.plan.config import ExpertGroupSpec, MergeConfig, load_config, parse_config
 from mergelab.plan.expert_groups import GramLookup
 from mergelab.plan.planner import MergePlan, build_plan
@@ -98,10 +98,21 @@ def _provider(plan: MergePlan, config_dir: Path | None, label: str | None):
     from mergelab.stats.config_data import ConfigData
     from mergelab.stats.stage import is_statistics_folder
 
+    from mergelab.stats.stage import KINDS
+
     folders = statistics_folders(plan.config, plan, config_dir)
     loaded = {k for k, f in folders.items() if is_statistics_folder(f)}
+    problems: list[str] = []
+    for key, folder in folders.items():
+        if folder.exists() and key not in loaded:
+            problems.append(f"data.statistics: {folder} exists and is not a statistics folder")
+        for kind in plan.method.statistics if key in loaded else ():
+            try:
+                KINDS[kind].open(folder)
+            except MergeLabError as exc:
+                problems.append(f"data.statistics of model {key!r}: {exc}")
     provider = ConfigData(plan.config, config_dir, plan.method, skip=loaded)
-    problems = provider.check()
+    problems += provider.check()
     if problems:
         raise ConfigError(problems, label)
     return provider

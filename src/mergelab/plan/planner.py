@@ -425,12 +425,16 @@ def _normalise_slices(
 ) -> list[_SliceSpec]:
     """Both config forms as a list of slices; `models` becomes one slice over all layers.
 
-    As in mergekit, in the `models` form a base model that is not listed is added as an input.
+    As in mergekit, in the `models` form a base model that is not listed is added as an input
+    (except for a data-aware method that takes no base: there it names the architecture).
     """
     if config.models is not None:
         entries = [(e.model, e.parameters) for e in config.models]
         listed = {m for m, _ in entries}
-        if config.base_model and config.base_model not in listed:
+        # A data-aware method without a base (Fisher) takes `base_model` as the architecture
+        # the data runs through, never as one more model to merge.
+        architecture_only = method.needs_data and method.base == "none"
+        if config.base_model and config.base_model not in listed and not architecture_only:
             entries.append((config.base_model, None))
         specs = []
         for key, params in entries:
