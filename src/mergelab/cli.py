@@ -114,32 +114,34 @@ def _print_plan(plan) -> None:
 
 
 def _print_data_stage(plan) -> None:
-    """What a data-aware method's data stage will run (nothing is run here)."""
+    """What a data-aware method's data stage will run (nothing is run here). Plain lines, not
+    a table: paths of folders and tasks are shown whole."""
     from mergelab.plan.stages import describe_data_stage
 
     stage = describe_data_stage(plan, plan.config_dir)
     if stage is None:
         return
-    table = Table(title=f"data stage: {stage['stage']} ({stage['method']})")
-    table.add_column("what")
-    table.add_column("value")
+
+    def line(text: str) -> None:
+        console.print(text, soft_wrap=True, highlight=False, markup=False)
+
+    line(f"data stage: {stage['stage']} for `{stage['method']}`")
     if stage["stage"] == "statistics":
         for kind in stage["statistics"]:
-            table.add_row("statistics", f"{kind['kind']}: {kind['what']} ({kind['per_example']} per example)")
-        table.add_row("collector", stage["collector"])
-        table.add_row("estimated statistics", _human(stage["estimated_statistics_bytes"]))
+            line(f"  statistics: {kind['kind']}: {kind['what']} ({kind['per_example']} per example)")
+        line(f"  collector: {stage['collector']}")
+        line(f"  estimated statistics: {_human(stage['estimated_statistics_bytes'])}")
     else:
-        table.add_row("optimiser", f"{stage['optimiser']} {stage['options']}")
-        table.add_row("output", stage["output"])
-    table.add_row("estimated forward passes", f"{stage['estimated_forward_passes']:,}")
-    table.add_row("cost", stage["cost"])
+        line(f"  optimiser: {stage['optimiser']} {stage['options']}")
+        line(f"  output: {stage['output']}")
+    line(f"  estimated forward passes: {stage['estimated_forward_passes']:,} ({stage['cost']})")
     for source in stage["sources"]:
         where = (
             f"loaded from {source['statistics_folder']}" if source["loaded_from_folder"]
             else f"task {source['task']}, split {source['split']}, {source['examples']} examples"
+            + (f", kept in {source['statistics_folder']}" if source["statistics_folder"] else "")
         )
-        table.add_row(f"model {source['model']}", where)
-    console.print(table)
+        line(f"  model {source['model']}: {where}")
 
 
 @app.command()

@@ -281,6 +281,9 @@ def load_fisher(folder: str | os.PathLike) -> tuple[dict[str, torch.Tensor], int
     return {k: store._file.get_tensor(k) for k in sorted(store._names)}, store.examples
 
 
+_STORES_BY_INFO_KIND = {"grams": GramStore, "fisher": FisherStore}
+
+
 def open_statistics(folder: str | os.PathLike) -> StatisticsSource:
     """Open a statistics folder of any kind (Grams or Fisher), lazily."""
     info_path = Path(folder) / INFO_FILE
@@ -290,6 +293,4 @@ def open_statistics(folder: str | os.PathLike) -> StatisticsSource:
             kind = json.loads(info_path.read_text()).get("kind")
         except json.JSONDecodeError as exc:
             raise CheckpointError(f"{info_path} is not valid JSON: {exc}") from None
-    if kind == "fisher":
-        return FisherStore(folder)
-    return GramStore(folder)
+    return _STORES_BY_INFO_KIND.get(kind, GramStore)(folder)
