@@ -32,20 +32,19 @@ def methods_markdown(methods: Sequence[MergeMethod]) -> str:
         arity = f"{m.min_models}+" if m.max_models is None else (
             str(m.min_models) if m.min_models == m.max_models else f"{m.min_models}-{m.max_models}"
         )
-        needs = ", ".join(m.needs) or "-"
-        if m.gram_kernel is not None:
-            needs += " or Grams"
         lines.append(
             f"| `{m.name}` | [{m.paper}]({m.url}) | {m.base} | {arity} | "
             f"{'yes' if m.randomized else 'no'} | {'blockwise' if m.blockwise else 'whole'} | "
-            f"{needs} |"
+            f"{_needs(m)} |"
         )
     lines += [
         "",
         "*large tensors*: `blockwise` methods merge tensors above 8M entries in blocks of rows "
         "(bounded memory); `whole` methods hold the whole tensor of every model in float32.",
         "*needs*: `data` methods run data through the models (`mergelab.data_merge`, or "
-        "`mergelab merge` with a `data:` section in the config; see docs/data_aware.md); "
+        "`mergelab merge` with a `data:` section in the config; see docs/data_aware.md): the "
+        "statistics their kernel reads are collected before the engine runs (or loaded from "
+        "statistics folders), and an optimiser's output is a plan of another method; "
         "`or Grams`: given each model's Gram matrices instead, as an expert-group merge reads "
         "them from `expert_groups.grams` (docs/multimodal.md).",
         "",
@@ -55,3 +54,15 @@ def methods_markdown(methods: Sequence[MergeMethod]) -> str:
         lines += [f"- {_param_line(p)}" for p in m.params] or ["- no parameters"]
         lines.append("")
     return "\n".join(lines)
+
+
+def _needs(method) -> str:
+    """The needs column: inputs beyond the checkpoints, and the data stage that provides them."""
+    parts = list(method.needs)
+    if method.statistics:
+        collector = f", {method.collector}" if method.collector else ""
+        parts.append(f"{'/'.join(method.statistics)} statistics{collector}")
+    if method.optimiser:
+        parts.append(f"optimiser `{method.optimiser}`")
+    needs = "; ".join(parts) or "-"
+    return needs + " or Grams" if method.gram_kernel is not None else needs

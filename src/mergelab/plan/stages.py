@@ -90,7 +90,11 @@ def prepare_plan(
             config=config,
             examples=dict(result.examples),
             stage_seconds=time.perf_counter() - start,
-            notes=[_coefficients_note(result.coefficients)] if result.coefficients.dim() == 1 else [],
+            notes=[
+                f"`{method.name}` learned the coefficients of a `{config.merge_method}` plan "
+                "(the output's mergelab_config.yml re-runs it)",
+                *([_coefficients_note(result.coefficients)] if result.coefficients.dim() == 1 else []),
+            ],
             coefficients=result.coefficients,
             coefficient_tensors=tensor_names,
             entropy_history=list(result.entropy_history),
