@@ -284,3 +284,43 @@ def test_no_library_code_branches_on_a_method_name():
             if comparison.search(line):
                 offenders.append(f"{path.relative_to(SRC)}:{number}: {line.strip()}")
     assert not offenders, "\n".join(offenders)
+
+
+def test_statistics_references_follow_each_input_tensor_of_one_source():
+    """Expert-group style: two inputs of one source (member copies of a layer) read the Grams
+    of their own modules, by tensor name, through the same stores and engine."""
+    import dataclasses
+
+    from mergelab.api import _build, _state_dict_opener
+    from mergelab.engine.execute import MemorySink, execute
+    from mergelab.methods.data_aware import regmean_solve
+    from mergelab.plan.config import parse_config
+    from mergelab.plan.planner import attach_statistics
+    from mergelab.stats import GramStats, LayerGram
+    from mergelab.stats.store import MemoryGrams
+
+    g = _gen(3)
+    model = {"blocks.0.mlp_v.weight": torch.randn(2, 3, generator=g, dtype=torch.float64),
+             "blocks.0.mlp_l.weight": torch.randn(2, 3, generator=g, dtype=torch.float64)}
+    grams = {}
+    for member in ("mlp_v", "mlp_l"):
+        x = torch.randn(9, 3, generator=g, dtype=torch.float64)
+        grams[f"blocks.0.{member}"] = LayerGram("linear", x.T @ x, 9)
+    config = parse_config({"merge_method": "regmean", "models": [{"model": "m"}, {"model": "n"}],
+                           "parameters": {"alpha": 1.0}, "dtype": "float64"})
+    plan = _build(config, _state_dict_opener({"m": model, "n": model}), None, data_supplied=True)
+    # Rewire one output tensor to merge the two member copies of source `m`.
+    task = dataclasses.replace(
+        plan.tasks[0], name="blocks.0.mlp.weight",
+        inputs=(("m", "blocks.0.mlp_v.weight"), ("m", "blocks.0.mlp_l.weight")),
+        model_params=({}, {}),
+    )
+    plan = dataclasses.replace(plan, tasks=[task])
+    store = MemoryGrams(GramStats(layers=grams, examples=9, batches=1))
+    attached = attach_statistics(plan, {"m": {"gram": store}})
+    assert attached.tasks[0].statistics == (("m#gram", "blocks.0.mlp_v"), ("m#gram", "blocks.0.mlp_l"))
+    sink = MemorySink(attached)
+    execute(attached, sink, progress=False)
+    expected = regmean_solve([model["blocks.0.mlp_v.weight"], model["blocks.0.mlp_l.weight"]],
+                             [grams["blocks.0.mlp_v"].gram, grams["blocks.0.mlp_l"].gram], alpha=1.0)
+    assert torch.allclose(sink.tensors["blocks.0.mlp.weight"], expected, atol=1e-12)
