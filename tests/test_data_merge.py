@@ -13,7 +13,7 @@ from torch import nn
 
 import mergelab
 from mergelab.datamerge import TaskData, data_merge
-from mergelab.errors import CheckpointError, ConfigError, MergeError
+from mergelab.errors import ConfigError, MergeError
 from mergelab.methods import get_method
 from mergelab.methods.data_aware import (
     SingularGramWarning,

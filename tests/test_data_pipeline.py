@@ -14,10 +14,6 @@ import warnings
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
-from torch import nn
-
-import mergelab
 from _data_aware_models import (
     BERT_GOLDEN_RUNS,
     GOLDEN_RUNS,
@@ -25,6 +21,10 @@ from _data_aware_models import (
     tiny_bert_folders,
     tiny_zoo,
 )
+from safetensors.torch import load_file
+from torch import nn
+
+import mergelab
 from mergelab.datamerge import data_merge
 from mergelab.errors import ConfigError, MergeError
 from mergelab.methods.registry import method_names

@@ -96,9 +96,7 @@ def _provider(plan: MergePlan, config_dir: Path | None, label: str | None):
         return None
     from mergelab.plan.stages import statistics_folders
     from mergelab.stats.config_data import ConfigData
-    from mergelab.stats.stage import is_statistics_folder
-
-    from mergelab.stats.stage import KINDS
+    from mergelab.stats.stage import KINDS, is_statistics_folder
 
     folders = statistics_folders(plan.config, plan, config_dir)
     loaded = {k for k, f in folders.items() if is_statistics_folder(f)}

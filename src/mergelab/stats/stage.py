@@ -18,7 +18,7 @@ import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -300,7 +300,3 @@ def unsupported_weights(module: nn.Module, plan, kind: str) -> list[str]:
     if not out:
         return []
     return ["averaged (no Gram statistics for this layer type): " + ", ".join(out)]
-
-
-def resolve_kinds(names: Any) -> list[StatisticKind]:
-    return [KINDS[n] for n in names]
