@@ -342,6 +342,12 @@ def test_statistics_on_disk_then_plain_mergelab_merge_equals_in_memory(tmp_path)
         "models": [{"model": str(f)} for f in folders],
         "data": {"statistics": stats},
     }
+    # In memory, from the same folders: merge_state_dicts reads statistics, never runs data.
+    in_memory_config = {**config, "models": [{"model": "m0"}, {"model": "m1"}]}
+    from_folders = mergelab.merge_state_dicts(in_memory_config, sds)
+    assert all(torch.equal(from_folders[k], v) for k, v in in_memory.state_dict.items())
+    with pytest.raises(ConfigError, match="only reads statistics folders"):
+        mergelab.merge_state_dicts({**in_memory_config, "data": {"task": "sentiment"}}, sds)
     report = mergelab.merge(config, tmp_path / "out", progress=False)
     assert report.tensors == 4
     assert any("2 of 4 tensors merged with gram statistics" in n for n in report.notes), report.notes

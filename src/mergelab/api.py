@@ -271,8 +271,11 @@ def merge_state_dicts(
     The same validation and kernels as `merge`, without touching the disk; search loops call it.
     Returns the merged state dict (tensors on CPU, in the output dtype).
     """
-    cfg, _ = _read_config(config)
-    plan = _build(cfg, _state_dict_opener(state_dicts), None)
+    cfg, config_dir = _read_config(config)
+    open_source = _state_dict_opener(state_dicts)
+    plan = _build(cfg, open_source, None)
+    if plan.method.needs_data:
+        plan = _statistics_from_folders(plan, open_source, config_dir, device)
     sink = MemorySink(plan)
     execute(
         plan,
@@ -283,6 +286,25 @@ def merge_state_dicts(
         progress=progress,
     )
     return sink.tensors
+
+
+def _statistics_from_folders(plan: MergePlan, open_source, config_dir, device) -> MergePlan:
+    """An in-memory merge has no data to run: a data-aware method's statistics come from the
+    folders its config names (`data.statistics`); anything else is refused, pointing at the
+    entry points that run data."""
+    from mergelab.plan.stages import prepare_plan, statistics_folders
+    from mergelab.stats.stage import CollectOptions, is_statistics_folder
+
+    folders = statistics_folders(plan.config, plan, config_dir)
+    missing = [k for k in plan.merged_sources if k not in folders or not is_statistics_folder(folders[k])]
+    if plan.method.optimiser is not None or missing:
+        raise ConfigError(
+            [f"merge_method: `{plan.method.name}` runs data through the models: "
+             "merge_state_dicts only reads statistics folders (`data.statistics`); use "
+             "mergelab.data_merge (modules and batches) or mergelab.merge (a `data:` section)"]
+        )
+    options = CollectOptions(device=None if device == "cpu" else device)
+    return prepare_plan(plan, None, options, open_source, folders=folders).plan
 
 
 def _state_dict_opener(state_dicts: Mapping[str, Mapping[str, torch.Tensor]]):

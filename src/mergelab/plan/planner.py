@@ -122,9 +122,13 @@ class MergePlan:
         return bool(self.method.statistics) and not self.statistics
 
     def input_nbytes(self, task: TensorTask) -> int:
+        """Bytes read for `task`: its input tensors and their statistics entries."""
         total = 0
         for key, name in task.inputs:
             total += task.numel * _itemsize(self.sources[key].dtype(name))
+        for ref in task.statistics:
+            if ref is not None:
+                total += self.statistics[ref[0]].entry_nbytes(ref[1])
         return total
 
     def estimate_peak_bytes(self, prefetch: int = 2) -> int:
