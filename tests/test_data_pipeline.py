@@ -234,6 +234,14 @@ def test_data_methods_validate_once_before_any_data(monkeypatch):
              "parameters": {"scaling": 2.0}, "data": {"statistics": ["x", "y"]}},
             {"a": finetuned["a"], "b": finetuned["b"]},
         )
+    with pytest.raises(ConfigError) as caught:
+        mergelab.merge_state_dicts(
+            {"merge_method": "adamerging_taskwise", "base_model": "a", "models": [{"model": "b"}],
+             "parameters": {"steps": [1, 2]}, "data": {"statistics": ["x"]}},
+            {"a": finetuned["a"], "b": finetuned["b"]},
+        )
+    assert "learns from the data itself" in str(caught.value)
+    assert "optimised once for the whole merge" in str(caught.value)
     # A plan whose statistics were never attached is refused by the engine, not merged blindly.
     from mergelab.api import _build, _state_dict_opener
     from mergelab.engine.execute import MemorySink, execute

@@ -174,11 +174,11 @@ def describe_data_stage(plan: MergePlan, config_dir: Path | None = None) -> dict
     split = data.split if data is not None else None
     examples = data.examples if data is not None else None
     folders = statistics_folders(plan.config, plan, config_dir) if data is not None else {}
+    from mergelab.stats.stage import KINDS, is_statistics_folder
+
     per_source = []
     for key in sources:
         folder = folders.get(key)
-        from mergelab.stats.stage import is_statistics_folder
-
         loaded = folder is not None and is_statistics_folder(folder)
         per_source.append(
             {
@@ -207,8 +207,6 @@ def describe_data_stage(plan: MergePlan, config_dir: Path | None = None) -> dict
             "a backward pass through the merged model",
         )
         return out
-    from mergelab.stats.stage import KINDS
-
     kinds = [KINDS[k] for k in method.statistics]
     per_model_bytes = sum(
         kind.estimate_bytes(t.name, t.shape) for kind in kinds for t in plan.tasks if t.is_float
