@@ -228,7 +228,7 @@ def test_data_methods_validate_once_before_any_data(monkeypatch):
     with pytest.raises(ConfigError) as caught:
         data_merge("regmean", base, finetuned, data, alpha=2.0, regularization=-1.0)
     assert "`alpha` must be in" in str(caught.value) and "`regularization` must be in" in str(caught.value)
-    with pytest.raises(ConfigError, match="`scaling` other than 1 .* needs a `base_model`"):
+    with pytest.raises(ConfigError, match="`scaling` 2 needs the base model"):
         mergelab.merge_state_dicts(
             {"merge_method": "regmean", "models": [{"model": "a"}, {"model": "b"}],
              "parameters": {"scaling": 2.0}, "data": {"statistics": ["x", "y"]}},
@@ -289,7 +289,8 @@ def test_no_library_code_branches_on_a_method_name():
     offenders = []
     for path in sorted(SRC.rglob("*.py")):
         for number, line in enumerate(path.read_text().splitlines(), 1):
-            if comparison.search(line):
+            # A Gram's `kind` ("linear", "conv", "embedding") is a layer type, not a method.
+            if comparison.search(line) and not re.search(r"\bkind\s*(==|!=)", line):
                 offenders.append(f"{path.relative_to(SRC)}:{number}: {line.strip()}")
     assert not offenders, "\n".join(offenders)
 
