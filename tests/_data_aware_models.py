@@ -82,7 +82,7 @@ def tiny_bert_folders(root):
 
     import transformers
 
-    from mergelab.finetune import save_head
+    from mergelab.training.folder import save_head
 
     words = ["good", "bad", "fine", "awful", "film", "plot", "the", "was", "very"]
     vocab = root / "vocab.txt"

@@ -73,7 +73,7 @@ class ConfigData:
 
     def check(self) -> list[str]:
         """Every problem of the data section and the folders (no model loaded, no data run)."""
-        from mergelab.finetune import HEAD_FILE
+        from mergelab.training.folder import HEAD_FILE
 
         problems: list[str] = []
         needed = [m for m in self.models if m not in self.skip]
@@ -119,8 +119,8 @@ class ConfigData:
 
     def task_data(self, key: str) -> TaskData:
         from mergelab.eval.tasks import SplitSizes, load_splits
-        from mergelab.finetune import HEAD_FILE, load_head
         from mergelab.stats.text import pooled_forward, text_batches
+        from mergelab.training.folder import HEAD_FILE, load_head
 
         self.module()
         data = self.config.data
