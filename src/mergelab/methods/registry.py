@@ -223,10 +223,13 @@ class MergeMethod:
     def arity_problem(self, count: int, what: str = "models") -> str | None:
         """A message when `count` (non-base) inputs are fewer than `min_models` or more than
         `max_models`; None when the method takes that many. `what` names the inputs."""
+        def counted(n: int) -> str:
+            return f"{n} {what[:-1] if n == 1 and what.endswith('s') else what}"
+
         if count < self.min_models:
-            return f"method `{self.name}` needs at least {self.min_models} {what}; got {count}"
+            return f"method `{self.name}` needs at least {counted(self.min_models)}; got {count}"
         if self.max_models is not None and count > self.max_models:
-            return f"method `{self.name}` takes at most {self.max_models} {what}; got {count}"
+            return f"method `{self.name}` takes at most {counted(self.max_models)}; got {count}"
         return None
 
     @property
