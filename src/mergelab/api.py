@@ -60,6 +60,13 @@ def _resolve_path(name: str, config_dir: Path | None) -> Path:
 
 def _opener(config_dir: Path | None):
     def open_source(model: str):
+        if not (config_dir is not None and (config_dir / model).exists()):
+            from mergelab.lora.source import open_folded, split_model_adapter
+
+            # mergekit's `model: ./base+./my-lora`: the adapter folded in tensor by tensor.
+            pair = split_model_adapter(model)
+            if pair is not None:
+                return open_folded(_resolve_path(pair[0], config_dir), _resolve_path(pair[1], config_dir))
         return open_checkpoint(_resolve_path(model, config_dir))
 
     return open_source
@@ -197,7 +204,7 @@ def _prepare(plan, provider, config_dir, open_source, label, scratch: Path, *, d
 
 def _write(plan, out_dir, max_shard, overwrite, device, seed, allow_nonfinite, progress, workers):
     entries = [(t.name, t.shape, t.out_dtype) for t in plan.tasks]
-    inputs = [_source_path(s) for s in plan.sources.values()]
+    inputs = [p for s in plan.sources.values() for p in getattr(s, "paths", (_source_path(s),))]
     writer = ShardedWriter(
         out_dir,
         entries,
