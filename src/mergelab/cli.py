@@ -247,6 +247,7 @@ def inspect(
 # each module here defines `register(app)`. Add a module to this tuple to add its commands.
 _COMMAND_MODULES: tuple[str, ...] = (
     "mergelab.diagnostics.cli", "mergelab.eval.cli", "mergelab.training.cli",
+    "mergelab.lora.cli",
 )
 # Packages above the library (the benchmark harness, plug-ins) add theirs through the
 # `mergelab.commands` entry point group: the library never imports them.

@@ -10,6 +10,7 @@ before any tensor data is read. The math of folding lives in `mergelab.lora.kern
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -40,6 +41,19 @@ _WRAPPER_SEGMENT_RE = re.compile(r"\.(?:modules_to_save(?:\.[^.]+)?|original_mod
 _DORA_MARKER = "lora_magnitude_vector"
 
 
+# Architectures whose linear layers are transformers' `Conv1D`, which stores W as (in, out). PEFT
+# picks the orientation from the layer's class, whatever `fan_in_fan_out` says (it warns and
+# overrides), so the reader must know which modules are Conv1D: those of these model types whose
+# leaf name is one of GPT-2's.
+_CONV1D_MODEL_TYPES = ("gpt2", "openai-gpt", "imagegpt", "decision_transformer")
+_CONV1D_LEAVES = ("c_attn", "c_proj", "c_fc", "q_attn")
+
+
+def is_conv1d_module(model_type: str | None, module: str) -> bool:
+    """True when `module` of a model of `model_type` is a transformers Conv1D (W is (in, out))."""
+    return model_type in _CONV1D_MODEL_TYPES and module.rsplit(".", 1)[-1] in _CONV1D_LEAVES
+
+
 class AdapterError(CheckpointError):
     """An adapter cannot be read or does not fit its base model (every problem listed)."""
 
@@ -52,6 +66,7 @@ class AdapterError(CheckpointError):
 class _BaseShapes(Protocol):
     def keys(self) -> list[str]: ...
     def shape(self, name: str) -> tuple[int, ...]: ...
+    def config(self) -> dict | None: ...
 
 
 @dataclass(frozen=True)
@@ -164,11 +179,15 @@ class AdapterReader:
     def check_against(self, base: _BaseShapes, base_label: str | os.PathLike = "the base") -> None:
         """Check that the adapter fits `base` (a checkpoint reader or any source of shapes).
 
+        Also settles each linear module's orientation from the base's config.json as PEFT does
+        from the layer class: transformers' Conv1D layers (GPT-2) store W as (in, out).
+
         Raises:
             AdapterError: listing every module the base lacks (with a close name when there is
                 one), every factor, bias or saved tensor whose shape disagrees with the base
                 (naming the tensor and both shapes), and every rank above its matrix's.
         """
+        self._settle_layouts(base.config() if hasattr(base, "config") else None)
         problems: list[str] = []
         names = set(base.keys())
         for weight, module in sorted(self.modules.items()):
@@ -206,6 +225,19 @@ class AdapterReader:
                 )
         if problems:
             raise AdapterError(self.path, problems)
+
+    def _settle_layouts(self, base_config: dict | None) -> None:
+        # As PEFT does on load: the layer's class decides the orientation. Without a config.json
+        # the adapter's `fan_in_fan_out` stands.
+        model_type = (base_config or {}).get("model_type")
+        if model_type is None:
+            return
+        for weight, module in list(self.modules.items()):
+            if module.kind != "linear":
+                continue
+            layout = "transposed" if is_conv1d_module(model_type, module.module) else "linear"
+            if layout != module.layout:
+                self.modules[weight] = dataclasses.replace(module, layout=layout)
 
     def _check_factors(
         self, module: LoraModule, weight_shape: tuple[int, ...], base_label: str | os.PathLike

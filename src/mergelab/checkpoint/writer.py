@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import dataclasses
 import errno
 import json
 import os
@@ -21,7 +22,7 @@ import shutil
 import threading
 from collections.abc import Sequence
 from pathlib import Path
-from types import TracebackType
+from types import MappingProxyType, TracebackType
 
 import torch
 
@@ -116,6 +117,9 @@ class ShardedWriter:
         overwrite: replace an existing `out_dir` (atomically, at `commit`).
         inputs: the checkpoints being read; `out_dir` may not equal, contain or sit inside one.
         metadata: extra safetensors metadata (str -> str), added to ``{"format": "pt"}``.
+        single_file_name: write one file of this name instead of ``model.safetensors`` (e.g.
+            ``adapter_model.safetensors`` for a PEFT adapter, which is never sharded); the
+            tensors must then fit in one shard of `max_shard_size`.
 
     Raises:
         CheckpointError: before anything is created, for a bad entry, a clash with an input or
@@ -134,6 +138,7 @@ class ShardedWriter:
         overwrite: bool = False,
         inputs: Sequence[str | os.PathLike] = (),
         metadata: dict[str, str] | None = None,
+        single_file_name: str | None = None,
     ):
         self.out_dir = Path(out_dir).expanduser().resolve()
         self.overwrite = overwrite
@@ -147,6 +152,8 @@ class ShardedWriter:
             )
         except ValueError as exc:
             raise CheckpointError(f"cannot plan output shards for {self.out_dir}: {exc}") from exc
+        if single_file_name is not None:
+            self.plan = _renamed_single_file(self.plan, single_file_name, self.out_dir)
 
         self._lock = threading.Lock()
         self._pending = set(self._shapes)  # planned, not yet started
@@ -508,6 +515,21 @@ class ShardedWriter:
     ) -> None:
         if exc_type is not None:
             self.abort()
+
+
+def _renamed_single_file(plan: ShardPlan, file_name: str, out_dir: Path) -> ShardPlan:
+    if plan.is_sharded:
+        raise CheckpointError(
+            f"cannot write {out_dir / file_name}: the tensors need {len(plan.filenames)} shards "
+            "and this format is one file; raise the shard size"
+        )
+    if Path(file_name).name != file_name or not file_name.endswith(".safetensors"):
+        raise CheckpointError(f"output file name {file_name!r} must be a plain *.safetensors name")
+    return dataclasses.replace(
+        plan,
+        filenames=(file_name,) if plan.filenames else (),
+        shard_of=MappingProxyType({name: file_name for name in plan.shard_of}),
+    )
 
 
 def _as_bytes(tensor: torch.Tensor) -> memoryview:
