@@ -151,6 +151,12 @@ class AdapterReader:
         # (`modules_to_save`, an adapted embedding's `base_layer`) that replace the base's.
         self.saved = saved
 
+    @property
+    def saved_base_layers(self) -> set[str]:
+        """Saved tensors that are copies of an adapted layer's own base weight (PEFT saves an
+        adapted embedding's ``base_layer`` with the adapter), as opposed to `modules_to_save`."""
+        return {target for target, key in self.saved.items() if ".base_layer." in key}
+
     def __repr__(self) -> str:
         return f"AdapterReader({str(self.path)!r}, {len(self.modules)} modules)"
 

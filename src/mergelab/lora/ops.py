@@ -477,8 +477,11 @@ def _merge_plan(
     readers: Sequence[AdapterReader], combination: str, rank: int | None, problems: list[str]
 ) -> list[tuple[OutModule, list[LoraModule | None]]]:
     for reader in readers:
-        if reader.saved:
-            shown = ", ".join(sorted(reader.saved)[:5])
+        # Copies of an adapted embedding's base weight are the base's own: the merged adapter
+        # applies to that same base, so they are not needed (not written).
+        whole = sorted(set(reader.saved) - reader.saved_base_layers)
+        if whole:
+            shown = ", ".join(whole[:5])
             problems.append(
                 f"adapter {reader.path} saves whole modules ({shown}), which cannot be merged "
                 "without the base: fold each adapter (mergelab lora fold) and merge the checkpoints"
