@@ -10,11 +10,10 @@ over a zero base.
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import math
 import os
 import re
-import tempfile
 import time
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -191,6 +190,11 @@ class OutModule:
     a_shape: tuple[int, ...]
     b_shape: tuple[int, ...]
     embedding: bool
+    bias_shape: tuple[int, ...] | None = None  # PEFT's lora_bias: `lora_B.bias`, scale 1
+
+    @property
+    def bias_name(self) -> str:
+        return f"{PEFT_PREFIX}{self.module}.lora_B.bias"
 
     @property
     def a_name(self) -> str:
@@ -240,6 +244,8 @@ def adapter_config(
         "inference_mode": True,
         "bias": "none",
     })
+    if any(m.bias_shape is not None for m in modules):
+        config["lora_bias"] = True
     if base_model_name_or_path is not None:
         config["base_model_name_or_path"] = base_model_name_or_path
     return config
@@ -259,6 +265,8 @@ def _adapter_writer(
     for m in modules:
         entries.append((m.a_name, m.a_shape, dtype))
         entries.append((m.b_name, m.b_shape, dtype))
+        if m.bias_shape is not None:
+            entries.append((m.bias_name, m.bias_shape, dtype))
     entries.extend((f"{PEFT_PREFIX}{n}", shape, d) for n, shape, d in saved)
     return ShardedWriter(
         out_dir, entries, max_shard_size=2**62, overwrite=overwrite, inputs=list(inputs),
@@ -633,7 +641,8 @@ def extract_adapter(
     Frobenius norm (capped by `rank` when both are given); ranks that differ from ``r`` go to
     ``rank_pattern``. Changed embedding tables are LoRA modules with `embeddings`, else saved
     whole (``modules_to_save``), as are other changed modules (norms); a changed bias of a LoRA
-    module cannot be represented and is listed in the report. Factors take the singular values
+    module goes to ``lora_B.bias`` (``lora_bias``) when every LoRA module has a bias, else it
+    cannot be represented and is listed in the report (``not_representable``). Factors take the singular values
     split evenly (``B = U sqrt(S)``, ``A = sqrt(S) Vh``), scale 1 (``lora_alpha = r``).
 
     Streamed: one module's delta and SVD at a time (with `energy`, a first pass computes only
@@ -706,6 +715,17 @@ def extract_adapter(
             else:
                 a_shape, b_shape = (r, shape[1]), (shape[0], r)
             out_modules.append(OutModule(module, r, a_shape, b_shape, embedding))
+        # A changed bias of a LoRA module goes to `lora_B.bias` (PEFT's lora_bias, as
+        # mergekit-extract-lora writes it); lora_bias is all-or-nothing, so it needs every LoRA
+        # module to have a bias in the base.
+        base_names = set(base_reader.keys())
+        with_bias = bool(skipped) and all(m.module + ".bias" in base_names for m in out_modules)
+        if with_bias:
+            out_modules = [
+                dataclasses.replace(m, bias_shape=tuple(base_reader.shape(m.module + ".bias")))
+                for m in out_modules
+            ]
+            skipped = []
         saved = [(n, tuple(tuned.shape(n)), tuned.dtype(n)) for n in saved_names]
         factor_dtype = out_dtype or (tuned.dtype(lora_names[0]) if lora_names else torch.float32)
         writer = _adapter_writer(
@@ -723,6 +743,10 @@ def extract_adapter(
                     )
                     writer.write(out.a_name, found.lora_A.reshape(out.a_shape).to(factor_dtype).contiguous())
                     writer.write(out.b_name, found.lora_B.reshape(out.b_shape).to(factor_dtype).contiguous())
+                    if out.bias_shape is not None:
+                        bias = out.module + ".bias"
+                        change = tuned.get(bias).to(torch.float32) - base_reader.get(bias).to(torch.float32)
+                        writer.write(out.bias_name, change.to(factor_dtype).contiguous())
                     approx = found.lora_B.to(factor_dtype).to(torch.float32) @ found.lora_A.to(factor_dtype).to(torch.float32)
                     full_rank = min(matrix.shape)
                     per_module[out.module] = {
@@ -733,7 +757,7 @@ def extract_adapter(
                         if svd == "exact" else float("nan"),
                     }
                     advance()
-                for name, _shape, _dtype_ in saved:
+                for name, _shape, _saved_dtype in saved:
                     writer.write(f"{PEFT_PREFIX}{name}", tuned.get(name))
                     advance()
             config = adapter_config(
