@@ -40,8 +40,8 @@ def _work_dtype(*tensors: torch.Tensor) -> torch.dtype:
 def delta_matrix(lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float) -> torch.Tensor:
     """``scale * B @ A`` as a (fan_out, fan_in) matrix in float32 (conv factors flattened)."""
     work = _work_dtype(lora_A, lora_B)
-    a = lora_A.reshape(lora_A.shape[0], -1).to(work)
-    b = lora_B.reshape(lora_B.shape[0], -1).to(work)
+    a = lora_A.flatten(1).to(work)
+    b = lora_B.flatten(1).to(work)
     if b.shape[1] != a.shape[0]:
         raise ValueError(
             f"LoRA factors do not chain: B is {tuple(lora_B.shape)}, A is {tuple(lora_A.shape)}"
@@ -61,8 +61,8 @@ def matrix_to_weight(
 def weight_to_matrix(delta: torch.Tensor, layout: Layout) -> torch.Tensor:
     """The stored-orientation delta of a weight as the (fan_out, fan_in) matrix B @ A factors."""
     if layout == "transposed":
-        return delta.reshape(delta.shape[0], -1).T
-    return delta.reshape(delta.shape[0], -1)
+        return delta.flatten(1).T
+    return delta.flatten(1)
 
 
 def lora_delta(
@@ -103,7 +103,7 @@ def fold_rows(
     """
     stop = row_start + rows.shape[0]
     if layout == "transposed":
-        part = lora_A.reshape(lora_A.shape[0], -1)[:, row_start:stop]
+        part = lora_A.flatten(1)[:, row_start:stop]
         delta = delta_matrix(part, lora_B, scale).T
     else:
         delta = delta_matrix(lora_A, lora_B[row_start:stop], scale)
