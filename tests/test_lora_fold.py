@@ -183,3 +183,35 @@ def test_parity_with_mergekit_lora_folding(llama, tmp_path, monkeypatch):
     )
     ours = load_file(tmp_path / "ours" / "model.safetensors")
     _close(ours, theirs, atol=1e-6)
+
+
+def test_conv2d_adapters_fold_like_peft(tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import save_file
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 6, 3)
+            self.point = torch.nn.Conv2d(6, 4, 1)
+            self.head = torch.nn.Linear(4, 2)
+
+    torch.manual_seed(0)
+    net = Net()
+    (tmp_path / "base").mkdir()
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, tmp_path / "base" / "model.safetensors")
+    import copy
+
+    peft_model = get_peft_model(copy.deepcopy(net), LoraConfig(
+        r=2, lora_alpha=3, target_modules=["conv", "point", "head"], init_lora_weights=False))
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.3)
+    peft_model.save_pretrained(tmp_path / "lora")
+    reference = {k: v.detach() for k, v in peft_model.merge_and_unload().state_dict().items()}
+    source = open_folded(tmp_path / "base", tmp_path / "lora")
+    try:
+        _close({name: source.get(name) for name in source.keys()}, reference)
+    finally:
+        source.close()

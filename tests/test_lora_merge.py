@@ -241,3 +241,22 @@ def test_bad_merge_requests_fail_before_writing(adapters, tmp_path):
         with pytest.raises(ConfigError, match=message):
             merge_adapters([a, b], tmp_path / "out", progress=False, **kwargs)
         assert not (tmp_path / "out").exists()
+
+
+def test_merge_cli(adapters, tmp_path):
+    from typer.testing import CliRunner
+
+    from mergelab.cli import app
+
+    _, _, a, b = adapters
+    result = CliRunner().invoke(app, [
+        "lora", "merge", str(a), str(b), "--out", str(tmp_path / "m"), "--weights", "0.5,0.5",
+        "--method", "ties", "--param", "density=0.5", "--rank", "4", "--svd", "randomized",
+        "--no-progress",
+    ])
+    assert result.exit_code == 0, result.output
+    assert "with `delta:ties`" in result.output
+    report = json.loads((tmp_path / "m" / "mergelab_lora_report.json").read_text())
+    assert all(entry["rank"] == 4 for entry in report["modules"].values())
+    bad = CliRunner().invoke(app, ["lora", "merge", str(a), "--out", str(tmp_path / "x"), "--param", "density"])
+    assert bad.exit_code != 0 and "NAME=VALUE" in bad.output
