@@ -319,6 +319,8 @@ def _method_params(
         param = method.param(key)
         if param is not None and (msg := param.check(value)):
             problems.append(f"{msg} (method `{method.name}`)")
+    if "weight" in params:
+        problems.append("give weights with --weights (weights=...), not as a method parameter")
     has_weight = method.param("weight") is not None
     if not has_weight and any(w != 1.0 for w in weights):
         problems.append(f"method `{method.name}` takes no `weight`; drop --weights")
@@ -427,6 +429,10 @@ def merge_adapters(
             if len(adapters) < registry_method.min_models:
                 problems.append(
                     f"method `{method}` needs at least {registry_method.min_models} adapters"
+                )
+            if registry_method.max_models is not None and len(adapters) > registry_method.max_models:
+                problems.append(
+                    f"method `{method}` takes at most {registry_method.max_models} adapters"
                 )
             model_params, global_params = _method_params(
                 registry_method, weights, dict(params or {}), problems
