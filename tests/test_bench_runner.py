@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from mergelab.cli import app
 from mergelab.errors import MergeLabError
-from mergelab.eval.cli import parse_seeds
+from mergelab.cliutil import parse_seeds
 from mergelab.eval.harness import AggregateRow, Spread, evaluate_model
 from mergelab_bench.bench import (
     FINETUNED_ROW,

@@ -1,4 +1,10 @@
-"""`mergelab <subcommand>`: a thin adapter over the Python API."""
+"""`mergelab <command>` and `mergelab <group> <verb>`: a thin adapter over the Python API.
+
+The core's own verbs live here (merge, validate, methods, inspect); each concern adds its group
+from its own `cli.py` (`register(app)`, listed in `_COMMAND_MODULES`), packages above the
+library through the `mergelab.commands` entry points. Shared conventions (`--out`, `--seed` /
+`--seeds`, the error printer) are in `mergelab.cliutil`.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +13,9 @@ import json
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from mergelab.cliutil import console, fail, note, output_path
 from mergelab.errors import MergeLabError
 
 app = typer.Typer(
@@ -19,13 +25,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console()
-err_console = Console(stderr=True)
-
-
-def _fail(exc: Exception) -> None:
-    err_console.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True)
-    raise typer.Exit(code=1)
 
 
 def _human(nbytes: float) -> str:
@@ -39,7 +38,12 @@ def _human(nbytes: float) -> str:
 @app.command()
 def merge(
     config: Path = typer.Argument(..., help="Merge config (mergekit-compatible YAML)."),
-    out_dir: Path = typer.Argument(..., help="Output folder (created; must not exist)."),
+    out: Path | None = typer.Option(
+        None, "--out", "-o", help="Output folder (created atomically; must not exist)."
+    ),
+    out_positional: Path | None = typer.Argument(
+        None, hidden=True, help="Older spelling of --out (mergekit's `CONFIG OUT`)."
+    ),
     device: str = typer.Option("cpu", help="Device for the merge math: cpu, cuda, cuda:1..."),
     out_shard_size: str = typer.Option("5GB", help="Maximum shard size: bytes or e.g. 2GB."),
     overwrite: bool = typer.Option(False, help="Replace an existing output folder atomically."),
@@ -49,7 +53,7 @@ def merge(
     profile: bool = typer.Option(False, help="Print where the time went (read, merge, write)."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
-    """Merge the models a CONFIG names into OUT_DIR."""
+    """Merge the models a CONFIG names into the folder --out."""
     from mergelab import api
 
     try:
@@ -57,6 +61,7 @@ def merge(
             plan = api.plan_merge(config)
             _print_plan(plan)
             return
+        out_dir = output_path(out, out_positional)
         report = api.merge(
             config,
             out_dir,
@@ -68,10 +73,9 @@ def merge(
             progress=progress,
         )
     except MergeLabError as exc:
-        _fail(exc)
-        return
-    for note in report.notes:
-        console.print(f"[yellow]note:[/] {note}")
+        fail(exc)
+    for message in report.notes:
+        note(message)
     console.print(
         f"merged {report.tensors} tensors with `{report.method}` into {out_dir} in "
         f"{report.wall_seconds:.2f} s ({report.tensors_per_second:.1f} tensors/s, "
@@ -97,8 +101,8 @@ def _print_plan(plan) -> None:
     table.add_row("bytes written", _human(plan.total_out_bytes))
     table.add_row("estimated peak tensor memory", _human(plan.estimate_peak_bytes()))
     console.print(table)
-    for note in plan.notes:
-        console.print(f"[yellow]note:[/] {note}")
+    for message in plan.notes:
+        note(message)
     _print_data_stage(plan)
     preview = Table(title="first tensors")
     for col in ("tensor", "shape", "inputs", "out dtype"):
@@ -152,14 +156,13 @@ def validate(config: Path = typer.Argument(..., help="Merge config to check.")) 
     try:
         plan = api.plan_merge(config)
     except MergeLabError as exc:
-        _fail(exc)
-        return
+        fail(exc)
     console.print(
         f"[green]ok[/]: `{plan.method.name}` over {len(plan.sources)} model(s), "
         f"{len(plan.tasks)} output tensors"
     )
-    for note in plan.notes:
-        console.print(f"[yellow]note:[/] {note}")
+    for message in plan.notes:
+        note(message)
     _print_data_stage(plan)
 
 
@@ -173,7 +176,7 @@ def methods(
 
     found = list_methods(pattern or "*")
     if pattern and not found:
-        _fail(ValueError(f"no method matches {pattern!r}"))
+        fail(f"no method matches {pattern!r}")
     if markdown:
         from mergelab.methods.docs import methods_markdown
 
@@ -208,8 +211,7 @@ def inspect(
     try:
         reader = open_checkpoint(path)
     except (MergeLabError, FileNotFoundError) as exc:
-        _fail(exc)
-        return
+        fail(exc)
     with reader:
         rows = []
         total = 0
@@ -243,11 +245,12 @@ def inspect(
         console.print(f"{len(reader.keys())} tensors, {total:,} parameters")
 
 
-# Subcommands of other concerns (evaluation, diagnostics, alignment...) live beside their code:
-# each module here defines `register(app)`. Add a module to this tuple to add its commands.
+# Commands of other concerns (evaluation, diagnostics, alignment...) live beside their code:
+# each module here defines `register(app)`. Add a module to this tuple to add its commands; a
+# group two packages share (`diagnose`) is reached with `mergelab.cliutil.command_group`.
 _COMMAND_MODULES: tuple[str, ...] = (
     "mergelab.diagnostics.cli", "mergelab.eval.cli", "mergelab.training.cli",
-    "mergelab.lora.cli",
+    "mergelab.lora.cli", "mergelab.align.cli",
 )
 # Packages above the library (the benchmark harness, plug-ins) add theirs through the
 # `mergelab.commands` entry point group: the library never imports them.

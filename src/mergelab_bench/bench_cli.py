@@ -1,4 +1,4 @@
-"""`mergelab bench`: the merge benchmark on a zoo (see mergelab_bench.bench)."""
+"""`mergelab bench run`: the merge benchmark on a zoo (see mergelab_bench.bench)."""
 
 from __future__ import annotations
 
@@ -7,27 +7,22 @@ import sys
 from pathlib import Path
 
 import typer
-from rich.console import Console
 
+from mergelab.cliutil import command_group, console, fail, parse_names, parse_seeds
 from mergelab.errors import MergeLabError
-from mergelab.eval.cli import parse_seeds
-
-console = Console()
-err_console = Console(stderr=True)
-
-
-def _names(text: str | None) -> list[str] | None:
-    return [n.strip() for n in text.split(",") if n.strip()] if text else None
 
 
 def register(app: typer.Typer) -> None:
-    @app.command()
-    def bench(
+    group = command_group(app, "bench", "The merge benchmark on a zoo's fine-tunes.")
+
+    @group.command("run")
+    def run(
         zoo: str = typer.Option(..., help="Zoo name: text, vision or mlp (the unit-test zoo)."),
         recipe: str | None = typer.Option(None, help="Fine-tuning recipe(s), comma-separated (default: all)."),
         seeds: str = typer.Option("0,1", help="Zoo fine-tuning seeds, e.g. 0,1 or 0-2."),
         methods: str | None = typer.Option(None, help="Merge methods, comma-separated (default: every applicable data-free one)."),
-        out_dir: Path = typer.Option(Path("bench-results"), help="Folder for the JSON, markdown and PNG results."),
+        out: Path = typer.Option(Path("bench-results"), "--out", "-o", help="Folder for the JSON, markdown and PNG results."),
+        out_dir: Path | None = typer.Option(None, "--out-dir", hidden=True, help="Older spelling of --out."),
         docs: Path | None = typer.Option(None, help="Markdown file whose section for this zoo gets the tables (e.g. docs/benchmarks.md)."),
         threads: int = typer.Option(0, help="torch CPU threads (0: torch's default, one per core)."),
         cache: bool = typer.Option(True, help="Reuse evaluation results cached by a hash of the weights."),
@@ -47,10 +42,10 @@ def register(app: typer.Typer) -> None:
         try:
             report = run_bench(
                 zoo,
-                recipes=_names(recipe),
+                recipes=parse_names(recipe),
                 seeds=parse_seeds(seeds),
-                methods=_names(methods),
-                out_dir=out_dir,
+                methods=parse_names(methods),
+                out_dir=out_dir if out_dir is not None else out,
                 docs_path=docs,
                 command=command,
                 cache=default_result_cache() if cache else None,
@@ -60,8 +55,7 @@ def register(app: typer.Typer) -> None:
                 repair=bn_repair,
             )
         except MergeLabError as exc:
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
-            raise typer.Exit(code=1) from None
+            fail(exc)
         # Plain echo: rich would wrap the markdown tables at the terminal width.
         typer.echo(report.markdown)
         for recipe_name, files in report.files.items():

@@ -15,6 +15,7 @@ _COMMAND_MODULES = (
 
 
 def register(app: typer.Typer) -> None:
-    """Add `zoo`, `bench`, `diagnose-study` and `multimodal` to the `mergelab` app."""
+    """Add `zoo build|list`, `bench run`, `diagnose study` and `multimodal recipe` (and
+    `finetune`) to the `mergelab` app."""
     for module in _COMMAND_MODULES:
         importlib.import_module(module).register(app)

@@ -1,4 +1,6 @@
-"""`mergelab diagnose-study`: does a weight metric predict the merge outcome (on a zoo)?"""
+"""`mergelab diagnose study`: does a weight metric predict the merge outcome (on a zoo)?
+
+The verb joins the library's `diagnose` group (beside `diagnose report`)."""
 
 from __future__ import annotations
 
@@ -8,12 +10,17 @@ from pathlib import Path
 
 import typer
 
+from mergelab.cliutil import command_group, console, fail, parse_names
+
+DIAGNOSE_HELP = "Weight-space diagnostics of task vectors: reports and studies."
+
 
 def register(app: typer.Typer) -> None:
-    """Add `diagnose-study` to the `mergelab` app."""
+    """Add `study` to the `mergelab diagnose` group."""
+    group = command_group(app, "diagnose", DIAGNOSE_HELP)
 
-    @app.command("diagnose-study")
-    def diagnose_study(
+    @group.command("study")
+    def study(
         zoo: str = typer.Option("mlp", help="Zoo name (mlp, text, vision...)."),
         recipe: str = typer.Option(
             "lpft",
@@ -25,7 +32,7 @@ def register(app: typer.Typer) -> None:
             "task_arithmetic,ties", help="Comma-separated merge methods of the registry."
         ),
         top_k: float = typer.Option(0.2, "--top-k", help="TSSD's kept fraction, in (0, 1]."),
-        out: Path = typer.Option(None, "--out", help="Write the study as markdown to this file."),
+        out: Path = typer.Option(None, "--out", "-o", help="Write the study as markdown to this file."),
         docs: Path = typer.Option(None, "--docs", help="Markdown file whose section for this study gets it (e.g. docs/benchmarks.md)."),
         progress: bool = typer.Option(True, help="Show progress bars."),
         eval_limit: int = typer.Option(None, help="Text zoo: score on a seeded subset of at most this many validation/test examples per task."),
@@ -35,19 +42,16 @@ def register(app: typer.Typer) -> None:
         rank-correlate each metric with the drop in normalised accuracy (Spearman)."""
         import time
 
-        from rich.console import Console
-
         from mergelab.errors import MergeLabError
         from mergelab_bench.metric_study import pairwise_study, pooled_summary
         from mergelab_bench.zoo.registry import get_zoo
 
-        console = Console()
         if threads:
             import torch
 
             torch.set_num_threads(threads)
         options = {"eval_limit": eval_limit} if eval_limit is not None else {}
-        recipes = [r.strip() for r in recipe.split(",") if r.strip()]
+        recipes = parse_names(recipe) or []
         studies = {}
         try:
             if not recipes:
@@ -59,15 +63,14 @@ def register(app: typer.Typer) -> None:
                 studies[name] = (
                     pairwise_study(
                         built,
-                        [m.strip() for m in methods.split(",") if m.strip()],
+                        parse_names(methods) or [],
                         top_k=top_k,
                         progress=progress,
                     ),
                     time.perf_counter() - tick,
                 )
         except MergeLabError as exc:
-            Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False)
-            raise typer.Exit(code=1) from None
+            fail(exc)
         command = shlex.join(["mergelab", *sys.argv[1:]])
         # Each recipe's section says its own seconds (a rerun of one recipe replaces only it).
         sections: dict[str, tuple[str, str]] = {}

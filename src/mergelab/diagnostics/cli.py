@@ -1,4 +1,6 @@
-"""`mergelab diagnose`: weight-space metrics between task vectors, written as a report."""
+"""`mergelab diagnose report`: weight-space metrics between task vectors, written as a report.
+
+The `diagnose` group is shared: the benchmark harness adds `diagnose study` to it."""
 
 from __future__ import annotations
 
@@ -9,14 +11,20 @@ from pathlib import Path
 import typer
 
 
-def register(app: typer.Typer) -> None:
-    """Add the `diagnose` and `diagnose-study` commands to the `mergelab` app."""
+DIAGNOSE_HELP = "Weight-space diagnostics of task vectors: reports (and, with the harness, studies)."
 
-    @app.command()
-    def diagnose(
+
+def register(app: typer.Typer) -> None:
+    """Add the `diagnose` group and its `report` verb to the `mergelab` app."""
+    from mergelab.cliutil import command_group
+
+    group = command_group(app, "diagnose", DIAGNOSE_HELP)
+
+    @group.command("report")
+    def report(
         models: list[Path] = typer.Argument(..., help="Two or more fine-tuned checkpoints."),
         base: Path = typer.Option(..., "--base", help="The checkpoint they were fine-tuned from."),
-        out: Path = typer.Option(..., "--out", help="Report folder to create."),
+        out: Path = typer.Option(..., "--out", "-o", help="Report folder to create."),
         top_k: float = typer.Option(
             0.2, "--top-k", help="Fraction of each task vector TSSD keeps, in (0, 1]."
         ),
@@ -36,13 +44,11 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Compare the task vectors of MODELS (each minus --base): cosine, L2, sign conflicts,
         SSD and TSSD, per layer and whole model, with heatmaps."""
-        from rich.console import Console
-
+        from mergelab.cliutil import console, fail
         from mergelab.diagnostics.metrics import diagnose as run_diagnose
         from mergelab.diagnostics.report import check_target, layer_columns, write_report
         from mergelab.errors import MergeLabError
 
-        console = Console()
         try:
             check_target(out, overwrite)  # fail before the (possibly long) passes
             result = run_diagnose(
@@ -62,8 +68,7 @@ def register(app: typer.Typer) -> None:
                 command=shlex.join(["mergelab", *sys.argv[1:]]),
             )
         except MergeLabError as exc:
-            Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False)
-            raise typer.Exit(code=1) from None
+            fail(exc)
         total = result.total
         console.print(
             f"{len(result.tensors)} tensors ({total.numel:,} parameters) of {len(result.models)} "

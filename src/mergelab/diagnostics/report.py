@@ -124,7 +124,7 @@ def check_target(out: Path, overwrite: bool) -> None:
     """Raise CheckpointError now if `out` cannot become the report folder (before any work)."""
     if out.exists() and not overwrite:
         raise CheckpointError(
-            f"report folder {out} already exists (pass overwrite=True or --overwrite to replace it)"
+            f"report folder {out} already exists (pass overwrite=True to replace it)"
         )
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"report target {out} exists and is not a folder")

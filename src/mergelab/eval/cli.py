@@ -1,5 +1,5 @@
-"""`mergelab eval`: score a user's model on a user's task, with baselines and intervals; and
-`--seeds` parsing for other commands. A thin adapter over `mergelab.eval.run`."""
+"""`mergelab eval`: score a user's model on a user's task, with baselines and intervals.
+A thin adapter over `mergelab.eval.run`."""
 
 from __future__ import annotations
 
@@ -7,37 +7,9 @@ import json
 from pathlib import Path
 
 import typer
-from rich.console import Console
 
+from mergelab.cliutil import console, err_console, fail
 from mergelab.errors import MergeLabError
-
-console = Console()
-err_console = Console(stderr=True)
-
-
-def parse_seeds(text: str) -> list[int]:
-    """"0,1" or "0-2" -> [0, 1] / [0, 1, 2]; raises MergeLabError on anything else."""
-    seeds: list[int] = []
-    for part in (p.strip() for p in text.split(",")):
-        try:
-            if "-" in part[1:]:
-                low, high = part.split("-", 1) if not part.startswith("-") else (part, part)
-                seeds.extend(range(int(low), int(high) + 1))
-            elif part:
-                seeds.append(int(part))
-        except ValueError:
-            raise MergeLabError(f"--seeds: {part!r} is not an integer or a range like 0-2") from None
-    if not seeds:
-        raise MergeLabError("--seeds: give at least one seed, e.g. 0,1")
-    return seeds
-
-
-def _fail(exc: Exception) -> None:
-    from rich.markup import escape
-
-    err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
-    raise typer.Exit(code=1)
-
 
 def register(app: typer.Typer) -> None:
     """Evaluation commands of the `mergelab` app: `mergelab eval`."""
@@ -88,7 +60,7 @@ def register(app: typer.Typer) -> None:
         from mergelab.eval.run import evaluate_folder, results_table
 
         if split not in ("test", "validation"):
-            _fail(MergeLabError(f"--split must be test or validation; got {split!r}"))
+            fail(MergeLabError(f"--split must be test or validation; got {split!r}"))
             return
         try:
             # A spinner on a terminal only: piped (or --json) output stays clean.
@@ -99,7 +71,7 @@ def register(app: typer.Typer) -> None:
                     say=lambda message: status.update(message),
                 )  # fmt: skip
         except MergeLabError as exc:
-            _fail(exc)
+            fail(exc)
             return
         if as_json:
             typer.echo(json.dumps(report.to_json(), indent=2))

@@ -10,31 +10,17 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from mergelab.cliutil import command_group, fail, parse_seeds
 from mergelab.errors import MergeLabError
 
-console = Console(stderr=True)
+log_console = Console(stderr=True)  # progress messages: stdout carries the report
 DOCS_SECTION = "multimodal-recipe"  # the marker name of the report's section in a docs file
-app = typer.Typer(
-    name="multimodal",
-    help="Modality-specific -> modality-agnostic merging (Sung et al. 2023) in miniature.",
-    no_args_is_help=True,
-)
+MULTIMODAL_HELP = "Modality-specific -> modality-agnostic merging (Sung et al. 2023) in miniature."
 
 
-@app.callback()
-def main() -> None:
-    """Modality-specific -> modality-agnostic merging (Sung et al. 2023) in miniature."""
-
-
-def _seeds(text: str) -> list[int]:
-    from mergelab.eval.cli import parse_seeds
-
-    return parse_seeds(text)
-
-
-@app.command("recipe")
 def recipe(
-    out_dir: Path = typer.Option(Path("multimodal-results"), help="Folder for results.json and results.md."),
+    out: Path = typer.Option(Path("multimodal-results"), "--out", "-o", help="Folder for results.json and results.md."),
+    out_dir: Path | None = typer.Option(None, "--out-dir", hidden=True, help="Older spelling of --out."),
     seeds: str = typer.Option("0,1", help="Seeds, e.g. 0,1 or 0-2: each pre-trains, merges and fine-tunes anew."),
     quick: bool = typer.Option(False, help="Seconds-long smoke run: tiny model, 2 steps per stage, sklearn digits."),
     threads: int = typer.Option(0, help="torch CPU threads (0: torch's default, one per core)."),
@@ -54,16 +40,15 @@ def recipe(
     try:
         report = run_recipe(
             quick_settings() if quick else full_settings(),
-            out_dir,
-            seeds=_seeds(seeds),
+            out_dir if out_dir is not None else out,
+            seeds=parse_seeds(seeds),
             progress=progress,
-            log=lambda message: console.print(f"[dim]{message}[/dim]", highlight=False),
+            log=lambda message: log_console.print(f"[dim]{message}[/dim]", highlight=False),
             cache_root="default" if cache else None,
             command=command,
         )
     except MergeLabError as exc:
-        console.print(f"[bold red]error:[/] {exc}", highlight=False)
-        raise typer.Exit(code=1) from None
+        fail(exc)
     if docs is not None:
         from mergelab_bench.bench import update_docs
 
@@ -72,10 +57,6 @@ def recipe(
     typer.echo(report["markdown"])
 
 
-def register(parent: typer.Typer) -> None:
-    """Add `multimodal` to the `mergelab` command (see `_COMMAND_MODULES` in mergelab.cli)."""
-    parent.add_typer(app, name="multimodal")
-
-
-if __name__ == "__main__":
-    app()
+def register(app: typer.Typer) -> None:
+    """Add `multimodal recipe` to the `mergelab` app."""
+    command_group(app, "multimodal", MULTIMODAL_HELP).command("recipe")(recipe)

@@ -4,22 +4,13 @@
 from __future__ import annotations
 
 import typer
-from rich.console import Console
 
+from mergelab.cliutil import command_group, console, fail, parse_seeds
 from mergelab.errors import MergeLabError
-
-console = Console()
-err_console = Console(stderr=True)
-
-
-def _fail(exc: Exception) -> None:
-    err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
-    raise typer.Exit(code=1)
 
 
 def register(app: typer.Typer) -> None:
-    zoo_app = typer.Typer(help="Benchmark zoos: build and list.", no_args_is_help=True)
-    app.add_typer(zoo_app, name="zoo")
+    zoo_app = command_group(app, "zoo", "Benchmark zoos: build and list.")
 
     @zoo_app.command("list")
     def list_zoos() -> None:
@@ -44,7 +35,6 @@ def register(app: typer.Typer) -> None:
 
         import torch
 
-        from mergelab.eval.cli import parse_seeds
         from mergelab_bench.zoo.registry import get_zoo
 
         if threads > 0:
@@ -63,6 +53,5 @@ def register(app: typer.Typer) -> None:
                         f"{time.perf_counter() - tick:.0f} s"
                     )
         except MergeLabError as exc:
-            _fail(exc)
-            return
+            fail(exc)
         console.print(f"wall time {time.perf_counter() - started:.0f} s")
