@@ -187,7 +187,7 @@ def run(args: argparse.Namespace) -> str:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     started, load_at_start = time.perf_counter(), os.getloadavg()[0]
-    # The same evaluation subset as `mergelab bench --eval-limit`, so the rows compare.
+    # The same evaluation subset as `mergelab bench run --eval-limit`, so the rows compare.
     zoo = get_zoo(args.zoo, **({"eval_limit": args.eval_limit} if args.eval_limit else {}))
     recipes = args.recipes.split(",") if args.recipes else list(zoo.recipes)
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -351,7 +351,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: one per core)")
     parser.add_argument("--eval-limit", type=int, default=0,
                         help="text zoo: score on at most this many validation/test examples per task "
-                             "(as `mergelab bench --eval-limit`; 0: all)")
+                             "(as `mergelab bench run --eval-limit`; 0: all)")
     parser.add_argument("--label", default="",
                         help="a name for a run with other settings: its docs section (and JSON) "
                         "sits beside the default run's instead of replacing it")

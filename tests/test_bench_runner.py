@@ -9,8 +9,8 @@ import torch
 from typer.testing import CliRunner
 
 from mergelab.cli import app
-from mergelab.errors import MergeLabError
 from mergelab.cliutil import parse_seeds
+from mergelab.errors import MergeLabError
 from mergelab.eval.harness import AggregateRow, Spread, evaluate_model
 from mergelab_bench.bench import (
     FINETUNED_ROW,
@@ -138,7 +138,7 @@ def test_run_bench_writes_reports_and_docs_section(tmp_path):
     docs = tmp_path / "benchmarks.md"
     docs.write_text("# Benchmarks\n\n## Parity with mergekit\nkept\n")
     report = run_bench("mlp", recipes=["joint"], seeds=[0, 1], methods=["linear", "ties"],
-                       out_dir=tmp_path / "out", docs_path=docs, command="mergelab bench --zoo mlp",
+                       out_dir=tmp_path / "out", docs_path=docs, command="mergelab bench run --zoo mlp",
                        progress=False, log=lambda _: None)
     names = [r.name for r in report.recipes["joint"]]
     assert names[:3] == ["pretrained + fine-tuned heads", PROBE_ROW, FINETUNED_ROW]
@@ -146,7 +146,7 @@ def test_run_bench_writes_reports_and_docs_section(tmp_path):
     assert report.recipes["joint"][2].normalised.mean == pytest.approx(1.0)
     text = docs.read_text()
     assert "## Parity with mergekit\nkept" in text
-    assert "<!-- mergelab-bench:mlp:start -->" in text and "`mergelab bench --zoo mlp`" in text
+    assert "<!-- mergelab-bench:mlp:start -->" in text and "`mergelab bench run --zoo mlp`" in text
     assert "± " in text  # two seeds: a spread
     assert "Not applicable: " in text and "`slerp`" in text
     for kind in ("json", "md", "png"):
@@ -175,12 +175,12 @@ def test_parse_seeds():
 
 def test_cli_bench_and_zoo_build(tmp_path):
     runner = CliRunner()
-    result = runner.invoke(app, ["bench", "--zoo", "mlp", "--seeds", "0", "--recipe", "lpft",
-                                 "--methods", "linear", "--out-dir", str(tmp_path), "--no-cache",
+    result = runner.invoke(app, ["bench", "run", "--zoo", "mlp", "--seeds", "0", "--recipe", "lpft",
+                                 "--methods", "linear", "--out", str(tmp_path), "--no-cache",
                                  "--no-progress"])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "mlp-lpft.md").is_file()
-    bad = runner.invoke(app, ["bench", "--zoo", "mlp", "--seeds", "x"])
+    bad = runner.invoke(app, ["bench", "run", "--zoo", "mlp", "--seeds", "x"])
     assert bad.exit_code == 1 and "not an integer" in bad.output
     built = runner.invoke(app, ["zoo", "build", "--zoo", "mlp", "--seeds", "0", "--recipe", "joint"])
     assert built.exit_code == 0 and "4 tasks ready" in built.output

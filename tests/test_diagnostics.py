@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import save_checkpoint
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
@@ -309,18 +310,12 @@ def test_layer_group_names():
 # --- report and CLI ---------------------------------------------------------------------------------
 
 
-def _save(folder: Path, sd: dict) -> Path:
-    folder.mkdir(parents=True)
-    save_file(sd, str(folder / "model.safetensors"))
-    return folder
-
-
 def test_cli_writes_a_report_with_heatmaps(tmp_path: Path):
     base, models = _models(seed=6, n=3)
-    base_dir = _save(tmp_path / "base", base)
-    model_dirs = [_save(tmp_path / name, m) for name, m in zip("xyz", models)]
+    base_dir = save_checkpoint(tmp_path / "base", base)
+    model_dirs = [save_checkpoint(tmp_path / name, m) for name, m in zip("xyz", models)]
     out = tmp_path / "report"
-    args = ["diagnose", *map(str, model_dirs), "--base", str(base_dir), "--out", str(out)]
+    args = ["diagnose", "report", *map(str, model_dirs), "--base", str(base_dir), "--out", str(out)]
     result = CliRunner().invoke(app, [*args, "--top-k", "0.3", "--html", "--no-progress"])
     assert result.exit_code == 0, result.output
     names = {p.name for p in out.iterdir()}
@@ -505,7 +500,7 @@ def test_study_cli_on_a_registered_zoo(tmp_path: Path, monkeypatch):
 
     monkeypatch.setitem(registry._ZOOS, "fake-diagnostics", FakeZoo)
     out = tmp_path / "study.md"
-    args = ["diagnose-study", "--zoo", "fake-diagnostics", "--methods", "task_arithmetic"]
+    args = ["diagnose", "study", "--zoo", "fake-diagnostics", "--methods", "task_arithmetic"]
     docs = tmp_path / "benchmarks.md"
     docs.write_text("# Benchmarks\n\nearlier section\n")
     result = CliRunner().invoke(app, [*args, "--out", str(out), "--docs", str(docs), "--no-progress"])
@@ -521,5 +516,5 @@ def test_study_cli_on_a_registered_zoo(tmp_path: Path, monkeypatch):
                 "study:fake-diagnostics:none+none2:0"):
         assert document.count(f"<!-- mergelab-bench:{key}:start -->") == 1
     assert "recipes pooled" in document and "### Within each recipe" in document
-    unknown = CliRunner().invoke(app, ["diagnose-study", "--zoo", "nope", "--no-progress"])
+    unknown = CliRunner().invoke(app, ["diagnose", "study", "--zoo", "nope", "--no-progress"])
     assert unknown.exit_code == 1 and "unknown zoo" in unknown.output

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
+from conftest import save_checkpoint
+from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 import mergelab
@@ -36,26 +37,11 @@ def _model(seed: int, scale: float = 1.0) -> dict[str, torch.Tensor]:
 
 
 def _save(folder: Path, sd: dict[str, torch.Tensor], *, shards: int = 1) -> Path:
-    folder.mkdir(parents=True)
     config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "num_hidden_layers": LAYERS,
               "hidden_size": 8, "tie_word_embeddings": False}
-    (folder / "config.json").write_text(json.dumps(config))
-    (folder / "tokenizer_config.json").write_text("{}")
-    (folder / "tokenizer.json").write_text('{"version": "1.0"}')
-    (folder / "generation_config.json").write_text('{"do_sample": false}')
-    if shards == 1:
-        save_file(sd, str(folder / "model.safetensors"), metadata={"format": "pt"})
-        return folder
-    names = list(sd)
-    per = (len(names) + shards - 1) // shards
-    weight_map = {}
-    for s in range(shards):
-        fname = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
-        part = {n: sd[n] for n in names[s * per : (s + 1) * per]}
-        save_file(part, str(folder / fname), metadata={"format": "pt"})
-        weight_map.update({n: fname for n in part})
-    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    return folder
+    files = {"tokenizer_config.json": "{}", "tokenizer.json": '{"version": "1.0"}',
+             "generation_config.json": '{"do_sample": false}'}
+    return save_checkpoint(folder, sd, shards=shards, config=config, files=files)
 
 
 @pytest.fixture(scope="module")
@@ -138,12 +124,12 @@ def test_cli_merge_dry_run_validate_methods_inspect(tmp_path, zoo):
     runner = CliRunner()
     config = _config(tmp_path, zoo)
     out = tmp_path / "cli-out"
-    res = runner.invoke(app, ["merge", str(config), str(out), "--dry-run"])
+    res = runner.invoke(app, ["merge", str(config), "--out", str(out), "--dry-run"])
     assert res.exit_code == 0, res.output
     assert "output tensors" in res.output and not out.exists()
     res = runner.invoke(app, ["validate", str(config)])
     assert res.exit_code == 0 and "ok" in res.output
-    res = runner.invoke(app, ["merge", str(config), str(out), "--seed", "1", "--profile", "--no-progress"])
+    res = runner.invoke(app, ["merge", str(config), "--out", str(out), "--seed", "1", "--profile", "--no-progress"])
     assert res.exit_code == 0, res.output
     assert "tensors/s" in res.output and "merge kernels" in res.output
     assert (out / "model.safetensors").is_file()
@@ -288,3 +274,37 @@ def test_killed_mid_write_leaves_no_finished_looking_output(tmp_path, zoo):
     mergelab.merge(config, out, progress=False)
     assert (out / "model.safetensors").is_file()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
+
+
+def test_merge_closes_its_sources_however_it_ends(tmp_path, zoo, monkeypatch):
+    import mergelab.api as api
+
+    readers = []
+
+    def recording_open(path):
+        reader = mergelab.checkpoint.open_checkpoint(path)
+        readers.append(reader)
+        return reader
+
+    monkeypatch.setattr(api, "open_checkpoint", recording_open)
+    # Fails while merging: a source holds NaN.
+    poisoned = _model(0)
+    poisoned["model.norm.weight"] = torch.full((8,), float("nan"))
+    nan_source = _save(tmp_path / "nan", poisoned)
+    config = _config(tmp_path, zoo, base_model=str(nan_source))
+    with pytest.raises(MergeError):
+        mergelab.merge(config, tmp_path / "out", progress=False)
+    assert len(readers) == 3 and all(r.closed for r in readers)
+    # Fails in validation, after some sources were opened: a tensor of another shape.
+    readers.clear()
+    wrong = _model(0)
+    wrong["lm_head.weight"] = torch.zeros(4, 8)
+    config = _config(tmp_path, zoo, base_model=str(_save(tmp_path / "wrong", wrong)))
+    with pytest.raises(ConfigError):
+        mergelab.merge(config, tmp_path / "out", progress=False)
+    assert readers and all(r.closed for r in readers)
+    # Succeeds: closed too.
+    readers.clear()
+    mergelab.merge(_config(tmp_path, zoo), tmp_path / "out", progress=False)
+    assert len(readers) == 3 and all(r.closed for r in readers)
+    assert (tmp_path / "out" / "mergelab_config.yml").is_file()

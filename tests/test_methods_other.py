@@ -1,54 +1,20 @@
 """model_stock, nearswap, arcee_fusion, ram, ramplus_tl and passthrough: hand-computed values,
-properties, declarations (mergekit 0.1.5's names and defaults) and, when mergekit is
-importable, a differential check against it."""
+properties, declarations (mergekit 0.1.5's names and defaults) and a differential check
+against it (mergekit missing fails the check: conftest.py)."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from typing import Any
 
 import pytest
 import torch
+from conftest import randn, run_kernel
 
 from mergelab.methods import pairwise
-from mergelab.methods.registry import TensorMerge, get_method, resolve_defaults
+from mergelab.methods.registry import get_method
 
 T = torch.tensor
-
-
-def run(
-    name: str,
-    tensors: list[torch.Tensor],
-    base: torch.Tensor | None = None,
-    params: Mapping[str, Any] | None = None,
-    model_params: list[dict[str, Any]] | None = None,
-    seed: int = 0,
-) -> torch.Tensor:
-    """Run a registered kernel the way the engine does: validated, defaults filled."""
-    method = get_method(name)
-    params = dict(params or {})
-    model_params = model_params or [{} for _ in tensors]
-    problems = [p.check(params[p.name]) for p in method.global_params if p.name in params]
-    problems += [
-        p.check(mp[p.name]) for mp in model_params for p in method.model_params if p.name in mp
-    ]
-    assert not any(problems), problems
-    merge = TensorMerge(
-        tensors=tensors,
-        base=base,
-        model_params=[resolve_defaults(method.model_params, mp) for mp in model_params],
-        params=resolve_defaults(method.global_params, params),
-        generator=torch.Generator().manual_seed(seed),
-        name="layer.weight",
-    )
-    out = method.kernel(merge)
-    assert out.shape == tensors[0].shape
-    return out
-
-
-def randn(*shape: int, seed: int = 0) -> torch.Tensor:
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
 
 def ratio(k: int, cos: float) -> float:
@@ -64,7 +30,7 @@ def test_model_stock_symmetric_pair_follows_closed_form() -> None:
     # average offset is (cos 30, 0), so the result is base + 2/3 * (sqrt3/2, 0).
     base = T([1.0, -2.0])
     c, s = math.cos(math.pi / 6), math.sin(math.pi / 6)
-    out = run("model_stock", [base + T([c, s]), base + T([c, -s])], base)
+    out = run_kernel("model_stock", [base + T([c, s]), base + T([c, -s])], base)
     assert ratio(2, 0.5) == pytest.approx(2 / 3)
     torch.testing.assert_close(out, base + T([1 / math.sqrt(3), 0.0]))
 
@@ -74,7 +40,7 @@ def test_model_stock_symmetric_pair_any_angle(angle_deg: float) -> None:
     half = math.radians(angle_deg) / 2
     base = randn(3, seed=1)
     o1, o2 = T([math.cos(half), math.sin(half), 0.0]), T([math.cos(half), -math.sin(half), 0.0])
-    out = run("model_stock", [base + 2 * o1, base + 2 * o2], base)
+    out = run_kernel("model_stock", [base + 2 * o1, base + 2 * o2], base)
     t = ratio(2, math.cos(2 * half))
     torch.testing.assert_close(out, base + t * (o1 + o2))
 
@@ -84,20 +50,20 @@ def test_model_stock_three_models_closed_form() -> None:
     base = torch.zeros(3)
     offsets = [T([1.0, 0.0, 0.0]), T([0.5, math.sqrt(3) / 2, 0.0])]
     offsets.append(T([0.5, 1 / (2 * math.sqrt(3)), math.sqrt(2 / 3)]))
-    out = run("model_stock", offsets, base)
+    out = run_kernel("model_stock", offsets, base)
     torch.testing.assert_close(out, ratio(3, 0.5) * sum(offsets) / 3)  # ratio 0.75
 
 
 def test_model_stock_identical_models_return_the_model() -> None:
     base, w = randn(4, 4, seed=1), randn(4, 4, seed=2)
-    torch.testing.assert_close(run("model_stock", [w, w.clone(), w.clone()], base), w)
+    torch.testing.assert_close(run_kernel("model_stock", [w, w.clone(), w.clone()], base), w)
 
 
 def test_model_stock_opposite_updates_keep_the_base() -> None:
     # k = 2, cos = -1: 1 + (k - 1) cos = 0, no finite ratio; mergekit keeps the base (the
     # average, base - d/2, would differ).
     base, d = randn(5, seed=1), T([1.0, 0.0, 2.0, 0.0, -1.0])
-    torch.testing.assert_close(run("model_stock", [base + d, base - 2 * d], base), base)
+    torch.testing.assert_close(run_kernel("model_stock", [base + d, base - 2 * d], base), base)
 
 
 def test_model_stock_filter_wise_uses_one_ratio_per_row() -> None:
@@ -106,17 +72,17 @@ def test_model_stock_filter_wise_uses_one_ratio_per_row() -> None:
     # Row 0: +-30 degrees (cos 0.5, t = 2/3). Row 1: orthogonal offsets (cos 0, t = 0).
     w1 = T([[c, s], [1.0, 0.0]])
     w2 = T([[c, -s], [0.0, 1.0]])
-    out = run("model_stock", [w1, w2], base, {"filter_wise": True})
+    out = run_kernel("model_stock", [w1, w2], base, {"filter_wise": True})
     torch.testing.assert_close(out, T([[2 / 3 * c, 0.0], [0.0, 0.0]]))
     # Per tensor, the mean cos differs, so the two modes can be told apart.
-    assert not torch.allclose(run("model_stock", [w1, w2], base), out)
+    assert not torch.allclose(run_kernel("model_stock", [w1, w2], base), out)
 
 
 def test_model_stock_filter_wise_1d_is_per_tensor() -> None:
     base = randn(6, seed=3)
     ws = [base + randn(6, seed=s) for s in (4, 5, 6)]
     torch.testing.assert_close(
-        run("model_stock", ws, base, {"filter_wise": True}), run("model_stock", ws, base)
+        run_kernel("model_stock", ws, base, {"filter_wise": True}), run_kernel("model_stock", ws, base)
     )
 
 
@@ -126,19 +92,19 @@ def test_model_stock_filter_wise_1d_is_per_tensor() -> None:
 def test_nearswap_hand_computed() -> None:
     # weight = clamp(t / |diff|, 0, 1) = (1, 0.2, 0.05) for t = 0.1.
     base, other = torch.zeros(3), T([0.05, 0.5, -2.0])
-    out = run("nearswap", [other], base, {"t": 0.1})
+    out = run_kernel("nearswap", [other], base, {"t": 0.1})
     torch.testing.assert_close(out, T([0.05, 0.1, -0.1]))
 
 
 def test_nearswap_t_zero_is_base_and_large_t_is_other() -> None:
     base, other = randn(4, 3, seed=1), randn(4, 3, seed=2)
-    torch.testing.assert_close(run("nearswap", [other], base, {"t": 0.0}), base)
-    torch.testing.assert_close(run("nearswap", [other], base, {"t": 1e6}), other)
+    torch.testing.assert_close(run_kernel("nearswap", [other], base, {"t": 0.0}), base)
+    torch.testing.assert_close(run_kernel("nearswap", [other], base, {"t": 1e6}), other)
 
 
 def test_nearswap_identical_inputs_return_input() -> None:
     a = randn(3, 3)
-    torch.testing.assert_close(run("nearswap", [a.clone()], a, {"t": 0.01}), a)
+    torch.testing.assert_close(run_kernel("nearswap", [a.clone()], a, {"t": 0.01}), a)
 
 
 # --- arcee_fusion ----------------------------------------------------------------------------
@@ -152,7 +118,7 @@ def test_arcee_fusion_keeps_only_outlying_changes() -> None:
     values = T([0.1, 0.2, 0.3, 0.35, 0.45, 0.6, 0.9, 5.0])
     other = torch.stack([values.roll(2 * i) for i in range(4)])
     base = torch.zeros(4, 8)
-    out = run("arcee_fusion", [other], base)
+    out = run_kernel("arcee_fusion", [other], base)
     torch.testing.assert_close(out, torch.where(other == 5.0, other, base))
 
 
@@ -162,13 +128,13 @@ def test_arcee_fusion_zero_threshold_keeps_zero_importance_changes() -> None:
     base = randn(4, 4, seed=1)
     other = base.clone()
     other[0] += 1.0
-    torch.testing.assert_close(run("arcee_fusion", [other], base), other)
+    torch.testing.assert_close(run_kernel("arcee_fusion", [other], base), other)
 
 
 def test_arcee_fusion_takes_each_element_from_base_or_other() -> None:
     base = randn(16, 32, seed=1)
     other = base + randn(16, 32, seed=2)
-    out = run("arcee_fusion", [other], base)
+    out = run_kernel("arcee_fusion", [other], base)
     from_base, from_other = out == base, out == other
     assert bool((from_base | from_other).all())
     assert bool((from_other & ~from_base).any()) and bool((from_base & ~from_other).any())
@@ -180,12 +146,12 @@ def test_arcee_fusion_sparse_changes_are_all_kept() -> None:
     base = randn(8, 8, seed=1)
     other = base.clone()
     other[0, :4] += 1.0
-    torch.testing.assert_close(run("arcee_fusion", [other], base), other)
+    torch.testing.assert_close(run_kernel("arcee_fusion", [other], base), other)
 
 
 def test_arcee_fusion_identical_inputs_return_input() -> None:
     a = randn(4, 8)
-    torch.testing.assert_close(run("arcee_fusion", [a.clone()], a), a)
+    torch.testing.assert_close(run_kernel("arcee_fusion", [a.clone()], a), a)
 
 
 def test_arcee_fusion_large_tensor_samples_from_the_generator(
@@ -195,9 +161,9 @@ def test_arcee_fusion_large_tensor_samples_from_the_generator(
     monkeypatch.setattr(pairwise, "FUSION_QUANTILE_SAMPLE", 500)
     base = torch.zeros(40, 50)
     other = randn(40, 50, seed=4)
-    first = run("arcee_fusion", [other], base, seed=7)
-    torch.testing.assert_close(run("arcee_fusion", [other], base, seed=7), first)
-    outs = {tuple(run("arcee_fusion", [other], base, seed=s).flatten().tolist()) for s in range(5)}
+    first = run_kernel("arcee_fusion", [other], base, seed=7)
+    torch.testing.assert_close(run_kernel("arcee_fusion", [other], base, seed=7), first)
+    outs = {tuple(run_kernel("arcee_fusion", [other], base, seed=s).flatten().tolist()) for s in range(5)}
     assert len(outs) > 1  # the sample, hence the threshold, depends on the seed
 
 
@@ -209,34 +175,34 @@ RAM_MODELS = [T([1.0, 2.0, 0.0, 1e-6]), T([3.0, 0.0, 0.0, 0.0])]
 
 
 def test_ram_hand_computed() -> None:
-    torch.testing.assert_close(run("ram", RAM_MODELS, RAM_BASE), T([2.0, 2.0, 0.0, 0.0]))
+    torch.testing.assert_close(run_kernel("ram", RAM_MODELS, RAM_BASE), T([2.0, 2.0, 0.0, 0.0]))
 
 
 def test_ramplus_tl_hand_computed() -> None:
     # Model 1 changes 1 shared and 1 unique element: rho = 1, clamped to alpha = 0.2,
     # lambda = 1 + 0.1 * 0.2 = 1.02 on its unique element.
-    out = run("ramplus_tl", RAM_MODELS, RAM_BASE)
+    out = run_kernel("ramplus_tl", RAM_MODELS, RAM_BASE)
     torch.testing.assert_close(out, T([2.0, 2.04, 0.0, 0.0]))
-    out = run("ramplus_tl", RAM_MODELS, RAM_BASE, {"r": 0.5, "alpha": 0.9})
+    out = run_kernel("ramplus_tl", RAM_MODELS, RAM_BASE, {"r": 0.5, "alpha": 0.9})
     torch.testing.assert_close(out, T([2.0, 2.9, 0.0, 0.0]))  # lambda = 1 + 0.5 * 0.9
 
 
 def test_ramplus_tl_rho_below_alpha() -> None:
     # Model 1: 1 shared, 2 unique elements -> rho = 0.5 < alpha = 0.9, lambda = 1.25.
     models = [T([1.0, 2.0, 4.0]), T([3.0, 0.0, 0.0])]
-    out = run("ramplus_tl", models, torch.zeros(3), {"r": 0.5, "alpha": 0.9})
+    out = run_kernel("ramplus_tl", models, torch.zeros(3), {"r": 0.5, "alpha": 0.9})
     torch.testing.assert_close(out, T([2.0, 2.5, 5.0]))
 
 
 @pytest.mark.parametrize("name", ["ram", "ramplus_tl"])
 def test_ram_single_model_and_identical_models_return_the_model(name: str) -> None:
     base, w = randn(3, 5, seed=1), randn(3, 5, seed=2)
-    torch.testing.assert_close(run(name, [w], base), w)
-    torch.testing.assert_close(run(name, [w, w.clone(), w.clone()], base), w)
+    torch.testing.assert_close(run_kernel(name, [w], base), w)
+    torch.testing.assert_close(run_kernel(name, [w, w.clone(), w.clone()], base), w)
 
 
 def test_ram_epsilon_sets_what_counts_as_changed() -> None:
-    out = run("ram", RAM_MODELS, RAM_BASE, {"epsilon": 1.5})  # only |3| and |2| count
+    out = run_kernel("ram", RAM_MODELS, RAM_BASE, {"epsilon": 1.5})  # only |3| and |2| count
     torch.testing.assert_close(out, T([3.0, 2.0, 0.0, 0.0]))
 
 
@@ -245,9 +211,9 @@ def test_ram_epsilon_sets_what_counts_as_changed() -> None:
 
 def test_passthrough_copies_or_scales() -> None:
     a = randn(2, 3)
-    torch.testing.assert_close(run("passthrough", [a]), a)
-    torch.testing.assert_close(run("passthrough", [a], model_params=[{"scale": 0.5}]), a / 2)
-    assert torch.equal(run("passthrough", [a], model_params=[{"scale": 0.0}]), torch.zeros(2, 3))
+    torch.testing.assert_close(run_kernel("passthrough", [a]), a)
+    torch.testing.assert_close(run_kernel("passthrough", [a], model_params=[{"scale": 0.5}]), a / 2)
+    assert torch.equal(run_kernel("passthrough", [a], model_params=[{"scale": 0.0}]), torch.zeros(2, 3))
 
 
 # --- declarations and validation -------------------------------------------------------------
@@ -293,21 +259,7 @@ def test_bad_parameter_messages_name_the_parameter(name: str, param: str, value:
     assert message is not None and f"`{param}`" in message
 
 
-# --- differential check against mergekit (runs only where mergekit 0.1.5 is importable) ---
-
-
-@pytest.fixture(scope="module")
-def mergekit_methods() -> Any:
-    registry = pytest.importorskip("mergekit.merge_methods.registry")
-    from mergekit.merge_methods.base import TensorGroup
-
-    def reference(name, tensors, base=None, params=None, per_input=None):
-        inputs = ([base] if base is not None else []) + tensors
-        group = TensorGroup.from_tensors(inputs, base_index=0 if base is not None else None)
-        (out,) = registry.get(name)((group,), parameters={**(params or {}), **(per_input or {})})
-        return out
-
-    return reference
+# --- differential check against mergekit (the `mergekit_methods` fixture of conftest.py) ---
 
 
 def test_matches_mergekit(mergekit_methods: Any) -> None:
@@ -317,26 +269,26 @@ def test_matches_mergekit(mergekit_methods: Any) -> None:
         ws = [base + 0.1 * randn(*shape, seed=s) for s in (1, 2, 3)]
         for fw in (False, True):
             torch.testing.assert_close(
-                run("model_stock", ws, base, {"filter_wise": fw}),
+                run_kernel("model_stock", ws, base, {"filter_wise": fw}),
                 ref("model_stock", ws, base, {"filter_wise": fw}),
             )
         for t in (0.01, 0.1, 1.0):
             torch.testing.assert_close(
-                run("nearswap", ws[:1], base, {"t": t}), ref("nearswap", ws[:1], base, {"t": t})
+                run_kernel("nearswap", ws[:1], base, {"t": t}), ref("nearswap", ws[:1], base, {"t": t})
             )
         sparse = [
             base + randn(*shape, seed=s) * (randn(*shape, seed=s + 9) > 0.3) for s in (4, 5, 6)
         ]
         torch.testing.assert_close(
-            run("arcee_fusion", sparse[:1], base), ref("arcee_fusion", sparse[:1], base)
+            run_kernel("arcee_fusion", sparse[:1], base), ref("arcee_fusion", sparse[:1], base)
         )
-        torch.testing.assert_close(run("ram", sparse, base), ref("ram", sparse, base))
+        torch.testing.assert_close(run_kernel("ram", sparse, base), ref("ram", sparse, base))
         for params in ({}, {"r": 0.5, "alpha": 0.9}):
             torch.testing.assert_close(
-                run("ramplus_tl", sparse, base, params), ref("ramplus_tl", sparse, base, params)
+                run_kernel("ramplus_tl", sparse, base, params), ref("ramplus_tl", sparse, base, params)
             )
         torch.testing.assert_close(
-            run("passthrough", ws[:1], model_params=[{"scale": 0.5}]),
+            run_kernel("passthrough", ws[:1], model_params=[{"scale": 0.5}]),
             ref("passthrough", ws[:1], per_input={"scale": [0.5]}),
         )
 
@@ -364,7 +316,7 @@ def test_kernels_do_not_modify_inputs(
     base = randn(6, 7, seed=0) if with_base else None
     tensors = [randn(6, 7, seed=s) for s in range(1, count + 1)]
     before = [t.clone() for t in tensors] + ([base.clone()] if base is not None else [])
-    out = run(name, tensors, base, params, [dict(per_model) for _ in tensors])
+    out = run_kernel(name, tensors, base, params, [dict(per_model) for _ in tensors])
     after = tensors + ([base] if base is not None else [])
     assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
     assert out.dtype == torch.float32 and bool(torch.isfinite(out).all())

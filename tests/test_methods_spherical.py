@@ -1,58 +1,25 @@
 """Spherical methods (slerp, nuslerp, multislerp, karcher): hand-computed values, properties,
-declarations (mergekit 0.1.5's names and defaults) and, when mergekit is importable, a
-differential check against it."""
+declarations (mergekit 0.1.5's names and defaults) and a differential check
+against it (mergekit missing fails the check: conftest.py)."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from typing import Any
 
 import pytest
 import torch
+from conftest import randn, run_kernel
 
 from mergelab.errors import MergeError
-from mergelab.methods.registry import TensorMerge, get_method, resolve_defaults
+from mergelab.methods.registry import get_method
 from mergelab.methods.spherical import karcher_mean, nuslerp, slerp
 
 R2 = math.sqrt(0.5)
 
 
-def run(
-    name: str,
-    tensors: list[torch.Tensor],
-    base: torch.Tensor | None = None,
-    params: Mapping[str, Any] | None = None,
-    model_params: list[dict[str, Any]] | None = None,
-) -> torch.Tensor:
-    """Run a registered kernel the way the engine does: validated, defaults filled."""
-    method = get_method(name)
-    params = dict(params or {})
-    model_params = model_params or [{} for _ in tensors]
-    problems = [p.check(params[p.name]) for p in method.global_params if p.name in params]
-    problems += [
-        p.check(mp[p.name]) for mp in model_params for p in method.model_params if p.name in mp
-    ]
-    assert not any(problems), problems
-    merge = TensorMerge(
-        tensors=tensors,
-        base=base,
-        model_params=[resolve_defaults(method.model_params, mp) for mp in model_params],
-        params=resolve_defaults(method.global_params, params),
-        generator=torch.Generator().manual_seed(0),
-        name="layer.weight",
-    )
-    out = method.kernel(merge)
-    assert out.shape == tensors[0].shape
-    return out
-
-
 def weights(*ws: float) -> list[dict[str, Any]]:
     return [{"weight": w} for w in ws]
-
-
-def randn(*shape: int, seed: int = 0) -> torch.Tensor:
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
 
 T = torch.tensor
@@ -63,7 +30,7 @@ T = torch.tensor
 
 def test_slerp_orthogonal_midpoint_is_scaled_diagonal() -> None:
     # theta = pi/2: both coefficients are sin(pi/4) / sin(pi/2) = 1/sqrt2.
-    out = run("slerp", [T([0.0, 2.0])], base=T([2.0, 0.0]), params={"t": 0.5})
+    out = run_kernel("slerp", [T([0.0, 2.0])], base=T([2.0, 0.0]), params={"t": 0.5})
     torch.testing.assert_close(out, T([2 * R2, 2 * R2]))
 
 
@@ -76,13 +43,13 @@ def test_slerp_orthogonal_third() -> None:
 @pytest.mark.parametrize("t", [0.0, 1.0])
 def test_slerp_ends(t: float) -> None:
     a, b = randn(4, 6, seed=1), randn(4, 6, seed=2)
-    out = run("slerp", [b], base=a, params={"t": t})
+    out = run_kernel("slerp", [b], base=a, params={"t": t})
     torch.testing.assert_close(out, a if t == 0.0 else b)
 
 
 def test_slerp_identical_inputs_return_input() -> None:
     a = randn(3, 5)
-    torch.testing.assert_close(run("slerp", [a.clone()], base=a, params={"t": 0.37}), a)
+    torch.testing.assert_close(run_kernel("slerp", [a.clone()], base=a, params={"t": 0.37}), a)
 
 
 def test_slerp_keeps_unit_norm_and_angle_fraction() -> None:
@@ -130,19 +97,19 @@ def test_nuslerp_zero_weight_returns_other_model(
     a, b = randn(4, 5, seed=1), randn(4, 5, seed=2)
     base = randn(4, 5, seed=3) if with_base else None
     params = {"nuslerp_flatten": flatten, "nuslerp_row_wise": row_wise}
-    torch.testing.assert_close(run("nuslerp", [a, b], base, params, weights(0.0, 2.0)), b)
-    torch.testing.assert_close(run("nuslerp", [a, b], base, params, weights(5.0, 0.0)), a)
+    torch.testing.assert_close(run_kernel("nuslerp", [a, b], base, params, weights(0.0, 2.0)), b)
+    torch.testing.assert_close(run_kernel("nuslerp", [a, b], base, params, weights(5.0, 0.0)), a)
 
 
 def test_nuslerp_flattened_matches_slerp_with_t_from_weights() -> None:
     a, b = randn(3, 4, seed=5), randn(3, 4, seed=6)
-    out = run("nuslerp", [a, b], model_params=weights(1.0, 3.0))  # t = 3 / (1 + 3)
+    out = run_kernel("nuslerp", [a, b], model_params=weights(1.0, 3.0))  # t = 3 / (1 + 3)
     torch.testing.assert_close(out, slerp(0.75, a, b))
 
 
 def test_nuslerp_weights_summing_to_zero_use_midpoint() -> None:
     a, b = T([1.0, 0.0]), T([0.0, 1.0])
-    out = run("nuslerp", [a, b], model_params=weights(1.0, -1.0))
+    out = run_kernel("nuslerp", [a, b], model_params=weights(1.0, -1.0))
     torch.testing.assert_close(out, T([R2, R2]))
 
 
@@ -152,16 +119,16 @@ def test_nuslerp_per_row_with_colinear_row() -> None:
     b = T([[0.0, 1.0], [2.0, 0.0]])
     expected = T([[R2, R2], [1.5, 0.0]])
     params = {"nuslerp_flatten": False}
-    torch.testing.assert_close(run("nuslerp", [a, b], None, params, weights(1, 1)), expected)
+    torch.testing.assert_close(run_kernel("nuslerp", [a, b], None, params, weights(1, 1)), expected)
     # row_wise interpolates vectors along dimension 0, i.e. the columns.
     params = {"nuslerp_flatten": False, "nuslerp_row_wise": True}
-    out = run("nuslerp", [a.T.contiguous(), b.T.contiguous()], None, params, weights(1, 1))
+    out = run_kernel("nuslerp", [a.T.contiguous(), b.T.contiguous()], None, params, weights(1, 1))
     torch.testing.assert_close(out, expected.T)
 
 
 def test_nuslerp_with_base_interpolates_task_vectors() -> None:
     base = T([1.0, 1.0])
-    out = run("nuslerp", [T([2.0, 1.0]), T([1.0, 2.0])], base, model_params=weights(1, 1))
+    out = run_kernel("nuslerp", [T([2.0, 1.0]), T([1.0, 2.0])], base, model_params=weights(1, 1))
     torch.testing.assert_close(out, base + T([R2, R2]))
 
 
@@ -176,12 +143,12 @@ def test_nuslerp_row_wise_on_1d_tensor_is_whole_vector() -> None:
 def test_multislerp_orthogonal_pair_is_normalised_mean_times_mean_norm() -> None:
     # Unit directions (1,0) and (0,1), norms 2 and 4, equal weights: direction (1,1)/sqrt2,
     # length the weighted mean norm 3.
-    out = run("multislerp", [T([2.0, 0.0]), T([0.0, 4.0])], model_params=weights(1, 1))
+    out = run_kernel("multislerp", [T([2.0, 0.0]), T([0.0, 4.0])], model_params=weights(1, 1))
     torch.testing.assert_close(out, T([3 * R2, 3 * R2]))
 
 
 def test_multislerp_unnormalised_weights_scale_the_norm() -> None:
-    out = run(
+    out = run_kernel(
         "multislerp",
         [T([1.0, 0.0]), T([0.0, 1.0])],
         params={"normalize_weights": False},
@@ -193,33 +160,33 @@ def test_multislerp_unnormalised_weights_scale_the_norm() -> None:
 def test_multislerp_three_orthogonal_axes_with_base() -> None:
     base = T([1.0, 1.0, 1.0])
     tensors = [base + 2 * torch.eye(3)[i] for i in range(3)]
-    out = run("multislerp", tensors, base, model_params=weights(1, 1, 1))
+    out = run_kernel("multislerp", tensors, base, model_params=weights(1, 1, 1))
     torch.testing.assert_close(out, base + 2 / math.sqrt(3))
 
 
 def test_multislerp_single_model_and_one_hot_weight_return_the_model() -> None:
     a, b = randn(3, 4, seed=1), randn(3, 4, seed=2)
-    torch.testing.assert_close(run("multislerp", [a], model_params=weights(0.3)), a)
-    torch.testing.assert_close(run("multislerp", [a, b], model_params=weights(0, 1)), b)
+    torch.testing.assert_close(run_kernel("multislerp", [a], model_params=weights(0.3)), a)
+    torch.testing.assert_close(run_kernel("multislerp", [a, b], model_params=weights(0, 1)), b)
 
 
 def test_multislerp_identical_inputs_return_input() -> None:
     a = randn(5, 2)
-    out = run("multislerp", [a, a.clone(), a.clone()], model_params=weights(0.2, 0.5, 0.3))
+    out = run_kernel("multislerp", [a, a.clone(), a.clone()], model_params=weights(0.2, 0.5, 0.3))
     torch.testing.assert_close(out, a)
 
 
 def test_multislerp_antipodal_pair_falls_back_to_linear() -> None:
     # Exactly representable values, so the task vectors are exactly antipodal.
     a, base = T([0.5, -1.0, 2.0, 0.25]), T([1.0, 2.0, 3.0, 4.0])
-    out = run("multislerp", [base + a, base - a], base, model_params=weights(1, 1))
+    out = run_kernel("multislerp", [base + a, base - a], base, model_params=weights(1, 1))
     torch.testing.assert_close(out, base)
 
 
 def test_multislerp_with_every_task_vector_zero_returns_the_base() -> None:
     # a tensor no model changed (an unused pooler): the base, not an "antipodal" error
     base = randn(4, 3, seed=5)
-    out = run("multislerp", [base.clone(), base.clone(), base.clone()], base,
+    out = run_kernel("multislerp", [base.clone(), base.clone(), base.clone()], base,
               model_params=weights(0.2, 0.5, 0.3))
     torch.testing.assert_close(out, base)
 
@@ -227,12 +194,12 @@ def test_multislerp_with_every_task_vector_zero_returns_the_base() -> None:
 def test_multislerp_zero_weighted_mean_of_three_is_an_error() -> None:
     a = T([1.0, 0.0])
     with pytest.raises(MergeError, match="weight"):
-        run("multislerp", [a, -a, 2 * a], model_params=weights(1.0, 1.0, 0.0))
+        run_kernel("multislerp", [a, -a, 2 * a], model_params=weights(1.0, 1.0, 0.0))
 
 
 def test_multislerp_weights_summing_to_zero_is_an_error_naming_weight() -> None:
     with pytest.raises(MergeError, match=r"`weight`.*layer\.weight"):
-        run("multislerp", [T([1.0, 0.0]), T([0.0, 1.0])], model_params=weights(1, -1))
+        run_kernel("multislerp", [T([1.0, 0.0]), T([0.0, 1.0])], model_params=weights(1, -1))
 
 
 # --- karcher -----------------------------------------------------------------------------
@@ -240,16 +207,16 @@ def test_multislerp_weights_summing_to_zero_is_an_error_naming_weight() -> None:
 
 def test_karcher_identical_points_return_the_point() -> None:
     a = randn(3, 3)
-    torch.testing.assert_close(run("karcher", [a, a.clone(), a.clone()]), a)
+    torch.testing.assert_close(run_kernel("karcher", [a, a.clone(), a.clone()]), a)
 
 
 def test_karcher_single_model_is_returned() -> None:
     a = randn(4)
-    torch.testing.assert_close(run("karcher", [a]), a)
+    torch.testing.assert_close(run_kernel("karcher", [a]), a)
 
 
 def test_karcher_orthogonal_pair_is_geodesic_midpoint_times_mean_norm() -> None:
-    out = run("karcher", [T([1.0, 0.0]), T([0.0, 3.0])])
+    out = run_kernel("karcher", [T([1.0, 0.0]), T([0.0, 3.0])])
     torch.testing.assert_close(out, T([2 * R2, 2 * R2]))
 
 
@@ -275,22 +242,22 @@ def test_karcher_mean_satisfies_first_order_condition() -> None:
 
 
 def test_karcher_zero_point_gives_no_direction_but_counts_in_the_norm() -> None:
-    out = run("karcher", [T([2.0, 0.0]), T([0.0, 2.0]), torch.zeros(2)])
+    out = run_kernel("karcher", [T([2.0, 0.0]), T([0.0, 2.0]), torch.zeros(2)])
     torch.testing.assert_close(out, 4 / 3 * T([R2, R2]))
 
 
 def test_karcher_points_shorter_than_tol_only_count_in_the_norm() -> None:
-    out = run("karcher", [T([2.0, 0.0]), T([0.0, 2.0]), T([0.5, 0.0])], params={"tol": 0.6})
+    out = run_kernel("karcher", [T([2.0, 0.0]), T([0.0, 2.0]), T([0.5, 0.0])], params={"tol": 0.6})
     torch.testing.assert_close(out, 1.5 * T([R2, R2]))  # norm (2 + 2 + 0.5) / 3
 
 
 def test_karcher_all_zero_gives_zero() -> None:
-    assert torch.equal(run("karcher", [torch.zeros(3), torch.zeros(3)]), torch.zeros(3))
+    assert torch.equal(run_kernel("karcher", [torch.zeros(3), torch.zeros(3)]), torch.zeros(3))
 
 
 def test_karcher_max_iter_zero_is_normalised_euclidean_mean() -> None:
     a, b, c = T([1.0, 0.0, 0.0]), T([0.0, 1.0, 0.0]), T([R2, R2, 0.0])
-    out = run("karcher", [a, b, c], params={"max_iter": 0})
+    out = run_kernel("karcher", [a, b, c], params={"max_iter": 0})
     direction = (a + b + c) / (a + b + c).norm()
     torch.testing.assert_close(out, direction)
 
@@ -347,26 +314,12 @@ def test_slerp_t_is_not_range_limited_like_mergekit() -> None:
 # --- differential check against mergekit (runs only where mergekit 0.1.5 is importable) ---
 
 
-@pytest.fixture(scope="module")
-def mergekit_methods() -> Any:
-    registry = pytest.importorskip("mergekit.merge_methods.registry")
-    from mergekit.merge_methods.base import TensorGroup
-
-    def reference(name, tensors, base=None, params=None, per_input=None):
-        inputs = ([base] if base is not None else []) + tensors
-        group = TensorGroup.from_tensors(inputs, base_index=0 if base is not None else None)
-        (out,) = registry.get(name)((group,), parameters={**(params or {}), **(per_input or {})})
-        return out
-
-    return reference
-
-
 def test_matches_mergekit(mergekit_methods: Any) -> None:
     base = randn(6, 10, seed=0)
     a, b, c = (base + 0.1 * randn(6, 10, seed=s) for s in (1, 2, 3))
     for t in (0.0, 0.3, 1.0, 1.7):
         ref = mergekit_methods("slerp", [a], base, {"t": t})
-        torch.testing.assert_close(run("slerp", [a], base, {"t": t}), ref)
+        torch.testing.assert_close(run_kernel("slerp", [a], base, {"t": t}), ref)
     for with_base in (True, False):
         for flatten in (True, False):
             for row_wise in (True, False):
@@ -375,7 +328,7 @@ def test_matches_mergekit(mergekit_methods: Any) -> None:
                 ref = mergekit_methods(
                     "nuslerp", [a, b], maybe_base, params, {"weight": [0.3, 0.9]}
                 )
-                ours = run("nuslerp", [a, b], maybe_base, params, weights(0.3, 0.9))
+                ours = run_kernel("nuslerp", [a, b], maybe_base, params, weights(0.3, 0.9))
                 torch.testing.assert_close(ours, ref)
         for normalize in (True, False):
             params = {"normalize_weights": normalize}
@@ -383,7 +336,7 @@ def test_matches_mergekit(mergekit_methods: Any) -> None:
             ref = mergekit_methods(
                 "multislerp", [a, b, c], maybe_base, params, {"weight": [0.4, 1.0, 0.6]}
             )
-            ours = run("multislerp", [a, b, c], maybe_base, params, weights(0.4, 1.0, 0.6))
+            ours = run_kernel("multislerp", [a, b, c], maybe_base, params, weights(0.4, 1.0, 0.6))
             torch.testing.assert_close(ours, ref)
     for points in ([a, b], [a, b, c], [a, -a + 0.01 * b, c], [a, torch.zeros_like(a)]):
-        torch.testing.assert_close(run("karcher", points), mergekit_methods("karcher", points))
+        torch.testing.assert_close(run_kernel("karcher", points), mergekit_methods("karcher", points))

@@ -540,8 +540,8 @@ def test_ties_top_k_selection_matches_stable_sort_on_large_tied_tensor():
         ("sce", [{}, {}, {}], {"select_topk": 0.3}),
     ],
 )
-def test_matches_mergekit(name, per_model, global_params):
-    registry = pytest.importorskip("mergekit.merge_methods.registry")
+def test_matches_mergekit(name, per_model, global_params, mergekit_registry):
+    registry = mergekit_registry
     from mergekit.merge_methods.base import TensorGroup
 
     # Continuous random values: no magnitude ties, where mergekit's unstable sort is arbitrary.

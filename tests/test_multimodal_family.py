@@ -346,7 +346,7 @@ def test_cli_quick_recipe_prints_the_report(tmp_path, monkeypatch):
     docs.write_text("# Guide\n\nkept text\n")
     result = CliRunner().invoke(
         app,
-        ["multimodal", "recipe", "--quick", "--seeds", "0", "--out-dir", str(tmp_path / "out"),
+        ["multimodal", "recipe", "--quick", "--seeds", "0", "--out", str(tmp_path / "out"),
          "--no-progress", "--docs", str(docs)],
     )  # fmt: skip
     assert result.exit_code == 0, result.output

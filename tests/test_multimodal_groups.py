@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
+from conftest import save_checkpoint
+from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 import mergelab
@@ -239,10 +240,7 @@ def test_beit3_multiway_preset():
 
 
 def _save(folder: Path, sd: dict) -> Path:
-    folder.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in sd.items()}, str(folder / "model.safetensors"))
-    (folder / "config.json").write_text(json.dumps({"model_type": "mini-vlmo", "num_hidden_layers": BLOCKS}))
-    return folder
+    return save_checkpoint(folder, sd, config={"model_type": "mini-vlmo", "num_hidden_layers": BLOCKS})
 
 
 def _write_config(path: Path, raw: dict) -> Path:
@@ -261,7 +259,7 @@ def test_cli_merges_a_checkpoint_folder(tmp_path):
         "parameters": {"lambda": 0.5},
         "expert_groups": {"preset": "mergelab-mini"},
     })
-    result = CliRunner().invoke(app, ["merge", str(config), str(tmp_path / "out")])
+    result = CliRunner().invoke(app, ["merge", str(config), "--out", str(tmp_path / "out")])
     assert result.exit_code == 0, result.output
     merged = load_file(str(tmp_path / "out" / "model.safetensors"))
     assert set(merged) == set(seed)
@@ -286,7 +284,7 @@ def test_cli_regmean_reads_a_gram_folder(tmp_path):
         "merge_method": "regmean", "models": [{"model": str(model)}],
         "expert_groups": {"preset": "mergelab-mini", "grams": "grams"},
     })
-    result = CliRunner().invoke(app, ["merge", str(config), str(tmp_path / "out")])
+    result = CliRunner().invoke(app, ["merge", str(config), "--out", str(tmp_path / "out")])
     assert result.exit_code == 0, result.output
     merged = load_file(str(tmp_path / "out" / "model.safetensors"))
     in_memory = merge_expert_groups(sd, method="regmean", preset="mergelab-mini", grams=layers)
@@ -344,7 +342,7 @@ def test_seed_checkpoint_missing_on_disk(tmp_path):
         "merge_method": "ties", "models": [{"model": str(model)}], "base_model": str(tmp_path / "nope"),
         "parameters": {"weight": 1.0}, "expert_groups": {"preset": "mergelab-mini"},
     })
-    result = CliRunner().invoke(app, ["merge", str(config), str(tmp_path / "out")])
+    result = CliRunner().invoke(app, ["merge", str(config), "--out", str(tmp_path / "out")])
     assert result.exit_code != 0
     assert "base_model" in result.output and "nope" in result.output
     assert not (tmp_path / "out").exists()

@@ -163,6 +163,20 @@ def merge(
     if dry_run:
         plan.config_dir = config_dir
         return plan
+    try:  # the sources' files are closed however the merge ends
+        return _merge_plan(
+            plan, out_dir, device=device, out_shard_size=out_shard_size, overwrite=overwrite,
+            seed=seed, allow_nonfinite=allow_nonfinite, progress=progress, workers=workers,
+            provider=provider, config_dir=config_dir, open_source=open_source, label=label,
+        )  # fmt: skip
+    finally:
+        close_plan(plan)
+
+
+def _merge_plan(
+    plan: MergePlan, out_dir, *, device, out_shard_size, overwrite, seed, allow_nonfinite,
+    progress, workers, provider, config_dir, open_source, label,
+) -> MergeReport:  # fmt: skip
     try:
         max_shard = parse_size(out_shard_size)
     except ValueError as exc:
@@ -226,7 +240,6 @@ def _write(plan, out_dir, max_shard, overwrite, device, seed, allow_nonfinite, p
         )
         _write_side_files(plan, writer)
         writer.commit()
-    _close_sources(plan)
     return report
 
 
@@ -235,8 +248,13 @@ def _source_path(source: Any) -> Path | None:
     return Path(path) if path is not None and Path(path).exists() else None
 
 
-def _close_sources(plan: MergePlan) -> None:
-    for source in plan.sources.values():
+def close_plan(plan: MergePlan) -> None:
+    """Close the checkpoint readers a plan holds (safe to call twice)."""
+    _close_all(plan.sources.values())
+
+
+def _close_all(sources) -> None:
+    for source in sources:
         close = getattr(source, "close", None)
         if close is not None:
             close()
@@ -396,4 +414,4 @@ def dump_plan(plan: MergePlan) -> str:
     return json.dumps(describe_plan(plan), indent=2, default=str)
 
 
-__all__ = ["merge", "merge_expert_groups", "merge_state_dicts", "plan_merge", "ConfigError"]
+__all__ = ["close_plan", "merge", "merge_expert_groups", "merge_state_dicts", "plan_merge", "ConfigError"]

@@ -59,7 +59,10 @@ def merge(
     try:
         if dry_run:
             plan = api.plan_merge(config)
-            _print_plan(plan)
+            try:
+                _print_plan(plan)
+            finally:
+                api.close_plan(plan)
             return
         out_dir = output_path(out, out_positional)
         report = api.merge(
@@ -157,6 +160,7 @@ def validate(config: Path = typer.Argument(..., help="Merge config to check.")) 
         plan = api.plan_merge(config)
     except MergeLabError as exc:
         fail(exc)
+    api.close_plan(plan)
     console.print(
         f"[green]ok[/]: `{plan.method.name}` over {len(plan.sources)} model(s), "
         f"{len(plan.tasks)} output tensors"

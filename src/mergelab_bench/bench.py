@@ -430,7 +430,7 @@ def bench_markdown(
     lines = [
         f"## Merge benchmark: {zoo_name} zoo",
         "",
-        f"Reproduce: `{command or f'mergelab bench --zoo {zoo_name}'}`",
+        f"Reproduce: `{command or f'mergelab bench run --zoo {zoo_name}'}`",
         "",
         f"Wall time {wall / 60:.1f} min (of which building or loading the zoo {build_seconds / 60:.1f} min), "
         f"{len(seeds)} fine-tuning seed(s) ({', '.join(map(str, seeds))}), {machine_note(load_at_start)}.",

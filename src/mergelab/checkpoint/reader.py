@@ -229,6 +229,11 @@ class CheckpointReader:
 
     # -- lifetime -------------------------------------------------------------------------------
 
+    @property
+    def closed(self) -> bool:
+        """Whether `close` was called (further reads raise)."""
+        return self._closed
+
     def close(self) -> None:
         """Release mapped ``.bin`` files; further reads raise. Safe to call twice."""
         self._closed = True

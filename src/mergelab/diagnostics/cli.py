@@ -10,7 +10,6 @@ from pathlib import Path
 
 import typer
 
-
 DIAGNOSE_HELP = "Weight-space diagnostics of task vectors: reports (and, with the harness, studies)."
 
 
