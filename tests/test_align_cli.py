@@ -207,3 +207,36 @@ def test_align_cli_errors_and_validate(tmp_path):
     config.write_text(yaml.safe_dump({"align": {**good, "models": [str(folders[0]), "missing"]}}))
     checked = CliRunner().invoke(app, ["align", "validate", str(config)])
     assert checked.exit_code == 1 and "align.models.1: no checkpoint" in checked.stderr
+
+
+def test_activation_matching_of_bert_folders_on_a_text_task(tmp_path):
+    import transformers
+
+    words = ["good", "bad", "film", "plot", "the", "was"]
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+    tokenizer = transformers.BertTokenizerFast(vocab_file=str(vocab))
+    config = transformers.BertConfig(
+        vocab_size=len(words) + 5, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=24, max_position_embeddings=16, num_labels=2,
+    )  # fmt: skip
+    folders = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        folder = tmp_path / f"bert{seed}"
+        transformers.BertForSequenceClassification(config).eval().save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        folders.append(folder)
+    rows = ["text,label"] + [f"the film was {w},{i % 2}" for i, w in enumerate(words * 4)]
+    (tmp_path / "task.csv").write_text("\n".join(rows) + "\n")
+    section = {
+        "method": "activation", "models": [str(f) for f in folders],
+        "data": {"task": "task.csv", "examples": 12, "batch_size": 6},
+    }  # fmt: skip
+    result, out = _run(tmp_path, section)
+    assert result.exit_code == 0, result.output
+    assert "12 input examples" in result.output
+    merged = transformers.BertForSequenceClassification.from_pretrained(out)
+    assert (out / "tokenizer.json").is_file()
+    tokens = tokenizer(["the film was good"], return_tensors="pt")
+    assert torch.isfinite(merged(**tokens).logits).all()

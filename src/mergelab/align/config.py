@@ -99,7 +99,6 @@ class AlignSection(_Frozen):
         description="weight/activation: each aligned model's weight in the average (default "
         "equal), one per model.",
     )
-    max_iter: int = Field(default=100, ge=1, description="Weight matching: sweeps at most.")
     seed: int = Field(default=0, description="Weight matching: seed of the space order.")
     alpha: float = Field(
         default=0.3, ge=0, le=1, description="ZipIt!: penalty on a second unit of one model."

@@ -11,7 +11,7 @@ torch.fx (`derive_spec`) or declared (`bert_spec` for BERT), and then:
 - zipit: `zip_models` (full, or partial with `stop_at`).
 BatchNorm statistics are re-estimated on the data afterwards (`repair`). The result is written
 atomically like every checkpoint (`ShardedWriter`), in the first model's dtypes, with its
-config.json and tokenizer files.
+config.json and tokenizer files (the files `mergelab merge` copies from its donor).
 """
 
 from __future__ import annotations
@@ -37,12 +37,6 @@ from mergelab.align.specs import bert_spec
 from mergelab.align.zipit import zip_models
 from mergelab.checkpoint import ShardedWriter, open_checkpoint, parse_size
 from mergelab.errors import ConfigError
-
-# Files of the first model's folder that describe the output too (architecture, tokenizer).
-SIDE_FILES = (
-    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-    "special_tokens_map.json", "vocab.txt", "vocab.json", "merges.txt",
-)  # fmt: skip
 
 
 @dataclass
@@ -312,6 +306,8 @@ def align_merge(
     The folder is written atomically (nothing appears before it is complete); an existing one
     is refused unless `overwrite`, and writing into an input always is.
     """
+    from mergelab.api import CONFIG_FILES, TOKENIZER_FILES
+
     section, file_dir = _read(config)
     config_dir = config_dir if config_dir is not None else file_dir
     if out_dir is None:
@@ -337,7 +333,8 @@ def align_merge(
         for name, tensor in tensors.items():
             writer.write(name, tensor)
         if first.is_dir() and section.stop_at is None:
-            for name in SIDE_FILES:
+            # The first model's architecture and tokenizer files describe the output too.
+            for name in ("config.json", *CONFIG_FILES, *TOKENIZER_FILES):
                 if (first / name).is_file():
                     writer.copy_file(first / name, name)
         written = writer.commit()
