@@ -36,6 +36,8 @@ from pathlib import Path
 
 import torch
 
+from mergelab.cliutil import parse_seeds
+
 REPO = Path(__file__).resolve().parent.parent
 DATA_AWARE = ("fisher", "regmean", "regmean_plusplus", "adamerging_taskwise", "adamerging_layerwise")
 DATA_FREE = ("task_arithmetic", "ties")
@@ -190,7 +192,7 @@ def run(args: argparse.Namespace) -> str:
     # The same evaluation subset as `mergelab bench run --eval-limit`, so the rows compare.
     zoo = get_zoo(args.zoo, **({"eval_limit": args.eval_limit} if args.eval_limit else {}))
     recipes = args.recipes.split(",") if args.recipes else list(zoo.recipes)
-    seeds = [int(s) for s in args.seeds.split(",")]
+    seeds = parse_seeds(args.seeds)
     methods = [m for m in args.methods.split(",") if m] if args.methods else list(DATA_AWARE)
     sections = []
     alphas = [float(a) for a in args.regmean_alphas.split(",") if a]

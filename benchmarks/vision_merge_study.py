@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from mergelab import merge_state_dicts
+from mergelab.cliutil import parse_seeds
 from mergelab_bench.zoo.base import BuiltZoo, StateDict
 from mergelab_bench.zoo.vision import VisionSettings, VisionZoo
 
@@ -196,7 +197,7 @@ def main() -> None:
     zoo = VisionZoo(settings=settings)
     results: dict = {"settings": settings.__dict__, "threads": args.threads, "runs": {}}
     started = time.perf_counter()
-    for seed in [int(s) for s in args.seeds.split(",")]:
+    for seed in parse_seeds(args.seeds):
         for recipe in args.recipes.split(","):
             print(f"== recipe {recipe} seed {seed}", flush=True)
             t0 = time.perf_counter()

@@ -38,6 +38,8 @@ from mergelab.align.zipit import zip_models
 from mergelab.checkpoint import ShardedWriter, open_checkpoint, parse_size
 from mergelab.errors import ConfigError
 
+SPLITS = ("train", "validation", "test")
+
 
 @dataclass
 class AlignResult:
@@ -185,8 +187,12 @@ def load_batches(data: AlignData, config_dir: Path | None, first_model: Path) ->
     from mergelab.eval.tasks import SplitSizes, load_splits, read_csv_task, resolve_task
 
     spec = data.task or ""
-    task = read_csv_task(resolve_path(spec, config_dir)) if spec.endswith(".csv") and not spec.startswith("csv:") else resolve_task(spec)
-    sizes = {name: data.examples if name == data.split else 1 for name in ("train", "validation", "test")}
+    if spec.endswith(".csv") and not spec.startswith("csv:"):
+        task = read_csv_task(resolve_path(spec, config_dir))  # a path beside the config
+    else:
+        task = resolve_task(spec)
+    # Only the chosen split is used; the others get one example each.
+    sizes = {split: data.examples if split == data.split else 1 for split in SPLITS}
     texts = getattr(load_splits(task, SplitSizes(**sizes), seed=data.seed), data.split).texts
     tokenizer = AutoTokenizer.from_pretrained(first_model, local_files_only=True)
     batches = []
