@@ -81,6 +81,18 @@ def _gram_opener(config_dir: Path | None):
     return open_grams
 
 
+def _tracked(opener):
+    """`opener` plus the list of every source it opened, so a failed validation can close them."""
+    opened: list[Any] = []
+
+    def open_source(model: str):
+        source = opener(model)
+        opened.append(source)
+        return source
+
+    return open_source, opened
+
+
 def plan_merge(config: str | os.PathLike | Mapping | MergeConfig) -> MergePlan:
     """Validate a config (file path, mapping or MergeConfig) and its sources; return the plan.
 
@@ -90,8 +102,13 @@ def plan_merge(config: str | os.PathLike | Mapping | MergeConfig) -> MergePlan:
     """
     cfg, config_dir = _read_config(config)
     label = str(config) if isinstance(config, (str, os.PathLike)) else None
-    plan = _build(cfg, _opener(config_dir), label, config_dir)
-    _provider(plan, config_dir, label)  # checks the data section's folders, tasks and heads
+    open_source, opened = _tracked(_opener(config_dir))
+    try:  # when validation fails, the sources opened so far are closed before the error
+        plan = _build(cfg, open_source, label, config_dir)
+        _provider(plan, config_dir, label)  # checks the data section's folders, tasks and heads
+    except BaseException:
+        _close_all(opened)
+        raise
     plan.config_dir = config_dir
     return plan
 
@@ -157,9 +174,13 @@ def merge(
     """
     cfg, config_dir = _read_config(config)
     label = str(config) if isinstance(config, (str, os.PathLike)) else None
-    open_source = _opener(config_dir)
-    plan = _build(cfg, open_source, label, config_dir)
-    provider = _provider(plan, config_dir, label)
+    open_source, opened = _tracked(_opener(config_dir))
+    try:  # a config that fails validation leaves no source open
+        plan = _build(cfg, open_source, label, config_dir)
+        provider = _provider(plan, config_dir, label)
+    except BaseException:
+        _close_all(opened)
+        raise
     if dry_run:
         plan.config_dir = config_dir
         return plan

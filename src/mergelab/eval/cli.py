@@ -11,6 +11,7 @@ import typer
 from mergelab.cliutil import console, err_console, fail
 from mergelab.errors import MergeLabError
 
+
 def register(app: typer.Typer) -> None:
     """Evaluation commands of the `mergelab` app: `mergelab eval`."""
 

@@ -52,7 +52,7 @@ def register(app: typer.Typer) -> None:
         progress: bool = typer.Option(True, help="Show a progress bar."),
     ) -> None:
         """Fold ADAPTER into BASE (W + scale * B @ A), tensor by tensor, into OUT_DIR."""
-        from mergelab.cli import _fail, console
+        from mergelab.cliutil import console, fail
         from mergelab.errors import MergeLabError
         from mergelab.lora.ops import fold_adapter
 
@@ -60,7 +60,7 @@ def register(app: typer.Typer) -> None:
             report = fold_adapter(base, adapter, out_dir, out_shard_size=out_shard_size,
                                   overwrite=overwrite, progress=progress)
         except MergeLabError as exc:
-            _fail(exc)
+            fail(exc)
             return
         console.print(
             f"folded {report.folded} tensor(s) (and replaced {report.replaced}) of "
@@ -71,7 +71,7 @@ def register(app: typer.Typer) -> None:
     @lora.command("merge")
     def merge(
         adapters: list[Path] = typer.Argument(..., help="PEFT adapter folders of one base."),
-        out_dir: Path = typer.Option(..., "--out", help="Output adapter folder (created atomically)."),
+        out_dir: Path = typer.Option(..., "--out", "-o", help="Output adapter folder (created atomically)."),
         weights: str | None = typer.Option(None, help="One weight per adapter, e.g. 0.7,0.3 (default 1 each)."),
         combination: str = typer.Option(
             "delta", help="cat (exact concatenation), delta (merge B@A deltas with --method, then SVD), "
@@ -87,7 +87,7 @@ def register(app: typer.Typer) -> None:
         progress: bool = typer.Option(True, help="Show a progress bar."),
     ) -> None:
         """Merge ADAPTERS into one adapter (see docs/lora.md for the semantics vs PEFT)."""
-        from mergelab.cli import _fail, console
+        from mergelab.cliutil import console, fail
         from mergelab.errors import MergeLabError
         from mergelab.lora.ops import merge_adapters
 
@@ -98,7 +98,7 @@ def register(app: typer.Typer) -> None:
                 dtype=dtype, overwrite=overwrite, progress=progress,
             )
         except MergeLabError as exc:
-            _fail(exc)
+            fail(exc)
             return
         worst = max((m.relative_error for m in report.modules), default=0.0)
         console.print(
@@ -124,7 +124,7 @@ def register(app: typer.Typer) -> None:
         progress: bool = typer.Option(True, help="Show a progress bar."),
     ) -> None:
         """Extract a PEFT LoRA adapter from FINETUNED - BASE by per-module SVD."""
-        from mergelab.cli import _fail, console
+        from mergelab.cliutil import console, fail
         from mergelab.errors import MergeLabError
         from mergelab.lora.ops import REPORT_FILE, extract_adapter
 
@@ -134,7 +134,7 @@ def register(app: typer.Typer) -> None:
                 svd=svd, seed=seed, dtype=dtype, overwrite=overwrite, progress=progress,
             )
         except MergeLabError as exc:
-            _fail(exc)
+            fail(exc)
             return
         errors = [m["relative_error"] for m in report.modules.values()]
         ranks = [m["rank"] for m in report.modules.values()]

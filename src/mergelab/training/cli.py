@@ -10,14 +10,11 @@ import json
 from pathlib import Path
 
 import typer
-from rich.console import Console
-from rich.markup import escape
 
+from mergelab.cliutil import console, fail, output_path
 from mergelab.errors import MergeLabError
 from mergelab.training.settings import FinetuneSettings
 
-console = Console()
-err_console = Console(stderr=True)
 _FIELDS = FinetuneSettings.model_fields
 
 
@@ -26,11 +23,6 @@ def _option(field: str, flag: str | None = None):
     info = _FIELDS[field]
     names = [flag] if flag else []
     return typer.Option(info.default, *names, help=info.description)
-
-
-def _fail(exc: Exception) -> None:
-    err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code=1)
 
 
 def register(app: typer.Typer) -> None:
@@ -42,9 +34,11 @@ def register(app: typer.Typer) -> None:
             "columns text,label) or an image task (digits, mnist_5k, fashion_mnist, or npz:PATH "
             "with arrays images [N,H,W] uint8 and labels).",
         ),
-        out_dir: Path = typer.Option(
-            ..., help="Output folder (must not exist): encoder + head.safetensors + recipe.json."
+        out: Path | None = typer.Option(
+            None, "--out", "-o",
+            help="Output folder (must not exist): encoder + head.safetensors + recipe.json.",
         ),
+        out_dir: Path | None = typer.Option(None, "--out-dir", hidden=True, help="Older spelling of --out."),
         model: str | None = typer.Option(
             None,
             help="Text: a Hugging Face encoder folder (default: the packaged all-MiniLM-L6-v2). "
@@ -84,10 +78,10 @@ def register(app: typer.Typer) -> None:
 
                 torch.set_num_threads(threads)
             summary = finetune_to_folder(
-                task, out_dir, settings, model=model, max_length=max_length,
+                task, output_path(out, out_dir, legacy_name="--out-dir"), settings, model=model, max_length=max_length,
                 input_size=input_size, progress=progress,
             )  # fmt: skip
         except (MergeLabError, ValueError) as exc:
-            _fail(exc)
+            fail(exc)
             return
         console.print_json(json.dumps(summary))
