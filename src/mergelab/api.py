@@ -14,27 +14,13 @@ import torch
 import yaml
 
 from mergelab.checkpoint import ShardedWriter, open_checkpoint, parse_size
+from mergelab.checkpoint.format import CONFIG_FILES, TOKENIZER_FILES
 from mergelab.checkpoint.memory import StateDictSource
 from mergelab.engine.execute import MemorySink, MergeReport, execute
 from mergelab.errors import ConfigError, MergeLabError
 from mergelab.plan.config import ExpertGroupSpec, MergeConfig, load_config, parse_config
 from mergelab.plan.expert_groups import GramLookup
 from mergelab.plan.planner import MergePlan, build_plan
-
-# Files copied from the donor (base model, or tokenizer_source for tokenizer files).
-CONFIG_FILES = ("generation_config.json",)
-TOKENIZER_FILES = (
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.json",
-    "tokenizer.model",
-    "added_tokens.json",
-    "vocab.txt",
-    "vocab.json",
-    "merges.txt",
-    "chat_template.jinja",
-    "chat_template.json",
-)
 
 
 def _read_config(config: str | os.PathLike | Mapping | MergeConfig) -> tuple[MergeConfig, Path | None]:

@@ -312,7 +312,7 @@ def align_merge(
     The folder is written atomically (nothing appears before it is complete); an existing one
     is refused unless `overwrite`, and writing into an input always is.
     """
-    from mergelab.api import CONFIG_FILES, TOKENIZER_FILES
+    from mergelab.checkpoint.format import CONFIG_FILES, TOKENIZER_FILES
 
     section, file_dir = _read(config)
     config_dir = config_dir if config_dir is not None else file_dir

@@ -224,3 +224,20 @@ def build_header(
     body += b" " * (-len(body) % 8)
     data_start = 8 + len(body)
     return struct.pack("<Q", len(body)) + body, [data_start + r for r in relative]
+
+
+# Side files a written checkpoint copies from its donor (a merge: the base model, or
+# tokenizer_source for tokenizer files; a LoRA fold or an alignment: the base).
+CONFIG_FILES = ("generation_config.json",)
+TOKENIZER_FILES = (
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.json",
+    "tokenizer.model",
+    "added_tokens.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+)

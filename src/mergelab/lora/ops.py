@@ -34,26 +34,14 @@ from mergelab.checkpoint.adapter import (
     is_conv1d_module,
     open_adapter,
 )
+from mergelab.checkpoint.format import CONFIG_FILES, TOKENIZER_FILES
 from mergelab.errors import CheckpointError, ConfigError
 from mergelab.lora import kernels
 from mergelab.lora.source import open_folded
 from mergelab.methods.registry import MergeMethod, TensorMerge, get_method, resolve_defaults
 
 # Files copied from the base into a folded checkpoint (as `mergelab merge` copies them).
-SIDE_FILES = (
-    "config.json",
-    "generation_config.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.json",
-    "tokenizer.model",
-    "added_tokens.json",
-    "vocab.txt",
-    "vocab.json",
-    "merges.txt",
-    "chat_template.jinja",
-    "chat_template.json",
-)
+SIDE_FILES = ("config.json", *CONFIG_FILES, *TOKENIZER_FILES)
 REPORT_FILE = "mergelab_lora_report.json"
 # Tensor names of vocabulary and position tables: PEFT adapts them as `nn.Embedding` layers
 # (lora_embedding_A / _B, the delta transposed) rather than as linear maps.
