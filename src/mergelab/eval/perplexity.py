@@ -19,6 +19,7 @@ from torch import nn
 
 from mergelab.errors import MergeLabError
 from mergelab.eval.data import LabelledTexts, Splits
+from mergelab.eval.tasks import read_utf8_file
 
 VALIDATION_SHARE = 0.2
 
@@ -61,16 +62,7 @@ def read_text_task(path: str | os.PathLike, name: str | None = None) -> Perplexi
     or a file without a non-empty line.
     """
     path = Path(path)
-    if not path.is_file():
-        raise MergeLabError(f"text file {path} does not exist")
-    raw = path.read_bytes()
-    try:
-        content = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as error:
-        line = raw[: error.start].count(b"\n") + 1
-        raise MergeLabError(
-            f"text file {path}, line {line}: not UTF-8 text ({error.reason} at byte {error.start})"
-        ) from None
+    content = read_utf8_file(path, "text file")
     lines = tuple(line.strip() for line in content.splitlines() if line.strip())
     if not lines:
         raise MergeLabError(f"text file {path} holds no non-empty line")

@@ -466,6 +466,21 @@ for _task in (FORTUNE_TOPIC, NOUN_SUPERSENSE, PART_OF_SPEECH):
 CSV_PREFIX = "csv:"
 
 
+
+def read_utf8_file(path: Path, what: str, hint: str = "") -> str:
+    """The text of a user's UTF-8 file (a BOM is dropped). Raises MergeLabError naming `what`,
+    the file and the line of the first byte that is not UTF-8, or a missing file."""
+    if not path.is_file():
+        raise MergeLabError(f"{what} {path} does not exist")
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = raw[: error.start].count(b"\n") + 1
+        raise MergeLabError(
+            f"{what} {path}, line {line}: not UTF-8 text ({error.reason} at byte {error.start}){hint}"
+        ) from None
+
 def read_csv_task(path: str | Path, name: str | None = None) -> TextTask:
     """A task from a UTF-8 CSV file with a header holding `text` and `label` (and optionally
     `group`).
@@ -477,17 +492,7 @@ def read_csv_task(path: str | Path, name: str | None = None) -> TextTask:
     raises MergeLabError naming the file and the line or label.
     """
     path = Path(path)
-    if not path.is_file():
-        raise MergeLabError(f"task CSV {path} does not exist")
-    raw = path.read_bytes()
-    try:
-        content = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as error:
-        line = raw[: error.start].count(b"\n") + 1
-        raise MergeLabError(
-            f"task CSV {path}, line {line}: not UTF-8 text ({error.reason} at byte {error.start}); "
-            "save the file as UTF-8"
-        ) from None
+    content = read_utf8_file(path, "task CSV", hint="; save the file as UTF-8")
     reader = csv.DictReader(io.StringIO(content, newline=""))
     header = reader.fieldnames or []
     missing = [c for c in ("text", "label") if c not in header]
