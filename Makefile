@@ -68,10 +68,10 @@ zoo-vision: $(STAMP) data-packages
 # Every table of docs/benchmarks.md that comes from the zoos: data-free methods on both zoos,
 # the data-aware methods beside them, and the metric-vs-outcome study on the text zoo's pairs.
 bench: zoo
-	$(MERGELAB) bench run --zoo text --seeds $(SEEDS) --eval-limit 150 --threads $(THREADS) --no-progress --out bench-results/text --docs docs/benchmarks.md
+	$(MERGELAB) bench run --zoo text --seeds $(SEEDS) --threads $(THREADS) --no-progress --out bench-results/text --docs docs/benchmarks.md
 	$(MERGELAB) bench run --zoo vision --seeds $(SEEDS) --threads $(THREADS) --no-progress --out bench-results/vision --docs docs/benchmarks.md
-	$(MERGELAB) diagnose study --zoo text --recipe lpft,joint --seed 0 --eval-limit 150 --threads $(THREADS) --no-progress --docs docs/benchmarks.md
-	for recipe in lpft joint; do HF_HUB_OFFLINE=1 $(PY) benchmarks/data_aware.py --zoo text --recipes $$recipe --seeds $(SEEDS) --eval-limit 150 --threads $(THREADS) --ada-steps 100 --ada-examples 128 || exit 1; done
+	$(MERGELAB) diagnose study --zoo text --recipe lpft,joint --seed 0 --threads $(THREADS) --no-progress --docs docs/benchmarks.md
+	for recipe in lpft joint; do HF_HUB_OFFLINE=1 $(PY) benchmarks/data_aware.py --zoo text --recipes $$recipe --seeds $(SEEDS) --threads $(THREADS) --ada-steps 100 --ada-examples 128 || exit 1; done
 	$(PY) benchmarks/data_aware.py --zoo vision --seeds $(SEEDS) --threads $(THREADS) --ada-steps 100
 	$(PY) benchmarks/data_aware.py --zoo vision --seeds $(SEEDS) --threads $(THREADS) --methods regmean,regmean_plusplus --examples 1024 --label stats-1024
 	$(PY) benchmarks/data_aware.py --zoo vision --seeds $(SEEDS) --threads $(THREADS) --methods regmean --examples 4096 --label stats-4096

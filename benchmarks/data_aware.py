@@ -169,6 +169,7 @@ def run(args: argparse.Namespace) -> str:
     import mergelab
     from mergelab.eval.harness import (
         aggregate_rows,
+        correctness_from_bits,
         default_result_cache,
         evaluate_model,
         markdown_table,
@@ -176,21 +177,24 @@ def run(args: argparse.Namespace) -> str:
     )
     from mergelab.fileio import write_text_atomic
     from mergelab_bench.bench import (
+        CELLS_NOTE,
         FINETUNED_ROW,
+        FLOOR_ROW,
         PROBE_ROW,
         machine_note,
         post_merge_variants,
         run_seed,
+        test_size_note,
         update_docs,
     )
     from mergelab_bench.data_aware_zoos import ZooData
-    from mergelab_bench.zoo.registry import get_zoo
+    from mergelab_bench.zoo.registry import get_zoo, test_examples_option
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     started, load_at_start = time.perf_counter(), os.getloadavg()[0]
-    # The same evaluation subset as `mergelab bench run --eval-limit`, so the rows compare.
-    zoo = get_zoo(args.zoo, **({"eval_limit": args.eval_limit} if args.eval_limit else {}))
+    # The same test subset as `mergelab bench run --test-examples`, so the rows compare.
+    zoo = get_zoo(args.zoo, **test_examples_option(args.test_examples))
     recipes = args.recipes.split(",") if args.recipes else list(zoo.recipes)
     seeds = parse_seeds(args.seeds)
     methods = [m for m in args.methods.split(",") if m] if args.methods else list(DATA_AWARE)
@@ -198,8 +202,10 @@ def run(args: argparse.Namespace) -> str:
     alphas = [float(a) for a in args.regmean_alphas.split(",") if a]
     scalings = [float(a) for a in args.regmean_scalings.split(",") if a]
     record: dict = {"zoo": args.zoo, "recipes": {}, "command": args.command}
+    sizes_seen: list[dict] = []
     for recipe in recipes:
         per_seed_rows = []
+        per_seed_examples = []
         costs: dict[str, list[Cost]] = {}
         choices: dict[str, list[str]] = {}
         for seed in seeds:
@@ -207,14 +213,23 @@ def run(args: argparse.Namespace) -> str:
             built = zoo.build(recipe=recipe, seed=seed, progress=False)
             seed_result = run_seed(built, list(DATA_FREE), log=print, cache=default_result_cache())
             results = dict(seed_result.results)
+            outcomes = {
+                row: {t: correctness_from_bits(bits) for t, bits in by_task.items()}
+                for row, by_task in seed_result.examples.items()
+            }
             variants = post_merge_variants(built)
 
-            def score(row: str, merged: dict, built=built, variants=variants, results=results) -> None:
+            def score(row: str, merged: dict, built=built, variants=variants, results=results,
+                      outcomes=outcomes) -> None:
                 """Test accuracy of `merged` as `row`, and of each post-merge variant of it
-                ("+ BN REPAIR" on the vision zoo)."""
+                ("+ BN REPAIR" on the vision zoo), with its per-example outcomes."""
                 for suffix, transform in variants.items():
                     model = merged if transform is None else transform(merged)
-                    results[row + suffix] = evaluate_model(built.evaluator, model, built.heads, tasks=list(built.tasks))
+                    outcomes[row + suffix] = {}
+                    results[row + suffix] = evaluate_model(
+                        built.evaluator, model, built.heads, tasks=list(built.tasks),
+                        examples=outcomes[row + suffix],
+                    )
             adapter = ZooData(built)
             module = adapter.module()
             tasks = list(built.tasks)
@@ -270,7 +285,11 @@ def run(args: argparse.Namespace) -> str:
             per_seed_rows.append(
                 summarise(results, finetuned=results[FINETUNED_ROW], probe=results[PROBE_ROW])
             )
-        rows = aggregate_rows(per_seed_rows, {k: " / ".join(v) for k, v in choices.items()})
+            per_seed_examples.append(outcomes)
+            sizes_seen.append(outcomes.get(FLOOR_ROW, {}))
+        rows = aggregate_rows(
+            per_seed_rows, {k: " / ".join(v) for k, v in choices.items()}, per_seed_examples
+        )
         cost_lines = [
             "| method | examples per task | statistics / optimisation (s) | merge (s) | total (s) "
             "| peak extra memory (MB) |",
@@ -317,8 +336,8 @@ def run(args: argparse.Namespace) -> str:
         f"Reproduce: `{args.command}`",
         "",
         f"Wall time {wall / 60:.1f} min, seeds {', '.join(map(str, seeds))}, {machine_note(load_at_start)}. "
-        "Test accuracy in %, `mean ± std` over seeds, each task scored with its own "
-        "head on the merged encoder; normalised and gain kept as in the data-free tables.",
+        + CELLS_NOTE + " Each task is scored with its own head on the merged encoder; "
+        + test_size_note(sizes_seen) + " Normalised and gain kept as in the data-free tables.",
         "",
         data_note(args, methods),
         "",
@@ -351,9 +370,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--regmean-scalings", default="1,1.5,2,2.5,3",
                         help="scalings of the merged task vector for the `regmean_scaled` row")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: one per core)")
-    parser.add_argument("--eval-limit", type=int, default=0,
-                        help="text zoo: score on at most this many validation/test examples per task "
-                             "(as `mergelab bench run --eval-limit`; 0: all)")
+    parser.add_argument("--test-examples", type=int, default=None,
+                        help="text zoo: test examples scored per task (default 1000; 0: all; "
+                             "as `mergelab bench run --test-examples`)")
     parser.add_argument("--label", default="",
                         help="a name for a run with other settings: its docs section (and JSON) "
                         "sits beside the default run's instead of replacing it")

@@ -93,8 +93,8 @@ def test_run_seed_adds_repaired_rows_when_the_zoo_can_repair(built):
     class Repairing:
         """The MLP zoo's evaluator plus a stand-in repair: "repair" into the first fine-tune."""
 
-        def accuracy(self, *args, **kwargs):
-            return built.evaluator.accuracy(*args, **kwargs)
+        def correct(self, *args, **kwargs):
+            return built.evaluator.correct(*args, **kwargs)
 
         def repair_batchnorm(self, merged, sources):
             seen.append(len(sources))

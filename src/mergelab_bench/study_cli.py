@@ -35,7 +35,7 @@ def register(app: typer.Typer) -> None:
         out: Path = typer.Option(None, "--out", "-o", help="Write the study as markdown to this file."),
         docs: Path = typer.Option(None, "--docs", help="Markdown file whose section for this study gets it (e.g. docs/benchmarks.md)."),
         progress: bool = typer.Option(True, help="Show progress bars."),
-        eval_limit: int = typer.Option(None, help="Text zoo: score on a seeded subset of at most this many validation/test examples per task."),
+        test_examples: int | None = typer.Option(None, help="Text zoo: test examples scored per task, a seeded subset of its test groups (default 1000; 0: all)."),
         threads: int = typer.Option(0, help="torch CPU threads (0: torch's default, one per core)."),
     ) -> None:
         """Does a metric predict the merge outcome? Merge every pair of a zoo's tasks and
@@ -44,16 +44,16 @@ def register(app: typer.Typer) -> None:
 
         from mergelab.errors import MergeLabError
         from mergelab_bench.metric_study import pairwise_study, pooled_summary
-        from mergelab_bench.zoo.registry import get_zoo
+        from mergelab_bench.zoo.registry import get_zoo, test_examples_option
 
         if threads:
             import torch
 
             torch.set_num_threads(threads)
-        options = {"eval_limit": eval_limit} if eval_limit is not None else {}
         recipes = parse_names(recipe) or []
         studies = {}
         try:
+            options = test_examples_option(test_examples)
             if not recipes:
                 raise MergeLabError("give at least one recipe")
             zoo_object = get_zoo(zoo, **options)

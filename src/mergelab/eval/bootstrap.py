@@ -55,10 +55,7 @@ def bootstrap_interval(
     x = torch.as_tensor(values, dtype=torch.float64).reshape(-1)
     if x.numel() == 0:
         raise ValueError("a bootstrap interval needs at least one value")
-    if resamples < 1:
-        raise ValueError(f"`resamples` must be at least 1; got {resamples}")
-    if not 0.0 < confidence < 1.0:
-        raise ValueError(f"`confidence` must be in (0, 1); got {confidence}")
+    _check(resamples, confidence)
     w = None
     if weights is not None:
         w = torch.as_tensor(weights, dtype=torch.float64).reshape(-1)
@@ -66,8 +63,51 @@ def bootstrap_interval(
             raise ValueError(f"{w.numel()} weights for {x.numel()} values")
         if float(w.sum()) <= 0:
             raise ValueError("the weights sum to zero: the ratio is undefined")
-    n = x.numel()
     generator = torch.Generator().manual_seed(seed)
+    return _percentile_interval(_resampled_statistics(x, w, resamples, generator), confidence)
+
+
+def stratified_bootstrap_interval(
+    groups: Sequence[Sequence[float] | torch.Tensor],
+    *,
+    resamples: int = RESAMPLES,
+    confidence: float = CONFIDENCE,
+    seed: int = 0,
+) -> Interval:
+    """Percentile-bootstrap interval of the mean over `groups` of each group's mean (e.g. the
+    average accuracy over tasks, each task with its own test examples).
+
+    Every resample draws len(group) examples with replacement inside each group, independently
+    (the groups' sizes stay fixed: a stratified bootstrap), and averages the groups' means with
+    equal weight, as the table's average over tasks does. Reproducible from `seed`.
+    Raises ValueError for no groups, an empty group, resamples < 1 or confidence outside (0, 1).
+    """
+    if not groups:
+        raise ValueError("a stratified bootstrap interval needs at least one group")
+    _check(resamples, confidence)
+    generator = torch.Generator().manual_seed(seed)
+    total = None
+    for index, values in enumerate(groups):
+        x = torch.as_tensor(values, dtype=torch.float64).reshape(-1)
+        if x.numel() == 0:
+            raise ValueError(f"group {index} of the stratified bootstrap has no values")
+        means = _resampled_statistics(x, None, resamples, generator)
+        total = means if total is None else total + means
+    return _percentile_interval(total / len(groups), confidence)
+
+
+def _check(resamples: int, confidence: float) -> None:
+    if resamples < 1:
+        raise ValueError(f"`resamples` must be at least 1; got {resamples}")
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"`confidence` must be in (0, 1); got {confidence}")
+
+
+def _resampled_statistics(
+    x: torch.Tensor, w: torch.Tensor | None, resamples: int, generator: torch.Generator
+) -> torch.Tensor:
+    """`resamples` means of x (or ratios sum(x) / sum(w)) over draws with replacement."""
+    n = x.numel()
     chunk = max(1, _CHUNK_ELEMENTS // n)
     statistics = []
     for start in range(0, resamples, chunk):
@@ -76,7 +116,10 @@ def bootstrap_interval(
             statistics.append(x[index].mean(dim=1))
         else:
             statistics.append(x[index].sum(dim=1) / w[index].sum(dim=1))
-    resampled = torch.cat(statistics)
+    return torch.cat(statistics)
+
+
+def _percentile_interval(resampled: torch.Tensor, confidence: float) -> Interval:
     resampled = resampled[torch.isfinite(resampled)]
     tail = (1.0 - confidence) / 2.0
     quantiles = torch.tensor([tail, 1.0 - tail], dtype=torch.float64)

@@ -245,22 +245,38 @@ class ResultCache:
     def _path(self, key: str) -> Path:
         return self.root / key[:2] / f"{key}.json"
 
-    def get(self, key: str) -> float | None:
+    def get(self, key: str) -> tuple[float, torch.Tensor | None] | None:
+        """(accuracy, per-example correctness or None where it was not recorded), or None."""
         import json
 
         path = self._path(key)
         try:
-            return float(json.loads(path.read_text())["accuracy"])
-        except (OSError, ValueError, KeyError, TypeError):
+            entry = json.loads(path.read_text())
+            bits = entry.get("correct")
+            correct = None if bits is None else torch.tensor([c == "1" for c in bits])
+            return float(entry["accuracy"]), correct
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
             # Absent, or unreadable (a crash mid-write cannot cause this: writes are atomic).
             return None
 
-    def put(self, key: str, value: float, **facts) -> None:
+    def put(self, key: str, value: float, correct: torch.Tensor | None = None, **facts) -> None:
         import json
 
         from mergelab.fileio import write_text_atomic
 
-        write_text_atomic(self._path(key), json.dumps({"accuracy": value, **facts}))
+        entry = {"accuracy": value, **facts}
+        if correct is not None:
+            entry["correct"] = correctness_bits(correct)
+        write_text_atomic(self._path(key), json.dumps(entry))
+
+
+def correctness_bits(correct: torch.Tensor) -> str:
+    """Per-example correctness as a string of 0s and 1s (compact, JSON-friendly)."""
+    return "".join("1" if c else "0" for c in correct.reshape(-1).tolist())
+
+
+def correctness_from_bits(bits: str) -> torch.Tensor:
+    return torch.tensor([c == "1" for c in bits], dtype=torch.bool)
 
 
 def default_result_cache() -> ResultCache:
@@ -278,14 +294,18 @@ def evaluate_model(
     tasks: Sequence[str] | None = None,
     split: str = "test",
     cache: ResultCache | None = None,
+    examples: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """Accuracy of `encoder` (a state dict) with each task's own head, per task.
 
-    evaluator: anything with `accuracy(encoder, head, task, split)` (see mergelab_bench.zoo.base);
-        its optional `num_classes(task)` lets heads be checked before any compute, and its
-        optional `fingerprint` (a string naming its data and settings) enables `cache`.
+    evaluator: anything with `correct(encoder, head, task, split)` (a bool per example of the
+        split, see mergelab_bench.zoo.base) or, for a bare score, `accuracy(encoder, head, task,
+        split)`; its optional `num_classes(task)` lets heads be checked before any compute, and
+        its optional `fingerprint` (a string naming its data and settings) enables `cache`.
     tasks: the tasks to score (default: every task in `heads`); a task without a head, or a
         head whose class count does not match the task, raises MergeLabError.
+    examples: a dict filled with each task's per-example correctness (for bootstrap intervals);
+        needs an evaluator with `correct`.
     """
     from mergelab.errors import MergeLabError
 
@@ -293,6 +313,12 @@ def evaluate_model(
     missing = [t for t in tasks if t not in heads]
     if missing:
         raise MergeLabError(f"no head for task(s) {missing}; heads given for {sorted(heads)}")
+    per_example = getattr(evaluator, "correct", None)
+    if examples is not None and per_example is None:
+        raise MergeLabError(
+            f"{type(evaluator).__name__} scores no single examples (it has no `correct`), so "
+            "no confidence interval can be computed"
+        )
     num_classes = getattr(evaluator, "num_classes", None)
     if num_classes is not None:
         for task in tasks:
@@ -306,12 +332,23 @@ def evaluate_model(
         if use_cache:
             key = cache.key(fingerprint, weights, state_dict_hash(heads[task].state_dict()), task, split)
             hit = cache.get(key)
-            if hit is not None:
-                results[task] = hit
+            if hit is not None and (hit[1] is not None or per_example is None):
+                results[task] = hit[0]
+                if examples is not None:
+                    examples[task] = hit[1]
                 continue
-        results[task] = float(evaluator.accuracy(encoder, heads[task], task, split))
+        correct = None
+        if per_example is not None:
+            correct = torch.as_tensor(per_example(encoder, heads[task], task, split)).reshape(-1).bool()
+            if correct.numel() == 0:
+                raise MergeLabError(f"task {task!r} has no {split} examples to score")
+            results[task] = correct.float().mean().item()
+            if examples is not None:
+                examples[task] = correct
+        else:
+            results[task] = float(evaluator.accuracy(encoder, heads[task], task, split))
         if use_cache:
-            cache.put(key, results[task], task=task, split=split)
+            cache.put(key, results[task], correct, task=task, split=split)
     return results
 
 
@@ -321,7 +358,7 @@ def evaluate_model(
 @dataclass(frozen=True)
 class Spread:
     """Mean and sample standard deviation over seeds (std 0 for a single seed); `interval`: the
-    bootstrap interval over examples of a single seed's value, where measured."""
+    95% bootstrap interval over test examples of the mean over seeds, where measured."""
 
     mean: float
     std: float
@@ -336,7 +373,7 @@ class Spread:
         if len(values) < 2:
             return cls(mean, 0.0, 1, interval)
         var = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
-        return cls(mean, var**0.5, len(values))
+        return cls(mean, var**0.5, len(values), interval)
 
 
 @dataclass(frozen=True)
@@ -351,20 +388,42 @@ class AggregateRow:
     note: str = ""
 
 
-def aggregate_rows(per_seed: Sequence[Sequence[ModelRow]], notes: Mapping[str, str] | None = None) -> list[AggregateRow]:
+def aggregate_rows(
+    per_seed: Sequence[Sequence[ModelRow]],
+    notes: Mapping[str, str] | None = None,
+    examples: Sequence[Mapping[str, Mapping[str, torch.Tensor]]] | None = None,
+) -> list[AggregateRow]:
     """Combine the `summarise` rows of several seeds, model by model (in first-seed order).
 
-    A model missing from some seed is aggregated over the seeds that have it. A bootstrap
-    interval is kept for a model measured on a single seed (over seeds, the std is shown).
+    A model missing from some seed is aggregated over the seeds that have it.
+    examples: per seed, {model: {task: per-example correctness on the test split}}. Where every
+        seed of a model has them for the same examples, each task's accuracy carries the 95%
+        bootstrap interval over examples of its mean over seeds (each example's correctness
+        averaged over seeds, then resampled), and the average over tasks carries the
+        stratified bootstrap interval (examples resampled within each task). Without them, a
+        single seed's measured interval from `summarise` is kept.
     """
+    from mergelab.eval.bootstrap import bootstrap_interval, stratified_bootstrap_interval
+
     order: list[str] = []
     by_name: dict[str, list[ModelRow]] = {}
-    for rows in per_seed:
+    outcomes: dict[str, list[Mapping[str, torch.Tensor] | None]] = {}
+    for index, rows in enumerate(per_seed):
         for row in rows:
             if row.name not in by_name:
                 order.append(row.name)
                 by_name[row.name] = []
+                outcomes[row.name] = []
             by_name[row.name].append(row)
+            seed_examples = examples[index].get(row.name) if examples is not None else None
+            outcomes[row.name].append(seed_examples)
+
+    def seed_mean(name: str, task: str) -> torch.Tensor | None:
+        vectors = [o.get(task) if o is not None else None for o in outcomes[name]]
+        if any(v is None for v in vectors) or len({v.numel() for v in vectors}) != 1:
+            return None
+        return torch.stack([v.reshape(-1).double() for v in vectors]).mean(dim=0)
+
     out = []
     for name in order:
         rows = by_name[name]
@@ -374,14 +433,19 @@ def aggregate_rows(per_seed: Sequence[Sequence[ModelRow]], notes: Mapping[str, s
             present = [v for v in values if v is not None]
             return Spread.of(present) if present else None
 
+        means = {t: seed_mean(name, t) for t in tasks}
+        intervals = {
+            t: bootstrap_interval(m) if m is not None else rows[0].intervals.get(t)
+            for t, m in means.items()
+        }
+        average_interval = None
+        if tasks and all(m is not None for m in means.values()):
+            average_interval = stratified_bootstrap_interval([means[t] for t in tasks])
         out.append(
             AggregateRow(
                 name=name,
-                accuracy={
-                    t: Spread.of([r.accuracy[t] for r in rows], rows[0].intervals.get(t))
-                    for t in tasks
-                },
-                average=Spread.of([r.average for r in rows]),
+                accuracy={t: Spread.of([r.accuracy[t] for r in rows], intervals[t]) for t in tasks},
+                average=Spread.of([r.average for r in rows], average_interval),
                 normalised=optional([r.normalised for r in rows]),
                 retained_gain=optional([r.retained_gain for r in rows]),
                 note=(notes or {}).get(name, ""),
@@ -393,15 +457,16 @@ def aggregate_rows(per_seed: Sequence[Sequence[ModelRow]], notes: Mapping[str, s
 def _pct(spread: Spread | None, with_std: bool = True) -> str:
     if spread is None:
         return "-"
+    text = f"{100 * spread.mean:.1f}"
     if with_std and spread.n > 1:
-        return f"{100 * spread.mean:.1f} ± {100 * spread.std:.1f}"
-    return f"{100 * spread.mean:.1f}" + interval_text(spread.interval)
+        text += f" ± {100 * spread.std:.1f}"
+    return text + interval_text(spread.interval)
 
 
 def markdown_table(rows: Sequence[AggregateRow]) -> str:
     """A markdown table: model, each task, average, normalised, gain kept, note (percentages;
-    `mean ± std` over seeds when there are several; `value [low, high]`, the 95% bootstrap
-    interval over examples, for a single seed's measured accuracy)."""
+    `mean ± std` over seeds when there are several, then `[low, high]`, the 95% bootstrap
+    interval over test examples, where measured)."""
     tasks = list(rows[0].accuracy) if rows else []
     header = ["model", *tasks, "average", "normalised", "gain kept", "chosen on validation"]
     lines = ["| " + " | ".join(header) + " |", "|---" + "|---:" * (len(header) - 2) + "|---|"]

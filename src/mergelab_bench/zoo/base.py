@@ -40,14 +40,20 @@ class BuiltZoo:
     info: dict = field(default_factory=dict)
 
 
-class Evaluator(Protocol):
-    """Scores an encoder (state dict) with a head on one task's split: a bare accuracy, fast
-    enough to call once per merge in a grid search. (The library's `mergelab.eval.evaluator`
-    scores a model with confidence intervals; the zoos' data are its task types.)"""
+class Evaluator:
+    """Scores an encoder (state dict) with a head on one task's split, fast enough to call once
+    per merge in a grid search. A zoo's evaluator implements `correct` (whether each example of
+    the split is classified right, in the split's order: the confidence intervals of the tables
+    resample these); `accuracy` is their mean. (The library's `mergelab.eval.evaluator` scores
+    a model with confidence intervals; the zoos' data are its task types.)"""
 
-    def accuracy(
+    def correct(
         self, encoder: StateDict, head: torch.nn.Module, task: str, split: str
-    ) -> float: ...
+    ) -> torch.Tensor:
+        raise NotImplementedError
+
+    def accuracy(self, encoder: StateDict, head: torch.nn.Module, task: str, split: str) -> float:
+        return self.correct(encoder, head, task, split).float().mean().item()
 
 
 class Zoo(Protocol):

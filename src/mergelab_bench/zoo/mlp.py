@@ -36,7 +36,7 @@ from mergelab.training import (
     finetune_classifier,
     train,
 )
-from mergelab_bench.zoo.base import BuiltZoo, StateDict
+from mergelab_bench.zoo.base import BuiltZoo, Evaluator, StateDict
 from mergelab_bench.zoo.cache import (
     cached_entry,
     linear_from_tensors,
@@ -171,7 +171,7 @@ class _FullBatch:
         return nn.functional.cross_entropy(model(self.features), self.labels)
 
 
-class MLPEvaluator:
+class MLPEvaluator(Evaluator):
     """Accuracy of an MLP trunk (state dict) with a head on a task's split."""
 
     def __init__(self, settings: MLPZooSettings, splits, tasks: Mapping[str, DigitTask]):
@@ -201,13 +201,13 @@ class MLPEvaluator:
         return functional_call(self._module, dict(encoder), (x,), strict=True)
 
     @torch.no_grad()
-    def accuracy(self, encoder: StateDict, head: nn.Module, task: str, split: str) -> float:
-        from mergelab.eval.harness import accuracy, check_head
+    def correct(self, encoder: StateDict, head: nn.Module, task: str, split: str) -> torch.Tensor:
+        from mergelab.eval.harness import check_head
 
         check_head(head, self.num_classes(task), task)
         x, y = self.data(task, split)
         with one_thread():
-            return accuracy(head(self.features(encoder, x)), y)
+            return head(self.features(encoder, x)).argmax(dim=-1) == y
 
 
 class MLPZoo:

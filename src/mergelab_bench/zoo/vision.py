@@ -78,7 +78,7 @@ from mergelab.training.image_tasks import (  # noqa: F401 (the zoo's tasks and i
     read_idx,
     to_model_scale,
 )
-from mergelab_bench.zoo.base import BuiltZoo, StateDict
+from mergelab_bench.zoo.base import BuiltZoo, Evaluator, StateDict
 from mergelab_bench.zoo.cache import (
     ZooCacheError,
     cached_entry,
@@ -281,7 +281,7 @@ def pooled_features(encoder: nn.Module, data: PreparedSplit) -> torch.Tensor:
     return data.features(encoder)
 
 
-class VisionEvaluator:
+class VisionEvaluator(Evaluator):
     """Scores MobileNetV2 encoder state dicts with a task head (the `Evaluator` protocol).
 
     Features are cached per (weights, task, split), so scoring one encoder with several heads
@@ -308,7 +308,7 @@ class VisionEvaluator:
         return features
 
     @torch.no_grad()
-    def accuracy(self, encoder: StateDict, head: nn.Module, task: str, split: str) -> float:
+    def correct(self, encoder: StateDict, head: nn.Module, task: str, split: str) -> torch.Tensor:
         expected = self.data.tasks[task].num_classes if task in self.data.tasks else None
         features = self.features(encoder, task, split)
         logits = head(features)
@@ -316,8 +316,7 @@ class VisionEvaluator:
             raise MergeLabError(
                 f"head gives {logits.shape[-1]} classes but task {task!r} has {expected}"
             )
-        labels = self.data.split(task, split).labels
-        return (logits.argmax(dim=-1) == labels).float().mean().item()
+        return logits.argmax(dim=-1) == self.data.split(task, split).labels
 
     def reestimate_batchnorm(
         self,
