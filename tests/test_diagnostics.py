@@ -38,6 +38,7 @@ from mergelab_bench.metric_study import (
     summarize,
 )
 from mergelab_bench.zoo.base import BuiltZoo
+from mergelab_bench.zoo.base import Evaluator as ZooEvaluator
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -411,13 +412,17 @@ def test_pooling_recipes_separates_the_recipe_effect_from_the_ranking():
     assert "rho=+" in text.split("### Within")[0] and "rho=-1.00" in text.split("### Within")[1]
 
 
-class _FakeEvaluator:
-    """Accuracy falls with the distance from the task's own fine-tuned encoder."""
+class _FakeEvaluator(ZooEvaluator):
+    """Accuracy falls with the distance from the task's own fine-tuned encoder (as the share of
+    2,000 examples classified right)."""
 
     def __init__(self, zoo_finetuned, heads):
         self.finetuned, self.heads, self.calls = zoo_finetuned, heads, 0
 
-    def accuracy(self, encoder, head, task, split):
+    def correct(self, encoder, head, task, split):
+        return torch.arange(2000) < round(2000 * self.score(encoder, head, task, split))
+
+    def score(self, encoder, head, task, split):
         assert head is self.heads[task] and split in ("validation", "test")
         self.calls += 1
         distance = sum(
@@ -478,6 +483,10 @@ def test_pairwise_study_on_a_fake_zoo():
         "task_arithmetic" in study.summary and "| a + a_copy | task_arithmetic |" in study.table()
     )
     assert study.individual["a"] == pytest.approx(0.95)
+    assert study.individual_intervals["a"].low < 0.95 < study.individual_intervals["a"].high
+    low, high = twin.details["normalised_interval"]
+    assert low < twin.details["normalised"] < high
+    assert "Individual fine-tuned accuracy (95% bootstrap interval over test examples): a 0.950 [" in study.markdown()
     assert study.diagnostics.skipped == {"excluded by pattern": ["embeddings.weight"]}
 
 

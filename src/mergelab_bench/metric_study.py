@@ -23,6 +23,7 @@ import torch
 
 from mergelab.diagnostics.metrics import METRICS, DiagnosticsResult, diagnose
 from mergelab.errors import ConfigError
+from mergelab.eval.bootstrap import Interval, bootstrap_interval, stratified_bootstrap_interval
 
 # +1: a larger value should mean the task vectors interfere more, so a larger drop; -1: cosine.
 EXPECTED_SIGN: dict[str, int] = {"cosine": -1, "l2": 1, "sign_conflict": 1, "ssd": 1, "tssd": 1}
@@ -253,12 +254,19 @@ class PairwiseStudy:
     summary: str
     individual: dict[str, float]
     diagnostics: DiagnosticsResult
+    # task -> 95% bootstrap interval over test examples of `individual`
+    individual_intervals: dict[str, Interval] = field(default_factory=dict)
 
     def markdown(self) -> str:
         """A report section: the merges with their metrics and outcome, then the verdicts."""
-        individual = ", ".join(f"{t} {a:.3f}" for t, a in self.individual.items())
+        individual = ", ".join(
+            f"{t} {a:.3f}" + _interval(self.individual_intervals.get(t))
+            for t, a in self.individual.items()
+        )
         return (
-            f"Individual fine-tuned accuracy: {individual}.\n\n"
+            f"Individual fine-tuned accuracy (95% bootstrap interval over test examples): "
+            f"{individual}. The normalised accuracy of a merge carries the stratified bootstrap "
+            "interval over its test examples, each task's own accuracy held fixed.\n\n"
             + self.table()
             + "\n"
             + self.summary
@@ -276,12 +284,24 @@ class PairwiseStudy:
         for r in self.records:
             cells = [" + ".join(r.tasks), r.method]
             cells += [f"{r.metrics[m]:.4f}" for m in metrics]
-            cells += [f"{r.details.get('normalised', math.nan):.4f}", f"{r.outcome:.4f}"]
+            cells += [
+                f"{r.details.get('normalised', math.nan):.4f}"
+                + _interval(r.details.get("normalised_interval"), scale=1.0, digits=4),
+                f"{r.outcome:.4f}",
+            ]
             cells.append(
                 ", ".join(f"{k}={v:g}" for k, v in r.details.get("parameters", {}).items())
             )
             rows.append("| " + " | ".join(cells) + " |")
         return "\n".join(rows) + "\n"
+
+
+def _interval(interval, scale: float = 1.0, digits: int = 3) -> str:
+    """` [low, high]` of an Interval or a [low, high] pair; "" for None."""
+    if interval is None:
+        return ""
+    low, high = (interval.low, interval.high) if isinstance(interval, Interval) else interval
+    return f" [{scale * low:.{digits}f}, {scale * high:.{digits}f}]"
 
 
 def _merge_config(method: str, tasks: Sequence[str], candidate: Mapping[str, float]) -> dict:
@@ -359,19 +379,27 @@ def pairwise_study(
         exclude=unchanged,
     )
 
-    individual: dict[tuple[str, str], float] = {}
+    individual: dict[tuple[str, str], torch.Tensor] = {}
 
-    def own_accuracy(task: str, which: str) -> float:
+    def own_correct(task: str, which: str) -> torch.Tensor:
         if (task, which) not in individual:
-            individual[task, which] = evaluator.accuracy(
+            individual[task, which] = evaluator.correct(
                 built_zoo.finetuned[task], built_zoo.heads[task], task, which
             )
         return individual[task, which]
 
-    def normalised(encoder, pair: Sequence[str], which: str) -> tuple[float, dict[str, float]]:
-        accuracies = {t: evaluator.accuracy(encoder, built_zoo.heads[t], t, which) for t in pair}
-        ratios = [accuracies[t] / own_accuracy(t, which) for t in pair]
-        return sum(ratios) / len(ratios), accuracies
+    def own_accuracy(task: str, which: str) -> float:
+        return own_correct(task, which).double().mean().item()
+
+    def normalised(encoder, pair: Sequence[str], which: str) -> tuple[float, dict, Interval]:
+        """Mean over the pair of merged / own accuracy, the per-task accuracies, and the
+        stratified 95% bootstrap interval of the former over the merged model's examples (each
+        task's own accuracy held fixed)."""
+        correct = {t: evaluator.correct(encoder, built_zoo.heads[t], t, which) for t in pair}
+        ratios = [correct[t].double() / own_accuracy(t, which) for t in pair]
+        score = sum(r.mean().item() for r in ratios) / len(ratios)
+        accuracies = {t: c.double().mean().item() for t, c in correct.items()}
+        return score, accuracies, stratified_bootstrap_interval(ratios)
 
     pair_list = list(itertools.combinations(range(len(tasks)), 2))
     records = []
@@ -397,7 +425,7 @@ def pairwise_study(
                 best = max(range(len(scored)), key=lambda k: scored[k][0])
                 selection, chosen = scored[best]
             merged = merge_state_dicts(_merge_config(method, pair, chosen), sources, seed=seed)
-            score, accuracies = normalised(merged, pair, split)
+            score, accuracies, interval = normalised(merged, pair, split)
             records.append(
                 MergeRecord(
                     tasks=pair,
@@ -406,6 +434,7 @@ def pairwise_study(
                     outcome=1.0 - score,
                     details={
                         "normalised": score,
+                        "normalised_interval": [interval.low, interval.high],
                         "accuracy": accuracies,
                         "individual": {t: own_accuracy(t, split) for t in pair},
                         "parameters": dict(chosen),
@@ -420,6 +449,7 @@ def pairwise_study(
         summary=summarize(found),
         individual={t: own_accuracy(t, split) for t in tasks},
         diagnostics=diagnostics,
+        individual_intervals={t: bootstrap_interval(own_correct(t, split)) for t in tasks},
     )
 
 
