@@ -161,3 +161,42 @@ def test_command_group_is_get_or_create():
     assert command_group(root, "tools", "Other help.") is first
     assert len(root.registered_groups) == 1
     assert command_group(root, "more", "More.") is not first
+
+
+def test_no_module_switches_the_process_offline():
+    """Importing every module of mergelab and mergelab_bench, and loading a text encoder from
+    disk, leave HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE as the user set them (loads from disk use
+    local_files_only=True instead). Run in a fresh interpreter: imports are cached here."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(
+        """
+        import importlib, os, pkgutil
+        import mergelab, mergelab_bench
+        before = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+        names = []
+        for package in (mergelab, mergelab_bench):
+            for info in pkgutil.walk_packages(package.__path__, package.__name__ + "."):
+                importlib.import_module(info.name)
+                names.append(info.name)
+        assert len(names) > 40, names
+        after_import = {k: os.environ.get(k) for k in before}
+        assert after_import == before, ("import", after_import)
+        try:
+            from mergelab.training.to_folder import load_text_encoder
+            load_text_encoder()
+        except mergelab.errors.MergeLabError:
+            pass  # the packaged MiniLM is not installed: the import check above still ran
+        after_load = {k: os.environ.get(k) for k in before}
+        assert after_load == before, ("load", after_load)
+        print("ok", len(names))
+        """
+    )
+    env = {k: v for k, v in __import__("os").environ.items()
+           if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.startswith("ok")

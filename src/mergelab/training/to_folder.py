@@ -56,7 +56,6 @@ def default_text_model() -> Path:
 
 def load_text_encoder(path: str | os.PathLike | None = None):
     """(tokenizer, encoder in eval mode) of the Hugging Face folder `path` (default MiniLM)."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModel, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -65,7 +64,7 @@ def load_text_encoder(path: str | os.PathLike | None = None):
     path = Path(path) if path is not None else default_text_model()
     if not (path / "config.json").is_file():
         raise CheckpointError(f"{path} is not a Hugging Face model folder (no config.json)")
-    return AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
+    return AutoTokenizer.from_pretrained(path, local_files_only=True), AutoModel.from_pretrained(path, local_files_only=True).eval()
 
 
 def load_image_encoder(spec: str) -> tuple[nn.Module, str]:

@@ -22,23 +22,18 @@ build resumes at the first missing piece, and a half-written piece is never read
 
 from __future__ import annotations
 
-import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+import torch
+from torch import nn
 
-import time  # noqa: E402
-from collections.abc import Callable, Mapping, Sequence  # noqa: E402
-from dataclasses import asdict, dataclass, replace  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-
-from mergelab.errors import MergeLabError  # noqa: E402
-from mergelab.eval.harness import check_head, embed_texts, head_accuracy  # noqa: E402
-from mergelab.eval.tasks import SplitSizes, TaskSplits, TextTask, load_splits, resolve_task  # noqa: E402
-from mergelab.training import (  # noqa: E402
+from mergelab.errors import MergeLabError
+from mergelab.eval.harness import check_head, embed_texts, head_accuracy
+from mergelab.eval.tasks import SplitSizes, TaskSplits, TextTask, load_splits, resolve_task
+from mergelab.training import (
     FinetuneSettings,
     TextExamples,
     cache_key,
@@ -47,9 +42,9 @@ from mergelab.training import (  # noqa: E402
     folder_fingerprint,
     random_head,
 )
-from mergelab.training.to_folder import default_text_model, load_text_encoder  # noqa: E402
-from mergelab_bench.zoo.base import BuiltZoo, Evaluator, StateDict  # noqa: E402
-from mergelab_bench.zoo.cache import (  # noqa: E402
+from mergelab.training.to_folder import default_text_model, load_text_encoder
+from mergelab_bench.zoo.base import BuiltZoo, Evaluator, StateDict
+from mergelab_bench.zoo.cache import (
     cached_entry,
     default_cache_root,
     linear_from_tensors,
