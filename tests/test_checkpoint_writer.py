@@ -18,8 +18,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from mergelab import fileio as writer_module
 from mergelab.checkpoint import ShardedWriter, open_checkpoint, parse_size, plan_shards
-from mergelab.checkpoint import writer as writer_module
 from mergelab.errors import CheckpointError
 
 ALL_DTYPES = [

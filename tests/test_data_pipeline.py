@@ -255,7 +255,7 @@ def test_data_methods_validate_once_before_any_data(monkeypatch):
 
 
 def test_statistics_folder_replacement_keeps_the_old_one_if_the_second_rename_fails(tmp_path, monkeypatch):
-    from mergelab.checkpoint import writer
+    from mergelab import fileio as writer
     from mergelab.stats import GramStats, LayerGram, load_grams, save_grams
 
     def stats(examples):

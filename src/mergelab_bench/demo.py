@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 import random
-import shutil
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -45,6 +44,7 @@ from mergelab.eval.harness import (
     summarise,
 )
 from mergelab.eval.tasks import SplitSizes, TaskSplits, TextTask, get_task, load_splits
+from mergelab.fileio import move_into_place
 from mergelab.training import (
     HEAD_FILE,
     FinetuneSettings,
@@ -357,8 +357,7 @@ def main() -> None:
             chosen[method_name] = trial.label
             # Keep the chosen merge and its config where the user can rerun `mergelab merge`.
             final = merges_root / trial.method
-            shutil.rmtree(final, ignore_errors=True)
-            shutil.move(str(Path(scratch) / f"{trial.method}-{index}"), final)
+            move_into_place(Path(scratch) / f"{trial.method}-{index}", final, overwrite=True)
             config = yaml.safe_load((Path(scratch) / f"{trial.method}-{index}.yaml").read_text())
             (merges_root / f"{trial.method}.yaml").write_text(yaml.safe_dump(config))
             results[f"{method_name} ({trial.label})"] = {

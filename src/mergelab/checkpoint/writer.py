@@ -10,8 +10,6 @@ finished-looking checkpoint.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import dataclasses
 import errno
 import json
@@ -29,27 +27,7 @@ import torch
 from mergelab.checkpoint.format import build_header, dtype_code, tensor_nbytes
 from mergelab.checkpoint.shards import INDEX_FILE_NAME, ShardPlan, parse_size, plan_shards
 from mergelab.errors import CheckpointError
-
-# Linux renameat2() flags: swap two paths atomically / fail instead of replacing.
-_RENAME_NOREPLACE = 1
-_RENAME_EXCHANGE = 2
-_AT_FDCWD = -100
-
-
-def _renameat2(src: Path, dst: Path, flags: int) -> bool:
-    """Call Linux renameat2; False when the platform or filesystem does not support it."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        function = libc.renameat2
-    except (OSError, AttributeError):
-        return False
-    result = function(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), flags)
-    if result == 0:
-        return True
-    code = ctypes.get_errno()
-    if code in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
-        return False
-    raise OSError(code, os.strerror(code), str(src), None, str(dst))
+from mergelab.fileio import move_into_place
 
 
 def _pid_alive(pid: int) -> bool:
@@ -72,38 +50,6 @@ def _fsync_path(path: Path, directory: bool = False) -> None:
 
 def _is_disk_full(exc: OSError) -> bool:
     return exc.errno in (errno.ENOSPC, errno.EDQUOT)
-
-
-def move_into_place(tmp_dir: Path, out_dir: Path, *, overwrite: bool) -> None:
-    """Rename the finished folder `tmp_dir` to `out_dir`: the one atomic-folder step of every
-    mergelab writer (checkpoints, statistics folders).
-
-    A missing `out_dir` is never clobbered if it appears meanwhile (CheckpointError). An
-    existing one is replaced only with `overwrite`: in one atomic swap where the kernel offers
-    it (readers see the old or the new folder, never neither), else by moving it aside, which
-    is put back if the second rename fails. Leaves nothing of the old folder behind on success.
-    """
-    if not out_dir.exists():
-        # NOREPLACE: someone may have created out_dir since we checked; never clobber it.
-        if not _renameat2(tmp_dir, out_dir, _RENAME_NOREPLACE):
-            if out_dir.exists():
-                raise CheckpointError(f"output folder {out_dir} appeared while writing")
-            os.rename(tmp_dir, out_dir)
-        return
-    if not overwrite:
-        raise CheckpointError(f"output folder {out_dir} appeared while writing")
-    # The old folder ends up under the temporary name and is deleted after.
-    if _renameat2(tmp_dir, out_dir, _RENAME_EXCHANGE):
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        return
-    aside = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
-    os.rename(out_dir, aside)
-    try:
-        os.rename(tmp_dir, out_dir)
-    except OSError:
-        os.rename(aside, out_dir)  # put the previous folder back
-        raise
-    shutil.rmtree(aside, ignore_errors=True)
 
 
 class ShardedWriter:

@@ -16,7 +16,6 @@ import json
 import math
 import os
 import re
-import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ from mergelab.diagnostics.metrics import (
     pairs,
 )
 from mergelab.errors import CheckpointError
+from mergelab.fileio import write_folder_atomic
 
 _TITLES = {
     "cosine": "cosine similarity",
@@ -124,36 +124,19 @@ def check_target(out: Path, overwrite: bool) -> None:
     """Raise CheckpointError now if `out` cannot become the report folder (before any work)."""
     if out.exists() and not overwrite:
         raise CheckpointError(
-            f"report folder {out} already exists (pass overwrite=True to replace it)"
+            f"report folder {out} already exists (--overwrite replaces it)"
         )
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"report target {out} exists and is not a folder")
 
 
 def _write_atomically(out: Path, overwrite: bool, fill: Callable[[Path], None]) -> Path:
-    out = out.absolute()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     try:
-        fill(tmp)
-        if out.exists():
-            if not overwrite:
-                raise CheckpointError(f"report folder {out} appeared while the report was written")
-            aside = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.rename(out, aside)
-            os.rename(tmp, out)
-            shutil.rmtree(aside, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
+        return write_folder_atomic(out, fill, overwrite=overwrite)
+    except CheckpointError as exc:
+        raise CheckpointError(f"report folder {out} appeared while the report was written") from exc
     except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(f"cannot write report folder {out}: {exc}") from exc
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
 
 
 # --- content ------------------------------------------------------------------------------------

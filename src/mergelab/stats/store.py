@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Protocol
@@ -26,8 +24,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from mergelab.checkpoint.writer import move_into_place
 from mergelab.errors import CheckpointError
+from mergelab.fileio import write_folder_atomic
 from mergelab.stats.gram import GramStats, LayerGram
 
 GRAMS_FILE = "grams.safetensors"
@@ -54,22 +52,13 @@ class StatisticsSource(Protocol):
 
 
 def _atomic_folder(out_dir: str | os.PathLike, write) -> Path:
-    """Write into a temporary sibling folder with `write(tmp)`, then move it into place with
-    the checkpoint writer's atomic step (an existing statistics folder is replaced, never
-    lost: see `mergelab.checkpoint.writer.move_into_place`)."""
+    """Write the folder with `write(tmp)` and move it into place (`mergelab.fileio`): an
+    existing statistics folder is replaced atomically, never lost."""
     final = Path(out_dir).expanduser().resolve()
     if final.exists() and not (final / INFO_FILE).is_file():
         # Replace an older statistics folder only if it is one (never an arbitrary folder).
         raise CheckpointError(f"{final} exists and is not a statistics folder")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
-    try:
-        write(tmp)
-        move_into_place(tmp, final, overwrite=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return final
+    return write_folder_atomic(final, write, overwrite=True)
 
 
 def _read_info(folder: Path, data_file: str, kind: str, what: str) -> dict:

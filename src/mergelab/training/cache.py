@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from mergelab.errors import CheckpointError
+from mergelab.fileio import move_into_place, temporary_folder
 
 # Bump when the meaning of a cached folder changes (layout, recipe code) so old ones are ignored.
 CACHE_FORMAT = 1
@@ -57,13 +56,13 @@ def cached_folder(root: Path, name: str, build: Callable[[Path], None]) -> tuple
     if final.exists():
         # A folder without the marker is not ours to trust (older layout or manual copy).
         shutil.rmtree(final)
-    temporary = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=root))
+    temporary = temporary_folder(final)
     try:
         build(temporary)
         (temporary / DONE_MARKER).write_text("")
         try:
-            os.replace(temporary, final)
-        except OSError:
+            move_into_place(temporary, final, overwrite=False)
+        except (CheckpointError, OSError):
             # Another process finished the same folder first; theirs is as good as ours.
             if not (final / DONE_MARKER).is_file():
                 raise

@@ -11,11 +11,8 @@ from __future__ import annotations
 
 import importlib
 import os
-import shutil
-import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +23,7 @@ from torch import nn
 
 from mergelab.errors import CheckpointError, MergeLabError
 from mergelab.eval.harness import head_accuracy
+from mergelab.fileio import atomic_folder
 from mergelab.training.examples import ClassificationExamples, TensorExamples, TextExamples
 from mergelab.training.folder import (
     WEIGHTS_FILE,
@@ -95,19 +93,6 @@ def load_image_encoder(spec: str) -> tuple[nn.Module, str]:
     if not isinstance(encoder, nn.Module):
         raise MergeLabError(f"{spec} returned {type(encoder).__name__}, not a torch module")
     return encoder.eval(), spec
-
-
-@contextmanager
-def _atomic_folder(out_dir: Path) -> Iterator[Path]:
-    """A temporary folder next to `out_dir`, renamed to it when the block completes."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    temporary = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
-    try:
-        yield temporary
-        temporary.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(temporary, ignore_errors=True)
-        raise
 
 
 def _text_sizes(task, n_rows: int | None):
@@ -224,7 +209,7 @@ def finetune_to_folder(
         "data": {"split_seed": split_seed, **run.data},
         "summary": summary,
     }
-    with _atomic_folder(out_dir) as folder:
+    with atomic_folder(out_dir) as folder:
         run.save(folder, result.encoder, result.head, recipe)
     return summary
 
