@@ -20,21 +20,13 @@ import os
 import random
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import yaml
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 
 from mergelab.errors import MergeLabError
 from mergelab.eval.harness import (
@@ -45,6 +37,7 @@ from mergelab.eval.harness import (
 )
 from mergelab.eval.tasks import SplitSizes, TaskSplits, TextTask, get_task, load_splits
 from mergelab.fileio import move_into_place
+from mergelab.progress import progress_bar
 from mergelab.training import (
     HEAD_FILE,
     FinetuneSettings,
@@ -146,23 +139,6 @@ def seed_everything(seed: int) -> None:
         pass
 
 
-def make_progress(console: Console) -> Progress:
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=console,
-        transient=True,
-    )
-
-
-def tracker(progress: Progress, description: str, total: int) -> Callable[[int], None]:
-    task_id = progress.add_task(description, total=total)
-    return lambda n: progress.advance(task_id, n)
-
-
 class Demo:
     """The demo's steps, sharing the loaded model, tokenizer, tasks and console."""
 
@@ -189,14 +165,14 @@ class Demo:
         }
 
     def embed(self, encoder, texts: Sequence[str], description: str) -> torch.Tensor:
-        with make_progress(self.console) as progress:
+        with progress_bar(description, len(texts), console=self.console) as advance:
             return embed_texts(
                 encoder,
                 self.tokenizer,
                 texts,
                 max_length=self.settings.max_length,
                 batch_size=self.settings.eval_batch_size,
-                progress=tracker(progress, description, len(texts)),
+                progress=advance,
             )
 
     # -- step 3: LP-FT, cached --------------------------------------------------------------
@@ -224,10 +200,10 @@ class Demo:
             examples = TextExamples(
                 self.tokenizer, train.texts, train.labels, max_length=settings.max_length
             )
-            with make_progress(self.console) as progress:
+            with progress_bar(f"{name}: LP-FT", settings.recipe.steps, console=self.console) as advance:
                 result = finetune_classifier(
                     self.pretrained, examples, task.num_classes, settings.recipe, head=head,
-                    progress=tracker(progress, f"{name}: LP-FT", settings.recipe.steps),
+                    progress=advance,
                 )
             encoder, losses = result.encoder, result.losses
             first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10

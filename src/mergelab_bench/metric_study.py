@@ -24,6 +24,7 @@ import torch
 from mergelab.diagnostics.metrics import METRICS, DiagnosticsResult, diagnose
 from mergelab.errors import ConfigError
 from mergelab.eval.bootstrap import Interval, bootstrap_interval, stratified_bootstrap_interval
+from mergelab.progress import track
 
 # +1: a larger value should mean the task vectors interfere more, so a larger drop; -1: cosine.
 EXPECTED_SIGN: dict[str, int] = {"cosine": -1, "l2": 1, "sign_conflict": 1, "ssd": 1, "tssd": 1}
@@ -403,7 +404,7 @@ def pairwise_study(
 
     pair_list = list(itertools.combinations(range(len(tasks)), 2))
     records = []
-    for i, j in _maybe_track(pair_list, progress):
+    for i, j in track(pair_list, "merging task pairs", progress):
         pair = (tasks[i], tasks[j])
         sources = {
             _PRETRAINED_KEY: built_zoo.pretrained,
@@ -451,11 +452,3 @@ def pairwise_study(
         diagnostics=diagnostics,
         individual_intervals={t: bootstrap_interval(own_correct(t, split)) for t in tasks},
     )
-
-
-def _maybe_track(items: list, progress: bool) -> Iterable:
-    if not progress:
-        return items
-    from rich.progress import track
-
-    return track(items, description="merging task pairs", transient=True)

@@ -36,7 +36,7 @@ import fnmatch
 import math
 import os
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Literal, Protocol
@@ -48,6 +48,7 @@ from mergelab.checkpoint.memory import StateDictSource
 from mergelab.errors import CheckpointError, ConfigError, MergeError
 from mergelab.methods.sparsify import MagnitudeCut, MagnitudeCutSearch, magnitude_prune_
 from mergelab.plan.planner import split_layer_name
+from mergelab.progress import track
 
 METRICS: tuple[str, ...] = ("cosine", "l2", "sign_conflict", "ssd", "tssd")
 """The pairwise metrics, in report order."""
@@ -487,7 +488,7 @@ def diagnose(
         group_sums: dict[str, MetricSums] = {}
         total = MetricSums.zeros(n)
         cuts = copy.deepcopy(cuts)  # MagnitudeCut spends its tie budget as it applies
-        for name in _track(selected, "comparing task vectors", progress):
+        for name in track(selected, "comparing task vectors", progress):
             deltas = _task_vectors(base_source, sources, labels, name)
             if top_k >= 1:
                 truncated = deltas
@@ -642,7 +643,7 @@ def _global_cuts(
     while searches:
         attempt += 1
         label = "finding top-K% thresholds" + (f" (pass {attempt})" if attempt > 1 else "")
-        for name in _track(selected, label, progress):
+        for name in track(selected, label, progress):
             base_tensor = base.get(name).float()
             for i, search in searches.items():
                 search.observe((sources[i].get(name).float() - base_tensor).abs_())
@@ -656,10 +657,3 @@ def _global_cuts(
     return cuts
 
 
-def _track(items: Sequence[str], description: str, progress: bool) -> Iterator[str]:
-    if not progress:
-        yield from items
-        return
-    from rich.progress import track
-
-    yield from track(items, description=description, transient=True)

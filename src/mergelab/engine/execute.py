@@ -14,6 +14,7 @@ import zlib
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -24,6 +25,7 @@ from mergelab.engine.memory import tune_allocator
 from mergelab.errors import CheckpointError, MergeError
 from mergelab.methods.registry import TensorMerge
 from mergelab.plan.planner import MergePlan, TensorTask
+from mergelab.progress import progress_bar
 
 
 class Sink(Protocol):
@@ -409,8 +411,13 @@ def execute(
         add("compute", time.perf_counter() - t0)
         writes.write(task.name, merged)
 
-    bar = _progress_bar(progress, plan)
+    bars = ExitStack()
+    advance = bars.enter_context(progress_bar(
+        f"merge ({plan.method.name})", len(plan.tasks), progress and bool(plan.tasks),
+        unit="tensors", transient=False,
+    ))
     bytes_written = 0
+    merge_started = time.perf_counter()
     # Several tensors are merged at once, each on one thread: the serial parts of the kernels
     # (selection, Python) then overlap, which beats splitting every op across threads.
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mergelab-merge")
@@ -431,8 +438,8 @@ def execute(
                 task = running.pop(fut)
                 fut.result()
                 bytes_written += task.out_nbytes
-                if bar is not None:
-                    bar.advance(task.out_nbytes)
+                elapsed = max(time.perf_counter() - merge_started, 1e-9)
+                advance(1, note=f"{bytes_written / 1e9 / elapsed:.2f} GB/s")
         writes.flush()
     except BaseException:
         for fut in running:
@@ -442,8 +449,7 @@ def execute(
         pool.shutdown(wait=True, cancel_futures=True)
         writes.close()
         torch.set_num_threads(threads_before)
-        if bar is not None:
-            bar.close()
+        bars.close()
     return MergeReport(
         out_dir=out_dir,
         method=plan.method.name,
@@ -466,44 +472,3 @@ def _file_of(source, name: str) -> str:
         return "in memory"
 
 
-class _Bar:
-    """A rich progress bar showing tensors, tensors/s and GB/s of output."""
-
-    def __init__(self, plan: MergePlan):
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-
-        self._progress = Progress(
-            TextColumn(f"merge ({plan.method.name})"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[rate]}"),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-            transient=False,
-        )
-        self._task = self._progress.add_task("merge", total=len(plan.tasks), rate="")
-        self._start = time.perf_counter()
-        self._count = 0
-        self._bytes = 0
-        self._progress.start()
-
-    def advance(self, nbytes: int) -> None:
-        self._count += 1
-        self._bytes += nbytes
-        elapsed = max(time.perf_counter() - self._start, 1e-9)
-        rate = f"{self._count / elapsed:.1f} tensors/s, {self._bytes / 1e9 / elapsed:.2f} GB/s"
-        self._progress.update(self._task, advance=1, rate=rate)
-
-    def close(self) -> None:
-        self._progress.stop()
-
-
-def _progress_bar(enabled: bool, plan: MergePlan) -> _Bar | None:
-    return _Bar(plan) if enabled and plan.tasks else None

@@ -16,8 +16,7 @@ import os
 import re
 import time
 import zlib
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -39,6 +38,7 @@ from mergelab.errors import CheckpointError, ConfigError
 from mergelab.lora import kernels
 from mergelab.lora.source import open_folded
 from mergelab.methods.registry import MergeMethod, TensorMerge, get_method, resolve_defaults
+from mergelab.progress import progress_bar
 
 # Files copied from the base into a folded checkpoint (as `mergelab merge` copies them).
 SIDE_FILES = ("config.json", *CONFIG_FILES, *TOKENIZER_FILES)
@@ -54,35 +54,6 @@ SvdKind = Literal["exact", "randomized"]
 def module_seed(seed: int, name: str) -> int:
     """A per-module seed independent of module order (as the engine seeds per tensor)."""
     return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63 - 1)
-
-
-@contextmanager
-def tensor_progress(description: str, total: int, enabled: bool) -> Iterator[Callable[[], None]]:
-    """Yield `advance()`; draws a transient rich bar with tensors/s on stderr when `enabled`."""
-    if not enabled:
-        yield lambda: None
-        return
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        ProgressColumn,
-        TextColumn,
-        TimeElapsedColumn,
-    )
-    from rich.text import Text
-
-    class _Rate(ProgressColumn):
-        def render(self, task) -> Text:
-            return Text(f"{task.speed or 0.0:.1f} tensors/s")
-
-    with Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), _Rate(),
-        TimeElapsedColumn(), console=Console(stderr=True), transient=True,
-    ) as bar:
-        task = bar.add_task(description, total=total)
-        yield lambda: bar.advance(task, 1)
 
 
 def _dtype(name: str | None) -> torch.dtype | None:
@@ -144,7 +115,7 @@ def fold_adapter(
             inputs=list(source.paths), metadata={"mergelab_lora": "fold"},
         )
         with writer:
-            with tensor_progress("folding", len(names), progress) as advance:
+            with progress_bar("folding", len(names), progress, unit="tensors") as advance:
                 for name in names:
                     writer.write(name, source.get(name))
                     advance()
@@ -447,7 +418,7 @@ def merge_adapters(
         )
         results: list[ModuleResult] = []
         with writer:
-            with tensor_progress(f"merging ({combination})", len(plan), progress) as advance:
+            with progress_bar(f"merging ({combination})", len(plan), progress, unit="tensors") as advance:
                 for out, members in plan:
                     lora_A, lora_B, error = _merge_module(
                         out, members, readers, weights, combination, registry_method,
@@ -682,8 +653,8 @@ def extract_adapter(
             return kernels.weight_to_matrix(delta, layout), layout
 
         ranks: dict[str, int] = {}
-        with tensor_progress("spectra", len(lora_names) if energy is not None else 0,
-                             progress and energy is not None) as advance:
+        with progress_bar("spectra", len(lora_names) if energy is not None else 0,
+                             progress and energy is not None, unit="tensors") as advance:
             for name in lora_names:
                 shape = base_reader.shape(name)
                 full = min(shape[0], math.prod(shape[1:]))
@@ -728,7 +699,7 @@ def extract_adapter(
         )
         per_module: dict[str, dict[str, float | int]] = {}
         with writer:
-            with tensor_progress("extracting", len(out_modules) + len(saved), progress) as advance:
+            with progress_bar("extracting", len(out_modules) + len(saved), progress, unit="tensors") as advance:
                 for name, out in zip(lora_names, out_modules):
                     matrix, _ = delta_of(name)
                     generator = torch.Generator().manual_seed(module_seed(seed, name))

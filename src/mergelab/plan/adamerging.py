@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from mergelab.stats._progress import progress_bar
+from mergelab.progress import progress_bar
 from mergelab.stats.batches import DataError, TaskData, batch_size, split_batch, to_device
 from mergelab.stats.fisher import BoundForward
 

@@ -28,7 +28,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 from torch.utils._pytree import tree_map
 
-from mergelab.stats._progress import progress_bar
+from mergelab.progress import progress_bar
 from mergelab.stats.batches import (
     Batch,
     DataError,

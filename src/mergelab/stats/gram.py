@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mergelab.stats._progress import progress_bar
+from mergelab.progress import progress_bar
 from mergelab.stats.batches import (
     Batch,
     DataError,

@@ -26,7 +26,7 @@ from mergelab.training.folder import (
     save_finetuned_module,
     save_head,
 )
-from mergelab.training.loop import TrainingError, step_progress, train
+from mergelab.training.loop import TrainingError, train
 from mergelab.training.probe import fit_linear_probe, fit_probe, fit_softmax_probe
 from mergelab.training.recipes import Finetuned, finetune_classifier, random_head
 from mergelab.training.settings import RECIPES, FinetuneSettings
@@ -38,5 +38,5 @@ __all__ = [
     "cache_key", "cached_folder", "classification_loss", "finetune_classifier", "finetune_to_folder",
     "fit_linear_probe", "fit_probe", "fit_softmax_probe", "folder_fingerprint", "load_head",
     "random_head", "read_recipe", "save_finetuned", "save_finetuned_module", "save_head",
-    "step_progress", "train",
+    "train",
 ]  # fmt: skip

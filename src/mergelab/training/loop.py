@@ -18,6 +18,7 @@ from torch import nn
 
 from mergelab.align.batchnorm import frozen_batchnorm_statistics
 from mergelab.errors import MergeLabError
+from mergelab.progress import progress_bar
 from mergelab.training.examples import Examples
 from mergelab.training.settings import FinetuneSettings
 
@@ -134,7 +135,7 @@ def train(
     at the step where the loss stops being finite.
     """
     if isinstance(progress, bool):
-        with step_progress(description, settings.steps, enabled=progress) as advance:
+        with progress_bar(description, settings.steps, progress) as advance:
             return train(model, examples, settings, head=head, generator=generator,
                          progress=advance, description=description)  # fmt: skip
     flags = [p.requires_grad for p in model.parameters()]
@@ -181,25 +182,3 @@ def train(
         if head is not None:
             head.requires_grad_(False)
     return losses
-
-
-@contextmanager
-def step_progress(description: str, total: int, enabled: bool = True, console=None):
-    """A rich progress bar over `total` steps (nothing when not `enabled`); yields `advance(n)`."""
-    if not enabled:
-        yield lambda _n: None
-        return
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TimeElapsedColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=console, transient=True) as bar:
-        task = bar.add_task(description, total=total)
-        yield lambda n: bar.advance(task, n)

@@ -24,6 +24,7 @@ from torch import nn
 from mergelab.errors import CheckpointError, MergeLabError
 from mergelab.eval.harness import head_accuracy
 from mergelab.fileio import atomic_folder
+from mergelab.progress import progress_bar
 from mergelab.training.examples import ClassificationExamples, TensorExamples, TextExamples
 from mergelab.training.folder import (
     WEIGHTS_FILE,
@@ -32,7 +33,6 @@ from mergelab.training.folder import (
     save_finetuned_module,
 )
 from mergelab.training.image_tasks import is_image_task, normalise, to_model_scale
-from mergelab.training.loop import step_progress
 from mergelab.training.probe import fit_probe
 from mergelab.training.recipes import finetune_classifier, random_head
 from mergelab.training.settings import FinetuneSettings
@@ -180,7 +180,7 @@ def finetune_to_folder(
         run = _text_run(task, model, split_seed, sizes, max_length)
     train, test = run.train, run.test
     probe = fit_probe(train.features(run.encoder), train.labels, run.num_classes, settings)
-    with step_progress(f"{run.name} ({settings.recipe})", settings.steps, progress) as advance:
+    with progress_bar(f"{run.name} ({settings.recipe})", settings.steps, progress) as advance:
         result = finetune_classifier(
             run.encoder, train, run.num_classes, settings,
             head=_head_start(probe, settings), progress=advance, description=run.name,

@@ -51,7 +51,7 @@ from torch import nn
 
 from mergelab.errors import MergeLabError
 from mergelab.fileio import write_text_atomic
-from mergelab.stats._progress import progress_bar
+from mergelab.progress import progress_bar
 from mergelab.training import FinetuneSettings, cache_key, cached_folder, train
 from mergelab_bench.multimodal.data import (
     MASK_ID,

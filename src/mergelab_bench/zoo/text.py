@@ -33,6 +33,7 @@ from torch import nn
 from mergelab.errors import MergeLabError
 from mergelab.eval.harness import check_head, embed_texts, head_accuracy
 from mergelab.eval.tasks import SplitSizes, TaskSplits, TextTask, load_splits, resolve_task
+from mergelab.progress import progress_bar
 from mergelab.training import (
     FinetuneSettings,
     TextExamples,
@@ -236,26 +237,6 @@ def limit_test(splits: TaskSplits, limit: int | None, seed: int) -> TaskSplits:
     return TaskSplits(train=splits.train, validation=splits.validation, test=splits.test.subset(chosen))
 
 
-def _rich_progress():
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        transient=True,
-    )
-
-
 class TextZoo:
     """MiniLM fine-tuned per text task; see the module docstring."""
 
@@ -325,52 +306,45 @@ class TextZoo:
         finetuned: dict[str, StateDict] = {}
         heads: dict[str, nn.Linear] = {}
         facts: dict[str, dict] = {}
-        bar = _rich_progress() if progress else None
-        if bar is not None:
-            bar.start()
-        try:
-            for name, task in self._tasks.items():
-                train = splits[name].train
-                probe_key = cache_key({"probe": name, "c": s.probe_c, **common})
+        for name, task in self._tasks.items():
+            train = splits[name].train
+            probe_key = cache_key({"probe": name, "c": s.probe_c, **common})
 
-                def build_probe(name=name, task=task, train=train):
-                    features = embed_texts(
-                        model,
-                        tokenizer,
-                        train.texts,
-                        max_length=s.max_length,
-                        batch_size=s.eval_batch_size,
-                    )
-                    head = fit_linear_probe(features, train.labels, task.num_classes, c=s.probe_c)
-                    return (
-                        {"head": linear_tensors(head)},
-                        {
-                            "task": name,
-                            "train_accuracy": head_accuracy(head, features, train.labels),
-                        },
-                    )
-
-                files, _, _ = cached_entry(
-                    self.cache_root, f"probe-{name}-{probe_key}", build_probe
+            def build_probe(name=name, task=task, train=train):
+                features = embed_texts(
+                    model,
+                    tokenizer,
+                    train.texts,
+                    max_length=s.max_length,
+                    batch_size=s.eval_batch_size,
                 )
-                probes[name] = linear_from_tensors(files["head"])
-                key = cache_key(
+                head = fit_linear_probe(features, train.labels, task.num_classes, c=s.probe_c)
+                return (
+                    {"head": linear_tensors(head)},
                     {
                         "task": name,
-                        "recipe": recipe,
-                        "seed": seed,
-                        "settings": asdict(s),
-                        "probe": probe_key,
-                        **common,
-                    }
+                        "train_accuracy": head_accuracy(head, features, train.labels),
+                    },
                 )
 
-                def build_finetune(name=name, train=train):
-                    tracker = None
-                    if bar is not None:
-                        task_id = bar.add_task(f"{name} ({recipe}, seed {seed})", total=s.steps)
-                        tracker = lambda n: bar.advance(task_id, n)  # noqa: E731
-                    tick = time.perf_counter()
+            files, _, _ = cached_entry(
+                self.cache_root, f"probe-{name}-{probe_key}", build_probe
+            )
+            probes[name] = linear_from_tensors(files["head"])
+            key = cache_key(
+                {
+                    "task": name,
+                    "recipe": recipe,
+                    "seed": seed,
+                    "settings": asdict(s),
+                    "probe": probe_key,
+                    **common,
+                }
+            )
+
+            def build_finetune(name=name, train=train):
+                tick = time.perf_counter()
+                with progress_bar(f"{name} ({recipe}, seed {seed})", s.steps, progress) as tracker:
                     encoder, head, losses = finetune_text_task(
                         model,
                         tokenizer,
@@ -383,35 +357,32 @@ class TextZoo:
                         task_name=name,
                         progress=tracker,
                     )
-                    seconds = time.perf_counter() - tick
-                    meta = {
-                        "task": name,
-                        "recipe": recipe,
-                        "seed": seed,
-                        "seconds": seconds,
-                        "loss_first10": sum(losses[:10]) / max(1, len(losses[:10])),
-                        "loss_last10": sum(losses[-10:]) / max(1, len(losses[-10:])),
-                    }
-                    return (
-                        {
-                            "encoder": state_dict_delta(state_dict_of(encoder), pretrained),
-                            "head": linear_tensors(head),
-                        },
-                        meta,
-                    )
-
-                files, meta, hit = cached_entry(
-                    self.cache_root,
-                    f"{recipe}-{name}-s{seed}-{key}",
-                    build_finetune,
-                    rebuild=rebuild,
+                seconds = time.perf_counter() - tick
+                meta = {
+                    "task": name,
+                    "recipe": recipe,
+                    "seed": seed,
+                    "seconds": seconds,
+                    "loss_first10": sum(losses[:10]) / max(1, len(losses[:10])),
+                    "loss_last10": sum(losses[-10:]) / max(1, len(losses[-10:])),
+                }
+                return (
+                    {
+                        "encoder": state_dict_delta(state_dict_of(encoder), pretrained),
+                        "head": linear_tensors(head),
+                    },
+                    meta,
                 )
-                finetuned[name] = with_base(files["encoder"], pretrained)
-                heads[name] = linear_from_tensors(files["head"])
-                facts[name] = {**meta, "cached": hit}
-        finally:
-            if bar is not None:
-                bar.stop()
+
+            files, meta, hit = cached_entry(
+                self.cache_root,
+                f"{recipe}-{name}-s{seed}-{key}",
+                build_finetune,
+                rebuild=rebuild,
+            )
+            finetuned[name] = with_base(files["encoder"], pretrained)
+            heads[name] = linear_from_tensors(files["head"])
+            facts[name] = {**meta, "cached": hit}
         fingerprint = "text-" + cache_key(
             {"tasks": list(s.tasks), "eval_batch": s.eval_batch_size, "test_examples": self.test_examples,
              **common}

@@ -57,6 +57,7 @@ from mergelab.eval.images import (  # noqa: F401 (re-exported: the zoo's tasks a
     make_image_splits,
 )
 from mergelab.eval.sources import builtin_image_task
+from mergelab.progress import progress_bar
 from mergelab.training import (
     FinetuneSettings,
     TensorExamples,
@@ -64,7 +65,6 @@ from mergelab.training import (
     finetune_classifier,
     fit_softmax_probe,
     image_tasks,
-    step_progress,
 )
 from mergelab.training.image_tasks import (  # noqa: F401 (the zoo's tasks and inputs)
     DIGIT_NAMES,
@@ -527,7 +527,7 @@ class VisionZoo:
         heads: dict[str, nn.Module] = {}
         facts: dict[str, dict] = {}
         total = len(self._declared) * self.settings.steps
-        with step_progress(f"vision zoo, {recipe}, seed {seed}", total, progress) as advance:
+        with progress_bar(f"vision zoo, {recipe}, seed {seed}", total, progress) as advance:
             for index, task in enumerate(self._declared):
 
                 def build_one(index=index, task=task) -> tuple[dict[str, StateDict], dict]:
