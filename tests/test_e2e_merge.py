@@ -308,3 +308,19 @@ def test_merge_closes_its_sources_however_it_ends(tmp_path, zoo, monkeypatch):
     mergelab.merge(_config(tmp_path, zoo), tmp_path / "out", progress=False)
     assert len(readers) == 3 and all(r.closed for r in readers)
     assert (tmp_path / "out" / "mergelab_config.yml").is_file()
+
+
+def test_unsupported_mergekit_sections_are_refused_or_noted(tmp_path, zoo):
+    """What the README lists as not supported yet: refused with the key named, or (the chat
+    template) accepted with a note, never silently dropped."""
+    for extra, key in (({"tokenizer": {"source": "union"}}, "tokenizer"),
+                       ({"modules": {"default": {"slices": []}}}, "modules")):
+        with pytest.raises(ConfigError, match=key):
+            mergelab.merge(_config(tmp_path, zoo, **extra), tmp_path / "never", progress=False)
+        assert not (tmp_path / "never").exists()
+    with pytest.raises(ConfigError, match="tokenizer_source"):
+        mergelab.merge(_config(tmp_path, zoo, tokenizer_source="union"), tmp_path / "never",
+                       progress=False)
+    report = mergelab.merge(_config(tmp_path, zoo, chat_template="chatml"), tmp_path / "out",
+                            progress=False)
+    assert any("chat_template is not applied yet" in note for note in report.notes), report.notes

@@ -192,7 +192,8 @@ class MergeConfig(_Frozen):
         description="`base` or a model path: where tokenizer files are copied from.",
     )
     chat_template: str | None = Field(
-        default=None, description="Accepted for compatibility; written to tokenizer_config."
+        default=None,
+        description="Accepted for compatibility, not applied yet (the plan notes say so).",
     )
     name: str | None = Field(default=None, description="Free-form name of the merge.")
     data: DataSection | None = Field(

@@ -236,6 +236,11 @@ def build_plan(
         raise ConfigError(problems.items, source_label)
     tasks, notes = planner.tasks, planner.notes
     notes.extend(_dtype_notes(sources, tasks, merge_dtype))
+    if config.chat_template is not None:
+        notes.append(
+            "chat_template is not applied yet: the output keeps the tokenizer files of "
+            f"{config.tokenizer_source or 'the base model'} as they are"
+        )
     tok = config.tokenizer_source
     tokenizer_donor = donor if tok in (None, "base") else tok
     if tok not in (None, "base") and tok not in sources:
