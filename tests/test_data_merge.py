@@ -409,54 +409,21 @@ def test_task_data_head_and_plain_batches_mix():
 
 @pytest.fixture(scope="module")
 def tiny_bert_folders(tmp_path_factory):
-    transformers = pytest.importorskip("transformers")
-    from mergelab.training import save_head
+    pytest.importorskip("transformers")
+    from _data_aware_models import tiny_bert_folders as build
 
     root = tmp_path_factory.mktemp("tiny_bert")
-    words = ["good", "bad", "fine", "awful", "film", "plot", "the", "was", "very"]
-    vocab = root / "vocab.txt"
-    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
-    tokenizer = transformers.BertTokenizerFast(vocab_file=str(vocab))
-    config = transformers.BertConfig(
-        vocab_size=len(words) + 5, hidden_size=8, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=16, max_position_embeddings=32,
-    )
-    torch.manual_seed(0)
-    base = transformers.BertModel(config).eval()
-    folders = {}
-    for name, noise in (("base", 0.0), ("m0", 0.05), ("m1", 0.05), ("twin", 0.0)):
-        model = transformers.BertModel(config)
-        model.load_state_dict(base.state_dict())
-        with torch.no_grad():
-            for i, p in enumerate(model.parameters()):
-                p.add_(noise * torch.randn(p.shape, generator=_gen(200 + i + len(name))))
-        folder = root / name
-        model.save_pretrained(folder, safe_serialization=True)
-        tokenizer.save_pretrained(folder)
-        save_head(nn.Linear(8, 2), folder / "head.safetensors")
-        folders[name] = folder
-    import csv
-
-    with (root / "task.csv").open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["text", "label"])
-        for j in range(24):
-            writer.writerow([f"the film was very {words[j % 4]} {words[4 + j % 3]}", int(j % 4 in (0, 2))])
-    return root, folders
+    return root, build(root)
 
 
 def test_cli_config_with_data_section_runs_a_data_aware_merge(tiny_bert_folders):
     root, folders = tiny_bert_folders
     from safetensors.torch import load_file
 
+    from _data_aware_models import bert_config
+
     def config(method, models, **extra):
-        return {
-            "merge_method": method,
-            "models": [{"model": str(folders[m])} for m in models],
-            "base_model": str(folders["base"]),
-            "data": {"task": str(root / "task.csv"), "examples": 12, "batch_size": 4},
-            **extra,
-        }
+        return bert_config(root, folders, method, models, **extra)
 
     # (RegMean's base is optional: a listed `base_model` would be the base, not a merged model.)
     same = config("regmean", ["base", "twin"])
