@@ -418,9 +418,8 @@ def tiny_bert_folders(tmp_path_factory):
 
 def test_cli_config_with_data_section_runs_a_data_aware_merge(tiny_bert_folders):
     root, folders = tiny_bert_folders
-    from safetensors.torch import load_file
-
     from _data_aware_models import bert_config
+    from safetensors.torch import load_file
 
     def config(method, models, **extra):
         return bert_config(root, folders, method, models, **extra)

@@ -1,0 +1,65 @@
+"""`mergelab search run|validate`: evolutionary recipe search from a config's `search:`
+section (a thin adapter over mergelab.search.run)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+SEARCH_HELP = (
+    "Search a merge recipe (CMA-ES, TPE or random over a method's parameters per source and "
+    "layer group), each trial merged in memory and scored; resumable from its study."
+)
+
+
+def register(app: typer.Typer) -> None:
+    """Add the `search` group (`run`, `validate`) to the `mergelab` app."""
+    from mergelab.cliutil import command_group
+
+    group = command_group(app, "search", SEARCH_HELP)
+
+    @group.command("run")
+    def run(
+        config: Path = typer.Argument(..., help="YAML merge config with a `search:` section."),
+        out: Path = typer.Option(..., "--out", "-o", help="Folder for the study, best.yaml, trials.csv, curve.png."),
+        trials: int | None = typer.Option(None, help="Completed trials to reach (default: the config's)."),
+        storage: str | None = typer.Option(None, help="Study database URL (default: sqlite in --out)."),
+        sampler: str | None = typer.Option(None, help="cmaes, tpe or random (default: the config's, else cmaes)."),
+        seed: int | None = typer.Option(None, help="Sampler and merge seed (default: the config's, else 0)."),
+    ) -> None:
+        """Run (or resume) the search; write the best recipe as a plain merge config."""
+        from mergelab.cliutil import console, fail, note
+        from mergelab.errors import MergeLabError
+        from mergelab.search.run import search_from_config
+
+        def show(outcome, completed, best):
+            value = "failed: " + outcome.error if outcome.value is None else f"{outcome.value:.6g}"
+            best_text = "-" if best is None else f"{best:.6g}"
+            console.print(f"trial {outcome.number}: {value} (merge {outcome.merge_seconds:.2f} s, "
+                          f"eval {outcome.eval_seconds:.2f} s) | {completed} done, best {best_text}")
+
+        try:
+            result = search_from_config(config, out, trials=trials, storage=storage,
+                                        sampler=sampler, seed=seed, on_trial=show)
+        except MergeLabError as exc:
+            fail(exc)
+        note(f"best score {result.best_value:.6g} over {result.completed} completed trial(s) "
+             f"({result.failed} failed); recipe: {out / 'best.yaml'} (run it with `mergelab merge`)")
+
+    @group.command("validate")
+    def validate(
+        config: Path = typer.Argument(..., help="YAML merge config with a `search:` section."),
+    ) -> None:
+        """Check the search config and print its space (no source is read)."""
+        from mergelab.cliutil import console, fail
+        from mergelab.errors import MergeLabError
+        from mergelab.search.run import read_search_config
+
+        try:
+            _, section, space = read_search_config(config)
+        except MergeLabError as exc:
+            fail(exc)
+        console.print(f"{space.size} searched coordinate(s), {space.layer_groups} layer group(s):")
+        for d in space.dimensions:
+            console.print(f"  {d.label}: [{d.low:g}, {d.high:g}]")

@@ -1,0 +1,158 @@
+"""`mergelab search run CONFIG --out DIR`: read a search config, load the sources once, run or
+resume the study, write the best recipe.
+
+The output folder holds the study database (`study.db`, unless `storage` names another
+database) while the search runs, so a killed search resumes from it; `best.yaml` (a plain merge
+config `mergelab merge` runs to the best trial's weights), `trials.csv` and `curve.png` are
+written, each atomically, only when the search has finished.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import torch
+import yaml
+
+from mergelab.errors import ConfigError
+from mergelab.fileio import write_atomic, write_text_atomic
+from mergelab.search.space import ParameterSpace, build_space
+from mergelab.search.study import (
+    SAMPLERS,
+    SearchResult,
+    TrialOutcome,
+    load_evaluator,
+    run_search,
+)
+
+SEARCH_KEYS = {"parameters", "layer_groups", "normalize_weights", "negative_weights",
+               "evaluator", "trials", "sampler", "seed", "storage", "timeout_seconds"}
+
+
+def read_search_config(path: str | Path) -> tuple[dict, dict, ParameterSpace]:
+    """(merge config with absolute model paths, search section, space); every problem of the
+    section at once as a ConfigError naming the file."""
+    path = Path(path)
+    try:
+        config = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError([f"cannot read the search config: {exc}"], str(path)) from None
+    if not isinstance(config, dict) or not isinstance(config.get("search"), dict):
+        raise ConfigError(["search: a `search:` section is required (see docs/search.md)"], str(path))
+    section = config["search"]
+    problems = [f"search.{k}: unknown key; keys: {', '.join(sorted(SEARCH_KEYS))}"
+                for k in section if k not in SEARCH_KEYS]
+    if "evaluator" not in section:
+        problems.append("search.evaluator: give `module:function` (state dict -> score, higher is better)")
+    if section.get("sampler", "cmaes") not in SAMPLERS:
+        problems.append(f"search.sampler: one of {', '.join(SAMPLERS)}; got {section['sampler']!r}")
+    trials = section.get("trials", 100)
+    if not isinstance(trials, int) or isinstance(trials, bool) or trials < 1:
+        problems.append(f"search.trials: a positive integer; got {trials!r}")
+    if problems:
+        raise ConfigError(problems, str(path))
+
+    def absolute(model: str) -> str:
+        p = Path(model).expanduser()
+        return str(p if p.is_absolute() else (path.parent / p).resolve())
+
+    config = dict(config)
+    config["models"] = [
+        {**m, "model": absolute(m["model"])} if isinstance(m, dict) else {"model": absolute(m)}
+        for m in config.get("models") or []
+    ]
+    if config.get("base_model"):
+        config["base_model"] = absolute(config["base_model"])
+    try:
+        space = build_space(config, section)
+    except ConfigError as exc:
+        raise ConfigError(exc.problems, str(path)) from None
+    return config, section, space
+
+
+def load_sources(config: Mapping) -> dict[str, dict[str, torch.Tensor]]:
+    """Every checkpoint the config names, read into memory once (keys: the config's paths)."""
+    from mergelab.checkpoint import open_checkpoint
+
+    names = [m["model"] for m in config["models"]]
+    if config.get("base_model"):
+        names.append(config["base_model"])
+    sources = {}
+    for name in dict.fromkeys(names):
+        reader = open_checkpoint(name)
+        try:
+            sources[name] = {key: reader.get(key) for key in reader.keys()}
+        finally:
+            reader.close()
+    return sources
+
+
+def search_from_config(
+    path: str | Path,
+    out: str | Path,
+    *,
+    trials: int | None = None,
+    storage: str | None = None,
+    sampler: str | None = None,
+    seed: int | None = None,
+    on_trial: Callable[[TrialOutcome, int, float | None], None] | None = None,
+) -> SearchResult:
+    """Run (or resume) the search of the config at `path` into the folder `out`; arguments
+    given here override the config's `search:` section."""
+    config, section, space = read_search_config(path)
+    evaluator_name = section["evaluator"]
+    evaluate = load_evaluator(evaluator_name)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    storage = storage or section.get("storage") or f"sqlite:///{(out / 'study.db').resolve()}"
+    sources = load_sources(space.config)
+    result = run_search(
+        space, sources, evaluate,
+        storage=storage,
+        trials=trials if trials is not None else section.get("trials", 100),
+        sampler=sampler or section.get("sampler", "cmaes"),
+        seed=seed if seed is not None else section.get("seed", 0),
+        evaluator_name=evaluator_name,
+        timeout_seconds=section.get("timeout_seconds"),
+        on_trial=on_trial,
+    )
+    write_outputs(result, out)
+    return result
+
+
+def write_outputs(result: SearchResult, out: Path) -> None:
+    write_text_atomic(out / "best.yaml", yaml.safe_dump(result.best_config, sort_keys=False))
+    table = io.StringIO()
+    writer = csv.writer(table)
+    writer.writerow(["trial", "value", "error", "config"])
+    for t in result.trials:
+        writer.writerow([t.number, "" if t.value is None else repr(t.value), t.error,
+                         json.dumps(t.config, sort_keys=True)])
+    write_text_atomic(out / "trials.csv", table.getvalue())
+    write_atomic(out / "curve.png", lambda temporary: _plot_curve(result, temporary))
+
+
+def _plot_curve(result: SearchResult, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = [t for t in result.trials if t.value is not None]
+    figure, axes = plt.subplots(figsize=(6, 3.5))
+    axes.scatter([t.number for t in done], [t.value for t in done], s=10, label="trial")
+    best, running = [], float("-inf")
+    for t in done:
+        running = max(running, t.value)
+        best.append(running)
+    axes.step([t.number for t in done], best, where="post", color="C1", label="best so far")
+    axes.set_xlabel("trial")
+    axes.set_ylabel("score (higher is better)")
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)

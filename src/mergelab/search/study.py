@@ -1,0 +1,211 @@
+"""The search loop: optuna's ask/tell over a `ParameterSpace`, resumable from its study.
+
+Every trial merges the sources (loaded once) in memory with `mergelab.merge_state_dicts` and
+scores the merged state dict with the evaluator (higher is better). An evaluator that raises
+or returns a non-finite number fails its trial; the search goes on. The study lives in a
+database (SQLite by default): a search killed at any moment resumes from it with every
+finished trial kept, none repeated, and the trial that was running when it died recorded as
+failed ("interrupted").
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import math
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+from mergelab.errors import ConfigError, MergeLabError
+from mergelab.search.space import ParameterSpace
+
+Evaluator = Callable[[Mapping[str, torch.Tensor]], float]
+SAMPLERS = ("cmaes", "tpe", "random")
+STUDY_NAME = "mergelab-search"
+
+
+@dataclass
+class TrialOutcome:
+    number: int
+    value: float | None  # None: failed
+    config: dict
+    merge_seconds: float
+    eval_seconds: float
+    error: str = ""
+
+
+@dataclass
+class SearchResult:
+    best_value: float
+    best_config: dict
+    trials: list[TrialOutcome] = field(default_factory=list)  # every trial of the study
+    completed: int = 0
+    failed: int = 0
+
+
+def load_evaluator(spec: str) -> Evaluator:
+    """`module:function` -> the function (called with a merged state dict, returns a float)."""
+    module_name, _, attribute = str(spec).partition(":")
+    if not module_name or not attribute:
+        raise ConfigError([f"search.evaluator: `module:function`; got {spec!r}"])
+    try:
+        function = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError([f"search.evaluator: cannot import {spec!r}: {exc}"]) from None
+    if not callable(function):
+        raise ConfigError([f"search.evaluator: {spec!r} is not callable"])
+    return function
+
+
+def search_fingerprint(space: ParameterSpace, evaluator: str, sampler: str, seed: int) -> str:
+    """What makes a study this search's: the merge config, the space, evaluator, sampler, seed."""
+    facts = {
+        "config": space.config,
+        "dimensions": [d.__dict__ for d in space.dimensions],
+        "layer_groups": space.layer_groups,
+        "normalize_weights": space.normalize_weights,
+        "evaluator": evaluator,
+        "sampler": sampler,
+        "seed": seed,
+    }
+    return hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def make_sampler(name: str, seed: int):
+    import optuna
+
+    if name == "cmaes":
+        # Akiba et al.'s setting is optuna's default on the unit cube: start at the centre
+        # (0.5), sigma 1/6 of the range, population 4 + 3 ln(n).
+        return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
+    if name == "tpe":
+        return optuna.samplers.TPESampler(seed=seed)
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    raise ConfigError([f"search.sampler: one of {', '.join(SAMPLERS)}; got {name!r}"])
+
+
+def open_study(storage: str, space: ParameterSpace, fingerprint: str, sampler):
+    """The study of this search in `storage`, created if absent. A study there that belongs to
+    another search (another fingerprint) is refused, never reused or overwritten."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        study = optuna.create_study(
+            study_name=STUDY_NAME, storage=storage, sampler=sampler, direction="maximize",
+            load_if_exists=True,
+        )
+    except Exception as exc:  # optuna raises several storage errors; name the storage
+        raise MergeLabError(f"cannot open the study database {storage}: {exc}") from None
+    owner = study.user_attrs.get("fingerprint")
+    if owner is None and not study.trials:
+        study.set_user_attr("fingerprint", fingerprint)
+        study.set_user_attr("dimensions", [d.label for d in space.dimensions])
+    elif owner != fingerprint:
+        raise MergeLabError(
+            f"the study database {storage} holds another search (fingerprint {owner}, this one "
+            f"{fingerprint}): give another --storage or --out, or delete it to start over"
+        )
+    return study
+
+
+def _interrupted(study) -> int:
+    """Mark the trials a killed run left RUNNING as failed; return how many."""
+    import optuna
+
+    stale = [t.number for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
+    for number in stale:
+        study.tell(number, state=optuna.trial.TrialState.FAIL)
+    return len(stale)
+
+
+def run_search(
+    space: ParameterSpace,
+    sources: Mapping[str, Mapping[str, torch.Tensor]],
+    evaluate: Evaluator,
+    *,
+    storage: str,
+    trials: int,
+    sampler: str = "cmaes",
+    seed: int = 0,
+    evaluator_name: str = "",
+    timeout_seconds: float | None = None,
+    on_trial: Callable[[TrialOutcome, int, float | None], None] | None = None,
+) -> SearchResult:
+    """Run (or resume) the search until `trials` trials have completed (or `timeout_seconds`
+    passed); return the best recipe and every trial. `on_trial(outcome, completed, best)`
+    is called after each trial."""
+    import optuna
+
+    from mergelab.api import merge_state_dicts
+
+    if trials < 1:
+        raise ConfigError([f"search.trials: at least 1; got {trials}"])
+    fingerprint = search_fingerprint(space, evaluator_name, sampler, seed)
+    study = open_study(storage, space, fingerprint, make_sampler(sampler, seed))
+    _interrupted(study)
+    complete = optuna.trial.TrialState.COMPLETE
+    started = time.perf_counter()
+    while sum(t.state == complete for t in study.trials) < trials:
+        if timeout_seconds is not None and time.perf_counter() - started > timeout_seconds:
+            break
+        trial = study.ask()
+        x = [trial.suggest_float(d.label, 0.0, 1.0) for d in space.dimensions]
+        config = space.to_config(x)
+        trial.set_user_attr("config", config)
+        tick = time.perf_counter()
+        value, error, merged_at = None, "", tick
+        try:
+            merged = merge_state_dicts(config, sources, seed=seed)
+            merged_at = time.perf_counter()
+            value = float(evaluate(merged))
+            if not math.isfinite(value):
+                error, value = f"the evaluator returned {value}", None
+        except Exception as exc:  # an evaluator's own error fails its trial, not the search
+            error = f"{type(exc).__name__}: {exc}"
+        done = time.perf_counter()
+        if value is None:
+            trial.set_user_attr("error", error)
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        else:
+            study.tell(trial, value)
+        outcome = TrialOutcome(trial.number, value, config, merged_at - tick,
+                               done - merged_at if value is not None else 0.0, error)
+        if on_trial is not None:
+            completed = sum(t.state == complete for t in study.trials)
+            on_trial(outcome, completed, _best_value(study))
+    return _result(study)
+
+
+def _best_value(study) -> float | None:
+    import optuna
+
+    values = [t.value for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    return max(values) if values else None
+
+
+def _result(study) -> SearchResult:
+    import optuna
+
+    outcomes = []
+    for t in study.trials:
+        if t.state not in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL):
+            continue
+        outcomes.append(TrialOutcome(
+            t.number, t.value if t.state == optuna.trial.TrialState.COMPLETE else None,
+            t.user_attrs.get("config", {}), 0.0, 0.0,
+            t.user_attrs.get("error", "interrupted (the run was killed mid-trial)")
+            if t.state == optuna.trial.TrialState.FAIL else "",
+        ))
+    completed = [o for o in outcomes if o.value is not None]
+    if not completed:
+        raise MergeLabError("no trial of the search completed: every evaluation failed "
+                            f"(first error: {outcomes[0].error if outcomes else 'none ran'})")
+    best = max(completed, key=lambda o: (o.value, -o.number))
+    return SearchResult(best.value, best.config, outcomes, len(completed),
+                        len(outcomes) - len(completed))
