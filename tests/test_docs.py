@@ -19,3 +19,22 @@ def test_every_method_cites_a_paper_and_describes_its_parameters():
         assert method.paper, method.name
         for param in method.params:
             assert param.description, (method.name, param.name)
+
+
+def test_every_relative_link_in_the_docs_resolves_inside_the_repository():
+    """Markdown links in README.md and docs/ that are not URLs point at files of this
+    repository (anchors ignored), never outside it."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    link = re.compile(r"\]\(([^)\s]+)\)")
+    broken = []
+    for page in [root / "README.md", *sorted((root / "docs").glob("*.md"))]:
+        for target in link.findall(page.read_text()):
+            if re.match(r"[a-z][a-z0-9+.-]*:", target) or target.startswith("#"):
+                continue  # a URL (https:, mailto:) or an anchor on the same page
+            path = (page.parent / target.split("#", 1)[0]).resolve()
+            if not path.is_relative_to(root) or not path.exists():
+                broken.append(f"{page.relative_to(root)}: {target}")
+    assert broken == []
