@@ -45,6 +45,10 @@ def score(merged):
     """Minus the squared distance to a target state dict: the optimum is known."""
     return -float(sum((merged[n].float() - TARGET[n]).square().sum() for n in TARGET))
 
+def per_layer(merged):
+    """Scores per 'task' (one per layer): the search can maximise their mean or the worst."""
+    return {n: -float((merged[n].float() - TARGET[n]).square().sum()) for n in TARGET}
+
 def flaky(merged):
     CALLS[0] += 1
     if CALLS[0] == 2:
@@ -154,7 +158,7 @@ def test_cli_search_writes_a_recipe_that_merge_reproduces(setup):
     done = runner.invoke(app, ["search", "run", str(config), "--out", str(root / "out")])
     assert done.exit_code == 0, done.output
     assert "6 completed trial(s) (0 failed)" in " ".join(done.output.split())
-    for name in ("best.yaml", "trials.csv", "curve.png", "study.db"):
+    for name in ("best.yaml", "trials.csv", "curve.png", "parameters.png", "study.db"):
         assert (root / "out" / name).is_file(), name
     best = yaml.safe_load((root / "out" / "best.yaml").read_text())
     assert "search" not in best
@@ -271,3 +275,31 @@ def test_a_search_killed_mid_trial_resumes_with_no_trial_lost_or_repeated(setup)
     assert [t.state for t in study.trials[:2]] == [optuna.trial.TrialState.COMPLETE] * 2
     assert study.trials[2].state == optuna.trial.TrialState.FAIL
     assert (root / "out" / "best.yaml").is_file()
+
+
+def test_objective_reduces_per_task_scores_by_hand():
+    from mergelab.search.study import objective_value
+
+    assert objective_value(0.5) == (0.5, {})
+    assert objective_value({"a": 0.2, "b": 0.8}) == (0.5, {"a": 0.2, "b": 0.8})
+    assert objective_value({"a": 0.2, "b": 0.8}, "worst")[0] == 0.2
+    with pytest.raises(ValueError, match="empty mapping"):
+        objective_value({})
+
+
+def test_search_on_per_task_scores_records_them_and_maximises_the_worst(setup):
+    root, folders = setup
+    from mergelab.search.run import search_from_config
+
+    config = root / "search.yml"
+    config.write_text(yaml.safe_dump(_config(folders, evaluator="toy_evaluator:per_layer",
+                                             objective="worst", trials=4)))
+    result = search_from_config(config, root / "out")
+    assert result.completed == 4
+    for trial in result.trials:
+        assert set(trial.scores) == {"model.layers.0.mlp.weight", "model.layers.1.mlp.weight",
+                                     "model.embed_tokens.weight"}
+        assert trial.value == pytest.approx(min(trial.scores.values()))
+    config.write_text(yaml.safe_dump(_config(folders, objective="median")))
+    with pytest.raises(ConfigError, match="search.objective: one of mean, worst; got 'median'"):
+        search_from_config(config, root / "out2")

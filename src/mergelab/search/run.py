@@ -22,6 +22,7 @@ from mergelab.errors import ConfigError
 from mergelab.fileio import write_atomic, write_text_atomic
 from mergelab.search.space import ParameterSpace, build_space
 from mergelab.search.study import (
+    OBJECTIVES,
     SAMPLERS,
     SearchResult,
     TrialOutcome,
@@ -30,7 +31,8 @@ from mergelab.search.study import (
 )
 
 SEARCH_KEYS = {"parameters", "layer_groups", "normalize_weights", "negative_weights",
-               "evaluator", "trials", "sampler", "seed", "storage", "timeout_seconds"}
+               "evaluator", "trials", "sampler", "seed", "storage", "timeout_seconds",
+               "objective"}
 
 
 def read_search_config(path: str | Path) -> tuple[dict, dict, ParameterSpace]:
@@ -50,6 +52,9 @@ def read_search_config(path: str | Path) -> tuple[dict, dict, ParameterSpace]:
         problems.append("search.evaluator: give `module:function` (state dict -> score, higher is better)")
     if section.get("sampler", "cmaes") not in SAMPLERS:
         problems.append(f"search.sampler: one of {', '.join(SAMPLERS)}; got {section['sampler']!r}")
+    if section.get("objective", "mean") not in OBJECTIVES:
+        problems.append(f"search.objective: one of {', '.join(OBJECTIVES)}; got "
+                        f"{section['objective']!r}")
     trials = section.get("trials", 100)
     if not isinstance(trials, int) or isinstance(trials, bool) or trials < 1:
         problems.append(f"search.trials: a positive integer; got {trials!r}")
@@ -118,22 +123,26 @@ def search_from_config(
         seed=seed if seed is not None else section.get("seed", 0),
         evaluator_name=evaluator_name,
         timeout_seconds=section.get("timeout_seconds"),
+        objective=section.get("objective", "mean"),
         on_trial=on_trial,
     )
-    write_outputs(result, out)
+    write_outputs(result, out, space)
     return result
 
 
-def write_outputs(result: SearchResult, out: Path) -> None:
+def write_outputs(result: SearchResult, out: Path, space: ParameterSpace) -> None:
     write_text_atomic(out / "best.yaml", yaml.safe_dump(result.best_config, sort_keys=False))
     table = io.StringIO()
     writer = csv.writer(table)
-    writer.writerow(["trial", "value", "error", "config"])
+    writer.writerow(["trial", "value", "error", "scores", "config"])
     for t in result.trials:
         writer.writerow([t.number, "" if t.value is None else repr(t.value), t.error,
+                         json.dumps(t.scores, sort_keys=True) if t.scores else "",
                          json.dumps(t.config, sort_keys=True)])
     write_text_atomic(out / "trials.csv", table.getvalue())
     write_atomic(out / "curve.png", lambda temporary: _plot_curve(result, temporary))
+    write_atomic(out / "parameters.png",
+                 lambda temporary: _plot_parameters(result.best_config, space, temporary))
 
 
 def _plot_curve(result: SearchResult, path: Path) -> None:
@@ -153,6 +162,34 @@ def _plot_curve(result: SearchResult, path: Path) -> None:
     axes.set_xlabel("trial")
     axes.set_ylabel("score (higher is better)")
     axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def _plot_parameters(best: dict, space: ParameterSpace, path: Path) -> None:
+    """The best recipe's searched values: per-model parameters against the layer group (one line
+    per model), global parameters as points."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(dict.fromkeys(d.parameter for d in space.dimensions))
+    figure, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.2), squeeze=False)
+    for axis, name in zip(axes[0], names):
+        dims = [d for d in space.dimensions if d.parameter == name]
+        if dims[0].model is None:
+            axis.bar([name], [best.get("parameters", {}).get(name, float("nan"))])
+        else:
+            for entry in best["models"]:
+                value = entry.get("parameters", {}).get(name)
+                values = value if isinstance(value, list) else [value]
+                axis.plot(range(len(values)), values, marker="o", label=Path(entry["model"]).name)
+            axis.set_xlabel("layer group (anchor of the gradient)")
+            axis.legend(fontsize=7)
+        axis.set_ylim(dims[0].low, dims[0].high)
+        axis.set_title(name)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)

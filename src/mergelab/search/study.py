@@ -23,8 +23,9 @@ import torch
 from mergelab.errors import ConfigError, MergeLabError
 from mergelab.search.space import ParameterSpace
 
-Evaluator = Callable[[Mapping[str, torch.Tensor]], float]
+Evaluator = Callable[[Mapping[str, torch.Tensor]], "float | Mapping[str, float]"]
 SAMPLERS = ("cmaes", "tpe", "random")
+OBJECTIVES = ("mean", "worst")
 STUDY_NAME = "mergelab-search"
 
 
@@ -36,6 +37,7 @@ class TrialOutcome:
     merge_seconds: float
     eval_seconds: float
     error: str = ""
+    scores: dict[str, float] = field(default_factory=dict)  # per task, when the evaluator gives them
 
 
 @dataclass
@@ -61,7 +63,23 @@ def load_evaluator(spec: str) -> Evaluator:
     return function
 
 
-def search_fingerprint(space: ParameterSpace, evaluator: str, sampler: str, seed: int) -> str:
+def objective_value(raw, objective: str = "mean") -> tuple[float, dict[str, float]]:
+    """(the trial's value, its per-task scores) from what the evaluator returned: a number, or
+    a mapping task -> score reduced by `objective` ("mean": the average over tasks; "worst": the
+    lowest task). Raises ValueError for an empty mapping or a non-number."""
+    if isinstance(raw, Mapping):
+        scores = {str(k): float(v) for k, v in raw.items()}
+        if not scores:
+            raise ValueError("the evaluator returned an empty mapping")
+        values = list(scores.values())
+        if objective == "worst":
+            return min(values), scores
+        return sum(values) / len(values), scores
+    return float(raw), {}
+
+
+def search_fingerprint(space: ParameterSpace, evaluator: str, sampler: str, seed: int,
+                       objective: str = "mean") -> str:
     """What makes a study this search's: the merge config, the space, evaluator, sampler, seed."""
     facts = {
         "config": space.config,
@@ -71,6 +89,7 @@ def search_fingerprint(space: ParameterSpace, evaluator: str, sampler: str, seed
         "evaluator": evaluator,
         "sampler": sampler,
         "seed": seed,
+        "objective": objective,
     }
     return hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -135,6 +154,7 @@ def run_search(
     seed: int = 0,
     evaluator_name: str = "",
     timeout_seconds: float | None = None,
+    objective: str = "mean",
     on_trial: Callable[[TrialOutcome, int, float | None], None] | None = None,
 ) -> SearchResult:
     """Run (or resume) the search until `trials` trials have completed (or `timeout_seconds`
@@ -146,7 +166,9 @@ def run_search(
 
     if trials < 1:
         raise ConfigError([f"search.trials: at least 1; got {trials}"])
-    fingerprint = search_fingerprint(space, evaluator_name, sampler, seed)
+    if objective not in OBJECTIVES:
+        raise ConfigError([f"search.objective: one of {', '.join(OBJECTIVES)}; got {objective!r}"])
+    fingerprint = search_fingerprint(space, evaluator_name, sampler, seed, objective)
     study = open_study(storage, space, fingerprint, make_sampler(sampler, seed))
     _interrupted(study)
     complete = optuna.trial.TrialState.COMPLETE
@@ -159,23 +181,25 @@ def run_search(
         config = space.to_config(x)
         trial.set_user_attr("config", config)
         tick = time.perf_counter()
-        value, error, merged_at = None, "", tick
+        value, error, merged_at, scores = None, "", tick, {}
         try:
             merged = merge_state_dicts(config, sources, seed=seed)
             merged_at = time.perf_counter()
-            value = float(evaluate(merged))
+            value, scores = objective_value(evaluate(merged), objective)
             if not math.isfinite(value):
                 error, value = f"the evaluator returned {value}", None
         except Exception as exc:  # an evaluator's own error fails its trial, not the search
             error = f"{type(exc).__name__}: {exc}"
         done = time.perf_counter()
+        if scores:
+            trial.set_user_attr("scores", scores)
         if value is None:
             trial.set_user_attr("error", error)
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
         else:
             study.tell(trial, value)
         outcome = TrialOutcome(trial.number, value, config, merged_at - tick,
-                               done - merged_at if value is not None else 0.0, error)
+                               done - merged_at if value is not None else 0.0, error, scores)
         if on_trial is not None:
             completed = sum(t.state == complete for t in study.trials)
             on_trial(outcome, completed, _best_value(study))
@@ -201,6 +225,7 @@ def _result(study) -> SearchResult:
             t.user_attrs.get("config", {}), 0.0, 0.0,
             t.user_attrs.get("error", "interrupted (the run was killed mid-trial)")
             if t.state == optuna.trial.TrialState.FAIL else "",
+            dict(t.user_attrs.get("scores", {})),
         ))
     completed = [o for o in outcomes if o.value is not None]
     if not completed:
