@@ -303,3 +303,40 @@ def test_search_on_per_task_scores_records_them_and_maximises_the_worst(setup):
     config.write_text(yaml.safe_dump(_config(folders, objective="median")))
     with pytest.raises(ConfigError, match="search.objective: one of mean, worst; got 'median'"):
         search_from_config(config, root / "out2")
+
+
+def test_search_scores_trials_on_the_eval_layers_tasks_without_python(tmp_path):
+    """`evaluator: {tasks: {csv:...: FOLDER}}`: each trial's encoder is scored with the
+    folder's head on the task's validation split by the evaluation layer."""
+    pytest.importorskip("transformers")
+    from _data_aware_models import tiny_bert_folders
+
+    from mergelab.eval.evaluator import ModelEvaluator
+    from mergelab.eval.models import load_model, read_head
+    from mergelab.eval.sources import load_task
+    from mergelab.search.run import load_sources, search_from_config
+
+    folders = tiny_bert_folders(tmp_path)
+    task = f"csv:{tmp_path / 'task.csv'}"
+    config = {
+        "merge_method": "task_arithmetic",
+        "base_model": str(folders["base"]),
+        "models": [{"model": str(folders["m0"])}, {"model": str(folders["m1"])}],
+        "search": {"parameters": {"weight": {}}, "trials": 3, "sampler": "random",
+                   "evaluator": {"tasks": {task: str(folders["m0"])}, "split": "validation"}},
+    }
+    path = tmp_path / "search.yml"
+    path.write_text(yaml.safe_dump(config))
+    result = search_from_config(path, tmp_path / "out")
+    assert result.completed == 3
+    # the best value is the eval layer's validation accuracy of the best recipe's merge
+    best = mergelab.merge_state_dicts(result.best_config, load_sources(result.best_config))
+    scored = ModelEvaluator(seed=0).evaluate_heads(
+        load_model(folders["m0"]), best, {"task": read_head(folders["m0"] / "head.safetensors")},
+        [load_task(task)], "validation")
+    assert result.best_value == pytest.approx(scored["task"].score.value)
+    config["search"]["evaluator"] = {"tasks": {task: str(tmp_path)}, "splt": "test"}
+    path.write_text(yaml.safe_dump(config))
+    with pytest.raises(ConfigError) as caught:
+        search_from_config(path, tmp_path / "out2")
+    assert "search.evaluator.splt: unknown key" in str(caught.value)

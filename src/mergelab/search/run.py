@@ -48,8 +48,9 @@ def read_search_config(path: str | Path) -> tuple[dict, dict, ParameterSpace]:
     section = config["search"]
     problems = [f"search.{k}: unknown key; keys: {', '.join(sorted(SEARCH_KEYS))}"
                 for k in section if k not in SEARCH_KEYS]
-    if "evaluator" not in section:
-        problems.append("search.evaluator: give `module:function` (state dict -> score, higher is better)")
+    if not isinstance(section.get("evaluator"), (str, dict)):
+        problems.append("search.evaluator: give `module:function` (state dict -> score, higher "
+                        "is better) or `{tasks: {TASK: FOLDER}, split: validation}`")
     if section.get("sampler", "cmaes") not in SAMPLERS:
         problems.append(f"search.sampler: one of {', '.join(SAMPLERS)}; got {section['sampler']!r}")
     if section.get("objective", "mean") not in OBJECTIVES:
@@ -96,6 +97,16 @@ def load_sources(config: Mapping) -> dict[str, dict[str, torch.Tensor]]:
     return sources
 
 
+def make_evaluator(spec, base_dir: Path):
+    """(a name for the study's fingerprint, the evaluator) of `search.evaluator`: an importable
+    `module:function`, or the evaluation layer's tasks (`mergelab.search.evaluators`)."""
+    if isinstance(spec, dict):
+        from mergelab.search.evaluators import TaskEvaluator
+
+        return json.dumps(spec, sort_keys=True, default=str), TaskEvaluator(spec, base_dir)
+    return spec, load_evaluator(spec)
+
+
 def search_from_config(
     path: str | Path,
     out: str | Path,
@@ -109,8 +120,7 @@ def search_from_config(
     """Run (or resume) the search of the config at `path` into the folder `out`; arguments
     given here override the config's `search:` section."""
     config, section, space = read_search_config(path)
-    evaluator_name = section["evaluator"]
-    evaluate = load_evaluator(evaluator_name)
+    evaluator_name, evaluate = make_evaluator(section["evaluator"], Path(path).parent)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     storage = storage or section.get("storage") or f"sqlite:///{(out / 'study.db').resolve()}"
