@@ -340,3 +340,27 @@ def test_search_scores_trials_on_the_eval_layers_tasks_without_python(tmp_path):
     with pytest.raises(ConfigError) as caught:
         search_from_config(path, tmp_path / "out2")
     assert "search.evaluator.splt: unknown key" in str(caught.value)
+
+
+def test_ray_workers_find_the_same_best_recipe_as_a_sequential_run(setup):
+    """Two local Ray actors against the driver alone, random sampler, same seed and budget: the
+    same points are asked, so the same best recipe comes out (CMA-ES may differ: a generation's
+    points then depend on which trials finished first)."""
+    pytest.importorskip("ray")
+    root, folders = setup
+    from mergelab.search.run import search_from_config
+
+    config = root / "search.yml"
+    config.write_text(yaml.safe_dump(_config(folders, trials=6)))
+    alone = search_from_config(config, root / "alone")
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])
+    try:
+        on_ray = search_from_config(config, root / "ray", workers=2)
+    finally:
+        os.environ["PYTHONPATH"] = os.environ["PYTHONPATH"].split(os.pathsep, 1)[1]
+    assert on_ray.completed == 6 and on_ray.failed == 0
+    assert on_ray.best_config == alone.best_config
+    assert on_ray.best_value == pytest.approx(alone.best_value)
+    with pytest.raises(MergeLabError, match="cannot connect to the Ray cluster at '127.0.0.1:1'"):
+        search_from_config(config, root / "nowhere", ray_address="127.0.0.1:1")
+    assert not (root / "nowhere").exists()

@@ -27,6 +27,8 @@ def register(app: typer.Typer) -> None:
         storage: str | None = typer.Option(None, help="Study database URL (default: sqlite in --out)."),
         sampler: str | None = typer.Option(None, help="cmaes, tpe or random (default: the config's, else cmaes)."),
         seed: int | None = typer.Option(None, help="Sampler and merge seed (default: the config's, else 0)."),
+        workers: int = typer.Option(1, help="Trials at once; above 1 they run on Ray actors (a local Ray unless --ray-address)."),
+        ray_address: str | None = typer.Option(None, help="Run the trials on this Ray cluster (`auto` or HOST:PORT)."),
     ) -> None:
         """Run (or resume) the search; write the best recipe as a plain merge config."""
         from mergelab.cliutil import console, fail, note
@@ -41,7 +43,8 @@ def register(app: typer.Typer) -> None:
 
         try:
             result = search_from_config(config, out, trials=trials, storage=storage,
-                                        sampler=sampler, seed=seed, on_trial=show)
+                                        sampler=sampler, seed=seed, workers=workers,
+                                        ray_address=ray_address, on_trial=show)
         except MergeLabError as exc:
             fail(exc)
         note(f"best score {result.best_value:.6g} over {result.completed} completed trial(s) "

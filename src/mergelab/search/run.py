@@ -107,6 +107,10 @@ def make_evaluator(spec, base_dir: Path):
     return spec, load_evaluator(spec)
 
 
+def _evaluator_only(spec, base_dir: Path):
+    return make_evaluator(spec, base_dir)[1]
+
+
 def search_from_config(
     path: str | Path,
     out: str | Path,
@@ -115,26 +119,43 @@ def search_from_config(
     storage: str | None = None,
     sampler: str | None = None,
     seed: int | None = None,
+    workers: int = 1,
+    ray_address: str | None = None,
     on_trial: Callable[[TrialOutcome, int, float | None], None] | None = None,
 ) -> SearchResult:
     """Run (or resume) the search of the config at `path` into the folder `out`; arguments
-    given here override the config's `search:` section."""
+    given here override the config's `search:` section. workers > 1 or a `ray_address`: the
+    trials run on Ray actors (`mergelab.search.parallel`), `workers` at a time."""
+    import functools
+
     config, section, space = read_search_config(path)
+    if workers < 1:
+        raise ConfigError([f"--workers: at least 1; got {workers}"])
     evaluator_name, evaluate = make_evaluator(section["evaluator"], Path(path).parent)
     out = Path(out)
+    sources = load_sources(space.config)
+    seed = seed if seed is not None else section.get("seed", 0)
+    objective = section.get("objective", "mean")
+    pool = None
+    if workers > 1 or ray_address is not None:
+        from mergelab.search.parallel import RayWorkers
+
+        factory = functools.partial(_evaluator_only, section["evaluator"], Path(path).parent)
+        pool = RayWorkers(sources, factory, slots=workers, objective=objective, seed=seed,
+                          address=ray_address)
     out.mkdir(parents=True, exist_ok=True)
     storage = storage or section.get("storage") or f"sqlite:///{(out / 'study.db').resolve()}"
-    sources = load_sources(space.config)
     result = run_search(
         space, sources, evaluate,
         storage=storage,
         trials=trials if trials is not None else section.get("trials", 100),
         sampler=sampler or section.get("sampler", "cmaes"),
-        seed=seed if seed is not None else section.get("seed", 0),
+        seed=seed,
         evaluator_name=evaluator_name,
         timeout_seconds=section.get("timeout_seconds"),
-        objective=section.get("objective", "mean"),
+        objective=objective,
         on_trial=on_trial,
+        workers=pool,
     )
     write_outputs(result, out, space)
     return result

@@ -143,10 +143,56 @@ def _interrupted(study) -> int:
     return len(stale)
 
 
+def evaluate_trial(
+    config: dict,
+    sources: Mapping[str, Mapping[str, torch.Tensor]],
+    evaluate: Evaluator,
+    objective: str,
+    seed: int,
+) -> tuple[float | None, dict[str, float], str, float, float]:
+    """One trial: merge `config` in memory, score it. Returns (value or None when it failed,
+    per-task scores, error, merge seconds, evaluation seconds). Never raises for the
+    evaluator's own errors: they fail the trial."""
+    from mergelab.api import merge_state_dicts
+
+    tick = time.perf_counter()
+    value, error, merged_at, scores = None, "", tick, {}
+    try:
+        merged = merge_state_dicts(config, sources, seed=seed)
+        merged_at = time.perf_counter()
+        value, scores = objective_value(evaluate(merged), objective)
+        if not math.isfinite(value):
+            error, value = f"the evaluator returned {value}", None
+    except Exception as exc:  # an evaluator's own error fails its trial, not the search
+        error = f"{type(exc).__name__}: {exc}"
+    done = time.perf_counter()
+    return value, scores, error, merged_at - tick, (done - merged_at) if value is not None else 0.0
+
+
+class LocalWorkers:
+    """Trials run one at a time in this process (the default: no Ray)."""
+
+    slots = 1
+
+    def __init__(self, sources, evaluate: Evaluator, objective: str, seed: int):
+        self._args = (sources, evaluate, objective, seed)
+        self._done: list = []
+
+    def submit(self, key, config: dict) -> None:
+        self._done.append((key, evaluate_trial(config, *self._args)))
+
+    def wait(self) -> list:
+        done, self._done = self._done, []
+        return done
+
+    def close(self) -> None:
+        pass
+
+
 def run_search(
     space: ParameterSpace,
     sources: Mapping[str, Mapping[str, torch.Tensor]],
-    evaluate: Evaluator,
+    evaluate: Evaluator | None,
     *,
     storage: str,
     trials: int,
@@ -156,13 +202,13 @@ def run_search(
     timeout_seconds: float | None = None,
     objective: str = "mean",
     on_trial: Callable[[TrialOutcome, int, float | None], None] | None = None,
+    workers=None,
 ) -> SearchResult:
     """Run (or resume) the search until `trials` trials have completed (or `timeout_seconds`
     passed); return the best recipe and every trial. `on_trial(outcome, completed, best)`
-    is called after each trial."""
+    is called after each trial. workers: where trials run (default `LocalWorkers`, one at a
+    time here; `mergelab.search.parallel.RayWorkers` keeps `slots` trials in flight)."""
     import optuna
-
-    from mergelab.api import merge_state_dicts
 
     if trials < 1:
         raise ConfigError([f"search.trials: at least 1; got {trials}"])
@@ -171,38 +217,39 @@ def run_search(
     fingerprint = search_fingerprint(space, evaluator_name, sampler, seed, objective)
     study = open_study(storage, space, fingerprint, make_sampler(sampler, seed))
     _interrupted(study)
+    pool = workers if workers is not None else LocalWorkers(sources, evaluate, objective, seed)
     complete = optuna.trial.TrialState.COMPLETE
     started = time.perf_counter()
-    while sum(t.state == complete for t in study.trials) < trials:
-        if timeout_seconds is not None and time.perf_counter() - started > timeout_seconds:
-            break
-        trial = study.ask()
-        x = [trial.suggest_float(d.label, 0.0, 1.0) for d in space.dimensions]
-        config = space.to_config(x)
-        trial.set_user_attr("config", config)
-        tick = time.perf_counter()
-        value, error, merged_at, scores = None, "", tick, {}
-        try:
-            merged = merge_state_dicts(config, sources, seed=seed)
-            merged_at = time.perf_counter()
-            value, scores = objective_value(evaluate(merged), objective)
-            if not math.isfinite(value):
-                error, value = f"the evaluator returned {value}", None
-        except Exception as exc:  # an evaluator's own error fails its trial, not the search
-            error = f"{type(exc).__name__}: {exc}"
-        done = time.perf_counter()
-        if scores:
-            trial.set_user_attr("scores", scores)
-        if value is None:
-            trial.set_user_attr("error", error)
-            study.tell(trial, state=optuna.trial.TrialState.FAIL)
-        else:
-            study.tell(trial, value)
-        outcome = TrialOutcome(trial.number, value, config, merged_at - tick,
-                               done - merged_at if value is not None else 0.0, error, scores)
-        if on_trial is not None:
-            completed = sum(t.state == complete for t in study.trials)
-            on_trial(outcome, completed, _best_value(study))
+    running: dict[int, tuple] = {}
+    completed = sum(t.state == complete for t in study.trials)
+    try:
+        while completed < trials or running:
+            out_of_time = timeout_seconds is not None and time.perf_counter() - started > timeout_seconds
+            # Ask no more trials than can still complete the budget.
+            while not out_of_time and len(running) < pool.slots and completed + len(running) < trials:
+                trial = study.ask()
+                x = [trial.suggest_float(d.label, 0.0, 1.0) for d in space.dimensions]
+                config = space.to_config(x)
+                trial.set_user_attr("config", config)
+                running[trial.number] = (trial, config)
+                pool.submit(trial.number, config)
+            if not running:
+                break
+            for number, (value, scores, error, merge_s, eval_s) in pool.wait():
+                trial, config = running.pop(number)
+                if scores:
+                    trial.set_user_attr("scores", scores)
+                if value is None:
+                    trial.set_user_attr("error", error)
+                    study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                else:
+                    study.tell(trial, value)
+                    completed += 1
+                if on_trial is not None:
+                    outcome = TrialOutcome(number, value, config, merge_s, eval_s, error, scores)
+                    on_trial(outcome, completed, _best_value(study))
+    finally:
+        pool.close()
     return _result(study)
 
 

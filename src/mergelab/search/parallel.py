@@ -1,0 +1,108 @@
+"""Trials on Ray: resident evaluator actors, each holding the sources in memory.
+
+The driver keeps asking and telling the study (nothing else touches it); each of `slots`
+actors receives the sources once (through Ray's object store), builds its own evaluator from
+the search config's `evaluator` (a `module:function` importable on the workers, or the
+evaluation layer's tasks), and runs one trial at a time (`evaluate_trial`). Ray is an optional
+extra (`pip install 'mergelab[ray]'`); without it searches run in the driver.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import torch
+
+from mergelab.errors import MergeLabError
+from mergelab.search.study import Evaluator, evaluate_trial
+
+
+def _ray():
+    try:
+        import ray
+    except ImportError:
+        raise MergeLabError(
+            "parallel search needs Ray: `pip install 'mergelab[ray]'` (or run without "
+            "--workers/--ray-address)"
+        ) from None
+    return ray
+
+
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Fail fast on a cluster address nothing listens on (Ray itself retries for minutes)."""
+    import socket
+
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout):
+            pass
+    except (OSError, ValueError) as exc:
+        raise MergeLabError(f"cannot connect to the Ray cluster at {address!r}: {exc}") from None
+
+
+class RayWorkers:
+    """`slots` Ray actors running trials (the pool interface of `run_search`).
+
+    address: "auto" or a cluster address (`ray.init(address=...)`); None starts a local Ray
+        with `slots` CPUs. An address that cannot be reached is a MergeLabError before any
+        trial.
+    make_evaluator: builds the evaluator inside each actor (called there, once).
+    """
+
+    def __init__(
+        self,
+        sources: Mapping[str, Mapping[str, torch.Tensor]],
+        make_evaluator: Callable[[], Evaluator],
+        *,
+        slots: int,
+        objective: str,
+        seed: int,
+        address: str | None = None,
+    ):
+        if slots < 1:
+            raise MergeLabError(f"--workers must be at least 1; got {slots}")
+        ray = _ray()
+        if address not in (None, "auto"):
+            _check_reachable(address)
+        self._ray = ray
+        self._owns_ray = not ray.is_initialized()
+        if self._owns_ray:
+            try:
+                if address is None:
+                    ray.init(num_cpus=slots, include_dashboard=False, log_to_driver=False)
+                else:
+                    ray.init(address=address, include_dashboard=False, log_to_driver=False)
+            except Exception as exc:  # ray raises ConnectionError, RuntimeError, ValueError...
+                raise MergeLabError(f"cannot connect to the Ray cluster at {address!r}: {exc}") from None
+
+        @ray.remote(num_cpus=1)
+        class _Actor:
+            def __init__(self, sources, factory, objective, seed):
+                self.args = (sources, factory(), objective, seed)
+
+            def trial(self, key, config):
+                return key, evaluate_trial(config, *self.args)
+
+        shared = ray.put({k: dict(v) for k, v in sources.items()})
+        self._actors = [_Actor.remote(shared, make_evaluator, objective, seed) for _ in range(slots)]
+        self._idle = list(self._actors)
+        self._pending: dict = {}  # object ref -> actor
+        self.slots = slots
+
+    def submit(self, key, config: dict) -> None:
+        actor = self._idle.pop()
+        self._pending[actor.trial.remote(key, config)] = actor
+
+    def wait(self) -> list:
+        ready, _ = self._ray.wait(list(self._pending), num_returns=1)
+        done = []
+        for ref in ready:
+            self._idle.append(self._pending.pop(ref))
+            done.append(self._ray.get(ref))
+        return done
+
+    def close(self) -> None:
+        for actor in self._actors:
+            self._ray.kill(actor)
+        if self._owns_ray:
+            self._ray.shutdown()
