@@ -190,7 +190,7 @@ def test_cmaes_search_approaches_the_known_optimum(setup):
     merge_config, section, space = read_search_config(config)
     import toy_evaluator
 
-    sources = load_sources(space.config)
+    sources = load_sources(space)
     result = run_search(space, sources, toy_evaluator.score, storage=f"sqlite:///{root}/s.db",
                         trials=40, sampler="cmaes", seed=0, evaluator_name="toy_evaluator:score")
     weights = [m["parameters"]["weight"] for m in result.best_config["models"]]
@@ -314,7 +314,8 @@ def test_search_scores_trials_on_the_eval_layers_tasks_without_python(tmp_path):
     from mergelab.eval.evaluator import ModelEvaluator
     from mergelab.eval.models import load_model, read_head
     from mergelab.eval.sources import load_task
-    from mergelab.search.run import load_sources, search_from_config
+    from mergelab.search.run import search_from_config
+    from mergelab.search.space import load_checkpoints
 
     folders = tiny_bert_folders(tmp_path)
     task = f"csv:{tmp_path / 'task.csv'}"
@@ -330,7 +331,7 @@ def test_search_scores_trials_on_the_eval_layers_tasks_without_python(tmp_path):
     result = search_from_config(path, tmp_path / "out")
     assert result.completed == 3
     # the best value is the eval layer's validation accuracy of the best recipe's merge
-    best = mergelab.merge_state_dicts(result.best_config, load_sources(result.best_config))
+    best = mergelab.merge_state_dicts(result.best_config, load_checkpoints(result.best_config))
     scored = ModelEvaluator(seed=0).evaluate_heads(
         load_model(folders["m0"]), best, {"task": read_head(folders["m0"] / "head.safetensors")},
         [load_task(task)], "validation")

@@ -22,7 +22,7 @@ def register(app: typer.Typer) -> None:
     @group.command("run")
     def run(
         config: Path = typer.Argument(..., help="YAML merge config with a `search:` section."),
-        out: Path = typer.Option(..., "--out", "-o", help="Folder for the study, best.yaml, trials.csv, curve.png."),
+        out: Path = typer.Option(..., "--out", "-o", help="Folder for the study, best.yaml (or best_routing.yaml), trials.csv, plots."),
         trials: int | None = typer.Option(None, help="Completed trials to reach (default: the config's)."),
         storage: str | None = typer.Option(None, help="Study database URL (default: sqlite in --out)."),
         sampler: str | None = typer.Option(None, help="cmaes, tpe or random (default: the config's, else cmaes)."),
@@ -47,8 +47,14 @@ def register(app: typer.Typer) -> None:
                                         ray_address=ray_address, on_trial=show)
         except MergeLabError as exc:
             fail(exc)
+        if "routing" in result.best_config:
+            where = f"routing: {out / 'best_routing.yaml'} (load it with `mergelab.search.load_routing`)"
+            if (out / "best.yaml").is_file():
+                where += f"; as a checkpoint: `mergelab merge {out / 'best.yaml'} OUT`"
+        else:
+            where = f"recipe: {out / 'best.yaml'} (run it with `mergelab merge`)"
         note(f"best score {result.best_value:.6g} over {result.completed} completed trial(s) "
-             f"({result.failed} failed); recipe: {out / 'best.yaml'} (run it with `mergelab merge`)")
+             f"({result.failed} failed); {where}")
 
     @group.command("validate")
     def validate(
@@ -63,6 +69,14 @@ def register(app: typer.Typer) -> None:
             _, section, space = read_search_config(config)
         except MergeLabError as exc:
             fail(exc)
+        if hasattr(space, "slots"):
+            console.print(
+                f"data-flow space: {len(space.models)} source(s) x {space.layers} layers, "
+                f"repeated {space.repeats} time(s): {space.slots} slots"
+                + (f" and a {space.layout} x {space.layout} scaling matrix in "
+                   f"[{space.scale_low:g}, {space.scale_high:g}]" if space.scaling else "")
+                + f"; {space.size} searched coordinate(s)")
+            return
         console.print(f"{space.size} searched coordinate(s), {space.layer_groups} layer group(s):")
         for d in space.dimensions:
             console.print(f"  {d.label}: [{d.low:g}, {d.high:g}]")

@@ -10,9 +10,10 @@
       limit: 500             # examples per task (a seeded subset; null: all)
       seed: 0                # of the task's split (default: each fine-tune's recorded one)
 
-Each trial loads the merged state dict into a copy of the first folder's encoder and scores it
-with each task's own head (`ModelEvaluator.evaluate_heads`); the score per task is its accuracy
-(or minus its perplexity), reduced by `search.objective`.
+Each trial loads the merged state dict into a copy of the first folder's encoder (a data-flow
+search's routed model is scored as it is) and scores it with each task's own head
+(`ModelEvaluator.evaluate_heads`); the score per task is its accuracy (or minus its
+perplexity), reduced by `search.objective`.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from mergelab.errors import ConfigError, MergeLabError
 
@@ -73,10 +75,22 @@ class TaskEvaluator:
             seed = recorded if isinstance(recorded, int) else 0
         self.evaluator = ModelEvaluator(limit=section.get("limit", DEFAULT_LIMIT), seed=seed)
 
-    def __call__(self, merged: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    def __call__(self, candidate: Mapping[str, torch.Tensor] | nn.Module) -> dict[str, float]:
+        """Per-task scores of a merged encoder state dict (parameter space) or of an encoder
+        module (a data-flow space's routed model)."""
+        from mergelab.eval.models import Classifier
+
         self.evaluator.clear()  # a new encoder every trial
-        results = self.evaluator.evaluate_heads(self.template, merged, self.heads, self.tasks,
-                                                self.split)
+        if isinstance(candidate, nn.Module):
+            model = Classifier(candidate, None, self.template.tokenizer, self.template.preprocess,
+                               self.template.name)
+            results = {}
+            for task in self.tasks:
+                model.head = self.heads[task.name]
+                results[task.name] = self.evaluator.evaluate(model, task, self.split)
+        else:
+            results = self.evaluator.evaluate_heads(self.template, candidate, self.heads,
+                                                    self.tasks, self.split)
         return {name: _higher_is_better(result) for name, result in results.items()}
 
 

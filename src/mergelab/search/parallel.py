@@ -9,9 +9,7 @@ extra (`pip install 'mergelab[ray]'`); without it searches run in the driver.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-
-import torch
+from collections.abc import Callable
 
 from mergelab.errors import MergeLabError
 from mergelab.search.study import Evaluator, evaluate_trial
@@ -51,7 +49,8 @@ class RayWorkers:
 
     def __init__(
         self,
-        sources: Mapping[str, Mapping[str, torch.Tensor]],
+        space,
+        sources,
         make_evaluator: Callable[[], Evaluator],
         *,
         slots: int,
@@ -77,14 +76,15 @@ class RayWorkers:
 
         @ray.remote(num_cpus=1)
         class _Actor:
-            def __init__(self, sources, factory, objective, seed):
-                self.args = (sources, factory(), objective, seed)
+            def __init__(self, space, sources, factory, objective, seed):
+                self.args = (space, sources, factory(), objective, seed)
 
             def trial(self, key, config):
                 return key, evaluate_trial(config, *self.args)
 
-        shared = ray.put({k: dict(v) for k, v in sources.items()})
-        self._actors = [_Actor.remote(shared, make_evaluator, objective, seed) for _ in range(slots)]
+        shared = ray.put(sources)
+        self._actors = [_Actor.remote(space, shared, make_evaluator, objective, seed)
+                        for _ in range(slots)]
         self._idle = list(self._actors)
         self._pending: dict = {}  # object ref -> actor
         self.slots = slots

@@ -12,7 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -20,7 +20,15 @@ import yaml
 
 from mergelab.errors import ConfigError
 from mergelab.fileio import write_atomic, write_text_atomic
-from mergelab.search.space import ParameterSpace, build_space
+from mergelab.search.dataflow import (
+    DATAFLOW_KEYS,
+    DataflowSpace,
+    build_dataflow_space,
+    routing_merge_config,
+    source_layers,
+)
+from mergelab.search.dataflow import load_sources as load_dataflow_sources
+from mergelab.search.space import ParameterSpace, build_space, load_checkpoints
 from mergelab.search.study import (
     OBJECTIVES,
     SAMPLERS,
@@ -30,13 +38,14 @@ from mergelab.search.study import (
     run_search,
 )
 
-SEARCH_KEYS = {"parameters", "layer_groups", "normalize_weights", "negative_weights",
-               "evaluator", "trials", "sampler", "seed", "storage", "timeout_seconds",
+SEARCH_KEYS = {"space", "evaluator", "trials", "sampler", "seed", "storage", "timeout_seconds",
                "objective"}
+PARAMETER_KEYS = {"parameters", "layer_groups", "normalize_weights", "negative_weights"}
+SPACES = ("parameters", "dataflow")
 
 
-def read_search_config(path: str | Path) -> tuple[dict, dict, ParameterSpace]:
-    """(merge config with absolute model paths, search section, space); every problem of the
+def read_search_config(path: str | Path) -> tuple[dict, dict, ParameterSpace | DataflowSpace]:
+    """(config with absolute model paths, search section, space); every problem of the
     section at once as a ConfigError naming the file."""
     path = Path(path)
     try:
@@ -46,10 +55,14 @@ def read_search_config(path: str | Path) -> tuple[dict, dict, ParameterSpace]:
     if not isinstance(config, dict) or not isinstance(config.get("search"), dict):
         raise ConfigError(["search: a `search:` section is required (see docs/search.md)"], str(path))
     section = config["search"]
-    problems = [f"search.{k}: unknown key; keys: {', '.join(sorted(SEARCH_KEYS))}"
-                for k in section if k not in SEARCH_KEYS]
+    kind = section.get("space", "parameters")
+    allowed = SEARCH_KEYS | (DATAFLOW_KEYS if kind == "dataflow" else PARAMETER_KEYS)
+    problems = [f"search.{k}: unknown key for a {kind} search; keys: {', '.join(sorted(allowed))}"
+                for k in section if k not in allowed]
+    if kind not in SPACES:
+        problems.append(f"search.space: one of {', '.join(SPACES)}; got {kind!r}")
     if not isinstance(section.get("evaluator"), (str, dict)):
-        problems.append("search.evaluator: give `module:function` (state dict -> score, higher "
+        problems.append("search.evaluator: give `module:function` (candidate -> score, higher "
                         "is better) or `{tasks: {TASK: FOLDER}, split: validation}`")
     if section.get("sampler", "cmaes") not in SAMPLERS:
         problems.append(f"search.sampler: one of {', '.join(SAMPLERS)}; got {section['sampler']!r}")
@@ -74,27 +87,39 @@ def read_search_config(path: str | Path) -> tuple[dict, dict, ParameterSpace]:
     if config.get("base_model"):
         config["base_model"] = absolute(config["base_model"])
     try:
-        space = build_space(config, section)
+        if kind == "dataflow":
+            space = _dataflow_space(config, section)
+        else:
+            space = build_space(config, section)
     except ConfigError as exc:
         raise ConfigError(exc.problems, str(path)) from None
     return config, section, space
 
 
-def load_sources(config: Mapping) -> dict[str, dict[str, torch.Tensor]]:
-    """Every checkpoint the config names, read into memory once (keys: the config's paths)."""
-    from mergelab.checkpoint import open_checkpoint
+def _dataflow_space(config: dict, section: dict) -> DataflowSpace:
+    from mergelab.errors import MergeLabError
 
     names = [m["model"] for m in config["models"]]
-    if config.get("base_model"):
-        names.append(config["base_model"])
-    sources = {}
-    for name in dict.fromkeys(names):
-        reader = open_checkpoint(name)
+    counts, problems = {}, []
+    for name in names:
         try:
-            sources[name] = {key: reader.get(key) for key in reader.keys()}
-        finally:
-            reader.close()
-    return sources
+            counts[name] = source_layers(name)
+        except MergeLabError as exc:
+            problems.append(f"models: {exc}")
+    if len(set(counts.values())) > 1:
+        problems.append("models: the data-flow sources need as many layers each; got "
+                        + ", ".join(f"{Path(n).name} {c}" for n, c in counts.items()))
+    if problems:
+        raise ConfigError(problems)
+    return build_dataflow_space(config, section, next(iter(counts.values()), 0))
+
+
+def load_sources(space) -> dict[str, dict[str, torch.Tensor]] | list:
+    """Every source the space names, read into memory once: state dicts keyed by the config's
+    paths (parameter space), or modules in `models` order (data-flow space)."""
+    if isinstance(space, DataflowSpace):
+        return load_dataflow_sources(space)
+    return load_checkpoints(space.config)
 
 
 def make_evaluator(spec, base_dir: Path):
@@ -133,7 +158,7 @@ def search_from_config(
         raise ConfigError([f"--workers: at least 1; got {workers}"])
     evaluator_name, evaluate = make_evaluator(section["evaluator"], Path(path).parent)
     out = Path(out)
-    sources = load_sources(space.config)
+    sources = load_sources(space)
     seed = seed if seed is not None else section.get("seed", 0)
     objective = section.get("objective", "mean")
     pool = None
@@ -141,7 +166,7 @@ def search_from_config(
         from mergelab.search.parallel import RayWorkers
 
         factory = functools.partial(_evaluator_only, section["evaluator"], Path(path).parent)
-        pool = RayWorkers(sources, factory, slots=workers, objective=objective, seed=seed,
+        pool = RayWorkers(space, sources, factory, slots=workers, objective=objective, seed=seed,
                           address=ray_address)
     out.mkdir(parents=True, exist_ok=True)
     storage = storage or section.get("storage") or f"sqlite:///{(out / 'study.db').resolve()}"
@@ -161,8 +186,18 @@ def search_from_config(
     return result
 
 
-def write_outputs(result: SearchResult, out: Path, space: ParameterSpace) -> None:
-    write_text_atomic(out / "best.yaml", yaml.safe_dump(result.best_config, sort_keys=False))
+def write_outputs(result: SearchResult, out: Path, space) -> None:
+    """best.yaml (parameter space; a data-flow search writes best_routing.yaml, and best.yaml
+    as a passthrough config when no layer of the best routing is scaled), trials.csv and the
+    plots, each atomically."""
+    if isinstance(space, DataflowSpace):
+        write_text_atomic(out / "best_routing.yaml",
+                          yaml.safe_dump(result.best_config, sort_keys=False))
+        merge_config = routing_merge_config(result.best_config)
+        if merge_config is not None:
+            write_text_atomic(out / "best.yaml", yaml.safe_dump(merge_config, sort_keys=False))
+    else:
+        write_text_atomic(out / "best.yaml", yaml.safe_dump(result.best_config, sort_keys=False))
     table = io.StringIO()
     writer = csv.writer(table)
     writer.writerow(["trial", "value", "error", "scores", "config"])
@@ -172,8 +207,12 @@ def write_outputs(result: SearchResult, out: Path, space: ParameterSpace) -> Non
                          json.dumps(t.config, sort_keys=True)])
     write_text_atomic(out / "trials.csv", table.getvalue())
     write_atomic(out / "curve.png", lambda temporary: _plot_curve(result, temporary))
-    write_atomic(out / "parameters.png",
-                 lambda temporary: _plot_parameters(result.best_config, space, temporary))
+    if isinstance(space, DataflowSpace):
+        write_atomic(out / "routing.png",
+                     lambda temporary: _plot_routing(result.best_config, temporary))
+    else:
+        write_atomic(out / "parameters.png",
+                     lambda temporary: _plot_parameters(result.best_config, space, temporary))
 
 
 def _plot_curve(result: SearchResult, path: Path) -> None:
@@ -221,6 +260,31 @@ def _plot_parameters(best: dict, space: ParameterSpace, path: Path) -> None:
             axis.legend(fontsize=7)
         axis.set_ylim(dims[0].low, dims[0].high)
         axis.set_title(name)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def _plot_routing(best: dict, path: Path) -> None:
+    """The best routing: the source layer run at each step (one colour per source) and the
+    scale applied to its input."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    body = best["routing"]
+    layers = body["layers"]
+    figure, (top, bottom) = plt.subplots(2, 1, figsize=(max(6, len(layers) * 0.3), 4.5), sharex=True)
+    for k, name in enumerate(body["models"]):
+        steps = [i for i, e in enumerate(layers) if e["model"] == k]
+        top.scatter(steps, [layers[i]["layer"] for i in steps], label=Path(name).name, s=25)
+    top.set_ylabel("source layer")
+    top.legend(fontsize=7)
+    bottom.bar(range(len(layers)), [e.get("scale", 1.0) for e in layers])
+    bottom.axhline(1.0, color="grey", linewidth=0.8)
+    bottom.set_ylabel("input scale")
+    bottom.set_xlabel("step of the routed model")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)

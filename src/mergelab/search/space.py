@@ -58,6 +58,20 @@ class ParameterSpace:
     def size(self) -> int:
         return len(self.dimensions)
 
+    def start_point(self) -> None:
+        """No fixed first trial: CMA-ES starts at the cube's centre (the paper's x0 = 0.5)."""
+        return None
+
+    def fingerprint_facts(self) -> dict:
+        return {"config": self.config, "dimensions": [d.__dict__ for d in self.dimensions],
+                "layer_groups": self.layer_groups, "normalize_weights": self.normalize_weights}
+
+    def build(self, config: dict, sources, seed: int = 0) -> dict:
+        """The merged state dict of a trial's config (merged in memory by the engine)."""
+        from mergelab.api import merge_state_dicts
+
+        return merge_state_dicts(config, sources, seed=seed)
+
     def to_config(self, x: Sequence[float]) -> dict:
         """The merge config of point `x` (len == size), as `mergelab merge` reads it."""
         if len(x) != self.size:
@@ -169,3 +183,21 @@ def build_space(config: Mapping, section: Mapping) -> ParameterSpace:
 
 def _numeric(declared: Mapping) -> list[str]:
     return [n for n, p in declared.items() if p.kind in (int, float)]
+
+
+def load_checkpoints(config: Mapping) -> dict[str, dict]:
+    """Every checkpoint a merge config names (`models`, `base_model`), read into memory once
+    (keys: the config's paths)."""
+    from mergelab.checkpoint import open_checkpoint
+
+    names = [m["model"] if isinstance(m, Mapping) else m for m in config["models"]]
+    if config.get("base_model"):
+        names.append(config["base_model"])
+    sources = {}
+    for name in dict.fromkeys(names):
+        reader = open_checkpoint(name)
+        try:
+            sources[name] = {key: reader.get(key) for key in reader.keys()}
+        finally:
+            reader.close()
+    return sources

@@ -1,6 +1,6 @@
-"""The search loop: optuna's ask/tell over a `ParameterSpace`, resumable from its study.
+"""The search loop: optuna's ask/tell over a space (parameter or data-flow), resumable from its study.
 
-Every trial merges the sources (loaded once) in memory with `mergelab.merge_state_dicts` and
+Every trial builds its candidate from the sources (loaded once) in memory (`space.build`) and
 scores the merged state dict with the evaluator (higher is better). An evaluator that raises
 or returns a non-finite number fails its trial; the search goes on. The study lives in a
 database (SQLite by default): a search killed at any moment resumes from it with every
@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 import torch
 
 from mergelab.errors import ConfigError, MergeLabError
-from mergelab.search.space import ParameterSpace
 
 Evaluator = Callable[[Mapping[str, torch.Tensor]], "float | Mapping[str, float]"]
 SAMPLERS = ("cmaes", "tpe", "random")
@@ -78,19 +77,11 @@ def objective_value(raw, objective: str = "mean") -> tuple[float, dict[str, floa
     return float(raw), {}
 
 
-def search_fingerprint(space: ParameterSpace, evaluator: str, sampler: str, seed: int,
+def search_fingerprint(space, evaluator: str, sampler: str, seed: int,
                        objective: str = "mean") -> str:
-    """What makes a study this search's: the merge config, the space, evaluator, sampler, seed."""
-    facts = {
-        "config": space.config,
-        "dimensions": [d.__dict__ for d in space.dimensions],
-        "layer_groups": space.layer_groups,
-        "normalize_weights": space.normalize_weights,
-        "evaluator": evaluator,
-        "sampler": sampler,
-        "seed": seed,
-        "objective": objective,
-    }
+    """What makes a study this search's: the space (its config), evaluator, sampler, seed."""
+    facts = {**space.fingerprint_facts(), "evaluator": evaluator, "sampler": sampler,
+             "seed": seed, "objective": objective}
     return hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -108,7 +99,7 @@ def make_sampler(name: str, seed: int):
     raise ConfigError([f"search.sampler: one of {', '.join(SAMPLERS)}; got {name!r}"])
 
 
-def open_study(storage: str, space: ParameterSpace, fingerprint: str, sampler):
+def open_study(storage: str, space, fingerprint: str, sampler):
     """The study of this search in `storage`, created if absent. A study there that belongs to
     another search (another fingerprint) is refused, never reused or overwritten."""
     import optuna
@@ -145,20 +136,20 @@ def _interrupted(study) -> int:
 
 def evaluate_trial(
     config: dict,
-    sources: Mapping[str, Mapping[str, torch.Tensor]],
+    space,
+    sources,
     evaluate: Evaluator,
     objective: str,
     seed: int,
 ) -> tuple[float | None, dict[str, float], str, float, float]:
-    """One trial: merge `config` in memory, score it. Returns (value or None when it failed,
-    per-task scores, error, merge seconds, evaluation seconds). Never raises for the
-    evaluator's own errors: they fail the trial."""
-    from mergelab.api import merge_state_dicts
-
+    """One trial: build `config`'s candidate in memory (`space.build`: a merged state dict, or
+    a routed model), score it. Returns (value or None when it failed, per-task scores, error,
+    build seconds, evaluation seconds). Never raises for the evaluator's own errors: they fail
+    the trial."""
     tick = time.perf_counter()
     value, error, merged_at, scores = None, "", tick, {}
     try:
-        merged = merge_state_dicts(config, sources, seed=seed)
+        merged = space.build(config, sources, seed)
         merged_at = time.perf_counter()
         value, scores = objective_value(evaluate(merged), objective)
         if not math.isfinite(value):
@@ -174,8 +165,8 @@ class LocalWorkers:
 
     slots = 1
 
-    def __init__(self, sources, evaluate: Evaluator, objective: str, seed: int):
-        self._args = (sources, evaluate, objective, seed)
+    def __init__(self, space, sources, evaluate: Evaluator, objective: str, seed: int):
+        self._args = (space, sources, evaluate, objective, seed)
         self._done: list = []
 
     def submit(self, key, config: dict) -> None:
@@ -190,8 +181,8 @@ class LocalWorkers:
 
 
 def run_search(
-    space: ParameterSpace,
-    sources: Mapping[str, Mapping[str, torch.Tensor]],
+    space,
+    sources,
     evaluate: Evaluator | None,
     *,
     storage: str,
@@ -217,7 +208,12 @@ def run_search(
     fingerprint = search_fingerprint(space, evaluator_name, sampler, seed, objective)
     study = open_study(storage, space, fingerprint, make_sampler(sampler, seed))
     _interrupted(study)
-    pool = workers if workers is not None else LocalWorkers(sources, evaluate, objective, seed)
+    start = space.start_point()
+    if start and not study.trials:
+        # The first trial is the start itself (a data-flow search's host model as it is), so
+        # the best found is never below it.
+        study.enqueue_trial(start)
+    pool = workers if workers is not None else LocalWorkers(space, sources, evaluate, objective, seed)
     complete = optuna.trial.TrialState.COMPLETE
     started = time.perf_counter()
     running: dict[int, tuple] = {}
