@@ -237,7 +237,7 @@ def test_cli_search_bad_inputs_fail_before_any_trial(setup):
     assert done.exit_code != 0
     text = " ".join(done.output.split())
     assert "search.stray: unknown key" in text
-    assert "search.sampler: one of cmaes, tpe, random; got 'annealing'" in text
+    assert "search.sampler: one of cmaes, tpe, random, nsga2; got 'annealing'" in text
     assert "search.trials: a positive integer; got 0" in text
     assert not (root / "out").exists()
     config.write_text(yaml.safe_dump(_config(folders, evaluator="no_such_module:f")))
@@ -301,8 +301,37 @@ def test_search_on_per_task_scores_records_them_and_maximises_the_worst(setup):
                                      "model.embed_tokens.weight"}
         assert trial.value == pytest.approx(min(trial.scores.values()))
     config.write_text(yaml.safe_dump(_config(folders, objective="median")))
-    with pytest.raises(ConfigError, match="search.objective: one of mean, worst; got 'median'"):
+    with pytest.raises(ConfigError, match="search.objective: one of mean, worst, pareto; got 'median'"):
         search_from_config(config, root / "out2")
+
+
+def test_pareto_mode_keeps_the_front_of_mean_and_worst_task(setup):
+    root, folders = setup
+    import csv
+
+    from mergelab.search.run import search_from_config
+
+    config = root / "search.yml"
+    config.write_text(yaml.safe_dump(_config(folders, evaluator="toy_evaluator:per_layer",
+                                             objective="pareto", sampler="nsga2", trials=8)))
+    result = search_from_config(config, root / "out")
+    points = {t.number: (t.value, min(t.scores.values())) for t in result.trials}
+    assert all(t.value == pytest.approx(sum(t.scores.values()) / 3) for t in result.trials)
+
+    def dominated(p):
+        return any(q[0] >= p[0] and q[1] >= p[1] and q != p for q in points.values())
+
+    # by hand: the front is exactly the non-dominated trials
+    assert sorted(result.pareto) == sorted(n for n, p in points.items() if not dominated(p))
+    rows = list(csv.DictReader((root / "out" / "pareto.csv").open()))
+    assert sorted(int(r["trial"]) for r in rows) == sorted(result.pareto)
+    assert result.best_value == max(points[n][0] for n in result.pareto)
+    config.write_text(yaml.safe_dump(_config(folders, objective="pareto", sampler="cmaes")))
+    with pytest.raises(ConfigError, match="cmaes optimises one objective"):
+        search_from_config(config, root / "out2")
+    config.write_text(yaml.safe_dump(_config(folders, objective="pareto", sampler="random")))
+    with pytest.raises(MergeLabError, match="pareto` needs per-task scores"):
+        search_from_config(config, root / "out3")  # a scalar evaluator fails every trial
 
 
 def test_search_scores_trials_on_the_eval_layers_tasks_without_python(tmp_path):

@@ -25,7 +25,7 @@ def register(app: typer.Typer) -> None:
         out: Path = typer.Option(..., "--out", "-o", help="Folder for the study, best.yaml (or best_routing.yaml), trials.csv, plots."),
         trials: int | None = typer.Option(None, help="Completed trials to reach (default: the config's)."),
         storage: str | None = typer.Option(None, help="Study database URL (default: sqlite in --out)."),
-        sampler: str | None = typer.Option(None, help="cmaes, tpe or random (default: the config's, else cmaes)."),
+        sampler: str | None = typer.Option(None, help="cmaes, tpe, random or nsga2 (default: the config's, else cmaes; nsga2 for objective: pareto)."),
         seed: int | None = typer.Option(None, help="Sampler and merge seed (default: the config's, else 0)."),
         workers: int = typer.Option(1, help="Trials at once; above 1 they run on Ray actors (a local Ray unless --ray-address)."),
         ray_address: str | None = typer.Option(None, help="Run the trials on this Ray cluster (`auto` or HOST:PORT)."),

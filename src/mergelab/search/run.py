@@ -31,9 +31,10 @@ from mergelab.search.dataflow import load_sources as load_dataflow_sources
 from mergelab.search.space import ParameterSpace, build_space, load_checkpoints
 from mergelab.search.study import (
     OBJECTIVES,
-    SAMPLERS,
     SearchResult,
     TrialOutcome,
+    check_sampler,
+    default_sampler,
     load_evaluator,
     run_search,
 )
@@ -64,11 +65,11 @@ def read_search_config(path: str | Path) -> tuple[dict, dict, ParameterSpace | D
     if not isinstance(section.get("evaluator"), (str, dict)):
         problems.append("search.evaluator: give `module:function` (candidate -> score, higher "
                         "is better) or `{tasks: {TASK: FOLDER}, split: validation}`")
-    if section.get("sampler", "cmaes") not in SAMPLERS:
-        problems.append(f"search.sampler: one of {', '.join(SAMPLERS)}; got {section['sampler']!r}")
-    if section.get("objective", "mean") not in OBJECTIVES:
-        problems.append(f"search.objective: one of {', '.join(OBJECTIVES)}; got "
-                        f"{section['objective']!r}")
+    objective = section.get("objective", "mean")
+    if objective not in OBJECTIVES:
+        problems.append(f"search.objective: one of {', '.join(OBJECTIVES)}; got {objective!r}")
+    else:
+        problems += check_sampler(section.get("sampler", default_sampler(objective)), objective)
     trials = section.get("trials", 100)
     if not isinstance(trials, int) or isinstance(trials, bool) or trials < 1:
         problems.append(f"search.trials: a positive integer; got {trials!r}")
@@ -174,7 +175,7 @@ def search_from_config(
         space, sources, evaluate,
         storage=storage,
         trials=trials if trials is not None else section.get("trials", 100),
-        sampler=sampler or section.get("sampler", "cmaes"),
+        sampler=sampler or section.get("sampler", default_sampler(objective)),
         seed=seed,
         evaluator_name=evaluator_name,
         timeout_seconds=section.get("timeout_seconds"),
@@ -206,6 +207,15 @@ def write_outputs(result: SearchResult, out: Path, space) -> None:
                          json.dumps(t.scores, sort_keys=True) if t.scores else "",
                          json.dumps(t.config, sort_keys=True)])
     write_text_atomic(out / "trials.csv", table.getvalue())
+    if result.pareto:
+        front = io.StringIO()
+        writer = csv.writer(front)
+        writer.writerow(["trial", "mean", "worst", "scores", "config"])
+        for t in result.trials:
+            if t.number in result.pareto:
+                writer.writerow([t.number, repr(t.value), repr(min(t.scores.values())),
+                                 json.dumps(t.scores, sort_keys=True), json.dumps(t.config, sort_keys=True)])
+        write_text_atomic(out / "pareto.csv", front.getvalue())
     write_atomic(out / "curve.png", lambda temporary: _plot_curve(result, temporary))
     if isinstance(space, DataflowSpace):
         write_atomic(out / "routing.png",

@@ -23,8 +23,25 @@ import torch
 from mergelab.errors import ConfigError, MergeLabError
 
 Evaluator = Callable[[Mapping[str, torch.Tensor]], "float | Mapping[str, float]"]
-SAMPLERS = ("cmaes", "tpe", "random")
-OBJECTIVES = ("mean", "worst")
+SAMPLERS = ("cmaes", "tpe", "random", "nsga2")
+OBJECTIVES = ("mean", "worst", "pareto")
+PARETO = "pareto"  # two objectives: the mean and the worst task, maximised together
+SINGLE_OBJECTIVE_SAMPLERS = ("cmaes",)
+
+
+def default_sampler(objective: str) -> str:
+    """CMA-ES (the paper's); NSGA-II for the two-objective Pareto mode, which CMA-ES lacks."""
+    return "nsga2" if objective == PARETO else "cmaes"
+
+
+def check_sampler(sampler: str, objective: str) -> list[str]:
+    """Problems of a sampler/objective pair (empty when they fit)."""
+    if sampler not in SAMPLERS:
+        return [f"search.sampler: one of {', '.join(SAMPLERS)}; got {sampler!r}"]
+    if objective == PARETO and sampler in SINGLE_OBJECTIVE_SAMPLERS:
+        return [f"search.sampler: {sampler} optimises one objective; `objective: pareto` needs "
+                "nsga2, tpe or random"]
+    return []
 STUDY_NAME = "mergelab-search"
 
 
@@ -46,6 +63,7 @@ class SearchResult:
     trials: list[TrialOutcome] = field(default_factory=list)  # every trial of the study
     completed: int = 0
     failed: int = 0
+    pareto: list[int] = field(default_factory=list)  # trial numbers of the front (pareto mode)
 
 
 def load_evaluator(spec: str) -> Evaluator:
@@ -65,7 +83,8 @@ def load_evaluator(spec: str) -> Evaluator:
 def objective_value(raw, objective: str = "mean") -> tuple[float, dict[str, float]]:
     """(the trial's value, its per-task scores) from what the evaluator returned: a number, or
     a mapping task -> score reduced by `objective` ("mean": the average over tasks; "worst": the
-    lowest task). Raises ValueError for an empty mapping or a non-number."""
+    lowest task; "pareto": the average, the worst kept beside it as the second objective).
+    Raises ValueError for an empty mapping or a non-number, or a number under "pareto"."""
     if isinstance(raw, Mapping):
         scores = {str(k): float(v) for k, v in raw.items()}
         if not scores:
@@ -74,6 +93,9 @@ def objective_value(raw, objective: str = "mean") -> tuple[float, dict[str, floa
         if objective == "worst":
             return min(values), scores
         return sum(values) / len(values), scores
+    if objective == PARETO:
+        raise ValueError("`objective: pareto` needs per-task scores: the evaluator returned one "
+                         "number, not a mapping task -> score")
     return float(raw), {}
 
 
@@ -96,10 +118,12 @@ def make_sampler(name: str, seed: int):
         return optuna.samplers.TPESampler(seed=seed)
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
+    if name == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed)
     raise ConfigError([f"search.sampler: one of {', '.join(SAMPLERS)}; got {name!r}"])
 
 
-def open_study(storage: str, space, fingerprint: str, sampler):
+def open_study(storage: str, space, fingerprint: str, sampler, objectives: int = 1):
     """The study of this search in `storage`, created if absent. A study there that belongs to
     another search (another fingerprint) is refused, never reused or overwritten."""
     import optuna
@@ -107,8 +131,8 @@ def open_study(storage: str, space, fingerprint: str, sampler):
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
         study = optuna.create_study(
-            study_name=STUDY_NAME, storage=storage, sampler=sampler, direction="maximize",
-            load_if_exists=True,
+            study_name=STUDY_NAME, storage=storage, sampler=sampler,
+            directions=["maximize"] * objectives, load_if_exists=True,
         )
     except Exception as exc:  # optuna raises several storage errors; name the storage
         raise MergeLabError(f"cannot open the study database {storage}: {exc}") from None
@@ -196,7 +220,8 @@ def run_search(
     workers=None,
 ) -> SearchResult:
     """Run (or resume) the search until `trials` trials have completed (or `timeout_seconds`
-    passed); return the best recipe and every trial. `on_trial(outcome, completed, best)`
+    passed, or as many trials as `trials` failed in this run); return the best recipe and
+    every trial. `on_trial(outcome, completed, best)`
     is called after each trial. workers: where trials run (default `LocalWorkers`, one at a
     time here; `mergelab.search.parallel.RayWorkers` keeps `slots` trials in flight)."""
     import optuna
@@ -205,8 +230,11 @@ def run_search(
         raise ConfigError([f"search.trials: at least 1; got {trials}"])
     if objective not in OBJECTIVES:
         raise ConfigError([f"search.objective: one of {', '.join(OBJECTIVES)}; got {objective!r}"])
+    if check_sampler(sampler, objective):
+        raise ConfigError(check_sampler(sampler, objective))
     fingerprint = search_fingerprint(space, evaluator_name, sampler, seed, objective)
-    study = open_study(storage, space, fingerprint, make_sampler(sampler, seed))
+    study = open_study(storage, space, fingerprint, make_sampler(sampler, seed),
+                       2 if objective == PARETO else 1)
     _interrupted(study)
     start = space.start_point()
     if start and not study.trials:
@@ -218,9 +246,11 @@ def run_search(
     started = time.perf_counter()
     running: dict[int, tuple] = {}
     completed = sum(t.state == complete for t in study.trials)
+    failed = 0  # in this run: as many failures as the budget ends the search
     try:
         while completed < trials or running:
-            out_of_time = timeout_seconds is not None and time.perf_counter() - started > timeout_seconds
+            out_of_time = (timeout_seconds is not None and time.perf_counter() - started > timeout_seconds
+                           or failed >= trials)
             # Ask no more trials than can still complete the budget.
             while not out_of_time and len(running) < pool.slots and completed + len(running) < trials:
                 trial = study.ask()
@@ -238,8 +268,9 @@ def run_search(
                 if value is None:
                     trial.set_user_attr("error", error)
                     study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                    failed += 1
                 else:
-                    study.tell(trial, value)
+                    study.tell(trial, [value, min(scores.values())] if objective == PARETO else value)
                     completed += 1
                 if on_trial is not None:
                     outcome = TrialOutcome(number, value, config, merge_s, eval_s, error, scores)
@@ -252,7 +283,7 @@ def run_search(
 def _best_value(study) -> float | None:
     import optuna
 
-    values = [t.value for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    values = [t.values[0] for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     return max(values) if values else None
 
 
@@ -264,7 +295,7 @@ def _result(study) -> SearchResult:
         if t.state not in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL):
             continue
         outcomes.append(TrialOutcome(
-            t.number, t.value if t.state == optuna.trial.TrialState.COMPLETE else None,
+            t.number, t.values[0] if t.state == optuna.trial.TrialState.COMPLETE else None,
             t.user_attrs.get("config", {}), 0.0, 0.0,
             t.user_attrs.get("error", "interrupted (the run was killed mid-trial)")
             if t.state == optuna.trial.TrialState.FAIL else "",
@@ -274,6 +305,12 @@ def _result(study) -> SearchResult:
     if not completed:
         raise MergeLabError("no trial of the search completed: every evaluation failed "
                             f"(first error: {outcomes[0].error if outcomes else 'none ran'})")
-    best = max(completed, key=lambda o: (o.value, -o.number))
+    front: list[int] = []
+    candidates = completed
+    if len(study.directions) > 1:
+        # The Pareto front of (mean, worst task); its best mean is the recipe written.
+        front = sorted(t.number for t in study.best_trials)
+        candidates = [o for o in completed if o.number in front]
+    best = max(candidates, key=lambda o: (o.value, min(o.scores.values(), default=0.0), -o.number))
     return SearchResult(best.value, best.config, outcomes, len(completed),
-                        len(outcomes) - len(completed))
+                        len(outcomes) - len(completed), front)
