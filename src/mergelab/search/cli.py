@@ -31,15 +31,31 @@ def register(app: typer.Typer) -> None:
         ray_address: str | None = typer.Option(None, help="Run the trials on this Ray cluster (`auto` or HOST:PORT)."),
     ) -> None:
         """Run (or resume) the search; write the best recipe as a plain merge config."""
+        import time
+
         from mergelab.cliutil import console, fail, note
         from mergelab.errors import MergeLabError
-        from mergelab.search.run import search_from_config
+        from mergelab.search.run import read_search_config, search_from_config
+
+        started, before = time.perf_counter(), []  # trials completed before this run
+        try:
+            goal = trials if trials is not None else read_search_config(config)[1].get("trials", 100)
+        except MergeLabError as exc:
+            fail(exc)
 
         def show(outcome, completed, best):
+            if not before:
+                before.append(completed - (outcome.value is not None))
             value = "failed: " + outcome.error if outcome.value is None else f"{outcome.value:.6g}"
             best_text = "-" if best is None else f"{best:.6g}"
-            console.print(f"trial {outcome.number}: {value} (merge {outcome.merge_seconds:.2f} s, "
-                          f"eval {outcome.eval_seconds:.2f} s) | {completed} done, best {best_text}")
+            eta = ""
+            done_here = completed - before[0]
+            if done_here > 0 and completed < goal:
+                left = (time.perf_counter() - started) / done_here * (goal - completed)
+                eta = f", about {left / 60:.1f} min left"
+            console.print(f"trial {outcome.number}: {value} (build {outcome.merge_seconds:.2f} s, "
+                          f"eval {outcome.eval_seconds:.2f} s) | {completed}/{goal} done, "
+                          f"best {best_text}{eta}")
 
         try:
             result = search_from_config(config, out, trials=trials, storage=storage,
