@@ -96,7 +96,7 @@ def test_declarations():
     assert arithmetic.base == "required" and arithmetic.param("lambda").default == 1.0
     for method in (interpolation, arithmetic):
         assert method.url == "https://arxiv.org/abs/2304.14933"
-        assert method.blockwise is not None and method.gram_kernel is None
+        assert method.blockwise is not None and not method.merges_with_grams
 
 
 # --- errors through the planner's validator --------------------------------------------------------

@@ -525,19 +525,27 @@ def test_group_regmean_takes_the_registry_parameters():
         merge_expert_groups(sd, method="regmean", groups=_FFN, grams=grams, parameters={"scaling": 0.5})
 
 
-def test_the_gram_seam_maps_an_output_tensor_to_its_members_grams():
-    from mergelab.methods.registry import get_method
-    from mergelab.plan.expert_groups import bind_grams, member_grams
+def test_an_expert_group_plan_references_each_members_gram_for_the_engine():
+    """RegMean in a group merge is planned like any data-aware merge: each linear weight's
+    task references its members' Grams in the plan's statistics; the engine reads them."""
+    from mergelab.api import _state_dict_opener
+    from mergelab.plan.config import parse_config
+    from mergelab.plan.expert_groups import GRAMS_STORE
+    from mergelab.plan.planner import build_plan
 
     grams = {"a.x_v": LayerGram("linear", torch.eye(2, dtype=torch.float64), 3),
              "a.x_l": LayerGram("linear", 2 * torch.eye(2, dtype=torch.float64), 5)}
-    grams_of = member_grams(grams, {"a.x.weight": ["a.x_v", "a.x_l"]})
-    assert [g.count for g in grams_of("a.x.weight")] == [3, 5]
-    assert grams_of("a.x.bias") is None  # no Gram: the registry kernel averages it
-    bound = bind_grams(get_method("regmean"), grams_of)
-    assert bound.name == "regmean" and bound.params == get_method("regmean").params
-    with pytest.raises(ValueError, match="reads no Gram"):
-        bind_grams(get_method("ties"), grams_of)
+    sd = {"a.x_v.weight": torch.randn(2, 2), "a.x_l.weight": torch.randn(2, 2),
+          "a.x_v.bias": torch.zeros(2), "a.x_l.bias": torch.ones(2)}
+    config = parse_config({"merge_method": "regmean", "models": [{"model": "m"}],
+                          "expert_groups": {"groups": [{"members": {"v": "*.x_v.*", "l": "*.x_l.*"},
+                                                        "into": "*.x.*"}], "grams": "folder"}})
+    plan = build_plan(config, _state_dict_opener({"m": sd}), open_grams=lambda _: grams)
+    tasks = {t.name: t for t in plan.tasks}
+    assert tasks["a.x.weight"].statistics == ((GRAMS_STORE, "a.x_v"), (GRAMS_STORE, "a.x_l"))
+    assert tasks["a.x.bias"].statistics == ()  # no Gram: the kernel averages it
+    read = plan.statistics[GRAMS_STORE].read("a.x_l")
+    assert int(read["rows"]) == 5 and torch.equal(read["gram"], 2 * torch.eye(2, dtype=torch.float64))
 
 
 def test_validate_and_dry_run_plan_an_expert_group_config(tmp_path):

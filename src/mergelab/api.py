@@ -102,7 +102,7 @@ def plan_merge(config: str | os.PathLike | Mapping | MergeConfig) -> MergePlan:
 def _provider(plan: MergePlan, config_dir: Path | None, label: str | None):
     """The config's data provider for a data-aware plan (checked: no model loaded, no data
     run), or None for data-free methods or when statistics folders hold everything."""
-    if not plan.method.needs_data or plan.config.data is None:
+    if not plan.needs_data_stage or plan.config.data is None:
         return None
     from mergelab.plan.stages import statistics_folders
     from mergelab.stats.config_data import ConfigData
@@ -190,7 +190,7 @@ def _merge_plan(
         raise ConfigError([f"out_shard_size: {exc}"]) from None
     with tempfile.TemporaryDirectory(prefix="mergelab-stats-") as scratch:
         prepared = None
-        if plan.method.needs_data:
+        if plan.needs_data_stage:
             prepared = _prepare(plan, provider, config_dir, open_source, label, Path(scratch),
                                 device=device, seed=seed, progress=progress)
             plan = prepared.plan
@@ -306,7 +306,7 @@ def merge_state_dicts(
     cfg, config_dir = _read_config(config)
     open_source = _state_dict_opener(state_dicts)
     plan = _build(cfg, open_source, None)
-    if plan.method.needs_data:
+    if plan.needs_data_stage:
         plan = _statistics_from_folders(plan, open_source, config_dir, device)
     sink = MemorySink(plan)
     execute(

@@ -7,10 +7,8 @@ another method (AdaMerging -> task arithmetic). The statistics stage (mergelab.s
 collects the statistics before planning, the plan references them per tensor, and the engine
 hands each kernel below its tensors and their statistics (`TensorMerge.statistics`), exactly as
 it hands any other kernel its tensors. The kernels and closed forms here are pure.
-RegMean also declares a `gram_kernel` (`regmean_with_grams`): given each model's Gram of a
-tensor's layer it merges that tensor, which an expert-group merge (mergelab.plan.expert_groups)
-does with every member's Gram from a statistics folder; its registry `kernel` is the same math
-reading the Grams the engine hands it in `TensorMerge.statistics`.
+An expert-group merge (mergelab.plan.expert_groups) plans RegMean the same way: each member's
+Gram from a statistics folder is referenced per tensor and handed over by the engine.
 
 - RegMean: Jin et al. 2023, https://arxiv.org/abs/2212.09849
 - RegMean++: Nguyen et al. 2025, https://arxiv.org/abs/2508.03121
@@ -361,7 +359,6 @@ register(
         needs=("data",),
         statistics=("gram",),
         check_params=_scaling_needs_base,
-        gram_kernel=regmean_with_grams,
     )
 )
 register(

@@ -65,4 +65,4 @@ def _needs(method) -> str:
     if method.optimiser:
         parts.append(f"optimiser `{method.optimiser}`")
     needs = "; ".join(parts) or "-"
-    return needs + " or Grams" if method.gram_kernel is not None else needs
+    return needs + " or Grams" if method.merges_with_grams else needs

@@ -110,11 +110,6 @@ class InputGram(Protocol):
     def mean(self) -> torch.Tensor: ...
 
 
-# A kernel that reads each model's input Gram of the tensor's layer besides the tensors:
-# grams has one entry per entry of `task.tensors`, or is None when the tensor has none.
-GramKernel = Callable[[TensorMerge, Sequence[InputGram] | None], torch.Tensor]
-
-
 class BlockAccess(Protocol):
     """What a blockwise method's `prepare` sees of one whole tensor (see mergelab.engine.blocks).
 
@@ -182,10 +177,6 @@ class MergeMethod:
     check_params: the same for the global parameters, which may also depend on whether a base
         tensor is given: called with one tensor's resolved global params and `has_base`
         (e.g. RegMean: a `scaling` other than 1 needs the base).
-    gram_kernel: for methods whose math reads each model's input Gram matrix of the layer
-        owning the tensor (RegMean): `gram_kernel(task, grams)` (see `GramKernel`). A planner
-        that holds such statistics (the expert-group planner, mergelab.plan.expert_groups)
-        binds them to it; `kernel` is what runs without them.
     """
 
     name: str
@@ -203,7 +194,6 @@ class MergeMethod:
     blockwise: Blockwise | None = None
     needs: tuple[str, ...] = ()
     check_params: Callable[[Mapping[str, ParamValue], bool], str | None] | None = None
-    gram_kernel: GramKernel | None = None
     statistics: tuple[str, ...] = ()
     collector: str | None = None
     optimiser: str | None = None
@@ -213,6 +203,13 @@ class MergeMethod:
     def needs_data(self) -> bool:
         """Whether the method runs data through the models (statistics or an optimiser)."""
         return "data" in self.needs
+
+    @property
+    def merges_with_grams(self) -> bool:
+        """Whether the method merges from each model's own input Grams alone (RegMean), so that
+        Grams collected beforehand (a statistics folder: `expert_groups.grams`) suffice.
+        RegMean++'s are collected in the partially merged model (`collector`), so they do not."""
+        return self.statistics == ("gram",) and self.collector is None
 
     def param(self, name: str) -> Param | None:
         for p in self.params:

@@ -15,14 +15,13 @@ This is one of the planner's layouts (mergelab.plan.planner.build_plan plans a c
 tensor, the seed checkpoint (`base_model`) its base, so every registry method applies with the
 planner's parameter validation: `interpolation` and `modality_arithmetic` (Sung et al.,
 mergelab.methods.modality), any data-free method, and RegMean from each member's Gram matrices
-(a method declaring a `gram_kernel`; the Grams are read through `GramsOf`, see `member_grams`).
+(each member's Gram referenced per tensor in the plan's statistics, read by the engine).
 Parameters come from the top-level `parameters`, a group's `parameters` and, per member,
 `expert_groups.member_parameters`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -31,7 +30,7 @@ from typing import Any, Protocol
 
 import torch
 
-from mergelab.methods.registry import InputGram, MergeMethod, TensorMerge, list_methods
+from mergelab.methods.registry import MergeMethod, list_methods
 from mergelab.plan.config import ExpertGroupSpec, ExpertGroupsSection, MergeConfig, Parameters
 from mergelab.plan.layout import (
     PlannedInput,
@@ -334,7 +333,7 @@ register_preset(
 )
 
 
-# --- Gram matrices of the members: the seam ---------------------------------------------------------
+# --- Gram matrices of the members ------------------------------------------------------------------
 
 
 class GramLookup(Protocol):
@@ -344,42 +343,31 @@ class GramLookup(Protocol):
     def get(self, name: str) -> Any: ...
 
 
-GramsOf = Callable[[str], Sequence[InputGram] | None]
-"""Output tensor name -> each member's Gram of the layer owning it, in member order (None: the
-tensor reads no Gram and is averaged). The one place where a group merge reads statistics."""
+GRAMS_STORE = "expert_groups.grams"  # the key of the members' Grams in MergePlan.statistics
 
 
-def member_grams(grams: GramLookup, modules: Mapping[str, Sequence[str]]) -> GramsOf:
-    """The seam between an expert-group plan and its Gram statistics.
+class _LayerGrams:
+    """A module name -> LayerGram mapping as a statistics store (what the engine reads)."""
 
-    modules: output tensor name -> the layer (module name) of each member's copy, as planned
-        (`blocks.0.mlp_v.fc1`, `blocks.0.mlp_l.fc1` for `blocks.0.mlp.fc1.weight`).
-    Returns the GramsOf that `bind_grams` hands to the method's `gram_kernel`. Each Gram is read
-    when its tensor is merged (a GramStore reads it from disk then), never all at once.
+    kind = "gram"
 
-    When statistics are read through the plan (a statistics reference on each task, loaded by
-    the engine into the TensorMerge), this function and `bind_grams` are what that replaces:
-    the references are `modules[name]` resolved in `grams`.
-    """
+    def __init__(self, layers: Mapping[str, Any]):
+        self.layers = layers
 
-    def grams_of(name: str) -> Sequence[InputGram] | None:
-        owners = modules.get(name)
-        return None if owners is None else [grams.get(owner) for owner in owners]
+    def read(self, entry: str) -> dict[str, torch.Tensor]:
+        from mergelab.stats.store import gram_statistics
 
-    return grams_of
+        return gram_statistics(self.layers[entry])
+
+    def entry_nbytes(self, entry: str) -> int:
+        gram = self.layers[entry].gram
+        return gram.numel() * gram.element_size()
 
 
-def bind_grams(method: MergeMethod, grams_of: GramsOf) -> MergeMethod:
-    """`method` whose kernel is its `gram_kernel` reading each tensor's Grams from `grams_of`."""
-    gram_kernel = method.gram_kernel
-    if gram_kernel is None:
-        raise ValueError(f"method `{method.name}` reads no Gram matrices")
-
-    def kernel(task: TensorMerge) -> torch.Tensor:
-        return gram_kernel(task, grams_of(task.name))
-
-    # The Grams are bound here: the plan carries no statistics references for the engine.
-    return dataclasses.replace(method, kernel=kernel, blockwise=None, statistics=(), collector=None)
+def grams_store(grams: GramLookup):
+    """The members' Grams as a statistics store of the plan: a GramStore as it is, a mapping of
+    LayerGrams wrapped."""
+    return grams if hasattr(grams, "read") and hasattr(grams, "entry_nbytes") else _LayerGrams(grams)
 
 
 def _open_gram_folder(path: str) -> GramLookup:
@@ -389,8 +377,8 @@ def _open_gram_folder(path: str) -> GramLookup:
 
 
 def gram_methods() -> list[str]:
-    """Names of the methods that read Gram matrices (usable with `expert_groups.grams`)."""
-    return [m.name for m in list_methods() if m.gram_kernel is not None]
+    """Names of the methods that merge from Gram matrices (usable with `expert_groups.grams`)."""
+    return [m.name for m in list_methods() if m.merges_with_grams]
 
 
 # --- checks of the config (before any source is opened) --------------------------------------------
@@ -419,7 +407,7 @@ def check_statistics(config: MergeConfig, method: MergeMethod) -> list[str]:
             "data: an expert-group merge runs no data through the model; methods that need "
             "statistics read each member's Gram matrices from `expert_groups.grams`"
         )
-    if method.gram_kernel is not None:
+    if method.merges_with_grams:
         if section.grams is None:
             problems.append(
                 f"method `{method.name}` needs each member's Gram matrices: set "
@@ -466,9 +454,11 @@ def source_keys(config: MergeConfig, method: MergeMethod) -> list[str]:
 class GroupLayout:
     """An expert-group merge as the planner takes it.
 
-    tensors: every output tensor in the model's order (merged groups and copied tensors).
-    method: the config's method, bound to the members' Grams when it reads them.
+    tensors: every output tensor in the model's order (merged groups and copied tensors), a
+        linear weight referencing each member's Gram when the method merges from Grams.
+    method: the config's method.
     donor: the source whose config.json and tokenizer files are copied (the model).
+    statistics: the plan's statistics stores (the members' Grams under GRAMS_STORE).
     """
 
     tensors: list[PlannedTensor]
@@ -476,6 +466,7 @@ class GroupLayout:
     donor: str
     notes: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    statistics: dict[str, Any] = field(default_factory=dict)
 
 
 def _groups_of(
@@ -527,7 +518,7 @@ def plan_groups(
     seed = sources.get(seed_key) if seed_key is not None else None
     problems: list[str] = []
     grams: GramLookup | None = None
-    if method.gram_kernel is not None and section.grams is not None:
+    if method.merges_with_grams and section.grams is not None:
         try:
             grams = (open_grams or _open_gram_folder)(section.grams)
         except Exception as exc:  # CheckpointError, FileNotFoundError: reported with the key
@@ -551,7 +542,6 @@ def plan_groups(
 
     layers = max(count_layers(model), 1)
     grouped = {item.out_name: item for item in match.grouped}
-    gram_modules: dict[str, list[str]] = {}
     tensors: list[PlannedTensor] = []
     for name in match.order:
         item = grouped.get(name)
@@ -603,7 +593,9 @@ def plan_groups(
                     f"`{item.group.name}`, tensor `{item.out_name}`)"
                 )
                 continue
-            gram_modules[item.out_name] = owners
+            refs = tuple((GRAMS_STORE, owner) for owner in owners)
+        else:
+            refs = ()
         tensors.append(
             PlannedTensor(
                 name=item.out_name,
@@ -612,10 +604,9 @@ def plan_groups(
                 scopes=(item.group.parameters, config.parameters),
                 t=_layer_position(item.out_name, layers),
                 reference=len(inputs) - len(item.members),  # the first member: the model's dtype
+                statistics=refs,
             )
         )
-    if grams is not None:
-        method = bind_grams(method, member_grams(grams, gram_modules))
     notes = [
         f"expert groups: {len(grouped)} merged tensors from "
         f"{sum(len(g.members) for g in match.grouped)} copies; {len(match.copied)} copied; "
@@ -623,24 +614,22 @@ def plan_groups(
     ]
     if model.config() is not None:
         notes.append("config.json is copied unchanged: adapt it to the merged architecture")
-    if section.grams is not None and method.gram_kernel is None:
+    if section.grams is not None and not method.merges_with_grams:
         notes.append(f"expert_groups.grams is not read: `{method.name}` uses no Gram matrices")
-    return GroupLayout(tensors, method, model_key, notes, problems)
+    statistics = {GRAMS_STORE: grams_store(grams)} if grams is not None else {}
+    return GroupLayout(tensors, method, model_key, notes, problems, statistics)
 
 
 __all__ = [
     "PRESETS",
     "ExpertGroup",
     "GramLookup",
-    "GramsOf",
     "GroupLayout",
     "Preset",
-    "bind_grams",
     "compile_pattern",
     "fill_pattern",
     "get_preset",
     "match_groups",
-    "member_grams",
     "plan_groups",
     "register_preset",
 ]

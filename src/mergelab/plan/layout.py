@@ -82,6 +82,8 @@ class PlannedTensor:
     reference: the input whose dtype the output takes (None: the base's, else the first).
     copied: written unchanged from its single input, without the method (tensors outside
         every expert group).
+    statistics: the tensor's statistics references, where the layout knows them (an expert
+        group's members' Grams), as `TensorTask.statistics`.
     """
 
     name: str
@@ -91,3 +93,4 @@ class PlannedTensor:
     t: float
     reference: int | None = None
     copied: bool = False
+    statistics: tuple[tuple[str, str] | None, ...] = ()

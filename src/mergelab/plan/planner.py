@@ -117,6 +117,13 @@ class MergePlan:
         return list(out)
 
     @property
+    def needs_data_stage(self) -> bool:
+        """A data stage must run before the engine: the method runs data through the models
+        and the plan lacks what that gives (its statistics, or its optimised coefficients).
+        An expert-group plan whose members' Grams are referenced needs none."""
+        return self.method.needs_data and (self.method.optimiser is not None or self.awaits_statistics)
+
+    @property
     def awaits_statistics(self) -> bool:
         """The method reads statistics that are not attached yet (see `attach_statistics`)."""
         return bool(self.method.statistics) and not self.statistics
@@ -217,6 +224,7 @@ def build_plan(
     out_dtype = DTYPE_BY_NAME[config.out_dtype] if config.out_dtype else None
     planner = _TensorPlanner(config, method, sources, merge_dtype, out_dtype, problems)
     slices: list[_SliceSpec] = []
+    statistics: dict = {}
     if groups:
         layout = expert_groups.plan_groups(config, method, sources, open_grams)
         problems.extend(layout.problems)
@@ -224,6 +232,7 @@ def build_plan(
             planner.plan_tensor(planned)
         method, donor = layout.method, layout.donor
         planner.notes.extend(layout.notes)
+        statistics = layout.statistics
     else:
         slices = _normalise_slices(config, method, sources, problems)
         for spec in slices:
@@ -259,6 +268,7 @@ def build_plan(
         tokenizer_donor=tokenizer_donor,
         out_config=out_config,
         notes=notes,
+        statistics=statistics,
     )
 
 
@@ -661,6 +671,7 @@ class _TensorPlanner:
                 params=params,
                 is_float=is_float,
                 copied=planned.copied,
+                statistics=planned.statistics if is_float else (),
             )
         )
 

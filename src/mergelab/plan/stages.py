@@ -167,7 +167,7 @@ def describe_data_stage(plan: MergePlan, config_dir: Path | None = None) -> dict
     optimisation), for which source from which task/split on how many examples, and an
     estimate of its cost (bytes of statistics, forward passes). None for data-free methods."""
     method = plan.method
-    if not method.needs_data:
+    if not plan.needs_data_stage:
         return None
     data = plan.config.data
     sources = plan.merged_sources

@@ -895,7 +895,7 @@ def _merge(
     state = {k: v.detach().clone() for k, v in specific.state_dict().items()}
     notes: list[str] = []
     grams = None
-    if get_method(run.method).gram_kernel is not None:  # RegMean: each copy's Gram
+    if get_method(run.method).merges_with_grams:  # RegMean: each copy's Gram
         from mergelab.stats import collect_grams
 
         stats = collect_grams(specific, _gram_batches(data, settings, seed), layers=["blocks.*"])

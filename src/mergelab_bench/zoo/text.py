@@ -220,6 +220,25 @@ class TextEvaluator(Evaluator):
             )
         return self._features[(task, split)]
 
+    def module(self, encoder: StateDict) -> nn.Module:
+        """A MiniLM module of its own holding `encoder`'s weights (for models that are no state
+        dict, such as a data-flow search's routed model over several of them)."""
+        import copy
+
+        model = copy.deepcopy(self._model)
+        model.load_state_dict(dict(encoder), strict=False)
+        return model.eval()
+
+    @torch.no_grad()
+    def correct_module(self, module: nn.Module, head: nn.Module, task: str, split: str) -> torch.Tensor:
+        """As `correct`, for an encoder given as a torch module (nothing cached)."""
+        check_head(head, self.num_classes(task), task)
+        data = self.split(task, split)
+        features = embed_texts(module, self._tokenizer, data.texts,
+                               max_length=self._settings.max_length,
+                               batch_size=self._settings.eval_batch_size)
+        return head(features).argmax(dim=-1) == torch.as_tensor(data.labels)
+
     @torch.no_grad()
     def correct(self, encoder: StateDict, head: nn.Module, task: str, split: str) -> torch.Tensor:
         check_head(head, self.num_classes(task), task)
