@@ -15,6 +15,7 @@ import yaml
 
 from mergelab.checkpoint import ShardedWriter, open_checkpoint, parse_size
 from mergelab.checkpoint.format import CONFIG_FILES, TOKENIZER_FILES
+from mergelab.checkpoint.heads import HEADS_MANIFEST, head_file_name, heads_manifest, merged_heads
 from mergelab.checkpoint.memory import StateDictSource
 from mergelab.engine.execute import MemorySink, MergeReport, execute
 from mergelab.errors import ConfigError, MergeLabError
@@ -280,6 +281,7 @@ def _write_side_files(plan: MergePlan, writer: ShardedWriter) -> None:
         for name in TOKENIZER_FILES:
             if (tok.root / name).is_file():
                 writer.copy_file(tok.root / name, name)
+    _write_heads(plan, writer)
     config_yaml = yaml.safe_dump(
         plan.config.model_dump(exclude_none=True, mode="json"), sort_keys=False
     )
@@ -287,6 +289,19 @@ def _write_side_files(plan: MergePlan, writer: ShardedWriter) -> None:
         path = Path(scratch) / "mergelab_config.yml"
         path.write_text(config_yaml, encoding="utf-8")
         writer.copy_file(path, "mergelab_config.yml")
+
+
+def _write_heads(plan: MergePlan, writer: ShardedWriter) -> None:
+    """Every merged source's task heads (what `mergelab finetune` wrote beside its encoder)
+    under `heads/`, listed in `heads.json`, so the merged model is scored and exported per task."""
+    roots = {key: plan.sources[key].root for key in plan.merged_sources
+             if getattr(plan.sources[key], "root", None) is not None}  # fmt: skip
+    heads = merged_heads(roots)
+    if not heads:
+        return
+    for head in heads:
+        writer.copy_file(head.path, head_file_name(head.name))
+    writer.write_json(HEADS_MANIFEST, heads_manifest(heads))
 
 
 def merge_state_dicts(

@@ -254,7 +254,7 @@ def inspect(
 # group two packages share (`diagnose`) is reached with `mergelab.cliutil.command_group`.
 _COMMAND_MODULES: tuple[str, ...] = (
     "mergelab.diagnostics.cli", "mergelab.eval.cli", "mergelab.training.cli",
-    "mergelab.lora.cli", "mergelab.align.cli", "mergelab.search.cli",
+    "mergelab.lora.cli", "mergelab.align.cli", "mergelab.search.cli", "mergelab.export.cli",
 )
 # Packages above the library (the benchmark harness, plug-ins) add theirs through the
 # `mergelab.commands` entry point group: the library never imports them.

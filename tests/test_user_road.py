@@ -1,0 +1,185 @@
+"""A user's own task, end to end, through the command line only: fine-tune two models on the
+user's CSVs, merge them (TIES and task arithmetic), score every model and the merges with
+`mergelab eval` (the merge carries the sources' heads), export one task and load it with
+transformers. Tiny BERT and tiny CSVs built here; nothing loads from a hub."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+transformers = pytest.importorskip("transformers")
+
+WORDS = ["good", "great", "fine", "bad", "awful", "poor", "movie", "plot", "song", "book"]
+
+
+def _cli(args):
+    from mergelab.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def _flat(output: str) -> str:
+    return " ".join(output.split())
+
+
+def _tiny_bert(folder):
+    folder.mkdir(parents=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", *WORDS]
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tokenizer = transformers.BertTokenizerFast(vocab_file=str(folder / "vocab.txt"))
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2,
+                                     num_attention_heads=2, intermediate_size=64,
+                                     max_position_embeddings=32)  # fmt: skip
+    transformers.BertModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _task_csv(path, pools: dict[str, list[str]], n: int = 60):
+    generator = torch.Generator().manual_seed(len(path.name))
+    names = sorted(pools)
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["text", "label"])
+        for i in range(n):
+            label = names[i % len(names)]
+            picks = torch.randint(3, (3,), generator=generator).tolist()
+            writer.writerow([" ".join(["the", *(pools[label][j] for j in picks)]), label])
+    return path
+
+
+@pytest.fixture(scope="module")
+def road(tmp_path_factory):
+    root = tmp_path_factory.mktemp("road")
+    base = _tiny_bert(root / "base")
+    reviews = _task_csv(root / "reviews.csv", {"negative": WORDS[3:6], "positive": WORDS[:3]})
+    topics = _task_csv(root / "topics.csv", {"film": ["movie", "plot", "good"],
+                                             "music": ["song", "fine", "bad"],
+                                             "reading": ["book", "great", "poor"]})  # fmt: skip
+    tuned = {}
+    for name, task in (("ft-reviews", reviews), ("ft-topics", topics)):
+        made = _cli(["finetune", "--task", task, "--model", base, "--out", root / name,
+                     "--steps", 6, "--batch-size", 8, "--warmup-steps", 1, "--learning-rate",
+                     "1e-3", "--no-progress"])  # fmt: skip
+        assert made.exit_code == 0, made.output
+        tuned[name] = root / name
+    merges = {}
+    for method, parameters in (("ties", {"weight": 1.0, "density": 0.5}),
+                               ("task_arithmetic", {"weight": 0.7})):  # fmt: skip
+        config = root / f"{method}.yml"
+        config.write_text(yaml.safe_dump({
+            "merge_method": method, "base_model": "base",
+            "models": [{"model": name, "parameters": parameters} for name in tuned],
+        }))  # fmt: skip
+        made = _cli(["merge", config, root / f"merged-{method}", "--no-progress"])
+        assert made.exit_code == 0, made.output
+        merges[method] = root / f"merged-{method}"
+    return root, base, {"reviews": reviews, "topics": topics}, tuned, merges
+
+
+def _by_hand(folder, head_file, texts, max_length):
+    """Mean-pooled features of `folder`'s encoder through the head at `head_file`."""
+    from safetensors.torch import load_file
+
+    encoder = transformers.AutoModel.from_pretrained(folder).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    head = load_file(str(head_file))
+    tokens = tokenizer(list(texts), padding=True, truncation=True, max_length=max_length,
+                       return_tensors="pt")  # fmt: skip
+    with torch.no_grad():
+        hidden = encoder(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]).last_hidden_state
+    mask = tokens["attention_mask"].unsqueeze(-1).float()
+    return ((hidden * mask).sum(1) / mask.sum(1)) @ head["weight"].T + head["bias"]
+
+
+def test_a_merge_carries_every_sources_head_with_its_labels(road):
+    root, _, _, tuned, merges = road
+    for merged in merges.values():
+        manifest = json.loads((merged / "heads.json").read_text())
+        heads = manifest["heads"]
+        assert set(heads) == {"reviews", "topics"}
+        assert heads["reviews"]["label_names"] == ["negative", "positive"]
+        assert heads["topics"]["label_names"] == ["film", "music", "reading"]
+        assert heads["topics"]["source"] == "ft-topics"  # as the config names it
+        assert heads["reviews"]["base_model"] == str((root / "base").resolve())
+        for name, source in (("reviews", "ft-reviews"), ("topics", "ft-topics")):
+            copied = (merged / heads[name]["file"]).read_bytes()
+            assert copied == (tuned[source] / "head.safetensors").read_bytes()
+
+
+def test_mergelab_eval_scores_a_merge_on_each_task_with_its_own_head(road):
+    from mergelab.eval.sources import load_task
+
+    root, base, tasks, tuned, merges = road
+    merged = merges["ties"]
+    outcome = _cli(["eval", merged, "--task", tasks["reviews"], "--task", f"csv:{tasks['topics']}",
+                    "--json"])  # fmt: skip
+    assert outcome.exit_code == 0, outcome.output
+    report = json.loads(outcome.output)
+    assert report["base"] == str((root / "base").resolve())  # recorded by the fine-tunes
+    rows = {(r["model"], r["task"]): r for r in report["results"]}
+    assert set(rows) == {(m, t) for m in ("merged-ties", "pretrained + linear probe")
+                         for t in ("reviews", "topics")}  # fmt: skip
+    recipe = json.loads((tuned["ft-topics"] / "recipe.json").read_text())
+    test = load_task(str(tasks["topics"])).splits(recipe["data"]["split_seed"]).test
+    logits = _by_hand(merged, merged / "heads" / "topics.safetensors", test.texts,
+                      recipe["data"]["max_length"])  # fmt: skip
+    expected = (logits.argmax(-1) == torch.tensor(test.labels)).float().mean().item()
+    assert rows[("merged-ties", "topics")]["value"] == pytest.approx(expected)
+    assert rows[("merged-ties", "topics")]["examples"] == len(test)
+    # The same score as naming the source's head file.
+    by_file = _cli(["eval", merged, "--task", tasks["topics"], "--head",
+                    tuned["ft-topics"] / "head.safetensors", "--json", "--no-baselines"])  # fmt: skip
+    assert json.loads(by_file.output)["results"][0]["value"] == pytest.approx(expected)
+    # A task the merge has no head for is an error naming the heads it has.
+    other = _task_csv(root / "other.csv", {"a": WORDS[:3], "b": WORDS[3:6]})
+    missing = _cli(["eval", merged, "--task", other])
+    assert missing.exit_code == 1
+    assert "no head for task 'other'" in _flat(missing.output)
+    assert "['reviews', 'topics']" in _flat(missing.output)
+
+
+def test_every_model_of_the_road_is_scored_without_python(road):
+    _, _, tasks, tuned, merges = road
+    for folder in (*tuned.values(), *merges.values()):
+        own = "reviews" if folder.name == "ft-reviews" else "topics"
+        outcome = _cli(["eval", folder, "--task", tasks[own], "--json", "--no-baselines"])
+        assert outcome.exit_code == 0, (folder, outcome.output)
+        (row,) = json.loads(outcome.output)["results"]
+        assert row["task"] == own and row["low"] <= row["value"] <= row["high"]
+
+
+def test_export_one_task_loads_and_runs_with_transformers(road, tmp_path):
+    root, _, tasks, _, merges = road
+    merged, out = merges["task_arithmetic"], tmp_path / "reviews-classifier"
+    made = _cli(["export", merged, "--task", "reviews", "--out", out])
+    assert made.exit_code == 0, made.output
+    assert {"config.json", "model.safetensors", "modeling_mergelab.py", "README.md"} <= {
+        p.name for p in out.iterdir()
+    }
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(out, trust_remote_code=True)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    assert model.config.id2label == {0: "negative", 1: "positive"}
+    texts = ["the good great movie", "the awful plot", "the poor fine song"]
+    with torch.no_grad():
+        logits = model(**tokenizer(texts, padding=True, return_tensors="pt")).logits
+    expected = _by_hand(merged, merged / "heads" / "reviews.safetensors", texts, 64)
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
+    classify = transformers.pipeline("text-classification", model=str(out), tokenizer=tokenizer,
+                                     trust_remote_code=True)  # fmt: skip
+    assert classify(texts[0])[0]["label"] == ["negative", "positive"][int(expected[0].argmax())]
+    # Several heads and no --task; an existing output; a folder without heads: refused.
+    ambiguous = _cli(["export", merged, "--out", tmp_path / "x"])
+    assert ambiguous.exit_code == 1 and "pass --task NAME" in _flat(ambiguous.output)
+    again = _cli(["export", merged, "--task", "reviews", "--out", out])
+    assert again.exit_code == 1 and "pass --overwrite" in _flat(again.output)
+    headless = _cli(["export", root / "base", "--out", tmp_path / "y"])
+    assert headless.exit_code == 1 and "holds no task head" in _flat(headless.output)
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
