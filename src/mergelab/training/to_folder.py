@@ -105,6 +105,21 @@ def _text_sizes(task, n_rows: int | None):
     return default_split_sizes(task)
 
 
+def _check_training_classes(name: str, label_names, train_labels, all_labels, seed: int) -> None:
+    """Every class must be in the training split (the probe and head learn each one); raise
+    MergeLabError naming the classes that are not, before the encoder is loaded."""
+    present = set(torch.as_tensor(train_labels).tolist())
+    absent = [k for k in range(len(label_names)) if k not in present]
+    if absent:
+        counts = torch.bincount(torch.as_tensor(all_labels), minlength=len(label_names)).tolist()
+        listed = ", ".join(f"{label_names[k]!r} ({counts[k]} row(s) in all)" for k in absent)
+        raise MergeLabError(
+            f"task {name!r}: class(es) {listed} have no example in the training split of seed "
+            f"{seed}: every class needs rows to learn from; add rows of them (a few dozen per "
+            "class), or try another --seed"
+        )
+
+
 @dataclass
 class _Run:
     """One task's data, base encoder and writer, as `finetune_to_folder` needs them."""
@@ -222,6 +237,7 @@ def _text_run(name: str, model, split_seed: int, sizes, max_length: int) -> _Run
     sizes = sizes or _text_sizes(task, len(rows))
     splits = make_splits(rows, sizes, num_classes=task.num_classes, balanced=task.balanced,
                          seed=split_seed, name=task.name)  # fmt: skip
+    _check_training_classes(task.name, task.label_names, splits.train.labels, rows.labels, split_seed)
     path = Path(model) if model is not None else default_text_model()
     tokenizer, encoder = load_text_encoder(path)
 
@@ -249,6 +265,8 @@ def _image_run(name: str, model: str, split_seed: int, input_size: int) -> _Run:
         raise MergeLabError(
             f"image task {name!r} holds colour images; fine-tuning reads grayscale [N, H, W]"
         )
+    every = torch.cat([torch.as_tensor(splits.get(s).labels) for s in ("train", "validation", "test")])
+    _check_training_classes(task.name, task.label_names, splits.train.labels, every, split_seed)
     encoder, factory = load_image_encoder(model)
 
     def examples(split) -> TensorExamples:
