@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 
 import pytest
 import torch
@@ -183,3 +184,119 @@ def test_export_one_task_loads_and_runs_with_transformers(road, tmp_path):
     headless = _cli(["export", root / "base", "--out", tmp_path / "y"])
     assert headless.exit_code == 1 and "holds no task head" in _flat(headless.output)
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+# --- what the road records and writes ---------------------------------------------------------
+
+
+def test_recipe_records_the_rows_splits_truncation_and_base_actually_used(road):
+    root, base, tasks, tuned, _ = road
+    recipe = json.loads((tuned["ft-reviews"] / "recipe.json").read_text())
+    data, summary = recipe["data"], recipe["summary"]
+    assert recipe["base_model"] == str(base.resolve()) == summary["base_model"]
+    sizes = summary["split_sizes"]
+    assert sizes == {"train": 33, "validation": 9, "test": 9}  # 55/15/15% of 60 rows
+    assert data["rows"] == {"read": 60, "used": 51, "unused": 9, "why_unused": data["rows"]["why_unused"]}
+    assert "55/15/15%" in data["rows"]["why_unused"] and summary["rows"] == data["rows"]
+    # The default max length follows the data: texts of 4 words are 6 tokens with [CLS]/[SEP].
+    assert data["max_length"] == 8 and "95th percentile" in data["max_length_rule"]
+    assert data["truncated"] == {"train": 0, "validation": 0, "test": 0, "share": 0.0}
+
+
+def test_truncation_at_a_given_max_length_is_counted_and_reported(road, tmp_path):
+    root, base, tasks, _, _ = road
+    out = tmp_path / "ft"
+    made = _cli(["finetune", "--task", tasks["reviews"], "--model", base, "--out", out, "--steps", 2,
+                 "--warmup-steps", 0, "--max-length", 5, "--no-progress"])  # fmt: skip
+    assert made.exit_code == 0, made.output
+    data = json.loads((out / "recipe.json").read_text())["data"]
+    # Every text is 6 tokens: all cut at 5.
+    assert data["truncated"] == {"train": 33, "validation": 9, "test": 9, "share": 1.0}
+    assert data["max_length_rule"] == "given (--max-length)"
+    scored = _cli(["eval", out, "--task", tasks["reviews"], "--no-baselines"])
+    assert "9 of 9 test texts (100%) are longer than 5 tokens and were truncated" in _flat(scored.output)
+    too_long = _cli(["finetune", "--task", tasks["reviews"], "--model", base, "--out", tmp_path / "x",
+                     "--max-length", 64, "--steps", 2, "--warmup-steps", 0])  # fmt: skip
+    assert too_long.exit_code == 1 and "exceeds what" in _flat(too_long.output) and "(32 tokens)" in too_long.output
+    assert not (tmp_path / "x").exists()
+
+
+def test_training_options_reach_the_settings(road, tmp_path):
+    from safetensors.torch import load_file
+
+    root, base, tasks, _, _ = road
+    out = tmp_path / "ft"
+    made = _cli(["finetune", "--task", tasks["reviews"], "--model", base, "--out", out, "--steps", 3,
+                 "--warmup-steps", 1, "--batch-size", 4, "--learning-rate", "1e-2",
+                 "--train-input-embeddings", "--freeze", "encoder.layer.0.*", "--probe-c", 0.5,
+                 "--schedule", "cosine", "--no-progress"])  # fmt: skip
+    assert made.exit_code == 0, made.output
+    settings = json.loads((out / "recipe.json").read_text())["settings"]
+    assert settings["batch_size"] == 4 and settings["warmup_steps"] == 1 and settings["probe_c"] == 0.5
+    assert settings["freeze_input_embeddings"] is False and settings["freeze"] == ["encoder.layer.0.*"]
+    tuned, original = load_file(str(out / "model.safetensors")), load_file(str(base / "model.safetensors"))
+    word = "embeddings.word_embeddings.weight"
+    assert not torch.equal(tuned[word], original[word])  # trained, as asked
+    frozen = "encoder.layer.0.attention.self.query.weight"
+    assert torch.equal(tuned[frozen], original[frozen])
+    assert not torch.equal(tuned["encoder.layer.1.attention.self.query.weight"],
+                           original["encoder.layer.1.attention.self.query.weight"])  # fmt: skip
+
+
+def test_finetuned_folders_hold_every_buffer_their_base_has(road, tmp_path):
+    """A base whose weights hold `embeddings.position_ids` (as the packaged MiniLM's do, and
+    recent transformers no longer save): the fine-tune holds it too, so its merge warns of
+    nothing missing."""
+    from safetensors.torch import load_file, save_file
+
+    root, base, tasks, _, _ = road
+    old_base = tmp_path / "old-base"
+    shutil.copytree(base, old_base)
+    weights = load_file(str(old_base / "model.safetensors"))
+    weights["embeddings.position_ids"] = torch.arange(32).unsqueeze(0)
+    save_file(weights, str(old_base / "model.safetensors"), metadata={"format": "pt"})
+    for name in ("a", "b"):
+        made = _cli(["finetune", "--task", tasks["reviews"], "--model", old_base, "--out", tmp_path / name,
+                     "--steps", 2, "--warmup-steps", 0, "--seed", len(name), "--no-progress"])  # fmt: skip
+        assert made.exit_code == 0, made.output
+        tuned = load_file(str(tmp_path / name / "model.safetensors"))
+        assert torch.equal(tuned["embeddings.position_ids"], weights["embeddings.position_ids"])
+    config = tmp_path / "merge.yml"
+    config.write_text(yaml.safe_dump({"merge_method": "task_arithmetic", "base_model": "old-base",
+                                      "models": [{"model": m, "parameters": {"weight": 0.5}} for m in "ab"]}))  # fmt: skip
+    merged = _cli(["merge", config, tmp_path / "merged", "--no-progress"])
+    assert merged.exit_code == 0 and "missing" not in merged.output, merged.output
+
+
+def test_written_folders_have_normal_permissions(road):
+    import os
+    import stat
+
+    mask = os.umask(0o022)
+    os.umask(mask)
+    _, _, _, tuned, merges = road
+    for folder in (tuned["ft-reviews"], merges["ties"]):
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o777 & ~mask, folder
+        for path in folder.rglob("*"):
+            expected = (0o777 if path.is_dir() else 0o666) & ~mask
+            assert stat.S_IMODE(path.stat().st_mode) == expected, path
+
+
+def test_a_merge_writes_a_model_card(road):
+    from mergelab import __version__
+
+    _, _, _, _, merges = road
+    card = (merges["ties"] / "README.md").read_text()
+    assert card.startswith("---\nbase_model: base\n") and "tags: [merge, mergelab, ties]" in card
+    assert f"Merged with mergelab {__version__} by `ties` (TIES-Merging" in card
+    assert "- `ft-reviews`\n- `ft-topics`" in card
+    assert "| topics | topics | film, music, reading | `ft-topics` |" in card
+    assert "```yaml\nmerge_method: ties\n" in card and "density: 0.5" in card
+
+
+def test_messages_are_not_wrapped_when_output_is_not_a_terminal(road, tmp_path):
+    root, _, _, _, merges = road
+    deep = tmp_path / ("a-rather-long-folder-name-" * 4) / "and-deeper" / "absent.csv"
+    outcome = _cli(["eval", merges["ties"], "--task", f"csv:{deep}"])
+    assert outcome.exit_code == 1 and str(deep) in outcome.output  # the path in one piece
+    assert len(outcome.output.strip().splitlines()) == 1

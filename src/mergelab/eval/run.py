@@ -148,7 +148,9 @@ def evaluate_folder(
     for i, task in enumerate(tasks):
         say(f"scoring {scored.name} on {task.name}")
         with_head = replace(scored, head=heads[i][1]) if heads[i] is not None else scored
-        results.append(evaluator_for(i).evaluate(with_head, task, split))
+        result = evaluator_for(i).evaluate(with_head, task, split)
+        _count_truncated(result, evaluator_for(i), with_head, task, split, notes)
+        results.append(result)
     recorded_bases = {f["base_model"]: None for f in facts if f.get("base_model")}
     base_recipe = {**recipe, RECIPE_BASE_KEY: next(iter(recorded_bases), None)}
     if len(recorded_bases) > 1 and base is None:
@@ -170,6 +172,22 @@ def evaluate_folder(
         notes.append(f"tasks are split by their fine-tunes' seeds: "
                      f"{dict(zip(task_names, seeds, strict=True))}")  # fmt: skip
     return EvalReport(str(folder), used_base, split, seeds[0], limit, results, notes)
+
+
+def _count_truncated(result: TaskResult, evaluator: ModelEvaluator, model, task, split: str,
+                     notes: list[str]) -> None:  # fmt: skip
+    """Record in `result` how many scored texts were cut at the evaluator's max_length (and
+    say so when any was)."""
+    tokenizer = getattr(model, "tokenizer", None)
+    if task.modality != "text" or tokenizer is None:
+        return
+    texts = evaluator.examples(task, split).texts
+    lengths = [len(ids) for ids in tokenizer(list(texts), truncation=False)["input_ids"]]
+    cut = sum(1 for n in lengths if n > evaluator.max_length)
+    result.facts.update({"max_length": evaluator.max_length, "truncated": cut})
+    if cut:
+        notes.append(f"{task.name}: {cut} of {len(texts)} {split} texts ({cut / len(texts):.0%}) are "
+                     f"longer than {evaluator.max_length} tokens and were truncated (--max-length)")  # fmt: skip
 
 
 def _reading_facts(recipe: dict, chosen) -> dict:

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from mergelab.checkpoint.card import CARD_FILE, classifier_card
 from mergelab.checkpoint.heads import TaskHead, choose_head, folder_heads
 from mergelab.errors import MergeLabError
 from mergelab.fileio import atomic_folder
@@ -119,7 +120,9 @@ def export_classifier(
         model.eval().save_pretrained(temporary, safe_serialization=True)
         tokenizer.save_pretrained(temporary)
         shutil.copyfile(modeling_mergelab.__file__, temporary / MODELING_FILE)
-        (temporary / "README.md").write_text(_card(summary), encoding="utf-8")
+        card = classifier_card(task=head.task, head=head.name, source=head.source,
+                               model=str(folder), labels=labels, max_length=max_length)  # fmt: skip
+        (temporary / CARD_FILE).write_text(card, encoding="utf-8")
     return summary
 
 
@@ -136,26 +139,3 @@ def _read_head_tensors(head: TaskHead) -> dict[str, torch.Tensor]:
             f"{head.path} is not a linear head: needs `weight` [classes, dim] and `bias` [classes]"
         )
     return {k: tensors[k].float() for k in ("weight", "bias")}
-
-
-def _card(summary: dict[str, Any]) -> str:
-    labels = ", ".join(f"`{n}`" for n in summary["labels"])
-    return f"""---
-library_name: transformers
-pipeline_tag: text-classification
-tags: [mergelab]
----
-# {summary['task']} classifier
-
-Exported by `mergelab export` from `{summary['model']}` with the head `{summary['head']}`
-(trained with `{summary['source']}`). Classes: {labels}. Inputs are truncated at
-{summary['max_length'] or "the tokenizer's maximum"} tokens, as in training.
-
-The model is the encoder, its last hidden states mean-pooled over the real tokens, and a linear
-head: `modeling_mergelab.py` in this folder, so load it with `trust_remote_code=True`:
-
-```python
-from transformers import pipeline
-classify = pipeline("text-classification", model="PATH/TO/THIS/FOLDER", trust_remote_code=True)
-```
-"""

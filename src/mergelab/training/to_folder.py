@@ -157,7 +157,7 @@ def finetune_to_folder(
     model: str | os.PathLike | None = None,
     split_seed: int | None = None,
     sizes=None,
-    max_length: int = 64,
+    max_length: int | None = None,
     input_size: int = 32,
     progress: bool = True,
 ) -> dict[str, Any]:
@@ -170,7 +170,9 @@ def finetune_to_folder(
     split_seed: seed of the train/validation/test split (default: `settings.seed`).
     sizes: text only: a `SplitSizes` (default 1000/100/300 for built-in tasks, 55/15/15% of a
         CSV's rows).
-    max_length: text: tokens per text; input_size: image: side of the resized square images.
+    max_length: text: tokens per text (longer texts are truncated); None: the 95th percentile
+        of the training texts' token lengths (rounded up to a multiple of 8, at least 8),
+        capped by the model. input_size: image: side of the resized square images.
     Returns a summary (test accuracy of the probe on the base encoder and of the fine-tune
     with its head, split sizes, losses, seconds), also recorded in `recipe.json` with the base
     model and every setting. Raises MergeLabError when `out_dir` exists, before any work.
@@ -204,7 +206,9 @@ def finetune_to_folder(
         "task": run.name,
         "recipe": settings.recipe,
         "classes": list(run.label_names),
+        "base_model": run.base_model,
         "split_sizes": run.split_sizes,
+        **{k: run.data[k] for k in ("rows", "max_length", "truncated") if k in run.data},
         "probe_test_accuracy": head_accuracy(probe, test.features(run.encoder), test.labels),
         "finetuned_test_accuracy": head_accuracy(
             result.head, test.features(result.encoder), test.labels
@@ -229,7 +233,7 @@ def finetune_to_folder(
     return summary
 
 
-def _text_run(name: str, model, split_seed: int, sizes, max_length: int) -> _Run:
+def _text_run(name: str, model, split_seed: int, sizes, max_length: int | None) -> _Run:
     from mergelab.eval.tasks import make_splits, resolve_task
 
     task = resolve_task(name)
@@ -238,21 +242,80 @@ def _text_run(name: str, model, split_seed: int, sizes, max_length: int) -> _Run
     splits = make_splits(rows, sizes, num_classes=task.num_classes, balanced=task.balanced,
                          seed=split_seed, name=task.name)  # fmt: skip
     _check_training_classes(task.name, task.label_names, splits.train.labels, rows.labels, split_seed)
-    path = Path(model) if model is not None else default_text_model()
+    path = (Path(model) if model is not None else default_text_model()).absolute()
     tokenizer, encoder = load_text_encoder(path)
+    lengths = {s: token_lengths(tokenizer, getattr(splits, s).texts)
+               for s in ("train", "validation", "test")}  # fmt: skip
+    max_length, length_rule = choose_max_length(lengths["train"], max_length, _model_limit(tokenizer, encoder), str(path))
+    truncated = {s: sum(1 for n in lengths[s] if n > max_length) for s in lengths}
+    used = sum(len(getattr(splits, s)) for s in lengths)
+    facts = {
+        "rows": {
+            "read": len(rows), "used": used, "unused": len(rows) - used,
+            "why_unused": _why_unused(task, sizes) if len(rows) > used else None,
+        },
+        "truncated": {**truncated, "share": sum(truncated.values()) / max(1, used)},
+        "max_length_rule": length_rule,
+    }
 
     def examples(split) -> TextExamples:
         return TextExamples(tokenizer, split.texts, split.labels, max_length=max_length)
 
     def save(folder: Path, encoder, head, recipe) -> None:
-        save_finetuned(folder, encoder, tokenizer, head, recipe)
+        save_finetuned(folder, encoder, tokenizer, head, recipe, base=path)
 
     return _Run(
         task.name, "text", encoder, str(path), task.num_classes, tuple(task.label_names),
         examples(splits.train), examples(splits.test), save,
         {s: len(getattr(splits, s)) for s in ("train", "validation", "test")},
-        {"sizes": asdict(sizes), "max_length": max_length, "source": task.source},
+        {"sizes": asdict(sizes), "max_length": max_length, "source": task.source, **facts},
     )  # fmt: skip
+
+
+def token_lengths(tokenizer, texts) -> list[int]:
+    """Tokens per text with the tokenizer's special tokens, untruncated."""
+    return [len(ids) for ids in tokenizer(list(texts), truncation=False)["input_ids"]]
+
+
+def _model_limit(tokenizer, encoder) -> int | None:
+    """The most tokens the encoder takes: its position embeddings (and the tokenizer's limit)."""
+    limits = [getattr(encoder.config, "max_position_embeddings", None),
+              getattr(tokenizer, "model_max_length", None)]  # fmt: skip
+    limits = [int(n) for n in limits if isinstance(n, int) and 0 < n < 1_000_000]
+    return min(limits) if limits else None
+
+
+MAX_LENGTH_PERCENTILE = 95
+
+
+def choose_max_length(
+    train_lengths: list[int], requested: int | None, limit: int | None, model: str
+) -> tuple[int, str]:
+    """(tokens per text, how it was chosen): `requested`, else the 95th percentile of the
+    training texts' token lengths rounded up to a multiple of 8, capped by the model's `limit`.
+    Raises MergeLabError for a requested length the model cannot take."""
+    if requested is not None:
+        if requested < 2:
+            raise MergeLabError(f"--max-length must be at least 2 (a text's special tokens); got {requested}")
+        if limit is not None and requested > limit:
+            raise MergeLabError(f"--max-length {requested} exceeds what {model} takes ({limit} tokens)")
+        return requested, "given (--max-length)"
+    ordered = sorted(train_lengths) or [2]
+    at = ordered[min(len(ordered) - 1, (len(ordered) * MAX_LENGTH_PERCENTILE + 99) // 100 - 1)]
+    chosen = max(8, -(-at // 8) * 8)
+    rule = (f"{MAX_LENGTH_PERCENTILE}th percentile of the training texts' token lengths ({at}), "
+            "rounded up to a multiple of 8")  # fmt: skip
+    if limit is not None and chosen > limit:
+        chosen, rule = limit, f"{rule}, capped at the model's {limit}"
+    return chosen, rule
+
+
+def _why_unused(task, sizes) -> str:
+    if task.is_user_data:
+        return ("the splits of a user task are 55/15/15% of its rows, the validation and test "
+                "rows drawn from 20% of the groups each; the other rows of those groups are in "
+                "no split")  # fmt: skip
+    return f"a built-in task is split into fixed sizes {sizes.train}/{sizes.validation}/{sizes.test}"
 
 
 def _image_run(name: str, model: str, split_seed: int, input_size: int) -> _Run:
