@@ -14,8 +14,8 @@ import torch
 import yaml
 
 from mergelab.checkpoint import ShardedWriter, open_checkpoint, parse_size
-from mergelab.checkpoint.format import CONFIG_FILES, TOKENIZER_FILES
 from mergelab.checkpoint.card import CARD_FILE, merge_card
+from mergelab.checkpoint.format import CONFIG_FILES, TOKENIZER_FILES
 from mergelab.checkpoint.heads import HEADS_MANIFEST, head_file_name, heads_manifest, merged_heads
 from mergelab.checkpoint.memory import StateDictSource
 from mergelab.engine.execute import MemorySink, MergeReport, execute
