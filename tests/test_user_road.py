@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -56,33 +58,65 @@ def _task_csv(path, pools: dict[str, list[str]], n: int = 60):
     return path
 
 
+WALK_THROUGH = Path(__file__).resolve().parents[1] / "docs" / "your_task.md"
+# Appended to the walk-through's `mergelab finetune` lines: a few steps suit the tiny model.
+TINY_TRAINING = ["--steps", "6", "--batch-size", "8", "--warmup-steps", "1", "--learning-rate", "1e-3",
+                 "--no-progress"]  # fmt: skip
+
+
+def walk_through_blocks(page: Path) -> list[tuple[str, str]]:
+    """The page's fenced code blocks, in order, as (language, text)."""
+    return [(m.group(1), m.group(2)) for m in re.finditer(r"```(\w+)\n(.*?)```", page.read_text(), re.S)]
+
+
 @pytest.fixture(scope="module")
 def road(tmp_path_factory):
+    """docs/your_task.md run as written (its YAML files written, its `mergelab` commands run in
+    order, in a folder holding `pretrained/`, `reviews.csv` and `topics.csv`)."""
+    import os
+    import shlex
+
     root = tmp_path_factory.mktemp("road")
-    base = _tiny_bert(root / "base")
+    base = _tiny_bert(root / "pretrained")
     reviews = _task_csv(root / "reviews.csv", {"negative": WORDS[3:6], "positive": WORDS[:3]})
     topics = _task_csv(root / "topics.csv", {"film": ["movie", "plot", "good"],
                                              "music": ["song", "fine", "bad"],
                                              "reading": ["book", "great", "poor"]})  # fmt: skip
-    tuned = {}
-    for name, task in (("ft-reviews", reviews), ("ft-topics", topics)):
-        made = _cli(["finetune", "--task", task, "--model", base, "--out", root / name,
-                     "--steps", 6, "--batch-size", 8, "--warmup-steps", 1, "--learning-rate",
-                     "1e-3", "--no-progress"])  # fmt: skip
-        assert made.exit_code == 0, made.output
-        tuned[name] = root / name
-    merges = {}
-    for method, parameters in (("ties", {"weight": 1.0, "density": 0.5}),
-                               ("task_arithmetic", {"weight": 0.7})):  # fmt: skip
-        config = root / f"{method}.yml"
-        config.write_text(yaml.safe_dump({
-            "merge_method": method, "base_model": "base",
-            "models": [{"model": name, "parameters": parameters} for name in tuned],
-        }))  # fmt: skip
-        made = _cli(["merge", config, root / f"merged-{method}", "--no-progress"])
-        assert made.exit_code == 0, made.output
-        merges[method] = root / f"merged-{method}"
+    blocks = walk_through_blocks(WALK_THROUGH)
+    previous = Path.cwd()
+    os.chdir(root)
+    try:
+        for language, text in blocks:
+            if language == "yaml":
+                name = text.splitlines()[0].removeprefix("# ").strip()
+                (root / name).write_text(text)
+            elif language == "bash":
+                for line in text.splitlines():
+                    if not line.startswith("mergelab "):
+                        continue
+                    args = shlex.split(line.split("#", 1)[0])[1:]
+                    if args[0] == "finetune":
+                        args += TINY_TRAINING
+                    if args[0] == "merge":
+                        args += ["--no-progress"]
+                    outcome = _cli(args)
+                    assert outcome.exit_code == 0, (line, outcome.output)
+    finally:
+        os.chdir(previous)
+    tuned = {name: root / name for name in ("ft-reviews", "ft-topics")}
+    merges = {"ties": root / "merged-ties", "task_arithmetic": root / "merged-ta"}
+    assert all(folder.is_dir() for folder in (*tuned.values(), *merges.values()))
     return root, base, {"reviews": reviews, "topics": topics}, tuned, merges
+
+
+def test_the_walk_through_loads_its_export_with_the_python_it_shows(road, monkeypatch):
+    root = road[0]
+    (code,) = [text for language, text in walk_through_blocks(WALK_THROUGH) if language == "python"]
+    monkeypatch.chdir(root)
+    scope: dict = {}
+    exec(compile(code, str(WALK_THROUGH), "exec"), scope)
+    (prediction,) = scope["classify"]("the good great movie")
+    assert prediction["label"] in ("negative", "positive") and 0.5 <= prediction["score"] <= 1.0
 
 
 def _by_hand(folder, head_file, texts, max_length):
@@ -109,7 +143,7 @@ def test_a_merge_carries_every_sources_head_with_its_labels(road):
         assert heads["reviews"]["label_names"] == ["negative", "positive"]
         assert heads["topics"]["label_names"] == ["film", "music", "reading"]
         assert heads["topics"]["source"] == "ft-topics"  # as the config names it
-        assert heads["reviews"]["base_model"] == str((root / "base").resolve())
+        assert heads["reviews"]["base_model"] == str((root / "pretrained").resolve())
         for name, source in (("reviews", "ft-reviews"), ("topics", "ft-topics")):
             copied = (merged / heads[name]["file"]).read_bytes()
             assert copied == (tuned[source] / "head.safetensors").read_bytes()
@@ -124,7 +158,7 @@ def test_mergelab_eval_scores_a_merge_on_each_task_with_its_own_head(road):
                     "--json"])  # fmt: skip
     assert outcome.exit_code == 0, outcome.output
     report = json.loads(outcome.output)
-    assert report["base"] == str((root / "base").resolve())  # recorded by the fine-tunes
+    assert report["base"] == str((root / "pretrained").resolve())  # recorded by the fine-tunes
     rows = {(r["model"], r["task"]): r for r in report["results"]}
     assert set(rows) == {(m, t) for m in ("merged-ties", "pretrained + linear probe")
                          for t in ("reviews", "topics")}  # fmt: skip
@@ -181,7 +215,7 @@ def test_export_one_task_loads_and_runs_with_transformers(road, tmp_path):
     assert ambiguous.exit_code == 1 and "pass --task NAME" in _flat(ambiguous.output)
     again = _cli(["export", merged, "--task", "reviews", "--out", out])
     assert again.exit_code == 1 and "pass --overwrite" in _flat(again.output)
-    headless = _cli(["export", root / "base", "--out", tmp_path / "y"])
+    headless = _cli(["export", root / "pretrained", "--out", tmp_path / "y"])
     assert headless.exit_code == 1 and "holds no task head" in _flat(headless.output)
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
@@ -262,7 +296,7 @@ def test_finetuned_folders_hold_every_buffer_their_base_has(road, tmp_path):
         tuned = load_file(str(tmp_path / name / "model.safetensors"))
         assert torch.equal(tuned["embeddings.position_ids"], weights["embeddings.position_ids"])
     config = tmp_path / "merge.yml"
-    config.write_text(yaml.safe_dump({"merge_method": "task_arithmetic", "base_model": "old-base",
+    config.write_text(yaml.safe_dump({"merge_method": "task_arithmetic", "base_model": str(old_base),
                                       "models": [{"model": m, "parameters": {"weight": 0.5}} for m in "ab"]}))  # fmt: skip
     merged = _cli(["merge", config, tmp_path / "merged", "--no-progress"])
     assert merged.exit_code == 0 and "missing" not in merged.output, merged.output
@@ -287,7 +321,7 @@ def test_a_merge_writes_a_model_card(road):
 
     _, _, _, _, merges = road
     card = (merges["ties"] / "README.md").read_text()
-    assert card.startswith("---\nbase_model: base\n") and "tags: [merge, mergelab, ties]" in card
+    assert card.startswith("---\nbase_model: ./pretrained\n") and "tags: [merge, mergelab, ties]" in card
     assert f"Merged with mergelab {__version__} by `ties` (TIES-Merging" in card
     assert "- `ft-reviews`\n- `ft-topics`" in card
     assert "| topics | topics | film, music, reading | `ft-topics` |" in card
