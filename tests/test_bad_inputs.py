@@ -278,3 +278,21 @@ def test_eval_with_labels_the_head_lacks(zoo, tmp_path):
     other = _write_csv(tmp_path / "task.csv", [(f"the film {i}", ["neg", "meh"][i % 2]) for i in range(40)])
     _refused(["eval", tuned, "--task", other, "--no-baselines"], tmp_path / "none",
              "task 'task' has label(s) ['meh'] that the head 'task'", "its classes are ['neg', 'pos']")  # fmt: skip
+
+
+@pytest.mark.parametrize("method", ["regmean", "fisher"])
+def test_a_nan_in_a_source_under_a_data_aware_method_names_the_tensor(zoo, tmp_path, method):
+    """Not the layer after it, which is where the forward pass would first see it."""
+    from safetensors.torch import load_file, save_file
+
+    root, folders = zoo
+    poisoned = tmp_path / "m0"
+    shutil.copytree(folders["m0"], poisoned)
+    weights = load_file(str(poisoned / "model.safetensors"))
+    weights["encoder.layer.0.attention.self.query.weight"][0, 0] = float("nan")
+    save_file(weights, str(poisoned / "model.safetensors"), metadata={"format": "pt"})
+    config = bert_config(root, {**folders, "m0": poisoned}, method)
+    out = tmp_path / "merged"
+    _refused(["merge", _write_config(tmp_path / f"{method}.yml", config), out, "--no-progress"], out,
+             f"tensor `encoder.layer.0.attention.self.query.weight` of model '{poisoned}' "
+             f"({poisoned / 'model.safetensors'}) holds 1 NaN/Inf value(s)")  # fmt: skip
