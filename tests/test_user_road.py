@@ -334,3 +334,52 @@ def test_messages_are_not_wrapped_when_output_is_not_a_terminal(road, tmp_path):
     outcome = _cli(["eval", merges["ties"], "--task", f"csv:{deep}"])
     assert outcome.exit_code == 1 and str(deep) in outcome.output  # the path in one piece
     assert len(outcome.output.strip().splitlines()) == 1
+
+
+class TinyImageEncoder(torch.nn.Module):
+    """[B, 3, S, S] -> [B, 8]: a conv, ReLU and global average pooling."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+
+    def forward(self, x):
+        return torch.relu(self.conv(x)).mean(dim=(2, 3))
+
+
+def tiny_image_encoder() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return TinyImageEncoder()
+
+
+def test_a_merge_of_image_finetunes_is_scored_per_task_without_python(tmp_path):
+    """Image fine-tunes (an encoder from a `module:function` factory, no config.json): their
+    merge records the factory and input size with the heads, and eval scores it on each task."""
+    import numpy as np
+
+    generator = np.random.default_rng(0)
+    labels = np.arange(60) % 2
+    bright = (generator.integers(0, 60, (60, 8, 8)) + 150 * labels[:, None, None]).astype(np.uint8)
+    np.savez(tmp_path / "bright.npz", images=bright, labels=labels)
+    stripes = generator.integers(0, 60, (60, 8, 8)).astype(np.uint8)
+    stripes[labels == 1, ::2] += 150
+    np.savez(tmp_path / "stripes.npz", images=stripes, labels=labels)
+    factory = f"{__name__}:tiny_image_encoder"
+    for name in ("bright", "stripes"):
+        made = _cli(["finetune", "--task", f"npz:{tmp_path / name}.npz", "--model", factory, "--out",
+                     tmp_path / f"ft-{name}", "--steps", 4, "--batch-size", 8, "--warmup-steps", 1,
+                     "--input-size", 8, "--no-progress"])  # fmt: skip
+        assert made.exit_code == 0, made.output
+    config = tmp_path / "merge.yml"
+    config.write_text(yaml.safe_dump({"merge_method": "linear", "models": [
+        {"model": f"ft-{n}", "parameters": {"weight": 0.5}} for n in ("bright", "stripes")]}))  # fmt: skip
+    assert _cli(["merge", config, tmp_path / "merged", "--no-progress"]).exit_code == 0
+    heads = json.loads((tmp_path / "merged" / "heads.json").read_text())["heads"]
+    assert heads["bright"]["encoder_factory"] == factory and heads["stripes"]["input_size"] == 8
+    outcome = _cli(["eval", tmp_path / "merged", "--task", f"npz:{tmp_path / 'bright.npz'}",
+                    "--task", f"npz:{tmp_path / 'stripes.npz'}", "--json"])  # fmt: skip
+    assert outcome.exit_code == 0, outcome.output
+    rows = json.loads(outcome.output)["results"]
+    assert {(r["model"], r["task"]) for r in rows} == {(m, t) for m in ("merged", "pretrained + linear probe")
+                                                      for t in ("bright", "stripes")}  # fmt: skip
+    assert all(r["low"] <= r["value"] <= r["high"] for r in rows)

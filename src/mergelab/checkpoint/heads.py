@@ -152,3 +152,24 @@ def choose_head(heads: list[TaskHead], task: str, folder: str | os.PathLike) -> 
         f"several heads for task {task!r} in {folder}: {sorted(h.name for h in fitting)}; "
         "pass --head NAME"
     )
+
+
+def recorded_encoder_factory(folder: str | os.PathLike) -> str | None:
+    """The `module:function` that builds the image encoder of a folder without config.json: as
+    its recipe.json records it (a fine-tune), else as its heads record it (a merge of
+    fine-tunes, when they agree); None when nothing records one."""
+    folder = Path(folder)
+    recipe = folder / RECIPE_FILE
+    if recipe.is_file():
+        content = _read_json(recipe)
+        if isinstance(content, dict) and content.get("encoder_factory"):
+            return str(content["encoder_factory"])
+    if not (folder / HEADS_MANIFEST).is_file():
+        return None
+    factories = {h.facts.get("encoder_factory") for h in folder_heads(folder)} - {None}
+    if len(factories) > 1:
+        raise CheckpointError(
+            f"{folder / HEADS_MANIFEST}: the heads were trained with different encoders "
+            f"{sorted(factories)}"
+        )
+    return str(factories.pop()) if factories else None

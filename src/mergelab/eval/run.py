@@ -153,6 +153,9 @@ def evaluate_folder(
         results.append(result)
     recorded_bases = {f["base_model"]: None for f in facts if f.get("base_model")}
     base_recipe = {**recipe, RECIPE_BASE_KEY: next(iter(recorded_bases), None)}
+    modalities = {f.get("modality") for f in facts} - {None}
+    if "modality" not in base_recipe and len(modalities) == 1:
+        base_recipe["modality"] = modalities.pop()
     if len(recorded_bases) > 1 and base is None:
         notes.append(f"the heads' fine-tunes record several bases {list(recorded_bases)}; the "
                      "baselines use the first (pass --base to choose)")  # fmt: skip

@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from mergelab.checkpoint.heads import recorded_encoder_factory
 from mergelab.errors import CheckpointError, MergeLabError
 from mergelab.eval.harness import head_accuracy
 from mergelab.fileio import atomic_folder
@@ -28,7 +29,6 @@ from mergelab.progress import progress_bar
 from mergelab.training.examples import ClassificationExamples, TensorExamples, TextExamples
 from mergelab.training.folder import (
     WEIGHTS_FILE,
-    read_recipe,
     save_finetuned,
     save_finetuned_module,
 )
@@ -70,10 +70,11 @@ def load_image_encoder(spec: str) -> tuple[nn.Module, str]:
     or from a folder `finetune_to_folder` wrote for an image task."""
     folder = Path(spec)
     if folder.is_dir():
-        recipe = read_recipe(folder)
-        factory = recipe.get("encoder_factory")
+        factory = recorded_encoder_factory(folder)
         if not factory:
-            raise CheckpointError(f"{folder}/recipe.json names no encoder_factory")
+            raise CheckpointError(
+                f"{folder} records no encoder_factory (in recipe.json, or in heads.json for a merge)"
+            )
         encoder, _ = load_image_encoder(factory)
         try:
             encoder.load_state_dict(load_file(str(folder / WEIGHTS_FILE)), strict=True)
