@@ -349,3 +349,41 @@ def results_table(report: EvalReport):
     for name, by_task in cells.items():
         table.add_row(name, *(by_task.get(t, "-") for t in tasks))
     return table
+
+
+CARD_START, CARD_END = "<!-- mergelab eval -->", "<!-- /mergelab eval -->"
+
+
+def results_markdown(report: EvalReport) -> str:
+    """The results as a Markdown section (one row per model, one column per task, each cell the
+    score and its interval), between markers so that a later run replaces it."""
+    tasks = list(dict.fromkeys(r.task for r in report.results))
+    counts = {r.task: r.score.examples for r in report.results}
+    cells: dict[str, dict[str, str]] = {}
+    for result in report.results:
+        cells.setdefault(result.model, {})[result.task] = result.score.format()
+    header = " | ".join(f"{t} (n={counts[t]:,})" for t in tasks)
+    lines = [CARD_START, "## Evaluation", "",
+             f"`mergelab eval`, {report.split} split, seed {report.seed}; "
+             f"[low, high]: {report.confidence:.0%} percentile-bootstrap interval "
+             f"({report.resamples:,} resamples).", "",
+             f"| model | {header} |", "|---|" + "---|" * len(tasks)]  # fmt: skip
+    lines += [f"| {m} | " + " | ".join(row.get(t, "-") for t in tasks) + " |" for m, row in cells.items()]
+    return "\n".join([*lines, CARD_END, ""])
+
+
+def write_results_to_card(folder: str | os.PathLike, report: EvalReport) -> Path:
+    """Put the results section into `folder`'s model card (README.md), replacing the one a
+    previous run wrote; a folder without a card gets one holding the section only."""
+    from mergelab.fileio import write_text_atomic
+
+    card = Path(folder) / "README.md"
+    section = results_markdown(report)
+    text = card.read_text(encoding="utf-8") if card.is_file() else ""
+    if CARD_START in text and CARD_END in text:
+        before, _, rest = text.partition(CARD_START)
+        _, _, after = rest.partition(CARD_END)
+        text = before + section.rstrip("\n") + after
+    else:
+        text = (text.rstrip("\n") + "\n\n" if text else "") + section
+    return write_text_atomic(card, text)
