@@ -389,13 +389,15 @@ def test_eval_card_puts_the_scores_into_the_model_card_once(road, tmp_path):
     root, _, tasks, _, merges = road
     merged = tmp_path / "merged"
     shutil.copytree(merges["ties"], merged)
-    card = (merged / "README.md").read_text()
+    # The merge's own card (the walk-through's `--card` already added a section to it).
+    card = (merged / "README.md").read_text().split("<!-- mergelab eval -->")[0]
+    assert "## Configuration" in card
     for specs in ((tasks["reviews"], tasks["topics"]), (tasks["reviews"],)):
         outcome = _cli(["eval", merged, *(a for spec in specs for a in ("--task", spec)), "--card", "--json"])
         assert outcome.exit_code == 0, outcome.output
     report = json.loads(outcome.output)
     written = (merged / "README.md").read_text()
-    assert written.startswith(card.rstrip("\n")) and written.count("## Evaluation") == 1
+    assert written.startswith(card) and written.count("## Evaluation") == 1
     own = next(r for r in report["results"] if r["model"] == "merged")
     assert f"| merged | {own['value']:.1%} [{100 * own['low']:.1f}, {100 * own['high']:.1f}] |" in written
     assert "topics" not in written.split("## Evaluation")[1]  # the second run replaced the first
