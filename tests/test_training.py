@@ -217,17 +217,10 @@ WORDS = ["good", "great", "fine", "bad", "awful", "poor", "movie", "plot", "the"
 @pytest.fixture(scope="module")
 def tiny_bert_folder(tmp_path_factory):
     """A 2-layer, hidden-32 BERT with random weights and a word-level tokenizer, saved."""
-    transformers = pytest.importorskip("transformers")
-    folder = tmp_path_factory.mktemp("tiny_bert")
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
-    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tokenizer = transformers.BertTokenizerFast(vocab_file=str(folder / "vocab.txt"))
-    torch.manual_seed(0)
-    config = transformers.BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2,
-                                     num_attention_heads=2, intermediate_size=64,
-                                     max_position_embeddings=32)  # fmt: skip
-    transformers.BertModel(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    pytest.importorskip("transformers")
+    from conftest import save_tiny_bert
+
+    folder = save_tiny_bert(tmp_path_factory.mktemp("tiny_bert"), WORDS)
     return folder
 
 

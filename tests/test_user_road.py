@@ -32,17 +32,9 @@ def _flat(output: str) -> str:
 
 
 def _tiny_bert(folder):
-    folder.mkdir(parents=True)
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", *WORDS]
-    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tokenizer = transformers.BertTokenizerFast(vocab_file=str(folder / "vocab.txt"))
-    torch.manual_seed(0)
-    config = transformers.BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2,
-                                     num_attention_heads=2, intermediate_size=64,
-                                     max_position_embeddings=32)  # fmt: skip
-    transformers.BertModel(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    from conftest import save_tiny_bert
+
+    return save_tiny_bert(folder, ["the", *WORDS])
 
 
 def _task_csv(path, pools: dict[str, list[str]], n: int = 60):
@@ -169,6 +161,9 @@ def test_mergelab_eval_scores_a_merge_on_each_task_with_its_own_head(road):
     expected = (logits.argmax(-1) == torch.tensor(test.labels)).float().mean().item()
     assert rows[("merged-ties", "topics")]["value"] == pytest.approx(expected)
     assert rows[("merged-ties", "topics")]["examples"] == len(test)
+    # What was read and used is said: rows read, the split, nothing truncated at the recorded length.
+    assert rows[("merged-ties", "topics")]["rows"] == {"read": 60, "train": 33, "validation": 9, "test": 9}
+    assert rows[("merged-ties", "topics")]["truncated"] == 0
     # The same score as naming the source's head file.
     by_file = _cli(["eval", merged, "--task", tasks["topics"], "--head",
                     tuned["ft-topics"] / "head.safetensors", "--json", "--no-baselines"])  # fmt: skip

@@ -184,6 +184,14 @@ def _count_truncated(result: TaskResult, evaluator: ModelEvaluator, model, task,
     tokenizer = getattr(model, "tokenizer", None)
     if task.modality != "text" or tokenizer is None:
         return
+    if getattr(task, "is_user_data", False):
+        splits = task.splits(evaluator.seed)
+        sizes = {s: len(splits.get(s)) for s in ("train", "validation", "test")}
+        read = len(task.load())
+        result.facts["rows"] = {"read": read, **sizes}
+        notes.append(f"{task.name}: {read} rows read; split {sizes['train']}/{sizes['validation']}/"
+                     f"{sizes['test']} (train/validation/test, seed {evaluator.seed}); "
+                     f"{read - sum(sizes.values())} in no split")  # fmt: skip
     texts = evaluator.examples(task, split).texts
     lengths = [len(ids) for ids in tokenizer(list(texts), truncation=False)["input_ids"]]
     cut = sum(1 for n in lengths if n > evaluator.max_length)
