@@ -18,6 +18,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+
 def save_tiny_bert(folder: Path, words: list[str]) -> Path:
     """A 2-layer, hidden-32 BERT with random weights (seed 0) and a word-level tokenizer over
     `words`, saved as a Hugging Face folder (created)."""
