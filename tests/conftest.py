@@ -18,6 +18,25 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+
+def save_tiny_bert(folder: Path, words: list[str]) -> Path:
+    """A 2-layer, hidden-32 BERT with random weights (seed 0) and a word-level tokenizer over
+    `words`, saved as a Hugging Face folder (created)."""
+    import transformers
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tokenizer = transformers.BertTokenizerFast(vocab_file=str(folder / "vocab.txt"))
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2,
+                                     num_attention_heads=2, intermediate_size=64,
+                                     max_position_embeddings=32)  # fmt: skip
+    transformers.BertModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 MERGEKIT_HINT = (
     "mergekit 0.1.5 is the reference of the differential tests; `make venv` installs it "
     "(pip install --no-deps mergekit==0.1.5: only its pure-torch kernels are imported)"

@@ -241,7 +241,7 @@ def test_lpft_needs_enough_examples(tiny_bert):
     encoder, tokenizer = tiny_bert
     with pytest.raises(ValueError, match="batch_size"):
         finetune_classifier(
-            encoder, TextExamples(tokenizer, ["good"] * 3, [1] * 3), 2, FinetuneSettings(steps=1),
+            encoder, TextExamples(tokenizer, ["good"] * 3, [1] * 3), 2, FinetuneSettings(steps=1, warmup_steps=0),
             head=nn.Linear(32, 2),
         )
 

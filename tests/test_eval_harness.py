@@ -179,7 +179,7 @@ def test_csv_task_bad_label_column(tmp_path, content, message):
 
 
 def test_unknown_task_and_missing_csv(tmp_path):
-    with pytest.raises(MergeLabError, match="unknown task 'nope'; known tasks: .*sentiment"):
+    with pytest.raises(MergeLabError, match=r"unknown task 'nope'; give a built-in task \(.*sentiment.*\) or csv:PATH"):
         get_task("nope")
     with pytest.raises(MergeLabError, match="does not exist"):
         resolve_task(f"csv:{tmp_path / 'absent.csv'}")

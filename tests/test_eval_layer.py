@@ -431,8 +431,17 @@ def test_mergelab_eval_on_a_merged_folder_with_a_given_head(tiny, tmp_path):
     merged = tmp_path / "merged"
     made = _cli(["merge", str(config), str(merged), "--no-progress"])
     assert made.exit_code == 0, made.output
-    headless = _cli(["eval", str(merged), "--task", str(task_csv)])
-    assert headless.exit_code == 1 and "pass --head PATH" in _flat(headless.output)
+    # The merge carries both sources' heads; both were tuned on `reviews`, so one is named.
+    assert json.loads((merged / "heads.json").read_text())["heads"].keys() == {"reviews.ft", "reviews.ft2"}
+    ambiguous = _cli(["eval", str(merged), "--task", str(task_csv)])
+    assert ambiguous.exit_code == 1
+    assert "several heads for task 'reviews'" in _flat(ambiguous.output) and "--head NAME" in _flat(ambiguous.output)
+    by_name = _cli(["eval", str(merged), "--task", str(task_csv), "--head", "reviews.ft2", "--json",
+                    "--no-baselines"])  # fmt: skip
+    assert by_name.exit_code == 0, by_name.output
+    by_file = _cli(["eval", str(merged), "--task", str(task_csv), "--head",
+                    str(folders["ft2"] / "head.safetensors"), "--json", "--no-baselines"])  # fmt: skip
+    assert json.loads(by_name.output)["results"] == json.loads(by_file.output)["results"]
     outcome = _cli(["eval", str(merged), "--task", str(task_csv), "--head",
                     str(folders["ft"] / "head.safetensors"), "--base", str(root / "base"), "--json"])  # fmt: skip
     assert outcome.exit_code == 0, outcome.output

@@ -232,7 +232,7 @@ def test_bad_merge_requests_fail_before_writing(adapters, tmp_path):
         ({"weights": [1.0]}, "1 weight\\(s\\) for 2 adapter"),
         ({"method": "tiess"}, "did you mean 'ties'"),
         ({"method": "ties", "params": {"densty": 0.5}}, "`densty` is not a parameter"),
-        ({"method": "ties", "params": {"density": 1.5}}, "must be in \\[0, 1\\]"),
+        ({"method": "ties", "params": {"density": 1.5}}, "must be in \\(0, 1\\]"),
         ({"combination": "sum"}, "combination: must be one of"),
         ({"method": "regmean"}, "data-free"),
         ({"combination": "factors"}, "one rank"),

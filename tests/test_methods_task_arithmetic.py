@@ -142,8 +142,16 @@ def test_declaration_matches_mergekit(name):
     ],
 )
 def test_out_of_range_parameter_message_names_it(name, param, value):
-    problem = get_method(name).param(param).check(value)
-    assert problem is not None and f"`{param}`" in problem and "[0, 1]" in problem
+    declared = get_method(name).param(param)
+    problem = declared.check(value)
+    assert problem is not None and f"`{param}`" in problem and declared.range_text() in problem
+
+
+@pytest.mark.parametrize("name", ["ties", "dare_ties", "dare_linear", "breadcrumbs", "della"])
+def test_a_density_of_zero_that_keeps_nothing_is_refused(name):
+    density = get_method(name).param("density")
+    assert density.check(0.0) == "`density` must be in (0, 1]; got 0.0 (density 0 makes the method a no-op)"
+    assert density.check(1e-3) is None and density.check(1.0) is None
 
 
 def test_parameter_types_checked():

@@ -471,7 +471,7 @@ def test_parameter_errors_come_from_the_one_validator_with_key_paths():
     msg = _plan_error({**base, "merge_method": "ties", "base_model": "s", "parameters": {"weight": 1.0},
                        "expert_groups": {"groups": _FFN, "member_parameters": {"l": {"density": 1.3}}}},
                       sd, seed_sd)
-    assert "expert_groups.member_parameters.l.density: `density` must be in [0, 1]; got 1.3 (method `ties`)" in msg
+    assert "expert_groups.member_parameters.l.density: `density` must be in (0, 1]; got 1.3 (method `ties`)" in msg
     msg = _plan_error({**base, "merge_method": "linear", "expert_groups": {"groups": _FFN}}, sd)
     assert "parameter `weight` of method `linear` is required for member `v`" in msg
     msg = _plan_error({**base, "merge_method": "regmean", "parameters": {"alpah": 0.5, "scaling": -1},

@@ -96,7 +96,7 @@ def test_method_and_parameter_problems_reported_together():
     with pytest.raises(ConfigError) as info:
         merge_state_dicts(config, {"a": a, "b": b})
     text = str(info.value)
-    assert "models.0.parameters.density" in text and "[0, 1]" in text and "1.3" in text
+    assert "models.0.parameters.density" in text and "(0, 1]" in text and "1.3" in text
     assert "models.0.parameters.desnity: unknown parameter of method `ties` (did you mean `density`?)" in text
     assert "parameters.lamda" in text and "`lambda`" in text
 

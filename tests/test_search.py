@@ -141,7 +141,7 @@ def test_space_reports_every_bad_parameter_at_once():
     assert "search.parameters.normalize: `normalize` is bool, not numeric" in text
     assert "search.parameters.lambda: `lambda` has no declared range; give `low` and `high`" in text
     assert "search.parameters.weight: the range [1, 1] is empty" in text
-    assert "search.parameters.density: [0, 2] leaves `density`'s declared range [0, 1]" in text
+    assert "search.parameters.density: [0, 2] leaves `density`'s declared range (0, 1]" in text
     assert "search.layer_groups: a positive integer; got 0" in text
     with pytest.raises(ConfigError, match="merge_method"):
         build_space({"merge_method": "nope", "models": ["a"]}, {"parameters": {"weight": {}}})

@@ -88,7 +88,11 @@ def test_settings_report_every_problem_at_once_and_are_frozen():
     settings = FinetuneSettings()
     with pytest.raises(Exception, match="frozen"):
         settings.steps = 3
-    assert settings.replace(steps=3).steps == 3 and settings.steps == 100
+    assert settings.replace(steps=30).steps == 30 and settings.steps == 100
+    # A run that would be warm-up from start to end is refused, naming both settings.
+    with pytest.raises(ConfigError, match=r"`warmup_steps` \(10\) must be below `steps` \(10\)"):
+        settings.replace(steps=10)
+    assert settings.replace(steps=3, warmup_steps=0).steps == 3
     with pytest.raises(ConfigError, match="`steps`"):
         settings.replace(steps=0)
     # Every field has a description (the CLI's help) and a default.
@@ -108,7 +112,7 @@ def test_learning_rate_schedules_by_hand():
 
 
 def test_batches_are_whole_epochs_or_drawn_with_replacement():
-    settings = FinetuneSettings(steps=5, batch_size=4)
+    settings = FinetuneSettings(steps=5, batch_size=4, warmup_steps=1)
     batches = list(index_batches(10, settings, torch.Generator().manual_seed(0)))
     assert len(batches) == 5 and all(len(b) == 4 for b in batches)
     # Two batches per epoch of 10 (the last 2 are dropped); an epoch never repeats an index.
@@ -202,7 +206,7 @@ def test_a_diverging_loss_stops_training():
             return model(torch.ones(1, 1)).sum() * float("nan")
 
     with pytest.raises(TrainingError, match="diverged at step 1"):
-        train(nn.Linear(1, 1), Exploding(), FinetuneSettings(batch_size=4, steps=2))
+        train(nn.Linear(1, 1), Exploding(), FinetuneSettings(batch_size=4, steps=2, warmup_steps=1))
 
 
 # --- mergelab finetune ---------------------------------------------------------------------------
@@ -213,17 +217,10 @@ WORDS = ["good", "great", "fine", "bad", "awful", "poor", "movie", "plot", "the"
 @pytest.fixture(scope="module")
 def tiny_bert_folder(tmp_path_factory):
     """A 2-layer, hidden-32 BERT with random weights and a word-level tokenizer, saved."""
-    transformers = pytest.importorskip("transformers")
-    folder = tmp_path_factory.mktemp("tiny_bert")
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
-    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tokenizer = transformers.BertTokenizerFast(vocab_file=str(folder / "vocab.txt"))
-    torch.manual_seed(0)
-    config = transformers.BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2,
-                                     num_attention_heads=2, intermediate_size=64,
-                                     max_position_embeddings=32)  # fmt: skip
-    transformers.BertModel(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    pytest.importorskip("transformers")
+    from conftest import save_tiny_bert
+
+    folder = save_tiny_bert(tmp_path_factory.mktemp("tiny_bert"), WORDS)
     return folder
 
 

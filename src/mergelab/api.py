@@ -14,7 +14,9 @@ import torch
 import yaml
 
 from mergelab.checkpoint import ShardedWriter, open_checkpoint, parse_size
+from mergelab.checkpoint.card import CARD_FILE, merge_card
 from mergelab.checkpoint.format import CONFIG_FILES, TOKENIZER_FILES
+from mergelab.checkpoint.heads import HEADS_MANIFEST, head_file_name, heads_manifest, merged_heads
 from mergelab.checkpoint.memory import StateDictSource
 from mergelab.engine.execute import MemorySink, MergeReport, execute
 from mergelab.errors import ConfigError, MergeLabError
@@ -280,13 +282,48 @@ def _write_side_files(plan: MergePlan, writer: ShardedWriter) -> None:
         for name in TOKENIZER_FILES:
             if (tok.root / name).is_file():
                 writer.copy_file(tok.root / name, name)
+    heads = _write_heads(plan, writer)
     config_yaml = yaml.safe_dump(
         plan.config.model_dump(exclude_none=True, mode="json"), sort_keys=False
     )
+    _write_card(plan, writer, config_yaml, heads)
     with tempfile.TemporaryDirectory() as scratch:
         path = Path(scratch) / "mergelab_config.yml"
         path.write_text(config_yaml, encoding="utf-8")
         writer.copy_file(path, "mergelab_config.yml")
+
+
+def _write_heads(plan: MergePlan, writer: ShardedWriter) -> list:
+    """Every merged source's task heads (what `mergelab finetune` wrote beside its encoder)
+    under `heads/`, listed in `heads.json`, so the merged model is scored and exported per task."""
+    roots = {key: plan.sources[key].root for key in plan.merged_sources
+             if getattr(plan.sources[key], "root", None) is not None}  # fmt: skip
+    heads = merged_heads(roots)
+    if not heads:
+        return []
+    for head in heads:
+        writer.copy_file(head.path, head_file_name(head.name))
+    writer.write_json(HEADS_MANIFEST, heads_manifest(heads))
+    return heads
+
+
+def _write_card(plan: MergePlan, writer: ShardedWriter, config_yaml: str, heads) -> None:
+    """The merged checkpoint's model card (README.md), as mergekit writes one."""
+    from mergelab import __version__
+
+    cfg = plan.config
+    sources = [e.model for e in cfg.models or ()] or list(
+        dict.fromkeys(s.model for sl in cfg.slices or () for s in sl.sources)
+    )
+    card = merge_card(
+        method=plan.method.name, paper=plan.method.paper, url=plan.method.url, sources=sources,
+        base=cfg.base_model, parameters=dict(cfg.parameters or {}), config_yaml=config_yaml,
+        heads=heads, version=__version__,
+    )  # fmt: skip
+    with tempfile.TemporaryDirectory() as scratch:
+        path = Path(scratch) / CARD_FILE
+        path.write_text(card, encoding="utf-8")
+        writer.copy_file(path, CARD_FILE)
 
 
 def merge_state_dicts(

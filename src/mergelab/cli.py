@@ -194,7 +194,7 @@ def methods(
         for p in m.params:
             rng = ""
             if p.low is not None or p.high is not None:
-                rng = f" in [{'' if p.low is None else f'{p.low:g}'}, {'' if p.high is None else f'{p.high:g}'}]"
+                rng = f" in {p.range_text(unbounded=('', ''))}"
             default = "required" if p.default is None else f"default {p.default}"
             scope = "per model" if p.per_model else "global"
             params.append(f"{p.name} ({p.kind.__name__}, {scope}, {default}{rng})")
@@ -254,7 +254,7 @@ def inspect(
 # group two packages share (`diagnose`) is reached with `mergelab.cliutil.command_group`.
 _COMMAND_MODULES: tuple[str, ...] = (
     "mergelab.diagnostics.cli", "mergelab.eval.cli", "mergelab.training.cli",
-    "mergelab.lora.cli", "mergelab.align.cli", "mergelab.search.cli",
+    "mergelab.lora.cli", "mergelab.align.cli", "mergelab.search.cli", "mergelab.export.cli",
 )
 # Packages above the library (the benchmark harness, plug-ins) add theirs through the
 # `mergelab.commands` entry point group: the library never imports them.

@@ -22,8 +22,10 @@ from rich.markup import escape
 
 from mergelab.errors import MergeLabError
 
-console = Console()
-err_console = Console(stderr=True)
+# soft_wrap: a long line is never broken into several (a path stays whole when the output is a
+# file or a pipe, where rich would otherwise wrap at 80 columns); a terminal wraps it visually.
+console = Console(soft_wrap=True)
+err_console = Console(stderr=True, soft_wrap=True)
 
 OUT_FLAGS = ("--out", "-o")  # the one name of every command's output
 

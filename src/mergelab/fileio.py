@@ -46,6 +46,7 @@ def write_atomic(path: str | os.PathLike, fill: Callable[[Path], None]) -> Path:
     temporary = Path(name)
     try:
         fill(temporary)
+        normal_permissions(temporary)
         os.replace(temporary, path)
     except BaseException:
         temporary.unlink(missing_ok=True)
@@ -111,6 +112,32 @@ def temporary_folder(out_dir: Path) -> Path:
     return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux allows (os.umask sets it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def normal_permissions(path: Path) -> None:
+    """Give `path` (and, for a folder, everything in it) the permissions a plain `mkdir` or
+    `open` would: mkdtemp/mkstemp (and some writers) create them readable by the owner only."""
+    mask = _umask()
+    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
+    if path.is_dir():
+        for root, dirs, files in os.walk(path):
+            for name in dirs:
+                os.chmod(os.path.join(root, name), 0o777 & ~mask)
+            for name in files:
+                os.chmod(os.path.join(root, name), 0o666 & ~mask)
+
+
 @contextmanager
 def atomic_folder(out_dir: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside `out_dir`; when the block completes, move it into place
@@ -121,6 +148,7 @@ def atomic_folder(out_dir: str | os.PathLike, *, overwrite: bool = False) -> Ite
     temporary = temporary_folder(final)
     try:
         yield temporary
+        normal_permissions(temporary)
         move_into_place(temporary, final, overwrite=overwrite)
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)

@@ -268,7 +268,7 @@ def main() -> None:
     settings = DemoSettings()
     torch.set_num_threads(settings.threads)
     seed_everything(settings.recipe.seed)
-    console = Console()
+    console = Console(soft_wrap=True)
 
     from transformers.utils import logging as hf_logging
 

@@ -56,6 +56,10 @@ def register(app: typer.Typer) -> None:
             "training split, its strength chosen on validation)."
         ),
         as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
+        card: bool = typer.Option(
+            False, "--card", help="Also write the results table into MODEL's model card "
+            "(README.md, as `mergelab merge` writes it), replacing one a previous --card wrote."
+        ),
     ) -> None:
         """Score MODEL on each --task: accuracy (or perplexity) with its 95% bootstrap interval."""
         from mergelab.eval.run import evaluate_folder, results_table
@@ -74,6 +78,10 @@ def register(app: typer.Typer) -> None:
         except MergeLabError as exc:
             fail(exc)
             return
+        if card:
+            from mergelab.eval.run import write_results_to_card
+
+            write_results_to_card(model, report)
         if as_json:
             typer.echo(json.dumps(report.to_json(), indent=2))
             return

@@ -148,9 +148,15 @@ def load_model(
 
     Raises MergeLabError for a folder without config.json or weights that do not load.
     """
+    from mergelab.checkpoint.heads import recorded_encoder_factory
+    from mergelab.errors import CheckpointError
+
     folder = Path(folder)
-    recipe = read_recipe(folder) if folder.is_dir() else {}
-    if not (folder / "config.json").is_file() and recipe.get("encoder_factory"):
+    try:
+        factory = recorded_encoder_factory(folder) if folder.is_dir() else None
+    except CheckpointError as error:
+        raise MergeLabError(str(error)) from None
+    if not (folder / "config.json").is_file() and factory:
         return load_image_module(folder, head=head, name=name)
     if not (folder / "config.json").is_file():
         raise MergeLabError(
@@ -202,6 +208,10 @@ def load_image_module(
     head_path = Path(head) if head is not None else folder / HEAD_FILE
     task_head = read_head(head_path) if head is not None or head_path.is_file() else None
     data = recipe.get("data") if isinstance(recipe.get("data"), dict) else {}
+    if not data and folder.is_dir():  # a merge of image fine-tunes: what their heads record
+        from mergelab.checkpoint.heads import folder_heads
+
+        data = next((h.facts for h in folder_heads(folder) if h.facts.get("input_size")), {})
     size = int(input_size or data.get("input_size", 32))
     return Classifier(encoder, task_head, None, _grayscale_imagenet(size), name or folder.name)
 

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from mergelab.errors import MergeLabError
+from mergelab.checkpoint.heads import choose_head, folder_heads
+from mergelab.errors import CheckpointError, MergeLabError
 from mergelab.eval.bootstrap import CONFIDENCE, RESAMPLES
 from mergelab.eval.evaluator import DEFAULT_LIMIT, ModelEvaluator, TaskResult
 from mergelab.eval.models import (
@@ -22,6 +23,7 @@ from mergelab.eval.models import (
     load_base_encoder,
     load_model,
     packaged_minilm_path,
+    read_head,
     read_recipe,
 )
 from mergelab.eval.sources import load_task
@@ -96,10 +98,15 @@ def evaluate_folder(
     say: Callable[[str], None] | None = None,
 ) -> EvalReport:
     """Score the model folder `model` on every task of `task_specs` (see
-    `mergelab.eval.sources`), plus the baselines; every spec is read before any compute.
+    `mergelab.eval.sources`), plus the baselines; every spec and head is checked before any
+    compute.
 
-    seed: of splits, subsets and bootstrap; default: the seed in the folder's recipe.json (the
-        split `mergelab finetune` trained on), else 0.
+    head: a head file, or the name of one of the folder's heads; default: per task, the head the
+        folder holds for it (a fine-tune's `head.safetensors`, or a merged folder's `heads/`
+        by task name; see `mergelab.checkpoint.heads`). A head's rows are matched to the task's
+        classes by label name; a task label the head lacks is an error.
+    seed: of splits, subsets and bootstrap; default: the seed the head's fine-tune recorded
+        (the split `mergelab finetune` trained on), else 0.
     max_length: tokens per text (default: the fine-tune's recorded max_length, else 128).
     say: called with a short message before each step (progress for the CLI).
     Raises MergeLabError for a bad spec, a folder that is not a model, a missing head, or a
@@ -108,16 +115,6 @@ def evaluate_folder(
     folder = Path(model)
     recipe = read_recipe(folder)
     notes: list[str] = []
-    data_facts = recipe.get("data") if isinstance(recipe.get("data"), dict) else {}
-    # `mergelab finetune` records the split's seed under data.split_seed (older folders: seed).
-    recorded_seed = data_facts.get("split_seed", recipe.get("seed"))
-    if seed is None:
-        seed = int(recorded_seed) if isinstance(recorded_seed, int) else 0
-    elif isinstance(recorded_seed, int) and recorded_seed != seed:
-        notes.append(
-            f"{folder} was fine-tuned on the split of seed {recorded_seed}; with --seed {seed} "
-            "the test split may hold examples it trained on"
-        )
     if not task_specs or not all(spec.strip() for spec in task_specs):
         raise MergeLabError("give at least one task spec, and no empty one")
     tasks = [load_task(spec) for spec in task_specs]
@@ -125,43 +122,181 @@ def evaluate_folder(
     twice = sorted({n for n in task_names if task_names.count(n) > 1})
     if twice:
         raise MergeLabError(f"task name(s) {twice} given twice; each task is scored once")
-    scored = load_model(folder, head=head)
-    if isinstance(scored, Classifier) and scored.head is None:
-        raise MergeLabError(
-            f"{folder} has no head.safetensors: pass --head PATH (for a merged encoder, e.g. one "
-            "source's head.safetensors)"
-        )
-    names = recipe.get("label_names")
-    for task in tasks:
-        if names and len(names) == len(task.label_names) and tuple(names) != task.label_names:
+    scored = load_model(folder, head=None)
+    heads = _task_heads(folder, recipe, scored, tasks, head)
+    facts = [_reading_facts(recipe, chosen) for chosen in heads]
+    seeds = []
+    for task, fact in zip(tasks, facts, strict=True):
+        recorded = fact.get("split_seed")
+        if seed is not None and isinstance(recorded, int) and recorded != seed:
             notes.append(
-                f"the head was trained with classes {names}; task {task.name!r} has "
-                f"{list(task.label_names)}: check they are the same classes in the same order"
+                f"the {task.name!r} head was fine-tuned on the split of seed {recorded}; with "
+                f"--seed {seed} the test split may hold examples it trained on"
             )
-    if max_length is None:
-        settings = recipe.get("settings") if isinstance(recipe.get("settings"), dict) else {}
-        max_length = data_facts.get("max_length", settings.get("max_length", 128))
-    evaluator = ModelEvaluator(limit=limit, seed=seed, max_length=int(max_length))
+        seeds.append(seed if seed is not None else (recorded if isinstance(recorded, int) else 0))
+    evaluators: dict[tuple[int, int], ModelEvaluator] = {}
+
+    def evaluator_for(i: int) -> ModelEvaluator:
+        length = max_length if max_length is not None else int(facts[i].get("max_length", 128))
+        key = (seeds[i], length)
+        if key not in evaluators:
+            evaluators[key] = ModelEvaluator(limit=limit, seed=seeds[i], max_length=length)
+        return evaluators[key]
+
     say = say or (lambda _message: None)
     results = []
-    for task in tasks:
+    for i, task in enumerate(tasks):
         say(f"scoring {scored.name} on {task.name}")
-        results.append(evaluator.evaluate(scored, task, split))
-    base_folder = _base_folder(recipe, Path(base) if base is not None else None, notes)
-    input_size = data_facts.get("input_size")
+        with_head = replace(scored, head=heads[i][1]) if heads[i] is not None else scored
+        result = evaluator_for(i).evaluate(with_head, task, split)
+        _count_truncated(result, evaluator_for(i), with_head, task, split, notes)
+        results.append(result)
+    recorded_bases = {f["base_model"]: None for f in facts if f.get("base_model")}
+    base_recipe = {**recipe, RECIPE_BASE_KEY: next(iter(recorded_bases), None)}
+    modalities = {f.get("modality") for f in facts} - {None}
+    if "modality" not in base_recipe and len(modalities) == 1:
+        base_recipe["modality"] = modalities.pop()
+    if len(recorded_bases) > 1 and base is None:
+        notes.append(f"the heads' fine-tunes record several bases {list(recorded_bases)}; the "
+                     "baselines use the first (pass --base to choose)")  # fmt: skip
+    base_folder = _base_folder(base_recipe, Path(base) if base is not None else None, notes)
+    input_size = next((f["input_size"] for f in facts if f.get("input_size")), None)
     used_base = None
     if baselines:
         used_base, baseline_results = _baselines(
-            evaluator, scored, tasks, split, base_folder, notes, say, input_size
-        )
+            [evaluator_for(i) for i in range(len(tasks))], scored, tasks, split, base_folder,
+            notes, say, input_size,
+        )  # fmt: skip
         by_task: dict[str, list[TaskResult]] = {}
         for result in baseline_results:
             by_task.setdefault(result.task, []).append(result)
         results = [r for own in results for r in (own, *by_task.get(own.task, []))]
-    return EvalReport(str(folder), used_base, split, seed, limit, results, notes)
+    if len(set(seeds)) > 1:
+        notes.append(f"tasks are split by their fine-tunes' seeds: "
+                     f"{dict(zip(task_names, seeds, strict=True))}")  # fmt: skip
+    return EvalReport(str(folder), used_base, split, seeds[0], limit, results, notes)
 
 
-def _baselines(evaluator, scored, tasks, split, base_folder, notes, say, input_size=None):
+def _count_truncated(result: TaskResult, evaluator: ModelEvaluator, model, task, split: str,
+                     notes: list[str]) -> None:  # fmt: skip
+    """Record in `result` how many scored texts were cut at the evaluator's max_length (and
+    say so when any was)."""
+    tokenizer = getattr(model, "tokenizer", None)
+    if task.modality != "text" or tokenizer is None:
+        return
+    if getattr(task, "is_user_data", False):
+        splits = task.splits(evaluator.seed)
+        sizes = {s: len(splits.get(s)) for s in ("train", "validation", "test")}
+        read = len(task.load())
+        result.facts["rows"] = {"read": read, **sizes}
+        notes.append(f"{task.name}: {read} rows read; split {sizes['train']}/{sizes['validation']}/"
+                     f"{sizes['test']} (train/validation/test, seed {evaluator.seed}); "
+                     f"{read - sum(sizes.values())} in no split")  # fmt: skip
+    texts = evaluator.examples(task, split).texts
+    lengths = [len(ids) for ids in tokenizer(list(texts), truncation=False)["input_ids"]]
+    cut = sum(1 for n in lengths if n > evaluator.max_length)
+    result.facts.update({"max_length": evaluator.max_length, "truncated": cut})
+    if cut:
+        notes.append(f"{task.name}: {cut} of {len(texts)} {split} texts ({cut / len(texts):.0%}) are "
+                     f"longer than {evaluator.max_length} tokens and were truncated (--max-length)")  # fmt: skip
+
+
+def _reading_facts(recipe: dict, chosen) -> dict:
+    """How a task's inputs were read when its head was trained: the head's recorded facts (a
+    merged folder's heads.json), else the folder's recipe.json."""
+    if chosen is not None and chosen[0] is not None and chosen[0].facts:
+        return dict(chosen[0].facts)
+    data = recipe.get("data") if isinstance(recipe.get("data"), dict) else {}
+    settings = recipe.get("settings") if isinstance(recipe.get("settings"), dict) else {}
+    facts = {k: data[k] for k in ("max_length", "split_seed", "input_size") if k in data}
+    if "split_seed" not in facts and isinstance(recipe.get("seed"), int):
+        facts["split_seed"] = recipe["seed"]  # older folders
+    if "max_length" not in facts and "max_length" in settings:
+        facts["max_length"] = settings["max_length"]
+    if recipe.get(RECIPE_BASE_KEY):
+        facts["base_model"] = recipe[RECIPE_BASE_KEY]
+    return facts
+
+
+def _task_heads(folder: Path, recipe: dict, scored, tasks, head) -> list:
+    """Per task: (its TaskHead or None, the head module with rows in the task's class order),
+    or None for a model scored without a head (a language model, an encoder outputting logits).
+    Every task's head is found and checked before any compute."""
+    if not isinstance(scored, Classifier):
+        if head is not None:
+            raise MergeLabError(f"{folder} is a causal language model; --head is for encoders")
+        return [None] * len(tasks)
+    try:
+        heads = folder_heads(folder)
+    except CheckpointError as error:
+        raise MergeLabError(str(error)) from None
+    chosen = []
+    for task in tasks:
+        if head is not None and Path(head).is_file():
+            found = _described_head(Path(head))
+            module = read_head(head)
+            names = found.label_names if found is not None else ()
+        elif head is not None or heads:
+            try:
+                if head is None and len(heads) == 1:
+                    found = heads[0]  # a fine-tune's one head: the label names decide if it fits
+                else:
+                    found = choose_head(heads, str(head) if head is not None else task.name, folder)
+            except CheckpointError as error:
+                if head is not None and not heads:
+                    raise MergeLabError(f"no classifier head at {head}") from None
+                raise MergeLabError(str(error)) from None
+            module, names = read_head(found.path), found.label_names
+        else:
+            raise MergeLabError(
+                f"{folder} has no head.safetensors nor heads.json: pass --head PATH (for an "
+                "encoder merged from `mergelab finetune` folders, the merge carries their heads)"
+            )
+        described = f"the head {found.name!r} (from {found.source})" if found else f"the head {head}"
+        chosen.append((found, _match_classes(module, names, task, described)))
+    return chosen
+
+
+def _described_head(path: Path):
+    """The TaskHead (label names, recorded facts) of a head file inside a fine-tuned or merged
+    folder, or None for a bare head file."""
+    try:
+        return next((h for h in folder_heads(path.parent) if h.path.resolve() == path.resolve()),
+                    None)  # fmt: skip
+    except CheckpointError:
+        return None
+
+
+def _match_classes(module, names: tuple[str, ...], task, described: str):
+    """`module` with its rows in `task`'s class order, matched by label name; unnamed heads are
+    taken as they are (the evaluator checks the class count)."""
+    if not names:
+        return module
+    lacking = [n for n in task.label_names if n not in names]
+    if lacking:
+        raise MergeLabError(
+            f"task {task.name!r} has label(s) {lacking} that {described} lacks; its classes are "
+            f"{list(names)}"
+        )
+    if len(names) != len(task.label_names):
+        raise MergeLabError(
+            f"task {task.name!r} has {len(task.label_names)} classes {list(task.label_names)}; "
+            f"{described} was trained on {len(names)} {list(names)}: score it on data that holds "
+            "every class it predicts"
+        )
+    order = [names.index(n) for n in task.label_names]
+    if order == list(range(len(order))):
+        return module
+    import torch
+
+    permuted = torch.nn.Linear(module.in_features, module.out_features)
+    with torch.no_grad():
+        permuted.weight.copy_(module.weight[order])
+        permuted.bias.copy_(module.bias[order])
+    return permuted.requires_grad_(False)
+
+
+def _baselines(evaluators, scored, tasks, split, base_folder, notes, say, input_size=None):
     if isinstance(scored, LanguageModel):
         if base_folder is None:
             notes.append("no pretrained baseline for a language model without --base")
@@ -170,7 +305,7 @@ def _baselines(evaluator, scored, tasks, split, base_folder, notes, say, input_s
         if not isinstance(pretrained, LanguageModel):
             raise MergeLabError(f"--base {base_folder} is not a causal language model")
         results = []
-        for task in tasks:
+        for evaluator, task in zip(evaluators, tasks, strict=True):
             say(f"scoring the pretrained model on {task.name}")
             results.append(evaluator.evaluate(pretrained, task, split))
         return str(base_folder), results
@@ -192,9 +327,10 @@ def _baselines(evaluator, scored, tasks, split, base_folder, notes, say, input_s
     pretrained = load_base_encoder(folder, name=PRETRAINED_ROW, input_size=input_size)
     if not isinstance(pretrained, Classifier):
         raise MergeLabError(f"the base {folder} is a language model, not an encoder")
-    chosen = tasks if base_folder is not None else text_tasks
     results = []
-    for task in chosen:
+    for evaluator, task in zip(evaluators, tasks, strict=True):
+        if base_folder is None and task.modality != "text":
+            continue
         say(f"fitting and scoring a linear probe on the pretrained model, {task.name}")
         results.append(evaluator.evaluate_probe(pretrained, task, split, name=PROBE_ROW))
     return str(folder), results
@@ -221,3 +357,41 @@ def results_table(report: EvalReport):
     for name, by_task in cells.items():
         table.add_row(name, *(by_task.get(t, "-") for t in tasks))
     return table
+
+
+CARD_START, CARD_END = "<!-- mergelab eval -->", "<!-- /mergelab eval -->"
+
+
+def results_markdown(report: EvalReport) -> str:
+    """The results as a Markdown section (one row per model, one column per task, each cell the
+    score and its interval), between markers so that a later run replaces it."""
+    tasks = list(dict.fromkeys(r.task for r in report.results))
+    counts = {r.task: r.score.examples for r in report.results}
+    cells: dict[str, dict[str, str]] = {}
+    for result in report.results:
+        cells.setdefault(result.model, {})[result.task] = result.score.format()
+    header = " | ".join(f"{t} (n={counts[t]:,})" for t in tasks)
+    lines = [CARD_START, "## Evaluation", "",
+             f"`mergelab eval`, {report.split} split, seed {report.seed}; "
+             f"[low, high]: {report.confidence:.0%} percentile-bootstrap interval "
+             f"({report.resamples:,} resamples).", "",
+             f"| model | {header} |", "|---|" + "---|" * len(tasks)]  # fmt: skip
+    lines += [f"| {m} | " + " | ".join(row.get(t, "-") for t in tasks) + " |" for m, row in cells.items()]
+    return "\n".join([*lines, CARD_END, ""])
+
+
+def write_results_to_card(folder: str | os.PathLike, report: EvalReport) -> Path:
+    """Put the results section into `folder`'s model card (README.md), replacing the one a
+    previous run wrote; a folder without a card gets one holding the section only."""
+    from mergelab.fileio import write_text_atomic
+
+    card = Path(folder) / "README.md"
+    section = results_markdown(report)
+    text = card.read_text(encoding="utf-8") if card.is_file() else ""
+    if CARD_START in text and CARD_END in text:
+        before, _, rest = text.partition(CARD_START)
+        _, _, after = rest.partition(CARD_END)
+        text = before + section.rstrip("\n") + after
+    else:
+        text = (text.rstrip("\n") + "\n\n" if text else "") + section
+    return write_text_atomic(card, text)

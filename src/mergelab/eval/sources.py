@@ -54,7 +54,9 @@ def load_task(spec: str) -> Task:
     if spec in builtin_images:
         return builtin_image_task(spec)
     known = ", ".join(sorted([*tasks.TASKS, *builtin_images]))
-    raise MergeLabError(f"unknown task {spec!r}; give {SPEC_FORMS} (built-in: {known})")
+    raise MergeLabError(
+        f"unknown task {spec!r}; give {SPEC_FORMS} (built-in: {known}){tasks.file_hint(spec)}"
+    )
 
 
 def _builtin_image_tasks() -> dict:

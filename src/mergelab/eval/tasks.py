@@ -293,7 +293,18 @@ def get_task(name: str) -> TextTask:
         return TASKS[name]
     except KeyError:
         known = ", ".join(sorted(TASKS))
-        raise MergeLabError(f"unknown task {name!r}; known tasks: {known}") from None
+        raise MergeLabError(
+            f"unknown task {name!r}; give a built-in task ({known}) or csv:PATH (a UTF-8 CSV "
+            f"with columns text,label){file_hint(name)}"
+        ) from None
+
+
+def file_hint(spec: str) -> str:
+    """"; {spec} is a file: ..." when an unknown task spec names an existing file (a CSV whose
+    name does not end in .csv, given without the `csv:` prefix), else ""."""
+    if Path(spec).is_file():
+        return f"; {spec} is a file: if it is a CSV of text,label rows, give csv:{spec}"
+    return ""
 
 
 # --- fortune topics (Debian `fortunes`) -----------------------------------------------------------

@@ -11,9 +11,7 @@ def _param_line(p: Param) -> str:
     default = "required" if p.default is None else f"default `{p.default}`"
     bounds = ""
     if p.low is not None or p.high is not None:
-        lo = "" if p.low is None else f"{p.low:g}"
-        hi = "" if p.high is None else f"{p.high:g}"
-        bounds = f", in [{lo}, {hi}]"
+        bounds = f", in {p.range_text(unbounded=('', ''))}"
     scope = "per model" if p.per_model else "global"
     return f"`{p.name}` ({p.kind.__name__}, {scope}, {default}{bounds}): {p.description}"
 

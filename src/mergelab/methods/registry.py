@@ -32,6 +32,20 @@ class Param:
     per_model: bool = False
     low: float | None = None
     high: float | None = None
+    # True where `low` itself would make the method do nothing (a density of 0 keeps nothing).
+    low_exclusive: bool = False
+
+    def range_text(self, unbounded: tuple[str, str] = ("-inf", "inf")) -> str:
+        """The declared range as an interval: "[0, 1]", "(0, 1]", "[0, inf]" (`unbounded`: what
+        an end without a bound shows)."""
+        lo = unbounded[0] if self.low is None else f"{self.low:g}"
+        hi = unbounded[1] if self.high is None else f"{self.high:g}"
+        return f"{'(' if self.low_exclusive else '['}{lo}, {hi}]"
+
+    def in_range(self, value: float) -> bool:
+        if self.low is not None and (value <= self.low if self.low_exclusive else value < self.low):
+            return False
+        return self.high is None or value <= self.high
 
     def check(self, value: Any) -> str | None:
         """Return a problem message for `value`, or None if it is acceptable."""
@@ -43,10 +57,9 @@ class Param:
             return f"`{self.name}` must be a number; got {value!r}"
         if self.kind is int and float(value) != int(value):
             return f"`{self.name}` must be an integer; got {value!r}"
-        if self.low is not None and value < self.low or self.high is not None and value > self.high:
-            lo = "-inf" if self.low is None else f"{self.low:g}"
-            hi = "inf" if self.high is None else f"{self.high:g}"
-            return f"`{self.name}` must be in [{lo}, {hi}]; got {value!r}"
+        if not self.in_range(value):
+            why = f" ({self.name} {self.low:g} makes the method a no-op)" if self.low_exclusive and value == self.low else ""
+            return f"`{self.name}` must be in {self.range_text()}; got {value!r}{why}"
         return None
 
     def coerce(self, value: ParamValue) -> ParamValue:

@@ -439,10 +439,12 @@ _DENSITY = Param(
     "density",
     float,
     1.0,
-    "Fraction of this model's task vector to keep when sparsifying (1 keeps all).",
+    "Fraction of this model's task vector to keep when sparsifying (1 keeps all; 0, which "
+    "keeps nothing, is refused).",
     per_model=True,
     low=0.0,
     high=1.0,
+    low_exclusive=True,
 )
 _GAMMA = Param(
     "gamma",

@@ -331,14 +331,17 @@ def _check_data_section(
 
 
 def attach_statistics(
-    plan: MergePlan, stores: Mapping[str, Mapping[str, Any]], *, source_label: str | None = None
+    plan: MergePlan, stores: Mapping[str, Mapping[str, Any]], *, source_label: str | None = None,
+    partial: bool = False,
 ) -> MergePlan:
     """The plan with each task's lazy statistics references filled in.
 
     stores: merged source key -> statistics kind -> StatisticsSource (mergelab.stats.store),
         one per kind the method declares. A tensor gets a reference per source where that
         source's store holds an entry for it; a tensor whose statistics some sources have and
-        others lack is an error, as is a source or kind without a store (all listed).
+        others lack is an error, as is a source or kind without a store, an entry whose shape
+        does not fit its tensor, and (unless `partial`: statistics of some blocks only) stores
+        that hold an entry for no tensor at all (all listed).
     Returns a new MergePlan sharing the sources; the input plan is unchanged.
     """
     import dataclasses
@@ -369,8 +372,15 @@ def attach_statistics(
         for i, (key, name) in enumerate(task.inputs):
             if i == task.base_index:
                 continue
-            entry = table[store_keys[key]].entry_for(name) if task.is_float else None
+            store = table[store_keys[key]]
+            entry = store.entry_for(name) if task.is_float else None
             refs.append(None if entry is None else (store_keys[key], entry))
+            problem = entry is not None and hasattr(store, "entry_problem") and \
+                store.entry_problem(entry, tuple(task.shape))
+            if problem:
+                problems.add(f"tensor `{task.name}` of model {key!r}: the {kind} statistics "
+                             f"entry `{entry}` does not fit: {problem} (statistics of another "
+                             "model?)")  # fmt: skip
         present = [r is not None for r in refs]
         if any(present) and not all(present):
             lacking = [k for (k, _), p in zip(
@@ -384,6 +394,18 @@ def attach_statistics(
     if problems:
         raise ConfigError(problems.items, source_label)
     with_stats = sum(1 for t in tasks if t.statistics)
+    if with_stats == 0 and not partial and any(t.is_float for t in tasks):
+        # Otherwise every tensor falls back to the data-free rule: a plain average, silently.
+        examples = []
+        for key in merged:
+            entries = getattr(table[store_keys[key]], "entries", lambda: [])()
+            examples.append(f"{key!r}: {entries[:3]}")
+        sample = [t.name for t in tasks if t.is_float][:3]
+        raise ConfigError(
+            [f"the {kind} statistics share no layer with the model: no tensor of it (e.g. "
+             f"{sample}) has an entry (entries: {'; '.join(examples)}); they were computed for "
+             "another model"], source_label,
+        )  # fmt: skip
     notes = [*plan.notes, f"{with_stats} of {len(tasks)} tensors merged with {kind} statistics; "
              "the others by the method's data-free rule"]
     return dataclasses.replace(plan, tasks=tasks, statistics=table, notes=notes)

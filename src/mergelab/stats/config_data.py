@@ -43,6 +43,48 @@ def _task_of(spec: str, config_dir: Path | None):
     return resolve_task(spec)
 
 
+def _head_classes(head_file: Path) -> tuple[int, tuple[str, ...]]:
+    """(rows of the head's weight, its label names as the folder's recipe.json records them or
+    ()), read from the file header and the recipe only."""
+    from mergelab.checkpoint.format import read_header
+    from mergelab.checkpoint.heads import folder_heads
+
+    shapes = {t.name: t.shape for t in read_header(head_file).tensors}
+    rows = shapes["weight"][0] if len(shapes.get("weight", ())) == 2 else 0
+    names = next((h.label_names for h in folder_heads(head_file.parent)
+                  if h.path == head_file), ())  # fmt: skip
+    return rows, names
+
+
+def _head_problem(head_file: Path, task) -> str | None:
+    """Why the head cannot score `task`'s labels (a label it lacks, more classes than rows)."""
+    from mergelab.errors import CheckpointError
+
+    try:
+        rows, names = _head_classes(head_file)
+    except CheckpointError as error:
+        return str(error)
+    if names:
+        lacking = [n for n in task.label_names if n not in names]
+        if lacking:
+            return (f"label(s) {lacking} of the task are not classes of the head {head_file} "
+                    f"({list(names)})")  # fmt: skip
+    elif task.num_classes > rows:
+        return (f"the task has {task.num_classes} classes {list(task.label_names)}; the head "
+                f"{head_file} predicts {rows}")  # fmt: skip
+    return None
+
+
+def _head_labels(head_file: Path, task, labels):
+    """`labels` (indices into the task's classes) as indices into the head's rows, matched by
+    label name where the head's names are recorded."""
+    _, names = _head_classes(head_file)
+    if not names or tuple(names) == tuple(task.label_names):
+        return labels
+    to_head = [names.index(n) for n in task.label_names]
+    return tuple(to_head[k] for k in labels)
+
+
 def needs_logits(method) -> bool:
     """Whether the method's data stage needs each model's task head (declarations only)."""
     from mergelab.stats.stage import KINDS
@@ -103,9 +145,14 @@ class ConfigData:
                 if m in self.skip:
                     continue
                 try:
-                    _task_of(spec, self.config_dir)
+                    task = _task_of(spec, self.config_dir)
                 except Exception as exc:  # MergeLabError, OSError: reported with the task
                     problems.append(f"data: task {spec!r} of model {m!r}: {exc}")
+                    continue
+                if needs_logits(self.method) and (self.folders[m] / HEAD_FILE).is_file():
+                    problem = _head_problem(self.folders[m] / HEAD_FILE, task)
+                    if problem:
+                        problems.append(f"data: task {spec!r} of model {m!r}: {problem}")
         return problems
 
     def module(self) -> nn.Module:
@@ -133,9 +180,12 @@ class ConfigData:
             "test": SplitSizes(train=1, validation=1, test=n),
         }[data.split]
         texts = getattr(load_splits(task, sizes, seed=data.seed), data.split)
+        head_file = self.folders[key] / HEAD_FILE
+        logits = needs_logits(self.method)
+        labels = _head_labels(head_file, task, texts.labels) if logits else texts.labels
         batches = text_batches(
-            self._tokenizer, texts.texts, texts.labels,
+            self._tokenizer, texts.texts, labels,
             batch_size=data.batch_size, max_length=data.max_length,
         )
-        head = load_head(self.folders[key] / HEAD_FILE) if needs_logits(self.method) else None
+        head = load_head(head_file) if logits else None
         return TaskData(batches, head=head, forward=pooled_forward)

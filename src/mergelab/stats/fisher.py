@@ -154,7 +154,7 @@ def collect_fisher(
     if progress:
         from rich.console import Console
 
-        Console(stderr=True).print(
+        Console(stderr=True, soft_wrap=True).print(
             f"{description}: about {estimated / 1e6:.1f} MB for {len(names)} parameter tensors",
             highlight=False,
         )

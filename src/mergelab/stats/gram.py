@@ -257,7 +257,7 @@ def collect_grams(
     if progress:
         from rich.console import Console
 
-        Console(stderr=True).print(f"{description}: {notes[0]}", highlight=False)
+        Console(stderr=True, soft_wrap=True).print(f"{description}: {notes[0]}", highlight=False)
     acc = {
         n: LayerGram(_kind(m), torch.zeros(_gram_shape(m), dtype=torch.float64, device=device))
         for n, m in chosen.items()

@@ -141,7 +141,8 @@ def collect_progressive(
             examples[key], batches[key] = stats.examples, stats.batches
             seconds += stats.seconds
         # Merge this block's tensors with its Grams, exactly as the engine will.
-        partial = attach_statistics(plan, {k: {"gram": MemoryGrams(s)} for k, s in block_stats.items()})
+        partial = attach_statistics(plan, {k: {"gram": MemoryGrams(s)} for k, s in block_stats.items()},
+                                    partial=True)
         by_name = {t.name: t for t in partial.tasks}
         for leaf in leaves:
             for task in tasks_of_owner.get(leaf, ()):

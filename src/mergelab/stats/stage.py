@@ -194,9 +194,25 @@ class StatisticsResult:
 
 
 def source_weights(plan, key: str) -> dict[str, torch.Tensor]:
-    """Every tensor of the plan's source `key` (to load into the architecture)."""
+    """Every tensor of the plan's source `key` (to load into the architecture).
+
+    Raises DataError naming the tensor and its file when one holds NaN or Inf: run through the
+    model, it would poison every layer after it, and the error would name one of those.
+    """
+    from mergelab.stats.batches import DataError
+
     source = plan.sources[key]
-    return {name: source.get(name) for name in source.keys() if source.resolve(name) == name}
+    weights = {name: source.get(name) for name in source.keys() if source.resolve(name) == name}
+    for name, tensor in weights.items():
+        if tensor.is_floating_point() and tensor.numel() and not bool(torch.isfinite(tensor).all()):
+            file_of = getattr(source, "file_of", None)
+            where = f" ({file_of(name)})" if file_of is not None else ""
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise DataError(
+                f"tensor `{name}` of model {key!r}{where} holds {bad} NaN/Inf value(s): the "
+                "data stage cannot run the model through it"
+            )
+    return weights
 
 
 def working_module(provider: DataProvider, device) -> nn.Module:

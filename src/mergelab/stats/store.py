@@ -15,6 +15,7 @@ entries whatever the size of the model. Expert-group methods can point any tenso
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -50,6 +51,9 @@ class StatisticsSource(Protocol):
 
     def entry_nbytes(self, entry: str) -> int: ...
 
+    # Optional: `entries()` (every entry's name) and `entry_problem(entry, tensor_shape)` (why
+    # the entry cannot be that tensor's statistics, or None); the planner checks with them.
+
 
 def _atomic_folder(out_dir: str | os.PathLike, write) -> Path:
     """Write the folder with `write(tmp)` and move it into place (`mergelab.fileio`): an
@@ -83,6 +87,26 @@ def gram_entry_for(tensor_name: str, layers) -> str | None:
     if leaf == "weight" and owner in layers:
         return owner
     return None
+
+
+def expected_gram_shape(kind: str, weight_shape: tuple[int, ...], groups: int) -> tuple[int, ...]:
+    """The Gram shape a layer of `kind` with this weight has (see `LayerGram`)."""
+    if kind == "embedding":
+        return (weight_shape[0],)
+    if kind == "conv":
+        per_group = weight_shape[1] * math.prod(weight_shape[2:])
+        return (groups, per_group, per_group)
+    return (weight_shape[-1], weight_shape[-1])
+
+
+def gram_shape_problem(kind: str, gram_shape: tuple[int, ...], weight_shape: tuple[int, ...]) -> str | None:
+    """Why a Gram of `gram_shape` cannot be a weight of `weight_shape`'s statistics, or None."""
+    groups = gram_shape[0] if kind == "conv" and gram_shape else 1
+    expected = expected_gram_shape(kind, tuple(weight_shape), groups)
+    if tuple(gram_shape) == expected:
+        return None
+    return (f"its {kind} Gram has shape {list(gram_shape)}; a weight of shape "
+            f"{list(weight_shape)} needs {list(expected)}")  # fmt: skip
 
 
 def gram_statistics(layer: LayerGram) -> dict[str, torch.Tensor]:
@@ -139,6 +163,13 @@ class GramStore:
     def entry_for(self, tensor_name: str) -> str | None:
         return gram_entry_for(tensor_name, self.info["layers"])
 
+    def entries(self) -> list[str]:
+        return self.layers()
+
+    def entry_problem(self, entry: str, tensor_shape: tuple[int, ...]) -> str | None:
+        shape = tuple(self._file.get_slice(entry).get_shape())
+        return gram_shape_problem(self.info["layers"][entry]["kind"], shape, tensor_shape)
+
     def read(self, entry: str) -> dict[str, torch.Tensor]:
         return gram_statistics(self.get(entry))
 
@@ -170,6 +201,13 @@ class MemoryGrams:
 
     def entry_for(self, tensor_name: str) -> str | None:
         return gram_entry_for(tensor_name, self.stats.layers)
+
+    def entries(self) -> list[str]:
+        return sorted(self.stats.layers)
+
+    def entry_problem(self, entry: str, tensor_shape: tuple[int, ...]) -> str | None:
+        layer = self.stats.layers[entry]
+        return gram_shape_problem(layer.kind, tuple(layer.gram.shape), tensor_shape)
 
     def read(self, entry: str) -> dict[str, torch.Tensor]:
         return gram_statistics(self.stats.layers[entry])
@@ -233,6 +271,12 @@ class FisherStore:
     def entry_for(self, tensor_name: str) -> str | None:
         return tensor_name if tensor_name in self._names else None
 
+    def entries(self) -> list[str]:
+        return sorted(self._names)
+
+    def entry_problem(self, entry: str, tensor_shape: tuple[int, ...]) -> str | None:
+        return fisher_shape_problem(tuple(self._file.get_slice(entry).get_shape()), tensor_shape)
+
     def read(self, entry: str) -> dict[str, torch.Tensor]:
         return _fisher_statistics(self._file.get_tensor(entry), float(self.info["mean"]))
 
@@ -256,12 +300,25 @@ class MemoryFisher:
     def entry_for(self, tensor_name: str) -> str | None:
         return tensor_name if tensor_name in self.fisher else None
 
+    def entries(self) -> list[str]:
+        return sorted(self.fisher)
+
+    def entry_problem(self, entry: str, tensor_shape: tuple[int, ...]) -> str | None:
+        return fisher_shape_problem(tuple(self.fisher[entry].shape), tensor_shape)
+
     def read(self, entry: str) -> dict[str, torch.Tensor]:
         return _fisher_statistics(self.fisher[entry], self.mean)
 
     def entry_nbytes(self, entry: str) -> int:
         f = self.fisher[entry]
         return f.numel() * f.element_size()
+
+
+def fisher_shape_problem(fisher_shape: tuple[int, ...], tensor_shape: tuple[int, ...]) -> str | None:
+    """A diagonal Fisher has its parameter's shape."""
+    if tuple(fisher_shape) == tuple(tensor_shape):
+        return None
+    return f"its Fisher has shape {list(fisher_shape)}; the tensor has {list(tensor_shape)}"
 
 
 def load_fisher(folder: str | os.PathLike) -> tuple[dict[str, torch.Tensor], int]:

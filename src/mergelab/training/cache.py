@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from mergelab.errors import CheckpointError
-from mergelab.fileio import move_into_place, temporary_folder
+from mergelab.fileio import move_into_place, normal_permissions, temporary_folder
 
 # Bump when the meaning of a cached folder changes (layout, recipe code) so old ones are ignored.
 CACHE_FORMAT = 1
@@ -60,6 +60,7 @@ def cached_folder(root: Path, name: str, build: Callable[[Path], None]) -> tuple
     try:
         build(temporary)
         (temporary / DONE_MARKER).write_text("")
+        normal_permissions(temporary)
         try:
             move_into_place(temporary, final, overwrite=False)
         except (CheckpointError, OSError):

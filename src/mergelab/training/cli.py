@@ -52,13 +52,28 @@ def register(app: typer.Typer) -> None:
         learning_rate: float = _option("learning_rate"),
         head_learning_rate: float = _option("head_learning_rate"),
         warmup_steps: int = _option("warmup_steps"),
+        schedule: str = _option("schedule"),
         weight_decay: float = _option("weight_decay"),
+        max_grad_norm: float | None = _option("max_grad_norm"),
         probe_c: float = _option("probe_c"),
         probe_solver: str = _option("probe_solver"),
+        probe_steps: int = _option("probe_steps"),
+        freeze_input_embeddings: bool = typer.Option(
+            _FIELDS["freeze_input_embeddings"].default,
+            "--freeze-input-embeddings/--train-input-embeddings",
+            help=_FIELDS["freeze_input_embeddings"].description,
+        ),
+        freeze: list[str] = typer.Option(
+            [], help=f"{_FIELDS['freeze'].description} Repeatable, e.g. --freeze 'encoder.layer.0.*'."
+        ),
         seed: int = typer.Option(
             _FIELDS["seed"].default, help=f"{_FIELDS['seed'].description} Also seeds the split."
         ),
-        max_length: int = typer.Option(64, help="Text: tokens per text (longer are truncated)."),
+        max_length: int | None = typer.Option(
+            None, help="Text: tokens per text; longer texts are truncated (how many is printed and "
+            "recorded in recipe.json). Default: the 95th percentile of the training texts' token "
+            "lengths, rounded up to a multiple of 8, capped by the model."
+        ),
         input_size: int = typer.Option(32, help="Image: images are resized to this square side."),
         threads: int = typer.Option(0, help="torch CPU threads (0: torch's default, one per core)."),
         progress: bool = typer.Option(True, help="Show a progress bar."),
@@ -70,8 +85,9 @@ def register(app: typer.Typer) -> None:
             settings = FinetuneSettings.checked(
                 recipe=recipe, steps=steps, batch_size=batch_size, learning_rate=learning_rate,
                 head_learning_rate=head_learning_rate, warmup_steps=warmup_steps,
-                weight_decay=weight_decay, probe_c=probe_c, probe_solver=probe_solver,
-                seed=seed,
+                schedule=schedule, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
+                probe_c=probe_c, probe_solver=probe_solver, probe_steps=probe_steps,
+                freeze_input_embeddings=freeze_input_embeddings, freeze=tuple(freeze), seed=seed,
             )  # fmt: skip
             if threads > 0:
                 import torch

@@ -62,13 +62,41 @@ def read_recipe(folder: Path) -> dict[str, Any]:
 
 
 def save_finetuned(
-    folder: Path, encoder, tokenizer, head: nn.Linear, recipe: Mapping[str, Any]
-) -> None:
-    """Write a Hugging Face `encoder` (safetensors + tokenizer), the head and `recipe.json`."""
+    folder: Path, encoder, tokenizer, head: nn.Linear, recipe: Mapping[str, Any],
+    base: Path | None = None,
+) -> None:  # fmt: skip
+    """Write a Hugging Face `encoder` (safetensors + tokenizer), the head and `recipe.json`.
+
+    base: the folder the encoder was loaded from; tensors its weights hold that the saved
+    encoder lacks (buffers transformers no longer saves, such as BERT's
+    `embeddings.position_ids`) are copied in, so the folder holds every tensor its base has and
+    a merge of fine-tunes with their base finds no tensor missing.
+    """
     encoder.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
+    if base is not None:
+        carry_base_tensors(Path(folder), Path(base), {name for name, _ in encoder.named_buffers()})
     save_head(head, Path(folder) / HEAD_FILE)
     write_recipe(folder, recipe)
+
+
+def carry_base_tensors(folder: Path, base: Path, buffers: set[str]) -> list[str]:
+    """Add to `folder`'s single `model.safetensors` the tensors of `base`'s checkpoint it lacks
+    that are among the encoder's `buffers` (unchanged by training); returns their names. A
+    sharded output is left as is."""
+    from mergelab.checkpoint import open_checkpoint
+
+    weights = folder / WEIGHTS_FILE
+    if not weights.is_file():
+        return []
+    with open_checkpoint(base) as source:
+        saved = load_file(str(weights))
+        missing = sorted((set(source.keys()) & buffers) - set(saved))
+        if not missing:
+            return []
+        saved.update({name: source.get(name).contiguous() for name in missing})
+    save_file(saved, str(weights), metadata={"format": "pt"})
+    return missing
 
 
 def save_finetuned_module(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from mergelab.errors import ConfigError
 
@@ -38,8 +38,8 @@ class FinetuneSettings(BaseModel):
     warmup_steps: int = Field(
         10,
         ge=0,
-        description="Steps of linear warm-up to the peak learning rate (beyond `steps`, the "
-        "peak is never reached).",
+        description="Steps of linear warm-up from 0 to the peak learning rate; must be below "
+        "`steps` (0: start at the peak).",
     )
     schedule: Literal["linear", "cosine", "constant"] = Field(
         "linear",
@@ -83,6 +83,16 @@ class FinetuneSettings(BaseModel):
         0, ge=0, description="Seed of batch order, dropout and a joint head's initialisation."
     )
 
+    @model_validator(mode="after")
+    def _warmup_ends_before_training_does(self) -> FinetuneSettings:
+        if self.warmup_steps and self.warmup_steps >= self.steps:
+            raise ValueError(
+                f"`warmup_steps` ({self.warmup_steps}) must be below `steps` ({self.steps}): "
+                "otherwise every step is warm-up and the peak learning rate is never reached "
+                "(lower `warmup_steps`; 0: no warm-up)"
+            )
+        return self
+
     @classmethod
     def checked(cls, **values: Any) -> FinetuneSettings:
         """Build the settings, or raise one `ConfigError` naming every bad field."""
@@ -107,5 +117,5 @@ def settings_error(error: ValidationError) -> ConfigError:
         field = ".".join(str(part) for part in item["loc"]) or "settings"
         message = item["msg"].removeprefix("Value error, ")
         got = f"; got {item['input']!r}" if item["loc"] else ""
-        problems.append(f"`{field}`: {message}{got}")
+        problems.append(f"`{field}`: {message}{got}" if item["loc"] else message)
     return ConfigError(problems, source="the fine-tuning settings")

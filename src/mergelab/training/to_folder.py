@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from mergelab.checkpoint.heads import recorded_encoder_factory
 from mergelab.errors import CheckpointError, MergeLabError
 from mergelab.eval.harness import head_accuracy
 from mergelab.fileio import atomic_folder
@@ -28,7 +29,6 @@ from mergelab.progress import progress_bar
 from mergelab.training.examples import ClassificationExamples, TensorExamples, TextExamples
 from mergelab.training.folder import (
     WEIGHTS_FILE,
-    read_recipe,
     save_finetuned,
     save_finetuned_module,
 )
@@ -70,10 +70,11 @@ def load_image_encoder(spec: str) -> tuple[nn.Module, str]:
     or from a folder `finetune_to_folder` wrote for an image task."""
     folder = Path(spec)
     if folder.is_dir():
-        recipe = read_recipe(folder)
-        factory = recipe.get("encoder_factory")
+        factory = recorded_encoder_factory(folder)
         if not factory:
-            raise CheckpointError(f"{folder}/recipe.json names no encoder_factory")
+            raise CheckpointError(
+                f"{folder} records no encoder_factory (in recipe.json, or in heads.json for a merge)"
+            )
         encoder, _ = load_image_encoder(factory)
         try:
             encoder.load_state_dict(load_file(str(folder / WEIGHTS_FILE)), strict=True)
@@ -103,6 +104,21 @@ def _text_sizes(task, n_rows: int | None):
     if not task.is_user_data:
         return SplitSizes(train=1000, validation=100, test=300)
     return default_split_sizes(task)
+
+
+def _check_training_classes(name: str, label_names, train_labels, all_labels, seed: int) -> None:
+    """Every class must be in the training split (the probe and head learn each one); raise
+    MergeLabError naming the classes that are not, before the encoder is loaded."""
+    present = set(torch.as_tensor(train_labels).tolist())
+    absent = [k for k in range(len(label_names)) if k not in present]
+    if absent:
+        counts = torch.bincount(torch.as_tensor(all_labels), minlength=len(label_names)).tolist()
+        listed = ", ".join(f"{label_names[k]!r} ({counts[k]} row(s) in all)" for k in absent)
+        raise MergeLabError(
+            f"task {name!r}: class(es) {listed} have no example in the training split of seed "
+            f"{seed}: every class needs rows to learn from; add rows of them (a few dozen per "
+            "class), or try another --seed"
+        )
 
 
 @dataclass
@@ -142,7 +158,7 @@ def finetune_to_folder(
     model: str | os.PathLike | None = None,
     split_seed: int | None = None,
     sizes=None,
-    max_length: int = 64,
+    max_length: int | None = None,
     input_size: int = 32,
     progress: bool = True,
 ) -> dict[str, Any]:
@@ -155,7 +171,9 @@ def finetune_to_folder(
     split_seed: seed of the train/validation/test split (default: `settings.seed`).
     sizes: text only: a `SplitSizes` (default 1000/100/300 for built-in tasks, 55/15/15% of a
         CSV's rows).
-    max_length: text: tokens per text; input_size: image: side of the resized square images.
+    max_length: text: tokens per text (longer texts are truncated); None: the 95th percentile
+        of the training texts' token lengths (rounded up to a multiple of 8, at least 8),
+        capped by the model. input_size: image: side of the resized square images.
     Returns a summary (test accuracy of the probe on the base encoder and of the fine-tune
     with its head, split sizes, losses, seconds), also recorded in `recipe.json` with the base
     model and every setting. Raises MergeLabError when `out_dir` exists, before any work.
@@ -189,7 +207,9 @@ def finetune_to_folder(
         "task": run.name,
         "recipe": settings.recipe,
         "classes": list(run.label_names),
+        "base_model": run.base_model,
         "split_sizes": run.split_sizes,
+        **{k: run.data[k] for k in ("rows", "max_length", "truncated") if k in run.data},
         "probe_test_accuracy": head_accuracy(probe, test.features(run.encoder), test.labels),
         "finetuned_test_accuracy": head_accuracy(
             result.head, test.features(result.encoder), test.labels
@@ -214,7 +234,7 @@ def finetune_to_folder(
     return summary
 
 
-def _text_run(name: str, model, split_seed: int, sizes, max_length: int) -> _Run:
+def _text_run(name: str, model, split_seed: int, sizes, max_length: int | None) -> _Run:
     from mergelab.eval.tasks import make_splits, resolve_task
 
     task = resolve_task(name)
@@ -222,21 +242,81 @@ def _text_run(name: str, model, split_seed: int, sizes, max_length: int) -> _Run
     sizes = sizes or _text_sizes(task, len(rows))
     splits = make_splits(rows, sizes, num_classes=task.num_classes, balanced=task.balanced,
                          seed=split_seed, name=task.name)  # fmt: skip
-    path = Path(model) if model is not None else default_text_model()
+    _check_training_classes(task.name, task.label_names, splits.train.labels, rows.labels, split_seed)
+    path = (Path(model) if model is not None else default_text_model()).absolute()
     tokenizer, encoder = load_text_encoder(path)
+    lengths = {s: token_lengths(tokenizer, getattr(splits, s).texts)
+               for s in ("train", "validation", "test")}  # fmt: skip
+    max_length, length_rule = choose_max_length(lengths["train"], max_length, _model_limit(tokenizer, encoder), str(path))
+    truncated = {s: sum(1 for n in lengths[s] if n > max_length) for s in lengths}
+    used = sum(len(getattr(splits, s)) for s in lengths)
+    facts = {
+        "rows": {
+            "read": len(rows), "used": used, "unused": len(rows) - used,
+            "why_unused": _why_unused(task, sizes) if len(rows) > used else None,
+        },
+        "truncated": {**truncated, "share": sum(truncated.values()) / max(1, used)},
+        "max_length_rule": length_rule,
+    }
 
     def examples(split) -> TextExamples:
         return TextExamples(tokenizer, split.texts, split.labels, max_length=max_length)
 
     def save(folder: Path, encoder, head, recipe) -> None:
-        save_finetuned(folder, encoder, tokenizer, head, recipe)
+        save_finetuned(folder, encoder, tokenizer, head, recipe, base=path)
 
     return _Run(
         task.name, "text", encoder, str(path), task.num_classes, tuple(task.label_names),
         examples(splits.train), examples(splits.test), save,
         {s: len(getattr(splits, s)) for s in ("train", "validation", "test")},
-        {"sizes": asdict(sizes), "max_length": max_length, "source": task.source},
+        {"sizes": asdict(sizes), "max_length": max_length, "source": task.source, **facts},
     )  # fmt: skip
+
+
+def token_lengths(tokenizer, texts) -> list[int]:
+    """Tokens per text with the tokenizer's special tokens, untruncated."""
+    return [len(ids) for ids in tokenizer(list(texts), truncation=False)["input_ids"]]
+
+
+def _model_limit(tokenizer, encoder) -> int | None:
+    """The most tokens the encoder takes: its position embeddings (and the tokenizer's limit)."""
+    limits = [getattr(encoder.config, "max_position_embeddings", None),
+              getattr(tokenizer, "model_max_length", None)]  # fmt: skip
+    limits = [int(n) for n in limits if isinstance(n, int) and 0 < n < 1_000_000]
+    return min(limits) if limits else None
+
+
+MAX_LENGTH_PERCENTILE = 95
+
+
+def choose_max_length(
+    train_lengths: list[int], requested: int | None, limit: int | None, model: str
+) -> tuple[int, str]:
+    """(tokens per text, how it was chosen): `requested`, else the 95th percentile of the
+    training texts' token lengths rounded up to a multiple of 8, capped by the model's `limit`.
+    Raises MergeLabError for a requested length the model cannot take."""
+    if requested is not None:
+        if requested < 2:
+            raise MergeLabError(f"--max-length must be at least 2 (a text's special tokens); got {requested}")
+        if limit is not None and requested > limit:
+            raise MergeLabError(f"--max-length {requested} exceeds what {model} takes ({limit} tokens)")
+        return requested, "given (--max-length)"
+    ordered = sorted(train_lengths) or [2]
+    at = ordered[min(len(ordered) - 1, (len(ordered) * MAX_LENGTH_PERCENTILE + 99) // 100 - 1)]
+    chosen = max(8, -(-at // 8) * 8)
+    rule = (f"{MAX_LENGTH_PERCENTILE}th percentile of the training texts' token lengths ({at}), "
+            "rounded up to a multiple of 8")  # fmt: skip
+    if limit is not None and chosen > limit:
+        chosen, rule = limit, f"{rule}, capped at the model's {limit}"
+    return chosen, rule
+
+
+def _why_unused(task, sizes) -> str:
+    if task.is_user_data:
+        return ("the splits of a user task are 55/15/15% of its rows, the validation and test "
+                "rows drawn from 20% of the groups each; the other rows of those groups are in "
+                "no split")  # fmt: skip
+    return f"a built-in task is split into fixed sizes {sizes.train}/{sizes.validation}/{sizes.test}"
 
 
 def _image_run(name: str, model: str, split_seed: int, input_size: int) -> _Run:
@@ -249,6 +329,8 @@ def _image_run(name: str, model: str, split_seed: int, input_size: int) -> _Run:
         raise MergeLabError(
             f"image task {name!r} holds colour images; fine-tuning reads grayscale [N, H, W]"
         )
+    every = torch.cat([torch.as_tensor(splits.get(s).labels) for s in ("train", "validation", "test")])
+    _check_training_classes(task.name, task.label_names, splits.train.labels, every, split_seed)
     encoder, factory = load_image_encoder(model)
 
     def examples(split) -> TensorExamples:

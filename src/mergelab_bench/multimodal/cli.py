@@ -13,7 +13,7 @@ from rich.console import Console
 from mergelab.cliutil import command_group, fail, parse_seeds
 from mergelab.errors import MergeLabError
 
-log_console = Console(stderr=True)  # progress messages: stdout carries the report
+log_console = Console(stderr=True, soft_wrap=True)  # progress messages: stdout carries the report
 DOCS_SECTION = "multimodal-recipe"  # the marker name of the report's section in a docs file
 MULTIMODAL_HELP = "Modality-specific -> modality-agnostic merging (Sung et al. 2023) in miniature."
 

@@ -641,7 +641,7 @@ def finetune_settings(settings: RecipeSettings, seed: int) -> FinetuneSettings:
         recipe="joint", steps=steps, batch_size=settings.finetune_batch_size,
         learning_rate=settings.finetune_learning_rate,
         head_learning_rate=settings.head_learning_rate, weight_decay=0.01,
-        warmup_steps=max(1, steps // 10), schedule="linear", max_grad_norm=1.0,
+        warmup_steps=min(max(1, steps // 10), steps - 1), schedule="linear", max_grad_norm=1.0,
         freeze_input_embeddings=False, seed=seed,
     )  # fmt: skip
 

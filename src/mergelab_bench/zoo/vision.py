@@ -613,4 +613,4 @@ class VisionZoo:
 def _say(message: str) -> None:
     from rich.console import Console
 
-    Console(stderr=True).print(f"[dim]{message}[/dim]")
+    Console(stderr=True, soft_wrap=True).print(f"[dim]{message}[/dim]")
