@@ -211,6 +211,8 @@ def test_failed_evaluations_fail_their_trials_and_the_search_goes_on(setup):
     errors = sorted(t.error for t in result.trials if t.value is None)
     assert errors == ["RuntimeError: the evaluator broke", "the evaluator returned nan"]
     assert all(math.isfinite(t.value) for t in result.trials if t.value is not None)
+    # each trial's build and evaluation seconds are kept in the study (a resumed run has them)
+    assert all(t.merge_seconds > 0 and t.eval_seconds > 0 for t in result.trials if t.value is not None)
 
 
 def test_a_study_of_another_search_is_refused(setup):

@@ -263,6 +263,7 @@ def run_search(
                 break
             for number, (value, scores, error, merge_s, eval_s) in pool.wait():
                 trial, config = running.pop(number)
+                trial.set_user_attr("seconds", [merge_s, eval_s])  # build, evaluation
                 if scores:
                     trial.set_user_attr("scores", scores)
                 if value is None:
@@ -294,9 +295,10 @@ def _result(study) -> SearchResult:
     for t in study.trials:
         if t.state not in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL):
             continue
+        build_s, eval_s = t.user_attrs.get("seconds", (0.0, 0.0))
         outcomes.append(TrialOutcome(
             t.number, t.values[0] if t.state == optuna.trial.TrialState.COMPLETE else None,
-            t.user_attrs.get("config", {}), 0.0, 0.0,
+            t.user_attrs.get("config", {}), float(build_s), float(eval_s),
             t.user_attrs.get("error", "interrupted (the run was killed mid-trial)")
             if t.state == optuna.trial.TrialState.FAIL else "",
             dict(t.user_attrs.get("scores", {})),
