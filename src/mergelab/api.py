@@ -79,8 +79,11 @@ def _tracked(opener):
     return open_source, opened
 
 
-def plan_merge(config: str | os.PathLike | Mapping | MergeConfig) -> MergePlan:
+def plan_merge(config: str | os.PathLike | Mapping | MergeConfig, *, strict: bool = False) -> MergePlan:
     """Validate a config (file path, mapping or MergeConfig) and its sources; return the plan.
+
+    strict: refuse parameters that mergekit accepts and ignores (by default they are ignored,
+    with a note saying so).
 
     Every config is accepted, `data:` included: a data-aware method's plan is validated in full
     (parameters, sources, tasks, heads, statistics folders) without running any data; its data
@@ -90,7 +93,7 @@ def plan_merge(config: str | os.PathLike | Mapping | MergeConfig) -> MergePlan:
     label = str(config) if isinstance(config, (str, os.PathLike)) else None
     open_source, opened = _tracked(_opener(config_dir))
     try:  # when validation fails, the sources opened so far are closed before the error
-        plan = _build(cfg, open_source, label, config_dir)
+        plan = _build(cfg, open_source, label, config_dir, strict=strict)
         _provider(plan, config_dir, label)  # checks the data section's folders, tasks and heads
     except BaseException:
         _close_all(opened)
@@ -127,9 +130,9 @@ def _provider(plan: MergePlan, config_dir: Path | None, label: str | None):
 
 
 def _build(cfg: MergeConfig, open_source, label: str | None, config_dir: Path | None = None,
-           data_supplied: bool = False) -> MergePlan:
+           data_supplied: bool = False, strict: bool = False) -> MergePlan:
     return build_plan(cfg, open_source, source_label=label, open_grams=_gram_opener(config_dir),
-                      data_supplied=data_supplied)
+                      data_supplied=data_supplied, strict=strict)
 
 
 def merge(
@@ -144,6 +147,7 @@ def merge(
     allow_nonfinite: bool = False,
     progress: bool = True,
     workers: int | None = None,
+    strict: bool = False,
 ) -> MergeReport | MergePlan:
     """Merge the checkpoints a config names and write the result to `out_dir`.
 
@@ -155,14 +159,15 @@ def merge(
     the output as `mergelab_config.yml`) the engine executes. The output is written into a
     temporary folder beside `out_dir` and renamed into place only when complete; an existing
     `out_dir` is refused unless `overwrite`, and writing into an input always is.
-    With `dry_run`, returns the validated MergePlan and writes nothing.
+    With `dry_run`, returns the validated MergePlan and writes nothing. `strict` refuses
+    parameters that mergekit accepts and ignores (by default: ignored, with a note).
     Returns a MergeReport (timings, bytes, notes).
     """
     cfg, config_dir = _read_config(config)
     label = str(config) if isinstance(config, (str, os.PathLike)) else None
     open_source, opened = _tracked(_opener(config_dir))
     try:  # a config that fails validation leaves no source open
-        plan = _build(cfg, open_source, label, config_dir)
+        plan = _build(cfg, open_source, label, config_dir, strict=strict)
         provider = _provider(plan, config_dir, label)
     except BaseException:
         _close_all(opened)
@@ -297,6 +302,7 @@ def merge_state_dicts(
     seed: int = 0,
     allow_nonfinite: bool = False,
     progress: bool = False,
+    strict: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Merge in memory: the config's model names are keys of `state_dicts`.
 
@@ -305,7 +311,7 @@ def merge_state_dicts(
     """
     cfg, config_dir = _read_config(config)
     open_source = _state_dict_opener(state_dicts)
-    plan = _build(cfg, open_source, None)
+    plan = _build(cfg, open_source, None, strict=strict)
     if plan.needs_data_stage:
         plan = _statistics_from_folders(plan, open_source, config_dir, device)
     sink = MemorySink(plan)

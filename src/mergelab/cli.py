@@ -52,13 +52,16 @@ def merge(
     allow_nonfinite: bool = typer.Option(False, help="Merge sources holding NaN/Inf anyway."),
     profile: bool = typer.Option(False, help="Print where the time went (read, merge, write)."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
+    strict: bool = typer.Option(
+        False, help="Refuse parameters that mergekit accepts and ignores (default: a warning)."
+    ),
 ) -> None:
     """Merge the models a CONFIG names into the folder --out."""
     from mergelab import api
 
     try:
         if dry_run:
-            plan = api.plan_merge(config)
+            plan = api.plan_merge(config, strict=strict)
             try:
                 _print_plan(plan)
             finally:
@@ -74,6 +77,7 @@ def merge(
             seed=seed,
             allow_nonfinite=allow_nonfinite,
             progress=progress,
+            strict=strict,
         )
     except MergeLabError as exc:
         fail(exc)
@@ -152,12 +156,17 @@ def _print_data_stage(plan) -> None:
 
 
 @app.command()
-def validate(config: Path = typer.Argument(..., help="Merge config to check.")) -> None:
+def validate(
+    config: Path = typer.Argument(..., help="Merge config to check."),
+    strict: bool = typer.Option(
+        False, help="Refuse parameters that mergekit accepts and ignores (default: a warning)."
+    ),
+) -> None:
     """Check a config and its sources completely without merging."""
     from mergelab import api
 
     try:
-        plan = api.plan_merge(config)
+        plan = api.plan_merge(config, strict=strict)
     except MergeLabError as exc:
         fail(exc)
     api.close_plan(plan)

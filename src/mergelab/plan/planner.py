@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from mergelab.errors import CheckpointError, ConfigError
-from mergelab.methods.registry import MergeMethod, Param, ParamValue, get_method
+from mergelab.methods.registry import MergeMethod, Param, ParamValue, get_method, list_methods
 from mergelab.plan import expert_groups
 from mergelab.plan.config import MergeConfig, Parameters
 from mergelab.plan.layout import (  # noqa: F401  (LAYER_RE, TensorSource: re-exported)
@@ -190,6 +190,7 @@ def build_plan(
     source_label: str | None = None,
     open_grams: Callable[[str], expert_groups.GramLookup] | None = None,
     data_supplied: bool = False,
+    strict: bool = False,
 ) -> MergePlan:
     """Validate `config` against its sources and return the per-tensor plan.
 
@@ -199,25 +200,33 @@ def build_plan(
         mergelab.stats.GramStore, a lazy reader of a statistics folder.
     data_supplied: the caller brings the data of a data-aware method itself (mergelab.data_merge),
         so the config needs no `data:` section.
+    strict: parameters mergekit accepts and ignores (for a method declared `mergekit`) are
+        errors, as for mergelab's own methods; by default they are ignored with a plan note.
     A data-aware method's plan is complete except for its statistics (`awaits_statistics`),
     which the statistics stage attaches (`attach_statistics`); an optimised method's plan is
     validated here and replaced by its optimiser's output plan.
     Raises ConfigError listing every problem found.
     """
     problems = _Problems()
+    ignored: list[str] = []
     try:
         method = get_method(config.merge_method)
     except KeyError as exc:
-        raise ConfigError([f"merge_method: {exc.args[0]}"], source_label) from None
+        # Still check that every source opens: all problems are reported at once.
+        problems.add(f"merge_method: {exc.args[0]}")
+        _open_sources(config, config.referenced_models(), open_source, problems)
+        raise ConfigError(problems.items, source_label) from None
 
     _check_data_section(config, method, problems, data_supplied)
-    _check_parameter_settings(config, method, problems)
+    ignored = _check_parameter_settings(config, method, problems, strict)
     groups = config.expert_groups is not None
     if groups:
         problems.extend(expert_groups.check_config(config, method))
     keys = expert_groups.source_keys(config, method) if groups else config.referenced_models()
     sources = _open_sources(config, keys, open_source, problems)
-    if problems:
+    if len(sources) < len(keys) or (groups and problems):
+        # A source that does not open leaves nothing to check tensors against (nor does a bad
+        # expert-group section); the problems found so far are reported together.
         raise ConfigError(problems.items, source_label)
 
     merge_dtype = DTYPE_BY_NAME[config.dtype] if config.dtype else None
@@ -234,29 +243,32 @@ def build_plan(
         planner.notes.extend(layout.notes)
         statistics = layout.statistics
     else:
+        before = len(problems.items)
         slices = _normalise_slices(config, method, sources, problems)
         for spec in slices:
             _check_arity(spec, method, problems)
-        if problems:
+        if len(problems.items) > before:
+            # Wrong layer ranges or inputs would make every tensor check below a duplicate.
             raise ConfigError(problems.items, source_label)
         _plan_tensors(config, slices, sources, planner)
         donor = config.base_model or (slices[0].sources[0][0] if slices else None)
+    tok = config.tokenizer_source
+    if tok not in (None, "base") and tok not in sources:
+        try:
+            sources[tok] = open_source(tok)
+        except (CheckpointError, FileNotFoundError) as exc:
+            problems.add(f"tokenizer_source: {exc}")
     if problems:
         raise ConfigError(problems.items, source_label)
     tasks, notes = planner.tasks, planner.notes
+    notes[:0] = ignored
     notes.extend(_dtype_notes(sources, tasks, merge_dtype))
     if config.chat_template is not None:
         notes.append(
             "chat_template is not applied yet: the output keeps the tokenizer files of "
             f"{config.tokenizer_source or 'the base model'} as they are"
         )
-    tok = config.tokenizer_source
     tokenizer_donor = donor if tok in (None, "base") else tok
-    if tok not in (None, "base") and tok not in sources:
-        try:
-            sources[tok] = open_source(tok)
-        except (CheckpointError, FileNotFoundError) as exc:
-            raise ConfigError([f"tokenizer_source: {exc}"], source_label) from None
     out_config = _output_config(config, sources.get(donor) if donor else None, slices)
     return MergePlan(
         config=config,
@@ -408,12 +420,31 @@ def _parameter_scopes(config: MergeConfig) -> list[tuple[str, Parameters, bool]]
     return scopes
 
 
-def _check_parameter_settings(config: MergeConfig, method: MergeMethod, problems: _Problems):
+def _check_parameter_settings(
+    config: MergeConfig, method: MergeMethod, problems: _Problems, strict: bool = False
+) -> list[str]:
+    """Check every parameter setting of the config against `method`'s declaration.
+
+    A parameter that mergekit accepts for this method and ignores (the method is declared
+    `mergekit`, not `strict`): another registered method's parameter (`weight` for
+    model_stock), or a global parameter given per model (`lambda` per model for della), is
+    ignored as mergekit ignores it; returns one warning per such setting. A name no method has
+    stays an error (a typo, with a "did you mean").
+    """
     known = [p.name for p in method.params]
+    lenient = method.mergekit and not strict
+    anywhere = {p.name for m in list_methods() for p in m.params}
+    ignored: list[str] = []
     for path, settings, per_model in _parameter_scopes(config):
         for name, setting in settings.items():
             param = method.param(name)
             if param is None:
+                if lenient and name in anywhere:
+                    ignored.append(
+                        f"{path}.{name}: `{method.name}` has no parameter `{name}`; ignored, as "
+                        "mergekit ignores it (--strict refuses it)"
+                    )
+                    continue
                 import difflib
 
                 close = difflib.get_close_matches(name, known, n=1)
@@ -425,6 +456,12 @@ def _check_parameter_settings(config: MergeConfig, method: MergeMethod, problems
                 )
                 continue
             if per_model and not param.per_model:
+                if lenient:
+                    ignored.append(
+                        f"{path}.{name}: `{name}` is a global parameter of `{method.name}`; the "
+                        "per-model value is ignored, as mergekit ignores it (--strict refuses it)"
+                    )
+                    continue
                 shared = "a group's" if config.expert_groups is not None else "slice"
                 problems.add(
                     f"{path}.{name}: `{name}` is a global parameter of `{method.name}`; "
@@ -434,6 +471,7 @@ def _check_parameter_settings(config: MergeConfig, method: MergeMethod, problems
                 msg = param.check(leaf)
                 if msg:
                     problems.add(f"{path}.{name}: {msg} (method `{method.name}`)")
+    return ignored
 
 
 def _normalise_slices(
@@ -685,7 +723,10 @@ class _TensorPlanner:
     ) -> dict[str, ParamValue]:
         out: dict[str, ParamValue] = {}
         for p in params:
-            value = resolve_param(p, scopes, tensor_name, t)
+            try:
+                value = resolve_param(p, scopes, tensor_name, t)
+            except (TypeError, ValueError):
+                continue  # a value of the wrong type: reported by _check_parameter_settings
             if value is MISSING:
                 who = f" for {label}" if label else ""
                 self.problems.add(

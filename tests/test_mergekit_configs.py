@@ -1,0 +1,125 @@
+"""mergekit configs that run unchanged: parameters mergekit ignores, every problem at once."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mergelab import ConfigError, merge_state_dicts
+from mergelab.api import _state_dict_opener, plan_merge
+from mergelab.plan.config import parse_config
+from mergelab.plan.planner import build_plan
+
+
+def _layered(values: list[float], extra: float = 0.0) -> dict[str, torch.Tensor]:
+    sd = {"model.embed_tokens.weight": torch.full((4, 2), extra)}
+    for i, v in enumerate(values):
+        sd[f"model.layers.{i}.mlp.weight"] = torch.full((2, 2), float(v))
+    sd["model.norm.weight"] = torch.full((2,), extra + 1)
+    return sd
+
+
+def _sds() -> dict[str, dict[str, torch.Tensor]]:
+    return {"base": _layered([0, 0, 0]), "a": _layered([1, 2, 3], 1.0), "b": _layered([3, 2, 1], 2.0)}
+
+
+def _plan(raw: dict, sds: dict, *, strict: bool = False):
+    return build_plan(parse_config(raw), _state_dict_opener(sds), strict=strict)
+
+
+IGNORED = [
+    # (config, the setting named in the warning)
+    ({"merge_method": "model_stock", "base_model": "base",
+      "models": [{"model": "a", "parameters": {"weight": 1.0}}, {"model": "b"}]},
+     "models.0.parameters.weight"),
+    ({"merge_method": "sce", "base_model": "base", "parameters": {"normalize": True},
+      "models": [{"model": "a"}, {"model": "b"}]}, "parameters.normalize"),
+    ({"merge_method": "della", "base_model": "base", "parameters": {"epsilon": 0.05},
+      "models": [{"model": "a", "parameters": {"weight": 0.5, "density": 0.5, "lambda": 0.9}},
+                 {"model": "b", "parameters": {"weight": 0.5, "density": 0.5}}]},
+     "models.0.parameters.lambda"),
+]
+
+
+@pytest.mark.parametrize(("raw", "key"), IGNORED, ids=["model_stock-weight", "sce-normalize", "della-lambda"])
+def test_parameters_mergekit_ignores_are_warned_about_and_ignored(raw, key):
+    sds = _sds()
+    plan = _plan(raw, sds)
+    warnings = [n for n in plan.notes if n.startswith(key)]
+    assert len(warnings) == 1 and "ignored" in warnings[0] and "--strict" in warnings[0], plan.notes
+    # Ignored means ignored: the merge equals the one without the setting.
+    merged = merge_state_dicts(raw, sds, seed=3)
+    without = _drop(raw, key)
+    assert not any(n.startswith(key) for n in _plan(without, sds).notes)
+    reference = merge_state_dicts(without, sds, seed=3)
+    for name, tensor in reference.items():
+        torch.testing.assert_close(merged[name], tensor, rtol=0, atol=0)
+    # --strict keeps today's error, naming the key.
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        _plan(raw, sds, strict=True)
+
+
+def _drop(raw: dict, key: str) -> dict:
+    import copy
+
+    out = copy.deepcopy(raw)
+    parts = key.split(".")
+    node = out
+    for part in parts[:-1]:
+        node = node[int(part)] if part.isdigit() else node[part]
+    del node[parts[-1]]
+    return out
+
+
+def test_a_typo_stays_an_error_and_mergelabs_own_methods_stay_strict():
+    sds = _sds()
+    with pytest.raises(ConfigError, match="desnity: unknown parameter of method `ties`.*`density`"):
+        _plan({"merge_method": "ties", "base_model": "base",
+               "models": [{"model": "a", "parameters": {"weight": 1, "desnity": 0.5}}]}, sds)
+    # interpolation is not a mergekit method: its configs follow mergelab's rules only.
+    with pytest.raises(ConfigError, match="`alpha` is a global parameter of `interpolation`"):
+        _plan({"merge_method": "interpolation",
+               "models": [{"model": "a", "parameters": {"alpha": 0.5}}, {"model": "b"}]}, sds)
+
+
+def test_every_problem_of_a_config_is_reported_at_once():
+    sds = _sds()
+    wrong = _layered([1, 2, 3])
+    wrong["model.layers.1.mlp.weight"] = torch.zeros(3, 2)
+    sds["wrong"] = wrong
+    raw = {"merge_method": "ties", "base_model": "base",
+           "models": [{"model": "a", "parameters": {"weight": 1.0, "density": 1.5}},
+                      {"model": "wrong", "parameters": {"weight": 1.0, "density": 0.5}}]}
+    with pytest.raises(ConfigError) as info:
+        _plan(raw, sds)
+    text = str(info.value)
+    # a parameter out of range and a tensor of another shape: both, not only the first
+    assert "models.0.parameters.density" in text and "[0, 1]" in text
+    assert "model.layers.1.mlp.weight" in text and "differs" in text
+    # an unknown method and a source that does not exist: both
+    with pytest.raises(ConfigError) as info:
+        _plan({"merge_method": "tiess", "models": [{"model": "a"}, {"model": "missing"}]},
+              {"a": sds["a"]})
+    text = str(info.value)
+    assert "unknown merge method 'tiess'" in text and "'missing'" in text
+
+
+def test_cli_strict_flag(tmp_path):
+    from conftest import save_checkpoint
+    from typer.testing import CliRunner
+
+    from mergelab.cli import app
+
+    sds = _sds()
+    folders = {k: save_checkpoint(tmp_path / k, v) for k, v in sds.items()}
+    config = tmp_path / "merge.yml"
+    config.write_text(
+        f"merge_method: model_stock\nbase_model: {folders['base']}\nmodels:\n"
+        f"  - model: {folders['a']}\n    parameters: {{weight: 1.0}}\n  - model: {folders['b']}\n"
+    )
+    runner = CliRunner()
+    ok = runner.invoke(app, ["validate", str(config)])
+    assert ok.exit_code == 0 and "ignored" in ok.output, ok.output
+    refused = runner.invoke(app, ["validate", str(config), "--strict"])
+    assert refused.exit_code == 1 and "models.0.parameters.weight" in refused.output
+    assert plan_merge(config).notes[0].startswith("models.0.parameters.weight")
