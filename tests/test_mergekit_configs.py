@@ -123,3 +123,107 @@ def test_cli_strict_flag(tmp_path):
     refused = runner.invoke(app, ["validate", str(config), "--strict"])
     assert refused.exit_code == 1 and "models.0.parameters.weight" in refused.output
     assert plan_merge(config).notes[0].startswith("models.0.parameters.weight")
+
+
+# ---------------------------------------------------------------- multi-document configs
+
+
+def _folders(tmp_path):
+    from conftest import save_checkpoint
+
+    return {k: save_checkpoint(tmp_path / k, v) for k, v in _sds().items()}
+
+
+def _load(folder):
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "model.safetensors"))
+
+
+MULTI = """\
+merge_method: task_arithmetic
+base_model: base
+models:
+  - model: halfway
+    parameters: {weight: 2.0}
+  - model: b
+    parameters: {weight: 0.5}
+---
+name: halfway
+merge_method: linear
+models:
+  - {model: a, parameters: {weight: 0.5}}
+  - {model: base, parameters: {weight: 0.5}}
+"""
+
+
+def test_stages_run_in_order_into_temporary_folders(tmp_path):
+    import mergelab
+
+    _folders(tmp_path)
+    config = tmp_path / "multi.yml"
+    config.write_text(MULTI)  # the final merge comes first in the file: order follows references
+    report = mergelab.merge(config, tmp_path / "out", progress=False)
+    sds = _sds()
+    out = _load(tmp_path / "out")
+    for name, base in sds["base"].items():
+        halfway = 0.5 * sds["a"][name] + 0.5 * base
+        expected = base + 2.0 * (halfway - base) + 0.5 * (sds["b"][name] - base)
+        torch.testing.assert_close(out[name], expected)
+    assert any("stage `halfway`: merged 5 tensors with `linear`" in n for n in report.notes)
+    # Nothing of the intermediate stage is left beside the output.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "base", "multi.yml", "out"]
+    plan = mergelab.plan_merge(config)
+    try:
+        assert plan.method.name == "task_arithmetic"
+        assert any("stage `halfway` runs first (`linear`, 5 tensors)" in n for n in plan.notes)
+    finally:
+        mergelab.api.close_plan(plan)
+
+
+def _count_reads(monkeypatch) -> list[str]:
+    from mergelab.checkpoint.reader import CheckpointReader
+
+    reads: list[str] = []
+    original = CheckpointReader.get
+
+    def get(self, name):
+        reads.append(name)
+        return original(self, name)
+
+    monkeypatch.setattr(CheckpointReader, "get", get)
+    return reads
+
+
+BAD_STAGES = {
+    "unknown": ("name: one\nmerge_method: linear\nmodels: [{model: a, parameters: {weight: 1}}]\n---\n"
+                "merge_method: linear\nmodels: [{model: onee, parameters: {weight: 1}}]\n",
+                r"model 'onee' is neither a stage of this file \(`one`\) nor a file or folder "
+                r"\(did you mean stage `one`\?\)"),
+    "cycle": ("name: one\nmerge_method: linear\nmodels: [{model: two, parameters: {weight: 1}}]\n---\n"
+              "name: two\nmerge_method: linear\nmodels: [{model: one, parameters: {weight: 1}}]\n---\n"
+              "merge_method: linear\nmodels: [{model: two, parameters: {weight: 1}}]\n",
+              "stages read each other in a cycle: `one` -> `two` -> `one`"),
+    "duplicate": ("name: one\nmerge_method: linear\nmodels: [{model: a, parameters: {weight: 1}}]\n---\n"
+                  "name: one\nmerge_method: linear\nmodels: [{model: b, parameters: {weight: 1}}]\n",
+                  "stage name `one` is used by 2 documents"),
+    "later stage invalid": (
+        "name: one\nmerge_method: linear\nmodels: [{model: a, parameters: {weight: 1}}]\n---\n"
+        "merge_method: ties\nbase_model: base\nmodels: [{model: one, parameters: {weight: 1, density: 2}}]\n",
+        r"the final \(unnamed\) stage: models.0.parameters.density: `density` must be in \[0, 1\]"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_STAGES))
+def test_bad_stages_are_refused_before_any_tensor_is_read(tmp_path, monkeypatch, case):
+    import mergelab
+
+    _folders(tmp_path)
+    text, message = BAD_STAGES[case]
+    config = tmp_path / "multi.yml"
+    config.write_text(text)
+    reads = _count_reads(monkeypatch)
+    with pytest.raises(ConfigError, match=message):
+        mergelab.merge(config, tmp_path / "out", progress=False)
+    assert reads == [] and not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -15,11 +16,13 @@ import yaml
 
 from mergelab.checkpoint import ShardedWriter, open_checkpoint, parse_size
 from mergelab.checkpoint.format import CONFIG_FILES, TOKENIZER_FILES
-from mergelab.checkpoint.memory import StateDictSource
+from mergelab.checkpoint.memory import ListedSource, StateDictSource
 from mergelab.engine.execute import MemorySink, MergeReport, execute
-from mergelab.errors import ConfigError, MergeLabError
+from mergelab.errors import CheckpointError, ConfigError, MergeLabError
+from mergelab.fileio import temporary_folder
 from mergelab.plan.config import ExpertGroupSpec, MergeConfig, load_config, parse_config
 from mergelab.plan.expert_groups import GramLookup
+from mergelab.plan.multistage import StagedConfig, order_stages, read_documents
 from mergelab.plan.planner import MergePlan, build_plan
 
 
@@ -44,8 +47,15 @@ def _resolve_path(name: str, config_dir: Path | None) -> Path:
     return path
 
 
-def _opener(config_dir: Path | None):
+def _opener(config_dir: Path | None, stages: Mapping[str, Any] | None = None):
+    """The source opener of a config: paths as given or under `config_dir`, `model+adapter`
+    pairs, and (multi-document configs) stage names: `stages` maps a stage's name to its
+    written folder, or to its output's tensor list before it ran (a ListedSource)."""
+
     def open_source(model: str):
+        if stages is not None and model in stages:
+            written = stages[model]
+            return open_checkpoint(written) if isinstance(written, Path) else written
         if not (config_dir is not None and (config_dir / model).exists()):
             from mergelab.lora.source import open_folded, split_model_adapter
 
@@ -83,12 +93,21 @@ def plan_merge(config: str | os.PathLike | Mapping | MergeConfig, *, strict: boo
     """Validate a config (file path, mapping or MergeConfig) and its sources; return the plan.
 
     strict: refuse parameters that mergekit accepts and ignores (by default they are ignored,
-    with a note saying so).
+    with a note saying so). A multi-document file (mergekit-multi) is validated stage by stage,
+    each against the outputs of the stages it reads; the final stage's plan is returned, its
+    notes naming the stages that run first.
 
     Every config is accepted, `data:` included: a data-aware method's plan is validated in full
     (parameters, sources, tasks, heads, statistics folders) without running any data; its data
     stage is described by `mergelab.plan.stages.describe_data_stage` (`--dry-run` prints it).
     """
+    staged = _staged(config)
+    if staged is not None:
+        plans = _plan_stages(staged, Path(config), strict)
+        final = plans.pop(staged.final.name)
+        for plan in plans.values():
+            close_plan(plan)
+        return final
     cfg, config_dir = _read_config(config)
     label = str(config) if isinstance(config, (str, os.PathLike)) else None
     open_source, opened = _tracked(_opener(config_dir))
@@ -161,11 +180,29 @@ def merge(
     `out_dir` is refused unless `overwrite`, and writing into an input always is.
     With `dry_run`, returns the validated MergePlan and writes nothing. `strict` refuses
     parameters that mergekit accepts and ignores (by default: ignored, with a note).
+    A multi-document file (mergekit-multi: stages that read each other by `name`) has every
+    stage validated first, then runs them in order, each into a folder inside a temporary
+    folder beside `out_dir` (removed at the end), the final stage into `out_dir`.
     Returns a MergeReport (timings, bytes, notes).
     """
+    options = dict(device=device, out_shard_size=out_shard_size, overwrite=overwrite, seed=seed,
+                   allow_nonfinite=allow_nonfinite, progress=progress, workers=workers)
+    staged = _staged(config)
+    if staged is not None:
+        return _merge_stages(staged, Path(config), out_dir, dry_run=dry_run, strict=strict,
+                             **options)
     cfg, config_dir = _read_config(config)
     label = str(config) if isinstance(config, (str, os.PathLike)) else None
-    open_source, opened = _tracked(_opener(config_dir))
+    return _merge_config(cfg, config_dir, label, out_dir, dry_run=dry_run, strict=strict,
+                         **options)
+
+
+def _merge_config(
+    cfg: MergeConfig, config_dir: Path | None, label: str | None, out_dir, *, dry_run: bool,
+    strict: bool, stages: Mapping[str, Any] | None = None, **options,
+) -> MergeReport | MergePlan:  # fmt: skip
+    """Validate and run one config (a plain file, or one stage of a multi-document file)."""
+    open_source, opened = _tracked(_opener(config_dir, stages))
     try:  # a config that fails validation leaves no source open
         plan = _build(cfg, open_source, label, config_dir, strict=strict)
         provider = _provider(plan, config_dir, label)
@@ -176,13 +213,113 @@ def merge(
         plan.config_dir = config_dir
         return plan
     try:  # the sources' files are closed however the merge ends
-        return _merge_plan(
-            plan, out_dir, device=device, out_shard_size=out_shard_size, overwrite=overwrite,
-            seed=seed, allow_nonfinite=allow_nonfinite, progress=progress, workers=workers,
-            provider=provider, config_dir=config_dir, open_source=open_source, label=label,
-        )  # fmt: skip
+        return _merge_plan(plan, out_dir, provider=provider, config_dir=config_dir,
+                           open_source=open_source, label=label, **options)
     finally:
         close_plan(plan)
+
+
+def _staged(config: Any) -> StagedConfig | None:
+    """The ordered stages of a multi-document config file; None for anything else."""
+    if not isinstance(config, (str, os.PathLike)):
+        return None
+    documents = read_documents(config)
+    if len(documents) <= 1:
+        return None
+    config_dir = Path(config).parent
+
+    def exists(model: str) -> bool:
+        from mergelab.lora.source import split_model_adapter
+
+        pair = split_model_adapter(model) if not (config_dir / model).exists() else None
+        for part in pair or (model,):
+            try:
+                _resolve_path(part, config_dir)
+            except FileNotFoundError:
+                return False
+        return True
+
+    return order_stages(documents, str(config), exists=exists)
+
+
+def _plan_stages(staged: StagedConfig, path: Path, strict: bool) -> dict[str | None, MergePlan]:
+    """Plan every stage before any tensor is read: a stage's readers see the outputs of the
+    stages before it as their tensor lists. Returns stage name -> plan (sources open); on a
+    problem, closes what it opened and raises one ConfigError listing every stage's problems."""
+    plans: dict[str | None, MergePlan] = {}
+    listed: dict[str, ListedSource] = {}
+    problems: list[str] = []
+    for stage in staged.stages:
+        label = f"{path} ({stage.label})"
+        if any(ref not in listed for ref in stage.reads):
+            continue  # a stage it reads is invalid: reported there
+        try:
+            plan = _merge_config(stage.config, path.parent, label, None, dry_run=True,
+                                 strict=strict, stages=listed)
+        except ConfigError as exc:
+            problems.extend(f"{stage.label}: {p}" for p in exc.problems)
+            continue
+        plans[stage.name] = plan
+        if stage.name is not None:
+            listed[stage.name] = ListedSource(
+                f"the output of stage `{stage.name}`",
+                {t.name: (t.shape, t.out_dtype) for t in plan.tasks},
+                plan.out_config,
+            )
+    if problems:
+        for plan in plans.values():
+            close_plan(plan)
+        raise ConfigError(problems, str(path))
+    final = plans[staged.final.name]
+    for stage in staged.stages[:-1]:
+        plan = plans[stage.name]
+        final.notes.append(
+            f"{stage.label} runs first (`{plan.method.name}`, {len(plan.tasks)} tensors) into a "
+            "temporary folder"
+        )
+    for name in staged.unused:
+        final.notes.append(f"stage `{name}` is not read by the final merge and is not run")
+    return plans
+
+
+def _merge_stages(staged: StagedConfig, path: Path, out_dir, *, dry_run: bool, strict: bool,
+                  **options) -> MergeReport | MergePlan:  # fmt: skip
+    """Run the stages of a multi-document config in order (all validated first)."""
+    plans = _plan_stages(staged, path, strict)
+    final_plan = plans.pop(staged.final.name)
+    for plan in plans.values():
+        close_plan(plan)
+    if dry_run:
+        return final_plan
+    close_plan(final_plan)
+    out = Path(out_dir).expanduser().absolute()
+    if out.exists() and not options["overwrite"]:
+        raise CheckpointError(
+            f"refusing to write checkpoint: output folder {out} already exists "
+            "(pass overwrite=True to replace)"
+        )
+    notes: list[str] = []
+    work = temporary_folder(out)
+    try:
+        written: dict[str, Path] = {}
+        for i, stage in enumerate(staged.stages[:-1]):
+            folder = work / f"stage-{i}"
+            report = _merge_config(
+                stage.config, path.parent, f"{path} ({stage.label})", folder, dry_run=False,
+                strict=strict, stages=written, **{**options, "overwrite": False},
+            )  # fmt: skip
+            written[stage.name] = folder
+            notes.append(f"{stage.label}: merged {report.tensors} tensors with `{report.method}` "
+                         "into an intermediate folder (removed after)")
+            notes.extend(f"{stage.label}: {n}" for n in report.notes)
+        report = _merge_config(staged.final.config, path.parent, f"{path} ({staged.final.label})",
+                               out, dry_run=False, strict=strict, stages=written, **options)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    report.notes[:0] = notes
+    report.notes.extend(f"stage `{n}` is not read by the final merge and was not run"
+                        for n in staged.unused)
+    return report
 
 
 def _merge_plan(
