@@ -227,3 +227,38 @@ def test_bad_stages_are_refused_before_any_tensor_is_read(tmp_path, monkeypatch,
         mergelab.merge(config, tmp_path / "out", progress=False)
     assert reads == [] and not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+# ---------------------------------------------------------------- modules: {default: ...}
+
+
+def test_default_module_is_the_plain_config_with_its_parameters_between_slice_and_global():
+    sds = _sds()
+    slices = [{"sources": [{"model": "a", "layer_range": [0, 3]}, {"model": "b", "layer_range": [0, 3]}]}]
+    module_form = {
+        "merge_method": "slerp", "base_model": "a",
+        "modules": {"default": {"slices": slices,
+                                "parameters": {"t": [{"filter": "mlp", "value": [0.0, 1.0]}]}}},
+        "parameters": {"t": 0.3},
+    }
+    merged = merge_state_dicts(module_form, sds)
+    # mergekit's order: the module's filter matches the layers; other tensors fall back to the
+    # global `t`.
+    by_hand_layers = merge_state_dicts({"merge_method": "slerp", "base_model": "a", "slices": slices,
+                                        "parameters": {"t": [0.0, 1.0]}}, sds)
+    by_hand_rest = merge_state_dicts({"merge_method": "slerp", "base_model": "a", "slices": slices,
+                                      "parameters": {"t": 0.3}}, sds)
+    for name, tensor in merged.items():
+        expected = by_hand_layers[name] if "mlp" in name else by_hand_rest[name]
+        torch.testing.assert_close(tensor, expected)
+    assert not torch.equal(by_hand_layers["model.norm.weight"], by_hand_rest["model.norm.weight"])
+
+
+def test_modules_other_than_default_and_mixed_forms_are_refused():
+    with pytest.raises(ConfigError) as info:
+        parse_config({"merge_method": "linear", "models": [{"model": "a"}],
+                      "modules": {"default": {"models": [{"model": "a"}]},
+                                  "vision_tower": {"models": [{"model": "a"}]}}})
+    text = str(info.value)
+    assert "only the `default` module is supported" in text and "`vision_tower`" in text
+    assert "exactly one of `models`, `slices` and `modules`" in text

@@ -275,11 +275,18 @@ def _is_union_tag(part: Any) -> bool:
 
 
 def parse_config(data: Any, source: str | None = None) -> MergeConfig:
-    """Validate a config mapping; every schema problem is reported at once with its key path."""
+    """Validate a config mapping; every schema problem is reported at once with its key path.
+
+    mergekit's `modules: {default: {slices|models, parameters}}` form is read as the same
+    config without `modules` (`flatten_default_module`)."""
     if isinstance(data, MergeConfig):
         return data
     if not isinstance(data, dict):
         raise ConfigError(f"the config must be a mapping; got {type(data).__name__}", source)
+    if "modules" in data:
+        data, problems = flatten_default_module(data)
+        if problems:
+            raise ConfigError(problems, source)
     try:
         return MergeConfig.model_validate(data)
     except ValidationError as exc:
@@ -289,6 +296,60 @@ def parse_config(data: Any, source: str | None = None) -> MergeConfig:
             if text not in problems:
                 problems.append(text)
         raise ConfigError(_prune_union_noise(problems), source) from None
+
+
+def flatten_default_module(data: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """mergekit's `modules:` form with its one `default` module, as a plain config.
+
+    The module's `slices` or `models` become the config's; its `parameters` sit between a
+    slice's and the global ones in mergekit's search order, so each key set at both levels
+    becomes one filter list, the module's entries first (the first match wins, so a filter of
+    the module that does not match a tensor falls back to the global value, as in mergekit).
+    Other modules (a multimodal model's towers) are not supported. Returns (config, problems).
+    """
+    modules = data.get("modules")
+    problems: list[str] = []
+    if not isinstance(modules, dict) or not modules:
+        return data, ["modules: give a mapping with a `default` module"]
+    others = sorted(str(k) for k in modules if k != "default")
+    if others:
+        problems.append(
+            f"modules: only the `default` module is supported (one model's layers); got "
+            f"{', '.join(f'`{k}`' for k in others)}"
+        )
+    module = modules.get("default")
+    if not isinstance(module, dict):
+        problems.append("modules.default: give `slices` or `models` (and optional `parameters`)")
+        return data, problems
+    extra = sorted(set(module) - {"slices", "models", "parameters"})
+    if extra:
+        problems.append(f"modules.default: unknown key(s) {', '.join(map(str, extra))}")
+    if ("slices" in data) or ("models" in data):
+        problems.append("modules: give exactly one of `models`, `slices` and `modules`")
+    if problems:
+        return data, problems
+    out = {k: v for k, v in data.items() if k != "modules"}
+    for key in ("slices", "models"):
+        if key in module:
+            out[key] = module[key]
+    shared = module.get("parameters") or {}
+    if shared:
+        merged = dict(shared)
+        for name, setting in (data.get("parameters") or {}).items():
+            if name in merged:
+                merged[name] = _as_filter_list(merged[name]) + _as_filter_list(setting)
+            else:
+                merged[name] = setting
+        out["parameters"] = merged
+    return out, []
+
+
+def _as_filter_list(setting: Any) -> list[Any]:
+    if isinstance(setting, dict):
+        return [setting]
+    if isinstance(setting, list) and setting and all(isinstance(e, dict) for e in setting):
+        return list(setting)
+    return [{"value": setting}]
 
 
 def _prune_union_noise(problems: list[str]) -> list[str]:
