@@ -418,17 +418,20 @@ def _write_side_files(plan: MergePlan, writer: ShardedWriter) -> None:
             if (donor.root / name).is_file():
                 writer.copy_file(donor.root / name, name)
     tok = plan.sources.get(plan.tokenizer_donor) if plan.tokenizer_donor else None
-    if tok is not None and tok.root is not None:
+    if not plan.tokenizer_files and tok is not None and tok.root is not None:
         for name in TOKENIZER_FILES:
             if (tok.root / name).is_file():
                 writer.copy_file(tok.root / name, name)
     config_yaml = yaml.safe_dump(
         plan.config.model_dump(exclude_none=True, mode="json"), sort_keys=False
     )
+    # The merged vocabulary's (or the chat template's) tokenizer, as transformers saved it.
+    files = {**plan.tokenizer_files, "mergelab_config.yml": config_yaml.encode("utf-8")}
     with tempfile.TemporaryDirectory() as scratch:
-        path = Path(scratch) / "mergelab_config.yml"
-        path.write_text(config_yaml, encoding="utf-8")
-        writer.copy_file(path, "mergelab_config.yml")
+        for name, content in files.items():
+            path = Path(scratch) / name
+            path.write_bytes(content)
+            writer.copy_file(path, name)
 
 
 def merge_state_dicts(

@@ -22,6 +22,7 @@ import torch
 
 from mergelab.engine.blocks import TensorBlocks, row_blocks
 from mergelab.engine.memory import tune_allocator
+from mergelab.engine.vocabulary import remap_vocabulary
 from mergelab.errors import CheckpointError, MergeError
 from mergelab.methods.registry import TensorMerge
 from mergelab.plan.planner import MergePlan, TensorTask
@@ -158,6 +159,8 @@ def merge_one(
     if not task.is_float:
         return _copy_non_float(task, tensors)
     cast, writable = cast_inputs(plan, task, tensors, device)
+    if task.vocabulary is not None:
+        cast, writable = remap_vocabulary(task.vocabulary, cast), True
     if task.copied:
         return cast[0]  # outside every expert group: written as read (through the merge dtype)
     job = _meta(plan, task, seed, device)
@@ -366,7 +369,7 @@ def execute(
     blocked = {
         t.name: ranges
         for t in plan.tasks
-        if t.is_float and not t.copied and plan.method.blockwise is not None
+        if t.is_float and not t.copied and t.vocabulary is None and plan.method.blockwise is not None
         and (ranges := row_blocks(t.shape)) is not None
     }
 

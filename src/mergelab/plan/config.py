@@ -173,6 +173,56 @@ class ExpertGroupsSection(_Frozen):
         return self
 
 
+class TokenSourceSpec(_Frozen):
+    """Where a token's row comes from (mergekit's `kind: model_token` / `kind: zero`)."""
+
+    kind: Literal["model_token", "zero"] = Field(
+        description="`model_token`: a model's row of a token; `zero`: a zero row."
+    )
+    model: str | None = Field(default=None, description="The model (kind model_token).")
+    token: str | None = Field(default=None, description="The token whose row is taken.")
+    token_id: int | None = Field(default=None, ge=0, description="Or that token's id.")
+
+    @model_validator(mode="after")
+    def _one_token(self) -> TokenSourceSpec:
+        if self.kind == "zero":
+            if self.model is not None or self.token is not None or self.token_id is not None:
+                raise ValueError("`kind: zero` takes no `model`, `token` or `token_id`")
+            return self
+        if self.model is None:
+            raise ValueError("`kind: model_token` needs `model`")
+        if (self.token is None) == (self.token_id is None):
+            raise ValueError("`kind: model_token` needs exactly one of `token` and `token_id`")
+        return self
+
+
+class TokenSpec(_Frozen):
+    """How one token's embedding and LM-head rows are made (mergelab.plan.tokenizer)."""
+
+    source: TokenSourceSpec | str | None = Field(
+        default=None,
+        description="A model (its row of this token), a `{kind: model_token | zero}` mapping, "
+        "or omitted (mergekit's default rules).",
+    )
+    force: bool = Field(
+        default=False, description="Use `source` even in the models that have the token."
+    )
+
+
+class TokenizerSection(_Frozen):
+    """mergekit's `tokenizer:` section: the output vocabulary and how its rows are made."""
+
+    source: str = Field(
+        default="union", description="`union` (every source's tokens), `base` or a model path."
+    )
+    tokens: dict[str, TokenSpec] | None = Field(
+        default=None, description="Per-token row sources; tokens absent from the vocabulary are added."
+    )
+    pad_to_multiple_of: int | None = Field(
+        default=None, ge=1, description="Round the vocabulary rows up to a multiple of this."
+    )
+
+
 class MergeConfig(_Frozen):
     """A whole merge. Exactly one of `models` and `slices` is given."""
 
@@ -189,11 +239,16 @@ class MergeConfig(_Frozen):
     out_dtype: DtypeName | None = Field(default=None, description="Dtype of the written tensors.")
     tokenizer_source: str | None = Field(
         default=None,
-        description="`base` or a model path: where tokenizer files are copied from.",
+        description="`union`, `base` or a model path: the output vocabulary; every source's "
+        "embedding and LM-head rows are mapped onto it (mergelab.plan.tokenizer).",
+    )
+    tokenizer: TokenizerSection | None = Field(
+        default=None, description="mergekit's tokenizer section (source, tokens, pad_to_multiple_of)."
     )
     chat_template: str | None = Field(
         default=None,
-        description="Accepted for compatibility, not applied yet (the plan notes say so).",
+        description="A template name (chatml, llama3, mistral, alpaca, exaone) or a Jinja "
+        "template, set on the output tokenizer.",
     )
     name: str | None = Field(default=None, description="Free-form name of the merge.")
     data: DataSection | None = Field(
@@ -217,11 +272,8 @@ class MergeConfig(_Frozen):
                 "`expert_groups` merges copies inside one model: give exactly one entry under "
                 "`models` (and the seed checkpoint as `base_model`)"
             )
-        if self.tokenizer_source == "union":
-            raise ValueError(
-                "`tokenizer_source: union` (vocabulary merging) is not supported; "
-                "use `base` or a model path"
-            )
+        if self.tokenizer_source is not None and self.tokenizer is not None:
+            raise ValueError("give `tokenizer_source` or the `tokenizer` section, not both")
         return self
 
     def referenced_models(self) -> list[str]:
@@ -247,7 +299,7 @@ _KNOWN_FIELDS = {
     cls: _field_names(cls)
     for cls in (
         MergeConfig, ModelEntry, SliceSource, OutputSlice, ConditionalValue, DataSection,
-        ExpertGroupSpec, ExpertGroupsSection,
+        ExpertGroupSpec, ExpertGroupsSection, TokenizerSection, TokenSpec, TokenSourceSpec,
     )
 }
 

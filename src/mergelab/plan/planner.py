@@ -39,6 +39,14 @@ from mergelab.plan.layout import (  # noqa: F401  (LAYER_RE, TensorSource: re-ex
     split_layer_name,
 )
 from mergelab.plan.params import MISSING, resolve_param, setting_leaves
+from mergelab.plan.tokenizer import (
+    VocabularyPlan,
+    VocabularyRemap,
+    chat_template_files,
+    is_vocabulary_tensor,
+    plan_vocabulary,
+    tokenizer_source_of,
+)
 
 # Non-layer tensors that come before the layer stack (taken from the first slice's sources);
 # all others (final norm, lm_head, pooler...) come after it (taken from the last slice's).
@@ -65,6 +73,9 @@ class TensorTask:
         (key of a store in `MergePlan.statistics`, entry in it), or None where that source has
         no statistics of this tensor; empty when the method reads none. The engine reads the
         entries next to the tensors.
+    vocabulary: for an embedding or LM head under vocabulary merging, how each input's rows
+        map onto the output vocabulary (mergelab.plan.tokenizer); the engine applies it to the
+        inputs before the kernel, so `shape` is the output's, not the inputs'.
     """
 
     name: str
@@ -77,6 +88,7 @@ class TensorTask:
     is_float: bool = True
     copied: bool = False
     statistics: tuple[tuple[str, str] | None, ...] = ()
+    vocabulary: VocabularyRemap | None = None
 
     @property
     def numel(self) -> int:
@@ -105,6 +117,9 @@ class MergePlan:
     notes: list[str] = field(default_factory=list)
     statistics: dict[str, Any] = field(default_factory=dict)  # store key -> StatisticsSource
     config_dir: Path | None = None  # where relative paths of the config (data:) resolve
+    # The output tokenizer's files (vocabulary merging, a chat template), written in place of
+    # the tokenizer donor's; empty: the donor's files are copied as they are.
+    tokenizer_files: dict[str, bytes] = field(default_factory=dict)
 
     @property
     def merged_sources(self) -> list[str]:
@@ -231,7 +246,20 @@ def build_plan(
 
     merge_dtype = DTYPE_BY_NAME[config.dtype] if config.dtype else None
     out_dtype = DTYPE_BY_NAME[config.out_dtype] if config.out_dtype else None
-    planner = _TensorPlanner(config, method, sources, merge_dtype, out_dtype, problems)
+    tok = tokenizer_source_of(config)
+    if tok not in (None, "base", "union") and tok not in sources:
+        try:
+            sources[tok] = open_source(tok)
+        except (CheckpointError, FileNotFoundError) as exc:
+            problems.add(f"tokenizer source: {exc}")
+    vocab_problems: list[str] = []
+    vocab_notes: list[str] = []
+    vocabulary = None
+    if not groups:
+        vocabulary = plan_vocabulary(config, sources, open_source, vocab_problems, vocab_notes)
+        problems.extend(vocab_problems)
+    planner = _TensorPlanner(config, method, sources, merge_dtype, out_dtype, problems, vocabulary)
+    planner.notes.extend(vocab_notes)
     slices: list[_SliceSpec] = []
     statistics: dict = {}
     if groups:
@@ -252,24 +280,24 @@ def build_plan(
             raise ConfigError(problems.items, source_label)
         _plan_tensors(config, slices, sources, planner)
         donor = config.base_model or (slices[0].sources[0][0] if slices else None)
-    tok = config.tokenizer_source
-    if tok not in (None, "base") and tok not in sources:
-        try:
-            sources[tok] = open_source(tok)
-        except (CheckpointError, FileNotFoundError) as exc:
-            problems.add(f"tokenizer_source: {exc}")
+    tokenizer_donor = donor if tok in (None, "base", "union") else tok
+    tokenizer_files = vocabulary.files if vocabulary is not None else {}
+    if vocabulary is None and not problems:
+        chat_problems: list[str] = []
+        holder = sources.get(tokenizer_donor) if tokenizer_donor else None
+        tokenizer_files = chat_template_files(config, tokenizer_donor, holder, chat_problems)
+        problems.extend(chat_problems)
     if problems:
         raise ConfigError(problems.items, source_label)
     tasks, notes = planner.tasks, planner.notes
     notes[:0] = ignored
     notes.extend(_dtype_notes(sources, tasks, merge_dtype))
-    if config.chat_template is not None:
-        notes.append(
-            "chat_template is not applied yet: the output keeps the tokenizer files of "
-            f"{config.tokenizer_source or 'the base model'} as they are"
-        )
-    tokenizer_donor = donor if tok in (None, "base") else tok
     out_config = _output_config(config, sources.get(donor) if donor else None, slices)
+    if vocabulary is not None and out_config is not None:
+        _set_vocab_size(out_config, vocabulary.rows)
+        notes.append(f"output vocabulary: {len(vocabulary.vocab)} tokens"
+                     + (f" in {vocabulary.rows} rows" if vocabulary.rows > len(vocabulary.vocab) else "")
+                     + f" ({tok}); embedding and head rows mapped onto it")
     return MergePlan(
         config=config,
         method=method,
@@ -281,7 +309,18 @@ def build_plan(
         out_config=out_config,
         notes=notes,
         statistics=statistics,
+        tokenizer_files=tokenizer_files,
     )
+
+
+def _set_vocab_size(out_config: dict, rows: int) -> None:
+    """config.json's vocab_size is the merged vocabulary's row count (where the config keeps it:
+    at the top, or in a multimodal wrapper's text_config)."""
+    text = out_config.get("text_config")
+    if "vocab_size" not in out_config and isinstance(text, dict) and "vocab_size" in text:
+        out_config["text_config"] = {**text, "vocab_size": rows}
+    else:
+        out_config["vocab_size"] = rows
 
 
 def _open_sources(
@@ -595,8 +634,9 @@ def _plan_tensors(
 class _TensorPlanner:
     """Checks and resolves every output tensor of any layout into its TensorTask."""
 
-    def __init__(self, config, method, sources, merge_dtype, out_dtype, problems):
+    def __init__(self, config, method, sources, merge_dtype, out_dtype, problems, vocabulary=None):
         self.config: MergeConfig = config
+        self.vocabulary: VocabularyPlan | None = vocabulary
         self.method: MergeMethod = method
         self.sources: Mapping[str, TensorSource] = sources
         self.merge_dtype = merge_dtype
@@ -636,8 +676,12 @@ class _TensorPlanner:
                     self.problems.add(f"tensor `{dict(inputs)[key]}` is missing from model {key!r}")
                 return
         first_shape, first_key, _ = shapes[0]
+        # Under vocabulary merging an embedding's or head's rows are mapped onto the output
+        # vocabulary, so only the other axes must agree.
+        by_token = self.vocabulary is not None and is_vocabulary_tensor(out_name) and first_shape
         for shape, key, name in shapes[1:]:
-            if shape != first_shape:
+            if (shape[1:] != first_shape[1:] or len(shape) != len(first_shape)) if by_token \
+                    else shape != first_shape:
                 self.problems.add(
                     f"tensor `{name}`: shape {list(shape)} in model {key!r} differs from "
                     f"{list(first_shape)} in model {first_key!r}"
@@ -646,14 +690,24 @@ class _TensorPlanner:
         uses_base = self.method.base != "none"
         keys = [k for k, _ in resolved]
         base_index = keys.index(spec.base) if uses_base and spec.base in keys else None
+        remap = None
+        if by_token:
+            try:
+                remap = self.vocabulary.remap(keys, spec.base, [s[0][0] for s in shapes])
+            except LookupError as exc:
+                self.problems.add(
+                    f"tokenizer.tokens: a token takes its row from model {exc.args[0]!r}, which "
+                    f"is not an input of tensor `{out_name}`"
+                )
+                return
         param_scopes = {key: params for key, _, _, params in spec.sources}
         planned_inputs = tuple(
             PlannedInput(key, name, param_scopes.get(key), f"model {key!r}") for key, name in resolved
         )
         scopes = (spec.params, self.config.parameters)
-        self.plan_tensor(PlannedTensor(out_name, planned_inputs, base_index, scopes, t))
+        self.plan_tensor(PlannedTensor(out_name, planned_inputs, base_index, scopes, t), remap)
 
-    def plan_tensor(self, planned: PlannedTensor) -> None:
+    def plan_tensor(self, planned: PlannedTensor, vocabulary: VocabularyRemap | None = None) -> None:
         """Resolve and check the parameters of one output tensor of any layout; add its task.
 
         Global parameters resolve at the output name from `planned.scopes`; each non-base
@@ -666,6 +720,8 @@ class _TensorPlanner:
         self._names.add(out_name)
         first = inputs[0]
         shape = tuple(self.sources[first.key].shape(first.name))
+        if vocabulary is not None:
+            shape = (vocabulary.rows, *shape[1:])
         reference = planned.reference
         if reference is None:
             reference = base_index if base_index is not None else 0
@@ -710,6 +766,7 @@ class _TensorPlanner:
                 is_float=is_float,
                 copied=planned.copied,
                 statistics=planned.statistics if is_float else (),
+                vocabulary=vocabulary,
             )
         )
 
