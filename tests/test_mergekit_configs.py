@@ -4,19 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import layered
 
 from mergelab import ConfigError, merge_state_dicts
 from mergelab.api import _state_dict_opener, plan_merge
 from mergelab.plan.config import parse_config
 from mergelab.plan.planner import build_plan
 
-
-def _layered(values: list[float], extra: float = 0.0) -> dict[str, torch.Tensor]:
-    sd = {"model.embed_tokens.weight": torch.full((4, 2), extra)}
-    for i, v in enumerate(values):
-        sd[f"model.layers.{i}.mlp.weight"] = torch.full((2, 2), float(v))
-    sd["model.norm.weight"] = torch.full((2,), extra + 1)
-    return sd
+_layered = layered
 
 
 def _sds() -> dict[str, dict[str, torch.Tensor]]:
@@ -171,7 +166,8 @@ def test_stages_run_in_order_into_temporary_folders(tmp_path):
         expected = base + 2.0 * (halfway - base) + 0.5 * (sds["b"][name] - base)
         torch.testing.assert_close(out[name], expected)
     assert any("stage `halfway`: merged 5 tensors with `linear`" in n for n in report.notes)
-    # Nothing of the intermediate stage is left beside the output.
+    # The output records the whole file; nothing of the intermediate stage is left beside it.
+    assert (tmp_path / "out" / "mergelab_config.yml").read_text() == MULTI
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "base", "multi.yml", "out"]
     plan = mergelab.plan_merge(config)
     try:

@@ -199,9 +199,11 @@ def merge(
 
 def _merge_config(
     cfg: MergeConfig, config_dir: Path | None, label: str | None, out_dir, *, dry_run: bool,
-    strict: bool, stages: Mapping[str, Any] | None = None, **options,
+    strict: bool, stages: Mapping[str, Any] | None = None, recorded: str | None = None,
+    **options,
 ) -> MergeReport | MergePlan:  # fmt: skip
-    """Validate and run one config (a plain file, or one stage of a multi-document file)."""
+    """Validate and run one config (a plain file, or one stage of a multi-document file, whose
+    output records the whole file's text `recorded`)."""
     open_source, opened = _tracked(_opener(config_dir, stages))
     try:  # a config that fails validation leaves no source open
         plan = _build(cfg, open_source, label, config_dir, strict=strict)
@@ -209,6 +211,7 @@ def _merge_config(
     except BaseException:
         _close_all(opened)
         raise
+    plan.recorded_config = recorded
     if dry_run:
         plan.config_dir = config_dir
         return plan
@@ -313,7 +316,8 @@ def _merge_stages(staged: StagedConfig, path: Path, out_dir, *, dry_run: bool, s
                          "into an intermediate folder (removed after)")
             notes.extend(f"{stage.label}: {n}" for n in report.notes)
         report = _merge_config(staged.final.config, path.parent, f"{path} ({staged.final.label})",
-                               out, dry_run=False, strict=strict, stages=written, **options)
+                               out, dry_run=False, strict=strict, stages=written,
+                               recorded=path.read_text(encoding="utf-8"), **options)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     report.notes[:0] = notes
@@ -422,7 +426,7 @@ def _write_side_files(plan: MergePlan, writer: ShardedWriter) -> None:
         for name in TOKENIZER_FILES:
             if (tok.root / name).is_file():
                 writer.copy_file(tok.root / name, name)
-    config_yaml = yaml.safe_dump(
+    config_yaml = plan.recorded_config or yaml.safe_dump(
         plan.config.model_dump(exclude_none=True, mode="json"), sort_keys=False
     )
     # The merged vocabulary's (or the chat template's) tokenizer, as transformers saved it.

@@ -413,15 +413,26 @@ def _prune_union_noise(problems: list[str]) -> list[str]:
     return list(by_loc.values())
 
 
-def load_config(path: str | Path) -> MergeConfig:
-    """Read and validate a YAML config file."""
+def read_documents(path: str | Path) -> list[Any]:
+    """The YAML documents of a config file (one for a plain config); empty documents dropped."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"cannot read config file: {exc.strerror}", str(path)) from None
     try:
-        data = yaml.safe_load(text)
+        return [d for d in yaml.safe_load_all(text) if d is not None]
     except yaml.YAMLError as exc:
         raise ConfigError(f"YAML syntax error: {exc}", str(path)) from None
-    return parse_config(data, str(path))
+
+
+def load_config(path: str | Path) -> MergeConfig:
+    """Read and validate a YAML config file of one document (several documents are the stages
+    of a multi-stage merge: mergelab.plan.multistage, run by mergelab.merge)."""
+    documents = read_documents(path)
+    if len(documents) > 1:
+        raise ConfigError(
+            f"the file holds {len(documents)} documents, the stages of a multi-stage merge: "
+            "run it with mergelab.merge / mergelab.plan_merge", str(path)
+        )
+    return parse_config(documents[0] if documents else None, str(path))

@@ -15,13 +15,10 @@ from __future__ import annotations
 import difflib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-import yaml
-
 from mergelab.errors import ConfigError
-from mergelab.plan.config import MergeConfig, parse_config
+from mergelab.plan.config import MergeConfig, parse_config, read_documents  # noqa: F401 (re-exported)
 
 
 @dataclass(frozen=True)
@@ -54,24 +51,19 @@ class StagedConfig:
         return self.stages[-1]
 
 
-def read_documents(path: str | Path) -> list[Any]:
-    """The YAML documents of a config file (one for a plain config); empty documents dropped."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"cannot read config file: {exc.strerror}", str(path)) from None
-    try:
-        return [d for d in yaml.safe_load_all(text) if d is not None]
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"YAML syntax error: {exc}", str(path)) from None
-
-
 def stage_references(config: MergeConfig) -> list[str]:
-    """Every model string of a config that may name a stage (its models, tokenizer source)."""
+    """Every model string of a config that may name a stage: its models, its tokenizer source
+    and the models its `tokenizer.tokens` take rows from."""
     names = list(config.referenced_models())
-    if config.tokenizer_source not in (None, "base", "union") and config.tokenizer_source not in names:
-        names.append(config.tokenizer_source)
+    extra = [config.tokenizer_source]
+    if config.tokenizer is not None:
+        extra.append(config.tokenizer.source)
+        for spec in (config.tokenizer.tokens or {}).values():
+            extra.append(spec.source if isinstance(spec.source, str) else
+                         getattr(spec.source, "model", None))
+    for name in extra:
+        if name not in (None, "base", "union") and name not in names:
+            names.append(name)
     return names
 
 

@@ -120,6 +120,9 @@ class MergePlan:
     # The output tokenizer's files (vocabulary merging, a chat template), written in place of
     # the tokenizer donor's; empty: the donor's files are copied as they are.
     tokenizer_files: dict[str, bytes] = field(default_factory=dict)
+    # What the output records as mergelab_config.yml when not `config` itself (a multi-stage
+    # file's whole text: its final stage reads the other stages by name).
+    recorded_config: str | None = None
 
     @property
     def merged_sources(self) -> list[str]:
@@ -645,6 +648,7 @@ class _TensorPlanner:
         self.tasks: list[TensorTask] = []
         self.notes: list[str] = []
         self._names: set[str] = set()
+        self._missing: set[tuple[str, str | None]] = set()
 
     def add(self, out_name: str, spec: _SliceSpec, inputs: list[tuple[str, str]], t: float):
         """One output tensor of the `models` or `slices` layout: its inputs (model key, tensor
@@ -785,6 +789,9 @@ class _TensorPlanner:
             except (TypeError, ValueError):
                 continue  # a value of the wrong type: reported by _check_parameter_settings
             if value is MISSING:
+                if (p.name, label) in self._missing:
+                    continue  # reported once, at the first tensor that needs it
+                self._missing.add((p.name, label))
                 who = f" for {label}" if label else ""
                 self.problems.add(
                     f"parameter `{p.name}` of method `{self.method.name}` is required{who} "
