@@ -260,3 +260,35 @@ def test_bad_tokenizer_input_is_refused_before_any_tensor_is_read(tmp_path, fami
         mergelab.merge(_config(tmp_path, family, tokenizer_source="union", tokenizer={}),
                        tmp_path / "never", progress=False)
     assert reads == [] and not (tmp_path / "never").exists()
+
+
+def test_tokenizer_source_path_and_a_stage_whose_union_the_next_stage_reads(tmp_path, family):
+    # tokenizer_source: PATH: the output vocabulary is a's
+    out = tmp_path / "out"
+    mergelab.merge(_config(tmp_path, family, tokenizer_source=str(family["a"])), out,
+                   progress=False)
+    assert _vocab(out) == _vocab(family["a"])
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == 15
+    # A first stage builds base+a's union; the final stage unites it with b. The final stage is
+    # validated against the tokenizer the first will write, before anything runs.
+    first = {"name": "base-a", "merge_method": "linear", "base_model": str(family["base"]),
+             "models": [{"model": str(family["base"]), "parameters": {"weight": 0.5}},
+                        {"model": str(family["a"]), "parameters": {"weight": 0.5}}],
+             "tokenizer_source": "union", "dtype": "float32"}
+    final = {"merge_method": "linear", "base_model": "base-a",
+             "models": [{"model": "base-a", "parameters": {"weight": 0.5}},
+                        {"model": str(family["b"]), "parameters": {"weight": 0.5}}],
+             "tokenizer_source": "union", "dtype": "float32"}
+    config = tmp_path / "multi.yml"
+    config.write_text(yaml.safe_dump_all([first, final]))
+    plan = mergelab.plan_merge(config)
+    mergelab.api.close_plan(plan)
+    assert any("output vocabulary: 17 tokens" in n for n in plan.notes), plan.notes
+    staged = tmp_path / "staged"
+    mergelab.merge(config, staged, progress=False)
+    vocab = _vocab(staged)
+    assert set(vocab) == set(_vocab(family["a"])) | set(_vocab(family["b"]))
+    merged, sources = _tensors(staged), {k: (_tensors(family[k]), _vocab(family[k])) for k in WEIGHTS}
+    # <tool> is a's alone: the first stage's row is a's, and b lacks it, so the final row is it
+    row = sources["a"][0]["lm_head.weight"][sources["a"][1]["<tool>"]]
+    torch.testing.assert_close(merged["lm_head.weight"][vocab["<tool>"]], row)

@@ -252,23 +252,26 @@ def _plan_stages(staged: StagedConfig, path: Path, strict: bool) -> dict[str | N
     plans: dict[str | None, MergePlan] = {}
     listed: dict[str, ListedSource] = {}
     problems: list[str] = []
-    for stage in staged.stages:
-        label = f"{path} ({stage.label})"
-        if any(ref not in listed for ref in stage.reads):
-            continue  # a stage it reads is invalid: reported there
-        try:
-            plan = _merge_config(stage.config, path.parent, label, None, dry_run=True,
-                                 strict=strict, stages=listed)
-        except ConfigError as exc:
-            problems.extend(f"{stage.label}: {p}" for p in exc.problems)
-            continue
-        plans[stage.name] = plan
-        if stage.name is not None:
-            listed[stage.name] = ListedSource(
-                f"the output of stage `{stage.name}`",
-                {t.name: (t.shape, t.out_dtype) for t in plan.tasks},
-                plan.out_config,
-            )
+    # The tokenizer each stage will write, for the stages reading it (vocabulary merging).
+    with tempfile.TemporaryDirectory(prefix="mergelab-stage-tokenizers-") as scratch:
+        for stage in staged.stages:
+            label = f"{path} ({stage.label})"
+            if any(ref not in listed for ref in stage.reads):
+                continue  # a stage it reads is invalid: reported there
+            try:
+                plan = _merge_config(stage.config, path.parent, label, None, dry_run=True,
+                                     strict=strict, stages=listed)
+            except ConfigError as exc:
+                problems.extend(f"{stage.label}: {p}" for p in exc.problems)
+                continue
+            plans[stage.name] = plan
+            if stage.name is not None:
+                listed[stage.name] = ListedSource(
+                    f"the output of stage `{stage.name}`",
+                    {t.name: (t.shape, t.out_dtype) for t in plan.tasks},
+                    plan.out_config,
+                    root=_tokenizer_preview(plan, Path(scratch) / str(len(listed))),
+                )
     if problems:
         for plan in plans.values():
             close_plan(plan)
@@ -283,6 +286,22 @@ def _plan_stages(staged: StagedConfig, path: Path, strict: bool) -> dict[str | N
     for name in staged.unused:
         final.notes.append(f"stage `{name}` is not read by the final merge and is not run")
     return plans
+
+
+def _tokenizer_preview(plan: MergePlan, folder: Path) -> Path:
+    """A folder holding the tokenizer files (and config.json) a plan's output will have."""
+    folder.mkdir(parents=True)
+    if plan.out_config is not None:
+        (folder / "config.json").write_text(json.dumps(plan.out_config), encoding="utf-8")
+    donor = plan.sources.get(plan.tokenizer_donor) if plan.tokenizer_donor else None
+    if plan.tokenizer_files:
+        for name, content in plan.tokenizer_files.items():
+            (folder / name).write_bytes(content)
+    elif donor is not None and donor.root is not None:
+        for name in TOKENIZER_FILES:
+            if (donor.root / name).is_file():
+                shutil.copyfile(donor.root / name, folder / name)
+    return folder
 
 
 def _merge_stages(staged: StagedConfig, path: Path, out_dir, *, dry_run: bool, strict: bool,

@@ -67,6 +67,7 @@ class ListedSource:
     """A checkpoint known only by its tensor list and config: the output of a merge stage that
     has not run yet, so that a later stage reading it is validated before any tensor is read.
     Shapes, dtypes and tied aliases answer as the written checkpoint's will; `get` is an error.
+    `root`, when given, holds the side files (tokenizer) the checkpoint will hold.
     """
 
     def __init__(
@@ -74,10 +75,11 @@ class ListedSource:
         label: str,
         entries: Mapping[str, tuple[tuple[int, ...], torch.dtype]],
         config: dict | None = None,
+        root: Path | None = None,
     ):
         self.label = label
         self.path = Path(label)
-        self.root: Path | None = None
+        self.root: Path | None = root  # side files (a tokenizer) the checkpoint will hold
         self._entries = dict(entries)
         self._config = config
 
