@@ -590,4 +590,86 @@ def dump_plan(plan: MergePlan) -> str:
     return json.dumps(describe_plan(plan), indent=2, default=str)
 
 
-__all__ = ["close_plan", "merge", "merge_expert_groups", "merge_state_dicts", "plan_merge", "ConfigError"]
+__all__ = ["close_plan", "merge", "merge_expert_groups", "merge_state_dicts", "moe", "plan_merge", "ConfigError"]
+
+
+def moe(
+    config: str | os.PathLike | Mapping,
+    out_dir: str | os.PathLike,
+    *,
+    device: str = "cpu",
+    out_shard_size: int | str = "5GB",
+    overwrite: bool = False,
+    seed: int = 0,
+    progress: bool = True,
+) -> MergeReport:
+    """Build a Mixtral mixture of experts from dense models (mergekit-moe's config format).
+
+    The config and every source are checked before any tensor is read (mergelab.plan.moe);
+    then the router rows are made by the config's `gate_mode` (reading the base's embeddings,
+    or running the base model on the prompts for `hidden`), and the engine streams the base's
+    tensors and each layer's experts into `out_dir` (written atomically, like a merge), with
+    the Mixtral config.json and the base tokenizer. `seed` seeds random routers and noise.
+    """
+    from mergelab.plan import moe as moe_plan
+
+    if isinstance(config, Mapping):
+        raw, config_dir, label = dict(config), None, None
+    else:
+        documents = read_documents(config)
+        raw = documents[0] if len(documents) == 1 else documents
+        config_dir, label = Path(config).parent, str(config)
+    cfg = moe_plan.parse_moe_config(raw, label)
+    open_source, opened = _tracked(_opener(config_dir))
+    try:
+        sources: dict[str, Any] = {}
+        problems: list[str] = []
+        keys = [cfg.base_model, *(e.source_model for e in cfg.experts)]
+        for key in dict.fromkeys(keys):
+            try:
+                sources[key] = open_source(key)
+            except (CheckpointError, FileNotFoundError) as exc:
+                problems.append(f"model {key!r}: {exc}")
+        if not problems:
+            problems += moe_plan.check_sources(cfg, sources)
+        base = sources.get(cfg.base_model)
+        tokenizer = None
+        if not problems:
+            try:
+                tokenizer = moe_plan.router_tokenizer(base.root)
+            except Exception as exc:  # noqa: BLE001 - transformers raises many kinds
+                problems.append(f"base_model: the tokenizer of {cfg.base_model!r} cannot be read: "
+                                f"{' '.join(str(exc).split())[:300]}")
+        if problems:
+            raise ConfigError(problems, label)
+        base_config = base.config() or {}
+        dtype = cfg.dtype or base_config.get("dtype") or base_config.get("torch_dtype") or "float32"
+        out_dtype = {"float32": torch.float32, "float16": torch.float16,
+                     "bfloat16": torch.bfloat16}.get(dtype, torch.float32)
+        routers = moe_plan.gate_vectors(cfg, base, tokenizer, torch.Generator().manual_seed(seed))
+        out_config = moe_plan.output_config(cfg, base_config, str(out_dtype).removeprefix("torch."))
+        plan = moe_plan.build_moe_plan(cfg, sources, routers, out_config, out_dtype)
+        max_shard = parse_size(out_shard_size)
+        entries = [(t.name, t.shape, t.out_dtype) for t in plan.tasks]
+        inputs = [p for s in sources.values() for p in getattr(s, "paths", (_source_path(s),))]
+        writer = ShardedWriter(out_dir, entries, max_shard_size=max_shard, overwrite=overwrite,
+                               inputs=[p for p in inputs if p is not None],
+                               metadata={"mergelab_method": plan.method.name})
+        with writer:
+            report = execute(plan, writer, device=device, seed=seed, progress=progress,
+                             out_dir=str(out_dir))
+            writer.write_json("config.json", out_config)
+            for name in CONFIG_FILES:
+                if base.root is not None and (base.root / name).is_file():
+                    writer.copy_file(base.root / name, name)
+            with tempfile.TemporaryDirectory() as scratch:
+                tokenizer.save_pretrained(scratch)
+                recorded = Path(scratch) / "mergelab_moe_config.yml"
+                recorded.write_text(yaml.safe_dump(cfg.model_dump(exclude_none=True),
+                                                   sort_keys=False), encoding="utf-8")
+                for path in sorted(Path(scratch).iterdir()):
+                    writer.copy_file(path, path.name)
+            writer.commit()
+        return report
+    finally:
+        _close_all(opened)

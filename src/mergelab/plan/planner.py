@@ -61,6 +61,17 @@ DTYPE_BY_NAME = {
 
 
 @dataclass(frozen=True)
+class Assembly:
+    """An output tensor assembled from its inputs rather than merged (a MoE's experts):
+    stack([cat([input i for i in group], dim 0) for group in groups]), each input first
+    multiplied by its `scales` entry and given Gaussian noise of std `noise` (0: none)."""
+
+    groups: tuple[tuple[int, ...], ...]
+    scales: tuple[float, ...]
+    noise: tuple[float, ...]
+
+
+@dataclass(frozen=True)
 class TensorTask:
     """How to produce one output tensor.
 
@@ -76,6 +87,8 @@ class TensorTask:
     vocabulary: for an embedding or LM head under vocabulary merging, how each input's rows
         map onto the output vocabulary (mergelab.plan.tokenizer); the engine applies it to the
         inputs before the kernel, so `shape` is the output's, not the inputs'.
+    assembly: the output is assembled from the inputs, not merged (mergelab.plan.moe).
+    constant: the output is this tensor, decided by the plan (a MoE's router rows); no inputs.
     """
 
     name: str
@@ -89,6 +102,8 @@ class TensorTask:
     copied: bool = False
     statistics: tuple[tuple[str, str] | None, ...] = ()
     vocabulary: VocabularyRemap | None = None
+    assembly: Assembly | None = None
+    constant: torch.Tensor | None = None
 
     @property
     def numel(self) -> int:
