@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 from _tokenizer_models import save_llama
+from conftest import MERGEKIT_HINT, require
 from safetensors.torch import load_file
 
 import mergelab
@@ -45,14 +43,17 @@ def _config(tmp_path: Path, dense: dict[str, Path], mode: str, **extra) -> Path:
 
 
 def _mergekit_moe(config: Path, out: Path) -> None:
-    script = Path(sys.executable).with_name("mergekit-moe")
-    if not script.exists():
-        pytest.fail(f"mergekit-moe is not in {script.parent}: `make venv` installs mergekit 0.1.5 "
-                    "(the reference of the differential tests)", pytrace=False)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    done = subprocess.run([str(script), str(config), str(out), "--device", "cpu", "--random-seed", "0"],
-                          env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    """mergekit-moe's own build, in this process (as `mergekit-moe CONFIG OUT --device cpu
+    --random-seed 0` runs it)."""
+    require("mergekit.scripts.moe", MERGEKIT_HINT)
+    from mergekit.merge import MergeOptions
+    from mergekit.moe.config import MoEMergeConfig
+    from mergekit.scripts.moe import build
+
+    options = MergeOptions(device="cpu", random_seed=0)
+    options.apply_global_options()
+    build(MoEMergeConfig.model_validate(yaml.safe_load(config.read_text())), str(out), options,
+          device="cpu")
 
 
 @pytest.mark.parametrize(("mode", "atol"), [("cheap_embed", 0.0), ("random", 0.0), ("hidden", 1e-2)])

@@ -274,7 +274,7 @@ def build_plan(
     vocab_notes: list[str] = []
     vocabulary = None
     if not groups:
-        vocabulary = plan_vocabulary(config, sources, open_source, vocab_problems, vocab_notes)
+        vocabulary = plan_vocabulary(config, sources, vocab_problems, vocab_notes)
         problems.extend(vocab_problems)
     planner = _TensorPlanner(config, method, sources, merge_dtype, out_dtype, problems, vocabulary)
     planner.notes.extend(vocab_notes)
@@ -697,7 +697,7 @@ class _TensorPlanner:
         first_shape, first_key, _ = shapes[0]
         # Under vocabulary merging an embedding's or head's rows are mapped onto the output
         # vocabulary, so only the other axes must agree.
-        by_token = self.vocabulary is not None and is_vocabulary_tensor(out_name) and first_shape
+        by_token = bool(self.vocabulary is not None and is_vocabulary_tensor(out_name) and first_shape)
         for shape, key, name in shapes[1:]:
             if (shape[1:] != first_shape[1:] or len(shape) != len(first_shape)) if by_token \
                     else shape != first_shape:

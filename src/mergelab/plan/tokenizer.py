@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import re
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -164,12 +164,13 @@ def tokenizer_source_of(config: MergeConfig) -> str | None:
 def plan_vocabulary(
     config: MergeConfig,
     sources: Mapping[str, TensorSource],
-    open_source: Callable[[str], TensorSource],
     problems: list[str],
     notes: list[str],
 ) -> VocabularyPlan | None:
     """The vocabulary plan of a config with a tokenizer source (None without one, or when a
-    problem was found: appended to `problems`). Reads tokenizers only, never tensors."""
+    problem was found: appended to `problems`). Reads tokenizers only, never tensors.
+    `sources` holds every model of the config and a tokenizer source path (the planner opens
+    it; when it could not, the planner reported it and this returns None)."""
     source = tokenizer_source_of(config)
     if source is None:
         return None
@@ -211,11 +212,7 @@ def plan_vocabulary(
     else:
         holder = sources.get(source)
         if holder is None:
-            try:
-                holder = open_source(source)
-            except (OSError, Exception) as exc:  # noqa: BLE001 - any opener failure is a problem
-                problems.append(f"tokenizer.source: {exc}")
-                return None
+            return None  # it did not open: the planner reported why
         out_tok = _load_tokenizer(source, holder, problems, required=True, key_path="tokenizer.source")
         if out_tok is None:
             return None
