@@ -603,7 +603,8 @@ def moe(
     seed: int = 0,
     progress: bool = True,
 ) -> MergeReport:
-    """Build a Mixtral mixture of experts from dense models (mergekit-moe's config format).
+    """Build a mixture of experts from dense models (mergekit-moe's config format): a
+    Mixtral model, or a Qwen-MoE model when the config has a shared expert.
 
     The config and every source are checked before any tensor is read (mergelab.plan.moe);
     then the router rows are made by the config's `gate_mode` (reading the base's embeddings,
@@ -624,7 +625,7 @@ def moe(
     try:
         sources: dict[str, Any] = {}
         problems: list[str] = []
-        keys = [cfg.base_model, *(e.source_model for e in cfg.experts)]
+        keys = [cfg.base_model, *(e.source_model for e in cfg.gated)]
         for key in dict.fromkeys(keys):
             try:
                 sources[key] = open_source(key)
@@ -647,7 +648,7 @@ def moe(
         out_dtype = {"float32": torch.float32, "float16": torch.float16,
                      "bfloat16": torch.bfloat16}.get(dtype, torch.float32)
         routers = moe_plan.gate_vectors(cfg, base, tokenizer, torch.Generator().manual_seed(seed))
-        out_config = moe_plan.output_config(cfg, base_config, str(out_dtype).removeprefix("torch."))
+        out_config = moe_plan.output_config(cfg, base, str(out_dtype).removeprefix("torch."))
         plan = moe_plan.build_moe_plan(cfg, sources, routers, out_config, out_dtype)
         max_shard = parse_size(out_shard_size)
         entries = [(t.name, t.shape, t.out_dtype) for t in plan.tasks]

@@ -191,7 +191,8 @@ def assemble(task: TensorTask, tensors: list[torch.Tensor], seed: int) -> torch.
         if spec.scales[i] != 1.0:
             tensor = tensor * spec.scales[i]
         parts.append(tensor)
-    return torch.stack([torch.cat([parts[i] for i in group], dim=0) for group in spec.groups])
+    groups = [torch.cat([parts[i] for i in group], dim=0) for group in spec.groups]
+    return torch.stack(groups) if spec.stack else groups[0]
 
 
 def cast_inputs(

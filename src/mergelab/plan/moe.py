@@ -13,8 +13,11 @@
 
 The output is a Mixtral checkpoint (transformers' layout: per layer the experts' fused
 `gate_up_proj` [experts, 2 x intermediate, hidden] and `down_proj` [experts, hidden,
-intermediate], and the router `mlp.gate.weight` [experts, hidden]); every tensor outside the MLPs
-is the base model's. The router rows follow mergekit 0.1.5 (`gate_vectors`): a prompt's vector is
+intermediate], and the router `mlp.gate.weight` [experts, hidden]); with one shared expert (that
+has prompts, or `architecture: qwen`) a Qwen-MoE checkpoint (`mlp.experts.N.*_proj.weight`, the
+shared expert's MLP `mlp.shared_expert.*` and its gate `mlp.shared_expert_gate.weight`, zero
+attention biases where the base has none), as mergekit-moe writes them. Every tensor outside
+the MLPs is the base model's. The router rows follow mergekit 0.1.5 (`gate_vectors`): a prompt's vector is
 the hidden state at each layer's input (`hidden`: the last token; `hidden_avg`: the mean over
 tokens; the base model run in bfloat16), or the normalised sum of the prompts' token embeddings
 (`cheap_embed`, the same for every layer); an expert's row is its positive prompts' mean vector
@@ -22,7 +25,8 @@ minus its negative prompts', normalised. `random`: standard normal rows; `unifor
 nn.Linear's initialisation. The plan's expert tensors are assembled from the experts' MLP
 weights by the engine, streamed layer by layer like a merge.
 
-Shared experts (Qwen-MoE-style outputs) are not supported.
+Not built: DeepSeek-MoE outputs (what mergekit makes of a shared expert without prompts), more
+than one shared expert, Qwen3-MoE outputs.
 """
 
 from __future__ import annotations
@@ -74,22 +78,49 @@ class MoEConfig(_Frozen):
     )
     experts_per_token: int = Field(default=2, ge=1, description="Experts each token is routed to.")
     shared_experts: list[ExpertSpec] | None = Field(
-        default=None, description="Not supported (Qwen-MoE-style outputs)."
+        default=None, description="One expert every token goes through (a Qwen-MoE output)."
     )
-    architecture: str | None = Field(default=None, description="Output architecture: mixtral.")
+    architecture: str | None = Field(
+        default=None, description="Output architecture: mixtral or qwen (default: by the experts)."
+    )
+
+    @property
+    def output(self) -> Literal["mixtral", "qwen_moe"]:
+        """Mixtral without a shared expert, Qwen-MoE with one (validated in `_checks`)."""
+        return "qwen_moe" if self.shared_experts else "mixtral"
+
+    @property
+    def gated(self) -> list[ExpertSpec]:
+        """The experts that get router rows, in row order: the experts, then the shared one
+        (its rows are its gate's)."""
+        return [*self.experts, *(self.shared_experts or [])]
 
     @model_validator(mode="after")
     def _checks(self) -> MoEConfig:
         problems = []
+        arch = (self.architecture or "").lower()
+        random_gates = self.gate_mode in ("random", "uniform_random")
         if self.shared_experts:
-            problems.append("shared_experts: Qwen-MoE-style outputs with shared experts are not "
-                            "supported; the output is a Mixtral model")
-        if self.architecture is not None and not "mixtral".startswith(self.architecture.lower()):
-            problems.append(f"architecture: only `mixtral` is supported; got {self.architecture!r}")
+            shared = self.shared_experts[0]
+            if len(self.shared_experts) > 1:
+                problems.append(f"shared_experts: at most one shared expert (a Qwen-MoE output); "
+                                f"got {len(self.shared_experts)}")
+            elif arch and not "qwen moe".startswith(arch):
+                problems.append(f"architecture: a shared expert makes a Qwen-MoE output; got "
+                                f"{self.architecture!r}")
+            elif not shared.positive_prompts and not (arch and random_gates):
+                problems.append(
+                    "shared_experts.0.positive_prompts: a shared expert without prompts makes "
+                    "mergekit build a DeepSeek-MoE output, which mergelab does not; give it "
+                    "prompts for a Qwen-MoE output (or `architecture: qwen` with random gates)"
+                )
+        elif arch and not "mixtral".startswith(arch):
+            problems.append(f"architecture: without a shared expert the output is Mixtral; got "
+                            f"{self.architecture!r}")
         if len(self.experts) < self.experts_per_token:
             problems.append(f"experts: {len(self.experts)} expert(s) for experts_per_token "
                             f"{self.experts_per_token}")
-        if self.gate_mode not in ("random", "uniform_random"):
+        if not random_gates:
             for i, expert in enumerate(self.experts):
                 if not expert.positive_prompts:
                     problems.append(f"experts.{i}.positive_prompts: gate_mode {self.gate_mode} "
@@ -131,35 +162,57 @@ def check_sources(config: MoEConfig, sources: Mapping[str, TensorSource]) -> lis
     problems = []
     base = sources[config.base_model]
     cfg = base.config() or {}
-    if cfg.get("model_type") not in ("llama", "mistral"):
-        problems.append(f"base_model: a Mixtral output needs Llama or Mistral models; "
-                        f"{config.base_model!r} is {cfg.get('model_type')!r}")
+    allowed = ("llama", "mistral") if config.output == "mixtral" else ("llama", "mistral", "qwen2")
+    if cfg.get("model_type") not in allowed:
+        problems.append(f"base_model: a {config.output} output needs {' or '.join(allowed)} "
+                        f"models; {config.base_model!r} is {cfg.get('model_type')!r}")
     layers = cfg.get("num_hidden_layers")
     if not isinstance(layers, int):
         problems.append(f"base_model: {config.base_model!r} has no num_hidden_layers in config.json")
         return problems
-    for i, expert in enumerate(config.experts):
+    labelled = [(f"experts.{i}", e) for i, e in enumerate(config.experts)]
+    labelled += [(f"shared_experts.{i}", e) for i, e in enumerate(config.shared_experts or [])]
+    for where, expert in labelled:
         src = sources[expert.source_model]
         model_type = (src.config() or {}).get("model_type")
         if model_type != cfg.get("model_type"):
-            problems.append(f"experts.{i}.source_model: {expert.source_model!r} is {model_type!r}, "
+            problems.append(f"{where}.source_model: {expert.source_model!r} is {model_type!r}, "
                             f"the base is {cfg.get('model_type')!r}")
         for layer in range(layers):
             for part in _MLP_PARTS:
                 name = mlp_name(layer, part)
                 if src.resolve(name) is None:
-                    problems.append(f"experts.{i}: tensor `{name}` is missing from {expert.source_model!r}")
+                    problems.append(f"{where}: tensor `{name}` is missing from {expert.source_model!r}")
                 elif base.resolve(name) is not None and tuple(src.shape(name)) != tuple(base.shape(name)):
-                    problems.append(f"experts.{i}: tensor `{name}` has shape {list(src.shape(name))}, "
+                    problems.append(f"{where}: tensor `{name}` has shape {list(src.shape(name))}, "
                                     f"the base's is {list(base.shape(name))}")
     return problems
 
 
-def output_config(config: MoEConfig, base_config: dict, dtype: str) -> dict:
-    """The Mixtral config.json: the base's, with the experts and router settings."""
+def output_config(config: MoEConfig, base: TensorSource, dtype: str) -> dict:
+    """The output's config.json: the base's, as the MoE architecture's config with the experts
+    and router settings (what transformers' save_pretrained writes of it)."""
     import transformers
 
-    base = transformers.AutoConfig.for_model(**base_config)
+    if base.root is not None and (base.root / "config.json").is_file():
+        base = transformers.AutoConfig.from_pretrained(str(base.root), local_files_only=True)
+    else:
+        base = transformers.AutoConfig.for_model(**(base.config() or {}))
+    if config.output == "qwen_moe":
+        out = transformers.Qwen2MoeConfig(**base.to_dict())
+        out.architectures = ["Qwen2MoeForCausalLM"]
+        out.num_experts = len(config.experts)
+        out.num_experts_per_tok = config.experts_per_token
+        out.decoder_sparse_step = 1
+        out.norm_topk_prob = True
+        out.sliding_window = None
+        out.use_sliding_window = False
+        out.shared_expert_intermediate_size = out.intermediate_size
+        out.moe_intermediate_size = out.intermediate_size
+        out.torch_dtype = dtype
+        import json
+
+        return json.loads(out.to_json_string())
     if not isinstance(base, transformers.MistralConfig):
         mistral = transformers.MistralConfig(**base.to_dict())
         mistral.sliding_window = None
@@ -183,13 +236,14 @@ def gate_vectors(
     generator: torch.Generator,
     run_model: Callable[[Any], Sequence[torch.Tensor]] | None = None,
 ) -> torch.Tensor:
-    """The router rows [layers, experts, hidden] (float32), by `config.gate_mode`.
+    """The router rows [layers, experts (+ the shared expert), hidden] (float32), by
+    `config.gate_mode`.
 
     run_model(tokenized) -> per-layer hidden states [layers, batch, seq, hidden] of the base
     model (default: loaded with transformers, in bfloat16 as mergekit does).
     """
     cfg = base.config() or {}
-    layers, hidden, experts = cfg["num_hidden_layers"], cfg["hidden_size"], len(config.experts)
+    layers, hidden, experts = cfg["num_hidden_layers"], cfg["hidden_size"], len(config.gated)
     if config.gate_mode == "random":
         return torch.randn((layers, experts, hidden), generator=generator)
     if config.gate_mode == "uniform_random":
@@ -213,7 +267,7 @@ def gate_vectors(
             return states.sum(dim=1) / states.shape[1]
 
     rows = []
-    for expert in config.experts:
+    for expert in config.gated:
         v = vector(_tokenize(expert.positive_prompts or [], tokenizer))
         if expert.negative_prompts:
             v = v - vector(_tokenize(expert.negative_prompts, tokenizer))
@@ -287,7 +341,9 @@ def build_moe_plan(
     keys = [e.source_model for e in config.experts]
     noise = tuple(e.noise_scale or 0.0 for e in config.experts)
     residual = tuple(1.0 if e.residual_scale is None else e.residual_scale for e in config.experts)
-    for layer in range(layers):
+    if config.output == "qwen_moe":
+        tasks += _qwen_layers(config, sources, routers, out_config, out_dtype)
+    for layer in range(layers if config.output == "mixtral" else 0):
         prefix = f"model.layers.{layer}.mlp"
         first = sources[keys[0]]
         inter, hidden = first.shape(mlp_name(layer, "gate_proj"))
@@ -318,9 +374,59 @@ def build_moe_plan(
     return MergePlan(
         config=None, method=MOE_METHOD, sources=sources, tasks=tasks, merge_dtype=None,
         donor=base_key, tokenizer_donor=base_key, out_config=out_config,
-        notes=[f"Mixtral MoE: {len(keys)} experts per layer over {layers} layers, "
-               f"{config.experts_per_token} per token, router rows by `{config.gate_mode}`"],
+        notes=[f"{'Mixtral' if config.output == 'mixtral' else 'Qwen-MoE'}: {len(keys)} experts "
+               f"per layer over {layers} layers"
+               + (" and a shared expert" if config.shared_experts else "")
+               + f", {config.experts_per_token} per token, router rows by `{config.gate_mode}`"],
     )
+
+
+def _qwen_layers(config: MoEConfig, sources: dict[str, TensorSource], routers: torch.Tensor,
+                 out_config: dict, out_dtype: torch.dtype) -> list:
+    """Qwen-MoE's per-layer tensors: each expert's and the shared expert's MLP under their own
+    names, the routers, and zero attention biases where the base has none (Qwen-MoE has them)."""
+    from mergelab.plan.planner import Assembly, TensorTask
+
+    base = sources[config.base_model]
+    experts = len(config.experts)
+    heads, kv_heads = out_config["num_attention_heads"], out_config["num_key_value_heads"]
+    head_dim = out_config["hidden_size"] // heads
+    tasks = []
+
+    def copy(name: str, expert: ExpertSpec, out_name: str) -> TensorTask:
+        src = sources[expert.source_model]
+        actual = src.resolve(name) or name
+        scale = expert.residual_scale if "down_proj" in name and expert.residual_scale is not None else 1.0
+        return TensorTask(
+            name=out_name, shape=tuple(src.shape(actual)), out_dtype=out_dtype,
+            inputs=((expert.source_model, actual),), base_index=None, model_params=({},), params={},
+            assembly=Assembly(groups=((0,),), scales=(scale,), noise=(expert.noise_scale or 0.0,),
+                              stack=False),
+        )
+
+    for layer in range(out_config["num_hidden_layers"]):
+        for part in _MLP_PARTS:
+            name = mlp_name(layer, part)
+            for i, expert in enumerate(config.experts):
+                tasks.append(copy(name, expert, f"model.layers.{layer}.mlp.experts.{i}.{part}.weight"))
+            tasks.append(copy(name, config.shared_experts[0],
+                              f"model.layers.{layer}.mlp.shared_expert.{part}.weight"))
+        for proj, count in (("q_proj", heads), ("k_proj", kv_heads), ("v_proj", kv_heads)):
+            name = f"model.layers.{layer}.self_attn.{proj}.bias"
+            if base.resolve(name) is None:
+                tasks.append(TensorTask(
+                    name=name, shape=(count * head_dim,), out_dtype=out_dtype, inputs=(),
+                    base_index=None, model_params=(), params={},
+                    constant=torch.zeros(count * head_dim),
+                ))
+        for name, rows in ((f"model.layers.{layer}.mlp.gate.weight", routers[layer, :experts]),
+                           (f"model.layers.{layer}.mlp.shared_expert_gate.weight",
+                            routers[layer, experts:experts + 1])):
+            tasks.append(TensorTask(
+                name=name, shape=tuple(rows.shape), out_dtype=out_dtype, inputs=(),
+                base_index=None, model_params=(), params={}, constant=rows.contiguous(),
+            ))
+    return tasks
 
 
 def _no_kernel(_merge: Any) -> torch.Tensor:

@@ -63,12 +63,14 @@ DTYPE_BY_NAME = {
 @dataclass(frozen=True)
 class Assembly:
     """An output tensor assembled from its inputs rather than merged (a MoE's experts):
-    stack([cat([input i for i in group], dim 0) for group in groups]), each input first
-    multiplied by its `scales` entry and given Gaussian noise of std `noise` (0: none)."""
+    stack([cat([input i for i in group], dim 0) for group in groups]) (with `stack` false, the
+    one group's concatenation), each input first given Gaussian noise of std `noise` (0: none)
+    and multiplied by its `scales` entry."""
 
     groups: tuple[tuple[int, ...], ...]
     scales: tuple[float, ...]
     noise: tuple[float, ...]
+    stack: bool = True
 
 
 @dataclass(frozen=True)
