@@ -189,8 +189,13 @@ def run_case(config: Path, roles: dict[str, Path], work: Path, bin_dir: Path,
     if float32:
         local = _as_float32(local)
     documents = [d for d in yaml.safe_load_all(local.read_text()) if d]
-    method = " -> ".join(d.get("merge_method", "?") for d in documents)
-    if len(documents) > 1:
+    moe = "experts" in documents[0]  # a mergekit-moe config
+    method = (f"moe ({documents[0].get('gate_mode', 'hidden')})" if moe
+              else " -> ".join(d.get("merge_method", "?") for d in documents))
+    if moe:
+        cmd = [bin_dir / "mergekit-moe", local, case / "mergekit", "--device", "cpu",
+               "--random-seed", "0"]
+    elif len(documents) > 1:
         cmd = [bin_dir / "mergekit-multi", local, "--intermediate-dir", case / "mk-stages",
                "--out-path", case / "mergekit", "--device", "cpu", "--random-seed", "0"]
     else:
@@ -198,7 +203,8 @@ def run_case(config: Path, roles: dict[str, Path], work: Path, bin_dir: Path,
                "--random-seed", "0"]
     theirs = run(cmd, timeout=900)
     try:
-        mergelab.merge(local, case / "mergelab", seed=0, progress=False)
+        build = mergelab.moe if moe else mergelab.merge
+        build(local, case / "mergelab", seed=0, progress=False)
         ours_ok, ours_error = True, ""
     except Exception as exc:  # noqa: BLE001 - the table reports any failure
         ours_ok, ours_error = False, " ".join(str(exc).split())[:200]
@@ -210,10 +216,16 @@ def run_case(config: Path, roles: dict[str, Path], work: Path, bin_dir: Path,
     if theirs.ok and ours_ok:
         base_model = documents[-1].get("base_model")
         base = Path(base_model) if base_model else None
-        randomized = documents[-1].get("merge_method") in RANDOMIZED
+        randomized = documents[-1].get("merge_method") in RANDOMIZED or (
+            moe and documents[0].get("gate_mode") in ("random", "uniform_random"))
         row.difference, row.note = _compare(case / "mergelab", case / "mergekit", base, randomized)
         dtype = documents[-1].get("out_dtype") or documents[-1].get("dtype") or "float32"
         row.tolerance = TOLERANCE.get(dtype, TOLERANCE["float32"])
+        if moe and documents[0].get("gate_mode", "hidden").startswith("hidden"):
+            # both tools run the base model in bfloat16 for the router rows
+            row.tolerance = TOLERANCE["bfloat16"]
+            row.note = "router rows from a bfloat16 forward pass in both tools; " + row.note
+            return row
         if dtype != "float32" and not float32 and _too_far(row):
             # mergekit runs many kernels in the half-precision input dtype, mergelab in float32:
             # the same config in float32 separates that from the method.
@@ -233,6 +245,27 @@ def table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def _merged_with_docs(rows: list[Row]) -> list[Row] | None:
+    """The docs table's rows with `rows` replacing (or joining) those of their configs; None
+    when the docs have no table yet or it lists a config the corpus no longer has."""
+    text = DOCS_FILE.read_text(encoding="utf-8")
+    if SECTION not in text:
+        return None
+    section = text[text.index(SECTION):]
+    end = section.find("\n## ", len(SECTION))
+    section = section if end == -1 else section[:end]
+    old: dict[str, Row] = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 6 and cells[0].startswith("`"):
+            old[cells[0].strip("`")] = Row(cells[0].strip("`"), *cells[1:])
+    names = {c.stem for c in CORPUS.glob("*.yml")}
+    if set(old) - names:
+        return None
+    old.update({r.name: r for r in rows})
+    return [old[n] for n in sorted(old)]
+
+
 def _write_docs(rows: list[Row]) -> None:
     from mergelab.fileio import write_text_atomic
 
@@ -244,8 +277,8 @@ def _write_docs(rows: list[Row]) -> None:
         f"corpus (`benchmarks/mergekit_configs/`, {len(rows)} configs) holds configs in the shapes "
         "of mergekit's examples and published model cards, model names remapped to tiny local "
         "Llama checkpoints (4 layers, a word tokenizer; two of them add chat and tool tokens). "
-        "Each runs through `mergekit-yaml` (`mergekit-multi` for multi-document files) and "
-        "`mergelab merge`. Max difference: max over tensors of "
+        "Each runs through `mergekit-yaml` (`mergekit-multi` for multi-document files, "
+        "`mergekit-moe` for MoE configs) and `mergelab merge` (`mergelab moe`). Max difference: max over tensors of "
         "max |mergelab - mergekit| / max |mergekit| in float32 (vocabulary rows matched by "
         "token); agreement to rounding is two units in the last place of the output dtype (float32: "
         "1e-5). A half-precision row beyond that is run again with `dtype: float32` in both "
@@ -281,8 +314,10 @@ def main() -> int:
             rows.append(run_case(config, roles, work, bin_dir))
             print(table(rows[-1:]).splitlines()[-1], flush=True)
     print(table(rows))
-    if not args.no_docs and args.only == "*":
-        _write_docs(rows)
+    if not args.no_docs:
+        whole = rows if args.only == "*" else _merged_with_docs(rows)
+        if whole is not None:
+            _write_docs(whole)
     failed = [r for r in rows if r.mergekit == "yes" and (r.mergelab != "yes" or _too_far(r))]
     return 1 if failed else 0
 
