@@ -177,3 +177,8 @@ def test_cli_moe(tmp_path, dense):
     assert result.exit_code == 0, result.output
     assert "by `random`" in " ".join(result.output.split())
     assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_merge_on_a_moe_config_points_at_mergelab_moe(tmp_path, dense):
+    with pytest.raises(ConfigError, match="a mergekit-moe config .*`mergelab moe CONFIG --out OUT`"):
+        mergelab.merge(_config(tmp_path, dense, "random"), tmp_path / "never", progress=False)

@@ -584,15 +584,6 @@ def merge_expert_groups(
     return sink.tensors
 
 
-def dump_plan(plan: MergePlan) -> str:
-    from mergelab.plan.planner import describe_plan
-
-    return json.dumps(describe_plan(plan), indent=2, default=str)
-
-
-__all__ = ["close_plan", "merge", "merge_expert_groups", "merge_state_dicts", "moe", "plan_merge", "ConfigError"]
-
-
 def moe(
     config: str | os.PathLike | Mapping,
     out_dir: str | os.PathLike,
@@ -674,3 +665,13 @@ def moe(
         return report
     finally:
         _close_all(opened)
+
+
+def dump_plan(plan: MergePlan) -> str:
+    from mergelab.plan.planner import describe_plan
+
+    return json.dumps(describe_plan(plan), indent=2, default=str)
+
+
+__all__ = ["close_plan", "merge", "merge_expert_groups", "merge_state_dicts", "moe", "plan_merge", "ConfigError"]
+

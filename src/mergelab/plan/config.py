@@ -335,6 +335,11 @@ def parse_config(data: Any, source: str | None = None) -> MergeConfig:
         return data
     if not isinstance(data, dict):
         raise ConfigError(f"the config must be a mapping; got {type(data).__name__}", source)
+    if "experts" in data and "merge_method" not in data:
+        raise ConfigError(
+            ["a mergekit-moe config (it has `experts` and no `merge_method`): build it with "
+             "`mergelab moe CONFIG --out OUT` (mergelab.moe)"], source
+        )
     if "modules" in data:
         data, problems = flatten_default_module(data)
         if problems:
