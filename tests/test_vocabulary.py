@@ -227,6 +227,26 @@ def test_chat_template_by_name_or_jinja_is_set_on_the_tokenizer(tmp_path, family
         assert "w0 w1" in tok.apply_chat_template(messages, tokenize=False)
 
 
+def test_chat_template_auto_takes_the_most_common_template_of_the_models(tmp_path, family):
+    from transformers import AutoTokenizer
+
+    templates = {"base": "{{ 'A' }}{% for m in messages %}{{ m['content'] }}{% endfor %}",
+                 "a": "{{ 'B' }}{% for m in messages %}{{ m['content'] }}{% endfor %}",
+                 "b": "{{ 'B' }}{% for m in messages %}{{ m['content'] }}{% endfor %}"}
+    folders = {}
+    for key, template in templates.items():
+        folders[key] = tmp_path / key
+        shutil.copytree(family[key], folders[key])
+        tok = AutoTokenizer.from_pretrained(str(folders[key]), local_files_only=True)
+        tok.chat_template = template
+        tok.save_pretrained(str(folders[key]))
+    out = tmp_path / "out"
+    mergelab.merge(_config(tmp_path, folders, tokenizer_source="union", chat_template="auto"), out,
+                   progress=False)
+    tok = AutoTokenizer.from_pretrained(str(out), local_files_only=True)
+    assert tok.apply_chat_template([{"role": "user", "content": "w0"}], tokenize=False) == "Bw0"
+
+
 def _reads(monkeypatch) -> list[str]:
     from mergelab.checkpoint.reader import CheckpointReader
 

@@ -304,8 +304,7 @@ def build_plan(
     tokenizer_files = vocabulary.files if vocabulary is not None else {}
     if vocabulary is None and not problems:
         chat_problems: list[str] = []
-        holder = sources.get(tokenizer_donor) if tokenizer_donor else None
-        tokenizer_files = chat_template_files(config, tokenizer_donor, holder, chat_problems)
+        tokenizer_files = chat_template_files(config, tokenizer_donor, sources, chat_problems)
         problems.extend(chat_problems)
     if problems:
         raise ConfigError(problems.items, source_label)

@@ -24,8 +24,8 @@ embedding and LM-head rows are mapped onto it. The rules are mergekit 0.1.5's:
 The result is a `VocabularyPlan`: per vocabulary tensor and inputs, a `VocabularyRemap` the
 engine applies to the input tensors before the merge kernel (mergelab.engine.vocabulary), and
 the output tokenizer's files, written beside the merged weights. A `chat_template` (a name of
-`CHAT_TEMPLATES` or a Jinja string) is set on the output tokenizer (the donor's, when there is
-no tokenizer section) as mergekit sets it.
+`CHAT_TEMPLATES`, a Jinja string, or `auto`: the template most of the models have) is set on the
+output tokenizer (the donor's, when there is no tokenizer section) as mergekit sets it.
 """
 
 from __future__ import annotations
@@ -240,16 +240,19 @@ def plan_vocabulary(
     _check_token_specs(specs, vocab, permutations, original, sizes, models, problems)
     if problems:
         return None
-    _set_chat_template(out_tok, config, problems)
+    _set_chat_template(out_tok, config, problems, sources)
     return VocabularyPlan(vocab=vocab, rows=rows, permutations=permutations, original=original,
                           base=base_key, tokens=specs, files=_tokenizer_files(out_tok))
 
 
 def chat_template_files(
-    config: MergeConfig, donor_key: str | None, donor: TensorSource | None, problems: list[str]
+    config: MergeConfig, donor_key: str | None, sources: Mapping[str, TensorSource],
+    problems: list[str],
 ) -> dict[str, bytes]:
     """With a `chat_template` and no vocabulary merging: the donor's tokenizer with the
-    template set (its files, to write in place of the donor's). Empty without a template."""
+    template set (its files, to write in place of the donor's). Empty without a template.
+    `auto` takes the template most of the config's models have (mergekit's rule)."""
+    donor = sources.get(donor_key) if donor_key else None
     if config.chat_template is None:
         return {}
     if donor is None or donor_key is None:
@@ -263,7 +266,7 @@ def chat_template_files(
     tok = _load_tokenizer(donor_key, donor, problems, required=True, key_path="chat_template")
     if tok is None:
         return {}
-    _set_chat_template(tok, config, problems)
+    _set_chat_template(tok, config, problems, sources)
     return _tokenizer_files(tok)
 
 
@@ -277,13 +280,15 @@ def resolve_chat_template(value: str) -> str | None:
     return value
 
 
-def _set_chat_template(tok: Any, config: MergeConfig, problems: list[str]) -> None:
+def _set_chat_template(tok: Any, config: MergeConfig, problems: list[str],
+                       sources: Mapping[str, TensorSource]) -> None:
     value = config.chat_template
     if not value:
         return
     if value == "auto":
-        problems.append("chat_template: `auto` (the most common template of the inputs) is not "
-                        "supported; give a name or a Jinja template")
+        template = _most_common_template(config, sources, problems)
+        if template is not None:
+            tok.chat_template = template
         return
     template = resolve_chat_template(value)
     if template is None:
@@ -292,6 +297,23 @@ def _set_chat_template(tok: Any, config: MergeConfig, problems: list[str]) -> No
                         "Jinja template")
         return
     tok.chat_template = template
+
+
+def _most_common_template(config: MergeConfig, sources: Mapping[str, TensorSource],
+                          problems: list[str]) -> str | None:
+    """`chat_template: auto`: the template most of the config's models have (stripped; a tie
+    goes to the first in config order); None when none has one (the tokenizer keeps its own)."""
+    from collections import Counter
+
+    templates = []
+    for key in config.referenced_models():
+        tok = _load_tokenizer(key, sources[key], [], required=False)
+        template = getattr(tok, "chat_template", None) if tok is not None else None
+        if isinstance(template, dict):
+            template = template.get("default")
+        if template:
+            templates.append(template.strip())
+    return Counter(templates).most_common(1)[0][0] if templates else None
 
 
 def _has_tokenizer(root: Path | None) -> bool:
