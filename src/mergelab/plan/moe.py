@@ -38,7 +38,7 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from mergelab.errors import ConfigError
+from mergelab.errors import ConfigError, validation_problems
 from mergelab.plan.layout import TensorSource, split_layer_name
 
 GateMode = Literal["hidden", "hidden_avg", "hidden_last", "cheap_embed", "random", "uniform_random"]
@@ -131,7 +131,7 @@ class MoEConfig(_Frozen):
                 problems.append("experts: every expert has the same prompts, so the router "
                                 "cannot tell them apart")
         if problems:
-            raise ValueError("; ".join(problems))
+            raise ValueError("\n".join(problems))  # one line each (validation_problems)
         return self
 
 
@@ -142,15 +142,7 @@ def parse_moe_config(data: Any, source: str | None = None) -> MoEConfig:
     try:
         return MoEConfig.model_validate(data)
     except ValidationError as exc:
-        problems = []
-        for err in exc.errors():
-            loc = ".".join(str(p) for p in err["loc"]) or "<root>"
-            msg = err["msg"].removeprefix("Value error, ")
-            if err["type"] == "extra_forbidden":
-                msg = "unknown key"
-            for part in msg.split("; "):
-                problems.append(f"{loc}: {part}" if loc != "<root>" else part)
-        raise ConfigError(problems, source) from None
+        raise ConfigError(validation_problems(exc), source) from None
 
 
 def mlp_name(layer: int, part: str) -> str:
