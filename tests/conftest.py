@@ -92,6 +92,15 @@ def run_kernel(
     return out
 
 
+def layered(values: list[float], extra: float = 0.0) -> dict[str, torch.Tensor]:
+    """A toy model with len(values) layers whose layer i weight is filled with values[i]."""
+    sd = {"model.embed_tokens.weight": torch.full((4, 2), extra)}
+    for i, v in enumerate(values):
+        sd[f"model.layers.{i}.mlp.weight"] = torch.full((2, 2), float(v))
+    sd["model.norm.weight"] = torch.full((2,), extra + 1)
+    return sd
+
+
 def save_checkpoint(
     folder: Path,
     state_dict: Mapping[str, torch.Tensor],

@@ -310,17 +310,22 @@ def test_merge_closes_its_sources_however_it_ends(tmp_path, zoo, monkeypatch):
     assert (tmp_path / "out" / "mergelab_config.yml").is_file()
 
 
-def test_unsupported_mergekit_sections_are_refused_or_noted(tmp_path, zoo):
-    """What the README lists as not supported yet: refused with the key named, or (the chat
-    template) accepted with a note, never silently dropped."""
+def test_unreadable_tokenizers_and_unsupported_modules_are_refused_before_merging(tmp_path, zoo):
+    """The zoo's tokenizer files are placeholders: vocabulary merging and a chat template need
+    a real tokenizer, so both are refused naming the model and the key, and nothing is written.
+    A `modules:` section other than the default module is refused too."""
+    base = str(zoo["base"])
     for extra, key in (({"tokenizer": {"source": "union"}}, "tokenizer"),
-                       ({"modules": {"default": {"slices": []}}}, "modules")):
-        with pytest.raises(ConfigError, match=key):
+                       ({"tokenizer_source": "base"}, "tokenizer"),
+                       ({"chat_template": "chatml"}, "chat_template")):
+        with pytest.raises(ConfigError) as info:
             mergelab.merge(_config(tmp_path, zoo, **extra), tmp_path / "never", progress=False)
+        text = str(info.value)
+        assert f"{key}: the tokenizer of model {base!r}" in text and "cannot be read" in text, text
         assert not (tmp_path / "never").exists()
-    with pytest.raises(ConfigError, match="tokenizer_source"):
-        mergelab.merge(_config(tmp_path, zoo, tokenizer_source="union"), tmp_path / "never",
-                       progress=False)
-    report = mergelab.merge(_config(tmp_path, zoo, chat_template="chatml"), tmp_path / "out",
-                            progress=False)
-    assert any("chat_template is not applied yet" in note for note in report.notes), report.notes
+    raw = yaml.safe_load(_config(tmp_path, zoo).read_text())
+    models = raw.pop("models")
+    raw["modules"] = {"default": {"models": models}, "vision_tower": {"models": models}}
+    (tmp_path / "modules.yml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match="only the `default` module is supported"):
+        mergelab.merge(tmp_path / "modules.yml", tmp_path / "never", progress=False)

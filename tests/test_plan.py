@@ -4,20 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import layered
 
 from mergelab import ConfigError, MergeError, merge_state_dicts
 from mergelab.plan.config import ConditionalValue, parse_config
 from mergelab.plan.params import evaluate_setting
 from mergelab.plan.planner import split_layer_name
 
-
-def _layered(values: list[float], extra: float = 0.0) -> dict[str, torch.Tensor]:
-    """A 3-layer toy model whose layer i weight is filled with values[i]."""
-    sd = {"model.embed_tokens.weight": torch.full((4, 2), extra)}
-    for i, v in enumerate(values):
-        sd[f"model.layers.{i}.mlp.weight"] = torch.full((2, 2), float(v))
-    sd["model.norm.weight"] = torch.full((2,), extra + 1)
-    return sd
+_layered = layered
 
 
 # ---------------------------------------------------------------- parameter resolution

@@ -1,6 +1,6 @@
 """mergelab: merge neural networks' weights into one model."""
 
-from mergelab.api import merge, merge_expert_groups, merge_state_dicts, plan_merge
+from mergelab.api import merge, merge_expert_groups, merge_state_dicts, moe, plan_merge
 from mergelab.datamerge import data_merge
 from mergelab.errors import CheckpointError, ConfigError, MergeError, MergeLabError
 
@@ -11,6 +11,7 @@ __all__ = [
     "merge",
     "merge_expert_groups",
     "merge_state_dicts",
+    "moe",
     "plan_merge",
     "CheckpointError",
     "ConfigError",

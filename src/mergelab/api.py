@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -17,11 +18,13 @@ from mergelab.checkpoint import ShardedWriter, open_checkpoint, parse_size
 from mergelab.checkpoint.card import CARD_FILE, merge_card
 from mergelab.checkpoint.format import CONFIG_FILES, TOKENIZER_FILES
 from mergelab.checkpoint.heads import HEADS_MANIFEST, head_file_name, heads_manifest, merged_heads
-from mergelab.checkpoint.memory import StateDictSource
+from mergelab.checkpoint.memory import ListedSource, StateDictSource
 from mergelab.engine.execute import MemorySink, MergeReport, execute
-from mergelab.errors import ConfigError, MergeLabError
+from mergelab.errors import CheckpointError, ConfigError, MergeLabError
+from mergelab.fileio import temporary_folder
 from mergelab.plan.config import ExpertGroupSpec, MergeConfig, load_config, parse_config
 from mergelab.plan.expert_groups import GramLookup
+from mergelab.plan.multistage import StagedConfig, order_stages, read_documents
 from mergelab.plan.planner import MergePlan, build_plan
 
 
@@ -46,8 +49,15 @@ def _resolve_path(name: str, config_dir: Path | None) -> Path:
     return path
 
 
-def _opener(config_dir: Path | None):
+def _opener(config_dir: Path | None, stages: Mapping[str, Any] | None = None):
+    """The source opener of a config: paths as given or under `config_dir`, `model+adapter`
+    pairs, and (multi-document configs) stage names: `stages` maps a stage's name to its
+    written folder, or to its output's tensor list before it ran (a ListedSource)."""
+
     def open_source(model: str):
+        if stages is not None and model in stages:
+            written = stages[model]
+            return open_checkpoint(written) if isinstance(written, Path) else written
         if not (config_dir is not None and (config_dir / model).exists()):
             from mergelab.lora.source import open_folded, split_model_adapter
 
@@ -81,18 +91,30 @@ def _tracked(opener):
     return open_source, opened
 
 
-def plan_merge(config: str | os.PathLike | Mapping | MergeConfig) -> MergePlan:
+def plan_merge(config: str | os.PathLike | Mapping | MergeConfig, *, strict: bool = False) -> MergePlan:
     """Validate a config (file path, mapping or MergeConfig) and its sources; return the plan.
+
+    strict: refuse parameters that mergekit accepts and ignores (by default they are ignored,
+    with a note saying so). A multi-document file (mergekit-multi) is validated stage by stage,
+    each against the outputs of the stages it reads; the final stage's plan is returned, its
+    notes naming the stages that run first.
 
     Every config is accepted, `data:` included: a data-aware method's plan is validated in full
     (parameters, sources, tasks, heads, statistics folders) without running any data; its data
     stage is described by `mergelab.plan.stages.describe_data_stage` (`--dry-run` prints it).
     """
+    staged = _staged(config)
+    if staged is not None:
+        plans = _plan_stages(staged, Path(config), strict)
+        final = plans.pop(staged.final.name)
+        for plan in plans.values():
+            close_plan(plan)
+        return final
     cfg, config_dir = _read_config(config)
     label = str(config) if isinstance(config, (str, os.PathLike)) else None
     open_source, opened = _tracked(_opener(config_dir))
     try:  # when validation fails, the sources opened so far are closed before the error
-        plan = _build(cfg, open_source, label, config_dir)
+        plan = _build(cfg, open_source, label, config_dir, strict=strict)
         _provider(plan, config_dir, label)  # checks the data section's folders, tasks and heads
     except BaseException:
         _close_all(opened)
@@ -129,9 +151,9 @@ def _provider(plan: MergePlan, config_dir: Path | None, label: str | None):
 
 
 def _build(cfg: MergeConfig, open_source, label: str | None, config_dir: Path | None = None,
-           data_supplied: bool = False) -> MergePlan:
+           data_supplied: bool = False, strict: bool = False) -> MergePlan:
     return build_plan(cfg, open_source, source_label=label, open_grams=_gram_opener(config_dir),
-                      data_supplied=data_supplied)
+                      data_supplied=data_supplied, strict=strict)
 
 
 def merge(
@@ -146,6 +168,7 @@ def merge(
     allow_nonfinite: bool = False,
     progress: bool = True,
     workers: int | None = None,
+    strict: bool = False,
 ) -> MergeReport | MergePlan:
     """Merge the checkpoints a config names and write the result to `out_dir`.
 
@@ -157,29 +180,171 @@ def merge(
     the output as `mergelab_config.yml`) the engine executes. The output is written into a
     temporary folder beside `out_dir` and renamed into place only when complete; an existing
     `out_dir` is refused unless `overwrite`, and writing into an input always is.
-    With `dry_run`, returns the validated MergePlan and writes nothing.
+    With `dry_run`, returns the validated MergePlan and writes nothing. `strict` refuses
+    parameters that mergekit accepts and ignores (by default: ignored, with a note).
+    A multi-document file (mergekit-multi: stages that read each other by `name`) has every
+    stage validated first, then runs them in order, each into a folder inside a temporary
+    folder beside `out_dir` (removed at the end), the final stage into `out_dir`.
     Returns a MergeReport (timings, bytes, notes).
     """
+    options = dict(device=device, out_shard_size=out_shard_size, overwrite=overwrite, seed=seed,
+                   allow_nonfinite=allow_nonfinite, progress=progress, workers=workers)
+    staged = _staged(config)
+    if staged is not None:
+        return _merge_stages(staged, Path(config), out_dir, dry_run=dry_run, strict=strict,
+                             **options)
     cfg, config_dir = _read_config(config)
     label = str(config) if isinstance(config, (str, os.PathLike)) else None
-    open_source, opened = _tracked(_opener(config_dir))
+    return _merge_config(cfg, config_dir, label, out_dir, dry_run=dry_run, strict=strict,
+                         **options)
+
+
+def _merge_config(
+    cfg: MergeConfig, config_dir: Path | None, label: str | None, out_dir, *, dry_run: bool,
+    strict: bool, stages: Mapping[str, Any] | None = None, recorded: str | None = None,
+    **options,
+) -> MergeReport | MergePlan:  # fmt: skip
+    """Validate and run one config (a plain file, or one stage of a multi-document file, whose
+    output records the whole file's text `recorded`)."""
+    open_source, opened = _tracked(_opener(config_dir, stages))
     try:  # a config that fails validation leaves no source open
-        plan = _build(cfg, open_source, label, config_dir)
+        plan = _build(cfg, open_source, label, config_dir, strict=strict)
         provider = _provider(plan, config_dir, label)
     except BaseException:
         _close_all(opened)
         raise
+    plan.recorded_config = recorded
     if dry_run:
         plan.config_dir = config_dir
         return plan
     try:  # the sources' files are closed however the merge ends
-        return _merge_plan(
-            plan, out_dir, device=device, out_shard_size=out_shard_size, overwrite=overwrite,
-            seed=seed, allow_nonfinite=allow_nonfinite, progress=progress, workers=workers,
-            provider=provider, config_dir=config_dir, open_source=open_source, label=label,
-        )  # fmt: skip
+        return _merge_plan(plan, out_dir, provider=provider, config_dir=config_dir,
+                           open_source=open_source, label=label, **options)
     finally:
         close_plan(plan)
+
+
+def _staged(config: Any) -> StagedConfig | None:
+    """The ordered stages of a multi-document config file; None for anything else."""
+    if not isinstance(config, (str, os.PathLike)):
+        return None
+    documents = read_documents(config)
+    if len(documents) <= 1:
+        return None
+    config_dir = Path(config).parent
+
+    def exists(model: str) -> bool:
+        from mergelab.lora.source import split_model_adapter
+
+        pair = split_model_adapter(model) if not (config_dir / model).exists() else None
+        for part in pair or (model,):
+            try:
+                _resolve_path(part, config_dir)
+            except FileNotFoundError:
+                return False
+        return True
+
+    return order_stages(documents, str(config), exists=exists)
+
+
+def _plan_stages(staged: StagedConfig, path: Path, strict: bool) -> dict[str | None, MergePlan]:
+    """Plan every stage before any tensor is read: a stage's readers see the outputs of the
+    stages before it as their tensor lists. Returns stage name -> plan (sources open); on a
+    problem, closes what it opened and raises one ConfigError listing every stage's problems."""
+    plans: dict[str | None, MergePlan] = {}
+    listed: dict[str, ListedSource] = {}
+    problems: list[str] = []
+    # The tokenizer each stage will write, for the stages reading it (vocabulary merging).
+    with tempfile.TemporaryDirectory(prefix="mergelab-stage-tokenizers-") as scratch:
+        for stage in staged.stages:
+            label = f"{path} ({stage.label})"
+            if any(ref not in listed for ref in stage.reads):
+                continue  # a stage it reads is invalid: reported there
+            try:
+                plan = _merge_config(stage.config, path.parent, label, None, dry_run=True,
+                                     strict=strict, stages=listed)
+            except ConfigError as exc:
+                problems.extend(f"{stage.label}: {p}" for p in exc.problems)
+                continue
+            plans[stage.name] = plan
+            if stage.name is not None:
+                listed[stage.name] = ListedSource(
+                    f"the output of stage `{stage.name}`",
+                    {t.name: (t.shape, t.out_dtype) for t in plan.tasks},
+                    plan.out_config,
+                    root=_tokenizer_preview(plan, Path(scratch) / str(len(listed))),
+                )
+    if problems:
+        for plan in plans.values():
+            close_plan(plan)
+        raise ConfigError(problems, str(path))
+    final = plans[staged.final.name]
+    for stage in staged.stages[:-1]:
+        plan = plans[stage.name]
+        final.notes.append(
+            f"{stage.label} runs first (`{plan.method.name}`, {len(plan.tasks)} tensors) into a "
+            "temporary folder"
+        )
+    for name in staged.unused:
+        final.notes.append(f"stage `{name}` is not read by the final merge and is not run")
+    return plans
+
+
+def _tokenizer_preview(plan: MergePlan, folder: Path) -> Path:
+    """A folder holding the tokenizer files (and config.json) a plan's output will have."""
+    folder.mkdir(parents=True)
+    if plan.out_config is not None:
+        (folder / "config.json").write_text(json.dumps(plan.out_config), encoding="utf-8")
+    donor = plan.sources.get(plan.tokenizer_donor) if plan.tokenizer_donor else None
+    if plan.tokenizer_files:
+        for name, content in plan.tokenizer_files.items():
+            (folder / name).write_bytes(content)
+    elif donor is not None and donor.root is not None:
+        for name in TOKENIZER_FILES:
+            if (donor.root / name).is_file():
+                shutil.copyfile(donor.root / name, folder / name)
+    return folder
+
+
+def _merge_stages(staged: StagedConfig, path: Path, out_dir, *, dry_run: bool, strict: bool,
+                  **options) -> MergeReport | MergePlan:  # fmt: skip
+    """Run the stages of a multi-document config in order (all validated first)."""
+    plans = _plan_stages(staged, path, strict)
+    final_plan = plans.pop(staged.final.name)
+    for plan in plans.values():
+        close_plan(plan)
+    if dry_run:
+        return final_plan
+    close_plan(final_plan)
+    out = Path(out_dir).expanduser().absolute()
+    if out.exists() and not options["overwrite"]:
+        raise CheckpointError(
+            f"refusing to write checkpoint: output folder {out} already exists "
+            "(pass overwrite=True to replace)"
+        )
+    notes: list[str] = []
+    work = temporary_folder(out)
+    try:
+        written: dict[str, Path] = {}
+        for i, stage in enumerate(staged.stages[:-1]):
+            folder = work / f"stage-{i}"
+            report = _merge_config(
+                stage.config, path.parent, f"{path} ({stage.label})", folder, dry_run=False,
+                strict=strict, stages=written, **{**options, "overwrite": False},
+            )  # fmt: skip
+            written[stage.name] = folder
+            notes.append(f"{stage.label}: merged {report.tensors} tensors with `{report.method}` "
+                         "into an intermediate folder (removed after)")
+            notes.extend(f"{stage.label}: {n}" for n in report.notes)
+        report = _merge_config(staged.final.config, path.parent, f"{path} ({staged.final.label})",
+                               out, dry_run=False, strict=strict, stages=written,
+                               recorded=path.read_text(encoding="utf-8"), **options)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    report.notes[:0] = notes
+    report.notes.extend(f"stage `{n}` is not read by the final merge and was not run"
+                        for n in staged.unused)
+    return report
 
 
 def _merge_plan(
@@ -278,19 +443,22 @@ def _write_side_files(plan: MergePlan, writer: ShardedWriter) -> None:
             if (donor.root / name).is_file():
                 writer.copy_file(donor.root / name, name)
     tok = plan.sources.get(plan.tokenizer_donor) if plan.tokenizer_donor else None
-    if tok is not None and tok.root is not None:
+    if not plan.tokenizer_files and tok is not None and tok.root is not None:
         for name in TOKENIZER_FILES:
             if (tok.root / name).is_file():
                 writer.copy_file(tok.root / name, name)
     heads = _write_heads(plan, writer)
-    config_yaml = yaml.safe_dump(
+    config_yaml = plan.recorded_config or yaml.safe_dump(
         plan.config.model_dump(exclude_none=True, mode="json"), sort_keys=False
     )
     _write_card(plan, writer, config_yaml, heads)
+    # The merged vocabulary's (or the chat template's) tokenizer, as transformers saved it.
+    files = {**plan.tokenizer_files, "mergelab_config.yml": config_yaml.encode("utf-8")}
     with tempfile.TemporaryDirectory() as scratch:
-        path = Path(scratch) / "mergelab_config.yml"
-        path.write_text(config_yaml, encoding="utf-8")
-        writer.copy_file(path, "mergelab_config.yml")
+        for name, content in files.items():
+            path = Path(scratch) / name
+            path.write_bytes(content)
+            writer.copy_file(path, name)
 
 
 def _write_heads(plan: MergePlan, writer: ShardedWriter) -> list:
@@ -334,6 +502,7 @@ def merge_state_dicts(
     seed: int = 0,
     allow_nonfinite: bool = False,
     progress: bool = False,
+    strict: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Merge in memory: the config's model names are keys of `state_dicts`.
 
@@ -342,7 +511,7 @@ def merge_state_dicts(
     """
     cfg, config_dir = _read_config(config)
     open_source = _state_dict_opener(state_dicts)
-    plan = _build(cfg, open_source, None)
+    plan = _build(cfg, open_source, None, strict=strict)
     if plan.needs_data_stage:
         plan = _statistics_from_folders(plan, open_source, config_dir, device)
     sink = MemorySink(plan)
@@ -452,10 +621,94 @@ def merge_expert_groups(
     return sink.tensors
 
 
+def moe(
+    config: str | os.PathLike | Mapping,
+    out_dir: str | os.PathLike,
+    *,
+    device: str = "cpu",
+    out_shard_size: int | str = "5GB",
+    overwrite: bool = False,
+    seed: int = 0,
+    progress: bool = True,
+) -> MergeReport:
+    """Build a mixture of experts from dense models (mergekit-moe's config format): a
+    Mixtral model, or a Qwen-MoE model when the config has a shared expert.
+
+    The config and every source are checked before any tensor is read (mergelab.plan.moe);
+    then the router rows are made by the config's `gate_mode` (reading the base's embeddings,
+    or running the base model on the prompts for `hidden`), and the engine streams the base's
+    tensors and each layer's experts into `out_dir` (written atomically, like a merge), with
+    the Mixtral config.json and the base tokenizer. `seed` seeds random routers and noise.
+    """
+    from mergelab.plan import moe as moe_plan
+
+    if isinstance(config, Mapping):
+        raw, config_dir, label = dict(config), None, None
+    else:
+        documents = read_documents(config)
+        raw = documents[0] if len(documents) == 1 else documents
+        config_dir, label = Path(config).parent, str(config)
+    cfg = moe_plan.parse_moe_config(raw, label)
+    open_source, opened = _tracked(_opener(config_dir))
+    try:
+        sources: dict[str, Any] = {}
+        problems: list[str] = []
+        keys = [cfg.base_model, *(e.source_model for e in cfg.gated)]
+        for key in dict.fromkeys(keys):
+            try:
+                sources[key] = open_source(key)
+            except (CheckpointError, FileNotFoundError) as exc:
+                problems.append(f"model {key!r}: {exc}")
+        if not problems:
+            problems += moe_plan.check_sources(cfg, sources)
+        base = sources.get(cfg.base_model)
+        tokenizer = None
+        if not problems:
+            try:
+                tokenizer = moe_plan.router_tokenizer(base.root)
+            except Exception as exc:  # noqa: BLE001 - transformers raises many kinds
+                problems.append(f"base_model: the tokenizer of {cfg.base_model!r} cannot be read: "
+                                f"{' '.join(str(exc).split())[:300]}")
+        if problems:
+            raise ConfigError(problems, label)
+        base_config = base.config() or {}
+        dtype = cfg.dtype or base_config.get("dtype") or base_config.get("torch_dtype") or "float32"
+        out_dtype = {"float32": torch.float32, "float16": torch.float16,
+                     "bfloat16": torch.bfloat16}.get(dtype, torch.float32)
+        routers = moe_plan.gate_vectors(cfg, base, tokenizer, torch.Generator().manual_seed(seed))
+        out_config = moe_plan.output_config(cfg, base, str(out_dtype).removeprefix("torch."))
+        plan = moe_plan.build_moe_plan(cfg, sources, routers, out_config, out_dtype)
+        max_shard = parse_size(out_shard_size)
+        entries = [(t.name, t.shape, t.out_dtype) for t in plan.tasks]
+        inputs = [p for s in sources.values() for p in getattr(s, "paths", (_source_path(s),))]
+        writer = ShardedWriter(out_dir, entries, max_shard_size=max_shard, overwrite=overwrite,
+                               inputs=[p for p in inputs if p is not None],
+                               metadata={"mergelab_method": plan.method.name})
+        with writer:
+            report = execute(plan, writer, device=device, seed=seed, progress=progress,
+                             out_dir=str(out_dir))
+            writer.write_json("config.json", out_config)
+            for name in CONFIG_FILES:
+                if base.root is not None and (base.root / name).is_file():
+                    writer.copy_file(base.root / name, name)
+            with tempfile.TemporaryDirectory() as scratch:
+                tokenizer.save_pretrained(scratch)
+                recorded = Path(scratch) / "mergelab_moe_config.yml"
+                recorded.write_text(yaml.safe_dump(cfg.model_dump(exclude_none=True),
+                                                   sort_keys=False), encoding="utf-8")
+                for path in sorted(Path(scratch).iterdir()):
+                    writer.copy_file(path, path.name)
+            writer.commit()
+        return report
+    finally:
+        _close_all(opened)
+
+
 def dump_plan(plan: MergePlan) -> str:
     from mergelab.plan.planner import describe_plan
 
     return json.dumps(describe_plan(plan), indent=2, default=str)
 
 
-__all__ = ["close_plan", "merge", "merge_expert_groups", "merge_state_dicts", "plan_merge", "ConfigError"]
+__all__ = ["close_plan", "merge", "merge_expert_groups", "merge_state_dicts", "moe", "plan_merge", "ConfigError"]
+

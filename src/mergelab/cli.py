@@ -52,13 +52,16 @@ def merge(
     allow_nonfinite: bool = typer.Option(False, help="Merge sources holding NaN/Inf anyway."),
     profile: bool = typer.Option(False, help="Print where the time went (read, merge, write)."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
+    strict: bool = typer.Option(
+        False, help="Refuse parameters that mergekit accepts and ignores (default: a warning)."
+    ),
 ) -> None:
     """Merge the models a CONFIG names into the folder --out."""
     from mergelab import api
 
     try:
         if dry_run:
-            plan = api.plan_merge(config)
+            plan = api.plan_merge(config, strict=strict)
             try:
                 _print_plan(plan)
             finally:
@@ -74,6 +77,7 @@ def merge(
             seed=seed,
             allow_nonfinite=allow_nonfinite,
             progress=progress,
+            strict=strict,
         )
     except MergeLabError as exc:
         fail(exc)
@@ -152,12 +156,46 @@ def _print_data_stage(plan) -> None:
 
 
 @app.command()
-def validate(config: Path = typer.Argument(..., help="Merge config to check.")) -> None:
+def moe(
+    config: Path = typer.Argument(..., help="mergekit-moe config (YAML): base_model, experts, gate_mode."),
+    out: Path | None = typer.Option(
+        None, "--out", "-o", help="Output folder (created atomically; must not exist)."
+    ),
+    out_positional: Path | None = typer.Argument(
+        None, hidden=True, help="Older spelling of --out (mergekit-moe's `CONFIG OUT`)."
+    ),
+    device: str = typer.Option("cpu", help="Device for assembling the experts: cpu, cuda..."),
+    out_shard_size: str = typer.Option("5GB", help="Maximum shard size: bytes or e.g. 2GB."),
+    overwrite: bool = typer.Option(False, help="Replace an existing output folder atomically."),
+    seed: int = typer.Option(0, help="Seed of random routers and expert noise."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+) -> None:
+    """Build a Mixtral mixture of experts from dense models into the folder --out."""
+    from mergelab import api
+
+    out_dir = output_path(out, out_positional)
+    try:
+        report = api.moe(config, out_dir, device=device, out_shard_size=out_shard_size,
+                         overwrite=overwrite, seed=seed, progress=progress)
+    except MergeLabError as exc:
+        fail(exc)
+    for message in report.notes:
+        note(message)
+    console.print(f"wrote {report.tensors} tensors into {out_dir} in {report.wall_seconds:.2f} s")
+
+
+@app.command()
+def validate(
+    config: Path = typer.Argument(..., help="Merge config to check."),
+    strict: bool = typer.Option(
+        False, help="Refuse parameters that mergekit accepts and ignores (default: a warning)."
+    ),
+) -> None:
     """Check a config and its sources completely without merging."""
     from mergelab import api
 
     try:
-        plan = api.plan_merge(config)
+        plan = api.plan_merge(config, strict=strict)
     except MergeLabError as exc:
         fail(exc)
     api.close_plan(plan)

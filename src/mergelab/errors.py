@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class MergeLabError(Exception):
     """Base class of every error mergelab raises on purpose."""
@@ -26,3 +28,20 @@ class CheckpointError(MergeLabError):
 
 class MergeError(MergeLabError):
     """A merge failed while running (non-finite values, numerical failure)."""
+
+
+def validation_problems(exc: Any) -> list[str]:
+    """One `key.path: message` line per problem of a pydantic ValidationError, each once
+    (`unknown key` for a key the model forbids; a validator's several problems, one per line of
+    its message, become one line each; a model-level problem carries its own key path)."""
+    problems: list[str] = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "<root>"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        for part in msg.split("\n"):
+            text = part if loc == "<root>" else f"{loc}: {part}"
+            if text not in problems:
+                problems.append(text)
+    return problems

@@ -22,7 +22,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from mergelab.errors import ConfigError
+from mergelab.errors import ConfigError, validation_problems
 
 
 class _Frozen(BaseModel):
@@ -164,16 +164,7 @@ def parse_align_config(data: Any, source: str | None = None) -> AlignSection:
     try:
         return AlignConfig.model_validate(data).align
     except ValidationError as exc:
-        problems = []
-        for err in exc.errors():
-            loc = ".".join(str(p) for p in err["loc"]) or "<root>"
-            msg = err["msg"].removeprefix("Value error, ")
-            if err["type"] == "extra_forbidden":
-                msg = "unknown key"
-            text = f"{loc}: {msg}"
-            if text not in problems:
-                problems.append(text)
-        raise ConfigError(problems, source) from None
+        raise ConfigError(validation_problems(exc), source) from None
 
 
 def load_align_config(path: str | Path) -> AlignSection:

@@ -61,3 +61,53 @@ class StateDictSource:
 
     def close(self) -> None:
         pass
+
+
+class ListedSource:
+    """A checkpoint known only by its tensor list and config: the output of a merge stage that
+    has not run yet, so that a later stage reading it is validated before any tensor is read.
+    Shapes, dtypes and tied aliases answer as the written checkpoint's will; `get` is an error.
+    `root`, when given, holds the side files (tokenizer) the checkpoint will hold.
+    """
+
+    def __init__(
+        self,
+        label: str,
+        entries: Mapping[str, tuple[tuple[int, ...], torch.dtype]],
+        config: dict | None = None,
+        root: Path | None = None,
+    ):
+        self.label = label
+        self.path = Path(label)
+        self.root: Path | None = root  # side files (a tokenizer) the checkpoint will hold
+        self._entries = dict(entries)
+        self._config = config
+
+    def keys(self) -> list[str]:
+        return list(self._entries)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._entries[name][0])
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self._entries[name][1]
+
+    def get(self, name: str) -> torch.Tensor:
+        raise CheckpointError(f"{self.label} is not written yet: tensor `{name}` cannot be read")
+
+    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        return self.get(name)
+
+    def resolve(self, name: str) -> str | None:
+        from mergelab.checkpoint.reader import resolve_tied
+
+        return resolve_tied(name, self._entries, self._entries, self._config)
+
+    def config(self) -> dict | None:
+        return self._config
+
+    def file_of(self, name: str) -> Path:
+        return Path(f"<{self.label}>")
+
+    def close(self) -> None:
+        pass

@@ -11,7 +11,7 @@ import json
 import os
 import pickle
 import threading
-from collections.abc import Iterator
+from collections.abc import Container, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -197,27 +197,7 @@ class CheckpointReader:
         the input embedding it is tied to are interchangeable, in both directions, unless
         config.json sets ``tie_word_embeddings: false`` (then None).
         """
-        if name in self._entries:
-            return name
-        if not self._ties_embeddings():
-            return None
-        for candidate in _tied_aliases(name):
-            if candidate in self._entries:
-                return candidate
-        if name in _MASKED_LM_OUTPUTS:
-            # BERT-family embeddings sit under a model-specific prefix (bert., roberta., ...).
-            for key in self._keys:
-                if key == _MASKED_LM_INPUT_SUFFIX or key.endswith("." + _MASKED_LM_INPUT_SUFFIX):
-                    return key
-        return None
-
-    def _ties_embeddings(self) -> bool:
-        config = self.config() or {}
-        # Multimodal wrappers keep the language model's setting in text_config.
-        for scope in (config, config.get("text_config") or {}):
-            if isinstance(scope, dict) and scope.get("tie_word_embeddings") is False:
-                return False
-        return True
+        return resolve_tied(name, self._entries, self._keys, self.config())
 
     def config(self) -> dict | None:
         """The parsed config.json beside the weights, or None when there is none."""
@@ -292,6 +272,38 @@ def _read_exact(
     except OSError as exc:
         raise CheckpointError(f"{entry.file}: cannot read tensor {name!r}: {exc}") from exc
     return tensor
+
+
+def resolve_tied(
+    name: str, present: Container[str], keys: Iterable[str], config: dict | None
+) -> str | None:
+    """`name` if `present`; else the tied alias of it that the checkpoint stores; else None.
+
+    An output projection and the input embedding it is tied to are interchangeable, in both
+    directions, unless `config` (config.json) sets ``tie_word_embeddings: false``.
+    """
+    if name in present:
+        return name
+    if not _ties_embeddings(config):
+        return None
+    for candidate in _tied_aliases(name):
+        if candidate in present:
+            return candidate
+    if name in _MASKED_LM_OUTPUTS:
+        # BERT-family embeddings sit under a model-specific prefix (bert., roberta., ...).
+        for key in keys:
+            if key == _MASKED_LM_INPUT_SUFFIX or key.endswith("." + _MASKED_LM_INPUT_SUFFIX):
+                return key
+    return None
+
+
+def _ties_embeddings(config: dict | None) -> bool:
+    config = config or {}
+    # Multimodal wrappers keep the language model's setting in text_config.
+    for scope in (config, config.get("text_config") or {}):
+        if isinstance(scope, dict) and scope.get("tie_word_embeddings") is False:
+            return False
+    return True
 
 
 def _tied_aliases(name: str) -> tuple[str, ...]:

@@ -22,6 +22,7 @@ import torch
 
 from mergelab.engine.blocks import TensorBlocks, row_blocks
 from mergelab.engine.memory import tune_allocator
+from mergelab.engine.vocabulary import remap_vocabulary
 from mergelab.errors import CheckpointError, MergeError
 from mergelab.methods.registry import TensorMerge
 from mergelab.plan.planner import MergePlan, TensorTask
@@ -155,9 +156,15 @@ def merge_one(
 ) -> torch.Tensor:
     """Merge one output tensor whole from its input tensors (in `task.inputs` order) and, for
     a method reading statistics, each non-base input's statistics (`read_statistics`)."""
+    if task.constant is not None:
+        return task.constant.to(device)
     if not task.is_float:
         return _copy_non_float(task, tensors)
     cast, writable = cast_inputs(plan, task, tensors, device)
+    if task.assembly is not None:
+        return _checked(plan, task, assemble(task, cast, seed), task.shape)
+    if task.vocabulary is not None:
+        cast, writable = remap_vocabulary(task.vocabulary, cast), True
     if task.copied:
         return cast[0]  # outside every expert group: written as read (through the merge dtype)
     job = _meta(plan, task, seed, device)
@@ -167,6 +174,25 @@ def merge_one(
     if statistics is not None:
         job.statistics = [{k: v.to(device) for k, v in s.items()} for s in statistics]
     return _checked(plan, task, plan.method.kernel(job), task.shape)
+
+
+def assemble(task: TensorTask, tensors: list[torch.Tensor], seed: int) -> torch.Tensor:
+    """A task's `assembly`: its inputs scaled (and noised, from a generator seeded by the merge
+    seed, the tensor and the input), concatenated per group and the groups stacked."""
+    spec = task.assembly
+    assert spec is not None
+    parts = []
+    for i, tensor in enumerate(tensors):
+        if spec.noise[i]:
+            gen = torch.Generator(device=tensor.device)
+            gen.manual_seed(tensor_seed(seed, f"{task.name}#{i}"))
+            tensor = tensor + torch.randn(tensor.shape, generator=gen, device=tensor.device,
+                                          dtype=tensor.dtype) * spec.noise[i]
+        if spec.scales[i] != 1.0:
+            tensor = tensor * spec.scales[i]
+        parts.append(tensor)
+    groups = [torch.cat([parts[i] for i in group], dim=0) for group in spec.groups]
+    return torch.stack(groups) if spec.stack else groups[0]
 
 
 def cast_inputs(
@@ -366,7 +392,8 @@ def execute(
     blocked = {
         t.name: ranges
         for t in plan.tasks
-        if t.is_float and not t.copied and plan.method.blockwise is not None
+        if t.is_float and not t.copied and t.vocabulary is None and t.assembly is None
+        and t.constant is None and plan.method.blockwise is not None
         and (ranges := row_blocks(t.shape)) is not None
     }
 

@@ -62,6 +62,7 @@ def linear(m: TensorMerge) -> torch.Tensor:
 register(
     MergeMethod(
         name="linear",
+        mergekit=True,
         title="Linear (model soups)",
         paper=(
             "Model soups: averaging weights of multiple fine-tuned models improves accuracy "

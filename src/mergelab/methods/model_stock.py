@@ -76,6 +76,7 @@ def _model_stock_kernel(m: TensorMerge) -> torch.Tensor:
 register(
     MergeMethod(
         name="model_stock",
+        mergekit=True,
         title="Model Stock",
         paper="Jang et al., Model Stock: All we need is just a few fine-tuned models (ECCV 2024)",
         url="https://arxiv.org/abs/2403.19522",

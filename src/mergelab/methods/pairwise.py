@@ -89,6 +89,7 @@ def _arcee_fusion_kernel(m: TensorMerge) -> torch.Tensor:
 register(
     MergeMethod(
         name="nearswap",
+        mergekit=True,
         title="NearSwap",
         paper="alchemonaut, NearSwap (QuartetAnemoi-70B model card, 2024)",
         url="https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001",
@@ -111,6 +112,7 @@ register(
 register(
     MergeMethod(
         name="arcee_fusion",
+        mergekit=True,
         title="Arcee Fusion",
         paper="Arcee AI, Arcee Fusion (mergekit, 2025)",
         url="https://arcee.ai",

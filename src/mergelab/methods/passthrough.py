@@ -21,6 +21,7 @@ def _passthrough_kernel(m: TensorMerge) -> torch.Tensor:
 register(
     MergeMethod(
         name="passthrough",
+        mergekit=True,
         title="Passthrough",
         paper=(
             "Layer stacking as in SOLAR 10.7B: Scaling Large Language Models with Simple yet "

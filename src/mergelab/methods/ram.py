@@ -91,6 +91,7 @@ _EPSILON = Param(
 register(
     MergeMethod(
         name="ram",
+        mergekit=True,
         title="Reinforced Agent Merging",
         paper="RAM: Reinforced Agent Merging (arXiv:2601.13572)",
         url="https://arxiv.org/abs/2601.13572",
@@ -104,6 +105,7 @@ register(
 register(
     MergeMethod(
         name="ramplus_tl",
+        mergekit=True,
         title="Reinforced Agent Merging Plus (Tensor-Local)",
         paper="RAM+: Reinforced Agent Merging (arXiv:2601.13572), per-tensor statistics",
         url="https://arxiv.org/abs/2601.13572",

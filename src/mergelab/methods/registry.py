@@ -190,6 +190,10 @@ class MergeMethod:
     check_params: the same for the global parameters, which may also depend on whether a base
         tensor is given: called with one tensor's resolved global params and `has_base`
         (e.g. RegMean: a `scaling` other than 1 needs the base).
+    mergekit: mergekit 0.1.5 has this method under the same name, so its configs follow
+        mergekit's rules: parameters mergekit accepts for it and ignores (another method's
+        parameter, a global parameter given per model) are accepted with a warning instead of
+        refused (a strict validation keeps them errors).
     """
 
     name: str
@@ -211,6 +215,7 @@ class MergeMethod:
     collector: str | None = None
     optimiser: str | None = None
     optimiser_options: tuple[tuple[str, Any], ...] = ()
+    mergekit: bool = False
 
     @property
     def needs_data(self) -> bool:

@@ -360,6 +360,7 @@ def _karcher_kernel(m: TensorMerge) -> torch.Tensor:
 register(
     MergeMethod(
         name="slerp",
+        mergekit=True,
         title="SLERP",
         paper="Shoemake, Animating Rotation with Quaternion Curves (SIGGRAPH 1985)",
         url="https://en.wikipedia.org/wiki/Slerp",
@@ -383,6 +384,7 @@ register(
 register(
     MergeMethod(
         name="nuslerp",
+        mergekit=True,
         title="NuSLERP",
         paper="Goddard et al., Arcee's MergeKit (arXiv:2403.13257), NuSLERP method",
         url="https://arxiv.org/abs/2403.13257",
@@ -420,6 +422,7 @@ register(
 register(
     MergeMethod(
         name="multislerp",
+        mergekit=True,
         title="Multi-SLERP",
         paper="Goddard, Multi-SLERP: barycentric interpolation on a hypersphere (2024)",
         url="https://goddard.blog/posts/multislerp-wow-what-a-cool-idea",
@@ -437,6 +440,7 @@ register(
 register(
     MergeMethod(
         name="karcher",
+        mergekit=True,
         title="Karcher Mean",
         paper="Karcher, Riemannian center of mass (1977); Karcher-mean merging (arXiv:2603.04972)",
         url="https://arxiv.org/abs/2603.04972",

@@ -526,6 +526,7 @@ def _declare(
     return register(
         MergeMethod(
             name=name,
+            mergekit=True,
             title=title,
             paper=paper,
             url=url,
@@ -602,6 +603,7 @@ _declare(
 register(
     MergeMethod(
         name="sce",
+        mergekit=True,
         title="SCE (select, calculate, erase)",
         paper="FuseChat: Knowledge Fusion of Chat Models (Wan et al., 2024)",
         url="https://arxiv.org/abs/2408.07990",

@@ -173,6 +173,56 @@ class ExpertGroupsSection(_Frozen):
         return self
 
 
+class TokenSourceSpec(_Frozen):
+    """Where a token's row comes from (mergekit's `kind: model_token` / `kind: zero`)."""
+
+    kind: Literal["model_token", "zero"] = Field(
+        description="`model_token`: a model's row of a token; `zero`: a zero row."
+    )
+    model: str | None = Field(default=None, description="The model (kind model_token).")
+    token: str | None = Field(default=None, description="The token whose row is taken.")
+    token_id: int | None = Field(default=None, ge=0, description="Or that token's id.")
+
+    @model_validator(mode="after")
+    def _one_token(self) -> TokenSourceSpec:
+        if self.kind == "zero":
+            if self.model is not None or self.token is not None or self.token_id is not None:
+                raise ValueError("`kind: zero` takes no `model`, `token` or `token_id`")
+            return self
+        if self.model is None:
+            raise ValueError("`kind: model_token` needs `model`")
+        if (self.token is None) == (self.token_id is None):
+            raise ValueError("`kind: model_token` needs exactly one of `token` and `token_id`")
+        return self
+
+
+class TokenSpec(_Frozen):
+    """How one token's embedding and LM-head rows are made (mergelab.plan.tokenizer)."""
+
+    source: TokenSourceSpec | str | None = Field(
+        default=None,
+        description="A model (its row of this token), a `{kind: model_token | zero}` mapping, "
+        "or omitted (mergekit's default rules).",
+    )
+    force: bool = Field(
+        default=False, description="Use `source` even in the models that have the token."
+    )
+
+
+class TokenizerSection(_Frozen):
+    """mergekit's `tokenizer:` section: the output vocabulary and how its rows are made."""
+
+    source: str = Field(
+        default="union", description="`union` (every source's tokens), `base` or a model path."
+    )
+    tokens: dict[str, TokenSpec] | None = Field(
+        default=None, description="Per-token row sources; tokens absent from the vocabulary are added."
+    )
+    pad_to_multiple_of: int | None = Field(
+        default=None, ge=1, description="Round the vocabulary rows up to a multiple of this."
+    )
+
+
 class MergeConfig(_Frozen):
     """A whole merge. Exactly one of `models` and `slices` is given."""
 
@@ -189,11 +239,16 @@ class MergeConfig(_Frozen):
     out_dtype: DtypeName | None = Field(default=None, description="Dtype of the written tensors.")
     tokenizer_source: str | None = Field(
         default=None,
-        description="`base` or a model path: where tokenizer files are copied from.",
+        description="`union`, `base` or a model path: the output vocabulary; every source's "
+        "embedding and LM-head rows are mapped onto it (mergelab.plan.tokenizer).",
+    )
+    tokenizer: TokenizerSection | None = Field(
+        default=None, description="mergekit's tokenizer section (source, tokens, pad_to_multiple_of)."
     )
     chat_template: str | None = Field(
         default=None,
-        description="Accepted for compatibility, not applied yet (the plan notes say so).",
+        description="A template name (chatml, llama3, mistral, alpaca, exaone) or a Jinja "
+        "template, set on the output tokenizer.",
     )
     name: str | None = Field(default=None, description="Free-form name of the merge.")
     data: DataSection | None = Field(
@@ -217,11 +272,8 @@ class MergeConfig(_Frozen):
                 "`expert_groups` merges copies inside one model: give exactly one entry under "
                 "`models` (and the seed checkpoint as `base_model`)"
             )
-        if self.tokenizer_source == "union":
-            raise ValueError(
-                "`tokenizer_source: union` (vocabulary merging) is not supported; "
-                "use `base` or a model path"
-            )
+        if self.tokenizer_source is not None and self.tokenizer is not None:
+            raise ValueError("give `tokenizer_source` or the `tokenizer` section, not both")
         return self
 
     def referenced_models(self) -> list[str]:
@@ -247,7 +299,7 @@ _KNOWN_FIELDS = {
     cls: _field_names(cls)
     for cls in (
         MergeConfig, ModelEntry, SliceSource, OutputSlice, ConditionalValue, DataSection,
-        ExpertGroupSpec, ExpertGroupsSection,
+        ExpertGroupSpec, ExpertGroupsSection, TokenizerSection, TokenSpec, TokenSourceSpec,
     )
 }
 
@@ -275,11 +327,23 @@ def _is_union_tag(part: Any) -> bool:
 
 
 def parse_config(data: Any, source: str | None = None) -> MergeConfig:
-    """Validate a config mapping; every schema problem is reported at once with its key path."""
+    """Validate a config mapping; every schema problem is reported at once with its key path.
+
+    mergekit's `modules: {default: {slices|models, parameters}}` form is read as the same
+    config without `modules` (`flatten_default_module`)."""
     if isinstance(data, MergeConfig):
         return data
     if not isinstance(data, dict):
         raise ConfigError(f"the config must be a mapping; got {type(data).__name__}", source)
+    if "experts" in data and "merge_method" not in data:
+        raise ConfigError(
+            ["a mergekit-moe config (it has `experts` and no `merge_method`): build it with "
+             "`mergelab moe CONFIG --out OUT` (mergelab.moe)"], source
+        )
+    if "modules" in data:
+        data, problems = flatten_default_module(data)
+        if problems:
+            raise ConfigError(problems, source)
     try:
         return MergeConfig.model_validate(data)
     except ValidationError as exc:
@@ -291,6 +355,60 @@ def parse_config(data: Any, source: str | None = None) -> MergeConfig:
         raise ConfigError(_prune_union_noise(problems), source) from None
 
 
+def flatten_default_module(data: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """mergekit's `modules:` form with its one `default` module, as a plain config.
+
+    The module's `slices` or `models` become the config's; its `parameters` sit between a
+    slice's and the global ones in mergekit's search order, so each key set at both levels
+    becomes one filter list, the module's entries first (the first match wins, so a filter of
+    the module that does not match a tensor falls back to the global value, as in mergekit).
+    Other modules (a multimodal model's towers) are not supported. Returns (config, problems).
+    """
+    modules = data.get("modules")
+    problems: list[str] = []
+    if not isinstance(modules, dict) or not modules:
+        return data, ["modules: give a mapping with a `default` module"]
+    others = sorted(str(k) for k in modules if k != "default")
+    if others:
+        problems.append(
+            f"modules: only the `default` module is supported (one model's layers); got "
+            f"{', '.join(f'`{k}`' for k in others)}"
+        )
+    module = modules.get("default")
+    if not isinstance(module, dict):
+        problems.append("modules.default: give `slices` or `models` (and optional `parameters`)")
+        return data, problems
+    extra = sorted(set(module) - {"slices", "models", "parameters"})
+    if extra:
+        problems.append(f"modules.default: unknown key(s) {', '.join(map(str, extra))}")
+    if ("slices" in data) or ("models" in data):
+        problems.append("modules: give exactly one of `models`, `slices` and `modules`")
+    if problems:
+        return data, problems
+    out = {k: v for k, v in data.items() if k != "modules"}
+    for key in ("slices", "models"):
+        if key in module:
+            out[key] = module[key]
+    shared = module.get("parameters") or {}
+    if shared:
+        merged = dict(shared)
+        for name, setting in (data.get("parameters") or {}).items():
+            if name in merged:
+                merged[name] = _as_filter_list(merged[name]) + _as_filter_list(setting)
+            else:
+                merged[name] = setting
+        out["parameters"] = merged
+    return out, []
+
+
+def _as_filter_list(setting: Any) -> list[Any]:
+    if isinstance(setting, dict):
+        return [setting]
+    if isinstance(setting, list) and setting and all(isinstance(e, dict) for e in setting):
+        return list(setting)
+    return [{"value": setting}]
+
+
 def _prune_union_noise(problems: list[str]) -> list[str]:
     # A bad parameter value fails every member of the union; keep one line per key path.
     by_loc: dict[str, str] = {}
@@ -300,15 +418,26 @@ def _prune_union_noise(problems: list[str]) -> list[str]:
     return list(by_loc.values())
 
 
-def load_config(path: str | Path) -> MergeConfig:
-    """Read and validate a YAML config file."""
+def read_documents(path: str | Path) -> list[Any]:
+    """The YAML documents of a config file (one for a plain config); empty documents dropped."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"cannot read config file: {exc.strerror}", str(path)) from None
     try:
-        data = yaml.safe_load(text)
+        return [d for d in yaml.safe_load_all(text) if d is not None]
     except yaml.YAMLError as exc:
         raise ConfigError(f"YAML syntax error: {exc}", str(path)) from None
-    return parse_config(data, str(path))
+
+
+def load_config(path: str | Path) -> MergeConfig:
+    """Read and validate a YAML config file of one document (several documents are the stages
+    of a multi-stage merge: mergelab.plan.multistage, run by mergelab.merge)."""
+    documents = read_documents(path)
+    if len(documents) > 1:
+        raise ConfigError(
+            f"the file holds {len(documents)} documents, the stages of a multi-stage merge: "
+            "run it with mergelab.merge / mergelab.plan_merge", str(path)
+        )
+    return parse_config(documents[0] if documents else None, str(path))

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from mergelab.errors import CheckpointError, ConfigError
-from mergelab.methods.registry import MergeMethod, Param, ParamValue, get_method
+from mergelab.methods.registry import MergeMethod, Param, ParamValue, get_method, list_methods
 from mergelab.plan import expert_groups
 from mergelab.plan.config import MergeConfig, Parameters
 from mergelab.plan.layout import (  # noqa: F401  (LAYER_RE, TensorSource: re-exported)
@@ -39,6 +39,14 @@ from mergelab.plan.layout import (  # noqa: F401  (LAYER_RE, TensorSource: re-ex
     split_layer_name,
 )
 from mergelab.plan.params import MISSING, resolve_param, setting_leaves
+from mergelab.plan.tokenizer import (
+    VocabularyPlan,
+    VocabularyRemap,
+    chat_template_files,
+    is_vocabulary_tensor,
+    plan_vocabulary,
+    tokenizer_source_of,
+)
 
 # Non-layer tensors that come before the layer stack (taken from the first slice's sources);
 # all others (final norm, lm_head, pooler...) come after it (taken from the last slice's).
@@ -50,6 +58,19 @@ DTYPE_BY_NAME = {
     "bfloat16": torch.bfloat16,
     "float64": torch.float64,
 }
+
+
+@dataclass(frozen=True)
+class Assembly:
+    """An output tensor assembled from its inputs rather than merged (a MoE's experts):
+    stack([cat([input i for i in group], dim 0) for group in groups]) (with `stack` false, the
+    one group's concatenation), each input first given Gaussian noise of std `noise` (0: none)
+    and multiplied by its `scales` entry."""
+
+    groups: tuple[tuple[int, ...], ...]
+    scales: tuple[float, ...]
+    noise: tuple[float, ...]
+    stack: bool = True
 
 
 @dataclass(frozen=True)
@@ -65,6 +86,11 @@ class TensorTask:
         (key of a store in `MergePlan.statistics`, entry in it), or None where that source has
         no statistics of this tensor; empty when the method reads none. The engine reads the
         entries next to the tensors.
+    vocabulary: for an embedding or LM head under vocabulary merging, how each input's rows
+        map onto the output vocabulary (mergelab.plan.tokenizer); the engine applies it to the
+        inputs before the kernel, so `shape` is the output's, not the inputs'.
+    assembly: the output is assembled from the inputs, not merged (mergelab.plan.moe).
+    constant: the output is this tensor, decided by the plan (a MoE's router rows); no inputs.
     """
 
     name: str
@@ -77,6 +103,9 @@ class TensorTask:
     is_float: bool = True
     copied: bool = False
     statistics: tuple[tuple[str, str] | None, ...] = ()
+    vocabulary: VocabularyRemap | None = None
+    assembly: Assembly | None = None
+    constant: torch.Tensor | None = None
 
     @property
     def numel(self) -> int:
@@ -105,6 +134,12 @@ class MergePlan:
     notes: list[str] = field(default_factory=list)
     statistics: dict[str, Any] = field(default_factory=dict)  # store key -> StatisticsSource
     config_dir: Path | None = None  # where relative paths of the config (data:) resolve
+    # The output tokenizer's files (vocabulary merging, a chat template), written in place of
+    # the tokenizer donor's; empty: the donor's files are copied as they are.
+    tokenizer_files: dict[str, bytes] = field(default_factory=dict)
+    # What the output records as mergelab_config.yml when not `config` itself (a multi-stage
+    # file's whole text: its final stage reads the other stages by name).
+    recorded_config: str | None = None
 
     @property
     def merged_sources(self) -> list[str]:
@@ -190,6 +225,7 @@ def build_plan(
     source_label: str | None = None,
     open_grams: Callable[[str], expert_groups.GramLookup] | None = None,
     data_supplied: bool = False,
+    strict: bool = False,
 ) -> MergePlan:
     """Validate `config` against its sources and return the per-tensor plan.
 
@@ -199,30 +235,51 @@ def build_plan(
         mergelab.stats.GramStore, a lazy reader of a statistics folder.
     data_supplied: the caller brings the data of a data-aware method itself (mergelab.data_merge),
         so the config needs no `data:` section.
+    strict: parameters mergekit accepts and ignores (for a method declared `mergekit`) are
+        errors, as for mergelab's own methods; by default they are ignored with a plan note.
     A data-aware method's plan is complete except for its statistics (`awaits_statistics`),
     which the statistics stage attaches (`attach_statistics`); an optimised method's plan is
     validated here and replaced by its optimiser's output plan.
     Raises ConfigError listing every problem found.
     """
     problems = _Problems()
+    ignored: list[str] = []
     try:
         method = get_method(config.merge_method)
     except KeyError as exc:
-        raise ConfigError([f"merge_method: {exc.args[0]}"], source_label) from None
+        # Still check that every source opens: all problems are reported at once.
+        problems.add(f"merge_method: {exc.args[0]}")
+        _open_sources(config, config.referenced_models(), open_source, problems)
+        raise ConfigError(problems.items, source_label) from None
 
     _check_data_section(config, method, problems, data_supplied)
-    _check_parameter_settings(config, method, problems)
+    ignored = _check_parameter_settings(config, method, problems, strict)
     groups = config.expert_groups is not None
     if groups:
         problems.extend(expert_groups.check_config(config, method))
     keys = expert_groups.source_keys(config, method) if groups else config.referenced_models()
     sources = _open_sources(config, keys, open_source, problems)
-    if problems:
+    if len(sources) < len(keys) or (groups and problems):
+        # A source that does not open leaves nothing to check tensors against (nor does a bad
+        # expert-group section); the problems found so far are reported together.
         raise ConfigError(problems.items, source_label)
 
     merge_dtype = DTYPE_BY_NAME[config.dtype] if config.dtype else None
     out_dtype = DTYPE_BY_NAME[config.out_dtype] if config.out_dtype else None
-    planner = _TensorPlanner(config, method, sources, merge_dtype, out_dtype, problems)
+    tok = tokenizer_source_of(config)
+    if tok not in (None, "base", "union") and tok not in sources:
+        try:
+            sources[tok] = open_source(tok)
+        except (CheckpointError, FileNotFoundError) as exc:
+            problems.add(f"tokenizer source: {exc}")
+    vocab_problems: list[str] = []
+    vocab_notes: list[str] = []
+    vocabulary = None
+    if not groups:
+        vocabulary = plan_vocabulary(config, sources, vocab_problems, vocab_notes)
+        problems.extend(vocab_problems)
+    planner = _TensorPlanner(config, method, sources, merge_dtype, out_dtype, problems, vocabulary)
+    planner.notes.extend(vocab_notes)
     slices: list[_SliceSpec] = []
     statistics: dict = {}
     if groups:
@@ -234,30 +291,32 @@ def build_plan(
         planner.notes.extend(layout.notes)
         statistics = layout.statistics
     else:
+        before = len(problems.items)
         slices = _normalise_slices(config, method, sources, problems)
         for spec in slices:
             _check_arity(spec, method, problems)
-        if problems:
+        if len(problems.items) > before:
+            # Wrong layer ranges or inputs would make every tensor check below a duplicate.
             raise ConfigError(problems.items, source_label)
         _plan_tensors(config, slices, sources, planner)
         donor = config.base_model or (slices[0].sources[0][0] if slices else None)
+    tokenizer_donor = donor if tok in (None, "base", "union") else tok
+    tokenizer_files = vocabulary.files if vocabulary is not None else {}
+    if vocabulary is None and not problems:
+        chat_problems: list[str] = []
+        tokenizer_files = chat_template_files(config, tokenizer_donor, sources, chat_problems)
+        problems.extend(chat_problems)
     if problems:
         raise ConfigError(problems.items, source_label)
     tasks, notes = planner.tasks, planner.notes
+    notes[:0] = ignored
     notes.extend(_dtype_notes(sources, tasks, merge_dtype))
-    if config.chat_template is not None:
-        notes.append(
-            "chat_template is not applied yet: the output keeps the tokenizer files of "
-            f"{config.tokenizer_source or 'the base model'} as they are"
-        )
-    tok = config.tokenizer_source
-    tokenizer_donor = donor if tok in (None, "base") else tok
-    if tok not in (None, "base") and tok not in sources:
-        try:
-            sources[tok] = open_source(tok)
-        except (CheckpointError, FileNotFoundError) as exc:
-            raise ConfigError([f"tokenizer_source: {exc}"], source_label) from None
     out_config = _output_config(config, sources.get(donor) if donor else None, slices)
+    if vocabulary is not None and out_config is not None:
+        _set_vocab_size(out_config, vocabulary.rows)
+        notes.append(f"output vocabulary: {len(vocabulary.vocab)} tokens"
+                     + (f" in {vocabulary.rows} rows" if vocabulary.rows > len(vocabulary.vocab) else "")
+                     + f" ({tok}); embedding and head rows mapped onto it")
     return MergePlan(
         config=config,
         method=method,
@@ -269,7 +328,18 @@ def build_plan(
         out_config=out_config,
         notes=notes,
         statistics=statistics,
+        tokenizer_files=tokenizer_files,
     )
+
+
+def _set_vocab_size(out_config: dict, rows: int) -> None:
+    """config.json's vocab_size is the merged vocabulary's row count (where the config keeps it:
+    at the top, or in a multimodal wrapper's text_config)."""
+    text = out_config.get("text_config")
+    if "vocab_size" not in out_config and isinstance(text, dict) and "vocab_size" in text:
+        out_config["text_config"] = {**text, "vocab_size": rows}
+    else:
+        out_config["vocab_size"] = rows
 
 
 def _open_sources(
@@ -430,12 +500,31 @@ def _parameter_scopes(config: MergeConfig) -> list[tuple[str, Parameters, bool]]
     return scopes
 
 
-def _check_parameter_settings(config: MergeConfig, method: MergeMethod, problems: _Problems):
+def _check_parameter_settings(
+    config: MergeConfig, method: MergeMethod, problems: _Problems, strict: bool = False
+) -> list[str]:
+    """Check every parameter setting of the config against `method`'s declaration.
+
+    A parameter that mergekit accepts for this method and ignores (the method is declared
+    `mergekit`, not `strict`): another registered method's parameter (`weight` for
+    model_stock), or a global parameter given per model (`lambda` per model for della), is
+    ignored as mergekit ignores it; returns one warning per such setting. A name no method has
+    stays an error (a typo, with a "did you mean").
+    """
     known = [p.name for p in method.params]
+    lenient = method.mergekit and not strict
+    anywhere = {p.name for m in list_methods() for p in m.params}
+    ignored: list[str] = []
     for path, settings, per_model in _parameter_scopes(config):
         for name, setting in settings.items():
             param = method.param(name)
             if param is None:
+                if lenient and name in anywhere:
+                    ignored.append(
+                        f"{path}.{name}: `{method.name}` has no parameter `{name}`; ignored, as "
+                        "mergekit ignores it (--strict refuses it)"
+                    )
+                    continue
                 import difflib
 
                 close = difflib.get_close_matches(name, known, n=1)
@@ -447,6 +536,12 @@ def _check_parameter_settings(config: MergeConfig, method: MergeMethod, problems
                 )
                 continue
             if per_model and not param.per_model:
+                if lenient:
+                    ignored.append(
+                        f"{path}.{name}: `{name}` is a global parameter of `{method.name}`; the "
+                        "per-model value is ignored, as mergekit ignores it (--strict refuses it)"
+                    )
+                    continue
                 shared = "a group's" if config.expert_groups is not None else "slice"
                 problems.add(
                     f"{path}.{name}: `{name}` is a global parameter of `{method.name}`; "
@@ -456,6 +551,7 @@ def _check_parameter_settings(config: MergeConfig, method: MergeMethod, problems
                 msg = param.check(leaf)
                 if msg:
                     problems.add(f"{path}.{name}: {msg} (method `{method.name}`)")
+    return ignored
 
 
 def _normalise_slices(
@@ -579,8 +675,9 @@ def _plan_tensors(
 class _TensorPlanner:
     """Checks and resolves every output tensor of any layout into its TensorTask."""
 
-    def __init__(self, config, method, sources, merge_dtype, out_dtype, problems):
+    def __init__(self, config, method, sources, merge_dtype, out_dtype, problems, vocabulary=None):
         self.config: MergeConfig = config
+        self.vocabulary: VocabularyPlan | None = vocabulary
         self.method: MergeMethod = method
         self.sources: Mapping[str, TensorSource] = sources
         self.merge_dtype = merge_dtype
@@ -589,6 +686,7 @@ class _TensorPlanner:
         self.tasks: list[TensorTask] = []
         self.notes: list[str] = []
         self._names: set[str] = set()
+        self._missing: set[tuple[str, str | None]] = set()
 
     def add(self, out_name: str, spec: _SliceSpec, inputs: list[tuple[str, str]], t: float):
         """One output tensor of the `models` or `slices` layout: its inputs (model key, tensor
@@ -620,8 +718,12 @@ class _TensorPlanner:
                     self.problems.add(f"tensor `{dict(inputs)[key]}` is missing from model {key!r}")
                 return
         first_shape, first_key, _ = shapes[0]
+        # Under vocabulary merging an embedding's or head's rows are mapped onto the output
+        # vocabulary, so only the other axes must agree.
+        by_token = bool(self.vocabulary is not None and is_vocabulary_tensor(out_name) and first_shape)
         for shape, key, name in shapes[1:]:
-            if shape != first_shape:
+            if (shape[1:] != first_shape[1:] or len(shape) != len(first_shape)) if by_token \
+                    else shape != first_shape:
                 self.problems.add(
                     f"tensor `{name}`: shape {list(shape)} in model {key!r} differs from "
                     f"{list(first_shape)} in model {first_key!r}"
@@ -630,14 +732,24 @@ class _TensorPlanner:
         uses_base = self.method.base != "none"
         keys = [k for k, _ in resolved]
         base_index = keys.index(spec.base) if uses_base and spec.base in keys else None
+        remap = None
+        if by_token:
+            try:
+                remap = self.vocabulary.remap(keys, spec.base, [s[0][0] for s in shapes])
+            except LookupError as exc:
+                self.problems.add(
+                    f"tokenizer.tokens: a token takes its row from model {exc.args[0]!r}, which "
+                    f"is not an input of tensor `{out_name}`"
+                )
+                return
         param_scopes = {key: params for key, _, _, params in spec.sources}
         planned_inputs = tuple(
             PlannedInput(key, name, param_scopes.get(key), f"model {key!r}") for key, name in resolved
         )
         scopes = (spec.params, self.config.parameters)
-        self.plan_tensor(PlannedTensor(out_name, planned_inputs, base_index, scopes, t))
+        self.plan_tensor(PlannedTensor(out_name, planned_inputs, base_index, scopes, t), remap)
 
-    def plan_tensor(self, planned: PlannedTensor) -> None:
+    def plan_tensor(self, planned: PlannedTensor, vocabulary: VocabularyRemap | None = None) -> None:
         """Resolve and check the parameters of one output tensor of any layout; add its task.
 
         Global parameters resolve at the output name from `planned.scopes`; each non-base
@@ -650,6 +762,8 @@ class _TensorPlanner:
         self._names.add(out_name)
         first = inputs[0]
         shape = tuple(self.sources[first.key].shape(first.name))
+        if vocabulary is not None:
+            shape = (vocabulary.rows, *shape[1:])
         reference = planned.reference
         if reference is None:
             reference = base_index if base_index is not None else 0
@@ -694,6 +808,7 @@ class _TensorPlanner:
                 is_float=is_float,
                 copied=planned.copied,
                 statistics=planned.statistics if is_float else (),
+                vocabulary=vocabulary,
             )
         )
 
@@ -707,8 +822,14 @@ class _TensorPlanner:
     ) -> dict[str, ParamValue]:
         out: dict[str, ParamValue] = {}
         for p in params:
-            value = resolve_param(p, scopes, tensor_name, t)
+            try:
+                value = resolve_param(p, scopes, tensor_name, t)
+            except (TypeError, ValueError):
+                continue  # a value of the wrong type: reported by _check_parameter_settings
             if value is MISSING:
+                if (p.name, label) in self._missing:
+                    continue  # reported once, at the first tensor that needs it
+                self._missing.add((p.name, label))
                 who = f" for {label}" if label else ""
                 self.problems.add(
                     f"parameter `{p.name}` of method `{self.method.name}` is required{who} "
