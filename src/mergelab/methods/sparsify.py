@@ -55,22 +55,18 @@ def _bracket(flat: torch.Tensor, k: int) -> tuple[int, torch.Tensor, torch.Tenso
     # not one column's distribution.
     stride = (numel // _SELECT_SAMPLE) | 1
     sample = torch.sort(flat[::stride]).values
-    size = sample.numel()
-    fraction = k / numel
-    # The answer's rank within the sample is Binomial(size, fraction); take +/- 4 sd.
-    margin = 4 * math.sqrt(size * fraction * (1 - fraction)) + 2
-    low_index = math.floor(fraction * size - margin)
-    high_index = math.ceil(fraction * size + margin)
-    if low_index < 0 and high_index >= size:
+    bounds = bracket_bounds(sample, k, numel)
+    if bounds is None:
         return None
+    low, high = bounds
     below = 0
-    if low_index >= 0:
-        inside = flat >= sample[low_index]
+    if low > -math.inf:
+        inside = flat >= low
         below = numel - int(torch.count_nonzero(inside))
-        if high_index < size:
-            inside.logical_and_(flat <= sample[high_index])
+        if high < math.inf:
+            inside.logical_and_(flat <= high)
     else:
-        inside = flat <= sample[high_index]
+        inside = flat <= high
     # nonzero + index_select: faster than boolean indexing on the CPU
     indices = inside.nonzero().squeeze(1)
     del inside
@@ -78,6 +74,25 @@ def _bracket(flat: torch.Tensor, k: int) -> tuple[int, torch.Tensor, torch.Tenso
     if below < k <= below + candidates.numel():
         return below, candidates, indices
     return None
+
+
+def bracket_bounds(
+    sorted_sample, k: int, numel: int, margin_sd: float = 4.0
+) -> tuple[float, float] | None:
+    """(low, high) values that hold the k-th smallest of `numel` entries with high probability,
+    from a sorted sample of them (a tensor or array); -inf / inf where the bracket is open on that
+    side, None when it is open on both. Callers check whether the bracket held."""
+    size = len(sorted_sample)
+    fraction = k / numel
+    # The answer's rank within the sample is Binomial(size, fraction); take +/- margin_sd sd.
+    margin = margin_sd * math.sqrt(size * fraction * (1 - fraction)) + 2
+    low_index = math.floor(fraction * size - margin)
+    high_index = math.ceil(fraction * size + margin)
+    if low_index < 0 and high_index >= size:
+        return None
+    low = float(sorted_sample[low_index]) if low_index >= 0 else -math.inf
+    high = float(sorted_sample[high_index]) if high_index < size else math.inf
+    return low, high
 
 
 def _keep_first_ties(
@@ -342,12 +357,8 @@ class MagnitudeCutSearch:
         self._bracket()
 
     def _bracket(self) -> None:
-        size = self.sample.numel()
-        fraction = self.k / self.numel
-        margin = self.margin_sd * math.sqrt(size * fraction * (1 - fraction)) + 2
-        lo, hi = math.floor(fraction * size - margin), math.ceil(fraction * size + margin)
-        self.low = float(self.sample[lo]) if lo >= 0 else -math.inf
-        self.high = float(self.sample[hi]) if hi < size else math.inf
+        bounds = bracket_bounds(self.sample, self.k, self.numel, self.margin_sd)
+        self.low, self.high = bounds if bounds is not None else (-math.inf, math.inf)
         self.below = 0
         self.candidates: list[torch.Tensor] = []
         self.l1 = 0.0

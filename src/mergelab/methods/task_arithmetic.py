@@ -46,11 +46,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
 from mergelab.errors import ConfigError, MergeError
+from mergelab.methods import fused
+from mergelab.methods.fused import KeepRule
 from mergelab.methods.registry import (
     BlockAccess,
     Blockwise,
@@ -95,6 +98,18 @@ def task_vectors(
     fine-tuning". Later steps modify the result in place; unless `in_place`, the inputs are
     never written to. Raises MergeError when a shape differs from the base's.
     """
+    check_shapes(tensors, base, name)
+    # One buffer per model, not one (N, ...) stack: buffers of a single tensor's size are
+    # reused by the allocator from merge to merge, while a stack of several would be fresh
+    # memory (page faults) every time. Every function below takes either form.
+    if in_place:
+        return [tensor.sub_(base) for tensor in tensors]
+    return [torch.sub(tensor, base) for tensor in tensors]
+
+
+def check_shapes(tensors: Sequence[torch.Tensor], base: torch.Tensor, name: str = "") -> None:
+    """Raises MergeError when a tensor's shape differs from the base's (task vectors need equal
+    shapes)."""
     for index, tensor in enumerate(tensors):
         if tensor.shape != base.shape:
             raise MergeError(
@@ -102,12 +117,6 @@ def task_vectors(
                 f"has {tuple(base.shape)}; task vectors need equal shapes (align resized "
                 "embeddings before merging)"
             )
-    # One buffer per model, not one (N, ...) stack: buffers of a single tensor's size are
-    # reused by the allocator from merge to merge, while a stack of several would be fresh
-    # memory (page faults) every time. Every function below takes either form.
-    if in_place:
-        return [tensor.sub_(base) for tensor in tensors]
-    return [torch.sub(tensor, base) for tensor in tensors]
 
 
 def _sum(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -211,6 +220,21 @@ def sce_model_weights(task_vectors: torch.Tensor) -> torch.Tensor:
 # Prunes one task vector in place, given its per-model params, `rescale` and the generator.
 Pruner = Callable[[torch.Tensor, Mapping[str, ParamValue], bool, torch.Generator | None], None]
 _Params = Mapping[str, ParamValue]
+# The same decision for the fused kernels: (model tensor, base, params, rescale, generator) ->
+# the rule that keeps exactly the entries the pruner keeps (drawing the same random numbers).
+RuleMaker = Callable[
+    [torch.Tensor, torch.Tensor, Mapping[str, ParamValue], bool, torch.Generator | None],
+    KeepRule,
+]
+
+
+@dataclass(frozen=True)
+class Sparsifier:
+    """Step 2 of the module docstring in its two forms: the torch reference `prune` (in place
+    on a task vector) and `keep_rule` for the fused kernels (mergelab.methods.fused)."""
+
+    prune: Pruner
+    keep_rule: RuleMaker
 
 
 def _prune_magnitude(
@@ -241,6 +265,49 @@ def _prune_della(
     della_prune_(delta, float(params["density"]), float(params["epsilon"]), rescale, generator)
 
 
+def _magnitude_rule(
+    tensor: torch.Tensor, base: torch.Tensor, params: _Params, rescale: bool,
+    generator: torch.Generator | None,
+) -> KeepRule:
+    return fused.magnitude_rule(tensor, base, float(params["density"]), rescale)
+
+
+def _random_rule(
+    tensor: torch.Tensor, base: torch.Tensor, params: _Params, rescale: bool,
+    generator: torch.Generator | None,
+) -> KeepRule:
+    return fused.random_rule(tensor, base, float(params["density"]), rescale, generator)
+
+
+def _masked_rule(prune: Pruner, zeroes_at_density_zero: bool) -> RuleMaker:
+    """The rule of a pruner whose decision is a torch mask over ranks (breadcrumbs, DELLA): the
+    reference prunes the task vector, what it kept becomes the mask. An entry it kept that is
+    0 makes no difference: 0 * 1 and 0 * 0 are the same (signed) zero."""
+
+    def rule(
+        tensor: torch.Tensor, base: torch.Tensor, params: _Params, rescale: bool,
+        generator: torch.Generator | None,
+    ) -> KeepRule:
+        density = float(params["density"])
+        if density >= 1:
+            return KeepRule(fused.KEEP_ALL)
+        if density <= 0 and zeroes_at_density_zero:
+            return KeepRule(fused.ZERO)  # the pruner zero_()es the vector (+0, no signed zeros)
+        delta = torch.sub(tensor, base)
+        l1_before = delta.abs().sum() if rescale else None
+        prune(delta, params, False, generator)
+        scale = None if l1_before is None else fused.l1_scale(l1_before, delta.abs().sum())
+        return fused.mask_rule(delta != 0, scale)
+
+    return rule
+
+
+MAGNITUDE = Sparsifier(_prune_magnitude, _magnitude_rule)
+RANDOM = Sparsifier(_prune_random, _random_rule)
+BREADCRUMBS = Sparsifier(_prune_breadcrumbs, _masked_rule(_prune_breadcrumbs, False))
+DELLA = Sparsifier(_prune_della, _masked_rule(_prune_della, True))
+
+
 def _base_of(m: TensorMerge) -> torch.Tensor:
     if m.base is None:
         raise MergeError(f"tensor {m.name!r}: this method needs a base model tensor")
@@ -255,24 +322,60 @@ def _generator_of(m: TensorMerge, randomized: bool) -> torch.Generator | None:
 
 
 def generalized_task_arithmetic(
-    m: TensorMerge, pruner: Pruner | None, sign_election: bool, randomized: bool = False
+    m: TensorMerge,
+    sparsifier: Sparsifier | None,
+    sign_election: bool,
+    randomized: bool = False,
+    fused_kernels: bool | None = None,
 ) -> torch.Tensor:
     """Merge one tensor by steps 1-6 of the module docstring.
 
     Global params: `normalize`, `rescale`, `lambda` (and `int8_mask`, which changes nothing).
-    Per-model params: `weight` and the pruner's (`density`, `gamma`, `epsilon`).
+    Per-model params: `weight` and the sparsifier's (`density`, `gamma`, `epsilon`).
+    `fused_kernels`: None uses the fused kernels (mergelab.methods.fused) wherever they apply
+    (CPU float32/float64 with numba installed), False the torch reference; both give the same
+    bits.
     """
     base = _base_of(m)
     if not m.tensors:
         return base.clone()
     generator = _generator_of(m, randomized)
+    check_shapes(m.tensors, base, m.name)
+    if fused_kernels is not False and fused.available(m.tensors, base):
+        return _fused_merge(m, base, sparsifier, sign_election, generator)
     deltas = task_vectors(m.tensors, base, m.name, in_place=m.writable)
-    if pruner is not None:
+    if sparsifier is not None:
         rescale = bool(m.params["rescale"])
         for delta, params in zip(deltas, m.model_params):
-            pruner(delta, params, rescale, generator)
+            sparsifier.prune(delta, params, rescale, generator)
 
     return combine_task_vectors(deltas, base, m, sign_election)
+
+
+def _fused_merge(
+    m: TensorMerge,
+    base: torch.Tensor,
+    sparsifier: Sparsifier | None,
+    sign_election: bool,
+    generator: torch.Generator | None,
+    rules: Sequence[KeepRule] | None = None,
+) -> torch.Tensor:
+    """Steps 1-6 in the fused kernels: each model's keep rule (in model order, so random draws
+    come in the reference's order), then one pass merging every entry."""
+    if rules is None:
+        if sparsifier is None:
+            rules = [KeepRule(fused.KEEP_ALL)] * len(m.tensors)
+        else:
+            rescale = bool(m.params["rescale"])
+            rules = [
+                sparsifier.keep_rule(tensor, base, params, rescale, generator)
+                for tensor, params in zip(m.tensors, m.model_params)
+            ]
+    return fused.merge(
+        m.tensors, base, rules, [float(w) for w in m.per_model("weight")],
+        sign_election=sign_election, normalize=bool(m.params["normalize"]),
+        scale=float(m.params["lambda"]),
+    )
 
 
 def combine_task_vectors(
@@ -379,6 +482,15 @@ def _blockwise_apply(pruning: str, sign_election: bool):
         base = _base_of(block)
         if not block.tensors:
             return base.clone()
+        if fused.available(block.tensors, base):
+            rules = [
+                _block_rule(
+                    pruning, tensor, base, params, block.generator,
+                    None if state is None else state[i],
+                )
+                for i, (tensor, params) in enumerate(zip(block.tensors, block.model_params))
+            ]
+            return _fused_merge(block, base, None, sign_election, None, rules)
         deltas = task_vectors(block.tensors, base, block.name, in_place=block.writable)
         for i, (delta, params) in enumerate(zip(deltas, block.model_params)):
             if pruning == "magnitude" and state[i] is not None:
@@ -390,6 +502,26 @@ def _blockwise_apply(pruning: str, sign_election: bool):
         return combine_task_vectors(deltas, base, block, sign_election)
 
     return apply
+
+
+def _block_rule(
+    pruning: str,
+    tensor: torch.Tensor,
+    base: torch.Tensor,
+    params: _Params,
+    generator: torch.Generator | None,
+    state: MagnitudeCut | float | None,
+) -> KeepRule:
+    """The fused form of one model's step in `_blockwise_apply`'s reference loop."""
+    if pruning == "magnitude" and state is not None:
+        return fused.cut_block_rule(state, tensor, base)
+    if pruning == "random":
+        density = float(params["density"])
+        rule = fused.random_rule(tensor, base, density, False, generator)
+        if state is not None and density < 1:
+            rule.scale = state
+        return rule
+    return KeepRule(fused.KEEP_ALL)
 
 
 def _blockwise(pruning: str | None, sign_election: bool) -> Blockwise | None:
@@ -508,7 +640,7 @@ def _declare(
     title: str,
     paper: str,
     url: str,
-    pruner: Pruner | None,
+    sparsifier: Sparsifier | None,
     sign_election: bool,
     normalize: bool,
     rescale: bool,
@@ -519,7 +651,7 @@ def _declare(
     check = check_model_params if _EPSILON in extra else None
 
     def kernel(m: TensorMerge) -> torch.Tensor:
-        return generalized_task_arithmetic(m, pruner, sign_election, randomized)
+        return generalized_task_arithmetic(m, sparsifier, sign_election, randomized)
 
     kernel.__name__ = f"{name}_kernel"
     kernel.__doc__ = f"{title} kernel: generalized_task_arithmetic configured for `{name}`."
@@ -544,15 +676,15 @@ def _declare(
             min_models=0,
             randomized=randomized,
             check_model_params=check,
-            blockwise=_BLOCKWISE_BY_PRUNER.get(pruner, lambda _: None)(sign_election),
+            blockwise=_BLOCKWISE_BY_SPARSIFIER.get(sparsifier, lambda _: None)(sign_election),
         )
     )
 
 
-_BLOCKWISE_BY_PRUNER: dict[Pruner | None, Callable[[bool], Blockwise | None]] = {
+_BLOCKWISE_BY_SPARSIFIER: dict[Sparsifier | None, Callable[[bool], Blockwise | None]] = {
     None: lambda sign_election: _blockwise(None, sign_election),
-    _prune_magnitude: lambda sign_election: _blockwise("magnitude", sign_election),
-    _prune_random: lambda sign_election: _blockwise("random", sign_election),
+    MAGNITUDE: lambda sign_election: _blockwise("magnitude", sign_election),
+    RANDOM: lambda sign_election: _blockwise("random", sign_election),
 }
 
 
@@ -570,33 +702,33 @@ _declare(
 )  # fmt: skip
 _declare(
     "ties", "TIES", _TIES, "https://arxiv.org/abs/2306.01708",
-    _prune_magnitude, sign_election=True, normalize=True, rescale=False,
+    MAGNITUDE, sign_election=True, normalize=True, rescale=False,
 )  # fmt: skip
 _declare(
     "dare_ties", "DARE TIES", _DARE, "https://arxiv.org/abs/2311.03099",
-    _prune_random, sign_election=True, normalize=False, rescale=True, randomized=True,
+    RANDOM, sign_election=True, normalize=False, rescale=True, randomized=True,
 )  # fmt: skip
 _declare(
     "dare_linear", "Linear DARE", _DARE, "https://arxiv.org/abs/2311.03099",
-    _prune_random, sign_election=False, normalize=False, rescale=True, randomized=True,
+    RANDOM, sign_election=False, normalize=False, rescale=True, randomized=True,
 )  # fmt: skip
 _declare(
     "breadcrumbs", "Model Breadcrumbs", _BREADCRUMBS, "https://arxiv.org/abs/2312.06795",
-    _prune_breadcrumbs, sign_election=False, normalize=False, rescale=False, extra=(_GAMMA,),
+    BREADCRUMBS, sign_election=False, normalize=False, rescale=False, extra=(_GAMMA,),
 )  # fmt: skip
 _declare(
     "breadcrumbs_ties", "Model Breadcrumbs with TIES", _BREADCRUMBS,
     "https://arxiv.org/abs/2312.06795",
-    _prune_breadcrumbs, sign_election=True, normalize=False, rescale=False, extra=(_GAMMA,),
+    BREADCRUMBS, sign_election=True, normalize=False, rescale=False, extra=(_GAMMA,),
 )  # fmt: skip
 _declare(
     "della", "DELLA", _DELLA, "https://arxiv.org/abs/2406.11617",
-    _prune_della, sign_election=True, normalize=True, rescale=True, extra=(_EPSILON,),
+    DELLA, sign_election=True, normalize=True, rescale=True, extra=(_EPSILON,),
     randomized=True,
 )  # fmt: skip
 _declare(
     "della_linear", "Linear DELLA", _DELLA, "https://arxiv.org/abs/2406.11617",
-    _prune_della, sign_election=False, normalize=False, rescale=True, extra=(_EPSILON,),
+    DELLA, sign_election=False, normalize=False, rescale=True, extra=(_EPSILON,),
     randomized=True,
 )  # fmt: skip
 

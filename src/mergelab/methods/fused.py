@@ -1,0 +1,476 @@
+"""Fused CPU kernels for generalised task arithmetic (TIES, DARE, Model Breadcrumbs, DELLA).
+
+The torch kernels in task_arithmetic.py and sparsify.py are the reference: a TIES merge of N
+models there is some 10 N element-wise passes over the tensor (task vector, magnitude, masks,
+weighting, sign election, agreement, disjoint sum, divisor), each allocating a buffer. Here the
+same arithmetic runs in two compiled loops (numba, one thread, the GIL released so the engine's
+tensor workers run side by side):
+
+1. per model, the sparsifying decision as a `KeepRule`: for magnitude pruning one pass computes
+   |model - base| and counts it against a sampled bracket, a second collects the few percent of
+   entries inside it, and a selection over those gives the exact threshold and the flat index up
+   to which tied entries are kept. Random and rank-based decisions (DARE, DELLA, breadcrumbs)
+   stay torch masks, so they draw the very same random numbers as the reference.
+2. one pass over the entries merges all models: task vector, keep, rescale, weight, sign
+   election, agreement, disjoint sum or plain sum, normalisation, lambda, base.
+
+Every value equals the reference's bit for bit (tests/test_methods_fused.py compares them as
+integers): each step is the same IEEE operation in the same order and precision (float32 or
+float64, scalars rounded to it first, as torch does; no fast-math, so nothing is contracted or
+reordered), and the sums that L1 rescaling needs are taken by torch over the same values.
+Used when numba is importable and the tensors are CPU float32/float64; anything else takes the
+reference path. `MERGELAB_KERNELS=torch` forces the reference (for comparisons and timing).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cache
+
+import numpy as np
+import torch
+
+from mergelab.methods.sparsify import _RESCALE_EPS, bracket_bounds
+
+# Entries merged together in the fused pass: their per-model buffers stay in cache.
+_CHUNK = 2048
+# KeepRule kinds, as numba sees them.
+KEEP_ALL, ZERO, CUT, MASK, DRAW = 0, 1, 2, 3, 4
+
+
+@dataclass
+class KeepRule:
+    """How one task vector is sparsified inside the fused merge pass.
+
+    kind: KEEP_ALL (untouched), ZERO (all entries +0, as `zero_()`), CUT (keep entries with
+        |delta| > threshold, and those equal to it at flat indices below `tie_limit`: a
+        stable-order top-k), MASK (keep where `mask`, a bool tensor shaped like delta) or
+        DRAW (keep where `draws` < `threshold`: uniform draws against the density, DARE).
+    scale: the L1 rescale factor applied after keeping (None: none), as a value of the compute
+        dtype.
+    """
+
+    kind: int
+    threshold: float = 0.0
+    tie_limit: int = 0
+    mask: torch.Tensor | None = None
+    draws: torch.Tensor | None = None
+    scale: float | None = None
+
+
+@cache
+def _numba_kernels():
+    """The compiled kernels (numba imported on first use: merges without them never pay for it),
+    or None when numba is not installed."""
+    try:
+        import numba
+    except ImportError:
+        return None
+    jit = numba.njit(nogil=True, cache=True)
+
+    @jit
+    def magnitudes_in_bracket(tensor, base, magnitudes, low, high):
+        """|tensor - base| into `magnitudes`; counts of entries below `low` and in [low, high]."""
+        below = 0
+        inside = 0
+        for j in range(base.size):
+            x = abs(tensor[j] - base[j])
+            magnitudes[j] = x
+            if x < low:
+                below += 1
+            elif x <= high:
+                inside += 1
+        return below, inside
+
+    @jit
+    def collect_bracket(magnitudes, low, high, values, indices):
+        """The entries in [low, high] and their flat indices, in flat order."""
+        count = 0
+        for j in range(magnitudes.size):
+            x = magnitudes[j]
+            if x >= low and x <= high:
+                values[count] = x
+                indices[count] = j
+                count += 1
+        return count
+
+    @jit
+    def kth_smallest(values, k):
+        """The k-th smallest (1-based) of `values`: any exact selection gives the same value."""
+        return np.partition(values, k - 1)[k - 1]
+
+    @jit
+    def tie_limit(values, indices, threshold, ties):
+        """One past the flat index of the `ties`-th entry equal to `threshold` (0 if ties <= 0;
+        with fewer such entries, one past the last index seen)."""
+        if ties <= 0:
+            return 0
+        seen = 0
+        last = 0
+        for j in range(values.size):
+            if values[j] == threshold:
+                seen += 1
+                last = indices[j] if indices.size else j
+                if seen == ties:
+                    break
+        return last + 1
+
+    @jit
+    def count_greater(values, threshold):
+        count = 0
+        for j in range(values.size):
+            if values[j] > threshold:
+                count += 1
+        return count
+
+    @jit
+    def block_ties(tensor, base, threshold, ties):
+        """For a block of a tensor cut elsewhere: (tie limit, ties taken) keeping the first
+        `ties` entries with |tensor - base| == threshold."""
+        seen = 0
+        for j in range(base.size):
+            if abs(tensor[j] - base[j]) == threshold:
+                seen += 1
+                if seen == ties:
+                    return j + 1, seen
+        return base.size, seen
+
+    @jit
+    def kept_magnitudes(tensor, base, threshold, limit, out):
+        for j in range(base.size):
+            x = abs(tensor[j] - base[j])
+            keep = x > threshold or (x == threshold and j < limit)
+            out[j] = x if keep else x - x  # +0 of x's dtype, as abs(delta * 0)
+
+    @jit
+    def drawn_magnitudes(tensor, base, draws, density, magnitudes, kept):
+        for j in range(base.size):
+            x = abs(tensor[j] - base[j])
+            magnitudes[j] = x
+            kept[j] = x if draws[j] < density else x - x
+
+    @jit
+    def merge(
+        tensors, base, out, kinds, thresholds, limits, masks, draws, densities, scales,
+        has_scale, weights, constants, sign_election, normalize, divisor, lam, has_lam,
+    ):
+        # Every scalar is of the compute dtype: a float64 literal would promote float32 math.
+        # The entries go in chunks that stay in cache, model by model inside a chunk, so each
+        # inner loop is one simple (vectorisable) step.
+        n = len(tensors)
+        zero = constants[0]
+        one = constants[1]
+        deltas = np.empty((n, _CHUNK), dtype=base.dtype)
+        total = np.empty(_CHUNK, dtype=base.dtype)
+        contributing = np.empty(_CHUNK, dtype=base.dtype)
+        for start in range(0, base.size, _CHUNK):
+            stop = min(start + _CHUNK, base.size)
+            size = stop - start
+            b = base[start:stop]
+            for i in range(n):
+                t = tensors[i][start:stop]
+                d = deltas[i]
+                kind = kinds[i]
+                for j in range(size):
+                    d[j] = t[j] - b[j]
+                if kind == 1:  # ZERO: zero_() writes +0
+                    for j in range(size):
+                        d[j] = zero
+                elif kind == 2:  # CUT: delta * keep
+                    threshold = thresholds[i]
+                    limit = limits[i] - start
+                    for j in range(size):
+                        x = abs(d[j])
+                        if not (x > threshold or (x == threshold and j < limit)):
+                            d[j] = d[j] * zero
+                elif kind == 3:  # MASK: delta * mask
+                    mask = masks[i][start:stop]
+                    for j in range(size):
+                        if not mask[j]:
+                            d[j] = d[j] * zero
+                elif kind == 4:  # DRAW: delta * (uniform < density), compared in float32
+                    drawn = draws[i][start:stop]
+                    density = densities[i]
+                    for j in range(size):
+                        if not drawn[j] < density:
+                            d[j] = d[j] * zero
+                if has_scale[i]:
+                    factor = scales[i]
+                    for j in range(size):
+                        d[j] = d[j] * factor
+                weight = weights[i]
+                for j in range(size):
+                    d[j] = d[j] * weight
+            merged = out[start:stop]
+            for j in range(size):
+                total[j] = deltas[0, j]
+            for i in range(1, n):
+                for j in range(size):
+                    total[j] = total[j] + deltas[i, j]
+            if sign_election:
+                # total becomes the elected sign; deltas their agreeing magnitudes,
+                # (delta * sign).clamp(min=0), which keeps -0 as -0
+                for j in range(size):
+                    total[j] = one if total[j] >= zero else -one
+                for i in range(n):
+                    for j in range(size):
+                        a = deltas[i, j] * total[j]
+                        deltas[i, j] = zero if a < zero else a
+                for j in range(size):
+                    merged[j] = deltas[0, j]
+                for i in range(1, n):
+                    for j in range(size):
+                        merged[j] = merged[j] + deltas[i, j]
+                for j in range(size):
+                    merged[j] = merged[j] * total[j]
+                if normalize:
+                    # + weight * sign(agreeing) in model order; agreeing >= 0, so the product
+                    # is exact and FMA or not rounds the same
+                    for j in range(size):
+                        contributing[j] = zero
+                    for i in range(n):
+                        weight = weights[i]
+                        for j in range(size):
+                            if deltas[i, j] > zero:
+                                contributing[j] = contributing[j] + weight
+                    for j in range(size):
+                        c = contributing[j]
+                        merged[j] = merged[j] / (c + one if c == zero else c)
+            else:
+                for j in range(size):
+                    merged[j] = total[j]
+                if normalize:
+                    for j in range(size):
+                        merged[j] = merged[j] / divisor
+            if has_lam:
+                for j in range(size):
+                    merged[j] = merged[j] * lam
+            for j in range(size):
+                merged[j] = merged[j] + b[j]
+
+    return {
+        "magnitudes_in_bracket": magnitudes_in_bracket,
+        "collect_bracket": collect_bracket,
+        "kth_smallest": kth_smallest,
+        "tie_limit": tie_limit,
+        "count_greater": count_greater,
+        "block_ties": block_ties,
+        "kept_magnitudes": kept_magnitudes,
+        "drawn_magnitudes": drawn_magnitudes,
+        "merge": merge,
+        "List": numba.typed.List,
+    }
+
+
+def available(tensors: Sequence[torch.Tensor], base: torch.Tensor | None) -> bool:
+    """Whether the fused kernels can merge these tensors: numba installed, CPU, one float32 or
+    float64 dtype, no autograd, not empty, and `MERGELAB_KERNELS` not set to `torch`."""
+    if base is None or not tensors or os.environ.get("MERGELAB_KERNELS", "") == "torch":
+        return False
+    if base.device.type != "cpu" or base.dtype not in (torch.float32, torch.float64):
+        return False
+    if base.numel() == 0 or base.requires_grad:
+        return False
+    if any(
+        t.device != base.device or t.dtype != base.dtype or t.requires_grad for t in tensors
+    ):
+        return False
+    return _numba_kernels() is not None
+
+
+def _flat(tensor: torch.Tensor) -> np.ndarray:
+    return tensor.detach().reshape(-1).contiguous().numpy()
+
+
+# --- keep rules -----------------------------------------------------------------------------------
+
+
+def magnitude_rule(
+    tensor: torch.Tensor, base: torch.Tensor, density: float, rescale: bool
+) -> KeepRule:
+    """The rule of `sparsify.magnitude_prune_` on tensor - base: the same entries kept (the
+    top max(1, int(density * numel)) magnitudes, ties by lowest flat index), the same scale."""
+    if density >= 1:
+        return KeepRule(KEEP_ALL)
+    numel = base.numel()
+    if density <= 0:
+        return KeepRule(ZERO)
+    kernels = _numba_kernels()
+    keep = max(1, int(density * numel))
+    t, b = _flat(tensor), _flat(base)
+    magnitudes_tensor = torch.empty(numel, dtype=base.dtype)
+    magnitudes = magnitudes_tensor.numpy()
+    if keep >= numel:
+        kernels["magnitudes_in_bracket"](t, b, magnitudes, -np.inf, np.inf)
+        rule = KeepRule(CUT, threshold=-np.inf, tie_limit=0)
+    else:
+        k = numel - keep + 1  # the threshold is the k-th smallest magnitude
+        rule = _cut(kernels, t, b, magnitudes, k, keep)
+    if rescale:
+        rule.scale = _l1_scale(
+            kernels, magnitudes_tensor, lambda out: kernels["kept_magnitudes"](
+                t, b, magnitudes.dtype.type(rule.threshold), rule.tie_limit, out
+            )
+        )
+    return rule
+
+
+def _cut(kernels, t, b, magnitudes, k: int, keep: int) -> KeepRule:
+    numel = b.size
+    bounds = None
+    if numel > 4 * (1 << 14):
+        stride = (numel // (1 << 14)) | 1
+        sample = np.sort(np.abs(t[::stride] - b[::stride]))
+        bounds = bracket_bounds(sample, k, numel)
+    if bounds is not None:
+        low, high = (magnitudes.dtype.type(v) for v in bounds)
+        below, inside = kernels["magnitudes_in_bracket"](t, b, magnitudes, low, high)
+        if below < k <= below + inside:
+            values = np.empty(inside, dtype=magnitudes.dtype)
+            indices = np.empty(inside, dtype=np.int64)
+            kernels["collect_bracket"](magnitudes, low, high, values, indices)
+            threshold = kernels["kth_smallest"](values, k - below)
+            greater = numel - below - inside + kernels["count_greater"](values, threshold)
+            limit = kernels["tie_limit"](values, indices, threshold, keep - greater)
+            return KeepRule(CUT, threshold=float(threshold), tie_limit=int(limit))
+    else:
+        kernels["magnitudes_in_bracket"](t, b, magnitudes, -np.inf, np.inf)
+    # No bracket (small tensor) or a missed one: select over every entry.
+    threshold = kernels["kth_smallest"](magnitudes, k)
+    greater = kernels["count_greater"](magnitudes, threshold)
+    no_indices = np.empty(0, dtype=np.int64)
+    limit = kernels["tie_limit"](magnitudes, no_indices, threshold, keep - greater)
+    return KeepRule(CUT, threshold=float(threshold), tie_limit=int(limit))
+
+
+def _l1_scale(kernels, magnitudes: torch.Tensor, fill_kept) -> float | None:
+    """`sparsify.rescale_l1_`'s factor from the magnitudes before and after pruning (summed by
+    torch over the same values as the reference, so the sums round the same way)."""
+    kept = torch.empty_like(magnitudes)
+    fill_kept(kept.numpy())
+    return l1_scale(magnitudes.sum(), kept.sum())
+
+
+def l1_scale(l1_before: torch.Tensor, l1_after: torch.Tensor) -> float | None:
+    """`sparsify.rescale_l1_`'s factor from the L1 norms (0-d tensors) before and after pruning,
+    or None where it leaves the tensor unscaled."""
+    if l1_before < _RESCALE_EPS or l1_after < _RESCALE_EPS:
+        return None
+    return float(l1_before / l1_after)
+
+
+def random_rule(
+    tensor: torch.Tensor,
+    base: torch.Tensor,
+    density: float,
+    rescale: bool,
+    generator: torch.Generator | None,
+) -> KeepRule:
+    """The rule of `sparsify.random_prune_` on tensor - base: the same uniform draws from
+    `generator` (one per entry, only when 0 < density < 1), the same entries kept and scale."""
+    if density >= 1:
+        return KeepRule(KEEP_ALL)
+    if density <= 0:
+        return KeepRule(ZERO)
+    # The reference's call: draws in the default dtype (float32), compared with the density
+    # in that dtype, whatever the merge dtype.
+    draws = torch.rand(base.shape, generator=generator, device=base.device)
+    if draws.dtype != torch.float32:
+        delta = torch.sub(tensor, base)
+        keep = draws < density
+        scale = None
+        if rescale:
+            scale = l1_scale(delta.abs().sum(), delta.mul_(keep).abs_().sum())
+        return mask_rule(keep, scale)
+    rule = KeepRule(DRAW, threshold=density, draws=draws)
+    if rescale:
+        magnitudes = torch.empty(base.numel(), dtype=base.dtype)
+        kept = torch.empty_like(magnitudes)
+        _numba_kernels()["drawn_magnitudes"](
+            _flat(tensor), _flat(base), _flat(draws), np.float32(density), magnitudes.numpy(),
+            kept.numpy(),
+        )
+        rule.scale = l1_scale(magnitudes.sum(), kept.sum())
+    return rule
+
+
+def mask_rule(keep: torch.Tensor, scale: float | None) -> KeepRule:
+    """The rule "delta * keep" (a bool tensor shaped like delta), then * `scale` if given."""
+    return KeepRule(MASK, mask=keep, scale=scale)
+
+
+def cut_block_rule(cut, tensor: torch.Tensor, base: torch.Tensor) -> KeepRule:
+    """The rule of `sparsify.MagnitudeCut.apply_` on one block (spends its tie budget the same
+    way: blocks must come in row order)."""
+    if cut.keep_all_ties:
+        limit = base.numel()
+    elif cut.ties_to_keep > 0:
+        limit, taken = _numba_kernels()["block_ties"](
+            _flat(tensor), _flat(base), _flat(base).dtype.type(cut.threshold), cut.ties_to_keep
+        )
+        cut.ties_to_keep -= taken
+    else:
+        limit = 0
+    return KeepRule(CUT, threshold=cut.threshold, tie_limit=int(limit), scale=cut.scale)
+
+
+# --- the merge pass -------------------------------------------------------------------------------
+
+
+def merge(
+    tensors: Sequence[torch.Tensor],
+    base: torch.Tensor,
+    rules: Sequence[KeepRule],
+    weights: Sequence[float],
+    *,
+    sign_election: bool,
+    normalize: bool,
+    scale: float,
+) -> torch.Tensor:
+    """`task_arithmetic.combine_task_vectors` of the sparsified task vectors tensors[i] - base,
+    in one pass: returns a new tensor shaped like `base`, equal to the reference bit for bit.
+
+    weights: each model's `weight`; normalize: divide by the (contributing) weights; scale:
+    `lambda`. Inputs are not modified.
+    """
+    kernels = _numba_kernels()
+    dtype = base.dtype
+    np_dtype = np.float32 if dtype == torch.float32 else np.float64
+    arrays = kernels["List"]()
+    masks = kernels["List"]()
+    draws = kernels["List"]()
+    no_mask = np.empty(0, dtype=np.bool_)
+    no_draws = np.empty(0, dtype=np.float32)
+    for tensor, rule in zip(tensors, rules):
+        arrays.append(_flat(tensor))
+        masks.append(_flat(rule.mask) if rule.kind == MASK else no_mask)
+        draws.append(_flat(rule.draws) if rule.kind == DRAW else no_draws)
+    divisor = 1.0
+    if normalize and not sign_election:
+        # As the reference: summed as a tensor in the merge dtype, ~0 divides by 1.
+        total = torch.tensor([float(w) for w in weights], dtype=dtype).sum()
+        divisor = 1.0 if total.abs() < 1e-8 else total.item()
+    out = torch.empty_like(base, memory_format=torch.contiguous_format)
+    kernels["merge"](
+        arrays,
+        _flat(base),
+        out.view(-1).numpy(),
+        np.array([r.kind for r in rules], dtype=np.int64),
+        np.array([r.threshold for r in rules], dtype=np_dtype),
+        np.array([r.tie_limit for r in rules], dtype=np.int64),
+        masks,
+        draws,
+        np.array([r.threshold if r.kind == DRAW else 0.0 for r in rules], dtype=np.float32),
+        np.array([r.scale or 0.0 for r in rules], dtype=np_dtype),
+        np.array([r.scale is not None for r in rules], dtype=np.bool_),
+        np.array([float(w) for w in weights], dtype=np_dtype),
+        np.array([0.0, 1.0], dtype=np_dtype),
+        bool(sign_election),
+        bool(normalize),
+        np_dtype(divisor),
+        np_dtype(scale),
+        scale != 1,
+    )
+    return out
