@@ -180,9 +180,10 @@ def test_reference_path_for_other_dtypes_and_devices(monkeypatch):
     assert not fused.available(sources, base.detach())
 
 
-@pytest.mark.parametrize("name", ["ties", "dare_ties", "task_arithmetic"])
+@pytest.mark.parametrize("name", ["ties", "dare_ties", "dare_linear", "task_arithmetic"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_blockwise_fused_equals_blockwise_reference(monkeypatch, name, dtype):
+@pytest.mark.parametrize("rescale", [False, True])
+def test_blockwise_fused_equals_blockwise_reference(monkeypatch, name, dtype, rescale):
     """Large tensors merged block by block (the engine's Blockwise forms) give the same bits
     with the fused kernels as with the torch reference."""
     monkeypatch.setattr(blocks, "BLOCK_ELEMENTS", 64)
@@ -194,6 +195,7 @@ def test_blockwise_fused_equals_blockwise_reference(monkeypatch, name, dtype):
         "merge_method": name,
         "base_model": "base",
         "dtype": "float32",
+        "parameters": {"rescale": rescale},
         "models": [
             {"model": f"ft{i}", "parameters": {"weight": w, "density": d}}
             for i, (w, d) in enumerate([(0.5, 0.3), (-0.4, 0.6), (0.9, 0.5)])

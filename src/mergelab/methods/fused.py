@@ -34,8 +34,6 @@ import torch
 
 from mergelab.methods.sparsify import _RESCALE_EPS, bracket_bounds
 
-# Entries merged together in the fused pass: their per-model buffers stay in cache.
-_CHUNK = 2048
 # KeepRule kinds, as numba sees them.
 KEEP_ALL, ZERO, CUT, MASK, DRAW = 0, 1, 2, 3, 4
 
@@ -68,32 +66,36 @@ def _numba_kernels():
         import numba
     except ImportError:
         return None
-    jit = numba.njit(nogil=True, cache=True)
+    # error_model="numpy": IEEE division (as torch), no ZeroDivisionError check per entry
+    jit = numba.njit(nogil=True, cache=True, error_model="numpy")
 
     @jit
-    def magnitudes_in_bracket(tensor, base, magnitudes, low, high):
-        """|tensor - base| into `magnitudes`; counts of entries below `low` and in [low, high]."""
+    def magnitudes(tensor, base, out):
+        for j in range(base.size):
+            out[j] = abs(tensor[j] - base[j])
+
+    @jit
+    def count_bracket(tensor, base, low, high):
+        """Counts of the magnitudes |tensor - base| below `low` and in [low, high]."""
         below = 0
         inside = 0
         for j in range(base.size):
             x = abs(tensor[j] - base[j])
-            magnitudes[j] = x
-            if x < low:
-                below += 1
-            elif x <= high:
-                inside += 1
+            below += x < low
+            inside += (x >= low) & (x <= high)
         return below, inside
 
     @jit
-    def collect_bracket(magnitudes, low, high, values, indices):
-        """The entries in [low, high] and their flat indices, in flat order."""
+    def collect_bracket(tensor, base, low, high, values, indices):
+        """The magnitudes in [low, high] and their flat indices, in flat order. `values` and
+        `indices` hold one entry more than that: every entry is written, and kept by advancing
+        (a branch on x >= low would be mispredicted half the time)."""
         count = 0
-        for j in range(magnitudes.size):
-            x = magnitudes[j]
-            if x >= low and x <= high:
-                values[count] = x
-                indices[count] = j
-                count += 1
+        for j in range(base.size):
+            x = abs(tensor[j] - base[j])
+            values[count] = x
+            indices[count] = j
+            count += (x >= low) & (x <= high)
         return count
 
     @jit
@@ -141,7 +143,7 @@ def _numba_kernels():
     def kept_magnitudes(tensor, base, threshold, limit, out):
         for j in range(base.size):
             x = abs(tensor[j] - base[j])
-            keep = x > threshold or (x == threshold and j < limit)
+            keep = (x > threshold) | ((x == threshold) & (j < limit))
             out[j] = x if keep else x - x  # +0 of x's dtype, as abs(delta * 0)
 
     @jit
@@ -157,101 +159,61 @@ def _numba_kernels():
         has_scale, weights, constants, sign_election, normalize, divisor, lam, has_lam,
     ):
         # Every scalar is of the compute dtype: a float64 literal would promote float32 math.
-        # The entries go in chunks that stay in cache, model by model inside a chunk, so each
-        # inner loop is one simple (vectorisable) step.
+        # tensors, masks and draws are tuples (one entry per model): indexing a tuple is free,
+        # where a typed list would cost a call per entry.
         n = len(tensors)
         zero = constants[0]
         one = constants[1]
-        deltas = np.empty((n, _CHUNK), dtype=base.dtype)
-        total = np.empty(_CHUNK, dtype=base.dtype)
-        contributing = np.empty(_CHUNK, dtype=base.dtype)
-        for start in range(0, base.size, _CHUNK):
-            stop = min(start + _CHUNK, base.size)
-            size = stop - start
-            b = base[start:stop]
+        deltas = np.empty(n, dtype=base.dtype)
+        for j in range(base.size):
+            b = base[j]
             for i in range(n):
-                t = tensors[i][start:stop]
-                d = deltas[i]
+                d = tensors[i][j] - b
                 kind = kinds[i]
-                for j in range(size):
-                    d[j] = t[j] - b[j]
+                # delta * keep (0 or 1), without branches on the entry: a keep decision is a
+                # coin flip to the branch predictor
                 if kind == 1:  # ZERO: zero_() writes +0
-                    for j in range(size):
-                        d[j] = zero
-                elif kind == 2:  # CUT: delta * keep
-                    threshold = thresholds[i]
-                    limit = limits[i] - start
-                    for j in range(size):
-                        x = abs(d[j])
-                        if not (x > threshold or (x == threshold and j < limit)):
-                            d[j] = d[j] * zero
-                elif kind == 3:  # MASK: delta * mask
-                    mask = masks[i][start:stop]
-                    for j in range(size):
-                        if not mask[j]:
-                            d[j] = d[j] * zero
-                elif kind == 4:  # DRAW: delta * (uniform < density), compared in float32
-                    drawn = draws[i][start:stop]
-                    density = densities[i]
-                    for j in range(size):
-                        if not drawn[j] < density:
-                            d[j] = d[j] * zero
+                    d = zero
+                elif kind == 2:  # CUT
+                    x = abs(d)
+                    keep = (x > thresholds[i]) | ((x == thresholds[i]) & (j < limits[i]))
+                    d = d * (one if keep else zero)
+                elif kind == 3:  # MASK
+                    d = d * (one if masks[i][j] else zero)
+                elif kind == 4:  # DRAW: uniform < density, compared in float32
+                    d = d * (one if draws[i][j] < densities[i] else zero)
                 if has_scale[i]:
-                    factor = scales[i]
-                    for j in range(size):
-                        d[j] = d[j] * factor
-                weight = weights[i]
-                for j in range(size):
-                    d[j] = d[j] * weight
-            merged = out[start:stop]
-            for j in range(size):
-                total[j] = deltas[0, j]
+                    d = d * scales[i]
+                deltas[i] = d * weights[i]
+            total = deltas[0]
             for i in range(1, n):
-                for j in range(size):
-                    total[j] = total[j] + deltas[i, j]
+                total = total + deltas[i]
             if sign_election:
-                # total becomes the elected sign; deltas their agreeing magnitudes,
-                # (delta * sign).clamp(min=0), which keeps -0 as -0
-                for j in range(size):
-                    total[j] = one if total[j] >= zero else -one
+                sign = one if total >= zero else -one
+                # agreeing magnitudes (delta * sign).clamp(min=0), which keeps -0 as -0; the
+                # divisor adds weight * sign(agreeing) in model order: agreeing >= 0, so that
+                # product is exact, and adding +0 where a model does not contribute is a no-op
+                merged = zero
+                contributing = zero
                 for i in range(n):
-                    for j in range(size):
-                        a = deltas[i, j] * total[j]
-                        deltas[i, j] = zero if a < zero else a
-                for j in range(size):
-                    merged[j] = deltas[0, j]
-                for i in range(1, n):
-                    for j in range(size):
-                        merged[j] = merged[j] + deltas[i, j]
-                for j in range(size):
-                    merged[j] = merged[j] * total[j]
+                    a = deltas[i] * sign
+                    a = zero if a < zero else a
+                    merged = a if i == 0 else merged + a
+                    contributing = contributing + (weights[i] if a > zero else zero)
+                merged = merged * sign
                 if normalize:
-                    # + weight * sign(agreeing) in model order; agreeing >= 0, so the product
-                    # is exact and FMA or not rounds the same
-                    for j in range(size):
-                        contributing[j] = zero
-                    for i in range(n):
-                        weight = weights[i]
-                        for j in range(size):
-                            if deltas[i, j] > zero:
-                                contributing[j] = contributing[j] + weight
-                    for j in range(size):
-                        c = contributing[j]
-                        merged[j] = merged[j] / (c + one if c == zero else c)
+                    merged = merged / (contributing + one if contributing == zero else contributing)
             else:
-                for j in range(size):
-                    merged[j] = total[j]
+                merged = total
                 if normalize:
-                    for j in range(size):
-                        merged[j] = merged[j] / divisor
+                    merged = merged / divisor
             if has_lam:
-                for j in range(size):
-                    merged[j] = merged[j] * lam
-            for j in range(size):
-                merged[j] = merged[j] + b[j]
+                merged = merged * lam
+            out[j] = merged + b
 
     return {
-        "magnitudes_in_bracket": magnitudes_in_bracket,
+        "magnitudes": magnitudes,
+        "count_bracket": count_bracket,
         "collect_bracket": collect_bracket,
         "kth_smallest": kth_smallest,
         "tie_limit": tie_limit,
@@ -260,7 +222,6 @@ def _numba_kernels():
         "kept_magnitudes": kept_magnitudes,
         "drawn_magnitudes": drawn_magnitudes,
         "merge": merge,
-        "List": numba.typed.List,
     }
 
 
@@ -300,24 +261,63 @@ def magnitude_rule(
     kernels = _numba_kernels()
     keep = max(1, int(density * numel))
     t, b = _flat(tensor), _flat(base)
-    magnitudes_tensor = torch.empty(numel, dtype=base.dtype)
-    magnitudes = magnitudes_tensor.numpy()
     if keep >= numel:
-        kernels["magnitudes_in_bracket"](t, b, magnitudes, -np.inf, np.inf)
         rule = KeepRule(CUT, threshold=-np.inf, tie_limit=0)
     else:
         k = numel - keep + 1  # the threshold is the k-th smallest magnitude
-        rule = _cut(kernels, t, b, magnitudes, k, keep)
+        rule = _cut(kernels, t, b, k, keep)
     if rescale:
-        rule.scale = _l1_scale(
-            kernels, magnitudes_tensor, lambda out: kernels["kept_magnitudes"](
-                t, b, magnitudes.dtype.type(rule.threshold), rule.tie_limit, out
-            )
-        )
+        # the reference's magnitudes, summed by torch as the reference sums them
+        kept = torch.empty(base.shape, dtype=base.dtype)
+        threshold = b.dtype.type(rule.threshold)
+        kernels["kept_magnitudes"](t, b, threshold, rule.tie_limit, kept.view(-1).numpy())
+        rule.scale = l1_scale(torch.sub(tensor, base).abs_().sum(), kept.sum())
     return rule
 
 
-def _cut(kernels, t, b, magnitudes, k: int, keep: int) -> KeepRule:
+def bracket_candidates(
+    tensor: torch.Tensor, base: torch.Tensor, low: float, high: float
+) -> tuple[int, torch.Tensor]:
+    """For `sparsify.MagnitudeCutSearch.add`: how many magnitudes |tensor - base| lie below
+    `low`, and those in [low, high] (float64, flat order), in two passes without a buffer."""
+    kernels = _numba_kernels()
+    t, b = _flat(tensor), _flat(base)
+    low_value, high_value = b.dtype.type(low), b.dtype.type(high)
+    below, inside = kernels["count_bracket"](t, b, low_value, high_value)
+    values = np.empty(inside + 1, dtype=b.dtype)
+    indices = np.empty(inside + 1, dtype=np.int64)
+    kernels["collect_bracket"](t, b, low_value, high_value, values, indices)
+    return int(below), torch.from_numpy(values[:inside]).double()
+
+
+def random_l1_norms(
+    tensor: torch.Tensor, base: torch.Tensor, density: float, generator: torch.Generator | None
+) -> tuple[float, float]:
+    """The L1 norms (float64 sums, as torch takes them) of tensor - base before and after
+    `sparsify.random_prune_` (without rescale), drawing the same numbers from `generator`."""
+    magnitudes = torch.empty(base.shape, dtype=base.dtype)
+    kernels = _numba_kernels()
+    kernels["magnitudes"](_flat(tensor), _flat(base), magnitudes.view(-1).numpy())
+    before = float(magnitudes.sum(dtype=torch.float64))
+    if density >= 1:
+        return before, before
+    if density <= 0:
+        return before, 0.0
+    rule = random_rule(tensor, base, density, False, generator)
+    if rule.kind != DRAW:
+        return before, float((magnitudes * rule.mask).sum(dtype=torch.float64))
+    kept = torch.empty_like(magnitudes)
+    kernels["drawn_magnitudes"](
+        _flat(tensor), _flat(base), _flat(rule.draws), np.float32(density),
+        magnitudes.view(-1).numpy(), kept.view(-1).numpy(),
+    )
+    return before, float(kept.sum(dtype=torch.float64))
+
+
+def _cut(kernels, t: np.ndarray, b: np.ndarray, k: int, keep: int) -> KeepRule:
+    """The CUT rule keeping the `keep` largest magnitudes |t - b|: the k-th smallest is the
+    threshold, found inside a sampled bracket (one counting pass, one collecting pass) or, for
+    small tensors and missed brackets, over every entry."""
     numel = b.size
     bounds = None
     if numel > 4 * (1 << 14):
@@ -325,32 +325,24 @@ def _cut(kernels, t, b, magnitudes, k: int, keep: int) -> KeepRule:
         sample = np.sort(np.abs(t[::stride] - b[::stride]))
         bounds = bracket_bounds(sample, k, numel)
     if bounds is not None:
-        low, high = (magnitudes.dtype.type(v) for v in bounds)
-        below, inside = kernels["magnitudes_in_bracket"](t, b, magnitudes, low, high)
+        low, high = (b.dtype.type(v) for v in bounds)
+        below, inside = kernels["count_bracket"](t, b, low, high)
         if below < k <= below + inside:
-            values = np.empty(inside, dtype=magnitudes.dtype)
-            indices = np.empty(inside, dtype=np.int64)
-            kernels["collect_bracket"](magnitudes, low, high, values, indices)
+            values = np.empty(inside + 1, dtype=b.dtype)
+            indices = np.empty(inside + 1, dtype=np.int64)
+            kernels["collect_bracket"](t, b, low, high, values, indices)
+            values, indices = values[:inside], indices[:inside]
             threshold = kernels["kth_smallest"](values, k - below)
             greater = numel - below - inside + kernels["count_greater"](values, threshold)
             limit = kernels["tie_limit"](values, indices, threshold, keep - greater)
             return KeepRule(CUT, threshold=float(threshold), tie_limit=int(limit))
-    else:
-        kernels["magnitudes_in_bracket"](t, b, magnitudes, -np.inf, np.inf)
-    # No bracket (small tensor) or a missed one: select over every entry.
+    magnitudes = np.empty(numel, dtype=b.dtype)
+    kernels["magnitudes"](t, b, magnitudes)
     threshold = kernels["kth_smallest"](magnitudes, k)
     greater = kernels["count_greater"](magnitudes, threshold)
     no_indices = np.empty(0, dtype=np.int64)
     limit = kernels["tie_limit"](magnitudes, no_indices, threshold, keep - greater)
     return KeepRule(CUT, threshold=float(threshold), tie_limit=int(limit))
-
-
-def _l1_scale(kernels, magnitudes: torch.Tensor, fill_kept) -> float | None:
-    """`sparsify.rescale_l1_`'s factor from the magnitudes before and after pruning (summed by
-    torch over the same values as the reference, so the sums round the same way)."""
-    kept = torch.empty_like(magnitudes)
-    fill_kept(kept.numpy())
-    return l1_scale(magnitudes.sum(), kept.sum())
 
 
 def l1_scale(l1_before: torch.Tensor, l1_after: torch.Tensor) -> float | None:
@@ -438,15 +430,11 @@ def merge(
     kernels = _numba_kernels()
     dtype = base.dtype
     np_dtype = np.float32 if dtype == torch.float32 else np.float64
-    arrays = kernels["List"]()
-    masks = kernels["List"]()
-    draws = kernels["List"]()
+    arrays = tuple(_flat(tensor) for tensor in tensors)
     no_mask = np.empty(0, dtype=np.bool_)
     no_draws = np.empty(0, dtype=np.float32)
-    for tensor, rule in zip(tensors, rules):
-        arrays.append(_flat(tensor))
-        masks.append(_flat(rule.mask) if rule.kind == MASK else no_mask)
-        draws.append(_flat(rule.draws) if rule.kind == DRAW else no_draws)
+    masks = tuple(_flat(r.mask) if r.kind == MASK else no_mask for r in rules)
+    draws = tuple(_flat(r.draws) if r.kind == DRAW else no_draws for r in rules)
     divisor = 1.0
     if normalize and not sign_election:
         # As the reference: summed as a tensor in the merge dtype, ~0 divides by 1.

@@ -368,12 +368,18 @@ class MagnitudeCutSearch:
         self.margin_sd *= 8
         self._bracket()
 
+    def add(self, below: int, candidates: torch.Tensor) -> None:
+        """Count a block's entries below the bracket and keep its `candidates` (the magnitudes
+        inside the bracket, float64): what `observe` does, from a caller that found them."""
+        self.below += below
+        self.candidates.append(candidates)
+
     def observe(self, magnitudes: torch.Tensor) -> None:
         flat = magnitudes.reshape(-1)
         inside = flat >= self.low
-        self.below += flat.numel() - int(torch.count_nonzero(inside))
+        below = flat.numel() - int(torch.count_nonzero(inside))
         inside.logical_and_(flat <= self.high)
-        self.candidates.append(flat.index_select(0, inside.nonzero().squeeze(1)).double())
+        self.add(below, flat.index_select(0, inside.nonzero().squeeze(1)).double())
         if self.rescale:
             self.l1 += float(flat.sum(dtype=torch.float64))
             self.l1_above += float(flat[flat > self.high].sum(dtype=torch.float64))

@@ -447,7 +447,11 @@ def _magnitude_prepare(access: BlockAccess) -> list[MagnitudeCut | None]:
         for block in access.blocks():
             block_base = _base_of(block)
             for i, search in searches.items():
-                search.observe((block.tensors[i] - block_base).abs_())
+                tensor = block.tensors[i]
+                if not rescale and fused.available([tensor], block_base):
+                    search.add(*fused.bracket_candidates(tensor, block_base, search.low, search.high))
+                else:
+                    search.observe((tensor - block_base).abs_())
         for i in list(searches):
             cut = searches[i].result()
             if cut is None:
@@ -466,7 +470,16 @@ def _random_prepare(access: BlockAccess) -> list[float | None]:
     n = len(meta.model_params)
     before, after = [0.0] * n, [0.0] * n
     for block in access.blocks():
-        deltas = task_vectors(block.tensors, _base_of(block), block.name)
+        base = _base_of(block)
+        if fused.available(block.tensors, base):
+            for i, (tensor, params) in enumerate(zip(block.tensors, block.model_params)):
+                l1_before, l1_after = fused.random_l1_norms(
+                    tensor, base, float(params["density"]), block.generator
+                )
+                before[i] += l1_before
+                after[i] += l1_after
+            continue
+        deltas = task_vectors(block.tensors, base, block.name)
         for i, (delta, params) in enumerate(zip(deltas, block.model_params)):
             before[i] += float(delta.abs().sum(dtype=torch.float64))
             random_prune_(delta, float(params["density"]), False, block.generator)
