@@ -25,15 +25,17 @@ reference path. `MERGELAB_KERNELS=torch` forces the reference (for comparisons a
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import cache
 
 import numpy as np
 import torch
 
 from mergelab.methods.sparsify import _RESCALE_EPS, bracket_bounds
 
+# Entries merged together in the fused pass: the per-model rows of a chunk stay in cache.
+_CHUNK = 2048
 # KeepRule kinds, as numba sees them.
 KEEP_ALL, ZERO, CUT, MASK, DRAW = 0, 1, 2, 3, 4
 
@@ -58,10 +60,23 @@ class KeepRule:
     scale: float | None = None
 
 
-@cache
-def _numba_kernels():
-    """The compiled kernels (numba imported on first use: merges without them never pay for it),
-    or None when numba is not installed."""
+_KERNELS: dict | None = None
+_KERNELS_LOCK = threading.Lock()
+
+
+def _numba_kernels() -> dict | None:
+    """The compiled kernels, or None when numba is not installed. Numba is imported on first
+    use (merges without these methods never pay its ~0.7 s of start-up), once, whichever of the
+    engine's threads gets here first."""
+    global _KERNELS
+    if _KERNELS is None:
+        with _KERNELS_LOCK:
+            if _KERNELS is None:
+                _KERNELS = _compile() or {}
+    return _KERNELS or None
+
+
+def _compile() -> dict | None:
     try:
         import numba
     except ImportError:
@@ -159,57 +174,91 @@ def _numba_kernels():
         has_scale, weights, constants, sign_election, normalize, divisor, lam, has_lam,
     ):
         # Every scalar is of the compute dtype: a float64 literal would promote float32 math.
-        # tensors, masks and draws are tuples (one entry per model): indexing a tuple is free,
-        # where a typed list would cost a call per entry.
+        # tensors, masks and draws are tuples, one entry per model. The entries go in chunks
+        # that stay in cache, model by model inside a chunk, so that every inner loop is one
+        # simple step over plain arrays (which LLVM vectorises), without branches on the
+        # entries: a keep decision or an elected sign is a coin flip to the branch predictor.
         n = len(tensors)
         zero = constants[0]
         one = constants[1]
-        deltas = np.empty(n, dtype=base.dtype)
-        for j in range(base.size):
-            b = base[j]
+        chunk = _CHUNK
+        scratch = np.empty(n * chunk, dtype=base.dtype)
+        sign = np.empty(chunk, dtype=base.dtype)
+        contributing = np.empty(chunk, dtype=base.dtype)
+        for start in range(0, base.size, chunk):
+            stop = min(start + chunk, base.size)
+            size = stop - start
+            b = base[start:stop]
+            merged = out[start:stop]
             for i in range(n):
-                d = tensors[i][j] - b
+                t = tensors[i][start:stop]
+                d = scratch[i * chunk : i * chunk + size]
+                for j in range(size):
+                    d[j] = t[j] - b[j]
                 kind = kinds[i]
-                # delta * keep (0 or 1), without branches on the entry: a keep decision is a
-                # coin flip to the branch predictor
                 if kind == 1:  # ZERO: zero_() writes +0
-                    d = zero
+                    for j in range(size):
+                        d[j] = zero
                 elif kind == 2:  # CUT
-                    x = abs(d)
-                    keep = (x > thresholds[i]) | ((x == thresholds[i]) & (j < limits[i]))
-                    d = d * (one if keep else zero)
+                    threshold = thresholds[i]
+                    limit = limits[i] - start
+                    for j in range(size):
+                        x = abs(d[j])
+                        keep = (x > threshold) | ((x == threshold) & (j < limit))
+                        d[j] = d[j] * (one if keep else zero)
                 elif kind == 3:  # MASK
-                    d = d * (one if masks[i][j] else zero)
+                    mask = masks[i][start:stop]
+                    for j in range(size):
+                        d[j] = d[j] * (one if mask[j] else zero)
                 elif kind == 4:  # DRAW: uniform < density, compared in float32
-                    d = d * (one if draws[i][j] < densities[i] else zero)
+                    drawn = draws[i][start:stop]
+                    density = densities[i]
+                    for j in range(size):
+                        d[j] = d[j] * (one if drawn[j] < density else zero)
                 if has_scale[i]:
-                    d = d * scales[i]
-                deltas[i] = d * weights[i]
-            total = deltas[0]
-            for i in range(1, n):
-                total = total + deltas[i]
+                    factor = scales[i]
+                    for j in range(size):
+                        d[j] = d[j] * factor
+                weight = weights[i]
+                for j in range(size):
+                    d[j] = d[j] * weight
+                # the sum of the weighted task vectors, in model order
+                if i == 0:
+                    for j in range(size):
+                        merged[j] = d[j]
+                else:
+                    for j in range(size):
+                        merged[j] = merged[j] + d[j]
             if sign_election:
-                sign = one if total >= zero else -one
-                # agreeing magnitudes (delta * sign).clamp(min=0), which keeps -0 as -0; the
-                # divisor adds weight * sign(agreeing) in model order: agreeing >= 0, so that
-                # product is exact, and adding +0 where a model does not contribute is a no-op
-                merged = zero
-                contributing = zero
+                for j in range(size):
+                    sign[j] = one if merged[j] >= zero else -one
+                # agreeing magnitudes (delta * sign).clamp(min=0), which keeps -0 as -0, summed
+                # in model order; the divisor adds weight * sign(agreeing) in model order:
+                # agreeing >= 0, so that product is exact, and adding +0 is a no-op
+                for j in range(size):
+                    contributing[j] = zero
                 for i in range(n):
-                    a = deltas[i] * sign
-                    a = zero if a < zero else a
-                    merged = a if i == 0 else merged + a
-                    contributing = contributing + (weights[i] if a > zero else zero)
-                merged = merged * sign
+                    d = scratch[i * chunk : i * chunk + size]
+                    weight = weights[i]
+                    for j in range(size):
+                        a = d[j] * sign[j]
+                        a = zero if a < zero else a
+                        merged[j] = a if i == 0 else merged[j] + a
+                        contributing[j] = contributing[j] + (weight if a > zero else zero)
+                for j in range(size):
+                    merged[j] = merged[j] * sign[j]
                 if normalize:
-                    merged = merged / (contributing + one if contributing == zero else contributing)
-            else:
-                merged = total
-                if normalize:
-                    merged = merged / divisor
+                    for j in range(size):
+                        c = contributing[j]
+                        merged[j] = merged[j] / (c + one if c == zero else c)
+            elif normalize:
+                for j in range(size):
+                    merged[j] = merged[j] / divisor
             if has_lam:
-                merged = merged * lam
-            out[j] = merged + b
+                for j in range(size):
+                    merged[j] = merged[j] * lam
+            for j in range(size):
+                merged[j] = merged[j] + b[j]
 
     return {
         "magnitudes": magnitudes,
