@@ -109,7 +109,7 @@ def test_declared_kernels_take_the_fused_path(monkeypatch):
 
 @pytest.mark.parametrize("name", METHODS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("shape", [(), (1,), (7,), (33, 17), (300, 301)])
+@pytest.mark.parametrize("shape", [(), (1,), (7,), (33, 17), (257, 259)])
 def test_fused_equals_reference(name, dtype, shape):
     sources, base = _family(shape, dtype)
     model_params = [
@@ -135,7 +135,7 @@ def test_fused_equals_reference_at_extreme_densities(name, density):
 
 def test_fused_ties_when_the_sample_bracket_misses(monkeypatch):
     """A bracket that misses the threshold falls back to selecting over every entry."""
-    sources, base = _family((300, 301), torch.float32)
+    sources, base = _family((257, 259), torch.float32)
     monkeypatch.setattr(fused, "bracket_bounds", lambda *a, **k: (0.0, 0.0))
     params = [{"weight": 1.0, "density": 0.4}] * 3
     assert_same_bits(*_kernel_pair("ties", sources, base, params, {"rescale": True}))

@@ -376,6 +376,10 @@ def execute(
     if device.type == "cuda" and not torch.cuda.is_available():
         raise MergeError("--device cuda was asked for but no CUDA device is available")
     tune_allocator()
+    if plan.method.warm_up is not None and device.type == "cpu":
+        threading.Thread(
+            target=plan.method.warm_up, name="mergelab-warm-up", daemon=True
+        ).start()
     start = time.perf_counter()
     timers = {"read": 0.0, "compute": 0.0, "write": 0.0, "wait": 0.0}
     counters = {"read": 0}

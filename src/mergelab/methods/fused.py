@@ -290,6 +290,18 @@ def available(tensors: Sequence[torch.Tensor], base: torch.Tensor | None) -> boo
     return _numba_kernels() is not None
 
 
+def warm_up() -> None:
+    """Import numba and load the compiled kernels (from numba's on-disk cache after the first
+    run), so that the first merge does not wait for it; a no-op when numba is missing or the
+    reference is forced. Safe to call from any thread, any number of times."""
+    if os.environ.get("MERGELAB_KERNELS", "") == "torch":
+        return
+    kernels = _numba_kernels()
+    if kernels is not None:
+        tiny = np.zeros(1, dtype=np.float32)
+        kernels["magnitudes"](tiny, tiny, tiny)  # the first call initialises numba's compiler
+
+
 def _flat(tensor: torch.Tensor) -> np.ndarray:
     return tensor.detach().reshape(-1).contiguous().numpy()
 

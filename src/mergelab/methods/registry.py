@@ -194,6 +194,9 @@ class MergeMethod:
         mergekit's rules: parameters mergekit accepts for it and ignores (another method's
         parameter, a global parameter given per model) are accepted with a warning instead of
         refused (a strict validation keeps them errors).
+    warm_up: optional one-time preparation of the kernel's runtime (e.g. loading compiled
+        kernels, ~0.7 s for numba's): the engine starts it in a background thread before it
+        reads the first tensor, so that it overlaps the reads.
     """
 
     name: str
@@ -216,6 +219,7 @@ class MergeMethod:
     optimiser: str | None = None
     optimiser_options: tuple[tuple[str, Any], ...] = ()
     mergekit: bool = False
+    warm_up: Callable[[], None] | None = None
 
     @property
     def needs_data(self) -> bool:

@@ -690,6 +690,7 @@ def _declare(
             randomized=randomized,
             check_model_params=check,
             blockwise=_BLOCKWISE_BY_SPARSIFIER.get(sparsifier, lambda _: None)(sign_election),
+            warm_up=fused.warm_up,
         )
     )
 
