@@ -133,12 +133,15 @@ def test_fused_equals_reference_at_extreme_densities(name, density):
         assert_same_bits(*_kernel_pair(name, sources, base, model_params, params))
 
 
-def test_fused_ties_when_the_sample_bracket_misses(monkeypatch):
+@pytest.mark.parametrize("name", ["ties", "breadcrumbs_ties"])
+def test_fused_selection_when_the_sample_bracket_misses(monkeypatch, name):
     """A bracket that misses the threshold falls back to selecting over every entry."""
     sources, base = _family((257, 259), torch.float32)
     monkeypatch.setattr(fused, "bracket_bounds", lambda *a, **k: (0.0, 0.0))
     params = [{"weight": 1.0, "density": 0.4}] * 3
-    assert_same_bits(*_kernel_pair("ties", sources, base, params, {"rescale": True}))
+    params = [dict(p, gamma=0.05) for p in params]
+    for global_params in ({}, {"rescale": True}):
+        assert_same_bits(*_kernel_pair(name, sources, base, params, global_params))
 
 
 @settings(max_examples=40, deadline=None)

@@ -37,7 +37,7 @@ from mergelab.methods.sparsify import _RESCALE_EPS, bracket_bounds
 # Entries merged together in the fused pass: the per-model rows of a chunk stay in cache.
 _CHUNK = 2048
 # KeepRule kinds, as numba sees them.
-KEEP_ALL, ZERO, CUT, MASK, DRAW = 0, 1, 2, 3, 4
+KEEP_ALL, ZERO, CUT, MASK, DRAW, WINDOW = 0, 1, 2, 3, 4, 5
 
 
 @dataclass
@@ -47,7 +47,11 @@ class KeepRule:
     kind: KEEP_ALL (untouched), ZERO (all entries +0, as `zero_()`), CUT (keep entries with
         |delta| > threshold, and those equal to it at flat indices below `tie_limit`: a
         stable-order top-k), MASK (keep where `mask`, a bool tensor shaped like delta) or
-        DRAW (keep where `draws` < `threshold`: uniform draws against the density, DARE).
+        DRAW (keep where `draws` < `threshold`: uniform draws against the density, DARE) or
+        WINDOW (keep the entries whose stable ascending magnitude rank is in [low, high):
+        those in the `high` smallest and not in the `low` smallest, each set given as a
+        threshold and a tie limit: |delta| < threshold, or == it at flat indices below the
+        limit; Model Breadcrumbs).
     scale: the L1 rescale factor applied after keeping (None: none), as a value of the compute
         dtype.
     """
@@ -57,6 +61,8 @@ class KeepRule:
     tie_limit: int = 0
     mask: torch.Tensor | None = None
     draws: torch.Tensor | None = None
+    high_threshold: float = 0.0
+    high_limit: int = 0
     scale: float | None = None
 
 
@@ -135,12 +141,14 @@ def _compile() -> dict | None:
         return last + 1
 
     @jit
-    def count_greater(values, threshold):
-        count = 0
+    def count_around(values, threshold):
+        """How many of `values` are below and above `threshold`."""
+        less = 0
+        greater = 0
         for j in range(values.size):
-            if values[j] > threshold:
-                count += 1
-        return count
+            less += values[j] < threshold
+            greater += values[j] > threshold
+        return less, greater
 
     @jit
     def block_ties(tensor, base, threshold, ties):
@@ -170,8 +178,9 @@ def _compile() -> dict | None:
 
     @jit
     def merge(
-        tensors, base, out, kinds, thresholds, limits, masks, draws, densities, scales,
-        has_scale, weights, constants, sign_election, normalize, divisor, lam, has_lam,
+        tensors, base, out, kinds, thresholds, limits, high_thresholds, high_limits, masks,
+        draws, densities, scales, has_scale, weights, constants, sign_election, normalize,
+        divisor, lam, has_lam,
     ):
         # Every scalar is of the compute dtype: a float64 literal would promote float32 math.
         # tensors, masks and draws are tuples, one entry per model. The entries go in chunks
@@ -215,6 +224,14 @@ def _compile() -> dict | None:
                     density = densities[i]
                     for j in range(size):
                         d[j] = d[j] * (one if drawn[j] < density else zero)
+                elif kind == 5:  # WINDOW: among the `high` smallest, not the `low` smallest
+                    low, high = thresholds[i], high_thresholds[i]
+                    low_limit, high_limit = limits[i] - start, high_limits[i] - start
+                    for j in range(size):
+                        x = abs(d[j])
+                        below_high = (x < high) | ((x == high) & (j < high_limit))
+                        below_low = (x < low) | ((x == low) & (j < low_limit))
+                        d[j] = d[j] * (one if below_high & ~below_low else zero)
                 if has_scale[i]:
                     factor = scales[i]
                     for j in range(size):
@@ -266,7 +283,7 @@ def _compile() -> dict | None:
         "collect_bracket": collect_bracket,
         "kth_smallest": kth_smallest,
         "tie_limit": tie_limit,
-        "count_greater": count_greater,
+        "count_around": count_around,
         "block_ties": block_ties,
         "kept_magnitudes": kept_magnitudes,
         "drawn_magnitudes": drawn_magnitudes,
@@ -376,9 +393,29 @@ def random_l1_norms(
 
 
 def _cut(kernels, t: np.ndarray, b: np.ndarray, k: int, keep: int) -> KeepRule:
-    """The CUT rule keeping the `keep` largest magnitudes |t - b|: the k-th smallest is the
-    threshold, found inside a sampled bracket (one counting pass, one collecting pass) or, for
-    small tensors and missed brackets, over every entry."""
+    """The CUT rule keeping the `keep` largest magnitudes |t - b| (k = numel - keep + 1)."""
+    threshold, _less, greater, values, indices = _kth_smallest(kernels, t, b, k)
+    limit = kernels["tie_limit"](values, indices, threshold, keep - greater)
+    return KeepRule(CUT, threshold=float(threshold), tie_limit=int(limit))
+
+
+def _smallest(kernels, t: np.ndarray, b: np.ndarray, count: int) -> tuple[float, int]:
+    """`sparsify.smallest_mask(|t - b|, count)` as (threshold, tie limit): the entries below the
+    threshold, and those equal to it at flat indices below the limit."""
+    if count <= 0:
+        return -np.inf, 0
+    if count >= b.size:
+        return np.inf, 0
+    threshold, less, _greater, values, indices = _kth_smallest(kernels, t, b, count)
+    return float(threshold), int(kernels["tie_limit"](values, indices, threshold, count - less))
+
+
+def _kth_smallest(kernels, t: np.ndarray, b: np.ndarray, k: int):
+    """The k-th smallest magnitude |t - b| (1-based), the numbers of magnitudes below and above
+    it, and the candidates it was selected from with their flat indices (indices empty: the
+    candidates are every magnitude, in flat order), for `tie_limit`. Inside a sampled bracket
+    (one counting pass, one collecting pass) or, for small tensors and missed brackets, over
+    every entry."""
     numel = b.size
     bounds = None
     if numel > 4 * (1 << 14):
@@ -394,16 +431,33 @@ def _cut(kernels, t: np.ndarray, b: np.ndarray, k: int, keep: int) -> KeepRule:
             kernels["collect_bracket"](t, b, low, high, values, indices)
             values, indices = values[:inside], indices[:inside]
             threshold = kernels["kth_smallest"](values, k - below)
-            greater = numel - below - inside + kernels["count_greater"](values, threshold)
-            limit = kernels["tie_limit"](values, indices, threshold, keep - greater)
-            return KeepRule(CUT, threshold=float(threshold), tie_limit=int(limit))
+            less, greater = kernels["count_around"](values, threshold)
+            return threshold, below + less, numel - below - inside + greater, values, indices
     magnitudes = np.empty(numel, dtype=b.dtype)
     kernels["magnitudes"](t, b, magnitudes)
     threshold = kernels["kth_smallest"](magnitudes, k)
-    greater = kernels["count_greater"](magnitudes, threshold)
-    no_indices = np.empty(0, dtype=np.int64)
-    limit = kernels["tie_limit"](magnitudes, no_indices, threshold, keep - greater)
-    return KeepRule(CUT, threshold=float(threshold), tie_limit=int(limit))
+    less, greater = kernels["count_around"](magnitudes, threshold)
+    return threshold, less, greater, magnitudes, np.empty(0, dtype=np.int64)
+
+
+def breadcrumbs_rule(
+    tensor: torch.Tensor, base: torch.Tensor, density: float, gamma: float
+) -> KeepRule:
+    """The rule of `sparsify.breadcrumbs_prune_` (without rescale) on tensor - base: the
+    entries whose stable ascending magnitude rank lies in [small, small + kept)."""
+    if density >= 1:
+        return KeepRule(KEEP_ALL)
+    kernels = _numba_kernels()
+    numel = base.numel()
+    kept = int(density * numel)
+    small = max(0, numel - kept - int(gamma * numel))
+    t, b = _flat(tensor), _flat(base)
+    high_threshold, high_limit = _smallest(kernels, t, b, small + kept)
+    low_threshold, low_limit = _smallest(kernels, t, b, small) if small > 0 else (-np.inf, 0)
+    return KeepRule(
+        WINDOW, threshold=low_threshold, tie_limit=low_limit, high_threshold=high_threshold,
+        high_limit=high_limit,
+    )
 
 
 def l1_scale(l1_before: torch.Tensor, l1_after: torch.Tensor) -> float | None:
@@ -509,6 +563,8 @@ def merge(
         np.array([r.kind for r in rules], dtype=np.int64),
         np.array([r.threshold for r in rules], dtype=np_dtype),
         np.array([r.tie_limit for r in rules], dtype=np.int64),
+        np.array([r.high_threshold for r in rules], dtype=np_dtype),
+        np.array([r.high_limit for r in rules], dtype=np.int64),
         masks,
         draws,
         np.array([r.threshold if r.kind == DRAW else 0.0 for r in rules], dtype=np.float32),

@@ -304,7 +304,16 @@ def _masked_rule(prune: Pruner, zeroes_at_density_zero: bool) -> RuleMaker:
 
 MAGNITUDE = Sparsifier(_prune_magnitude, _magnitude_rule)
 RANDOM = Sparsifier(_prune_random, _random_rule)
-BREADCRUMBS = Sparsifier(_prune_breadcrumbs, _masked_rule(_prune_breadcrumbs, False))
+def _breadcrumbs_rule(
+    tensor: torch.Tensor, base: torch.Tensor, params: _Params, rescale: bool,
+    generator: torch.Generator | None,
+) -> KeepRule:
+    if rescale:  # the L1 sums need the pruned values: the reference prunes, its mask is used
+        return _masked_rule(_prune_breadcrumbs, False)(tensor, base, params, rescale, generator)
+    return fused.breadcrumbs_rule(tensor, base, float(params["density"]), float(params["gamma"]))
+
+
+BREADCRUMBS = Sparsifier(_prune_breadcrumbs, _breadcrumbs_rule)
 DELLA = Sparsifier(_prune_della, _masked_rule(_prune_della, True))
 
 
