@@ -264,3 +264,19 @@ def timer() -> Iterator[dict[str, float]]:
         yield box
     finally:
         box["seconds"] = time.perf_counter() - start
+
+
+def replace_docs_section(name: str, body: str, heading: str | None = None) -> None:
+    """Write `body` between docs/benchmarks.md's `<!-- NAME:start -->` and `<!-- NAME:end -->`
+    markers; when they are missing, append them under `heading` (None: an error)."""
+    docs = REPO_ROOT / "docs" / "benchmarks.md"
+    text = docs.read_text() if docs.exists() else "# Benchmarks\n"
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    block = f"{start}\n{body}\n{end}"
+    if start in text:
+        text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
+    elif heading is not None:
+        text += f"\n## {heading}\n\n{block}\n"
+    else:
+        raise SystemExit(f"{docs} has no {start} ... {end} section to update")
+    docs.write_text(text)

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO_ROOT  # noqa: E402
+from _common import replace_docs_section  # noqa: E402
 
 from mergelab import merge_state_dicts  # noqa: E402
 from mergelab.methods import get_method  # noqa: E402
@@ -169,9 +169,6 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     if args.write_docs:
-        docs = REPO_ROOT / "docs" / "benchmarks.md"
-        text = docs.read_text()
-        start, end = "<!-- fused:start -->", "<!-- fused:end -->"
         header = (
             f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, torch "
             f"{torch.__version__}, 1-minute load average {load:.1f} on {os.cpu_count()} cores "
@@ -179,12 +176,7 @@ def main() -> None:
             f"`.venv/bin/python benchmarks/fused_kernels.py --repeats {args.repeats} "
             "--write-docs`: CPU milliseconds, the minimum of interleaved runs."
         )
-        block = f"{start}\n{header}\n\n{table}\n{end}"
-        if start in text:
-            text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
-        else:
-            raise SystemExit(f"{docs} has no {start} ... {end} section to update")
-        docs.write_text(text)
+        replace_docs_section("fused", f"{header}\n\n{table}")
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import BENCH_VENV, MAIN_VENV, REPO_ROOT  # noqa: E402
+from _common import BENCH_VENV, MAIN_VENV, replace_docs_section  # noqa: E402
 
 CACHE = Path(os.environ.get("MERGELAB_CACHE", Path.home() / ".cache" / "mergelab")) / "bench"
 
@@ -299,9 +299,6 @@ def render(rows: list[dict], startup: float, torch_import: float) -> str:
 def write_docs(
     table: str, sizes: list[str], methods: list[str], repeats: int, loads: tuple[float, float]
 ) -> None:
-    docs = REPO_ROOT / "docs" / "benchmarks.md"
-    text = docs.read_text() if docs.exists() else "# Benchmarks\n"
-    start, end = "<!-- speed:start -->", "<!-- speed:end -->"
     command = (
         "make bench-env && .venv/bin/python benchmarks/speed_vs_mergekit.py "
         + " ".join(f"--size {s}" for s in sizes)
@@ -318,12 +315,7 @@ def write_docs(
         f"average {loads[0]:.1f} at the start and {loads[1]:.1f} at the end (above the core "
         "count, other jobs shared the machine and the timings are indicative)."
     )
-    block = f"{start}\n{header}\n\n{table}\n{end}"
-    if start in text:
-        text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
-    else:
-        text += f"\n## Speed and memory vs mergekit\n\n{block}\n"
-    docs.write_text(text)
+    replace_docs_section("speed", f"{header}\n\n{table}", heading="Speed and memory vs mergekit")
 
 
 if __name__ == "__main__":
