@@ -89,7 +89,7 @@ def test_every_problem_of_a_config_is_reported_at_once():
         _plan(raw, sds)
     text = str(info.value)
     # a parameter out of range and a tensor of another shape: both, not only the first
-    assert "models.0.parameters.density" in text and "[0, 1]" in text
+    assert "models.0.parameters.density" in text and "(0, 1]" in text
     assert "model.layers.1.mlp.weight" in text and "differs" in text
     # an unknown method and a source that does not exist: both
     with pytest.raises(ConfigError) as info:
@@ -206,7 +206,7 @@ BAD_STAGES = {
     "later stage invalid": (
         "name: one\nmerge_method: linear\nmodels: [{model: a, parameters: {weight: 1}}]\n---\n"
         "merge_method: ties\nbase_model: base\nmodels: [{model: one, parameters: {weight: 1, density: 2}}]\n",
-        r"the final \(unnamed\) stage: models.0.parameters.density: `density` must be in \[0, 1\]"),
+        r"the final \(unnamed\) stage: models.0.parameters.density: `density` must be in \(0, 1\]"),
 }
 
 
