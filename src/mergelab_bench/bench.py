@@ -93,6 +93,9 @@ GRIDS: dict[str, list[GridPoint]] = {
     "iso_cts": grid({"alpha": [0.7, 1.3]}),
     "pcb": grid({"lambda": [0.7, 1.2]}),
     "magmax": grid({"lambda": [0.5, 1.0]}),
+    "lines": grid({"beta": [0.2, 0.5, 1.0]}),
+    "consensus": grid({"lambda": [0.3, 0.6]}),
+    "wudi": grid({"closed_form": [False, True]}),
 }
 # Methods of the registry that are not merges of several fine-tunes.
 NOT_BENCHMARKED = {"passthrough": "copies one model"}

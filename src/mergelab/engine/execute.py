@@ -110,6 +110,7 @@ def _meta(plan: MergePlan, task: TensorTask, seed: int, device: torch.device) ->
         params=dict(task.params),
         generator=generator,
         name=task.name,
+        depth=task.depth,
     )
 
 

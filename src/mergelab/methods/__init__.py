@@ -26,6 +26,9 @@ _FAMILIES = (
     "magmax",
     "expo",
     "pcb",
+    "lines",
+    "tall_masks",
+    "wudi",
     "data_aware",
 )
 for _family in _FAMILIES:

@@ -90,6 +90,9 @@ class TensorMerge:
         owning a weight), float64/float32 as stored, on the merge device; None when the
         sources have no statistics for this tensor (biases, norms: kernels fall back to a
         data-free rule, e.g. the average).
+    depth: the tensor's position in its model's layer stack, in [0, 1] (`index / (layers - 1)`,
+        the position at which per-layer gradients resolve); 0 for tensors outside the stack
+        (embeddings, final norm, heads). Depth-dependent methods (LiNeS) read it.
     """
 
     tensors: list[torch.Tensor]
@@ -101,6 +104,7 @@ class TensorMerge:
     row_start: int = 0
     writable: bool = False
     statistics: list[Mapping[str, torch.Tensor]] | None = None
+    depth: float = 0.0
 
     def per_model(self, key: str) -> list[ParamValue]:
         return [p[key] for p in self.model_params]
@@ -194,6 +198,9 @@ class MergeMethod:
         mergekit's rules: parameters mergekit accepts for it and ignores (another method's
         parameter, a global parameter given per model) are accepted with a warning instead of
         refused (a strict validation keeps them errors).
+    check_sources: optional check of the global parameters against the number of merged
+        (non-base) models of a tensor, e.g. Consensus merging: `k` at most that number;
+        returns a problem message or None.
     """
 
     name: str
@@ -211,6 +218,7 @@ class MergeMethod:
     blockwise: Blockwise | None = None
     needs: tuple[str, ...] = ()
     check_params: Callable[[Mapping[str, ParamValue], bool], str | None] | None = None
+    check_sources: Callable[[Mapping[str, ParamValue], int], str | None] | None = None
     statistics: tuple[str, ...] = ()
     collector: str | None = None
     optimiser: str | None = None

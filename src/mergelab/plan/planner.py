@@ -91,6 +91,9 @@ class TensorTask:
         inputs before the kernel, so `shape` is the output's, not the inputs'.
     assembly: the output is assembled from the inputs, not merged (mergelab.plan.moe).
     constant: the output is this tensor, decided by the plan (a MoE's router rows); no inputs.
+    depth: the tensor's position in its layer stack, in [0, 1], the `t` at which gradients
+        resolve (`index / (layers - 1)`); 0 for tensors outside the stack. Handed to the kernel
+        as `TensorMerge.depth` (LiNeS scales task vectors by it).
     """
 
     name: str
@@ -106,6 +109,7 @@ class TensorTask:
     vocabulary: VocabularyRemap | None = None
     assembly: Assembly | None = None
     constant: torch.Tensor | None = None
+    depth: float = 0.0
 
     @property
     def numel(self) -> int:
@@ -784,6 +788,13 @@ class _TensorPlanner:
                 msg = self.method.check_params(params, base_index is not None)
                 if msg:
                     self.problems.add(f"parameters: {msg} (method `{self.method.name}`)")
+            merged_count = len(inputs) - (base_index is not None)
+            if self.method.check_sources is not None and len(params) == len(
+                self.method.global_params
+            ):
+                msg = self.method.check_sources(params, merged_count)
+                if msg:
+                    self.problems.add(f"parameters: {msg} (method `{self.method.name}`)")
             for i, item in enumerate(inputs):
                 if i == base_index:
                     continue
@@ -809,6 +820,7 @@ class _TensorPlanner:
                 copied=planned.copied,
                 statistics=planned.statistics if is_float else (),
                 vocabulary=vocabulary,
+                depth=planned.t,
             )
         )
 
