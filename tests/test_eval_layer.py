@@ -611,3 +611,34 @@ def test_builtin_image_task():
     splits = task.splits(1)
     assert (len(splits.train), len(splits.validation), len(splits.test)) == (1137, 300, 360)
     assert splits.train.images.shape[1:] == (8, 8)
+
+
+def test_mergelab_eval_applies_a_tasks_modulators_and_matches_its_export(tiny, tmp_path):
+    import yaml
+
+    root, folders, task_csv, _ = tiny
+    config = tmp_path / "emr.yaml"
+    config.write_text(yaml.safe_dump({
+        "merge_method": "emr", "base_model": str(root / "base"),
+        "models": [{"model": str(folders["ft"])}, {"model": str(folders["ft2"])}],
+    }))  # fmt: skip
+    merged = tmp_path / "merged"
+    made = _cli(["merge", str(config), str(merged), "--no-progress"])
+    assert made.exit_code == 0, made.output
+    head = str(folders["ft"] / "head.safetensors")
+    common = ["--task", str(task_csv), "--head", head, "--no-baselines", "--json"]
+    unknown = _cli(["eval", str(merged), *common])  # the eval task `reviews` has no modulators
+    assert unknown.exit_code == 1
+    assert "modulators for task(s) ft, ft2; none is named 'reviews'" in _flat(unknown.output)
+    modulated = _cli(["eval", str(merged), *common, "--modulators", "ft"])
+    assert modulated.exit_code == 0, modulated.output
+    row = json.loads(modulated.output)["results"][0]
+    assert row["model"] == "merged [ft]"
+    exported = tmp_path / "ft-dense"
+    wrote = _cli(["modulators", "export", str(merged), "--task", "ft", "--out", str(exported)])
+    assert wrote.exit_code == 0, wrote.output
+    dense = _cli(["eval", str(exported), *common])
+    assert dense.exit_code == 0, dense.output
+    assert json.loads(dense.output)["results"][0]["value"] == row["value"]
+    plain = _cli(["eval", str(folders["ft"]), "--modulators", "ft", *common])
+    assert plain.exit_code == 1 and "holds no modulators" in _flat(plain.output)

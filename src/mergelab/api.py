@@ -402,19 +402,48 @@ def _write(plan, out_dir, max_shard, overwrite, device, seed, allow_nonfinite, p
         metadata={"mergelab_method": plan.method.name},
     )
     with writer:
-        report = execute(
-            plan,
-            writer,
-            device=device,
-            seed=seed,
-            allow_nonfinite=allow_nonfinite,
-            progress=progress,
-            workers=workers,
-            out_dir=str(out_dir),
-        )
+        modulators = _modulator_writer(plan, writer)
+        try:
+            report = execute(
+                plan,
+                writer,
+                device=device,
+                seed=seed,
+                allow_nonfinite=allow_nonfinite,
+                progress=progress,
+                workers=workers,
+                out_dir=str(out_dir),
+                modulators=modulators,
+            )
+            if modulators is not None:
+                assert plan.method.modulation is not None
+                modulators.finish(plan.method.modulation.rescalers)
+                report.notes.append(
+                    f"per-task modulators of {len(plan.merged_sources)} task(s) in "
+                    f"{Path(out_dir) / 'modulators'}: apply one with `mergelab eval --modulators "
+                    "TASK` or write its dense weights with `mergelab modulators export`"
+                )
+        except BaseException:
+            if modulators is not None:
+                modulators.abort()
+            raise
         _write_side_files(plan, writer)
         writer.commit()
     return report
+
+
+def _modulator_writer(plan: MergePlan, writer: ShardedWriter):
+    """The writer of a modulated method's per-task masks (None for other methods)."""
+    if plan.method.modulation is None:
+        return None
+    from mergelab.modulators.writer import ModulatorWriter
+
+    base_keys = {t.inputs[t.base_index][0] for t in plan.tasks if t.base_index is not None}
+    base_key = next(iter(base_keys), plan.config.base_model or "")
+    root = getattr(plan.sources.get(base_key), "path", None)
+    entries = [(t.name, t.shape) for t in plan.tasks if t.is_float and not t.copied]
+    return ModulatorWriter(writer, plan.method.name, plan.merged_sources, entries,
+                           (base_key, str(root) if root is not None else None))
 
 
 def _source_path(source: Any) -> Path | None:

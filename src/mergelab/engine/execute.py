@@ -24,7 +24,7 @@ from mergelab.engine.blocks import TensorBlocks, row_blocks
 from mergelab.engine.memory import tune_allocator
 from mergelab.engine.vocabulary import remap_vocabulary
 from mergelab.errors import CheckpointError, MergeError
-from mergelab.methods.registry import TensorMerge
+from mergelab.methods.registry import ModulatedTensor, TensorMerge
 from mergelab.plan.planner import MergePlan, TensorTask
 from mergelab.progress import progress_bar
 
@@ -34,6 +34,20 @@ class Sink(Protocol):
 
     def write(self, name: str, tensor: torch.Tensor) -> None: ...
     def write_rows(self, name: str, row_start: int, rows: torch.Tensor) -> None: ...
+
+
+class ModulatorSink(Protocol):
+    """Where a modulated method's per-task masks go (mergelab.modulators.writer)."""
+
+    def add(
+        self,
+        name: str,
+        models: list[str],
+        merged: torch.Tensor,
+        base: torch.Tensor,
+        masks: list[torch.Tensor],
+        sums: list[dict[str, float]],
+    ) -> None: ...
 
 
 class MemorySink:
@@ -194,6 +208,24 @@ def assemble(task: TensorTask, tensors: list[torch.Tensor], seed: int) -> torch.
         parts.append(tensor)
     groups = [torch.cat([parts[i] for i in group], dim=0) for group in spec.groups]
     return torch.stack(groups) if spec.stack else groups[0]
+def modulate_one(
+    plan: MergePlan,
+    task: TensorTask,
+    tensors: list[torch.Tensor],
+    *,
+    device: torch.device,
+    seed: int,
+) -> ModulatedTensor:
+    """A modulated method's result for one float tensor: shared weights, masks, rescaler terms."""
+    assert plan.method.modulation is not None
+    cast, writable = cast_inputs(plan, task, tensors, device)
+    job = _meta(plan, task, seed, device)
+    job.base = cast[task.base_index] if task.base_index is not None else None
+    job.tensors = [t for i, t in enumerate(cast) if i != task.base_index]
+    job.writable = writable
+    result = plan.method.modulation.kernel(job)
+    _checked(plan, task, result.merged, task.shape)
+    return result
 
 
 def cast_inputs(
@@ -353,12 +385,16 @@ def execute(
     progress: bool = True,
     out_dir: str | None = None,
     workers: int | None = None,
+    modulators: ModulatorSink | None = None,
 ) -> MergeReport:
     """Run every task of `plan`, handing each merged tensor (in its output dtype) to `sink`.
 
     `workers` tensors (default: one per core, at most 4; 1 on a GPU) are read and merged at once,
     so one's reads overlap another's merge; writes go to a writer thread. Tensors larger than
     `blocks.BLOCK_ELEMENTS` (x2) whose method has a `Blockwise` form are merged block by block.
+    `modulators`: for a modulated method (`MergeMethod.modulation`), receives each merged float
+    tensor's per-task masks and rescaler terms (without it such a method writes its shared
+    weights alone).
     Raises CheckpointError for unreadable inputs and MergeError for non-finite values (inputs, or
     outputs of a kernel) unless `allow_nonfinite`.
     """
@@ -390,11 +426,13 @@ def execute(
         with lock:
             counters["read"] += nbytes
 
+    # Modulated tensors are merged whole: their masks come with the merged tensor.
+    modulating = modulators is not None and plan.method.modulation is not None
     blocked = {
         t.name: ranges
         for t in plan.tasks
         if t.is_float and not t.copied and t.vocabulary is None and t.assembly is None
-        and t.constant is None and plan.method.blockwise is not None
+        and t.constant is None and plan.method.blockwise is not None and not modulating
         and (ranges := row_blocks(t.shape)) is not None
     }
 
@@ -430,12 +468,21 @@ def execute(
             return
         inputs, statistics = read_task(task)
         t0 = time.perf_counter()
-        merged = merge_one(plan, task, inputs, device=device, seed=seed, statistics=statistics)
-        del inputs, statistics
+        modulated = None
+        if modulating and task.is_float and not task.copied:
+            modulated = modulate_one(plan, task, inputs, device=device, seed=seed)
+            merged = modulated.merged
+        else:
+            merged = merge_one(plan, task, inputs, device=device, seed=seed, statistics=statistics)
         _check_output(plan, task, merged, allow_nonfinite)
         merged = merged.to(task.out_dtype)
         if merged.device.type != "cpu":
             merged = merged.cpu()
+        if modulated is not None:
+            models = [key for i, (key, _) in enumerate(task.inputs) if i != task.base_index]
+            modulators.add(task.name, models, merged, inputs[task.base_index], modulated.masks,
+                           modulated.sums)  # fmt: skip
+        del inputs, statistics, modulated
         add("compute", time.perf_counter() - t0)
         writes.write(task.name, merged)
 

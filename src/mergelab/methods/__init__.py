@@ -29,6 +29,7 @@ _FAMILIES = (
     "lines",
     "tall_masks",
     "wudi",
+    "emr",
     "data_aware",
 )
 for _family in _FAMILIES:

@@ -49,6 +49,13 @@ def methods_markdown(methods: Sequence[MergeMethod]) -> str:
     ]
     for m in methods:
         lines += [f"## `{m.name}`: {m.title}", "", f"{m.paper}. <{m.url}>", ""]
+        if m.modulation is not None:
+            lines += [
+                "Output: shared weights plus per-task modulators (bit-packed masks"
+                + (", rescalers" if m.modulation.rescalers is not None else "")
+                + "), see [modulators.md](modulators.md).",
+                "",
+            ]
         lines += [f"- {_param_line(p)}" for p in m.params] or ["- no parameters"]
         lines.append("")
     return "\n".join(lines)

@@ -166,6 +166,38 @@ class Blockwise:
         return cls(apply=lambda block, _state: kernel(block))
 
 
+@dataclass
+class ModulatedTensor:
+    """What a modulated method makes of one tensor (see `Modulation`).
+
+    merged: the shared weights, written to the checkpoint: base + the shared task vector.
+    masks: one boolean mask per source (shape of the tensor): the entries of the shared task
+        vector that source's task keeps.
+    sums: one mapping per source of per-tensor quantities that the method adds up over all
+        tensors to compute each task's rescaler (e.g. EMR's mean magnitudes); empty when the
+        method needs none.
+    """
+
+    merged: torch.Tensor
+    masks: list[torch.Tensor]
+    sums: list[dict[str, float]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Modulation:
+    """A merge that also gives each task light modulators over the shared weights.
+
+    Task t's own weights are base + rescaler_t * mask_t * (merged - base), tensor by tensor.
+    kernel(task) -> ModulatedTensor for one tensor (the method's plain `kernel` returns its
+        `merged` alone, so the shared weights also merge like any method's).
+    rescalers(totals) -> one float per source, from each source's `sums` added up over every
+        tensor (called once, after the last tensor); None: every rescaler is 1.
+    """
+
+    kernel: Callable[[TensorMerge], ModulatedTensor]
+    rescalers: Callable[[list[dict[str, float]]], list[float]] | None = None
+
+
 @dataclass(frozen=True)
 class MergeMethod:
     """Declaration of a merge method.
@@ -198,6 +230,9 @@ class MergeMethod:
         mergekit's rules: parameters mergekit accepts for it and ignores (another method's
         parameter, a global parameter given per model) are accepted with a warning instead of
         refused (a strict validation keeps them errors).
+    modulation: for methods whose output is a merged model plus per-task modulators (TALL
+        masks, EMR): see `Modulation`. `mergelab merge` then writes the modulators beside the
+        shared weights (mergelab.modulators); in-memory merges return the shared weights.
     check_sources: optional check of the global parameters against the number of merged
         (non-base) models of a tensor, e.g. Consensus merging: `k` at most that number;
         returns a problem message or None.
@@ -219,6 +254,7 @@ class MergeMethod:
     needs: tuple[str, ...] = ()
     check_params: Callable[[Mapping[str, ParamValue], bool], str | None] | None = None
     check_sources: Callable[[Mapping[str, ParamValue], int], str | None] | None = None
+    modulation: Modulation | None = None
     statistics: tuple[str, ...] = ()
     collector: str | None = None
     optimiser: str | None = None

@@ -1,5 +1,8 @@
 """TALL masks and Consensus merging: which weights of the merged task vector each task uses.
 
+Two methods: `tall_masks` (a merged model plus one binary mask per task, which restores each
+task's own model from it) and `consensus` (one model, keeping the weights masks agree on).
+
 Wang, Dimitriadis, Ortiz-Jimenez, Fleuret, Frossard. "Localizing Task Information for Improved
 Model Merging and Compression". ICML 2024. https://arxiv.org/abs/2405.07813
 
@@ -12,6 +15,12 @@ Consensus merging keeps the entries that at least `k` tasks' masks use, dropping
 weights (no task uses them) and, from k = 2, "selfish" ones (a single task uses them):
 
     merged = base + lambda * [sum_t m_t >= k] * tau_MTL.
+
+With `tall_masks`, task t's model is retrieved as base + m_t * (theta_MTL - base): the shared
+weights written are theta_MTL = base + lambda * sum_t tau_t (lambda 1: the paper's unscaled
+sum), each mask compares against them, and the masks are stored bit-packed beside them
+(mergelab.modulators). The paper again picks each task's `mask_lambda` on validation; here one
+value serves all tasks.
 
 Following the official code (github.com/nik-dim/tall_masks, `construct_tall_mask`,
 `construct_consensus_mask`; the same in github.com/wang-kee/LiNeS): tau_MTL is the unscaled sum
@@ -34,6 +43,8 @@ from mergelab.methods._lowrank import stacked_task_vectors
 from mergelab.methods.registry import (
     Blockwise,
     MergeMethod,
+    ModulatedTensor,
+    Modulation,
     Param,
     ParamValue,
     TensorMerge,
@@ -67,6 +78,19 @@ def consensus_kernel(m: TensorMerge) -> torch.Tensor:
     return base + float(m.params["lambda"]) * torch.where(
         keep, multi_task_vector, torch.zeros_like(multi_task_vector)
     )
+
+
+def tall_mask_tensor(m: TensorMerge) -> ModulatedTensor:
+    """TALL masks for one tensor: shared weights base + lambda * sum, one mask per task."""
+    base, task_vectors = stacked_task_vectors(m, "tall_masks")
+    multi_task_vector = float(m.params["lambda"]) * task_vectors.sum(dim=0)
+    masks = tall_masks(task_vectors, multi_task_vector, float(m.params["mask_lambda"]))
+    return ModulatedTensor(merged=base + multi_task_vector, masks=list(masks))
+
+
+def tall_masks_kernel(m: TensorMerge) -> torch.Tensor:
+    """The shared weights of TALL masks alone (what an in-memory merge returns)."""
+    return tall_mask_tensor(m).merged
 
 
 def _k_within_models(params: Mapping[str, ParamValue], num_models: int) -> str | None:
@@ -119,5 +143,40 @@ CONSENSUS = register(
         base="required",
         min_models=1,
         check_sources=_k_within_models,
+    )
+)
+
+
+TALL_MASKS = register(
+    MergeMethod(
+        name="tall_masks",
+        title="Localizing Task Information for Improved Model Merging and Compression "
+        "(TALL masks)",
+        paper="Wang, Dimitriadis, Ortiz-Jimenez, Fleuret, Frossard, ICML 2024",
+        url="https://arxiv.org/abs/2405.07813",
+        kernel=tall_masks_kernel,
+        modulation=Modulation(kernel=tall_mask_tensor),
+        params=(
+            Param(
+                "lambda",
+                float,
+                1.0,
+                "scale of the summed task vectors in the shared weights (1: the paper's "
+                "unscaled sum, which only the masked task models use as is)",
+                low=0.0,
+                high=10.0,
+            ),
+            Param(
+                "mask_lambda",
+                float,
+                0.4,
+                "TALL mask threshold: task t keeps an entry when |tau_t| > mask_lambda * "
+                "|tau_merged - tau_t| (the paper picks it per task from 0.2-0.6 on validation)",
+                low=0.0,
+                high=10.0,
+            ),
+        ),
+        base="required",
+        min_models=1,
     )
 )
