@@ -262,3 +262,22 @@ def test_modulators_cli_show_and_export(tmp_path, zoo) -> None:
                                "--out", str(tmp_path / "e")])  # fmt: skip
     assert good.exit_code == 0, good.output
     assert (tmp_path / "e" / "model.safetensors").is_file()
+
+
+def test_in_memory_modulated_merge_matches_the_folder(tmp_path, zoo) -> None:
+    sds = {k: _load(v) for k, v in zoo.items()}
+    config = {**_config("emr", zoo), "base_model": "base",
+              "models": [{"model": "ft-a"}, {"model": "ft-b"}]}  # fmt: skip
+    result = mergelab.merge_modulated(config, sds)
+    assert result.tasks == ["ft-a", "ft-b"]
+    out = tmp_path / "merged"
+    mergelab.merge(_config("emr", zoo), out, progress=False)
+    with ModulatedFolder(out) as folder:
+        for task in result.tasks:
+            assert result.rescalers[task] == pytest.approx(folder.task(task).rescaler)
+            on_disk = folder.state_dict(task)
+            for name, tensor in result.task_state_dict(task).items():
+                torch.testing.assert_close(tensor, on_disk[name])
+    assert result.extra_bytes_per_task() == 2 * ((30 + 7) // 8) + (5 + 7) // 8 + 4
+    with pytest.raises(mergelab.ConfigError, match="has no per-task modulators"):
+        mergelab.merge_modulated({**config, "merge_method": "magmax"}, sds)

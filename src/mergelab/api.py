@@ -150,6 +150,32 @@ def _provider(plan: MergePlan, config_dir: Path | None, label: str | None):
     return provider
 
 
+def merge_modulated(
+    config: Mapping | MergeConfig,
+    state_dicts: Mapping[str, Mapping[str, torch.Tensor]],
+    *,
+    device: str = "cpu",
+    seed: int = 0,
+    allow_nonfinite: bool = False,
+    progress: bool = False,
+):
+    """Merge in memory with a modulated method (`tall_masks`, `emr`): the shared weights plus
+    each task's masks and rescaler, as a `mergelab.modulators.memory.ModulatedStateDicts`
+    (`.task_state_dict(task)` gives a task's dense weights; tasks are the config's model
+    names). Raises ConfigError for a method without modulators."""
+    from mergelab.modulators.memory import MemoryModulators
+
+    cfg, _ = _read_config(config)
+    plan = _build(cfg, _state_dict_opener(state_dicts), None)
+    if plan.method.modulation is None:
+        raise ConfigError([f"method `{plan.method.name}` has no per-task modulators; use "
+                           "merge_state_dicts"])  # fmt: skip
+    sink, modulators = MemorySink(plan), MemoryModulators(plan.merged_sources)
+    execute(plan, sink, device=device, seed=seed, allow_nonfinite=allow_nonfinite,
+            progress=progress, modulators=modulators)  # fmt: skip
+    return modulators.finish(sink.tensors, plan.method.modulation.rescalers)
+
+
 def _build(cfg: MergeConfig, open_source, label: str | None, config_dir: Path | None = None,
            data_supplied: bool = False, strict: bool = False) -> MergePlan:
     return build_plan(cfg, open_source, source_label=label, open_grams=_gram_opener(config_dir),
