@@ -350,3 +350,29 @@ def test_consensus_k_above_the_number_of_models_fails_before_work() -> None:
     sds = {"base": _layered_model(0), "a": _layered_model(1), "b": _layered_model(2)}
     with pytest.raises(ConfigError, match=r"`k` must be at most the number of models \(2\); got 3"):
         mergelab.merge_state_dicts(_config("consensus", {"k": 3}), sds)
+
+
+# --------------------------------------------------------------------------- differential
+
+
+def reference_wudi(task_vectors: torch.Tensor, iterations: int, learning_rate: float) -> torch.Tensor:
+    """WUDI as FusionBench runs it (fusion_bench/method/wudi/wudi.py), written out here: the
+    paper's loss through autograd, torch.optim.Adam from the sum of the task vectors."""
+    merged = torch.nn.Parameter(task_vectors.sum(dim=0).clone())
+    optimiser = torch.optim.Adam([merged], lr=learning_rate, weight_decay=0)
+    squared_norms = task_vectors.reshape(task_vectors.shape[0], -1).norm(dim=-1).square()
+    for _ in range(iterations):
+        product = (merged.unsqueeze(0) - task_vectors) @ task_vectors.transpose(1, 2)
+        loss = (product.square() / squared_norms[:, None, None]).sum()
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    return merged.detach()
+
+
+@pytest.mark.parametrize(("iterations", "learning_rate"), [(300, 1e-5), (60, 1e-3)])
+def test_wudi_matches_the_reference_autograd_adam(iterations: int, learning_rate: float) -> None:
+    gen = torch.Generator().manual_seed(4)
+    task_vectors = 0.01 * torch.randn(3, 8, 12, generator=gen, dtype=torch.float64)
+    expected = reference_wudi(task_vectors, iterations, learning_rate)
+    assert torch.allclose(wudi_adam(task_vectors, iterations, learning_rate), expected, atol=1e-9)

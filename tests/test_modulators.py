@@ -281,3 +281,43 @@ def test_in_memory_modulated_merge_matches_the_folder(tmp_path, zoo) -> None:
     assert result.extra_bytes_per_task() == 2 * ((30 + 7) // 8) + (5 + 7) // 8 + 4
     with pytest.raises(mergelab.ConfigError, match="has no per-task modulators"):
         mergelab.merge_modulated({**config, "merge_method": "magmax"}, sds)
+
+
+def reference_emr(task_vectors: list[dict[str, torch.Tensor]]):
+    """EMR as FusionBench's `emr_merge` (fusion_bench/method/emr_merging/utils.py) computes it,
+    written out here loop by loop: (unified vector, masks per tensor, rescalers)."""
+    names = list(task_vectors[0])
+    unified, masks = {}, {}
+    scales = [0.0] * len(task_vectors)
+    for n in names:
+        flag = (sum(tv[n] for tv in task_vectors) > 0).to(torch.float64) * 2 - 1
+        largest = torch.zeros_like(task_vectors[0][n])
+        masks[n] = []
+        for i, tv in enumerate(task_vectors):
+            mask = tv[n] * flag > 0
+            masks[n].append(mask)
+            largest = torch.where((mask * tv[n]).abs() > largest, (mask * tv[n]).abs(), largest)
+            scales[i] += float(tv[n].abs().mean())
+        unified[n] = largest * flag
+    masked = [sum(float((unified[n] * masks[n][i]).abs().mean()) for n in names)
+              for i in range(len(task_vectors))]  # fmt: skip
+    return unified, masks, [s / m for s, m in zip(scales, masked, strict=True)]
+
+
+def test_emr_matches_the_reference_algorithm() -> None:
+    gen = torch.Generator().manual_seed(5)
+    shapes = {"a": (4, 6), "b": (7,), "c": (3, 2, 2)}
+    tvs = [{n: torch.randn(s, generator=gen, dtype=torch.float64) for n, s in shapes.items()}
+           for _ in range(3)]  # fmt: skip
+    for tv, value in zip(tvs, (1.0, -2.0, 1.0), strict=True):  # a zero sum: the negative sign
+        tv["b"][0] = value
+    unified, masks, rescalers = reference_emr(tvs)
+    totals = [dict() for _ in tvs]
+    for n, shape in shapes.items():
+        result = emr_tensor(job("emr", torch.zeros(shape, dtype=torch.float64), [tv[n] for tv in tvs]))
+        assert torch.equal(result.merged, unified[n])
+        for i in range(3):
+            assert torch.equal(result.masks[i], masks[n][i])
+            for key, value in result.sums[i].items():
+                totals[i][key] = totals[i].get(key, 0.0) + value
+    assert emr_rescalers(totals) == pytest.approx(rescalers, rel=1e-12)
