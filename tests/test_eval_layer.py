@@ -642,3 +642,24 @@ def test_mergelab_eval_applies_a_tasks_modulators_and_matches_its_export(tiny, t
     assert json.loads(dense.output)["results"][0]["value"] == row["value"]
     plain = _cli(["eval", str(folders["ft"]), "--modulators", "ft", *common])
     assert plain.exit_code == 1 and "holds no modulators" in _flat(plain.output)
+
+
+def test_mergelab_eval_loads_a_smile_merge_with_its_experts(tiny, tmp_path):
+    import yaml
+
+    root, folders, task_csv, _ = tiny
+    config = tmp_path / "smile.yaml"
+    config.write_text(yaml.safe_dump({
+        "merge_method": "smile", "base_model": str(root / "base"),
+        "models": [{"model": str(folders["ft"])}, {"model": str(folders["ft2"])}],
+        "parameters": {"k": 4},
+    }))  # fmt: skip
+    merged = tmp_path / "smile"
+    made = _cli(["merge", str(config), str(merged), "--no-progress"])
+    assert made.exit_code == 0, made.output
+    assert "extra parameters" in _flat(made.output)
+    outcome = _cli(["eval", str(merged), "--task", str(task_csv), "--head",
+                    str(folders["ft"] / "head.safetensors"), "--no-baselines", "--json"])  # fmt: skip
+    assert outcome.exit_code == 0, outcome.output
+    row = json.loads(outcome.output)["results"][0]
+    assert row["model"] == "smile" and row["low"] <= row["value"] <= row["high"]

@@ -429,6 +429,7 @@ def _write(plan, out_dir, max_shard, overwrite, device, seed, allow_nonfinite, p
     )
     with writer:
         modulators = _modulator_writer(plan, writer)
+        extras = _extras_writer(plan, writer)
         try:
             report = execute(
                 plan,
@@ -440,7 +441,10 @@ def _write(plan, out_dir, max_shard, overwrite, device, seed, allow_nonfinite, p
                 workers=workers,
                 out_dir=str(out_dir),
                 modulators=modulators,
+                extras=extras,
             )
+            if extras is not None:
+                report.notes.extend(extras.finish())
             if modulators is not None:
                 assert plan.method.modulation is not None
                 modulators.finish(plan.method.modulation.rescalers)
@@ -450,12 +454,26 @@ def _write(plan, out_dir, max_shard, overwrite, device, seed, allow_nonfinite, p
                     "TASK` or write its dense weights with `mergelab modulators export`"
                 )
         except BaseException:
-            if modulators is not None:
-                modulators.abort()
+            for side in (modulators, extras):
+                if side is not None:
+                    side.abort()
             raise
         _write_side_files(plan, writer)
         writer.commit()
     return report
+
+
+def _extras_writer(plan: MergePlan, writer: ShardedWriter):
+    """The writer of an upscaling method's extra tensors (None for other methods)."""
+    if plan.method.upscaling is None:
+        return None
+    from mergelab.upscale.writer import ExtrasWriter
+
+    planned = [
+        (t.name, t.shape, t.out_dtype, len(t.inputs) - (t.base_index is not None), t.params)
+        for t in plan.tasks if t.is_float and not t.copied
+    ]  # fmt: skip
+    return ExtrasWriter(writer, plan.method, plan.merged_sources, planned)
 
 
 def _modulator_writer(plan: MergePlan, writer: ShardedWriter):

@@ -99,7 +99,11 @@ GRIDS: dict[str, list[GridPoint]] = {
     "tall_masks": grid({"mask_lambda": [0.2, 0.4, 0.6]}),
 }
 # Methods of the registry that are not merges of several fine-tunes.
-NOT_BENCHMARKED = {"passthrough": "copies one model"}
+NOT_BENCHMARKED = {
+    "passthrough": "copies one model",
+    "smile": "an upscaled model (routed low-rank experts), which the zoos' state-dict "
+    "evaluators cannot score yet; `mergelab eval` loads it (docs/upscaled.md)",
+}
 
 
 def _method_objects():

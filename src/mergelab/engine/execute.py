@@ -24,7 +24,7 @@ from mergelab.engine.blocks import TensorBlocks, row_blocks
 from mergelab.engine.memory import tune_allocator
 from mergelab.engine.vocabulary import remap_vocabulary
 from mergelab.errors import CheckpointError, MergeError
-from mergelab.methods.registry import ModulatedTensor, TensorMerge
+from mergelab.methods.registry import ModulatedTensor, TensorMerge, Upscaled
 from mergelab.plan.planner import MergePlan, TensorTask
 from mergelab.progress import progress_bar
 
@@ -48,6 +48,12 @@ class ModulatorSink(Protocol):
         masks: list[torch.Tensor],
         sums: list[dict[str, float]],
     ) -> None: ...
+
+
+class ExtrasSink(Protocol):
+    """Where an upscaling method's extra tensors go (mergelab.upscale.writer)."""
+
+    def add(self, name: str, params: dict, result: Upscaled) -> None: ...
 
 
 class MemorySink:
@@ -208,22 +214,25 @@ def assemble(task: TensorTask, tensors: list[torch.Tensor], seed: int) -> torch.
         parts.append(tensor)
     groups = [torch.cat([parts[i] for i in group], dim=0) for group in spec.groups]
     return torch.stack(groups) if spec.stack else groups[0]
-def modulate_one(
+
+
+def merge_one_with_extras(
     plan: MergePlan,
     task: TensorTask,
     tensors: list[torch.Tensor],
+    kernel: Callable[[TensorMerge], ModulatedTensor | Upscaled],
     *,
     device: torch.device,
     seed: int,
-) -> ModulatedTensor:
-    """A modulated method's result for one float tensor: shared weights, masks, rescaler terms."""
-    assert plan.method.modulation is not None
+) -> ModulatedTensor | Upscaled:
+    """One float tensor through a method's richer kernel (`Modulation.kernel`: shared weights,
+    masks, rescaler terms; `Upscaling.kernel`: shared weights and extra tensors)."""
     cast, writable = cast_inputs(plan, task, tensors, device)
     job = _meta(plan, task, seed, device)
     job.base = cast[task.base_index] if task.base_index is not None else None
     job.tensors = [t for i, t in enumerate(cast) if i != task.base_index]
     job.writable = writable
-    result = plan.method.modulation.kernel(job)
+    result = kernel(job)
     _checked(plan, task, result.merged, task.shape)
     return result
 
@@ -386,6 +395,7 @@ def execute(
     out_dir: str | None = None,
     workers: int | None = None,
     modulators: ModulatorSink | None = None,
+    extras: ExtrasSink | None = None,
 ) -> MergeReport:
     """Run every task of `plan`, handing each merged tensor (in its output dtype) to `sink`.
 
@@ -394,7 +404,8 @@ def execute(
     `blocks.BLOCK_ELEMENTS` (x2) whose method has a `Blockwise` form are merged block by block.
     `modulators`: for a modulated method (`MergeMethod.modulation`), receives each merged float
     tensor's per-task masks and rescaler terms (without it such a method writes its shared
-    weights alone).
+    weights alone). `extras`: the same for an upscaling method's extra tensors
+    (`MergeMethod.upscaling`).
     Raises CheckpointError for unreadable inputs and MergeError for non-finite values (inputs, or
     outputs of a kernel) unless `allow_nonfinite`.
     """
@@ -428,11 +439,13 @@ def execute(
 
     # Modulated tensors are merged whole: their masks come with the merged tensor.
     modulating = modulators is not None and plan.method.modulation is not None
+    upscaling = extras is not None and plan.method.upscaling is not None
     blocked = {
         t.name: ranges
         for t in plan.tasks
         if t.is_float and not t.copied and t.vocabulary is None and t.assembly is None
-        and t.constant is None and plan.method.blockwise is not None and not modulating
+        and t.constant is None and plan.method.blockwise is not None
+        and not (modulating or upscaling)
         and (ranges := row_blocks(t.shape)) is not None
     }
 
@@ -468,10 +481,17 @@ def execute(
             return
         inputs, statistics = read_task(task)
         t0 = time.perf_counter()
-        modulated = None
+        modulated = upscaled = None
         if modulating and task.is_float and not task.copied:
-            modulated = modulate_one(plan, task, inputs, device=device, seed=seed)
+            assert plan.method.modulation is not None
+            modulated = merge_one_with_extras(plan, task, inputs, plan.method.modulation.kernel,
+                                              device=device, seed=seed)  # fmt: skip
             merged = modulated.merged
+        elif upscaling and task.is_float and not task.copied:
+            assert plan.method.upscaling is not None
+            upscaled = merge_one_with_extras(plan, task, inputs, plan.method.upscaling.kernel,
+                                             device=device, seed=seed)  # fmt: skip
+            merged = upscaled.merged
         else:
             merged = merge_one(plan, task, inputs, device=device, seed=seed, statistics=statistics)
         _check_output(plan, task, merged, allow_nonfinite)
@@ -482,7 +502,9 @@ def execute(
             models = [key for i, (key, _) in enumerate(task.inputs) if i != task.base_index]
             modulators.add(task.name, models, merged, inputs[task.base_index], modulated.masks,
                            modulated.sums)  # fmt: skip
-        del inputs, statistics, modulated
+        if upscaled is not None:
+            extras.add(task.name, dict(task.params), upscaled)
+        del inputs, statistics, modulated, upscaled
         add("compute", time.perf_counter() - t0)
         writes.write(task.name, merged)
 

@@ -30,6 +30,7 @@ _FAMILIES = (
     "tall_masks",
     "wudi",
     "emr",
+    "smile",
     "data_aware",
 )
 for _family in _FAMILIES:

@@ -56,6 +56,12 @@ def methods_markdown(methods: Sequence[MergeMethod]) -> str:
                 + "), see [modulators.md](modulators.md).",
                 "",
             ]
+        if m.upscaling is not None:
+            lines += [
+                "Output: an upscaled model (the shared weights plus extra tensors, loaded as a "
+                "torch module), see [upscaled.md](upscaled.md).",
+                "",
+            ]
         lines += [f"- {_param_line(p)}" for p in m.params] or ["- no parameters"]
         lines.append("")
     return "\n".join(lines)

@@ -198,6 +198,46 @@ class Modulation:
     rescalers: Callable[[list[dict[str, float]]], list[float]] | None = None
 
 
+@dataclass
+class Upscaled:
+    """What an upscaling method makes of one tensor (see `Upscaling`).
+
+    merged: the tensor written to the shared checkpoint.
+    extras: the method's extra tensors for it, by key (shapes as `Upscaling.shapes` planned).
+    active: false when the extras are placeholders (zeros) that a loader must ignore, e.g. a
+        layer no fine-tune changed.
+    """
+
+    merged: torch.Tensor
+    extras: dict[str, torch.Tensor]
+    active: bool = True
+
+
+@dataclass(frozen=True)
+class Upscaling:
+    """A merge whose output is a bigger model: shared weights plus extra tensors per tensor
+    (SMILE's low-rank experts and routers), loaded as a torch module (mergelab.upscale).
+
+    kernel(task) -> Upscaled for one tensor (the method's plain `kernel` returns `merged`).
+    shapes(name, shape, num_models, params) -> {key: shape} of the extras a tensor gets, known
+        before merging (so they stream to disk at planned offsets); {} for none.
+    forward_params: the global parameters the loaded module needs at run time (recorded per
+        tensor in the manifest), e.g. SMILE's `top_k`.
+    wraps: the module types whose weights get extras at load time (e.g. torch.nn.Linear).
+    module(layer, extras, params) -> the torch module replacing `layer` (one of `wraps`), from
+        the extras of its `weight` (and, under key "bias", of its bias) and `forward_params`.
+    cost(shape, extras, params) -> (multiply-adds per input row of the upscaled layer, of the
+        base layer), for the inference cost the merge reports.
+    """
+
+    kernel: Callable[[TensorMerge], Upscaled]
+    shapes: Callable[[str, tuple[int, ...], int, Mapping[str, ParamValue]], dict[str, tuple[int, ...]]]
+    wraps: tuple[type, ...]
+    module: Callable[[Any, Mapping[str, torch.Tensor], Mapping[str, ParamValue]], Any]
+    cost: Callable[[tuple[int, ...], Mapping[str, tuple[int, ...]], Mapping[str, ParamValue]], tuple[int, int]]
+    forward_params: tuple[str, ...] = ()
+
+
 @dataclass(frozen=True)
 class MergeMethod:
     """Declaration of a merge method.
@@ -233,6 +273,9 @@ class MergeMethod:
     modulation: for methods whose output is a merged model plus per-task modulators (TALL
         masks, EMR): see `Modulation`. `mergelab merge` then writes the modulators beside the
         shared weights (mergelab.modulators); in-memory merges return the shared weights.
+    upscaling: for methods whose output is an upscaled model (SMILE): see `Upscaling`.
+        `mergelab merge` writes the extras beside the shared weights (mergelab.upscale);
+        in-memory merges return the shared weights.
     check_sources: optional check of the global parameters against the number of merged
         (non-base) models of a tensor, e.g. Consensus merging: `k` at most that number;
         returns a problem message or None.
@@ -255,6 +298,7 @@ class MergeMethod:
     check_params: Callable[[Mapping[str, ParamValue], bool], str | None] | None = None
     check_sources: Callable[[Mapping[str, ParamValue], int], str | None] | None = None
     modulation: Modulation | None = None
+    upscaling: Upscaling | None = None
     statistics: tuple[str, ...] = ()
     collector: str | None = None
     optimiser: str | None = None
