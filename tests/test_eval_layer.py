@@ -613,18 +613,26 @@ def test_builtin_image_task():
     assert splits.train.images.shape[1:] == (8, 8)
 
 
-def test_mergelab_eval_applies_a_tasks_modulators_and_matches_its_export(tiny, tmp_path):
+def _merge_both(tiny, tmp_path, method: str, parameters: dict | None = None):
+    """`mergelab merge` of the two tiny fine-tunes over the tiny base: (folder, CLI result)."""
     import yaml
 
-    root, folders, task_csv, _ = tiny
-    config = tmp_path / "emr.yaml"
+    root, folders, _, _ = tiny
+    config = tmp_path / f"{method}.yaml"
     config.write_text(yaml.safe_dump({
-        "merge_method": "emr", "base_model": str(root / "base"),
+        "merge_method": method, "base_model": str(root / "base"),
         "models": [{"model": str(folders["ft"])}, {"model": str(folders["ft2"])}],
+        "parameters": parameters or {},
     }))  # fmt: skip
-    merged = tmp_path / "merged"
+    merged = tmp_path / method
     made = _cli(["merge", str(config), str(merged), "--no-progress"])
     assert made.exit_code == 0, made.output
+    return merged, made
+
+
+def test_mergelab_eval_applies_a_tasks_modulators_and_matches_its_export(tiny, tmp_path):
+    root, folders, task_csv, _ = tiny
+    merged, _ = _merge_both(tiny, tmp_path, "emr")
     head = str(folders["ft"] / "head.safetensors")
     common = ["--task", str(task_csv), "--head", head, "--no-baselines", "--json"]
     unknown = _cli(["eval", str(merged), *common])  # the eval task `reviews` has no modulators
@@ -633,7 +641,7 @@ def test_mergelab_eval_applies_a_tasks_modulators_and_matches_its_export(tiny, t
     modulated = _cli(["eval", str(merged), *common, "--modulators", "ft"])
     assert modulated.exit_code == 0, modulated.output
     row = json.loads(modulated.output)["results"][0]
-    assert row["model"] == "merged [ft]"
+    assert row["model"] == "emr [ft]"
     exported = tmp_path / "ft-dense"
     wrote = _cli(["modulators", "export", str(merged), "--task", "ft", "--out", str(exported)])
     assert wrote.exit_code == 0, wrote.output
@@ -645,18 +653,8 @@ def test_mergelab_eval_applies_a_tasks_modulators_and_matches_its_export(tiny, t
 
 
 def test_mergelab_eval_loads_a_smile_merge_with_its_experts(tiny, tmp_path):
-    import yaml
-
     root, folders, task_csv, _ = tiny
-    config = tmp_path / "smile.yaml"
-    config.write_text(yaml.safe_dump({
-        "merge_method": "smile", "base_model": str(root / "base"),
-        "models": [{"model": str(folders["ft"])}, {"model": str(folders["ft2"])}],
-        "parameters": {"k": 4},
-    }))  # fmt: skip
-    merged = tmp_path / "smile"
-    made = _cli(["merge", str(config), str(merged), "--no-progress"])
-    assert made.exit_code == 0, made.output
+    merged, made = _merge_both(tiny, tmp_path, "smile", {"k": 4})
     assert "extra parameters" in _flat(made.output)
     outcome = _cli(["eval", str(merged), "--task", str(task_csv), "--head",
                     str(folders["ft"] / "head.safetensors"), "--no-baselines", "--json"])  # fmt: skip

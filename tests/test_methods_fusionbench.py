@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import run_kernel
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import mergelab
 from mergelab.errors import ConfigError
 from mergelab.methods import get_method
-from mergelab.methods.registry import TensorMerge, resolve_defaults
 from mergelab.methods.tall_masks import consensus_mask, tall_masks
 from mergelab.methods.wudi import interference_terms, wudi_adam, wudi_closed_form, wudi_loss
 
@@ -31,22 +31,8 @@ def merge(
     depth: float = 0.0,
     **params: float | bool,
 ) -> torch.Tensor:
-    """Run a registered kernel as the engine does: defaults filled, base held apart."""
-    method = get_method(method_name)
-    for key, value in params.items():
-        declared = method.param(key)
-        assert declared is not None, f"{method_name} has no parameter {key}"
-        assert declared.check(value) is None
-    return method.kernel(
-        TensorMerge(
-            tensors=tensors,
-            base=base,
-            model_params=[resolve_defaults(method.model_params, {}) for _ in tensors],
-            params=resolve_defaults(method.global_params, params),
-            name=name,
-            depth=depth,
-        )
-    )
+    """Run a registered kernel as the engine does (conftest.run_kernel), base held apart."""
+    return run_kernel(method_name, tensors, base, params, tensor_name=name, depth=depth)
 
 
 # --------------------------------------------------------------------------- declarations

@@ -23,7 +23,6 @@ another model's weights, or with another base, are refused.
 
 from __future__ import annotations
 
-import json
 import re
 import zlib
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from mergelab.checkpoint.format import read_side_manifest
 from mergelab.errors import CheckpointError
 
 FOLDER = "modulators"
@@ -126,15 +126,8 @@ class Manifest:
 def read_manifest(folder: Path) -> Manifest:
     """Read and check `folder/modulators/modulators.json`; CheckpointError naming the file."""
     path = folder / FOLDER / MANIFEST
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"cannot read the modulators manifest {path}: {exc}") from None
+    raw = read_side_manifest(path, FORMAT, VERSION, "modulators")
     problems = []
-    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a mergelab modulators manifest")
-    if raw.get("version") != VERSION:
-        problems.append(f"version {raw.get('version')!r} (this mergelab reads {VERSION})")
     tasks = []
     for i, item in enumerate(raw.get("tasks") or []):
         try:

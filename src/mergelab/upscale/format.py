@@ -21,9 +21,9 @@ model (`upscaled_macs`, `base_macs`).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from mergelab.checkpoint.format import read_side_manifest
 from mergelab.errors import CheckpointError
 
 FOLDER = "upscaled"
@@ -41,15 +41,8 @@ def extra_name(tensor: str, key: str) -> str:
 def read_manifest(folder: Path) -> dict:
     """Read and check `folder/upscaled/upscaled.json`; CheckpointError naming the file."""
     path = folder / FOLDER / MANIFEST
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"cannot read the upscaling manifest {path}: {exc}") from None
-    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a mergelab upscaling manifest")
+    raw = read_side_manifest(path, FORMAT, VERSION, "upscaling")
     problems = []
-    if raw.get("version") != VERSION:
-        problems.append(f"version {raw.get('version')!r} (this mergelab reads {VERSION})")
     tensors = raw.get("tensors")
     if not isinstance(tensors, dict) or not all(
         isinstance(v, dict) and isinstance(v.get("extras"), dict) for v in tensors.values()
