@@ -362,3 +362,22 @@ def test_wudi_matches_the_reference_autograd_adam(iterations: int, learning_rate
     task_vectors = 0.01 * torch.randn(3, 8, 12, generator=gen, dtype=torch.float64)
     expected = reference_wudi(task_vectors, iterations, learning_rate)
     assert torch.allclose(wudi_adam(task_vectors, iterations, learning_rate), expected, atol=1e-9)
+
+
+def test_wudi_streams_vocabulary_tables_by_blocks_and_solves_matrices_whole(monkeypatch) -> None:
+    import mergelab.engine.execute as execute
+
+    monkeypatch.setattr(execute, "row_blocks", lambda shape: [(0, 4), (4, shape[0])])
+    sds = {"base": _layered_model(0), "a": _layered_model(1), "b": _layered_model(2)}
+    seen = []
+    real = execute.merge_blockwise
+    monkeypatch.setattr(execute, "merge_blockwise",
+                        lambda plan, task, *a, **k: (seen.append(task.name), real(plan, task, *a, **k)))
+    merged = mergelab.merge_state_dicts(_config("wudi", {"closed_form": True}), sds)
+    # the (10 x 4) table and the vectors go by blocks; the (6 x 4) weights are solved whole
+    assert "model.embed_tokens.weight" in seen
+    assert not any(name.endswith("up_proj.weight") for name in seen)
+    for name, value in merged.items():
+        expected = merge("wudi", sds["base"][name], [sds["a"][name], sds["b"][name]], name=name,
+                         closed_form=True)  # fmt: skip
+        assert torch.allclose(value, expected, atol=1e-6), name

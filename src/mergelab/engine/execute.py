@@ -446,6 +446,8 @@ def execute(
         if t.is_float and not t.copied and t.vocabulary is None and t.assembly is None
         and t.constant is None and plan.method.blockwise is not None
         and not (modulating or upscaling)
+        and (plan.method.blockwise.applies is None
+             or plan.method.blockwise.applies(t.name, t.shape, t.params))
         and (ranges := row_blocks(t.shape)) is not None
     }
 

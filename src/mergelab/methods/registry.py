@@ -154,16 +154,25 @@ class Blockwise:
     apply(block, state) -> merged rows of that block. Called once per block, in row order.
     The result must equal the whole-tensor kernel's up to float rounding of sums; randomised
     methods draw each block's randomness from that block's generator.
+    applies(name, shape, params) -> whether this form may merge that tensor (None: every
+        tensor); e.g. WUDI solves weight matrices whole but averages the other tensors, which
+        may go block by block. The others are merged whole by `kernel`.
     """
 
     apply: Callable[[TensorMerge, Any], torch.Tensor]
     prepare: Callable[[BlockAccess], Any] | None = None
+    applies: Callable[[str, tuple[int, ...], Mapping[str, ParamValue]], bool] | None = None
 
     @classmethod
-    def entrywise(cls, kernel: Kernel) -> Blockwise:
-        """For kernels where each output entry depends only on the same entry of the inputs:
-        a block of rows merges exactly as the whole tensor does."""
-        return cls(apply=lambda block, _state: kernel(block))
+    def entrywise(
+        cls,
+        kernel: Kernel,
+        applies: Callable[[str, tuple[int, ...], Mapping[str, ParamValue]], bool] | None = None,
+    ) -> Blockwise:
+        """For kernels where each output entry depends only on the same entry of the inputs
+        (of the tensors `applies` accepts): a block of rows merges exactly as the whole tensor
+        does."""
+        return cls(apply=lambda block, _state: kernel(block), applies=applies)
 
 
 @dataclass

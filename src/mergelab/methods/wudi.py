@@ -29,15 +29,25 @@ Choices of ours, not in the paper:
   `solve_embeddings` is true (the official code optimises every 2-D tensor).
 Orientation: weights are [out, in] as torch.nn.Linear stores them; GPT-2's Conv1D stores
 [in, out], for which the loss protects the output space instead.
-Memory: M is [in, in] in float32, beside the task vectors and Adam's two moments.
+Memory: M is [in, in] in float32, beside the task vectors and Adam's two moments; a solved
+matrix is merged whole, the averaged tensors (vocabulary tables above all) block by block.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 
 from mergelab.methods._lowrank import stacked_task_vectors, uses_spectral_path
-from mergelab.methods.registry import MergeMethod, Param, TensorMerge, register
+from mergelab.methods.registry import (
+    Blockwise,
+    MergeMethod,
+    Param,
+    ParamValue,
+    TensorMerge,
+    register,
+)
 
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
@@ -98,10 +108,22 @@ def wudi_closed_form(task_vectors: torch.Tensor) -> torch.Tensor:
     return (n @ pinv).to(task_vectors.dtype)
 
 
+def averaged(name: str, shape: tuple[int, ...], params: Mapping[str, ParamValue]) -> bool:
+    """Whether WUDI takes the mean of this tensor's task vectors (it solves the others)."""
+    return not uses_spectral_path(name, torch.Size(shape), bool(params["solve_embeddings"]))
+
+
+def averaged_kernel(m: TensorMerge) -> torch.Tensor:
+    """base + lambda * mean of the task vectors: WUDI's rule for the tensors it does not
+    solve (applied to blocks of rows, whose shape no longer says which tensor they are from)."""
+    base, task_vectors = stacked_task_vectors(m, "wudi")
+    return base + float(m.params["lambda"]) * task_vectors.mean(dim=0)
+
+
 def wudi_kernel(m: TensorMerge) -> torch.Tensor:
     """WUDI merging for one tensor: base + lambda * (solved task vector, or the mean)."""
     base, task_vectors = stacked_task_vectors(m, "wudi")
-    if uses_spectral_path(m.name, base.shape, bool(m.params["solve_embeddings"])):
+    if not averaged(m.name, tuple(base.shape), m.params):
         if m.params["closed_form"]:
             merged = wudi_closed_form(task_vectors)
         else:
@@ -121,6 +143,8 @@ WUDI = register(
         paper="Cheng, Xiong, Wei, Zhu, Yuan, ICML 2025",
         url="https://arxiv.org/abs/2503.08099",
         kernel=wudi_kernel,
+        # The averaged tensors (vocabulary tables above all) stream block by block.
+        blockwise=Blockwise.entrywise(averaged_kernel, applies=averaged),
         params=(
             Param(
                 "lambda",
