@@ -19,7 +19,7 @@ from mergelab.checkpoint.card import CARD_FILE, merge_card
 from mergelab.checkpoint.format import CONFIG_FILES, TOKENIZER_FILES
 from mergelab.checkpoint.heads import HEADS_MANIFEST, head_file_name, heads_manifest, merged_heads
 from mergelab.checkpoint.memory import ListedSource, StateDictSource
-from mergelab.engine.execute import MemorySink, MergeReport, execute
+from mergelab.engine.execute import MemorySink, MergeReport, execute, takes_extras
 from mergelab.errors import CheckpointError, ConfigError, MergeLabError
 from mergelab.fileio import temporary_folder
 from mergelab.plan.config import ExpertGroupSpec, MergeConfig, load_config, parse_config
@@ -471,7 +471,7 @@ def _extras_writer(plan: MergePlan, writer: ShardedWriter):
 
     planned = [
         (t.name, t.shape, t.out_dtype, len(t.inputs) - (t.base_index is not None), t.params)
-        for t in plan.tasks if t.is_float and not t.copied
+        for t in plan.tasks if takes_extras(t)
     ]  # fmt: skip
     return ExtrasWriter(writer, plan.method, plan.merged_sources, planned)
 
@@ -485,7 +485,7 @@ def _modulator_writer(plan: MergePlan, writer: ShardedWriter):
     base_keys = {t.inputs[t.base_index][0] for t in plan.tasks if t.base_index is not None}
     base_key = next(iter(base_keys), plan.config.base_model or "")
     root = getattr(plan.sources.get(base_key), "path", None)
-    entries = [(t.name, t.shape) for t in plan.tasks if t.is_float and not t.copied]
+    entries = [(t.name, t.shape) for t in plan.tasks if takes_extras(t)]
     return ModulatorWriter(writer, plan.method.name, plan.merged_sources, entries,
                            (base_key, str(root) if root is not None else None))
 

@@ -188,13 +188,34 @@ def merge_one(
         cast, writable = remap_vocabulary(task.vocabulary, cast), True
     if task.copied:
         return cast[0]  # outside every expert group: written as read (through the merge dtype)
+    job = _job(plan, task, cast, writable, device, seed)
+    if statistics is not None:
+        job.statistics = [{k: v.to(device) for k, v in s.items()} for s in statistics]
+    return _checked(plan, task, plan.method.kernel(job), task.shape)
+
+
+def _job(
+    plan: MergePlan,
+    task: TensorTask,
+    cast: list[torch.Tensor],
+    writable: bool,
+    device: torch.device,
+    seed: int,
+) -> TensorMerge:
+    """The kernel's input for one tensor from its cast inputs: the base held apart."""
     job = _meta(plan, task, seed, device)
     job.base = cast[task.base_index] if task.base_index is not None else None
     job.tensors = [t for i, t in enumerate(cast) if i != task.base_index]
     job.writable = writable
-    if statistics is not None:
-        job.statistics = [{k: v.to(device) for k, v in s.items()} for s in statistics]
-    return _checked(plan, task, plan.method.kernel(job), task.shape)
+    return job
+
+
+def takes_extras(task: TensorTask) -> bool:
+    """Whether a modulated or upscaling method's richer kernel merges this tensor (its masks or
+    extras then come with it): a float tensor merged from its inputs as they are; copied,
+    assembled, constant and vocabulary-remapped tensors take the plain path and get none."""
+    return (task.is_float and not task.copied and task.constant is None
+            and task.assembly is None and task.vocabulary is None)  # fmt: skip
 
 
 def assemble(task: TensorTask, tensors: list[torch.Tensor], seed: int) -> torch.Tensor:
@@ -226,13 +247,10 @@ def merge_one_with_extras(
     seed: int,
 ) -> ModulatedTensor | Upscaled:
     """One float tensor through a method's richer kernel (`Modulation.kernel`: shared weights,
-    masks, rescaler terms; `Upscaling.kernel`: shared weights and extra tensors)."""
+    masks, rescaler terms; `Upscaling.kernel`: shared weights and extra tensors), for a
+    tensor that `takes_extras`."""
     cast, writable = cast_inputs(plan, task, tensors, device)
-    job = _meta(plan, task, seed, device)
-    job.base = cast[task.base_index] if task.base_index is not None else None
-    job.tensors = [t for i, t in enumerate(cast) if i != task.base_index]
-    job.writable = writable
-    result = kernel(job)
+    result = kernel(_job(plan, task, cast, writable, device, seed))
     _checked(plan, task, result.merged, task.shape)
     return result
 
@@ -437,7 +455,7 @@ def execute(
         with lock:
             counters["read"] += nbytes
 
-    # Modulated tensors are merged whole: their masks come with the merged tensor.
+    # Modulated and upscaled tensors are merged whole: their masks or extras come with them.
     modulating = modulators is not None and plan.method.modulation is not None
     upscaling = extras is not None and plan.method.upscaling is not None
     blocked = {
@@ -484,12 +502,12 @@ def execute(
         inputs, statistics = read_task(task)
         t0 = time.perf_counter()
         modulated = upscaled = None
-        if modulating and task.is_float and not task.copied:
+        if modulating and takes_extras(task):
             assert plan.method.modulation is not None
             modulated = merge_one_with_extras(plan, task, inputs, plan.method.modulation.kernel,
                                               device=device, seed=seed)  # fmt: skip
             merged = modulated.merged
-        elif upscaling and task.is_float and not task.copied:
+        elif upscaling and takes_extras(task):
             assert plan.method.upscaling is not None
             upscaled = merge_one_with_extras(plan, task, inputs, plan.method.upscaling.kernel,
                                              device=device, seed=seed)  # fmt: skip
