@@ -633,18 +633,23 @@ def _merge_both(tiny, tmp_path, method: str, parameters: dict | None = None):
 def test_mergelab_eval_applies_a_tasks_modulators_and_matches_its_export(tiny, tmp_path):
     root, folders, task_csv, _ = tiny
     merged, _ = _merge_both(tiny, tmp_path, "emr")
-    head = str(folders["ft"] / "head.safetensors")
-    common = ["--task", str(task_csv), "--head", head, "--no-baselines", "--json"]
-    unknown = _cli(["eval", str(merged), *common])  # the eval task `reviews` has no modulators
+    # both fine-tunes were tuned on `reviews`: their heads, and so their modulators, are
+    # named `reviews.ft` and `reviews.ft2`
+    common = ["--task", str(task_csv), "--no-baselines", "--json"]
+    unknown = _cli(["eval", str(merged), *common, "--head", "reviews.ft"])
     assert unknown.exit_code == 1
-    assert "modulators for task(s) ft, ft2; none is named 'reviews'" in _flat(unknown.output)
-    modulated = _cli(["eval", str(merged), *common, "--modulators", "ft"])
+    assert ("modulators for task(s) reviews.ft, reviews.ft2; none is named 'reviews'"
+            in _flat(unknown.output))  # fmt: skip
+    modulated = _cli(["eval", str(merged), *common, "--head", "reviews.ft",
+                      "--modulators", "reviews.ft"])  # fmt: skip
     assert modulated.exit_code == 0, modulated.output
     row = json.loads(modulated.output)["results"][0]
-    assert row["model"] == "emr [ft]"
+    assert row["model"] == "emr [reviews.ft]"
     exported = tmp_path / "ft-dense"
-    wrote = _cli(["modulators", "export", str(merged), "--task", "ft", "--out", str(exported)])
+    wrote = _cli(["modulators", "export", str(merged), "--task", "reviews.ft",
+                  "--out", str(exported)])  # fmt: skip
     assert wrote.exit_code == 0, wrote.output
+    assert (exported / "heads.json").is_file()  # the task's head travels with its weights
     dense = _cli(["eval", str(exported), *common])
     assert dense.exit_code == 0, dense.output
     assert json.loads(dense.output)["results"][0]["value"] == row["value"]

@@ -486,8 +486,16 @@ def _modulator_writer(plan: MergePlan, writer: ShardedWriter):
     base_key = next(iter(base_keys), plan.config.base_model or "")
     root = getattr(plan.sources.get(base_key), "path", None)
     entries = [(t.name, t.shape) for t in plan.tasks if takes_extras(t)]
+    # A task's modulators take its head's name (heads.json), so `mergelab eval --task NAME`
+    # finds both; sources without one head are named by their folder.
+    roots = {key: plan.sources[key].root for key in plan.merged_sources
+             if getattr(plan.sources[key], "root", None) is not None}  # fmt: skip
+    heads: dict[str, list[str]] = {}
+    for head in merged_heads(roots):
+        heads.setdefault(head.source, []).append(head.name)
+    names = [heads[k][0] if len(heads.get(k, ())) == 1 else k for k in plan.merged_sources]
     return ModulatorWriter(writer, plan.method.name, plan.merged_sources, entries,
-                           (base_key, str(root) if root is not None else None))
+                           (base_key, str(root) if root is not None else None), names)
 
 
 def _source_path(source: Any) -> Path | None:

@@ -11,6 +11,7 @@ import torch
 
 from mergelab.checkpoint import ShardedWriter, open_checkpoint
 from mergelab.checkpoint.format import CONFIG_FILES, TOKENIZER_FILES
+from mergelab.checkpoint.heads import HEADS_MANIFEST, folder_heads, head_file_name, heads_manifest
 from mergelab.errors import CheckpointError
 from mergelab.modulators.format import (
     FOLDER,
@@ -158,7 +159,8 @@ def export_task(
     max_shard_size: int | str = "5GB",
 ) -> Path:
     """Write task `task`'s dense weights as a plain checkpoint in `out_dir` (atomically), with
-    the merged folder's config and tokenizer files. Returns the output folder."""
+    the merged folder's config and tokenizer files and the task's head when the folder holds
+    one of that name (heads.json). Returns the output folder."""
     with ModulatedFolder(folder, base) as modulated:
         modulated.task(task)  # an unknown task fails before anything is created
         merged = modulated.merged
@@ -174,6 +176,10 @@ def export_task(
             for file_name in ("config.json", *CONFIG_FILES, *TOKENIZER_FILES):
                 if (modulated.folder / file_name).is_file():
                     writer.copy_file(modulated.folder / file_name, file_name)
+            head = next((h for h in folder_heads(modulated.folder) if h.name == task), None)
+            if head is not None:  # the task's own head travels with its weights
+                writer.copy_file(head.path, head_file_name(head.name))
+                writer.write_json(HEADS_MANIFEST, heads_manifest([head]))
             return writer.commit()
 
 

@@ -84,7 +84,8 @@ def checksum(tensor: torch.Tensor) -> int:
 
 
 def task_names(models: list[str]) -> list[str]:
-    """File-safe, unique task names from the config's model strings (their folder names)."""
+    """File-safe, unique task names from head names or the config's model strings (their
+    folder names)."""
     names: list[str] = []
     for model in models:
         stem = _SAFE_NAME.sub("_", Path(model.rstrip("/")).name or model).strip("._") or "task"

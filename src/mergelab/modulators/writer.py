@@ -28,6 +28,7 @@ class ModulatorWriter:
     models: the config's model keys of the merged sources, in order (their tasks).
     entries: (name, shape) of every tensor that gets masks (the merged float tensors).
     base: (model key, folder path or None) of the base model, recorded in the manifest.
+    names: the tasks' names (default: the models' folder names); made file-safe and unique.
     Thread-safe: the engine's merge threads call `add` concurrently.
     """
 
@@ -38,11 +39,12 @@ class ModulatorWriter:
         models: Sequence[str],
         entries: Sequence[tuple[str, tuple[int, ...]]],
         base: tuple[str, str | None],
+        names: Sequence[str] | None = None,
     ):
         self._writer = writer
         self._method = method
         self._models = list(models)
-        self._names = task_names(self._models)
+        self._names = task_names(list(names) if names is not None else self._models)
         self._index = {model: i for i, model in enumerate(self._models)}
         self._shapes = dict(entries)
         self._base = base
