@@ -148,6 +148,11 @@ def _load(folder: Path) -> dict[str, torch.Tensor]:
 
 def test_emr_merge_writes_shared_weights_masks_and_rescalers(tmp_path, zoo) -> None:
     out = tmp_path / "merged"
+    from mergelab.api import close_plan
+
+    plan = mergelab.plan_merge(_config("emr", zoo))
+    close_plan(plan)
+    assert any("modulators (bit-packed masks) in modulators/" in n for n in plan.notes)
     report = mergelab.merge(_config("emr", zoo), out, progress=False)
     assert any("per-task modulators of 2 task(s)" in n for n in report.notes)
     manifest = json.loads((out / "modulators" / "modulators.json").read_text())

@@ -315,6 +315,12 @@ def build_plan(
     tasks, notes = planner.tasks, planner.notes
     notes[:0] = ignored
     notes.extend(_dtype_notes(sources, tasks, merge_dtype))
+    if method.modulation is not None:
+        notes.append(f"method `{method.name}` writes each task's modulators (bit-packed masks) in "
+                     "modulators/ beside the shared weights (docs/modulators.md)")  # fmt: skip
+    if method.upscaling is not None:
+        notes.append(f"method `{method.name}` writes its extra tensors in upscaled/ beside the "
+                     "shared weights; load the result as a module (docs/upscaled.md)")  # fmt: skip
     out_config = _output_config(config, sources.get(donor) if donor else None, slices)
     if vocabulary is not None and out_config is not None:
         _set_vocab_size(out_config, vocabulary.rows)
