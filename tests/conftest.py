@@ -67,8 +67,13 @@ def run_kernel(
     params: Mapping[str, Any] | None = None,
     model_params: list[dict[str, Any]] | None = None,
     seed: int = 0,
+    *,
+    tensor_name: str = "layer.weight",
+    depth: float = 0.0,
 ) -> torch.Tensor:
-    """Run a registered kernel the way the engine does: validated, defaults filled."""
+    """Run a registered kernel the way the engine does: validated, defaults filled.
+
+    tensor_name, depth: the tensor's name and layer position as the plan gives them."""
     from mergelab.methods.registry import TensorMerge, get_method, resolve_defaults
 
     method = get_method(name)
@@ -85,7 +90,8 @@ def run_kernel(
         model_params=[resolve_defaults(method.model_params, mp) for mp in model_params],
         params=resolve_defaults(method.global_params, params),
         generator=torch.Generator().manual_seed(seed),
-        name="layer.weight",
+        name=tensor_name,
+        depth=depth,
     )
     out = method.kernel(merge)
     assert out.shape == tensors[0].shape

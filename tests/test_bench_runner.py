@@ -184,3 +184,21 @@ def test_cli_bench_and_zoo_build(tmp_path):
     assert bad.exit_code == 1 and "not an integer" in bad.output
     built = runner.invoke(app, ["zoo", "build", "--zoo", "mlp", "--seeds", "0", "--recipe", "joint"])
     assert built.exit_code == 0 and "4 tasks ready" in built.output
+
+
+def test_modulated_methods_score_each_task_with_its_own_modulated_encoder(built):
+    import mergelab
+
+    result = run_seed(built, ["tall_masks", "emr", "task_arithmetic"], repair=False)
+    for name in ("tall_masks", "emr"):
+        outcome = result.outcomes[name]
+        assert set(outcome.test) == set(built.tasks)
+        assert outcome.extra_bytes_per_task > 0
+    assert result.outcomes["task_arithmetic"].extra_bytes_per_task == 0
+    # the emr row is each task's dense model (base + r_t m_t tau_uni) with that task's head
+    sources = {"pretrained": built.pretrained, **{t: built.finetuned[t] for t in built.tasks}}
+    merged = mergelab.merge_modulated(merge_config("emr", GridPoint(), list(built.tasks)), sources)
+    for task in built.tasks:
+        expected = evaluate_model(built.evaluator, merged.task_state_dict(task),
+                                  {task: built.heads[task]}, tasks=[task])[task]  # fmt: skip
+        assert result.results["emr"][task] == expected

@@ -611,3 +611,58 @@ def test_builtin_image_task():
     splits = task.splits(1)
     assert (len(splits.train), len(splits.validation), len(splits.test)) == (1137, 300, 360)
     assert splits.train.images.shape[1:] == (8, 8)
+
+
+def _merge_both(tiny, tmp_path, method: str, parameters: dict | None = None):
+    """`mergelab merge` of the two tiny fine-tunes over the tiny base: (folder, CLI result)."""
+    import yaml
+
+    root, folders, _, _ = tiny
+    config = tmp_path / f"{method}.yaml"
+    config.write_text(yaml.safe_dump({
+        "merge_method": method, "base_model": str(root / "base"),
+        "models": [{"model": str(folders["ft"])}, {"model": str(folders["ft2"])}],
+        "parameters": parameters or {},
+    }))  # fmt: skip
+    merged = tmp_path / method
+    made = _cli(["merge", str(config), str(merged), "--no-progress"])
+    assert made.exit_code == 0, made.output
+    return merged, made
+
+
+def test_mergelab_eval_applies_a_tasks_modulators_and_matches_its_export(tiny, tmp_path):
+    root, folders, task_csv, _ = tiny
+    merged, _ = _merge_both(tiny, tmp_path, "emr")
+    # both fine-tunes were tuned on `reviews`: their heads, and so their modulators, are
+    # named `reviews.ft` and `reviews.ft2`
+    common = ["--task", str(task_csv), "--no-baselines", "--json"]
+    unknown = _cli(["eval", str(merged), *common, "--head", "reviews.ft"])
+    assert unknown.exit_code == 1
+    assert ("modulators for task(s) reviews.ft, reviews.ft2; none is named 'reviews'"
+            in _flat(unknown.output))  # fmt: skip
+    modulated = _cli(["eval", str(merged), *common, "--head", "reviews.ft",
+                      "--modulators", "reviews.ft"])  # fmt: skip
+    assert modulated.exit_code == 0, modulated.output
+    row = json.loads(modulated.output)["results"][0]
+    assert row["model"] == "emr [reviews.ft]"
+    exported = tmp_path / "ft-dense"
+    wrote = _cli(["modulators", "export", str(merged), "--task", "reviews.ft",
+                  "--out", str(exported)])  # fmt: skip
+    assert wrote.exit_code == 0, wrote.output
+    assert (exported / "heads.json").is_file()  # the task's head travels with its weights
+    dense = _cli(["eval", str(exported), *common])
+    assert dense.exit_code == 0, dense.output
+    assert json.loads(dense.output)["results"][0]["value"] == row["value"]
+    plain = _cli(["eval", str(folders["ft"]), "--modulators", "ft", *common])
+    assert plain.exit_code == 1 and "holds no modulators" in _flat(plain.output)
+
+
+def test_mergelab_eval_loads_a_smile_merge_with_its_experts(tiny, tmp_path):
+    root, folders, task_csv, _ = tiny
+    merged, made = _merge_both(tiny, tmp_path, "smile", {"k": 4})
+    assert "extra parameters" in _flat(made.output)
+    outcome = _cli(["eval", str(merged), "--task", str(task_csv), "--head",
+                    str(folders["ft"] / "head.safetensors"), "--no-baselines", "--json"])  # fmt: skip
+    assert outcome.exit_code == 0, outcome.output
+    row = json.loads(outcome.output)["results"][0]
+    assert row["model"] == "smile" and row["low"] <= row["value"] <= row["high"]

@@ -1,6 +1,13 @@
 """mergelab: merge neural networks' weights into one model."""
 
-from mergelab.api import merge, merge_expert_groups, merge_state_dicts, moe, plan_merge
+from mergelab.api import (
+    merge,
+    merge_expert_groups,
+    merge_modulated,
+    merge_state_dicts,
+    moe,
+    plan_merge,
+)
 from mergelab.datamerge import data_merge
 from mergelab.errors import CheckpointError, ConfigError, MergeError, MergeLabError
 
@@ -10,6 +17,7 @@ __all__ = [
     "data_merge",
     "merge",
     "merge_expert_groups",
+    "merge_modulated",
     "merge_state_dicts",
     "moe",
     "plan_merge",

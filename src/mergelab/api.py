@@ -19,7 +19,7 @@ from mergelab.checkpoint.card import CARD_FILE, merge_card
 from mergelab.checkpoint.format import CONFIG_FILES, TOKENIZER_FILES
 from mergelab.checkpoint.heads import HEADS_MANIFEST, head_file_name, heads_manifest, merged_heads
 from mergelab.checkpoint.memory import ListedSource, StateDictSource
-from mergelab.engine.execute import MemorySink, MergeReport, execute
+from mergelab.engine.execute import MemorySink, MergeReport, execute, takes_extras
 from mergelab.errors import CheckpointError, ConfigError, MergeLabError
 from mergelab.fileio import temporary_folder
 from mergelab.plan.config import ExpertGroupSpec, MergeConfig, load_config, parse_config
@@ -148,6 +148,32 @@ def _provider(plan: MergePlan, config_dir: Path | None, label: str | None):
     if problems:
         raise ConfigError(problems, label)
     return provider
+
+
+def merge_modulated(
+    config: Mapping | MergeConfig,
+    state_dicts: Mapping[str, Mapping[str, torch.Tensor]],
+    *,
+    device: str = "cpu",
+    seed: int = 0,
+    allow_nonfinite: bool = False,
+    progress: bool = False,
+):
+    """Merge in memory with a modulated method (`tall_masks`, `emr`): the shared weights plus
+    each task's masks and rescaler, as a `mergelab.modulators.memory.ModulatedStateDicts`
+    (`.task_state_dict(task)` gives a task's dense weights; tasks are the config's model
+    names). Raises ConfigError for a method without modulators."""
+    from mergelab.modulators.memory import MemoryModulators
+
+    cfg, _ = _read_config(config)
+    plan = _build(cfg, _state_dict_opener(state_dicts), None)
+    if plan.method.modulation is None:
+        raise ConfigError([f"method `{plan.method.name}` has no per-task modulators; use "
+                           "merge_state_dicts"])  # fmt: skip
+    sink, modulators = MemorySink(plan), MemoryModulators(plan.merged_sources)
+    execute(plan, sink, device=device, seed=seed, allow_nonfinite=allow_nonfinite,
+            progress=progress, modulators=modulators)  # fmt: skip
+    return modulators.finish(sink.tensors, plan.method.modulation.rescalers)
 
 
 def _build(cfg: MergeConfig, open_source, label: str | None, config_dir: Path | None = None,
@@ -402,19 +428,74 @@ def _write(plan, out_dir, max_shard, overwrite, device, seed, allow_nonfinite, p
         metadata={"mergelab_method": plan.method.name},
     )
     with writer:
-        report = execute(
-            plan,
-            writer,
-            device=device,
-            seed=seed,
-            allow_nonfinite=allow_nonfinite,
-            progress=progress,
-            workers=workers,
-            out_dir=str(out_dir),
-        )
+        modulators = _modulator_writer(plan, writer)
+        extras = _extras_writer(plan, writer)
+        try:
+            report = execute(
+                plan,
+                writer,
+                device=device,
+                seed=seed,
+                allow_nonfinite=allow_nonfinite,
+                progress=progress,
+                workers=workers,
+                out_dir=str(out_dir),
+                modulators=modulators,
+                extras=extras,
+            )
+            if extras is not None:
+                report.notes.extend(extras.finish())
+            if modulators is not None:
+                assert plan.method.modulation is not None
+                modulators.finish(plan.method.modulation.rescalers)
+                report.notes.append(
+                    f"per-task modulators of {len(plan.merged_sources)} task(s) in "
+                    f"{Path(out_dir) / 'modulators'}: apply one with `mergelab eval --modulators "
+                    "TASK` or write its dense weights with `mergelab modulators export`"
+                )
+        except BaseException:
+            for side in (modulators, extras):
+                if side is not None:
+                    side.abort()
+            raise
         _write_side_files(plan, writer)
         writer.commit()
     return report
+
+
+def _extras_writer(plan: MergePlan, writer: ShardedWriter):
+    """The writer of an upscaling method's extra tensors (None for other methods)."""
+    if plan.method.upscaling is None:
+        return None
+    from mergelab.upscale.writer import ExtrasWriter
+
+    planned = [
+        (t.name, t.shape, t.out_dtype, len(t.inputs) - (t.base_index is not None), t.params)
+        for t in plan.tasks if takes_extras(t)
+    ]  # fmt: skip
+    return ExtrasWriter(writer, plan.method, plan.merged_sources, planned)
+
+
+def _modulator_writer(plan: MergePlan, writer: ShardedWriter):
+    """The writer of a modulated method's per-task masks (None for other methods)."""
+    if plan.method.modulation is None:
+        return None
+    from mergelab.modulators.writer import ModulatorWriter
+
+    base_keys = {t.inputs[t.base_index][0] for t in plan.tasks if t.base_index is not None}
+    base_key = next(iter(base_keys), plan.config.base_model or "")
+    root = getattr(plan.sources.get(base_key), "path", None)
+    entries = [(t.name, t.shape) for t in plan.tasks if takes_extras(t)]
+    # A task's modulators take its head's name (heads.json), so `mergelab eval --task NAME`
+    # finds both; sources without one head are named by their folder.
+    roots = {key: plan.sources[key].root for key in plan.merged_sources
+             if getattr(plan.sources[key], "root", None) is not None}  # fmt: skip
+    heads: dict[str, list[str]] = {}
+    for head in merged_heads(roots):
+        heads.setdefault(head.source, []).append(head.name)
+    names = [heads[k][0] if len(heads.get(k, ())) == 1 else k for k in plan.merged_sources]
+    return ModulatorWriter(writer, plan.method.name, plan.merged_sources, entries,
+                           (base_key, str(root) if root is not None else None), names)
 
 
 def _source_path(source: Any) -> Path | None:

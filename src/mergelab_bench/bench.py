@@ -93,9 +93,17 @@ GRIDS: dict[str, list[GridPoint]] = {
     "iso_cts": grid({"alpha": [0.7, 1.3]}),
     "pcb": grid({"lambda": [0.7, 1.2]}),
     "magmax": grid({"lambda": [0.5, 1.0]}),
+    "lines": grid({"beta": [0.2, 0.5, 1.0]}),
+    "consensus": grid({"lambda": [0.3, 0.6]}),
+    "wudi": grid({"closed_form": [False, True]}),
+    "tall_masks": grid({"mask_lambda": [0.2, 0.4, 0.6]}),
 }
 # Methods of the registry that are not merges of several fine-tunes.
-NOT_BENCHMARKED = {"passthrough": "copies one model"}
+NOT_BENCHMARKED = {
+    "passthrough": "copies one model",
+    "smile": "an upscaled model (routed low-rank experts), which the zoos' state-dict "
+    "evaluators cannot score yet; `mergelab eval` loads it (docs/upscaled.md)",
+}
 
 
 def _method_objects():
@@ -148,6 +156,16 @@ def merge_config(method_name: str, point: GridPoint, tasks: Sequence[str]) -> di
     return config
 
 
+def merge_zoo_modulated(built: BuiltZoo, method_name: str, point: GridPoint):
+    """A modulated method's merge of the zoo (`mergelab.merge_modulated`): shared weights plus
+    each task's masks and rescaler; `.task_state_dict(task)` is that task's encoder."""
+    import mergelab
+
+    tasks = list(built.tasks)
+    sources = {BASE_NAME: built.pretrained, **{t: built.finetuned[t] for t in tasks}}
+    return mergelab.merge_modulated(merge_config(method_name, point, tasks), sources, seed=built.seed)
+
+
 def merge_zoo(built: BuiltZoo, method_name: str, point: GridPoint,
               tasks: Sequence[str] | None = None) -> StateDict:
     """Merge the zoo's fine-tuned encoders (of `tasks`, default all) with one grid point."""
@@ -166,6 +184,8 @@ class MethodOutcome:
     test: dict[str, float]
     seconds: float
     grid_scores: list[tuple[str, float]]
+    # modulated methods (TALL masks, EMR): bytes of one task's modulators (0: one merged model)
+    extra_bytes_per_task: int = 0
 
 
 @dataclass
@@ -232,9 +252,23 @@ def run_seed(built: BuiltZoo, methods: Sequence[str], *, cache: ResultCache | No
     variants = post_merge_variants(built, repair)
     outcomes: dict[str, MethodOutcome] = {}
     failures: dict[str, str] = {}
+    from mergelab.methods import get_method
+
     for name in methods:
         tick = time.perf_counter()
         points = grid_for(name)
+        if get_method(name).modulation is not None:
+            try:
+                row, outcome = _run_modulated(built, name, points, test_scores, cache)
+            except MergeLabError as exc:
+                failures[name] = " ".join(str(exc).split())
+                log(f"  {name}: failed: {failures[name]}")
+                continue
+            outcome.seconds = time.perf_counter() - tick
+            results[row], outcomes[row] = outcome.test, outcome
+            log(f"  {row} ({outcome.chosen}): test {100 * _mean(outcome.test.values()):.1f}% "
+                f"[{outcome.seconds:.0f} s]")
+            continue
         # suffix -> (validation score, grid index, scored encoder) of the best point so far
         best: dict[str, tuple[float, int, StateDict]] = {}
         scores: dict[str, list[tuple[str, float]]] = {suffix: [] for suffix in variants}
@@ -267,6 +301,33 @@ def run_seed(built: BuiltZoo, methods: Sequence[str], *, cache: ResultCache | No
                 f"[{time.perf_counter() - tick:.0f} s]")
     return SeedResult(built.zoo, built.recipe, built.seed, results, outcomes, failures,
                       time.perf_counter() - started, examples)
+
+
+def _run_modulated(built: BuiltZoo, name: str, points: Sequence[GridPoint], test_scores, cache):
+    """A modulated method's row: every task scored with its own modulated encoder and head (as
+    the fine-tuned row), the grid point picked on the mean validation score over tasks."""
+    ev, tasks = built.evaluator, list(built.tasks)
+    best: tuple[float, int, dict[str, StateDict], int] | None = None
+    scores: list[tuple[str, float]] = []
+    for index, point in enumerate(points):
+        merged = merge_zoo_modulated(built, name, point)
+        dense = {t: merged.task_state_dict(t) for t in tasks}
+        score = float("nan")
+        if len(points) > 1:
+            score = _mean(
+                evaluate_model(ev, dense[t], {t: built.heads[t]}, tasks=[t], split="validation",
+                               cache=cache)[t]
+                for t in tasks
+            )  # fmt: skip
+            scores.append((point.label, score))
+        if best is None or score > best[0]:
+            best = (score, index, dense, merged.extra_bytes_per_task())
+        del merged
+    assert best is not None
+    score, index, dense, extra = best
+    test = {t: test_scores(name, dense[t], {t: built.heads[t]})[t] for t in tasks}
+    return name, MethodOutcome(name, points[index].label, None if len(points) == 1 else score,
+                               test, 0.0, scores, extra)  # fmt: skip
 
 
 def machine_note(load_at_start: float) -> str:
@@ -494,6 +555,19 @@ def bench_markdown(
         if merge_seconds:
             lines += ["Seconds per method (grid merges + evaluations, mean over seeds): "
                       + ", ".join(f"{k} {v:.0f}" for k, v in merge_seconds.items()), ""]
+        modulated = {name: o for name, o in results[recipe][0].outcomes.items()
+                     if o.extra_bytes_per_task}  # fmt: skip
+        if modulated and built_sample is not None:
+            encoder_bytes = sum(t.numel() * 4 for t in built_sample.pretrained.values())
+            lines += [
+                "Per-task modulators (each task scored with its own modulated encoder, whose "
+                "inference costs what one model does): extra storage per task "
+                + ", ".join(f"`{k}` {o.extra_bytes_per_task / 1e6:.2f} MB "
+                            f"({100 * o.extra_bytes_per_task / encoder_bytes:.1f}% of the float32 "
+                            "encoder)" for k, o in modulated.items())
+                + "; every other row is one merged model (0 extra).",
+                "",
+            ]
     if skipped:
         lines += ["Not applicable: " + "; ".join(f"`{k}` ({v})" for k, v in sorted(skipped.items())), ""]
     sample = built_sample

@@ -241,3 +241,19 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
     "chat_template.json",
 )
+
+
+def read_side_manifest(path: Path, format_name: str, version: int, what: str) -> dict:
+    """A JSON manifest beside a checkpoint's weights (modulators, upscaled extras): parsed and
+    checked for its `format` and `version`; CheckpointError naming `path` otherwise."""
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot read the {what} manifest {path}: {exc}") from None
+    if not isinstance(raw, dict) or raw.get("format") != format_name:
+        raise CheckpointError(f"{path} is not a mergelab {what} manifest")
+    if raw.get("version") != version:
+        raise CheckpointError(
+            f"{path}: version {raw.get('version')!r} (this mergelab reads {version})"
+        )
+    return raw

@@ -102,6 +102,7 @@ class TensorBlocks:
             name=self.meta.name,
             row_start=start,
             writable=writable,
+            depth=self.meta.depth,
         )
 
     def blocks(self) -> Iterator[TensorMerge]:

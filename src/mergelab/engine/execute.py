@@ -24,7 +24,7 @@ from mergelab.engine.blocks import TensorBlocks, row_blocks
 from mergelab.engine.memory import tune_allocator
 from mergelab.engine.vocabulary import remap_vocabulary
 from mergelab.errors import CheckpointError, MergeError
-from mergelab.methods.registry import TensorMerge
+from mergelab.methods.registry import ModulatedTensor, TensorMerge, Upscaled
 from mergelab.plan.planner import MergePlan, TensorTask
 from mergelab.progress import progress_bar
 
@@ -34,6 +34,26 @@ class Sink(Protocol):
 
     def write(self, name: str, tensor: torch.Tensor) -> None: ...
     def write_rows(self, name: str, row_start: int, rows: torch.Tensor) -> None: ...
+
+
+class ModulatorSink(Protocol):
+    """Where a modulated method's per-task masks go (mergelab.modulators.writer)."""
+
+    def add(
+        self,
+        name: str,
+        models: list[str],
+        merged: torch.Tensor,
+        base: torch.Tensor,
+        masks: list[torch.Tensor],
+        sums: list[dict[str, float]],
+    ) -> None: ...
+
+
+class ExtrasSink(Protocol):
+    """Where an upscaling method's extra tensors go (mergelab.upscale.writer)."""
+
+    def add(self, name: str, params: dict, result: Upscaled) -> None: ...
 
 
 class MemorySink:
@@ -110,6 +130,7 @@ def _meta(plan: MergePlan, task: TensorTask, seed: int, device: torch.device) ->
         params=dict(task.params),
         generator=generator,
         name=task.name,
+        depth=task.depth,
     )
 
 
@@ -167,13 +188,34 @@ def merge_one(
         cast, writable = remap_vocabulary(task.vocabulary, cast), True
     if task.copied:
         return cast[0]  # outside every expert group: written as read (through the merge dtype)
+    job = _job(plan, task, cast, writable, device, seed)
+    if statistics is not None:
+        job.statistics = [{k: v.to(device) for k, v in s.items()} for s in statistics]
+    return _checked(plan, task, plan.method.kernel(job), task.shape)
+
+
+def _job(
+    plan: MergePlan,
+    task: TensorTask,
+    cast: list[torch.Tensor],
+    writable: bool,
+    device: torch.device,
+    seed: int,
+) -> TensorMerge:
+    """The kernel's input for one tensor from its cast inputs: the base held apart."""
     job = _meta(plan, task, seed, device)
     job.base = cast[task.base_index] if task.base_index is not None else None
     job.tensors = [t for i, t in enumerate(cast) if i != task.base_index]
     job.writable = writable
-    if statistics is not None:
-        job.statistics = [{k: v.to(device) for k, v in s.items()} for s in statistics]
-    return _checked(plan, task, plan.method.kernel(job), task.shape)
+    return job
+
+
+def takes_extras(task: TensorTask) -> bool:
+    """Whether a modulated or upscaling method's richer kernel merges this tensor (its masks or
+    extras then come with it): a float tensor merged from its inputs as they are; copied,
+    assembled, constant and vocabulary-remapped tensors take the plain path and get none."""
+    return (task.is_float and not task.copied and task.constant is None
+            and task.assembly is None and task.vocabulary is None)  # fmt: skip
 
 
 def assemble(task: TensorTask, tensors: list[torch.Tensor], seed: int) -> torch.Tensor:
@@ -193,6 +235,24 @@ def assemble(task: TensorTask, tensors: list[torch.Tensor], seed: int) -> torch.
         parts.append(tensor)
     groups = [torch.cat([parts[i] for i in group], dim=0) for group in spec.groups]
     return torch.stack(groups) if spec.stack else groups[0]
+
+
+def merge_one_with_extras(
+    plan: MergePlan,
+    task: TensorTask,
+    tensors: list[torch.Tensor],
+    kernel: Callable[[TensorMerge], ModulatedTensor | Upscaled],
+    *,
+    device: torch.device,
+    seed: int,
+) -> ModulatedTensor | Upscaled:
+    """One float tensor through a method's richer kernel (`Modulation.kernel`: shared weights,
+    masks, rescaler terms; `Upscaling.kernel`: shared weights and extra tensors), for a
+    tensor that `takes_extras`."""
+    cast, writable = cast_inputs(plan, task, tensors, device)
+    result = kernel(_job(plan, task, cast, writable, device, seed))
+    _checked(plan, task, result.merged, task.shape)
+    return result
 
 
 def cast_inputs(
@@ -352,12 +412,18 @@ def execute(
     progress: bool = True,
     out_dir: str | None = None,
     workers: int | None = None,
+    modulators: ModulatorSink | None = None,
+    extras: ExtrasSink | None = None,
 ) -> MergeReport:
     """Run every task of `plan`, handing each merged tensor (in its output dtype) to `sink`.
 
     `workers` tensors (default: one per core, at most 4; 1 on a GPU) are read and merged at once,
     so one's reads overlap another's merge; writes go to a writer thread. Tensors larger than
     `blocks.BLOCK_ELEMENTS` (x2) whose method has a `Blockwise` form are merged block by block.
+    `modulators`: for a modulated method (`MergeMethod.modulation`), receives each merged float
+    tensor's per-task masks and rescaler terms (without it such a method writes its shared
+    weights alone). `extras`: the same for an upscaling method's extra tensors
+    (`MergeMethod.upscaling`).
     Raises CheckpointError for unreadable inputs and MergeError for non-finite values (inputs, or
     outputs of a kernel) unless `allow_nonfinite`.
     """
@@ -393,11 +459,17 @@ def execute(
         with lock:
             counters["read"] += nbytes
 
+    # Modulated and upscaled tensors are merged whole: their masks or extras come with them.
+    modulating = modulators is not None and plan.method.modulation is not None
+    upscaling = extras is not None and plan.method.upscaling is not None
     blocked = {
         t.name: ranges
         for t in plan.tasks
         if t.is_float and not t.copied and t.vocabulary is None and t.assembly is None
         and t.constant is None and plan.method.blockwise is not None
+        and not (modulating or upscaling)
+        and (plan.method.blockwise.applies is None
+             or plan.method.blockwise.applies(t.name, t.shape, t.params))
         and (ranges := row_blocks(t.shape)) is not None
     }
 
@@ -433,12 +505,30 @@ def execute(
             return
         inputs, statistics = read_task(task)
         t0 = time.perf_counter()
-        merged = merge_one(plan, task, inputs, device=device, seed=seed, statistics=statistics)
-        del inputs, statistics
+        modulated = upscaled = None
+        if modulating and takes_extras(task):
+            assert plan.method.modulation is not None
+            modulated = merge_one_with_extras(plan, task, inputs, plan.method.modulation.kernel,
+                                              device=device, seed=seed)  # fmt: skip
+            merged = modulated.merged
+        elif upscaling and takes_extras(task):
+            assert plan.method.upscaling is not None
+            upscaled = merge_one_with_extras(plan, task, inputs, plan.method.upscaling.kernel,
+                                             device=device, seed=seed)  # fmt: skip
+            merged = upscaled.merged
+        else:
+            merged = merge_one(plan, task, inputs, device=device, seed=seed, statistics=statistics)
         _check_output(plan, task, merged, allow_nonfinite)
         merged = merged.to(task.out_dtype)
         if merged.device.type != "cpu":
             merged = merged.cpu()
+        if modulated is not None:
+            models = [key for i, (key, _) in enumerate(task.inputs) if i != task.base_index]
+            modulators.add(task.name, models, merged, inputs[task.base_index], modulated.masks,
+                           modulated.sums)  # fmt: skip
+        if upscaled is not None:
+            extras.add(task.name, dict(task.params), upscaled)
+        del inputs, statistics, modulated, upscaled
         add("compute", time.perf_counter() - t0)
         writes.write(task.name, merged)
 

@@ -55,6 +55,10 @@ def register(app: typer.Typer) -> None:
             True, help="Also score the pretrained model with a linear probe (fit on the "
             "training split, its strength chosen on validation)."
         ),
+        modulators: str | None = typer.Option(
+            None, help="For a TALL-masks or EMR merge (a folder with modulators/): the task "
+            "whose modulators to apply (default: each --task's own, by name)."
+        ),
         as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
         card: bool = typer.Option(
             False, "--card", help="Also write the results table into MODEL's model card "
@@ -73,7 +77,7 @@ def register(app: typer.Typer) -> None:
                 report = evaluate_folder(
                     model, task, head=head, base=base, split=split,
                     limit=limit or None, seed=seed, baselines=baselines, max_length=max_length,
-                    say=lambda message: status.update(message),
+                    say=lambda message: status.update(message), modulators=modulators,
                 )  # fmt: skip
         except MergeLabError as exc:
             fail(exc)

@@ -171,9 +171,9 @@ def load_model(
         config = AutoConfig.from_pretrained(folder, local_files_only=True)
         architectures = getattr(config, "architectures", None) or []
         if any(a.endswith(_CAUSAL_SUFFIXES) for a in architectures):
-            model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True).eval()
+            model = _upscaled(AutoModelForCausalLM.from_pretrained(folder, local_files_only=True), folder)
             return LanguageModel(model, AutoTokenizer.from_pretrained(folder, local_files_only=True), name)
-        encoder = AutoModel.from_pretrained(folder, local_files_only=True).eval()
+        encoder = _upscaled(AutoModel.from_pretrained(folder, local_files_only=True), folder)
     except (OSError, ValueError, KeyError) as error:
         raise MergeLabError(f"cannot load the model in {folder}: {error}") from None
     head_path = Path(head) if head is not None else folder / HEAD_FILE
@@ -185,6 +185,16 @@ def load_model(
     except (OSError, ValueError) as error:
         raise MergeLabError(f"{folder} has no tokenizer to read texts with: {error}") from None
     return Classifier(encoder, task_head, tokenizer, None, name)
+
+
+def _upscaled(module: nn.Module, folder: Path) -> nn.Module:
+    """`module` in eval mode, with an upscaled merge's layers wrapped (SMILE: its routed
+    experts; mergelab.upscale) when `folder` holds them."""
+    from mergelab.upscale import has_upscaling, upscale_module
+
+    if has_upscaling(folder):
+        upscale_module(module, folder)
+    return module.eval()
 
 
 def load_image_module(

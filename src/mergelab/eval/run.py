@@ -96,6 +96,7 @@ def evaluate_folder(
     baselines: bool = True,
     max_length: int | None = None,
     say: Callable[[str], None] | None = None,
+    modulators: str | None = None,
 ) -> EvalReport:
     """Score the model folder `model` on every task of `task_specs` (see
     `mergelab.eval.sources`), plus the baselines; every spec and head is checked before any
@@ -109,6 +110,10 @@ def evaluate_folder(
         (the split `mergelab finetune` trained on), else 0.
     max_length: tokens per text (default: the fine-tune's recorded max_length, else 128).
     say: called with a short message before each step (progress for the CLI).
+    modulators: for a merge output with per-task modulators (TALL masks, EMR; see
+        mergelab.modulators), the task whose modulators to apply; default: each task's own
+        (the modulator task named like the eval task). The modulators' base is the one their
+        manifest records, else `base`.
     Raises MergeLabError for a bad spec, a folder that is not a model, a missing head, or a
     model that does not fit a task.
     """
@@ -144,13 +149,27 @@ def evaluate_folder(
         return evaluators[key]
 
     say = say or (lambda _message: None)
+    modulated, chosen = _task_modulators(folder, tasks, modulators, base)
     results = []
-    for i, task in enumerate(tasks):
-        say(f"scoring {scored.name} on {task.name}")
-        with_head = replace(scored, head=heads[i][1]) if heads[i] is not None else scored
-        result = evaluator_for(i).evaluate(with_head, task, split)
-        _count_truncated(result, evaluator_for(i), with_head, task, split, notes)
-        results.append(result)
+    try:
+        for i, task in enumerate(tasks):
+            model_for_task = scored
+            if modulated is not None:
+                modulator = chosen[task.name]
+                say(f"applying the modulators of {modulator}")
+                model_for_task = _with_weights(
+                    scored, modulated.state_dict(modulator), f"{scored.name} [{modulator}]"
+                )
+            say(f"scoring {model_for_task.name} on {task.name}")
+            with_head = (replace(model_for_task, head=heads[i][1]) if heads[i] is not None
+                         else model_for_task)  # fmt: skip
+            result = evaluator_for(i).evaluate(with_head, task, split)
+            _count_truncated(result, evaluator_for(i), with_head, task, split, notes)
+            results.append(result)
+            del model_for_task, with_head
+    finally:
+        if modulated is not None:
+            modulated.close()
     recorded_bases = {f["base_model"]: None for f in facts if f.get("base_model")}
     base_recipe = {**recipe, RECIPE_BASE_KEY: next(iter(recorded_bases), None)}
     modalities = {f.get("modality") for f in facts} - {None}
@@ -294,6 +313,46 @@ def _match_classes(module, names: tuple[str, ...], task, described: str):
         permuted.weight.copy_(module.weight[order])
         permuted.bias.copy_(module.bias[order])
     return permuted.requires_grad_(False)
+
+
+def _task_modulators(folder: Path, tasks, modulators, base):
+    """(the open ModulatedFolder, {eval task: modulator task}) for a folder with per-task
+    modulators, else (None, {}). Every task's modulators are found, and the folder checked
+    against them, before any scoring."""
+    from mergelab.modulators import ModulatedFolder, has_modulators
+
+    if not has_modulators(folder):
+        if modulators is not None:
+            raise MergeLabError(f"--modulators {modulators}: {folder} holds no modulators")
+        return None, {}
+    from mergelab.modulators.format import read_manifest
+
+    recorded = read_manifest(folder).base_path
+    modulated = ModulatedFolder(folder, recorded if recorded and Path(recorded).exists() else base)
+    chosen = {t.name: modulators or t.name for t in tasks}
+    missing = sorted({name for name in chosen.values() if name not in modulated.tasks})
+    if missing:
+        modulated.close()
+        raise MergeLabError(
+            f"{folder} holds modulators for task(s) {', '.join(modulated.tasks)}; none is named "
+            f"{', '.join(map(repr, missing))} (choose one with --modulators TASK)"
+        )
+    return modulated, chosen
+
+
+def _with_weights(scored, state_dict, name: str):
+    """A copy of `scored` whose module holds `state_dict` (every key must be one of its)."""
+    import copy
+
+    attribute = "encoder" if isinstance(scored, Classifier) else "model"
+    module = copy.deepcopy(getattr(scored, attribute))
+    result = module.load_state_dict(dict(state_dict), strict=False)
+    if result.unexpected_keys:
+        raise MergeLabError(
+            f"the modulated weights do not fit the model: unexpected "
+            f"{sorted(result.unexpected_keys)[:5]}"
+        )
+    return replace(scored, **{attribute: module.eval(), "name": name})
 
 
 def _baselines(evaluators, scored, tasks, split, base_folder, notes, say, input_size=None):

@@ -26,6 +26,11 @@ _FAMILIES = (
     "magmax",
     "expo",
     "pcb",
+    "lines",
+    "tall_masks",
+    "wudi",
+    "emr",
+    "smile",
     "data_aware",
 )
 for _family in _FAMILIES:

@@ -14,7 +14,7 @@ from mergelab.methods.registry import TensorMerge
 # Name fragments of vocabulary / position tables. Their rows are independent lookups rather
 # than a linear map with low-rank structure, and a full SVD of a 150k-row table is costly, so
 # the spectral methods treat them like non-matrix parameters unless asked otherwise.
-_EMBEDDING_HINTS = ("embed", "lm_head", "wte", "wpe", "word_embeddings", "shared.weight")
+EMBEDDING_HINTS = ("embed", "lm_head", "wte", "wpe", "word_embeddings", "shared.weight")
 # The official TSV / ISO code keeps CLIP's `text_projection` out of the SVD path.
 _PAPER_EXCLUDED = ("text_projection",)
 
@@ -46,7 +46,7 @@ def is_vocabulary_table(name: str, shape: torch.Size) -> bool:
     return (
         len(shape) == 2
         and shape[0] > shape[1]
-        and any(hint in lowered for hint in _EMBEDDING_HINTS)
+        and any(hint in lowered for hint in EMBEDDING_HINTS)
     )
 
 

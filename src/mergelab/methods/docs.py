@@ -32,13 +32,15 @@ def methods_markdown(methods: Sequence[MergeMethod]) -> str:
         )
         lines.append(
             f"| `{m.name}` | [{m.paper}]({m.url}) | {m.base} | {arity} | "
-            f"{'yes' if m.randomized else 'no'} | {'blockwise' if m.blockwise else 'whole'} | "
+            f"{'yes' if m.randomized else 'no'} | {_large(m)} | "
             f"{_needs(m)} |"
         )
     lines += [
         "",
         "*large tensors*: `blockwise` methods merge tensors above 8M entries in blocks of rows "
-        "(bounded memory); `whole` methods hold the whole tensor of every model in float32.",
+        "(bounded memory); `whole` methods hold the whole tensor of every model in float32; "
+        "`some blockwise`: only some tensors (e.g. WUDI's averaged ones; it solves weight "
+        "matrices whole).",
         "*needs*: `data` methods run data through the models (`mergelab.data_merge`, or "
         "`mergelab merge` with a `data:` section in the config; see docs/data_aware.md): the "
         "statistics their kernel reads are collected before the engine runs (or loaded from "
@@ -49,9 +51,28 @@ def methods_markdown(methods: Sequence[MergeMethod]) -> str:
     ]
     for m in methods:
         lines += [f"## `{m.name}`: {m.title}", "", f"{m.paper}. <{m.url}>", ""]
+        if m.modulation is not None:
+            lines += [
+                "Output: shared weights plus per-task modulators (bit-packed masks"
+                + (", rescalers" if m.modulation.rescalers is not None else "")
+                + "), see [modulators.md](modulators.md).",
+                "",
+            ]
+        if m.upscaling is not None:
+            lines += [
+                "Output: an upscaled model (the shared weights plus extra tensors, loaded as a "
+                "torch module), see [upscaled.md](upscaled.md).",
+                "",
+            ]
         lines += [f"- {_param_line(p)}" for p in m.params] or ["- no parameters"]
         lines.append("")
     return "\n".join(lines)
+
+
+def _large(method: MergeMethod) -> str:
+    if method.blockwise is None:
+        return "whole"
+    return "blockwise" if method.blockwise.applies is None else "some blockwise"
 
 
 def _needs(method) -> str:

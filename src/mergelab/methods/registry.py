@@ -90,6 +90,9 @@ class TensorMerge:
         owning a weight), float64/float32 as stored, on the merge device; None when the
         sources have no statistics for this tensor (biases, norms: kernels fall back to a
         data-free rule, e.g. the average).
+    depth: the tensor's position in its model's layer stack, in [0, 1] (`index / (layers - 1)`,
+        the position at which per-layer gradients resolve); 0 for tensors outside the stack
+        (embeddings, final norm, heads). Depth-dependent methods (LiNeS) read it.
     """
 
     tensors: list[torch.Tensor]
@@ -101,6 +104,7 @@ class TensorMerge:
     row_start: int = 0
     writable: bool = False
     statistics: list[Mapping[str, torch.Tensor]] | None = None
+    depth: float = 0.0
 
     def per_model(self, key: str) -> list[ParamValue]:
         return [p[key] for p in self.model_params]
@@ -150,16 +154,97 @@ class Blockwise:
     apply(block, state) -> merged rows of that block. Called once per block, in row order.
     The result must equal the whole-tensor kernel's up to float rounding of sums; randomised
     methods draw each block's randomness from that block's generator.
+    applies(name, shape, params) -> whether this form may merge that tensor (None: every
+        tensor); e.g. WUDI solves weight matrices whole but averages the other tensors, which
+        may go block by block. The others are merged whole by `kernel`.
     """
 
     apply: Callable[[TensorMerge, Any], torch.Tensor]
     prepare: Callable[[BlockAccess], Any] | None = None
+    applies: Callable[[str, tuple[int, ...], Mapping[str, ParamValue]], bool] | None = None
 
     @classmethod
-    def entrywise(cls, kernel: Kernel) -> Blockwise:
-        """For kernels where each output entry depends only on the same entry of the inputs:
-        a block of rows merges exactly as the whole tensor does."""
-        return cls(apply=lambda block, _state: kernel(block))
+    def entrywise(
+        cls,
+        kernel: Kernel,
+        applies: Callable[[str, tuple[int, ...], Mapping[str, ParamValue]], bool] | None = None,
+    ) -> Blockwise:
+        """For kernels where each output entry depends only on the same entry of the inputs
+        (of the tensors `applies` accepts): a block of rows merges exactly as the whole tensor
+        does."""
+        return cls(apply=lambda block, _state: kernel(block), applies=applies)
+
+
+@dataclass
+class ModulatedTensor:
+    """What a modulated method makes of one tensor (see `Modulation`).
+
+    merged: the shared weights, written to the checkpoint: base + the shared task vector.
+    masks: one boolean mask per source (shape of the tensor): the entries of the shared task
+        vector that source's task keeps.
+    sums: one mapping per source of per-tensor quantities that the method adds up over all
+        tensors to compute each task's rescaler (e.g. EMR's mean magnitudes); empty when the
+        method needs none.
+    """
+
+    merged: torch.Tensor
+    masks: list[torch.Tensor]
+    sums: list[dict[str, float]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Modulation:
+    """A merge that also gives each task light modulators over the shared weights.
+
+    Task t's own weights are base + rescaler_t * mask_t * (merged - base), tensor by tensor.
+    kernel(task) -> ModulatedTensor for one tensor (the method's plain `kernel` returns its
+        `merged` alone, so the shared weights also merge like any method's).
+    rescalers(totals) -> one float per source, from each source's `sums` added up over every
+        tensor (called once, after the last tensor); None: every rescaler is 1.
+    """
+
+    kernel: Callable[[TensorMerge], ModulatedTensor]
+    rescalers: Callable[[list[dict[str, float]]], list[float]] | None = None
+
+
+@dataclass
+class Upscaled:
+    """What an upscaling method makes of one tensor (see `Upscaling`).
+
+    merged: the tensor written to the shared checkpoint.
+    extras: the method's extra tensors for it, by key (shapes as `Upscaling.shapes` planned).
+    active: false when the extras are placeholders (zeros) that a loader must ignore, e.g. a
+        layer no fine-tune changed.
+    """
+
+    merged: torch.Tensor
+    extras: dict[str, torch.Tensor]
+    active: bool = True
+
+
+@dataclass(frozen=True)
+class Upscaling:
+    """A merge whose output is a bigger model: shared weights plus extra tensors per tensor
+    (SMILE's low-rank experts and routers), loaded as a torch module (mergelab.upscale).
+
+    kernel(task) -> Upscaled for one tensor (the method's plain `kernel` returns `merged`).
+    shapes(name, shape, num_models, params) -> {key: shape} of the extras a tensor gets, known
+        before merging (so they stream to disk at planned offsets); {} for none.
+    forward_params: the global parameters the loaded module needs at run time (recorded per
+        tensor in the manifest), e.g. SMILE's `top_k`.
+    wraps: the module types whose weights get extras at load time (e.g. torch.nn.Linear).
+    module(layer, extras, params) -> the torch module replacing `layer` (one of `wraps`), from
+        the extras of its `weight` (and, under key "bias", of its bias) and `forward_params`.
+    cost(shape, extras, params) -> (multiply-adds per input row of the upscaled layer, of the
+        base layer), for the inference cost the merge reports.
+    """
+
+    kernel: Callable[[TensorMerge], Upscaled]
+    shapes: Callable[[str, tuple[int, ...], int, Mapping[str, ParamValue]], dict[str, tuple[int, ...]]]
+    wraps: tuple[type, ...]
+    module: Callable[[Any, Mapping[str, torch.Tensor], Mapping[str, ParamValue]], Any]
+    cost: Callable[[tuple[int, ...], Mapping[str, tuple[int, ...]], Mapping[str, ParamValue]], tuple[int, int]]
+    forward_params: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -197,6 +282,15 @@ class MergeMethod:
     warm_up: optional one-time preparation of the kernel's runtime (e.g. loading compiled
         kernels, ~0.7 s for numba's): the engine starts it in a background thread before it
         reads the first tensor, so that it overlaps the reads.
+    modulation: for methods whose output is a merged model plus per-task modulators (TALL
+        masks, EMR): see `Modulation`. `mergelab merge` then writes the modulators beside the
+        shared weights (mergelab.modulators); in-memory merges return the shared weights.
+    upscaling: for methods whose output is an upscaled model (SMILE): see `Upscaling`.
+        `mergelab merge` writes the extras beside the shared weights (mergelab.upscale);
+        in-memory merges return the shared weights.
+    check_sources: optional check of the global parameters against the number of merged
+        (non-base) models of a tensor, e.g. Consensus merging: `k` at most that number;
+        returns a problem message or None.
     """
 
     name: str
@@ -214,6 +308,9 @@ class MergeMethod:
     blockwise: Blockwise | None = None
     needs: tuple[str, ...] = ()
     check_params: Callable[[Mapping[str, ParamValue], bool], str | None] | None = None
+    check_sources: Callable[[Mapping[str, ParamValue], int], str | None] | None = None
+    modulation: Modulation | None = None
+    upscaling: Upscaling | None = None
     statistics: tuple[str, ...] = ()
     collector: str | None = None
     optimiser: str | None = None

@@ -91,6 +91,9 @@ class TensorTask:
         inputs before the kernel, so `shape` is the output's, not the inputs'.
     assembly: the output is assembled from the inputs, not merged (mergelab.plan.moe).
     constant: the output is this tensor, decided by the plan (a MoE's router rows); no inputs.
+    depth: the tensor's position in its layer stack, in [0, 1], the `t` at which gradients
+        resolve (`index / (layers - 1)`); 0 for tensors outside the stack. Handed to the kernel
+        as `TensorMerge.depth` (LiNeS scales task vectors by it).
     """
 
     name: str
@@ -106,6 +109,7 @@ class TensorTask:
     vocabulary: VocabularyRemap | None = None
     assembly: Assembly | None = None
     constant: torch.Tensor | None = None
+    depth: float = 0.0
 
     @property
     def numel(self) -> int:
@@ -311,6 +315,12 @@ def build_plan(
     tasks, notes = planner.tasks, planner.notes
     notes[:0] = ignored
     notes.extend(_dtype_notes(sources, tasks, merge_dtype))
+    if method.modulation is not None:
+        notes.append(f"method `{method.name}` writes each task's modulators (bit-packed masks) in "
+                     "modulators/ beside the shared weights (docs/modulators.md)")  # fmt: skip
+    if method.upscaling is not None:
+        notes.append(f"method `{method.name}` writes its extra tensors in upscaled/ beside the "
+                     "shared weights; load the result as a module (docs/upscaled.md)")  # fmt: skip
     out_config = _output_config(config, sources.get(donor) if donor else None, slices)
     if vocabulary is not None and out_config is not None:
         _set_vocab_size(out_config, vocabulary.rows)
@@ -784,6 +794,13 @@ class _TensorPlanner:
                 msg = self.method.check_params(params, base_index is not None)
                 if msg:
                     self.problems.add(f"parameters: {msg} (method `{self.method.name}`)")
+            merged_count = len(inputs) - (base_index is not None)
+            if self.method.check_sources is not None and len(params) == len(
+                self.method.global_params
+            ):
+                msg = self.method.check_sources(params, merged_count)
+                if msg:
+                    self.problems.add(f"parameters: {msg} (method `{self.method.name}`)")
             for i, item in enumerate(inputs):
                 if i == base_index:
                     continue
@@ -809,6 +826,7 @@ class _TensorPlanner:
                 copied=planned.copied,
                 statistics=planned.statistics if is_float else (),
                 vocabulary=vocabulary,
+                depth=planned.t,
             )
         )
 

@@ -1,0 +1,55 @@
+"""The `upscaled/` folder of a merged checkpoint: an upscaling method's extra tensors.
+
+A merge with an upscaling method (SMILE; `MergeMethod.upscaling`) writes an ordinary checkpoint
+of the shared weights (SMILE: the base's) plus::
+
+    upscaled/upscaled.json          the manifest (below)
+    upscaled/extras/extras.safetensors   tensor `<name>:<key>` for each extra of tensor `<name>`
+
+SMILE's extras: for a linear layer's `<layer>.weight` with T tasks, `gate` [T * gate_k, in]
+(each task's top right singular vectors), `u` [T, out, k] and `svh` [T, k, in] (each low-rank
+expert U_i and S_i V_i^T); for its `<layer>.bias`, `bias` [T, out] (each task's bias delta).
+
+Manifest fields: `format` ("mergelab-upscaled"), `version` (1), `method` (a registry name:
+its declaration says which modules take extras and how they run), `tasks` (the merged models),
+`tensors`: per tensor with extras its `shape`, `extras` ({key: shape}), `active` (false: zeros
+standing for a layer no fine-tune changed, which stays the base layer) and `params` (the
+run-time parameters, e.g. `top_k`); and `cost`: `base_parameters`, `extra_parameters`, and
+the multiply-adds per token of the upscaled linear layers against the same layers of one
+model (`upscaled_macs`, `base_macs`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mergelab.checkpoint.format import read_side_manifest
+from mergelab.errors import CheckpointError
+
+FOLDER = "upscaled"
+MANIFEST = "upscaled.json"
+EXTRAS_FILE = "extras.safetensors"
+EXTRAS_PATH = f"extras/{EXTRAS_FILE}"
+FORMAT = "mergelab-upscaled"
+VERSION = 1
+
+
+def extra_name(tensor: str, key: str) -> str:
+    return f"{tensor}:{key}"
+
+
+def read_manifest(folder: Path) -> dict:
+    """Read and check `folder/upscaled/upscaled.json`; CheckpointError naming the file."""
+    path = folder / FOLDER / MANIFEST
+    raw = read_side_manifest(path, FORMAT, VERSION, "upscaling")
+    problems = []
+    tensors = raw.get("tensors")
+    if not isinstance(tensors, dict) or not all(
+        isinstance(v, dict) and isinstance(v.get("extras"), dict) for v in tensors.values()
+    ):
+        problems.append("`tensors` must map names to {shape, extras, active, params}")
+    if not isinstance(raw.get("method"), str):
+        problems.append("no `method`")
+    if problems:
+        raise CheckpointError(f"{path}: " + "; ".join(problems))
+    return raw

@@ -1,0 +1,109 @@
+"""Writing an upscaling method's extra tensors into a merge's output, as the engine goes."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+
+import torch
+
+from mergelab.checkpoint import ShardedWriter
+from mergelab.methods.registry import MergeMethod, Upscaled
+from mergelab.upscale.format import EXTRAS_FILE, FOLDER, FORMAT, MANIFEST, VERSION, extra_name
+
+
+class ExtrasWriter:
+    """Streams the extras into `upscaled/extras/extras.safetensors` inside `writer`'s temporary folder.
+
+    planned: (name, shape, dtype, number of merged models, params) of every merged float tensor;
+    the method's `Upscaling.shapes` says which get extras. Thread-safe.
+    """
+
+    def __init__(
+        self,
+        writer: ShardedWriter,
+        method: MergeMethod,
+        models: Sequence[str],
+        planned: Sequence[tuple[str, tuple[int, ...], torch.dtype, int, dict]],
+    ):
+        assert method.upscaling is not None
+        self._writer, self._method, self._models = writer, method, list(models)
+        self._upscaling = method.upscaling
+        self._lock = threading.Lock()
+        self._records: dict[str, dict] = {}
+        self._base_parameters = 0
+        entries = []
+        planned = list(planned)
+        # A layer's `.bias` extras are handed to its `.weight`'s module at load time: a bias
+        # whose weight gets none (a norm's) gets none either.
+        with_extras = {
+            name for name, shape, _, count, params in planned
+            if name.endswith(".weight") and self._upscaling.shapes(name, shape, count, params)
+        }  # fmt: skip
+        for name, shape, dtype, count, params in planned:
+            numel = 1
+            for size in shape:
+                numel *= size
+            self._base_parameters += numel
+            shapes = self._upscaling.shapes(name, shape, count, params)
+            if not shapes or (
+                name.endswith(".bias") and f"{name[: -len('.bias')]}.weight" not in with_extras
+            ):
+                continue
+            self._records[name] = {
+                "shape": list(shape),
+                "extras": {k: list(v) for k, v in shapes.items()},
+                "active": False,
+                "params": {p: params[p] for p in self._upscaling.forward_params if p in params},
+            }
+            entries += [(extra_name(name, k), tuple(v), dtype) for k, v in shapes.items()]
+        self._dtypes = {n: d for n, _, d in entries}
+        self._extras = ShardedWriter(
+            writer.tmp_dir / FOLDER / "extras", entries, max_shard_size=2**62,
+            single_file_name=EXTRAS_FILE, metadata={"mergelab_upscaled": method.name},
+        )  # fmt: skip
+
+    def add(self, name: str, params: dict, result: Upscaled) -> None:
+        record = self._records.get(name)
+        if record is None:
+            return
+        for key in record["extras"]:
+            full = extra_name(name, key)
+            self._extras.write(full, result.extras[key].to(self._dtypes[full]).cpu().contiguous())
+        with self._lock:
+            record["active"] = bool(result.active)
+
+    def finish(self) -> list[str]:
+        """Commit the extras, write the manifest; returns notes on size and inference cost."""
+        self._extras.commit()
+        extra = upscaled_macs = base_macs = 0
+        for record in self._records.values():
+            if not record["active"]:
+                continue
+            for shape in record["extras"].values():
+                numel = 1
+                for size in shape:
+                    numel *= size
+                extra += numel
+            if len(record["shape"]) == 2:
+                shapes = {k: tuple(v) for k, v in record["extras"].items()}
+                up, base = self._upscaling.cost(tuple(record["shape"]), shapes, record["params"])
+                upscaled_macs, base_macs = upscaled_macs + up, base_macs + base
+        cost = {"base_parameters": self._base_parameters, "extra_parameters": extra,
+                "upscaled_macs": upscaled_macs, "base_macs": base_macs}  # fmt: skip
+        self._writer.write_json(f"{FOLDER}/{MANIFEST}", {
+            "format": FORMAT, "version": VERSION, "method": self._method.name,
+            "tasks": self._models, "tensors": dict(sorted(self._records.items())), "cost": cost,
+        })  # fmt: skip
+        layers = sum(1 for r in self._records.values() if r["active"] and len(r["shape"]) == 2)
+        ratio = upscaled_macs / base_macs if base_macs else 1.0
+        return [
+            f"upscaled ({self._method.name}): {layers} layer(s) with experts of "
+            f"{len(self._models)} task(s); {extra:,} extra parameters "
+            f"({100 * extra / max(self._base_parameters, 1):.1f}% of the {self._base_parameters:,} "
+            f"of one model); their linear layers cost {ratio:.2f}x the multiply-adds per token "
+            "of the same layers in one model"
+        ]
+
+    def abort(self) -> None:
+        self._extras.abort()
