@@ -66,11 +66,20 @@ def test_outcomes(built, module) -> dict[str, torch.Tensor]:
             for task in built.tasks}
 
 
-def run_one(args, built, label: str, space, sources):
+def run_one(args, built, label: str, space, sources, depends_on: dict | None = None):
+    """One search's study (resumed where it stopped). depends_on: what the sources were built
+    from (the hybrid's host is the parameter search's best recipe): part of the study's name,
+    so another host never resumes this study."""
+    import hashlib
+    import json
+
     from mergelab.search import run_search
 
     WORK.mkdir(parents=True, exist_ok=True)
-    storage = f"sqlite:///{WORK / f'{label}-{built.recipe}-{built.seed}.db'}"
+    tag = ""
+    if depends_on is not None:
+        tag = "-" + hashlib.sha256(json.dumps(depends_on, sort_keys=True).encode()).hexdigest()[:8]
+    storage = f"sqlite:///{WORK / f'{label}-{built.recipe}-{built.seed}{tag}.db'}"
     result = run_search(space, sources, lambda c: validation_scores(built, c), storage=storage,
                         trials=args.trials if label == "parameters" else args.dataflow_trials,
                         sampler="cmaes", seed=built.seed, evaluator_name="text-zoo-validation")
@@ -152,7 +161,8 @@ def run(args) -> str:
             cost_lines.append(("data-flow", recipe, seed, routed.completed, Timer(routed)))
             hybrid_sources = [built.evaluator.module(merged), *modules]
             hybrid = DataflowSpace(("merge", *tasks), layers, 1, False, 0.5, 1.5, 0, "host")
-            combined = run_one(args, built, "hybrid", hybrid, hybrid_sources)
+            combined = run_one(args, built, "hybrid", hybrid, hybrid_sources,
+                               depends_on=found.best_config)
             score("search: hybrid (merge + fine-tunes)", hybrid.build(combined.best_config, hybrid_sources))
             cost_lines.append(("hybrid", recipe, seed, combined.completed, Timer(combined)))
             for t in tasks:  # every single source, scored with every head
