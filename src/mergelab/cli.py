@@ -293,7 +293,7 @@ def inspect(
 _COMMAND_MODULES: tuple[str, ...] = (
     "mergelab.diagnostics.cli", "mergelab.eval.cli", "mergelab.training.cli",
     "mergelab.lora.cli", "mergelab.align.cli", "mergelab.search.cli", "mergelab.export.cli",
-    "mergelab.modulators.cli",
+    "mergelab.modulators.cli", "mergelab.distill.cli",
 )
 # Packages above the library (the benchmark harness, plug-ins) add theirs through the
 # `mergelab.commands` entry point group: the library never imports them.

@@ -327,15 +327,30 @@ def load_sources(space: DataflowSpace) -> list[nn.Module]:
     return sources
 
 
+def architecture_folder(name: str) -> Path:
+    """The model folder whose architecture (config.json, tokenizer) a source has: the folder
+    itself, or a merge config's base model (else its first model), read without loading weights.
+
+    Raises MergeLabError for a merge config that cannot be read or names no models.
+    """
+    path = Path(name)
+    if path.suffix not in CONFIG_SUFFIXES:
+        return path
+    try:
+        config = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise MergeLabError(f"cannot read the merge config {path}: {exc}") from None
+    if not isinstance(config, dict) or not config.get("models"):
+        raise MergeLabError(f"{path}: a merge config (`merge_method`, `models`) as a source")
+    config = _absolute_models(config, path.parent)
+    return Path(config.get("base_model") or config["models"][0]["model"])
+
+
 def source_layers(name: str) -> int:
     """The layer count of a source, read without loading its weights where it is a folder."""
     import json
 
-    path = Path(name)
-    if path.suffix in CONFIG_SUFFIXES:
-        config = yaml.safe_load(path.read_text())
-        config = _absolute_models(config, path.parent)
-        path = Path(config.get("base_model") or config["models"][0]["model"])
+    path = architecture_folder(name)
     try:
         model_config = json.loads((path / "config.json").read_text())
     except (OSError, ValueError) as exc:
