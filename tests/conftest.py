@@ -37,6 +37,23 @@ def save_tiny_bert(folder: Path, words: list[str]) -> Path:
     return folder
 
 
+def write_task_csv(path: Path, pools: dict[str, list[str]], n: int = 60) -> Path:
+    """A labelled CSV (`text,label`) of `n` rows cycling through the classes of `pools`, each
+    text "the" and three words drawn (seeded by the file name) from its class's pool."""
+    import csv
+
+    generator = torch.Generator().manual_seed(len(path.name))
+    names = sorted(pools)
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["text", "label"])
+        for i in range(n):
+            label = names[i % len(names)]
+            picks = torch.randint(3, (3,), generator=generator).tolist()
+            writer.writerow([" ".join(["the", *(pools[label][j] for j in picks)]), label])
+    return path
+
+
 MERGEKIT_HINT = (
     "mergekit 0.1.5 is the reference of the differential tests; `make venv` installs it "
     "(pip install --no-deps mergekit==0.1.5: only its pure-torch kernels are imported)"

@@ -5,7 +5,6 @@ its output. Tiny BERTs fine-tuned here; nothing loads from a hub."""
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 
@@ -42,16 +41,9 @@ def _bert(folder, hidden: int, seed: int):
 
 
 def _csv(path, pools, n=90):
-    generator = torch.Generator().manual_seed(len(path.name))
-    names = sorted(pools)
-    with path.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["text", "label"])
-        for i in range(n):
-            label = names[i % len(names)]
-            picks = torch.randint(3, (3,), generator=generator).tolist()
-            writer.writerow([" ".join(["the", *(pools[label][j] for j in picks)]), label])
-    return path
+    from conftest import write_task_csv
+
+    return write_task_csv(path, pools, n)
 
 
 @pytest.fixture(scope="module")

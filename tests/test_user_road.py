@@ -5,7 +5,6 @@ transformers. Tiny BERT and tiny CSVs built here; nothing loads from a hub."""
 
 from __future__ import annotations
 
-import csv
 import json
 import re
 import shutil
@@ -38,16 +37,9 @@ def _tiny_bert(folder):
 
 
 def _task_csv(path, pools: dict[str, list[str]], n: int = 60):
-    generator = torch.Generator().manual_seed(len(path.name))
-    names = sorted(pools)
-    with path.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["text", "label"])
-        for i in range(n):
-            label = names[i % len(names)]
-            picks = torch.randint(3, (3,), generator=generator).tolist()
-            writer.writerow([" ".join(["the", *(pools[label][j] for j in picks)]), label])
-    return path
+    from conftest import write_task_csv
+
+    return write_task_csv(path, pools, n)
 
 
 WALK_THROUGH = Path(__file__).resolve().parents[1] / "docs" / "your_task.md"

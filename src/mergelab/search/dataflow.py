@@ -284,13 +284,7 @@ def _merged_source(path: Path) -> nn.Module:
     from mergelab.api import merge_state_dicts
     from mergelab.eval.models import Classifier, load_model
 
-    try:
-        config = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise MergeLabError(f"cannot read the merge config {path}: {exc}") from None
-    if not isinstance(config, dict) or not config.get("models"):
-        raise MergeLabError(f"{path}: a merge config (`merge_method`, `models`) as a source")
-    config = _absolute_models(config, path.parent)
+    config = _read_merge_config(path)
     names = [m["model"] for m in config["models"]]
     merged = merge_state_dicts(config, load_checkpoints(config))
     architecture = load_model(config.get("base_model") or names[0])
@@ -301,6 +295,17 @@ def _merged_source(path: Path) -> nn.Module:
                             f"{config.get('base_model') or names[0]} (missing {missing[:3]}, "
                             f"unexpected {unexpected[:3]})")
     return module.eval()
+
+
+def _read_merge_config(path: Path) -> dict:
+    """A merge config as a source names it, its paths made absolute (relative to its folder)."""
+    try:
+        config = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise MergeLabError(f"cannot read the merge config {path}: {exc}") from None
+    if not isinstance(config, dict) or not config.get("models"):
+        raise MergeLabError(f"{path}: a merge config (`merge_method`, `models`) as a source")
+    return _absolute_models(config, path.parent)
 
 
 def _absolute_models(config: dict, base: Path) -> dict:
@@ -336,13 +341,7 @@ def architecture_folder(name: str) -> Path:
     path = Path(name)
     if path.suffix not in CONFIG_SUFFIXES:
         return path
-    try:
-        config = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise MergeLabError(f"cannot read the merge config {path}: {exc}") from None
-    if not isinstance(config, dict) or not config.get("models"):
-        raise MergeLabError(f"{path}: a merge config (`merge_method`, `models`) as a source")
-    config = _absolute_models(config, path.parent)
+    config = _read_merge_config(path)
     return Path(config.get("base_model") or config["models"][0]["model"])
 
 
