@@ -198,6 +198,10 @@ def test_student_learns_both_teachers_and_eval_scores_it(zoo, tmp_path):
                                       str(zoo["topics"]), "--json", "--limit", "50"])  # fmt: skip
     assert result.exit_code == 0, result.output
     assert '"reviews"' in result.output and '"topics"' in result.output
+    exported = tmp_path / "reviews-classifier"
+    result = CliRunner().invoke(app, ["export", str(out), "--task", "reviews", "--out", str(exported)])
+    assert result.exit_code == 0, result.output
+    assert json.loads((exported / "config.json").read_text())["id2label"] == {"0": "negative", "1": "positive"}
 
 
 def test_teacher_of_another_width_gets_a_projection_and_replay_keeps_the_init(zoo, tmp_path):
