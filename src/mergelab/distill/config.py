@@ -69,6 +69,8 @@ class Teacher(_Frozen):
                              "the teacher's task name).")
     examples: int | None = Field(None, ge=1, description="Use at most this many training texts "
                                  "(default: the whole training split).")
+    validation_examples: int | None = Field(1000, ge=1, description="Judge the student on at "
+                                            "most this many validation texts (null: all).")
     loss: TeacherLoss = Field(default_factory=TeacherLoss, description="What is distilled.")
 
 

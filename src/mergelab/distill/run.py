@@ -188,12 +188,13 @@ def _load_teacher(teacher, settings: DistillConfig) -> _Teacher:
             return features, model.head(features)
 
     features, logits = outputs(texts)
-    validation_texts = list(splits.validation.texts)
+    validation_texts = list(splits.validation.texts)[: teacher.validation_examples]
     validation_features, validation_logits = outputs(validation_texts)
     name = teacher.name or task.name
     return _Teacher(
         TeacherTargets(name, texts, features, logits, teacher.loss),
-        _Validation(validation_texts, torch.as_tensor(splits.validation.labels),
+        _Validation(validation_texts,
+                    torch.as_tensor(splits.validation.labels)[: len(validation_texts)],
                     validation_features, validation_logits),
         head_info, task, teacher.model, max_length,
     )  # fmt: skip
