@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 
 import torch
+from conftest import word_ids
 from torch import nn
 
 from mergelab.stats.batches import TaskData
@@ -87,7 +88,7 @@ def tiny_bert_folders(root):
     words = ["good", "bad", "fine", "awful", "film", "plot", "the", "was", "very"]
     vocab = root / "vocab.txt"
     vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
-    tokenizer = transformers.BertTokenizerFast(vocab_file=str(vocab))
+    tokenizer = transformers.BertTokenizerFast(vocab=word_ids(vocab))
     config = transformers.BertConfig(
         vocab_size=len(words) + 5, hidden_size=8, num_hidden_layers=2, num_attention_heads=2,
         intermediate_size=16, max_position_embeddings=32,

@@ -19,6 +19,14 @@ import torch
 from safetensors.torch import save_file
 
 
+def word_ids(vocab_file) -> dict[str, int]:
+    """A vocab.txt as the token -> id mapping `BertTokenizerFast(vocab=...)` takes. (Under
+    transformers 5, `BertTokenizerFast(vocab_file=...)` maps every word to [UNK], so tiny test
+    tokenizers built that way would feed every text as the same ids.)"""
+    lines = Path(vocab_file).read_text(encoding="utf-8").splitlines()
+    return {word: i for i, word in enumerate(lines)}
+
+
 def save_tiny_bert(folder: Path, words: list[str]) -> Path:
     """A 2-layer, hidden-32 BERT with random weights (seed 0) and a word-level tokenizer over
     `words`, saved as a Hugging Face folder (created)."""
@@ -27,7 +35,7 @@ def save_tiny_bert(folder: Path, words: list[str]) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]
     (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tokenizer = transformers.BertTokenizerFast(vocab_file=str(folder / "vocab.txt"))
+    tokenizer = transformers.BertTokenizerFast(vocab=word_ids(folder / "vocab.txt"))
     torch.manual_seed(0)
     config = transformers.BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2,
                                      num_attention_heads=2, intermediate_size=64,

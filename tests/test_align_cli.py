@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import word_ids
 from safetensors.torch import save_file
 from torch import nn
 from typer.testing import CliRunner
@@ -215,7 +216,7 @@ def test_activation_matching_of_bert_folders_on_a_text_task(tmp_path):
     words = ["good", "bad", "film", "plot", "the", "was"]
     vocab = tmp_path / "vocab.txt"
     vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
-    tokenizer = transformers.BertTokenizerFast(vocab_file=str(vocab))
+    tokenizer = transformers.BertTokenizerFast(vocab=word_ids(vocab))
     config = transformers.BertConfig(
         vocab_size=len(words) + 5, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
         intermediate_size=24, max_position_embeddings=16, num_labels=2,

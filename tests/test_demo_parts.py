@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import word_ids
 from torch import nn
 
 from mergelab.eval.harness import accuracy, embed_texts, mean_pool, summarise
@@ -155,7 +156,7 @@ def tiny_bert(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny_bert")
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
     (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tokenizer = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"))
+    tokenizer = BertTokenizerFast(vocab=word_ids(folder / "vocab.txt"))
     torch.manual_seed(0)
     config = BertConfig(
         vocab_size=len(vocab),

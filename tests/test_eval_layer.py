@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import word_ids
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -240,7 +241,7 @@ POSITIVE, NEGATIVE = WORDS[:3], WORDS[3:6]
 def _tokenizer(folder: Path):
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
-    return transformers.BertTokenizerFast(vocab_file=str(folder / "vocab.txt"))
+    return transformers.BertTokenizerFast(vocab=word_ids(folder / "vocab.txt"))
 
 
 def _bert(seed: int = 0):

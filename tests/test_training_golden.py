@@ -53,6 +53,9 @@ def tiny_bert(folder: Path):
 
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
     (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    # The goldens were recorded with this tokenizer, which under transformers 5 maps every word
+    # to [UNK] (see conftest.word_ids): the text cases pin the loop's arithmetic on identical
+    # inputs. The loops that made them are gone, so they cannot be re-recorded with real ids.
     tokenizer = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"))
     torch.manual_seed(0)
     config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2,
