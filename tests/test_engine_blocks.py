@@ -71,6 +71,51 @@ def test_ties_blockwise_equals_whole(small_blocks, dtype, density, rescale):
     torch.testing.assert_close(merged, expected, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("rescale", [False, True])
+@pytest.mark.parametrize("kernels", ["fused", "torch"])
+def test_ties_blockwise_skips_the_search_of_a_zero_task_vector_with_the_same_bits(
+    small_blocks, monkeypatch, rescale, kernels
+):
+    """A source equal to the base (a frozen table) skips its magnitude search: the merge has
+    the bits the search would have given (signed zeros included), and stays the whole-tensor
+    reference's merge."""
+    from mergelab.methods import task_arithmetic
+
+    if kernels == "torch":
+        monkeypatch.setenv("MERGELAB_KERNELS", "torch")
+    sds = _family()
+    sds["base"]["w"][0, :4] = -0.0
+    sds["ft1"] = {k: v.clone() for k, v in sds["base"].items()}  # a zero task vector
+    model_params = [{"weight": w, "density": d} for w, d in ((1.0, 0.3), (0.5, 0.5), (0.7, 0.4))]
+    config = {
+        "merge_method": "ties", "base_model": "base",
+        "models": [{"model": f"ft{i}", "parameters": mp} for i, mp in enumerate(model_params)],
+        "parameters": {"lambda": 0.8, "rescale": rescale}, "dtype": "float32",
+    }
+
+    def bits(t):
+        return t.view(torch.int32)
+
+    skipped = merge_state_dicts(config, sds)["w"]
+    searched_calls = []
+    with monkeypatch.context() as patch:
+        patch.setattr(task_arithmetic, "_zero_task_vectors",
+                      lambda access, candidates: searched_calls.append(candidates) or [])
+        searched = merge_state_dicts(config, sds)["w"]
+    assert searched_calls == [[1]]  # the sample flagged the zero source; here it was searched
+    assert torch.equal(bits(skipped), bits(searched))
+    expected = _whole("ties", sds, {"lambda": 0.8, "rescale": rescale}, model_params)
+    torch.testing.assert_close(skipped, expected, rtol=1e-6, atol=1e-6)
+    for name in ("ft0", "ft2"):  # every task vector zero: base + 0 (so -0.0 becomes +0.0)
+        sds[name] = {k: v.clone() for k, v in sds["base"].items()}
+    skipped = merge_state_dicts(config, sds)["w"]
+    with monkeypatch.context() as patch:
+        patch.setattr(task_arithmetic, "_zero_task_vectors", lambda access, candidates: [])
+        searched = merge_state_dicts(config, sds)["w"]
+    assert torch.equal(bits(skipped), bits(searched))
+    assert torch.equal(skipped, sds["base"]["w"])
+
+
 @pytest.mark.parametrize("method", ["linear", "task_arithmetic"])
 def test_entrywise_methods_blockwise_equal_whole(small_blocks, method):
     sds = _family()

@@ -445,13 +445,23 @@ def _magnitude_prepare(access: BlockAccess) -> list[MagnitudeCut | None]:
     searches: dict[int, MagnitudeCutSearch] = {}
     sample = access.rows(_sample_rows(access))
     base = _base_of(sample)
+    zero_in_sample = []
     for i, (density, tensor) in enumerate(zip(densities, sample.tensors)):
         if density >= 1:
             continue  # magnitude_prune_ keeps everything, unscaled
         if density <= 0:
             cuts[i] = MagnitudeCut(math.inf, 0, False)
             continue
-        searches[i] = MagnitudeCutSearch((tensor - base).abs_(), access.numel, density, rescale)
+        delta = (tensor - base).abs_()
+        if base is not None and not bool(delta.any()):
+            zero_in_sample.append(i)
+        searches[i] = MagnitudeCutSearch(delta, access.numel, density, rescale)
+    for i in _zero_task_vectors(access, zero_in_sample):
+        # A task vector that is exactly zero (a frozen table) keeps zeros whatever its cut: it
+        # adds nothing and elects no sign, so keeping none of it merges the same bits, without
+        # a search whose bracket can never split equal magnitudes.
+        cuts[i] = MagnitudeCut(math.inf, 0, False)
+        del searches[i]
     while searches:
         for block in access.blocks():
             block_base = _base_of(block)
@@ -469,6 +479,30 @@ def _magnitude_prepare(access: BlockAccess) -> list[MagnitudeCut | None]:
                 cuts[i] = cut
                 del searches[i]
     return cuts
+
+
+def _zero_task_vectors(access: BlockAccess, candidates: list[int]) -> list[int]:
+    """Which of `candidates` (sources whose sampled task vector is zero) equal the base in
+    every block: one pass, only when the sample suggested it."""
+    zero = set(candidates)
+    if not zero:
+        return []
+    for block in access.blocks():
+        block_base = _base_of(block)
+        for i in list(zero):
+            if not _same_bits(block.tensors[i], block_base):
+                zero.discard(i)
+        if not zero:
+            break
+    return sorted(zero)
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit-for-bit equal (so -0.0 and +0.0 differ): then a - b is +0.0 everywhere."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    ints = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+    return torch.equal(a.contiguous().view(ints), b.contiguous().view(ints))
 
 
 def _random_prepare(access: BlockAccess) -> list[float | None]:
