@@ -48,22 +48,17 @@ class Timer:
         self.trials = len(done)
 
 
+def correct_by_task(built, candidate, split: str) -> dict[str, torch.Tensor]:
+    """Per-example correctness per task on `split` of a merged state dict or an encoder module,
+    each task scored with its own head."""
+    score = (built.evaluator.correct_module if isinstance(candidate, torch.nn.Module)
+             else built.evaluator.correct)
+    return {task: score(candidate, built.heads[task], task, split) for task in built.tasks}
+
+
 def validation_scores(built, candidate) -> dict[str, float]:
-    """Validation accuracy per task of a merged state dict or an encoder module."""
-    scores = {}
-    for task in built.tasks:
-        if isinstance(candidate, torch.nn.Module):
-            correct = built.evaluator.correct_module(candidate, built.heads[task], task, "validation")
-        else:
-            correct = built.evaluator.correct(candidate, built.heads[task], task, "validation")
-        scores[task] = float(correct.float().mean())
-    return scores
-
-
-def test_outcomes(built, module) -> dict[str, torch.Tensor]:
-    """Per-example test correctness per task of an encoder module."""
-    return {task: built.evaluator.correct_module(module, built.heads[task], task, "test")
-            for task in built.tasks}
+    """Validation accuracy per task (the search's fitness)."""
+    return {t: float(c.float().mean()) for t, c in correct_by_task(built, candidate, "validation").items()}
 
 
 def run_one(args, built, label: str, space, sources, depends_on: dict | None = None):
@@ -133,7 +128,7 @@ def run(args) -> str:
 
             def score(row, candidate, results=results, outcomes=outcomes, built=built, tasks=tasks):
                 if isinstance(candidate, torch.nn.Module):
-                    outcomes[row] = test_outcomes(built, candidate)
+                    outcomes[row] = correct_by_task(built, candidate, "test")
                     results[row] = {t: float(c.float().mean()) for t, c in outcomes[row].items()}
                 else:  # a state dict: through the result cache
                     outcomes[row] = {}

@@ -453,7 +453,7 @@ def _magnitude_prepare(access: BlockAccess) -> list[MagnitudeCut | None]:
             cuts[i] = MagnitudeCut(math.inf, 0, False)
             continue
         delta = (tensor - base).abs_()
-        if base is not None and not bool(delta.any()):
+        if not bool(delta.any()):
             zero_in_sample.append(i)
         searches[i] = MagnitudeCutSearch(delta, access.numel, density, rescale)
     for i in _zero_task_vectors(access, zero_in_sample):
