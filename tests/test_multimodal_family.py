@@ -25,6 +25,7 @@ from mergelab_bench.multimodal.recipe import (
     finetune_and_score,
     mask_words,
     modality_metrics,
+    pretrain,
     quick_settings,
     retrieval_recalls,
     run_recipe,
@@ -260,6 +261,36 @@ def test_data_settings_are_validated():
         mmdata.DataSettings(image_source="cifar")
     with pytest.raises(MergeLabError, match="settings need"):
         mmdata.build_data(settings_with(quick_settings().data, pretrain_images=5000))
+
+
+# The four losses of steps 1, 12 and 13 (an epoch of pairs ends after step 12) and the last
+# step of a 15-step run from build_model(seed 3), pre-training seed 5, recorded with the
+# recipe's own optimiser loop before pre-training moved onto `mergelab.training.train`: the move
+# kept batches, masks, negatives, schedule and clipping (the outputs were bit-identical).
+PRETRAIN_GOLDEN = {
+    1: (0.8166806101799011, 6.079846382141113, 2.2083258628845215, 0.6955135464668274),
+    12: (0.8639963865280151, 5.92944860458374, 2.080172538757324, 0.6918826103210449),
+    13: (0.7896646857261658, 5.962399005889893, 2.0730972290039062, 0.6934189796447754),
+    15: (0.7725397348403931, 5.895691871643066, 2.0804443359375, 0.6938031911849976),
+}
+
+
+def test_pretraining_runs_on_the_one_loop_as_recorded(quick_data):
+    settings = quick_settings()
+    model = build_model(settings.family_config(quick_data.tokenizer.vocab_size, False), 3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    steps: list[int] = []
+    snaps, history = pretrain(
+        model, quick_data, 15, settings, 5, snapshots=[0, 3, 15], advance=steps.append
+    )
+    assert len(history) == 15 and len(steps) == 15 and sorted(snaps) == [0, 3, 15]
+    for step, expected in PRETRAIN_GOLDEN.items():
+        got = tuple(history[step - 1][name] for name in ("mim", "mlm", "itc", "itm"))
+        assert got == pytest.approx(expected, rel=1e-4), step
+    assert all(torch.equal(snaps[0][k], v) for k, v in before.items())
+    assert all(torch.equal(snaps[15][k], v) for k, v in model.state_dict().items())
+    assert any(not torch.equal(snaps[3][k], snaps[15][k]) for k in snaps[3])
+    assert not model.training
 
 
 def test_each_task_trains_and_scores(quick_data):

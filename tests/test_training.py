@@ -109,6 +109,31 @@ def test_learning_rate_schedules_by_hand():
     assert learning_rate_factor(10, cosine) == pytest.approx(0.0)
     constant = linear.replace(schedule="constant", warmup_steps=0)
     assert {learning_rate_factor(s, constant) for s in range(10)} == {1.0}
+    # A floor: the decay ends at lr_floor x the peak instead of zero (warm-up unchanged).
+    floored = linear.replace(lr_floor=0.1)
+    assert [learning_rate_factor(s, floored) for s in (0, 2, 6, 10)] == pytest.approx(
+        [0.5, 1.0, 0.1 + 0.9 * 0.5, 0.1]
+    )
+    floored_cosine = cosine.replace(lr_floor=0.1)
+    assert learning_rate_factor(6, floored_cosine) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert learning_rate_factor(10, floored_cosine) == pytest.approx(0.1)
+    with pytest.raises(ConfigError, match="lr_floor"):
+        linear.replace(lr_floor=1.0)
+
+
+def test_after_step_sees_every_update_in_order():
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    examples = TensorExamples(torch.randn(8, 3), torch.randint(2, (8,)))
+    seen: list[tuple[int, torch.Tensor]] = []
+    settings = FinetuneSettings(recipe="joint", steps=3, batch_size=4, warmup_steps=0)
+    losses = train(
+        model, examples, settings, head=nn.Linear(2, 2),
+        after_step=lambda step: seen.append((step, model.weight.detach().clone())),
+    )  # fmt: skip
+    assert [step for step, _ in seen] == [1, 2, 3] and len(losses) == 3
+    # Each call comes after its update: the weights differ from one call to the next.
+    assert not torch.equal(seen[0][1], seen[1][1]) and torch.equal(seen[-1][1], model.weight)
 
 
 def test_batches_are_whole_epochs_or_drawn_with_replacement():

@@ -85,11 +85,12 @@ def learning_rate_factor(step: int, settings: FinetuneSettings) -> float:
         return (step + 1) / warmup
     if settings.schedule == "constant":
         return 1.0
+    floor = settings.lr_floor
     if settings.schedule == "cosine":
         progress = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return floor + (1 - floor) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
     remaining = total - warmup
-    return max(0.0, (total - step) / remaining) if remaining > 0 else 1.0
+    return floor + (1 - floor) * max(0.0, (total - step) / remaining) if remaining > 0 else 1.0
 
 
 _OPTIMIZERS = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam}
@@ -119,6 +120,7 @@ def train(
     generator: torch.Generator | None = None,
     progress: Progress | bool | None = None,
     description: str = "fine-tuning",
+    after_step: Callable[[int], None] | None = None,
 ) -> list[float]:
     """Train `model` (and `head`, with the joint recipe) in place on `examples`; return the loss
     of every step.
@@ -131,13 +133,16 @@ def train(
         `settings.seed`. Pass one to continue a stream (e.g. after a head's initialisation).
     progress: True draws a rich progress bar of the steps (named `description`); a callable
         is called with 1 after every step (to drive a bar of the caller's).
+    after_step: called with the number of steps taken (1, 2, ...) after every update, e.g. to
+        keep snapshots of the weights along the way.
     Raises TrainingError before the first step when there are fewer examples than a batch, and
     at the step where the loss stops being finite.
     """
     if isinstance(progress, bool):
         with progress_bar(description, settings.steps, progress) as advance:
             return train(model, examples, settings, head=head, generator=generator,
-                         progress=advance, description=description)  # fmt: skip
+                         progress=advance, description=description,
+                         after_step=after_step)  # fmt: skip
     flags = [p.requires_grad for p in model.parameters()]
     train_head = head is not None and settings.recipe == "joint"
     losses: list[float] = []
@@ -174,6 +179,8 @@ def train(
                 optimizer.step()
                 schedule.step()
                 losses.append(loss.item())
+                if after_step is not None:
+                    after_step(step + 1)
                 if progress is not None:
                     progress(1)
     finally:

@@ -45,6 +45,13 @@ class FinetuneSettings(BaseModel):
         "linear",
         description="Learning rate after warm-up: linear or cosine decay to zero, or constant.",
     )
+    lr_floor: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="Where the linear or cosine decay ends, as a fraction of the peak learning "
+        "rate (0: decay to zero).",
+    )
     optimizer: Literal["adamw", "adam"] = Field(
         "adamw", description="adamw (decoupled weight decay) or adam (weight decay as L2 in the gradient)."
     )

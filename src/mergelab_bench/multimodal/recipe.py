@@ -376,20 +376,49 @@ def pretraining_losses(
     return {"mim": mim, "mlm": mlm, "itc": itc, "itm": itm}
 
 
-def _optimiser_step(loss: torch.Tensor, model: nn.Module, optimizer, schedule) -> None:
-    """One update: gradients of `loss`, clipped to norm 1 (both stages), then the schedule."""
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    optimizer.step()
-    schedule.step()
+class PretrainingExamples:
+    """VLMo's pre-training batches as `Examples` of the one training loop (`mergelab.training`).
+
+    The loop draws a batch of image-caption pairs; each loss also takes the next batch of the
+    text-only stream and its masks from `generator`, the same stream the loop's batches come
+    from, so batches, masks and negatives all follow from one seed. Every step's four losses
+    are kept in `history`."""
+
+    def __init__(self, data: MultimodalData, settings: RecipeSettings, generator: torch.Generator):
+        self.pretraining = data.pretrain
+        self.settings = settings
+        self.generator = generator
+        self.text_batches = _index_batches(self.pretraining.texts.shape[0], settings.batch_size, generator)
+        self.history: list[dict[str, float]] = []
+
+    def __len__(self) -> int:
+        return len(self.pretraining.pairs)
+
+    def loss(self, model: nn.Module, head: nn.Module | None, indices: torch.Tensor) -> torch.Tensor:
+        losses = pretraining_losses(
+            model, self.pretraining.pairs, indices, self.pretraining.texts[next(self.text_batches)],
+            self.settings, self.generator,
+        )
+        self.history.append(_floats(losses))
+        return sum(losses.values())
 
 
-def _warmup_cosine(step: int, warmup: int, total: int, floor: float = 0.1) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+def pretraining_settings(settings: RecipeSettings, steps: int, seed: int) -> FinetuneSettings:
+    """The one loop's settings for `steps` of pre-training: AdamW, every parameter trained,
+    gradients clipped to norm 1, linear warm-up then cosine decay to 10% of the peak."""
+    warmup = max(1, round(settings.warmup_fraction * steps))
+    return FinetuneSettings.checked(
+        steps=steps,
+        batch_size=settings.batch_size,
+        learning_rate=settings.learning_rate,
+        weight_decay=settings.weight_decay,
+        warmup_steps=warmup if warmup < steps else 0,  # one step: the peak either way
+        schedule="cosine",
+        lr_floor=0.1,
+        max_grad_norm=1.0,
+        freeze_input_embeddings=False,
+        seed=seed,
+    )
 
 
 def pretrain(
@@ -402,40 +431,29 @@ def pretrain(
     snapshots: Sequence[int] = (),
     advance: Callable[[int], None] = lambda _n: None,
 ) -> tuple[dict[int, StateDict], list[dict[str, float]]]:
-    """Train `model` in place for `steps` steps (AdamW, warm-up then cosine to 10%).
+    """Train `model` in place for `steps` steps with the one training loop
+    (`pretraining_settings`, `PretrainingExamples`).
 
     Returns the state dicts after each step count in `snapshots` (0 = before training) and the
     losses of every step. Batches and masks come from `seed` only.
     """
     generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay
-    )
-    warmup = max(1, round(settings.warmup_fraction * steps))
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _warmup_cosine(s, warmup, steps))
-    pretraining = data.pretrain
+    examples = PretrainingExamples(data, settings, generator)
     taken: dict[int, StateDict] = {}
-    history: list[dict[str, float]] = []
     if 0 in snapshots:
         taken[0] = _clone_state(model)
-    model.train()
-    pair_batches = _index_batches(len(pretraining.pairs), settings.batch_size, generator)
-    text_batches = _index_batches(pretraining.texts.shape[0], settings.batch_size, generator)
-    for step in range(1, steps + 1):
-        losses = pretraining_losses(
-            model, pretraining.pairs, next(pair_batches), pretraining.texts[next(text_batches)],
-            settings, generator,
-        )
-        total = sum(losses.values())
-        if not torch.isfinite(total):
-            raise MergeLabError(f"pre-training diverged at step {step}: losses {_floats(losses)}")
-        _optimiser_step(total, model, optimizer, schedule)
-        history.append(_floats(losses))
+
+    def snapshot(step: int) -> None:
         if step in snapshots:
             taken[step] = _clone_state(model)
-        advance(1)
+
+    if steps > 0:
+        train(
+            model, examples, pretraining_settings(settings, steps, seed), generator=generator,
+            progress=advance, description="pre-training", after_step=snapshot,
+        )
     model.eval()
-    return taken, history
+    return taken, examples.history
 
 
 @torch.no_grad()
