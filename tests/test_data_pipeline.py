@@ -38,7 +38,12 @@ def _gen(seed: int) -> torch.Generator:
 
 
 @pytest.mark.parametrize("method", sorted(GOLDEN_RUNS))
-def test_pipeline_reproduces_the_former_executor_bit_for_bit(method):
+def test_pipeline_reproduces_the_former_executor(method):
+    """The golden was recorded from the former executor, and the pipeline agreed with it bit for
+    bit on the machine that recorded it. Another CPU's vector kernels (this one: AMD EPYC) round
+    float32 reductions differently in the last place (1.5e-7 at most here), so the check allows a few units of the last
+    place (the merges differ from one another by orders of magnitude more); the re-merge from
+    saved statistics on the same machine stays bit-identical below."""
     golden = load_file(str(DATA / "data_aware_golden.safetensors"))
     base, finetuned, data = tiny_zoo()
     with warnings.catch_warnings():
@@ -46,7 +51,7 @@ def test_pipeline_reproduces_the_former_executor_bit_for_bit(method):
         result = data_merge(method, base, finetuned, data, fisher_target="labels", **GOLDEN_RUNS[method])
     assert set(result.state_dict) == set(finetuned["a"])
     for name, tensor in result.state_dict.items():
-        assert torch.equal(tensor, golden[f"{method}/{name}"]), name
+        torch.testing.assert_close(tensor, golden[f"{method}/{name}"], rtol=1e-6, atol=1e-7, msg=name)
     assert result.examples == {"a": 8, "b": 8, "c": 8}
     # Statistics collected once merge again with other parameters, without running the data.
     again = data_merge(method, base, finetuned, {k: [] for k in data}, statistics=result.statistics,
