@@ -160,7 +160,9 @@ class MergePlan:
         """A data stage must run before the engine: the method runs data through the models
         and the plan lacks what that gives (its statistics, or its optimised coefficients).
         An expert-group plan whose members' Grams are referenced needs none."""
-        return self.method.needs_data and (self.method.optimiser is not None or self.awaits_statistics)
+        return self.method.needs_data and (
+            self.method.runs_heads or self.awaits_statistics
+        )
 
     @property
     def awaits_statistics(self) -> bool:

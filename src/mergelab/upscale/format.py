@@ -21,10 +21,12 @@ model (`upscaled_macs`, `base_macs`).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from mergelab.checkpoint.format import read_side_manifest
 from mergelab.errors import CheckpointError
+from mergelab.methods.registry import Upscaling
 
 FOLDER = "upscaled"
 MANIFEST = "upscaled.json"
@@ -53,3 +55,31 @@ def read_manifest(folder: Path) -> dict:
     if problems:
         raise CheckpointError(f"{path}: " + "; ".join(problems))
     return raw
+
+
+def planned_records(
+    upscaling: Upscaling, planned: Sequence[tuple[str, tuple[int, ...], object, int, dict]]
+) -> dict[str, dict]:
+    """The manifest's `tensors` entries (with `active` false until merged) for the planned
+    tensors (name, shape, dtype, number of merged models, params): those the method's `shapes`
+    gives extras. A layer's `.bias` extras go to its `.weight`'s module at load time, so a bias
+    whose weight gets none (a norm's) gets none either."""
+    planned = list(planned)
+    with_extras = {
+        name for name, shape, _, count, params in planned
+        if name.endswith(".weight") and upscaling.shapes(name, shape, count, params)
+    }  # fmt: skip
+    records: dict[str, dict] = {}
+    for name, shape, _, count, params in planned:
+        shapes = upscaling.shapes(name, shape, count, params)
+        if not shapes or (
+            name.endswith(".bias") and f"{name[: -len('.bias')]}.weight" not in with_extras
+        ):
+            continue
+        records[name] = {
+            "shape": list(shape),
+            "extras": {k: list(v) for k, v in shapes.items()},
+            "active": False,
+            "params": {p: params[p] for p in upscaling.forward_params if p in params},
+        }
+    return records
