@@ -249,6 +249,9 @@ def test_bad_input_fails_before_work(tmp_path, bert):
     with pytest.raises(ConfigError, match="needs the task head"):
         mergelab.merge(config, tmp_path / "x", progress=False)
     assert not (tmp_path / "x").exists()
+    with pytest.raises(ConfigError, match="use mergelab.merge"):
+        mergelab.data_merge("wemoe", transformers.BertModel.from_pretrained(folders["base"]),
+                            {"m0": {}}, {"m0": []})  # fmt: skip
     out = tmp_path / "wemoe"
     mergelab.merge(_config(bert, steps=1), out, progress=False)
     other = transformers.BertModel(transformers.BertConfig(

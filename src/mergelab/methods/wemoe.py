@@ -1,6 +1,6 @@
 """WEMoE: the MLPs of a transformer become a weight-ensembling mixture of the task vectors.
 
-Tang, Shen, Luo, Hu, Du, Tao. "Merging Multi-Task Models via Weight-Ensembling Mixture of
+Tang, Shen, Luo, Yin, Zhang, Tao. "Merging Multi-Task Models via Weight-Ensembling Mixture of
 Experts". ICML 2024. https://arxiv.org/abs/2402.00433
 
 Every tensor outside the upscaled layers is the task-arithmetic merge theta_0 + lambda sum_i
@@ -265,7 +265,7 @@ WEMOE = register(
     MergeMethod(
         name="wemoe",
         title="WEMoE: Merging Multi-Task Models via Weight-Ensembling Mixture of Experts",
-        paper="Tang, Shen, Luo, Hu, Du, Tao, ICML 2024",
+        paper="Tang, Shen, Luo, Yin, Zhang, Tao, ICML 2024",
         url="https://arxiv.org/abs/2402.00433",
         kernel=wemoe_kernel,
         upscaling=Upscaling(

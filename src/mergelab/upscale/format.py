@@ -1,6 +1,6 @@
 """The `upscaled/` folder of a merged checkpoint: an upscaling method's extra tensors.
 
-A merge with an upscaling method (SMILE; `MergeMethod.upscaling`) writes an ordinary checkpoint
+A merge with an upscaling method (SMILE, WEMoE; `MergeMethod.upscaling`) writes an ordinary checkpoint
 of the shared weights (SMILE: the base's) plus::
 
     upscaled/upscaled.json          the manifest (below)
@@ -9,6 +9,9 @@ of the shared weights (SMILE: the base's) plus::
 SMILE's extras: for a linear layer's `<layer>.weight` with T tasks, `gate` [T * gate_k, in]
 (each task's top right singular vectors), `u` [T, out, k] and `svh` [T, k, in] (each low-rank
 expert U_i and S_i V_i^T); for its `<layer>.bias`, `bias` [T, out] (each task's bias delta).
+WEMoE's (shared weights: the task-arithmetic merge): for an upscaled `<layer>.weight`,
+`task_vectors` [T, out, in] and its router `router_in` [H, in], `router_in_bias` [H],
+`router_out` [T, H] ([T, in] when H is 0), `router_out_bias` [T]; for its bias, `bias` [T, out].
 
 Manifest fields: `format` ("mergelab-upscaled"), `version` (1), `method` (a registry name:
 its declaration says which modules take extras and how they run), `tasks` (the merged models),
