@@ -213,6 +213,17 @@ def test_trained_routers_lower_the_entropy_and_the_folder_loads_to_the_trained_m
 
     evaluated = load_model(out, name="wemoe")
     assert sum(isinstance(m, WEMoELinear) for m in evaluated.encoder.modules()) == 4
+    from typer.testing import CliRunner
+
+    from mergelab.cli import app
+
+    root, folders = bert
+    scored = CliRunner().invoke(app, ["eval", str(out), "--task", str(root / "task.csv"), "--head",
+                                      str(folders["m0"] / "head.safetensors"), "--json",
+                                      "--no-baselines"])  # fmt: skip
+    assert scored.exit_code == 0, scored.output
+    (result,) = json.loads(scored.output)["results"]
+    assert 0.0 <= result["low"] <= result["value"] <= result["high"] <= 1.0
 
 
 def test_seeded_runs_reproduce(tmp_path, bert):
@@ -230,7 +241,8 @@ def test_bad_input_fails_before_work(tmp_path, bert):
     for params, message in (({"router_hidden": -1}, "`router_hidden` must be in"),
                             ({"lr": 0.0}, "`lr` must be in"),
                             ({"lambda": 11.0}, "`lambda` must be in"),
-                            ({"steps": 1.5}, "`steps` must be an integer")):  # fmt: skip
+                            ({"steps": 1.5}, "`steps` must be an integer"),
+                            ({"lr": [0.1, 0.2]}, "is trained once for the whole merge")):  # fmt: skip
         with pytest.raises(ConfigError, match=message):
             mergelab.merge(_config(bert, **params), tmp_path / "x", progress=False)
         assert not (tmp_path / "x").exists()

@@ -402,12 +402,13 @@ def _check_data_section(
         problems.add(
             f"data.statistics: `{method.name}` learns from the data itself and reads no statistics"
         )
-    if method.optimiser is not None:
+    if method.runs_heads:
+        learned = "optimised" if method.optimiser is not None else "trained"
         for path, settings, _ in _parameter_scopes(config):
             for name, setting in settings.items():
                 if isinstance(setting, (list, dict)) or hasattr(setting, "model_dump"):
                     problems.add(
-                        f"{path}.{name}: `{method.name}` is optimised once for the whole merge; "
+                        f"{path}.{name}: `{method.name}` is {learned} once for the whole merge; "
                         "give a single value (no gradients or filters)"
                     )
 
