@@ -271,3 +271,16 @@ def test_bad_input_fails_before_work(tmp_path, bert):
         intermediate_size=32, max_position_embeddings=32))  # fmt: skip
     with pytest.raises(CheckpointError, match="extras were made for"):
         upscale_module(other, out)
+
+
+def test_one_layer_routers_on_every_linear_layer_write_and_load(tmp_path, bert):
+    out = tmp_path / "wemoe"
+    mergelab.merge(_config(bert, steps=2, router_hidden=0, all_linear=True), out, progress=False)
+    extras = load_file(out / "upscaled" / "extras" / "extras.safetensors")
+    name = "encoder.layer.0.attention.self.query.weight"
+    assert extras[f"{name}:router_in"].shape == (0, 8) and extras[f"{name}:router_out"].shape == (2, 8)
+    model = _load(out)
+    layers = [m for m in model.modules() if isinstance(m, WEMoELinear)]
+    assert len(layers) == 13 and all(m.router.hidden == 0 for m in layers)  # 6 per layer + pooler
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=_ids()).last_hidden_state).all()

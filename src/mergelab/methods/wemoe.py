@@ -118,9 +118,13 @@ def initial_router(
     dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
 ) -> dict[str, torch.Tensor]:  # fmt: skip
     """A router whose output is `scale` for every input and task: the hidden layer from
-    N(0, 0.01^2) drawn from `generator`, a zero last weight and `scale` as the last bias."""
+    N(0, 0.01^2) drawn from `generator`, a zero last weight and `scale` as the last bias
+    (shapes as `router_shapes`), in `dtype` on `device`."""
     shapes = router_shapes(cols, num_tasks, hidden)
-    first = torch.randn(shapes["router_in"], generator=generator, dtype=torch.float32)
+    # Drawn on the generator's device (the engine's is on the merge device), so a CPU merge and
+    # a CUDA merge draw from different streams: the seed reproduces a merge on one device.
+    where = generator.device if generator is not None else "cpu"
+    first = torch.randn(shapes["router_in"], generator=generator, dtype=torch.float32, device=where)
     return {
         "router_in": (ROUTER_INIT_STD * first).to(device, dtype),
         "router_in_bias": torch.zeros(shapes["router_in_bias"], dtype=dtype, device=device),

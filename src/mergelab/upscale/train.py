@@ -52,7 +52,9 @@ class EntropyExamples:
     Example i is a round: batch i of every task (a task with fewer batches cycles through its
     own). Its loss is the sum over tasks of the mean prediction entropy of that task's head on
     its batch i (AdaMerging's and WEMoE's objective); a training batch of several rounds gets
-    their mean. Labels in the batches are ignored.
+    their mean. Labels in the batches are ignored. `module` is the upscaled model; the
+    parameters the loop trains (`TrainedParameters`) are inside it, so `loss` ignores the
+    `model` it is handed.
     """
 
     def __init__(self, module: nn.Module, tasks: Mapping[str, TaskData], device=None):
