@@ -100,6 +100,28 @@ def test_an_untrained_router_is_the_task_arithmetic_layer_bit_for_bit() -> None:
     assert router["router_in"].abs().max() > 0 and not router["router_out"].any()
 
 
+def test_layer_is_the_papers_input_conditioned_weights_token_by_token() -> None:
+    # The paper (and FusionBench's WeightEnsemblingMoE) builds the weights W_0 + sum_i r_i tau_i
+    # for an input, then applies them; our layer applies the task-arithmetic weights and adds
+    # the routed task vectors' products. On one token (where FusionBench's mean over a
+    # sequence's tokens is that token) both are the same function.
+    gen = torch.Generator().manual_seed(3)
+    base_w, base_b = torch.randn(5, 4, generator=gen), torch.randn(5, generator=gen)
+    tuned = [(base_w + torch.randn(5, 4, generator=gen), base_b + torch.randn(5, generator=gen))
+             for _ in range(3)]  # fmt: skip
+    layer = _wemoe_layer(base_w, base_b, tuned, **{"lambda": 0.3, "router_hidden": 6})
+    with torch.no_grad():
+        for p in layer.router.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen))
+        x = torch.randn(9, 4, generator=gen)
+        ours = layer(x)
+        r = layer.router(x)
+        for t in range(9):
+            w = base_w + sum(r[t, i] * (tuned[i][0] - base_w) for i in range(3))
+            b = base_b + sum(r[t, i] * (tuned[i][1] - base_b) for i in range(3))
+            assert torch.allclose(ours[t], w @ x[t] + b, atol=1e-5)
+
+
 def test_cost_counts_merged_layer_task_vectors_and_router() -> None:
     shapes = {"task_vectors": (3, 6, 10), "router_in": (4, 10), "router_in_bias": (4,),
               "router_out": (3, 4), "router_out_bias": (3,), "bias": (3, 6)}  # fmt: skip
