@@ -23,7 +23,7 @@ with beta_i the bias task vectors: the same function, and a folder read without 
 
 Following FusionBench (github.com/tanganke/fusion_bench, `fusion_bench/models/we_moe.py`,
 `method/we_moe/clip_we_moe.py`): the routers' last bias starts at `lambda` (the task-arithmetic
-scale, init_lambda 0.3 there), their first layer from N(0, 0.01^2) with a zero bias, the routing
+scale: FusionBench's init_lambda), their first layer from N(0, 0.01^2) with a zero bias, the routing
 weights are not normalised (no softmax: any real coefficient per task vector), tensors outside
 the MLPs are the task-arithmetic merge with the same `lambda`, and the training is Adam on the
 sum over tasks of the mean entropy of a batch of each.
