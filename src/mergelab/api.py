@@ -388,7 +388,7 @@ def _merge_plan(
                                 device=device, seed=seed, progress=progress)
             plan = prepared.plan
         report = _write(plan, out_dir, max_shard, overwrite, device, seed, allow_nonfinite,
-                        progress, workers)
+                        progress, workers, trained=prepared.extras if prepared else None)
     if prepared is not None:
         report.notes[:0] = prepared.notes
         if prepared.examples:
@@ -412,11 +412,13 @@ def _prepare(plan, provider, config_dir, open_source, label, scratch: Path, *, d
         device=None if device == "cpu" else device,
         progress=progress,
         generator=torch.Generator().manual_seed((data.seed if data else 0) + seed),
+        seed=seed,
     )
     return prepare_plan(plan, provider, options, open_source, folders=folders, source_label=label)
 
 
-def _write(plan, out_dir, max_shard, overwrite, device, seed, allow_nonfinite, progress, workers):
+def _write(plan, out_dir, max_shard, overwrite, device, seed, allow_nonfinite, progress, workers,
+           trained=None):
     entries = [(t.name, t.shape, t.out_dtype) for t in plan.tasks]
     inputs = [p for s in plan.sources.values() for p in getattr(s, "paths", (_source_path(s),))]
     writer = ShardedWriter(
@@ -429,7 +431,7 @@ def _write(plan, out_dir, max_shard, overwrite, device, seed, allow_nonfinite, p
     )
     with writer:
         modulators = _modulator_writer(plan, writer)
-        extras = _extras_writer(plan, writer)
+        extras = _extras_writer(plan, writer, trained)
         try:
             report = execute(
                 plan,
@@ -463,17 +465,15 @@ def _write(plan, out_dir, max_shard, overwrite, device, seed, allow_nonfinite, p
     return report
 
 
-def _extras_writer(plan: MergePlan, writer: ShardedWriter):
-    """The writer of an upscaling method's extra tensors (None for other methods)."""
+def _extras_writer(plan: MergePlan, writer: ShardedWriter, trained=None):
+    """The writer of an upscaling method's extra tensors (None for other methods); `trained`:
+    the extras a data stage learned (PreparedMerge.extras)."""
     if plan.method.upscaling is None:
         return None
+    from mergelab.upscale.memory import planned_extras
     from mergelab.upscale.writer import ExtrasWriter
 
-    planned = [
-        (t.name, t.shape, t.out_dtype, len(t.inputs) - (t.base_index is not None), t.params)
-        for t in plan.tasks if takes_extras(t)
-    ]  # fmt: skip
-    return ExtrasWriter(writer, plan.method, plan.merged_sources, planned)
+    return ExtrasWriter(writer, plan.method, plan.merged_sources, planned_extras(plan), trained)
 
 
 def _modulator_writer(plan: MergePlan, writer: ShardedWriter):
@@ -616,7 +616,7 @@ def _statistics_from_folders(plan: MergePlan, open_source, config_dir, device) -
 
     folders = statistics_folders(plan.config, plan, config_dir)
     missing = [k for k in plan.merged_sources if k not in folders or not is_statistics_folder(folders[k])]
-    if plan.method.optimiser is not None or missing:
+    if plan.method.runs_heads or missing:
         raise ConfigError(
             [f"merge_method: `{plan.method.name}` runs data through the models: "
              "merge_state_dicts only reads statistics folders (`data.statistics`); use "

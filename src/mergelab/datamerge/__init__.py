@@ -158,6 +158,10 @@ def data_merge(
         raise ConfigError([f"merge_method: {exc.args[0]}"]) from None
     if not declared.needs_data:
         raise ConfigError(f"merge_method `{method}` needs no data: use mergelab.merge_state_dicts")
+    if declared.trains_extras:
+        raise ConfigError(f"merge_method `{method}` trains extras of an upscaled model, which an "
+                          "in-memory merge has no place for: use mergelab.merge (a `data:` "
+                          "section; docs/upscaled.md)")  # fmt: skip
     state_dicts: dict[str, StateDict] = dict(finetuned_state_dicts)
     keys = list(finetuned_state_dicts[names[0]])
     cfg: dict[str, Any] = {

@@ -31,6 +31,7 @@ _FAMILIES = (
     "wudi",
     "emr",
     "smile",
+    "wemoe",
     "data_aware",
 )
 for _family in _FAMILIES:

@@ -44,7 +44,8 @@ def methods_markdown(methods: Sequence[MergeMethod]) -> str:
         "*needs*: `data` methods run data through the models (`mergelab.data_merge`, or "
         "`mergelab merge` with a `data:` section in the config; see docs/data_aware.md): the "
         "statistics their kernel reads are collected before the engine runs (or loaded from "
-        "statistics folders), and an optimiser's output is a plan of another method; "
+        "statistics folders), an optimiser's output is a plan of another method, and a "
+        "trainer learns some of an upscaled model's extras (WEMoE's routers); "
         "`or Grams`: given each model's Gram matrices instead, as an expert-group merge reads "
         "them from `expert_groups.grams` (docs/multimodal.md).",
         "",
@@ -83,5 +84,7 @@ def _needs(method) -> str:
         parts.append(f"{'/'.join(method.statistics)} statistics{collector}")
     if method.optimiser:
         parts.append(f"optimiser `{method.optimiser}`")
+    if method.upscaling is not None and method.upscaling.trainer:
+        parts.append(f"trainer `{method.upscaling.trainer}`")
     needs = "; ".join(parts) or "-"
     return needs + " or Grams" if method.merges_with_grams else needs

@@ -237,6 +237,10 @@ class Upscaling:
         the extras of its `weight` (and, under key "bias", of its bias) and `forward_params`.
     cost(shape, extras, params) -> (multiply-adds per input row of the upscaled layer, of the
         base layer), for the inference cost the merge reports.
+    trainer: name of a registered training stage (mergelab.plan.stages.TRAINERS) that learns
+        some extras on the config's data before the output is written (WEMoE's routers); the
+        kernel then gives their initial values and the stage's values replace them.
+    trained: the extras' keys the trainer learns (the others are the kernel's as they are).
     """
 
     kernel: Callable[[TensorMerge], Upscaled]
@@ -245,6 +249,8 @@ class Upscaling:
     module: Callable[[Any, Mapping[str, torch.Tensor], Mapping[str, ParamValue]], Any]
     cost: Callable[[tuple[int, ...], Mapping[str, tuple[int, ...]], Mapping[str, ParamValue]], tuple[int, int]]
     forward_params: tuple[str, ...] = ()
+    trainer: str | None = None
+    trained: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -322,6 +328,17 @@ class MergeMethod:
     def needs_data(self) -> bool:
         """Whether the method runs data through the models (statistics or an optimiser)."""
         return "data" in self.needs
+
+    @property
+    def trains_extras(self) -> bool:
+        """Whether an upscaling method learns some of its extras on data (`Upscaling.trainer`)."""
+        return self.upscaling is not None and self.upscaling.trainer is not None
+
+    @property
+    def runs_heads(self) -> bool:
+        """Whether the data stage optimises on the tasks' head predictions (an optimiser or a
+        trainer of extras, e.g. entropy minimisation), so each source's head is needed."""
+        return self.optimiser is not None or self.trains_extras
 
     @property
     def merges_with_grams(self) -> bool:

@@ -160,7 +160,9 @@ class MergePlan:
         """A data stage must run before the engine: the method runs data through the models
         and the plan lacks what that gives (its statistics, or its optimised coefficients).
         An expert-group plan whose members' Grams are referenced needs none."""
-        return self.method.needs_data and (self.method.optimiser is not None or self.awaits_statistics)
+        return self.method.needs_data and (
+            self.method.runs_heads or self.awaits_statistics
+        )
 
     @property
     def awaits_statistics(self) -> bool:
@@ -400,12 +402,13 @@ def _check_data_section(
         problems.add(
             f"data.statistics: `{method.name}` learns from the data itself and reads no statistics"
         )
-    if method.optimiser is not None:
+    if method.runs_heads:
+        learned = "optimised" if method.optimiser is not None else "trained"
         for path, settings, _ in _parameter_scopes(config):
             for name, setting in settings.items():
                 if isinstance(setting, (list, dict)) or hasattr(setting, "model_dump"):
                     problems.add(
-                        f"{path}.{name}: `{method.name}` is optimised once for the whole merge; "
+                        f"{path}.{name}: `{method.name}` is {learned} once for the whole merge; "
                         "give a single value (no gradients or filters)"
                     )
 

@@ -33,6 +33,12 @@ from mergelab.plan.planner import MergePlan, attach_statistics, build_plan
 OPTIMISERS: dict[str, str] = {
     "adamerging": "mergelab.plan.adamerging:optimise",
 }
+# Training stages of upscaling methods: name -> "module:function(plan, provider, options,
+# folders) -> result with .extras (tensor -> key -> learned value), .entropy_history,
+# .examples, .seconds, .notes"; the plan runs unchanged and the writer writes those extras.
+TRAINERS: dict[str, str] = {
+    "wemoe_routers": "mergelab.upscale.train:train_routers",
+}
 
 
 def _load(target: str) -> Callable:
@@ -58,6 +64,7 @@ class PreparedMerge:
     coefficients: torch.Tensor | None = None
     coefficient_tensors: list[str] = field(default_factory=list)
     entropy_history: list[float] = field(default_factory=list)
+    extras: dict[str, dict[str, torch.Tensor]] | None = None
 
 
 def prepare_plan(
@@ -78,8 +85,22 @@ def prepare_plan(
     open_source: the planner's source opener (the optimiser's output plan is planned with it).
     folders: merged source key -> statistics folder (loaded if present, else written).
     statistics: statistics collected earlier (PreparedMerge.statistics): used as they are.
+    An upscaling method with a `trainer` runs it: the plan is unchanged and the learned extras
+    come back in `PreparedMerge.extras` for the writer.
     """
     method = plan.method
+    if method.trains_extras:
+        assert method.upscaling is not None and method.upscaling.trainer is not None
+        trained = _load(TRAINERS[method.upscaling.trainer])(plan, provider, options, folders)
+        return PreparedMerge(
+            plan=plan,
+            config=plan.config,
+            examples=dict(trained.examples),
+            stage_seconds=trained.seconds,
+            notes=list(trained.notes),
+            entropy_history=list(trained.entropy_history),
+            extras=trained.extras,
+        )
     if method.optimiser is not None:
         start = time.perf_counter()
         config, result = _load(OPTIMISERS[method.optimiser])(plan, provider, options, folders)
@@ -193,6 +214,20 @@ def describe_data_stage(plan: MergePlan, config_dir: Path | None = None) -> dict
     out: dict[str, Any] = {"method": method.name, "sources": per_source}
     to_run = [s for s in per_source if not s["loaded_from_folder"]]
     n = examples or 0
+    if method.trains_extras:
+        params = plan.tasks[0].params if plan.tasks else {}
+        steps = int(params.get("steps", 0))
+        batch = data.batch_size if data is not None else 0
+        assert method.upscaling is not None
+        out.update(
+            stage="trainer",
+            trainer=method.upscaling.trainer,
+            output=f"the upscaled model with its learned {', '.join(method.upscaling.trained)}",
+            estimated_forward_passes=steps * len(sources) * batch,
+            cost=f"one in-memory merge, then {steps} steps x {len(sources)} task(s) x {batch} "
+            "examples, each a forward and a backward pass through the upscaled model",
+        )
+        return out
     if method.optimiser is not None:
         params = plan.tasks[0].params if plan.tasks else {}
         steps = int(params.get("steps", 0))

@@ -89,7 +89,7 @@ def needs_logits(method) -> bool:
     """Whether the method's data stage needs each model's task head (declarations only)."""
     from mergelab.stats.stage import KINDS
 
-    return method.optimiser is not None or any(KINDS[k].needs_logits for k in method.statistics)
+    return method.runs_heads or any(KINDS[k].needs_logits for k in method.statistics)
 
 
 class ConfigData:

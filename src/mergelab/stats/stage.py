@@ -59,6 +59,7 @@ class CollectOptions:
     progress: bool = False
     fisher_target: str = "auto"
     generator: torch.Generator | None = None
+    seed: int = 0  # the merge seed (a trainer's batch order, e.g. WEMoE's routers)
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """The `upscaled/` folder of a merged checkpoint: an upscaling method's extra tensors.
 
-A merge with an upscaling method (SMILE; `MergeMethod.upscaling`) writes an ordinary checkpoint
+A merge with an upscaling method (SMILE, WEMoE; `MergeMethod.upscaling`) writes an ordinary checkpoint
 of the shared weights (SMILE: the base's) plus::
 
     upscaled/upscaled.json          the manifest (below)
@@ -9,6 +9,9 @@ of the shared weights (SMILE: the base's) plus::
 SMILE's extras: for a linear layer's `<layer>.weight` with T tasks, `gate` [T * gate_k, in]
 (each task's top right singular vectors), `u` [T, out, k] and `svh` [T, k, in] (each low-rank
 expert U_i and S_i V_i^T); for its `<layer>.bias`, `bias` [T, out] (each task's bias delta).
+WEMoE's (shared weights: the task-arithmetic merge): for an upscaled `<layer>.weight`,
+`task_vectors` [T, out, in] and its router `router_in` [H, in], `router_in_bias` [H],
+`router_out` [T, H] ([T, in] when H is 0), `router_out_bias` [T]; for its bias, `bias` [T, out].
 
 Manifest fields: `format` ("mergelab-upscaled"), `version` (1), `method` (a registry name:
 its declaration says which modules take extras and how they run), `tasks` (the merged models),
@@ -21,10 +24,12 @@ model (`upscaled_macs`, `base_macs`).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from mergelab.checkpoint.format import read_side_manifest
 from mergelab.errors import CheckpointError
+from mergelab.methods.registry import Upscaling
 
 FOLDER = "upscaled"
 MANIFEST = "upscaled.json"
@@ -53,3 +58,31 @@ def read_manifest(folder: Path) -> dict:
     if problems:
         raise CheckpointError(f"{path}: " + "; ".join(problems))
     return raw
+
+
+def planned_records(
+    upscaling: Upscaling, planned: Sequence[tuple[str, tuple[int, ...], object, int, dict]]
+) -> dict[str, dict]:
+    """The manifest's `tensors` entries (with `active` false until merged) for the planned
+    tensors (name, shape, dtype, number of merged models, params): those the method's `shapes`
+    gives extras. A layer's `.bias` extras go to its `.weight`'s module at load time, so a bias
+    whose weight gets none (a norm's) gets none either."""
+    planned = list(planned)
+    with_extras = {
+        name for name, shape, _, count, params in planned
+        if name.endswith(".weight") and upscaling.shapes(name, shape, count, params)
+    }  # fmt: skip
+    records: dict[str, dict] = {}
+    for name, shape, _, count, params in planned:
+        shapes = upscaling.shapes(name, shape, count, params)
+        if not shapes or (
+            name.endswith(".bias") and f"{name[: -len('.bias')]}.weight" not in with_extras
+        ):
+            continue
+        records[name] = {
+            "shape": list(shape),
+            "extras": {k: list(v) for k, v in shapes.items()},
+            "active": False,
+            "params": {p: params[p] for p in upscaling.forward_params if p in params},
+        }
+    return records

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from mergelab.checkpoint import open_checkpoint
 from mergelab.errors import CheckpointError
 from mergelab.methods import get_method
+from mergelab.methods.registry import Upscaling
 from mergelab.upscale.format import EXTRAS_PATH, FOLDER, MANIFEST, extra_name, read_manifest
 
 
@@ -37,38 +40,58 @@ def upscale_module(module: torch.nn.Module, folder: str | os.PathLike) -> torch.
     method = get_method(manifest["method"])
     if method.upscaling is None:
         raise CheckpointError(f"{folder}: method {method.name!r} does not upscale")
-    upscaling = method.upscaling
-    records = {n: r for n, r in manifest["tensors"].items() if r.get("active")}
-    used: set[str] = set()
     with open_checkpoint(folder / FOLDER / EXTRAS_PATH) as extras:
-        for path, layer in list(module.named_modules()):
-            if not isinstance(layer, upscaling.wraps):
-                continue
-            name = next((c for c in _candidates(module, path) if f"{c}.weight" in records), None)
-            if name is None:
-                continue
-            weight = records[f"{name}.weight"]
-            if list(layer.weight.shape) != weight["shape"]:
-                raise CheckpointError(
-                    f"{folder}: layer `{path}` has weight shape {list(layer.weight.shape)}; the "
-                    f"extras were made for {weight['shape']} (saved for another model?)"
-                )
-            tensors = {k: _read(extras, f"{name}.weight", k, v, folder)
-                       for k, v in weight["extras"].items()}  # fmt: skip
-            bias = records.get(f"{name}.bias")
-            if bias is not None:
-                for key, shape in bias["extras"].items():
-                    tensors[key] = _read(extras, f"{name}.bias", key, shape, folder)
-                used.add(f"{name}.bias")
-            used.add(f"{name}.weight")
-            _replace(module, path, upscaling.module(layer, tensors, weight["params"]))
+
+        def read(tensor: str, key: str, shape) -> torch.Tensor:
+            return _read(extras, tensor, key, shape, folder)
+
+        wrap_layers(module, method.upscaling, manifest["tensors"], read, str(folder))
+    return module
+
+
+def wrap_layers(
+    module: torch.nn.Module,
+    upscaling: Upscaling,
+    records: Mapping[str, dict],
+    read: Callable[[str, str, Any], torch.Tensor],
+    where: str,
+) -> dict[str, torch.nn.Module]:
+    """Replace, in place, every layer of `module` of a type `upscaling` wraps whose weight has
+    an active record (the manifest's `tensors` entries) by the method's module, its extras
+    from `read(tensor, key, shape)`; returns weight tensor name -> the new module. `where`
+    names the extras in errors."""
+    records = {n: r for n, r in records.items() if r.get("active")}
+    used: set[str] = set()
+    wrapped: dict[str, torch.nn.Module] = {}
+    for path, layer in list(module.named_modules()):
+        if not isinstance(layer, upscaling.wraps):
+            continue
+        name = next((c for c in _candidates(module, path) if f"{c}.weight" in records), None)
+        if name is None:
+            continue
+        weight = records[f"{name}.weight"]
+        if list(layer.weight.shape) != list(weight["shape"]):
+            raise CheckpointError(
+                f"{where}: layer `{path}` has weight shape {list(layer.weight.shape)}; the "
+                f"extras were made for {list(weight['shape'])} (saved for another model?)"
+            )
+        tensors = {k: read(f"{name}.weight", k, v) for k, v in weight["extras"].items()}
+        bias = records.get(f"{name}.bias")
+        if bias is not None:
+            for key, shape in bias["extras"].items():
+                tensors[key] = read(f"{name}.bias", key, shape)
+            used.add(f"{name}.bias")
+        used.add(f"{name}.weight")
+        new = upscaling.module(layer, tensors, weight["params"])
+        _replace(module, path, new)
+        wrapped[f"{name}.weight"] = new
     unused = sorted(n for n in records if n not in used and n.endswith(".weight"))
     if unused:
         raise CheckpointError(
-            f"{folder}: extras of {unused[:5]} match no layer the method wraps in this model "
+            f"{where}: extras of {unused[:5]} match no layer the method wraps in this model "
             "(saved for another model?)"
         )
-    return module
+    return wrapped
 
 
 def _read(extras, tensor: str, key: str, shape, folder: Path) -> torch.Tensor:

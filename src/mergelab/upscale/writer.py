@@ -3,20 +3,30 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
 from mergelab.checkpoint import ShardedWriter
 from mergelab.methods.registry import MergeMethod, Upscaled
-from mergelab.upscale.format import EXTRAS_FILE, FOLDER, FORMAT, MANIFEST, VERSION, extra_name
+from mergelab.upscale.format import (
+    EXTRAS_FILE,
+    FOLDER,
+    FORMAT,
+    MANIFEST,
+    VERSION,
+    extra_name,
+    planned_records,
+)
 
 
 class ExtrasWriter:
     """Streams the extras into `upscaled/extras/extras.safetensors` inside `writer`'s temporary folder.
 
     planned: (name, shape, dtype, number of merged models, params) of every merged float tensor;
-    the method's `Upscaling.shapes` says which get extras. Thread-safe.
+    the method's `Upscaling.shapes` says which get extras. trained: tensor -> key -> the values
+    a data stage learned (`Upscaling.trained`, e.g. WEMoE's routers): written instead of the
+    kernel's initial ones. Thread-safe.
     """
 
     def __init__(
@@ -25,38 +35,24 @@ class ExtrasWriter:
         method: MergeMethod,
         models: Sequence[str],
         planned: Sequence[tuple[str, tuple[int, ...], torch.dtype, int, dict]],
+        trained: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
     ):
         assert method.upscaling is not None
         self._writer, self._method, self._models = writer, method, list(models)
         self._upscaling = method.upscaling
         self._lock = threading.Lock()
-        self._records: dict[str, dict] = {}
-        self._base_parameters = 0
-        entries = []
+        self._trained = {name: dict(v) for name, v in (trained or {}).items()}
         planned = list(planned)
-        # A layer's `.bias` extras are handed to its `.weight`'s module at load time: a bias
-        # whose weight gets none (a norm's) gets none either.
-        with_extras = {
-            name for name, shape, _, count, params in planned
-            if name.endswith(".weight") and self._upscaling.shapes(name, shape, count, params)
-        }  # fmt: skip
-        for name, shape, dtype, count, params in planned:
+        self._records = planned_records(self._upscaling, planned)
+        self._base_parameters = 0
+        for _, shape, _, _, _ in planned:
             numel = 1
             for size in shape:
                 numel *= size
             self._base_parameters += numel
-            shapes = self._upscaling.shapes(name, shape, count, params)
-            if not shapes or (
-                name.endswith(".bias") and f"{name[: -len('.bias')]}.weight" not in with_extras
-            ):
-                continue
-            self._records[name] = {
-                "shape": list(shape),
-                "extras": {k: list(v) for k, v in shapes.items()},
-                "active": False,
-                "params": {p: params[p] for p in self._upscaling.forward_params if p in params},
-            }
-            entries += [(extra_name(name, k), tuple(v), dtype) for k, v in shapes.items()]
+        dtypes = {name: dtype for name, _, dtype, _, _ in planned}
+        entries = [(extra_name(name, k), tuple(v), dtypes[name])
+                   for name, record in self._records.items() for k, v in record["extras"].items()]  # fmt: skip
         self._dtypes = {n: d for n, _, d in entries}
         self._extras = ShardedWriter(
             writer.tmp_dir / FOLDER / "extras", entries, max_shard_size=2**62,
@@ -67,9 +63,11 @@ class ExtrasWriter:
         record = self._records.get(name)
         if record is None:
             return
+        learned = self._trained.get(name, {})
         for key in record["extras"]:
             full = extra_name(name, key)
-            self._extras.write(full, result.extras[key].to(self._dtypes[full]).cpu().contiguous())
+            value = learned.get(key, result.extras[key])
+            self._extras.write(full, value.to(self._dtypes[full]).cpu().contiguous())
         with self._lock:
             record["active"] = bool(result.active)
 
