@@ -15,7 +15,14 @@ from mergelab.errors import ConfigError
 from mergelab.methods import get_method
 from mergelab.stats import DataError
 
-torch.set_num_threads(1)
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models on a shared machine: extra threads only spin (restored after each test)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _gen(seed: int) -> torch.Generator:

@@ -458,8 +458,8 @@ _PRODISTILL = (
 register(
     MergeMethod(
         name="prodistill",
-        title="ProDistill: per-tensor coefficients learned layer by layer, each layer distilled "
-        "from the fine-tunes' layer outputs on a few examples per task",
+        title="ProDistill: per-tensor coefficients learned layer by layer, distilling each "
+        "fine-tune's layer outputs",
         paper="Xu et al. 2025, Scalable Model Merging with Progressive Layer-wise Distillation (ICML)",
         url="https://arxiv.org/abs/2502.12706",
         kernel=_optimised,

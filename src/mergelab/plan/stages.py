@@ -29,6 +29,7 @@ import torch
 from mergelab.plan.config import MergeConfig
 from mergelab.plan.planner import MergePlan, attach_statistics, build_plan
 
+
 @dataclass(frozen=True)
 class OptimiserStage:
     """A registered optimisation stage.
