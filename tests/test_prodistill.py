@@ -266,3 +266,18 @@ def test_config_validates_dry_runs_merges_and_its_saved_yaml_reruns_bit_for_bit(
     assert any(not torch.equal(first[k], original[k]) for k in first if first[k].is_floating_point())
     for m in ("m0", "m1"):
         (folders[m] / "head.unused").rename(folders[m] / "head.safetensors")
+
+
+def test_on_the_mlp_zoo_it_uses_64_training_examples_and_keeps_a_working_encoder():
+    from mergelab.eval.harness import evaluate_model
+    from mergelab_bench.data_aware_zoos import merge_zoo_with_data
+    from mergelab_bench.zoo.mlp import MLPZoo, MLPZooSettings
+
+    built = MLPZoo(MLPZooSettings(tasks=("parity", "low_high"), steps=60)).build(recipe="lpft", seed=0)
+    result = merge_zoo_with_data(built, "prodistill", examples=100, steps=20, lr=0.05)
+    assert result.examples == {"parity": 64, "low_high": 64}  # the paper's few shots, of 100
+    assert set(result.state_dict) == set(built.pretrained)
+    fits = result.optimisation.blocks
+    assert fits and all(f.final_loss < f.initial_loss for f in fits), [(f.name, f.initial_loss, f.final_loss) for f in fits]
+    scores = evaluate_model(built.evaluator, result.state_dict, built.heads, tasks=built.tasks)
+    assert min(scores.values()) > 0.6, scores  # a working encoder, not a broken one
