@@ -186,6 +186,9 @@ def test_bad_input_is_refused_before_any_block_trains(monkeypatch):
     other = nn.Sequential(nn.Linear(3, 5, bias=False), nn.Linear(5, 2, bias=False))
     with pytest.raises(DataError, match=r"`0.weight`: shape \[4, 3\] in the models, \[5, 3\] in the architecture"):
         prodistill(other, theta0, ft, {t: mergelab.stats.TaskData(b) for t, b in data.items()})
+    given = {t: mergelab.stats.TaskData(b) for t, b in data.items()}
+    with pytest.raises(DataError, match=r"no data for \['b'\]; data for unknown model\(s\) \['c'\]"):
+        prodistill(base, theta0, ft, {"a": given["a"], "c": given["b"]})
     renamed = nn.Sequential()
     renamed.add_module("first", nn.Linear(3, 4, bias=False))
     with pytest.raises(DataError, match=r"no tensor\(s\) \['0.weight', '1.weight'\] .*layers do not match"):

@@ -227,9 +227,10 @@ def _check(module: nn.Module, base: StateDict, finetuned: Mapping[str, StateDict
     problems: list[str] = []
     missing = sorted(set(finetuned) - set(data))
     extra = sorted(set(data) - set(finetuned))
-    if missing or extra:
-        problems.append(f"no data for {missing}" if missing else "")
-        problems.append(f"data for unknown model(s) {extra}" if extra else "")
+    if missing:
+        problems.append(f"no data for {missing}")
+    if extra:
+        problems.append(f"data for unknown model(s) {extra}")
     if examples < 1:
         problems.append(f"`examples` must be at least 1; got {examples}")
     own = module.state_dict()
@@ -248,7 +249,6 @@ def _check(module: nn.Module, base: StateDict, finetuned: Mapping[str, StateDict
             elif tuple(state[key].shape) != tuple(value.shape):
                 problems.append(f"model {task!r}: `{key}` has shape {list(state[key].shape)}, "
                                 f"the base {list(value.shape)}")  # fmt: skip
-    problems = [p for p in problems if p]
     if problems:
         raise DataError("ProDistill cannot start: " + "; ".join(problems))
 
