@@ -172,7 +172,7 @@ def data_note(args: argparse.Namespace, methods: list[str]) -> str:
     if "regmean" in methods or "regmean_plusplus" in methods:
         text += " Biases and norms are averaged."
     text += " Task arithmetic and TIES have lambda/density picked on validation (mergelab_bench.bench.GRIDS)."
-    at_paper = [t for m, t in (("fisher", "Fisher"), ("adamerging", "AdaMerging"), ("prodistill", "ProDistill"))
+    at_paper = [t for m, t in (("fisher", "Fisher"), ("adamerging", "AdaMerging"))
                 if any(x.startswith(m) for x in methods)]
     if at_paper:
         text += f" {_and(at_paper)} {'runs' if len(at_paper) == 1 else 'run'} at the papers' settings."
