@@ -251,7 +251,8 @@ def test_config_validates_dry_runs_merges_and_its_saved_yaml_reruns_bit_for_bit(
     stage = mergelab.plan_merge(path)
     described = mergelab.plan.stages.describe_data_stage(stage, stage.config_dir)
     # blocks from the tensor names: 3 embeddings + their norm, 2 layers, the pooler
-    assert described["estimated_forward_passes"] == 7 * (4 * 8 + 2 * 2 * 8)
+    # per block: 4 steps x 8 examples; (fine-tune, merged) x 2 tasks x 8 partial passes; 2 x 2 x 8 scored
+    assert described["estimated_forward_passes"] == 7 * (4 * 8 + 2 * 2 * 8 + 2 * 2 * 8)
 
     report = mergelab.merge(path, root / "out", progress=False)
     assert report.method == "task_arithmetic"

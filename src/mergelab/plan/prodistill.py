@@ -452,11 +452,13 @@ def describe(plan) -> dict:
     owners = {t.name.rpartition(".")[0] for t in plan.tasks if t.is_float}
     blocks = len({block_of(o) for o in owners if o})
     partial = 2 * tasks * examples  # per block: the fine-tunes' outputs and the merged inputs
+    scored = 2 * tasks * examples  # per block: the loss over all examples before and after
     return {
         "output": "a task_arithmetic config with the learned per-model, per-tensor weights",
         "examples": examples,
-        "estimated_forward_passes": blocks * (steps * batch + partial),
+        "estimated_forward_passes": blocks * (steps * batch + partial + scored),
         "cost": f"about {blocks} blocks x ({steps} steps x {batch} examples through one block, "
-        f"forward and backward, + {partial} partial forward passes: {tasks} task(s) x {examples} "
-        "examples through the fine-tune and through the merged model)",
+        f"forward and backward; {partial} partial forward passes: {tasks} task(s) x {examples} "
+        f"examples through the fine-tune and through the merged model; {scored} through the "
+        "block to score the loss before and after)",
     }
