@@ -1,7 +1,9 @@
-"""Data-aware merges (Fisher, RegMean, RegMean++, AdaMerging) beside task arithmetic and TIES.
+"""Data-aware merges (Fisher, RegMean, RegMean++, AdaMerging, ProDistill) beside task arithmetic
+and TIES.
 
     .venv/bin/python benchmarks/data_aware.py --zoo mlp --seeds 0,1
     .venv/bin/python benchmarks/data_aware.py --zoo text --seeds 0,1 --examples 256
+    .venv/bin/python benchmarks/data_aware.py --zoo text --methods prodistill --prodistill-examples 64
 
 For every recipe and seed of the zoo: the baselines and the data-free rows come from the
 benchmark runner (mergelab_bench.bench.run_seed: task arithmetic and TIES with their lambda and
@@ -12,7 +14,10 @@ through `mergelab.data_merge`:
   (Fisher: the gradient of the log-likelihood of labels sampled from each model's own
   predictions, as Matena & Raffel; a seeded generator);
 - AdaMerging task-wise and layer-wise: entropy minimised on the first `--ada-examples` unlabeled
-  *test* inputs of each task, the paper's (transductive) protocol.
+  *test* inputs of each task, the paper's (transductive) protocol;
+- ProDistill (only when named in `--methods`): coefficients distilled layer by layer from the
+  first `--prodistill-examples` *training* inputs of each task (the paper: 64 per task),
+  `--prodistill-steps` steps per layer at lr `--prodistill-lr`.
 
 Reported: test accuracy per task (each task's own head on the merged encoder), normalised
 accuracy and gain kept over the linear probe, examples per task, seconds (statistics or
@@ -40,6 +45,7 @@ from mergelab.cliutil import parse_seeds
 
 REPO = Path(__file__).resolve().parent.parent
 DATA_AWARE = ("fisher", "regmean", "regmean_plusplus", "adamerging_taskwise", "adamerging_layerwise")
+ON_REQUEST = ("prodistill",)  # run only when named in --methods
 DATA_FREE = ("task_arithmetic", "ties")
 
 
@@ -137,6 +143,14 @@ def data_note(args: argparse.Namespace, methods: list[str]) -> str:
             f"{_and([titles[m] for m in statistics])} {'sees' if len(statistics) == 1 else 'see'} "
             f"the first {args.examples} *training* "
             "inputs of each task" + (" (Fisher: labels sampled from each model's predictions)" if "fisher" in statistics else "")
+        )
+    if "prodistill" in methods:
+        parts.append(
+            f"ProDistill distils each layer's per-task, per-tensor coefficients from the first "
+            f"{args.prodistill_examples} *training* inputs of each task (the examples it used are in "
+            f"the cost table), {args.prodistill_steps} Adam steps per layer at lr "
+            f"{args.prodistill_lr:g}, {args.batch_size} examples per step, coefficients initialised "
+            "at 0.3"
         )
     if any(m.startswith("adamerging") for m in methods):
         parts.append(
@@ -239,10 +253,12 @@ def run(args: argparse.Namespace) -> str:
             for method in methods:
                 ada = method.startswith("adamerging")
                 split, n = ("test", args.ada_examples) if ada else ("train", args.examples)
+                params = {"steps": args.ada_steps, "lr": args.ada_lr} if ada else {}
+                if method == "prodistill":
+                    n = args.prodistill_examples
+                    params = {"examples": n, "steps": args.prodistill_steps, "lr": args.prodistill_lr,
+                              "batch_size": args.batch_size, "seed": seed}  # fmt: skip
                 data = {t: adapter.task_data(t, split, n, args.batch_size) for t in tasks}
-                params = (
-                    {"steps": args.ada_steps, "lr": args.ada_lr} if ada else {}
-                )
                 with PeakMemory() as memory, warnings.catch_warnings(record=True) as caught:
                     warnings.simplefilter("always")
                     tick = time.perf_counter()
@@ -359,11 +375,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--zoo", default="mlp", help="mlp, text or vision")
     parser.add_argument("--recipes", default="", help="comma-separated (default: all of the zoo)")
     parser.add_argument("--seeds", default="0,1")
-    parser.add_argument("--methods", default="", help="data-aware methods (default: all five)")
+    parser.add_argument("--methods", default="",
+                        help=f"data-aware methods (default: the five of {', '.join(DATA_AWARE)}; "
+                        f"also {', '.join(ON_REQUEST)})")
     parser.add_argument("--examples", type=int, default=256, help="examples per task for statistics")
     parser.add_argument("--ada-examples", type=int, default=256, help="unlabeled test inputs per task")
     parser.add_argument("--ada-steps", type=int, default=200)
     parser.add_argument("--ada-lr", type=float, default=5e-3)
+    parser.add_argument("--prodistill-examples", type=int, default=64,
+                        help="ProDistill: training inputs per task (the paper: 64)")
+    parser.add_argument("--prodistill-steps", type=int, default=100, help="ProDistill: steps per layer")
+    parser.add_argument("--prodistill-lr", type=float, default=0.01, help="ProDistill: Adam learning rate")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--regmean-alphas", default="0.5,0.9,1.0",
                         help="RegMean's alpha picked on validation from these ('0.9': no search)")

@@ -438,7 +438,7 @@ def test_cli_config_with_data_section_runs_a_data_aware_merge(tiny_bert_folders)
         config("adamerging_taskwise", ["m0", "m1"], parameters={"steps": 2}), root / "ada",
         progress=False,
     )
-    assert any("AdaMerging coefficients" in n for n in report.notes)
+    assert any("`adamerging_taskwise` coefficients" in n for n in report.notes)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         mergelab.merge(config("fisher", ["m0", "m1"]), root / "fisher", progress=False)

@@ -616,7 +616,7 @@ def _statistics_from_folders(plan: MergePlan, open_source, config_dir, device) -
 
     folders = statistics_folders(plan.config, plan, config_dir)
     missing = [k for k in plan.merged_sources if k not in folders or not is_statistics_folder(folders[k])]
-    if plan.method.runs_heads or missing:
+    if plan.method.learns_from_data or missing:
         raise ConfigError(
             [f"merge_method: `{plan.method.name}` runs data through the models: "
              "merge_state_dicts only reads statistics folders (`data.statistics`); use "

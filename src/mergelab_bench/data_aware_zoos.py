@@ -18,6 +18,8 @@ from mergelab.stats.batches import TaskData
 from mergelab_bench.zoo.base import BuiltZoo
 
 SPLITS = ("train", "validation", "test")
+# Optimisers whose papers learn on the unlabeled test inputs themselves (transductive).
+TRANSDUCTIVE = ("adamerging",)
 
 
 def _chunks(x: torch.Tensor, y: torch.Tensor, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -98,8 +100,9 @@ def merge_zoo_with_data(
 ):
     """A data-aware merge of a built zoo's fine-tuned encoders (what the benchmark runner calls).
 
-    split: where the inputs come from; default "train" for statistics (RegMean, RegMean++,
-        Fisher) and "test" (unlabeled) for optimised methods (AdaMerging), as in its paper.
+    split: where the inputs come from; default "test" (unlabeled) for AdaMerging's optimiser,
+        its paper's transductive protocol, and "train" for every other method (statistics of
+        RegMean, RegMean++, Fisher; ProDistill's few training examples).
     Returns the `DataMergeResult` (its `state_dict` holds every encoder tensor).
     """
     from mergelab.datamerge import data_merge
@@ -107,7 +110,7 @@ def merge_zoo_with_data(
 
     adapter = ZooData(built)
     tasks = list(built.tasks)
-    chosen = split or ("test" if get_method(method).optimiser is not None else "train")
+    chosen = split or ("test" if get_method(method).optimiser in TRANSDUCTIVE else "train")
     data = {t: adapter.task_data(t, chosen, examples, batch_size) for t in tasks}
     result = data_merge(
         method,

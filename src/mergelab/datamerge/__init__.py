@@ -1,4 +1,5 @@
-"""Data-aware merging on any torch module: `data_merge` (Fisher, RegMean, RegMean++, AdaMerging).
+"""Data-aware merging on any torch module: `data_merge` (Fisher, RegMean, RegMean++, AdaMerging,
+ProDistill).
 
     result = mergelab.data_merge(
         "regmean", encoder, {"sentiment": sd_a, "topic": sd_b},
@@ -43,8 +44,12 @@ class DataMergeResult:
     seconds: wall time of the whole merge (statistics or optimisation included).
     stats_seconds: of which collecting statistics (RegMean, Fisher) or optimising the
         coefficients (AdaMerging); the rest is the engine's merge and bookkeeping.
-    coefficients: AdaMerging's learned coefficients ([tasks] or [tasks, tensors]), else None.
-    config: the config the engine executed (AdaMerging: the learned task-arithmetic config;
+    coefficients: an optimised method's learned coefficients (AdaMerging: [tasks] or
+        [tasks, tensors]; ProDistill: [tasks, tensors]), else None; `coefficient_tensors` names
+        the tensors of the columns.
+    optimisation: the optimiser's own result (mergelab.plan.adamerging.AdaMergingResult,
+        mergelab.plan.prodistill.ProDistillResult: e.g. ProDistill's loss per block), else None.
+    config: the config the engine executed (optimised methods: the learned task-arithmetic config;
         `yaml` is it as text, which `merge_state_dicts` / `mergelab merge` run to the same
         weights, bit for bit).
     statistics: model -> kind -> statistics store; pass it back as `data_merge(...,
@@ -63,6 +68,7 @@ class DataMergeResult:
     notes: list[str] = field(default_factory=list)
     config: Any = None
     statistics: dict[str, dict[str, Any]] = field(default_factory=dict)
+    optimisation: Any = None
 
     @property
     def yaml(self) -> str:
@@ -121,7 +127,7 @@ def data_merge(
     """Merge fine-tuned state dicts of one architecture with a data-aware method.
 
     method: any registered method that needs data ("regmean", "regmean_plusplus", "fisher",
-        "adamerging_taskwise", "adamerging_layerwise"; see `mergelab methods`).
+        "adamerging_taskwise", "adamerging_layerwise", "prodistill"; see `mergelab methods`).
     base_module: the architecture (a torch module whose state dict keys match); its own weights
         are the base theta_0 (AdaMerging; RegMean's optional `scaling`) unless
         `base_state_dict` is given. It is not modified.
@@ -130,9 +136,10 @@ def data_merge(
         turns the module's output into logits, needed by Fisher and AdaMerging), or just a list
         of batches / a function returning an iterator of them.
     model_params: per-model parameters (e.g. Fisher's `weight`), by model name.
-    max_examples: examples per task used for statistics (default: every batch given).
+    max_examples: examples per task used for statistics (default: every batch given); for
+        ProDistill a cap on its `examples` parameter; AdaMerging uses every batch given.
     fisher_target: "auto", "labels", "sample" or "argmax" (see mergelab.stats.fisher).
-    generator: the randomness of Fisher's sampled labels.
+    generator: the randomness of Fisher's sampled labels (ProDistill has its own `seed`).
     stats_dir: keep the statistics on disk, one folder per model (stats_dir/<model name>);
         existing folders are loaded instead of running the data.
     statistics: statistics of an earlier merge (`DataMergeResult.statistics`) to reuse.
@@ -204,8 +211,8 @@ def data_merge(
         generator=generator,
     )
     notes: list[str] = []
-    if declared.optimiser is not None and max_examples is not None:
-        notes.append("max_examples does not apply to AdaMerging: give it the batches to use")
+    if declared.optimiser is not None and declared.param("examples") is None and max_examples is not None:
+        notes.append(f"max_examples does not apply to `{declared.name}`: give it the batches to use")
     folders = {n: Path(stats_dir) / n for n in names} if stats_dir is not None else None
     prepared = prepare_plan(
         plan, _GivenData(base_module, data), options, open_source,
@@ -226,6 +233,7 @@ def data_merge(
         notes=[*prepared.notes, *notes],
         config=prepared.config,
         statistics=prepared.statistics,
+        optimisation=prepared.optimisation,
     )
 
 

@@ -14,6 +14,7 @@ Gram from a statistics folder is referenced per tensor and handed over by the en
 - RegMean++: Nguyen et al. 2025, https://arxiv.org/abs/2508.03121
 - Fisher merging: Matena & Raffel 2022, https://arxiv.org/abs/2111.09832
 - AdaMerging: Yang et al. 2024, https://arxiv.org/abs/2310.02575
+- ProDistill: Xu et al. 2025, https://arxiv.org/abs/2502.12706
 """
 
 from __future__ import annotations
@@ -436,5 +437,36 @@ register(
         needs=("data",),
         optimiser="adamerging",
         optimiser_options=(("granularity", "layer"),),
+    )
+)
+
+_PRODISTILL = (
+    Param(
+        "examples",
+        int,
+        64,
+        "Examples per task (at most: the first ones of each task's data; the paper: 64).",
+        low=1,
+    ),
+    Param("steps", int, 100, "Training steps per layer (block).", low=1),
+    Param("batch_size", int, 32, "Examples per step, drawn from all tasks (at most all of them).", low=1),
+    Param("lr", float, 0.01, "Adam learning rate of the coefficients (the paper: 0.01).", low=0.0,
+          low_exclusive=True),
+    Param("init", float, 0.3, "Initial coefficient of every task vector (the paper: 0.3).", low=0.0),
+    Param("seed", int, 0, "Seed of the order in which examples are drawn.", low=0),
+)
+register(
+    MergeMethod(
+        name="prodistill",
+        title="ProDistill: per-tensor coefficients learned layer by layer, distilling each "
+        "fine-tune's layer outputs",
+        paper="Xu et al. 2025, Scalable Model Merging with Progressive Layer-wise Distillation (ICML)",
+        url="https://arxiv.org/abs/2502.12706",
+        kernel=_optimised,
+        params=_PRODISTILL,
+        base="required",
+        min_models=1,
+        needs=("data",),
+        optimiser="prodistill",
     )
 )

@@ -335,9 +335,10 @@ class MergeMethod:
         return self.upscaling is not None and self.upscaling.trainer is not None
 
     @property
-    def runs_heads(self) -> bool:
-        """Whether the data stage optimises on the tasks' head predictions (an optimiser or a
-        trainer of extras, e.g. entropy minimisation), so each source's head is needed."""
+    def learns_from_data(self) -> bool:
+        """Whether the data stage learns something once for the whole merge (an optimiser's
+        coefficients, or the extras an upscaling trainer fits) rather than only collecting
+        statistics; whether it needs the tasks' heads is the stage's own declaration."""
         return self.optimiser is not None or self.trains_extras
 
     @property

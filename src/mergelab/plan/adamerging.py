@@ -245,3 +245,18 @@ def optimise(plan, provider, options, folders=None):
         progress=options.progress,
     )
     return coefficients_config(plan.config, tasks, result.coefficients, result.tensor_names), result
+
+
+def describe(plan) -> dict:
+    """What a dry run reports of the `adamerging` stage's cost (nothing is run)."""
+    params = plan.tasks[0].params if plan.tasks else {}
+    steps = int(params.get("steps", 0))
+    data = plan.config.data
+    batch = data.batch_size if data is not None else 0
+    sources = len(plan.merged_sources)
+    return {
+        "output": "a task_arithmetic config with the learned per-model (per-tensor) weights",
+        "estimated_forward_passes": steps * sources * batch,
+        "cost": f"{steps} steps x {sources} task(s) x {batch} examples, each a forward and "
+        "a backward pass through the merged model",
+    }

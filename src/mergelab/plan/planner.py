@@ -161,7 +161,7 @@ class MergePlan:
         and the plan lacks what that gives (its statistics, or its optimised coefficients).
         An expert-group plan whose members' Grams are referenced needs none."""
         return self.method.needs_data and (
-            self.method.runs_heads or self.awaits_statistics
+            self.method.learns_from_data or self.awaits_statistics
         )
 
     @property
@@ -402,7 +402,7 @@ def _check_data_section(
         problems.add(
             f"data.statistics: `{method.name}` learns from the data itself and reads no statistics"
         )
-    if method.runs_heads:
+    if method.learns_from_data:
         learned = "optimised" if method.optimiser is not None else "trained"
         for path, settings, _ in _parameter_scopes(config):
             for name, setting in settings.items():

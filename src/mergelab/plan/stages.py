@@ -8,7 +8,8 @@
   provider's data, or loaded from statistics folders), attached to the plan as lazy per-tensor
   references; the engine reads them next to the tensors.
 - A method declaring an `optimiser` runs it (registered in `OPTIMISERS`); its output is a new
-  config (AdaMerging: task arithmetic with per-tensor coefficients), planned like any other.
+  config (AdaMerging, ProDistill: task arithmetic with per-tensor coefficients), planned like
+  any other.
 - Any other method's plan goes to the engine unchanged.
 
 `describe_data_stage` says, without running anything, what the stage will do and cost.
@@ -28,10 +29,32 @@ import torch
 from mergelab.plan.config import MergeConfig
 from mergelab.plan.planner import MergePlan, attach_statistics, build_plan
 
-# Optimisation stages: name -> "module:function(plan, provider, options, folders) ->
-# (MergeConfig, result with .coefficients, .tensor_names, .entropy_history, .examples, .seconds)".
-OPTIMISERS: dict[str, str] = {
-    "adamerging": "mergelab.plan.adamerging:optimise",
+
+@dataclass(frozen=True)
+class OptimiserStage:
+    """A registered optimisation stage.
+
+    run: "module:function(plan, provider, options, folders) -> (MergeConfig, result)", the
+        result with .coefficients, .tensor_names, .examples, .seconds (and optionally .notes,
+        .entropy_history).
+    describe: "module:function(plan) -> dict" of what a dry run reports about its cost:
+        `output`, `estimated_forward_passes`, `cost`, and optionally `examples` (the examples
+        per task it will use, when not the data section's).
+    needs_logits: its data must produce logits (each model's task head).
+    """
+
+    run: str
+    describe: str
+    needs_logits: bool
+
+
+OPTIMISERS: dict[str, OptimiserStage] = {
+    "adamerging": OptimiserStage(
+        "mergelab.plan.adamerging:optimise", "mergelab.plan.adamerging:describe", needs_logits=True
+    ),
+    "prodistill": OptimiserStage(
+        "mergelab.plan.prodistill:optimise", "mergelab.plan.prodistill:describe", needs_logits=False
+    ),
 }
 # Training stages of upscaling methods: name -> "module:function(plan, provider, options,
 # folders) -> result with .extras (tensor -> key -> learned value), .entropy_history,
@@ -65,6 +88,7 @@ class PreparedMerge:
     coefficient_tensors: list[str] = field(default_factory=list)
     entropy_history: list[float] = field(default_factory=list)
     extras: dict[str, dict[str, torch.Tensor]] | None = None
+    optimisation: Any = None  # the optimiser's own result (AdaMergingResult, ProDistillResult)
 
 
 def prepare_plan(
@@ -103,7 +127,7 @@ def prepare_plan(
         )
     if method.optimiser is not None:
         start = time.perf_counter()
-        config, result = _load(OPTIMISERS[method.optimiser])(plan, provider, options, folders)
+        config, result = _load(OPTIMISERS[method.optimiser].run)(plan, provider, options, folders)
         final = build_plan(config, open_source, source_label=source_label)
         tensor_names = list(result.tensor_names)
         return PreparedMerge(
@@ -114,11 +138,13 @@ def prepare_plan(
             notes=[
                 f"`{method.name}` learned the coefficients of a `{config.merge_method}` plan "
                 "(the output's mergelab_config.yml re-runs it)",
-                *([_coefficients_note(result.coefficients)] if result.coefficients.dim() == 1 else []),
+                *([_coefficients_note(method.name, result.coefficients)] if result.coefficients.dim() == 1 else []),
+                *getattr(result, "notes", ()),
             ],
             coefficients=result.coefficients,
             coefficient_tensors=tensor_names,
-            entropy_history=list(result.entropy_history),
+            entropy_history=list(getattr(result, "entropy_history", ())),
+            optimisation=result,
         )
     if method.statistics:
         from mergelab.stats.stage import collect_statistics
@@ -143,8 +169,8 @@ def prepare_plan(
     return PreparedMerge(plan=plan, config=plan.config)
 
 
-def _coefficients_note(coefficients: torch.Tensor) -> str:
-    return "AdaMerging coefficients: " + ", ".join(f"{c:.3f}" for c in coefficients.tolist())
+def _coefficients_note(method: str, coefficients: torch.Tensor) -> str:
+    return f"`{method}` coefficients: " + ", ".join(f"{c:.3f}" for c in coefficients.tolist())
 
 
 def statistics_folders(config: MergeConfig, plan: MergePlan, config_dir: Path | None) -> dict[str, Path]:
@@ -229,17 +255,16 @@ def describe_data_stage(plan: MergePlan, config_dir: Path | None = None) -> dict
         )
         return out
     if method.optimiser is not None:
-        params = plan.tasks[0].params if plan.tasks else {}
-        steps = int(params.get("steps", 0))
-        batch = data.batch_size if data is not None else 0
+        described = _load(OPTIMISERS[method.optimiser].describe)(plan)
+        used = described.pop("examples", None)
+        if used is not None:
+            for source in per_source:
+                source["examples"] = used
         out.update(
             stage="optimiser",
             optimiser=method.optimiser,
             options=dict(method.optimiser_options),
-            output="a task_arithmetic config with the learned per-model (per-tensor) weights",
-            estimated_forward_passes=steps * len(sources) * batch,
-            cost=f"{steps} steps x {len(sources)} task(s) x {batch} examples, each a forward and "
-            "a backward pass through the merged model",
+            **described,
         )
         return out
     kinds = [KINDS[k] for k in method.statistics]

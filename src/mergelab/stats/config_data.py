@@ -86,10 +86,14 @@ def _head_labels(head_file: Path, task, labels):
 
 
 def needs_logits(method) -> bool:
-    """Whether the method's data stage needs each model's task head (declarations only)."""
+    """Whether the method's data stage needs each model's task head (declarations only: its
+    optimiser's, or its statistics kinds')."""
+    from mergelab.plan.stages import OPTIMISERS
     from mergelab.stats.stage import KINDS
 
-    return method.runs_heads or any(KINDS[k].needs_logits for k in method.statistics)
+    if method.optimiser is not None:
+        return OPTIMISERS[method.optimiser].needs_logits
+    return method.trains_extras or any(KINDS[k].needs_logits for k in method.statistics)
 
 
 class ConfigData:
