@@ -56,7 +56,8 @@ def connect(address: str | None, *, purpose: str, num_cpus: int | None = None) -
     address: "auto" (the cluster `ray start` runs on this machine, or RAY_ADDRESS), a GCS
         address "HOST:PORT", a Ray Client address "ray://HOST:PORT", or None / "local" to start
         a local Ray for the block with `num_cpus` CPUs (None: every core). When this process is
-        already connected (`ray.init` was called before), that connection is used as it is.
+        already connected (`ray.init` was called before), that connection is used as it is (an
+        address naming another cluster is then an error).
     purpose: what needs Ray, for the error messages ("the merge over a Ray cluster").
 
     Raises:
@@ -64,12 +65,16 @@ def connect(address: str | None, *, purpose: str, num_cpus: int | None = None) -
             anything is started.
     """
     ray = import_ray(purpose)
-    if ray.is_initialized():
-        yield ray
-        return
     local = address in (None, LOCAL)
     if not local and address != "auto":
         check_reachable(address)
+    if ray.is_initialized():
+        current = ray.get_runtime_context().gcs_address
+        if local or address in ("auto", current):
+            yield ray
+            return
+        raise MergeLabError(f"this process is connected to the Ray cluster at {current!r} "
+                            f"already; it cannot also use {address!r}")  # fmt: skip
     try:
         if local:
             ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
@@ -125,14 +130,14 @@ def _probe(files: dict[str, int], folder: str, token: str, driver_file: str, nod
         written = f"<{exc.strerror or exc}>"
     if written != token:
         problems.append(
-            f"output folder {folder}: the probe file the driver wrote there is not visible "
-            f"(read {written[:40]!r})"
+            f"output location {folder}: the probe file the driver wrote there is not visible "
+            f"({written[:60]})"
         )
     else:
         try:
             Path(folder, node_file).write_text(token)
         except OSError as exc:
-            problems.append(f"output folder {folder}: cannot write a file: {exc.strerror or exc}")
+            problems.append(f"output location {folder}: cannot write a file: {exc.strerror or exc}")
     return problems
 
 
@@ -178,8 +183,8 @@ def check_shared_storage(ray, nodes: Sequence[Node], files: Sequence[str | os.Pa
             if not found:
                 seen = folder / node_files[node.node_id]
                 if not seen.is_file() or seen.read_text() != token:
-                    found = [f"output folder {folder}: the node wrote a probe file the driver "
-                             "cannot see"]
+                    found = [f"output location {folder}: the node wrote a probe file the "
+                             "driver cannot see"]
             problems += [f"{node}: {p}" for p in found]
     finally:
         for name in (driver_file, *node_files.values()):
