@@ -33,7 +33,7 @@ import torch
 from mergelab.checkpoint.format import build_header, dtype_code, tensor_nbytes
 from mergelab.checkpoint.shards import INDEX_FILE_NAME, ShardPlan, parse_size, plan_shards
 from mergelab.errors import CheckpointError
-from mergelab.fileio import move_into_place
+from mergelab.fileio import move_into_place, replace_file
 
 
 def _pid_alive(pid: int) -> bool:
@@ -633,7 +633,7 @@ class ShardFileWriter(ShardedWriter):
                 part = self._parts[file_name]
                 _fsync_path(part)
                 receipts.append(ShardReceipt(file_name, part.stat().st_size, file_crc32(part)))
-                os.replace(part, self.tmp_dir / file_name)
+                replace_file(part, self.tmp_dir / file_name)
             _fsync_path(self.tmp_dir, directory=True)
         except OSError as exc:
             with self._lock:
