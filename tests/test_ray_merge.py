@@ -275,10 +275,19 @@ def _stop_inside_a_shard(parent: Path, timeout: float = 90.0) -> list[int]:
     raise AssertionError("no merge worker was seen writing a shard")
 
 
-def test_a_worker_killed_mid_merge_still_ends_in_a_complete_verified_output(cluster, family, tmp_path):
+@pytest.mark.parametrize("retries", [3, 0], ids=["ray-retries", "driver-reassigns"])
+def test_a_worker_killed_mid_merge_still_ends_in_a_complete_verified_output(
+    cluster, family, tmp_path, monkeypatch, retries
+):
+    """Ray runs the killed task again; with Ray's retries off, the driver hands the task's
+    shards out again itself, one task each, and says so."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mergelab.engine import distributed
+
     root, config = family
     cluster.ensure(1)
-    from concurrent.futures import ThreadPoolExecutor
+    monkeypatch.setattr(distributed, "TASK_RETRIES", retries)
 
     with ThreadPoolExecutor(1) as pool:
         merging = pool.submit(api.merge, config, tmp_path / "out", out_shard_size=64 * 32 * 2 * 2,
@@ -287,9 +296,16 @@ def test_a_worker_killed_mid_merge_still_ends_in_a_complete_verified_output(clus
         assert not (tmp_path / "out").exists()
         for pid in stopped:
             os.kill(pid, signal.SIGKILL)
-        merging.result(timeout=120)
-    assert_same_files(root / "local", tmp_path / "out")  # Ray ran the task again, in full
+        report = merging.result(timeout=120)
+    assert_same_files(root / "local", tmp_path / "out")  # the task ran again, in full
     assert not _unfinished_parts(tmp_path)
+    reassigned = [n for n in report.notes if n.startswith("reassigned")]
+    if retries:
+        assert reassigned == []
+    else:  # the one task held all five shards: each is now a task of its own
+        assert reassigned == ["reassigned after a lost worker or a shard that did not check out: "
+                              + ", ".join(_shards(root / "local"))]
+        assert any("5 shard(s) in 1 task(s)" in n for n in report.notes)
 
 
 def test_a_node_lost_mid_merge_has_its_shards_merged_elsewhere(cluster, family, tmp_path):

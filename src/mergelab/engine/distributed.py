@@ -33,6 +33,11 @@ from mergelab.errors import CheckpointError, MergeError, MergeLabError
 from mergelab.plan.planner import MergePlan
 from mergelab.progress import progress_bar
 
+# Ray runs a task again this many times when its worker or node dies; then the driver hands
+# the task's shards out anew, one task each, up to REASSIGN_ROUNDS times per shard.
+TASK_RETRIES = 3
+REASSIGN_ROUNDS = 2
+
 
 class PlanRecipe(Protocol):
     """How a worker gets the driver's plan: plans the same config over the same files
@@ -131,15 +136,18 @@ def execute_on_cluster(
     progress: bool = True,
     out_dir: str | None = None,
     cpus_per_task: int = 1,
-    max_retries: int = 3,
-    reassign_rounds: int = 2,
+    max_retries: int | None = None,
+    reassign_rounds: int | None = None,
 ) -> MergeReport:
     """Merge `plan` into `writer` (made with ``shards_elsewhere=True``) on Ray tasks, one per
     group of shards (as many groups as the `nodes` have CPUs for, at most one per shard);
     returns when every shard is adopted (verified). The caller writes the side files and
-    commits. Raises the merge's own error as it is; a MergeError when shards cannot be merged
-    after every retry and reassignment (naming them and why)."""
+    commits. `max_retries` / `reassign_rounds`: TASK_RETRIES / REASSIGN_ROUNDS by default.
+    Raises the merge's own error as it is; a MergeError when a shard cannot be merged after
+    every retry and reassignment (naming it and why)."""
     start = time.perf_counter()
+    max_retries = TASK_RETRIES if max_retries is None else max_retries
+    reassign_rounds = REASSIGN_ROUNDS if reassign_rounds is None else reassign_rounds
     layout = writer.layout
     files = writer.plan.filenames
     slots = max(1, sum(node.cpus for node in nodes) // cpus_per_task)
