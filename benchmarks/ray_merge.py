@@ -147,9 +147,73 @@ def costs(rows: list[dict]) -> str:
         f"Per-shard costs measured on the {LABEL[r['size']]} set (local merge, `--profile`; "
         f"phases overlap across threads): reading {p['read'] / gb_in:.2f} s per GB of input, "
         f"merge kernels ({r['method']}) {p['compute'] / gb_out:.2f} s per GB of output, "
-        f"writing {p['write'] / gb_out:.2f} s per GB of output, CRC-32 "
-        f"{r['crc_s_per_gb']:.2f} s per GB (paid twice: the worker, then the driver)."
+        f"writing {p['write'] / gb_out:.2f} s per GB of output; the whole merge "
+        f"{r['local_merge_s'] / gb_out:.1f} s per GB of output on this 2-core machine; CRC-32 "
+        f"{r['crc_s_per_gb']:.2f} s per GB on one thread (paid twice: the worker, then the driver)."
     )
+
+
+# Three 405B-parameter bf16 checkpoints (Llama 3.1 405B: 126 layers, hidden 16384, vocabulary
+# 128256), merged into one, in the default 5 GB shards. What a cluster adds that this machine
+# cannot measure is stated as assumptions: a 25 Gb/s NIC per node and a shared file system
+# serving 40 GB/s in all; each node is taken to be this machine (2 cores), running 2 tasks.
+P405_GB = 405e9 * 2 / 1e9
+P405_SHARDS = 163  # 810 GB in 5 GB shards (the largest tensor, 4.2 GB, fits one)
+P405_LARGEST_GB = 128256 * 16384 * 2 / 1e9
+NIC_GB_S = 25 / 8
+STORAGE_GB_S = 40.0
+DRIVER_THREADS = 2
+
+
+def projection(rows: list[dict]) -> str:
+    """Projected wall time of merging three 405B checkpoints on 1, 8 and 64 nodes, from the
+    measured per-GB costs, and what bounds each."""
+    r = max(rows, key=lambda r: r["params"])
+    node_s_per_gb = r["local_merge_s"] / r["out_gb"] + r["crc_s_per_gb"]  # merge + worker CRC
+    overhead = r["ray"][1]["s"] - r["local_s"]  # connect, probe, a worker's start-up and re-plan
+    shard_gb = P405_GB / P405_SHARDS
+    driver_gb_s = min(NIC_GB_S, DRIVER_THREADS / r["crc_s_per_gb"])
+    lines = [
+        "| nodes | shards on the busiest node | merging on the nodes s | node network s "
+        "(3 reads + 1 write per output byte) | shared storage s (inputs, output, driver re-read) "
+        "| driver re-check s | projected wall | bound |",
+        "|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for nodes in (1, 8, 64):
+        busiest = -(-P405_SHARDS // nodes)
+        bounds = {
+            "merging on the nodes (CPU: this machine's per-GB cost)": busiest * shard_gb * node_s_per_gb,
+            "node network": busiest * shard_gb * 4 / NIC_GB_S,
+            "shared storage": (3 * P405_GB + 2 * P405_GB) / STORAGE_GB_S,
+            "the driver's re-check of every shard": P405_GB / driver_gb_s,
+        }
+        name, worst = max(bounds.items(), key=lambda kv: kv[1])
+        # The last shard is checked after its task ends; everything else overlaps.
+        total = worst + shard_gb / driver_gb_s + overhead
+        values = list(bounds.values())
+        lines.append(
+            f"| {nodes} | {busiest} | {values[0]:,.0f} | {values[1]:,.0f} | {values[2]:,.0f} | "
+            f"{values[3]:,.0f} | {_duration(total)} | {name} |"
+        )
+    return (
+        f"Projected from those costs for three 405B-parameter bf16 checkpoints "
+        f"({3 * P405_GB:,.0f} GB read, {P405_GB:,.0f} GB written in {P405_SHARDS} shards of 5 GB; "
+        f"largest tensor {P405_LARGEST_GB:.1f} GB), each node like this machine "
+        f"({node_s_per_gb:.1f} s per GB of output: merge plus the worker's CRC-32), a "
+        f"{NIC_GB_S * 8:.0f} Gb/s NIC per node, a shared file system of {STORAGE_GB_S:.0f} GB/s "
+        f"and a driver checking shards on {DRIVER_THREADS} threads "
+        f"({driver_gb_s:.1f} GB/s); fixed cost {overhead:.1f} s (connect, probe, a worker's "
+        f"start-up, measured above). Assumed, not measured: the NIC and the file system.\n\n"
+        + "\n".join(lines)
+    )
+
+
+def _duration(seconds: float) -> str:
+    if seconds >= 3600:
+        return f"{seconds / 3600:.1f} h"
+    if seconds >= 60:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds:.0f} s"
 
 
 def main() -> None:
@@ -180,7 +244,7 @@ def main() -> None:
         f"`ray.cluster_utils.Cluster`), started before the timed command. Output shards of "
         + ", ".join(f"{SHARD_SIZE[s]} ({LABEL[s]})" for s in sizes)
         + f". 1-minute load average {load_start:.1f} at the start and {load_end:.1f} at the "
-        f"end{busy}.\n\n{table(rows)}\n\n{costs(rows)}"
+        f"end{busy}.\n\n{table(rows)}\n\n{costs(rows)}\n\n{projection(rows)}"
     )
     print(body)
     if args.write_docs:

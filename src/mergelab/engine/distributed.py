@@ -23,6 +23,7 @@ import hashlib
 import os
 import time
 from collections.abc import Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -141,7 +142,7 @@ def execute_on_cluster(
 ) -> MergeReport:
     """Merge `plan` into `writer` (made with ``shards_elsewhere=True``) on Ray tasks, one per
     group of shards (as many groups as the `nodes` have CPUs for, at most one per shard);
-    returns when every shard is adopted (verified). The caller writes the side files and
+    returns when every shard is adopted (verified, on driver threads as tasks return). The caller writes the side files and
     commits. `max_retries` / `reassign_rounds`: TASK_RETRIES / REASSIGN_ROUNDS by default.
     Raises the merge's own error as it is; a MergeError when a shard cannot be merged after
     every retry and reassignment (naming it and why)."""
@@ -182,11 +183,21 @@ def execute_on_cluster(
 
     for group in groups:
         submit([files[i] for i in group])
+    # Shards are read back and checked on driver threads (zlib releases the GIL) while the
+    # remaining tasks run.
+    checks = ThreadPoolExecutor(max_workers=max(1, min(os.cpu_count() or 1, 8)),
+                                thread_name_prefix="mergelab-verify")  # fmt: skip
+    checking: dict[Future, str] = {}
     with progress_bar(f"merge on Ray ({plan.method.name})", len(files),
                       progress and bool(files), unit="shards", transient=False) as advance:  # fmt: skip
         try:
-            while pending:
-                ready, _ = ray.wait(list(pending), num_returns=1)
+            while pending or checking:
+                if pending:
+                    ready, _ = ray.wait(list(pending), num_returns=1,
+                                        timeout=0.05 if checking else None)  # fmt: skip
+                else:
+                    wait(checking, return_when=FIRST_COMPLETED)
+                    ready = []
                 for ref in ready:
                     names = pending.pop(ref)
                     try:
@@ -203,16 +214,21 @@ def execute_on_cluster(
                     state.nodes.add(done.node_id)
                     state.reports.append(done.report)
                     for receipt in done.receipts:
-                        try:
-                            writer.adopt(receipt)
-                        except CheckpointError as exc:
-                            reassign([receipt.file_name], str(exc))
-                            continue
-                        advance(1)
+                        checking[checks.submit(writer.adopt, receipt)] = receipt.file_name
+                for future in [f for f in checking if f.done()]:
+                    name = checking.pop(future)
+                    try:
+                        future.result()
+                    except CheckpointError as exc:
+                        reassign([name], str(exc))
+                        continue
+                    advance(1)
         except BaseException:
             for ref in pending:
                 ray.cancel(ref, force=True)
             raise
+        finally:
+            checks.shutdown(wait=True, cancel_futures=True)
     reports = state.reports
     notes = list(plan.notes) + [
         f"merged on Ray: {len(files)} shard(s) in {len(groups)} task(s) over "
