@@ -146,7 +146,7 @@ def costs(rows: list[dict]) -> str:
     return (
         f"Per-shard costs measured on the {LABEL[r['size']]} set (local merge, `--profile`; "
         f"phases overlap across threads): reading {p['read'] / gb_in:.2f} s per GB of input, "
-        f"merge kernels ({r['method']}) {p['compute'] / gb_out:.2f} s per GB of output, "
+        f"merge kernels ({r['method']}) {p['compute'] / gb_out:.2f} thread-seconds per GB of output, "
         f"writing {p['write'] / gb_out:.2f} s per GB of output; the whole merge "
         f"{r['local_merge_s'] / gb_out:.1f} s per GB of output on this 2-core machine; CRC-32 "
         f"{r['crc_s_per_gb']:.2f} s per GB on one thread (paid twice: the worker, then the driver)."
