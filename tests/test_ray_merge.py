@@ -5,7 +5,8 @@ leaves nothing that looks finished; an unreachable address, inputs a node cannot
 output folder only the driver sees are errors naming the address or path before any tensor is
 merged. The shard assignment and the writer's shard hand-over are checked without Ray.
 
-One cluster (a head without CPUs plus one or two 1-CPU worker nodes) serves the whole file.
+One cluster (a head without CPUs plus one or two 1-CPU worker nodes) serves the whole file;
+the tests on one worker node come first, so the second node starts once.
 """
 
 from __future__ import annotations
@@ -226,19 +227,6 @@ def family(tmp_path_factory):
     return root, config
 
 
-@pytest.mark.parametrize("nodes", [1, 2])
-def test_merge_on_ray_is_the_single_process_merge_byte_for_byte(cluster, family, tmp_path, nodes):
-    root, config = family
-    cluster.ensure(nodes)
-    report = api.merge(config, tmp_path / "out", out_shard_size=64 * 32 * 2 * 2, progress=False,
-                       ray_address=cluster.address)  # fmt: skip
-    assert_same_files(root / "local", tmp_path / "out")
-    assert report.tensors == 10
-    assert any(f"5 shard(s) in {nodes} task(s) over {nodes} node(s) of {nodes}" in n
-               for n in report.notes), report.notes  # fmt: skip
-    assert not list(tmp_path.glob(".out*"))  # nothing left beside the output
-
-
 def _merge_workers() -> list[int]:
     """Pids of Ray workers running a merge task now (their process title names the task)."""
     pids = []
@@ -308,28 +296,6 @@ def test_a_worker_killed_mid_merge_still_ends_in_a_complete_verified_output(
         assert any("5 shard(s) in 1 task(s)" in n for n in report.notes)
 
 
-def test_a_node_lost_mid_merge_has_its_shards_merged_elsewhere(cluster, family, tmp_path):
-    root, config = family
-    cluster.ensure(2)
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(1) as pool:
-        merging = pool.submit(api.merge, config, tmp_path / "out", out_shard_size=64 * 32 * 2 * 2,
-                              progress=False, ray_address=cluster.address)  # fmt: skip
-        stopped = _stop_inside_a_shard(tmp_path)
-        lost = next(n for n in cluster.workers if _node_of(n, stopped))
-        cluster.lose(lost)  # its raylet and workers are killed (SIGKILL)
-        for pid in stopped:
-            try:
-                os.kill(pid, signal.SIGCONT)
-            except ProcessLookupError:
-                pass  # on the lost node
-        report = merging.result(timeout=120)
-    assert_same_files(root / "local", tmp_path / "out")
-    assert not _unfinished_parts(tmp_path)
-    assert report.tensors == 10
-
-
 def _node_of(node, pids: list[int]) -> bool:
     """Whether one of `pids` is a worker of `node` (a child of its raylet)."""
     raylets = {p.process.pid for p in node.all_processes.get("raylet", [])}
@@ -394,6 +360,19 @@ def test_an_unreachable_ray_address_is_an_error_naming_it(cluster, family, tmp_p
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
 
 
+@pytest.mark.parametrize("nodes", [1, 2])
+def test_merge_on_ray_is_the_single_process_merge_byte_for_byte(cluster, family, tmp_path, nodes):
+    root, config = family
+    cluster.ensure(nodes)
+    report = api.merge(config, tmp_path / "out", out_shard_size=64 * 32 * 2 * 2, progress=False,
+                       ray_address=cluster.address)  # fmt: skip
+    assert_same_files(root / "local", tmp_path / "out")
+    assert report.tensors == 10
+    assert any(f"5 shard(s) in {nodes} task(s) over {nodes} node(s) of {nodes}" in n
+               for n in report.notes), report.notes  # fmt: skip
+    assert not list(tmp_path.glob(".out*"))  # nothing left beside the output
+
+
 def _can_unshare() -> bool:
     try:
         return subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode == 0
@@ -438,3 +417,25 @@ def test_inputs_or_an_output_folder_only_the_driver_sees_are_errors_naming_them(
     assert "the probe file the driver wrote there is not visible" in second
     assert "EXISTS False ['in']" in second  # nothing merged, the partial folder removed
     assert not (tmp_path / "out").exists()
+
+
+def test_a_node_lost_mid_merge_has_its_shards_merged_elsewhere(cluster, family, tmp_path):
+    root, config = family
+    cluster.ensure(2)
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool:
+        merging = pool.submit(api.merge, config, tmp_path / "out", out_shard_size=64 * 32 * 2 * 2,
+                              progress=False, ray_address=cluster.address)  # fmt: skip
+        stopped = _stop_inside_a_shard(tmp_path)
+        lost = next(n for n in cluster.workers if _node_of(n, stopped))
+        cluster.lose(lost)  # its raylet and workers are killed (SIGKILL)
+        for pid in stopped:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass  # on the lost node
+        report = merging.result(timeout=120)
+    assert_same_files(root / "local", tmp_path / "out")
+    assert not _unfinished_parts(tmp_path)
+    assert report.tensors == 10
