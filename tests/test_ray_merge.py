@@ -77,9 +77,9 @@ def test_shards_written_elsewhere_are_the_same_bytes_and_are_checked(tmp_path):
         receipts = []
         for group in (layout.file_names[:1], layout.file_names[1:]):
             part = ShardFileWriter(layout, group)
+            other = layout.names_of([f for f in layout.file_names if f not in group])[0]
             with pytest.raises(CheckpointError, match="is not in the output plan"):
-                part.write(layout.names_of(layout.file_names[2:])[0] if group == layout.file_names[:1]
-                           else "t0", tensors["t0"])  # fmt: skip
+                part.write(other, tensors[other])  # a tensor of a shard it does not write
             for name in reversed(layout.names_of(group)):  # any order
                 part.write(name, tensors[name])
             receipts += part.finish()
@@ -107,6 +107,10 @@ def test_shards_written_elsewhere_are_the_same_bytes_and_are_checked(tmp_path):
             writer.commit()
         writer.abort()
     assert not (tmp_path / "bad").exists()
+    with ShardedWriter(tmp_path / "own", _entries(), max_shard_size=100) as writer:
+        with pytest.raises(CheckpointError, match="writes its own shards"):
+            writer.adopt(first)
+        writer.abort()
 
 
 def test_an_unfinished_shard_writer_leaves_no_shard(tmp_path):

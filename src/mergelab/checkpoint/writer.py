@@ -398,6 +398,9 @@ class ShardedWriter:
         """
         with self._lock:
             self._check_state()
+            if not self._shards_elsewhere:
+                raise CheckpointError(f"the writer of {self.out_dir} writes its own shards; "
+                                      "adopt needs ShardedWriter(..., shards_elsewhere=True)")  # fmt: skip
             if receipt.file_name not in self.plan.filenames:
                 raise CheckpointError(f"{receipt.file_name!r} is not a shard of {self.out_dir}")
         prefix, ordered, _, size = self._shard_header(receipt.file_name)
