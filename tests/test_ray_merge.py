@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import save_file
 
 from mergelab import api
@@ -226,9 +227,15 @@ def family(tmp_path_factory):
     it five output shards."""
     root = tmp_path_factory.mktemp("family")
     config = build_family(root / "in")
-    api.merge(config, root / "local", out_shard_size=64 * 32 * 2 * 2, progress=False)
+    # A config file naming its models relative to its folder (or, for a Ray worker, to the
+    # driver's current folder): each worker resolves them as the driver does.
+    config["base_model"] = "m0"
+    config["models"][0]["model"], config["models"][1]["model"] = "./m1", "m2"
+    (root / "in" / "merge.yml").write_text(yaml.safe_dump(config))
+    api.merge(root / "in" / "merge.yml", root / "local", out_shard_size=64 * 32 * 2 * 2,
+              progress=False)  # fmt: skip
     assert len(_shards(root / "local")) == 5
-    return root, config
+    return root, str(root / "in" / "merge.yml")
 
 
 def _merge_workers() -> list[int]:
@@ -356,8 +363,7 @@ def test_an_unreachable_ray_address_is_an_error_naming_it(cluster, family, tmp_p
     from mergelab.cli import app
 
     _, config = family
-    (tmp_path / "merge.yml").write_text(json.dumps(config))
-    done = CliRunner().invoke(app, ["merge", str(tmp_path / "merge.yml"), str(tmp_path / "out"),
+    done = CliRunner().invoke(app, ["merge", config, str(tmp_path / "out"),
                                     "--ray-address", "127.0.0.1:1", "--no-progress"])  # fmt: skip
     assert done.exit_code != 0
     assert "cannot connect to the Ray cluster at '127.0.0.1:1'" in " ".join(done.output.split())
@@ -365,10 +371,14 @@ def test_an_unreachable_ray_address_is_an_error_naming_it(cluster, family, tmp_p
 
 
 @pytest.mark.parametrize("nodes", [1, 2])
-def test_merge_on_ray_is_the_single_process_merge_byte_for_byte(cluster, family, tmp_path, nodes):
+def test_merge_on_ray_is_the_single_process_merge_byte_for_byte(
+    cluster, family, tmp_path, monkeypatch, nodes
+):
     root, config = family
     cluster.ensure(nodes)
-    report = api.merge(config, tmp_path / "out", out_shard_size=64 * 32 * 2 * 2, progress=False,
+    monkeypatch.chdir(root)  # the config's path relative to the driver's current folder
+    report = api.merge(os.path.relpath(config, root), tmp_path / "out",
+                       out_shard_size=64 * 32 * 2 * 2, progress=False,
                        ray_address=cluster.address)  # fmt: skip
     assert_same_files(root / "local", tmp_path / "out")
     assert report.tensors == 10

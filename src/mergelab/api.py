@@ -40,11 +40,10 @@ def _read_config(config: str | os.PathLike | Mapping | MergeConfig) -> tuple[Mer
 def _resolve_path(name: str, config_dir: Path | None, cwd: Path | None = None) -> Path:
     """A path of the config: as given (relative to `cwd`, by default the current folder), else
     relative to the config file's folder."""
-    path = Path(name).expanduser()
-    if cwd is not None and not path.is_absolute():
-        path = cwd / path
-    if not path.exists() and config_dir is not None and not path.is_absolute():
-        candidate = config_dir / path
+    given = Path(name).expanduser()
+    path = cwd / given if cwd is not None and not given.is_absolute() else given
+    if not path.exists() and config_dir is not None and not given.is_absolute():
+        candidate = config_dir / given
         if candidate.exists():
             path = candidate
     if not path.exists():
