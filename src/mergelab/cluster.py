@@ -119,6 +119,8 @@ def _probe(files: dict[str, int], folder: str, token: str, driver_file: str, nod
     for path, size in files.items():
         try:
             seen = os.stat(path).st_size
+            with open(path, "rb") as handle:  # readable here, not only listed
+                handle.read(8)
         except OSError as exc:
             problems.append(f"input {path}: {exc.strerror or exc}")
             continue
