@@ -118,7 +118,6 @@ def merge_shards(
 
 @dataclass
 class _Progress:
-    tasks: int = 0
     retried: list[str] = field(default_factory=list)
     nodes: set[str] = field(default_factory=set)
     reports: list[MergeReport] = field(default_factory=list)
@@ -142,8 +141,9 @@ def execute_on_cluster(
 ) -> MergeReport:
     """Merge `plan` into `writer` (made with ``shards_elsewhere=True``) on Ray tasks, one per
     group of shards (as many groups as the `nodes` have CPUs for, at most one per shard);
-    returns when every shard is adopted (verified, on driver threads as tasks return). The caller writes the side files and
-    commits. `max_retries` / `reassign_rounds`: TASK_RETRIES / REASSIGN_ROUNDS by default.
+    returns when every shard is adopted (verified on driver threads as its task returns). The
+    caller writes the side files and commits. `max_retries` / `reassign_rounds`: TASK_RETRIES /
+    REASSIGN_ROUNDS by default.
     Raises the merge's own error as it is; a MergeError when a shard cannot be merged after
     every retry and reassignment (naming it and why)."""
     start = time.perf_counter()
@@ -168,7 +168,6 @@ def execute_on_cluster(
     def submit(names: Sequence[str]) -> None:
         ref = remote.remote(recipe_ref, layout_ref, list(names), fingerprint, options)
         pending[ref] = tuple(names)
-        state.tasks += 1
 
     def reassign(names: Sequence[str], why: str) -> None:
         for name in names:
@@ -225,7 +224,10 @@ def execute_on_cluster(
                     advance(1)
         except BaseException:
             for ref in pending:
-                ray.cancel(ref, force=True)
+                try:
+                    ray.cancel(ref, force=True)
+                except Exception:  # noqa: BLE001 - already finished or its node gone
+                    pass
             raise
         finally:
             checks.shutdown(wait=True, cancel_futures=True)
