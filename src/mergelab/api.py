@@ -37,11 +37,13 @@ def _read_config(config: str | os.PathLike | Mapping | MergeConfig) -> tuple[Mer
     return load_config(path), path.parent
 
 
-def _resolve_path(name: str, config_dir: Path | None) -> Path:
-    """A path of the config: as given, else relative to the config file's folder."""
-    path = Path(name).expanduser()
-    if not path.exists() and config_dir is not None and not path.is_absolute():
-        candidate = config_dir / path
+def _resolve_path(name: str, config_dir: Path | None, cwd: Path | None = None) -> Path:
+    """A path of the config: as given (relative to `cwd`, by default the current folder), else
+    relative to the config file's folder."""
+    given = Path(name).expanduser()
+    path = cwd / given if cwd is not None and not given.is_absolute() else given
+    if not path.exists() and config_dir is not None and not given.is_absolute():
+        candidate = config_dir / given
         if candidate.exists():
             path = candidate
     if not path.exists():
@@ -49,10 +51,12 @@ def _resolve_path(name: str, config_dir: Path | None) -> Path:
     return path
 
 
-def _opener(config_dir: Path | None, stages: Mapping[str, Any] | None = None):
-    """The source opener of a config: paths as given or under `config_dir`, `model+adapter`
-    pairs, and (multi-document configs) stage names: `stages` maps a stage's name to its
-    written folder, or to its output's tensor list before it ran (a ListedSource)."""
+def _opener(config_dir: Path | None, stages: Mapping[str, Any] | None = None,
+            cwd: Path | None = None):  # fmt: skip
+    """The source opener of a config: paths as given (relative to `cwd`, by default the
+    current folder) or under `config_dir`, `model+adapter` pairs, and (multi-document configs)
+    stage names: `stages` maps a stage's name to its written folder, or to its output's tensor
+    list before it ran (a ListedSource)."""
 
     def open_source(model: str):
         if stages is not None and model in stages:
@@ -64,8 +68,9 @@ def _opener(config_dir: Path | None, stages: Mapping[str, Any] | None = None):
             # mergekit's `model: ./base+./my-lora`: the adapter folded in tensor by tensor.
             pair = split_model_adapter(model)
             if pair is not None:
-                return open_folded(_resolve_path(pair[0], config_dir), _resolve_path(pair[1], config_dir))
-        return open_checkpoint(_resolve_path(model, config_dir))
+                return open_folded(_resolve_path(pair[0], config_dir, cwd),
+                                   _resolve_path(pair[1], config_dir, cwd))  # fmt: skip
+        return open_checkpoint(_resolve_path(model, config_dir, cwd))
 
     return open_source
 
@@ -195,6 +200,7 @@ def merge(
     progress: bool = True,
     workers: int | None = None,
     strict: bool = False,
+    ray_address: str | None = None,
 ) -> MergeReport | MergePlan:
     """Merge the checkpoints a config names and write the result to `out_dir`.
 
@@ -211,11 +217,21 @@ def merge(
     A multi-document file (mergekit-multi: stages that read each other by `name`) has every
     stage validated first, then runs them in order, each into a folder inside a temporary
     folder beside `out_dir` (removed at the end), the final stage into `out_dir`.
+    `ray_address` ("auto", "HOST:PORT", "ray://HOST:PORT", or "local" for a Ray started for
+    this merge) spreads the output shards over the tasks of a Ray cluster
+    (mergelab.engine.distributed): the same plan, executor and bytes as a merge here; the
+    inputs and `out_dir`'s parent must be on storage every node sees, which is checked on every
+    node before any tensor is merged. Data-free, single-document configs only.
     Returns a MergeReport (timings, bytes, notes).
     """
     options = dict(device=device, out_shard_size=out_shard_size, overwrite=overwrite, seed=seed,
-                   allow_nonfinite=allow_nonfinite, progress=progress, workers=workers)
+                   allow_nonfinite=allow_nonfinite, progress=progress, workers=workers,
+                   ray_address=ray_address)  # fmt: skip
     staged = _staged(config)
+    if staged is not None and ray_address is not None:
+        raise ConfigError(["--ray-address: a multi-document config runs its stages one after "
+                           "another on this machine; merge each stage with --ray-address "
+                           "instead"], str(config))  # fmt: skip
     if staged is not None:
         return _merge_stages(staged, Path(config), out_dir, dry_run=dry_run, strict=strict,
                              **options)
@@ -243,9 +259,10 @@ def _merge_config(
     if dry_run:
         plan.config_dir = config_dir
         return plan
+    recipe = _ConfigPlan(cfg, config_dir, label, strict, Path.cwd())
     try:  # the sources' files are closed however the merge ends
         return _merge_plan(plan, out_dir, provider=provider, config_dir=config_dir,
-                           open_source=open_source, label=label, **options)
+                           open_source=open_source, label=label, recipe=recipe, **options)
     finally:
         close_plan(plan)
 
@@ -375,12 +392,15 @@ def _merge_stages(staged: StagedConfig, path: Path, out_dir, *, dry_run: bool, s
 
 def _merge_plan(
     plan: MergePlan, out_dir, *, device, out_shard_size, overwrite, seed, allow_nonfinite,
-    progress, workers, provider, config_dir, open_source, label,
+    progress, workers, provider, config_dir, open_source, label, recipe, ray_address,
 ) -> MergeReport:  # fmt: skip
     try:
         max_shard = parse_size(out_shard_size)
     except ValueError as exc:
         raise ConfigError([f"out_shard_size: {exc}"]) from None
+    if ray_address is not None:
+        return _write_on_cluster(plan, out_dir, max_shard, overwrite, device, seed,
+                                 allow_nonfinite, progress, ray_address, recipe, label)  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="mergelab-stats-") as scratch:
         prepared = None
         if plan.needs_data_stage:
@@ -417,18 +437,92 @@ def _prepare(plan, provider, config_dir, open_source, label, scratch: Path, *, d
     return prepare_plan(plan, provider, options, open_source, folders=folders, source_label=label)
 
 
-def _write(plan, out_dir, max_shard, overwrite, device, seed, allow_nonfinite, progress, workers,
-           trained=None):
+def _writer(plan: MergePlan, out_dir, max_shard: int, overwrite: bool,
+            shards_elsewhere: bool = False) -> ShardedWriter:  # fmt: skip
+    """The output writer of a plan (never writing into one of its inputs)."""
     entries = [(t.name, t.shape, t.out_dtype) for t in plan.tasks]
-    inputs = [p for s in plan.sources.values() for p in getattr(s, "paths", (_source_path(s),))]
-    writer = ShardedWriter(
+    return ShardedWriter(
         out_dir,
         entries,
         max_shard_size=max_shard,
         overwrite=overwrite,
-        inputs=[p for p in inputs if p is not None],
+        inputs=_input_paths(plan),
         metadata={"mergelab_method": plan.method.name},
+        shards_elsewhere=shards_elsewhere,
     )
+
+
+def _input_paths(plan: MergePlan) -> list[Path]:
+    """The files or folders a plan's sources read."""
+    inputs = [p for s in plan.sources.values() for p in getattr(s, "paths", (_source_path(s),))]
+    return [Path(p) for p in inputs if p is not None]
+
+
+def _input_files(plan: MergePlan) -> list[Path]:
+    """Every file a worker opens to plan the config again: each input folder's files (weights,
+    index, config, tokenizer) or the input file itself."""
+    files: list[Path] = []
+    for path in _input_paths(plan):
+        if path.is_dir():
+            files += sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+        else:
+            files.append(path)
+    return list(dict.fromkeys(files))
+
+
+class _ConfigPlan:
+    """Plans a config again on a Ray worker: the same validation over the same files, paths
+    relative to the driver's current folder as on the driver (mergelab.engine.distributed)."""
+
+    def __init__(self, config: MergeConfig, config_dir: Path | None, label: str | None,
+                 strict: bool, cwd: Path):  # fmt: skip
+        self.config, self.config_dir, self.label = config, config_dir, label
+        self.strict, self.cwd = strict, cwd
+
+    def open(self) -> MergePlan:
+        config_dir = self.cwd / self.config_dir if self.config_dir is not None else None
+        opener = _opener(config_dir, cwd=self.cwd)
+        return _build(self.config, opener, self.label, config_dir, strict=self.strict)
+
+    def close(self, plan: MergePlan) -> None:
+        close_plan(plan)
+
+
+def _write_on_cluster(plan, out_dir, max_shard, overwrite, device, seed, allow_nonfinite,
+                      progress, ray_address, recipe, label) -> MergeReport:  # fmt: skip
+    """The merge over a Ray cluster: every node checked first (it sees the inputs and the
+    output's folder), the shards merged and verified there, the index, side files and rename
+    here (mergelab.engine.distributed)."""
+    from mergelab.cluster import check_shared_storage, connect, work_nodes
+    from mergelab.engine.distributed import execute_on_cluster
+
+    problems = []
+    if plan.method.needs_data:
+        problems.append(f"merge_method: `{plan.method.name}` runs data through the models on "
+                        "this machine; --ray-address merges data-free methods")  # fmt: skip
+    for what, side in (("per-task modulators", plan.method.modulation),
+                       ("extra tensors", plan.method.upscaling)):  # fmt: skip
+        if side is not None:
+            problems.append(f"merge_method: `{plan.method.name}` writes {what} beside the "
+                            "merged weights, which --ray-address does not spread")  # fmt: skip
+    if problems:
+        raise ConfigError(problems, label)
+    with connect(ray_address, purpose="a merge over a Ray cluster") as ray:
+        nodes = work_nodes(ray)
+        writer = _writer(plan, out_dir, max_shard, overwrite, shards_elsewhere=True)
+        with writer:
+            check_shared_storage(ray, nodes, _input_files(plan), writer.tmp_dir)
+            report = execute_on_cluster(plan, writer, recipe, ray, nodes, device=device,
+                                        seed=seed, allow_nonfinite=allow_nonfinite,
+                                        progress=progress, out_dir=str(out_dir))  # fmt: skip
+            _write_side_files(plan, writer)
+            writer.commit()
+    return report
+
+
+def _write(plan, out_dir, max_shard, overwrite, device, seed, allow_nonfinite, progress, workers,
+           trained=None):
+    writer = _writer(plan, out_dir, max_shard, overwrite)
     with writer:
         modulators = _modulator_writer(plan, writer)
         extras = _extras_writer(plan, writer, trained)

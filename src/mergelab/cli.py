@@ -55,6 +55,11 @@ def merge(
     strict: bool = typer.Option(
         False, help="Refuse parameters that mergekit accepts and ignores (default: a warning)."
     ),
+    ray_address: str | None = typer.Option(
+        None, help="Merge the output shards on a Ray cluster: `auto`, HOST:PORT, ray://HOST:PORT "
+        "or `local` (a Ray started for this merge). Inputs and the output's folder must be on "
+        "storage every node sees. Needs `pip install 'mergelab[ray]'`.",
+    ),
 ) -> None:
     """Merge the models a CONFIG names into the folder --out."""
     from mergelab import api
@@ -78,6 +83,7 @@ def merge(
             allow_nonfinite=allow_nonfinite,
             progress=progress,
             strict=strict,
+            ray_address=ray_address,
         )
     except MergeLabError as exc:
         fail(exc)

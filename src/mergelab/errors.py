@@ -21,6 +21,9 @@ class ConfigError(MergeLabError):
         lines = "\n".join(f"  - {p}" for p in self.problems)
         super().__init__(f"{len(self.problems)} problem(s){where}:\n{lines}")
 
+    def __reduce__(self):  # pickled as its problems (a Ray worker's error reaches the driver)
+        return (type(self), (self.problems, self.source))
+
 
 class CheckpointError(MergeLabError):
     """A checkpoint cannot be read or written (missing, corrupt, truncated, unsafe, disk full)."""

@@ -54,6 +54,13 @@ def write_atomic(path: str | os.PathLike, fill: Callable[[Path], None]) -> Path:
     return path
 
 
+def replace_file(temporary: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Rename the finished file `temporary` onto `path` (in the same folder), atomically: a
+    reader sees the old file or the new one, never part of one. For files filled in place by
+    their own writer (a shard written tensor by tensor at its offsets)."""
+    os.replace(temporary, path)
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     """Write `text` to `path` atomically (see `write_atomic`)."""
     return write_atomic(path, lambda temporary: temporary.write_text(text))

@@ -6,6 +6,10 @@ straight to its offset with ``os.pwrite``, in any order, from any thread, withou
 shard in memory. Everything is written into a hidden folder beside the output and renamed into
 place by `ShardedWriter.commit`, so a crashed or interrupted merge never leaves a
 finished-looking checkpoint.
+
+The shards may also be written by other processes, on other machines that see the folder (a
+merge over a Ray cluster): a `ShardFileWriter` writes some shards exactly as the writer would,
+and the writer `adopt`s each one after checking its size, header and CRC-32.
 """
 
 from __future__ import annotations
@@ -18,7 +22,9 @@ import re
 import secrets
 import shutil
 import threading
+import zlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType, TracebackType
 
@@ -27,7 +33,7 @@ import torch
 from mergelab.checkpoint.format import build_header, dtype_code, tensor_nbytes
 from mergelab.checkpoint.shards import INDEX_FILE_NAME, ShardPlan, parse_size, plan_shards
 from mergelab.errors import CheckpointError
-from mergelab.fileio import move_into_place
+from mergelab.fileio import move_into_place, replace_file
 
 
 def _pid_alive(pid: int) -> bool:
@@ -85,6 +91,7 @@ class ShardedWriter:
         inputs: Sequence[str | os.PathLike] = (),
         metadata: dict[str, str] | None = None,
         single_file_name: str | None = None,
+        shards_elsewhere: bool = False,
     ):
         self.out_dir = Path(out_dir).expanduser().resolve()
         self.overwrite = overwrite
@@ -120,8 +127,13 @@ class ShardedWriter:
                 f"cannot create the output folder beside {self.out_dir}: {exc}"
             ) from exc
         self._offsets: dict[str, tuple[Path, int]] = {}
+        self._max_shard_size = parse_size(max_shard_size)
+        self._entries = tuple((name, tuple(shape), dtype) for name, shape, dtype in entries)
+        self._shards_elsewhere = shards_elsewhere
+        if shards_elsewhere:
+            return  # the shards come from ShardFileWriters (see `layout` and `adopt`)
         try:
-            self._prewrite_headers()
+            self._prewrite_headers(self.plan.filenames, lambda file_name: self.tmp_dir / file_name)
         except BaseException:
             self.abort()
             raise
@@ -194,22 +206,29 @@ class ShardedWriter:
 
     # -- layout ----------------------------------------------------------------------------------
 
-    def _prewrite_headers(self) -> None:
-        for file_name, names in zip(self.plan.filenames, self.plan.names_by_shard, strict=True):
-            # Widest dtypes first (stable within a width) keeps every tensor aligned to its
-            # element size, as the safetensors library lays files out, so readers that map
-            # tensors in place never need a realigning copy.
-            ordered = sorted(names, key=lambda n: -self._dtypes[n].itemsize)
-            specs = [(n, self._shapes[n], self._dtypes[n]) for n in ordered]
-            prefix, offsets = build_header(specs, self._metadata)
-            path = self.tmp_dir / file_name
+    def _shard_header(self, file_name: str) -> tuple[bytes, list[str], list[int], int]:
+        """The header bytes of shard `file_name`, its tensors in file order, their offsets and
+        the file's size: the same for every process that writes or checks it."""
+        names = self.plan.names_by_shard[self.plan.filenames.index(file_name)]
+        # Widest dtypes first (stable within a width) keeps every tensor aligned to its
+        # element size, as the safetensors library lays files out, so readers that map
+        # tensors in place never need a realigning copy.
+        ordered = sorted(names, key=lambda n: -self._dtypes[n].itemsize)
+        specs = [(n, self._shapes[n], self._dtypes[n]) for n in ordered]
+        prefix, offsets = build_header(specs, self._metadata)
+        size = len(prefix) + sum(tensor_nbytes(s, d) for _, s, d in specs)
+        return prefix, ordered, offsets, size
+
+    def _prewrite_headers(self, file_names: Sequence[str], path_of) -> None:
+        for file_name in file_names:
+            prefix, ordered, offsets, size = self._shard_header(file_name)
+            path = path_of(file_name)
             try:
                 fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
                 try:
                     _pwrite_all(fd, memoryview(prefix), 0)
                     # Sized (sparse) now so every tensor can land at its offset in any order.
-                    data = sum(tensor_nbytes(s, d) for _, s, d in specs)
-                    os.ftruncate(fd, len(prefix) + data)
+                    os.ftruncate(fd, size)
                 finally:
                     os.close(fd)
             except OSError as exc:
@@ -359,6 +378,53 @@ class ShardedWriter:
                 raise CheckpointError(f"output file name {name!r} is reserved for the weights")
         return self.tmp_dir / relative
 
+    # -- shards written elsewhere ---------------------------------------------------------------
+
+    @property
+    def layout(self) -> ShardLayout:
+        """What a `ShardFileWriter` needs to write some of this checkpoint's shards into the
+        temporary folder, byte for byte as this writer would (picklable)."""
+        return ShardLayout(self.tmp_dir, self._entries, self._max_shard_size,
+                           dict(self._metadata), self.plan.filenames)  # fmt: skip
+
+    def adopt(self, receipt: ShardReceipt) -> None:
+        """Take shard `receipt.file_name`, written into the temporary folder by a
+        `ShardFileWriter`, as part of the output once it checks out: its size and header are
+        the planned ones and its CRC-32, read back here, is the one its writer computed.
+
+        Raises:
+            CheckpointError: naming the shard and what differs (the shard is not taken; write
+                it again and adopt it then).
+        """
+        with self._lock:
+            self._check_state()
+            if not self._shards_elsewhere:
+                raise CheckpointError(f"the writer of {self.out_dir} writes its own shards; "
+                                      "adopt needs ShardedWriter(..., shards_elsewhere=True)")  # fmt: skip
+            if receipt.file_name not in self.plan.filenames:
+                raise CheckpointError(f"{receipt.file_name!r} is not a shard of {self.out_dir}")
+        prefix, ordered, _, size = self._shard_header(receipt.file_name)
+        path = self.tmp_dir / receipt.file_name
+        try:
+            seen = path.stat().st_size
+            with open(path, "rb") as handle:
+                head = handle.read(len(prefix))
+            crc = file_crc32(path) if seen == size and head == prefix else None
+        except OSError as exc:
+            raise CheckpointError(f"shard {path} cannot be read back: {exc}") from exc
+        problem = None
+        if seen != size or receipt.nbytes != size:
+            problem = f"{seen} bytes on disk, {receipt.nbytes} reported, {size} planned"
+        elif head != prefix:
+            problem = "its header is not the planned one"
+        elif crc != receipt.crc32:
+            problem = f"CRC-32 {crc:08x} read back, {receipt.crc32:08x} when written"
+        if problem is not None:
+            raise CheckpointError(f"shard {path} does not check out: {problem}")
+        with self._lock:
+            self._pending.difference_update(ordered)
+            self._written.update(ordered)
+
     # -- finishing ------------------------------------------------------------------------------
 
     def commit(self) -> Path:
@@ -383,6 +449,8 @@ class ShardedWriter:
             self._state = "committing"
         current = self.tmp_dir
         try:
+            if self._shards_elsewhere:
+                _remove_unfinished_parts(self.tmp_dir)  # left by workers killed midway
             if self.plan.is_sharded:
                 index = {
                     "metadata": {"total_size": self.plan.total_size},
@@ -461,6 +529,154 @@ class ShardedWriter:
     ) -> None:
         if exc_type is not None:
             self.abort()
+
+
+@dataclass(frozen=True)
+class ShardLayout:
+    """A checkpoint's shard layout and temporary folder, for `ShardFileWriter` (picklable)."""
+
+    folder: Path
+    entries: tuple[tuple[str, tuple[int, ...], torch.dtype], ...]
+    max_shard_size: int
+    metadata: dict[str, str]
+    file_names: tuple[str, ...]
+
+    def names_of(self, file_names: Sequence[str]) -> list[str]:
+        """The tensors the shards `file_names` hold, in plan order."""
+        wanted = set(file_names)
+        plan = _plan_of(self)
+        return [n for f, names in zip(plan.filenames, plan.names_by_shard) if f in wanted
+                for n in names]  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ShardReceipt:
+    """A shard a `ShardFileWriter` finished: its file name, size and CRC-32."""
+
+    file_name: str
+    nbytes: int
+    crc32: int
+
+
+def _plan_of(layout: ShardLayout) -> ShardPlan:
+    return plan_shards(
+        [(name, tensor_nbytes(shape, dtype)) for name, shape, dtype in layout.entries],
+        layout.max_shard_size,
+    )
+
+
+class ShardFileWriter(ShardedWriter):
+    """Writes some shards of a `ShardedWriter(..., shards_elsewhere=True)` into its temporary
+    folder, from any process that sees that folder (a Ray worker on another machine).
+
+    The same layout, headers and offsets as the writer itself, so the bytes are the same. Each
+    shard is filled under a hidden name of its own and renamed to its shard name by `finish`
+    once complete and synced, so a writer killed midway leaves no shard that looks written; a
+    second writer of the same shard (a retry) writes identical bytes.
+
+    Args:
+        layout: `ShardedWriter.layout` of the checkpoint.
+        file_names: the shards this writer fills; only their tensors may be written.
+    """
+
+    def __init__(self, layout: ShardLayout, file_names: Sequence[str]):
+        self.out_dir = self.tmp_dir = Path(layout.folder)
+        self.overwrite = False
+        shapes, dtypes = self._check_entries(layout.entries)
+        self._metadata = dict(layout.metadata)
+        self.plan = _plan_of(layout)
+        if self.plan.filenames != layout.file_names:
+            raise CheckpointError(f"the shard layout of {self.out_dir} does not plan its files")
+        unknown = sorted(set(file_names) - set(self.plan.filenames))
+        if unknown:
+            raise CheckpointError(f"{unknown} are not shards of {self.out_dir}")
+        names = layout.names_of(file_names)
+        self._shapes = {n: shapes[n] for n in names}  # writing any other tensor is an error
+        self._dtypes = {n: dtypes[n] for n in names}
+        self._lock = threading.Lock()
+        self._pending = set(names)
+        self._written = set()
+        self._rows_left = {}
+        self._failure = None
+        self._state = "open"
+        self._offsets = {}
+        self._token = secrets.token_hex(4)
+        self._file_names = tuple(dict.fromkeys(file_names))
+        self._parts: dict[str, Path] = {}
+        try:
+            self._prewrite_headers(self._file_names, self._part_path)
+        except BaseException:
+            self.abort()
+            raise
+
+    def _part_path(self, file_name: str) -> Path:
+        path = self.tmp_dir / f".{file_name}.{os.getpid()}-{self._token}.part"
+        self._parts[file_name] = path
+        return path
+
+    def finish(self) -> list[ShardReceipt]:
+        """Check every tensor was written, sync each shard, compute its CRC-32 and rename it
+        to its shard name. Returns one receipt per shard, for `ShardedWriter.adopt`.
+
+        Raises:
+            CheckpointError: tensors never written (listed), or a failed sync or rename.
+        """
+        with self._lock:
+            self._check_state()
+            missing = sorted(n for n in self._shapes if n not in self._written)
+            if missing:
+                raise CheckpointError(
+                    f"cannot finish shards {list(self._file_names)} of {self.out_dir}: "
+                    f"{len(missing)} tensor(s) were never written: {missing[:20]}"
+                )
+            self._state = "committing"
+        receipts = []
+        try:
+            for file_name in self._file_names:
+                part = self._parts[file_name]
+                _fsync_path(part)
+                receipts.append(ShardReceipt(file_name, part.stat().st_size, file_crc32(part)))
+                replace_file(part, self.tmp_dir / file_name)
+            _fsync_path(self.tmp_dir, directory=True)
+        except OSError as exc:
+            with self._lock:
+                self._state = "open"
+            self.abort()
+            raise self._io_error(exc, "the shards", self.tmp_dir) from exc
+        with self._lock:
+            self._state = "committed"
+        return receipts
+
+    def commit(self) -> Path:
+        raise CheckpointError("a ShardFileWriter is finished with `finish`; its ShardedWriter commits")
+
+    def abort(self) -> None:
+        """Remove this writer's unfinished shard files (never the folder). Safe to call twice."""
+        with self._lock:
+            if self._state in ("committed", "committing", "aborted"):
+                return
+            self._state = "aborted"
+        for part in self._parts.values():
+            part.unlink(missing_ok=True)
+
+
+def _remove_unfinished_parts(folder: Path) -> None:
+    """Delete the hidden files of ShardFileWriters that never finished (killed workers)."""
+    for path in folder.glob(".*.part"):
+        path.unlink(missing_ok=True)
+
+
+def file_crc32(path: str | os.PathLike, chunk: int = 16 << 20) -> int:
+    """The CRC-32 (zlib's) of a file's bytes, read in chunks."""
+    crc = 0
+    buffer = bytearray(chunk)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as handle:
+        while True:
+            count = handle.readinto(buffer)
+            if not count:
+                return crc
+            crc = zlib.crc32(view[:count], crc)
 
 
 def _renamed_single_file(plan: ShardPlan, file_name: str, out_dir: Path) -> ShardPlan:

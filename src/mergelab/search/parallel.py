@@ -10,32 +10,11 @@ extra (`pip install 'mergelab[ray]'`); without it searches run in the driver.
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import ExitStack
 
+from mergelab.cluster import connect
 from mergelab.errors import MergeLabError
 from mergelab.search.study import Evaluator, evaluate_trial
-
-
-def _ray():
-    try:
-        import ray
-    except ImportError:
-        raise MergeLabError(
-            "parallel search needs Ray: `pip install 'mergelab[ray]'` (or run without "
-            "--workers/--ray-address)"
-        ) from None
-    return ray
-
-
-def _check_reachable(address: str, timeout: float = 5.0) -> None:
-    """Fail fast on a cluster address nothing listens on (Ray itself retries for minutes)."""
-    import socket
-
-    host, _, port = address.removeprefix("ray://").rpartition(":")
-    try:
-        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout):
-            pass
-    except (OSError, ValueError) as exc:
-        raise MergeLabError(f"cannot connect to the Ray cluster at {address!r}: {exc}") from None
 
 
 class RayWorkers:
@@ -60,33 +39,28 @@ class RayWorkers:
     ):
         if slots < 1:
             raise MergeLabError(f"--workers must be at least 1; got {slots}")
-        ray = _ray()
-        if address not in (None, "auto"):
-            _check_reachable(address)
+        self._connection = ExitStack()
+        ray = self._connection.enter_context(
+            connect(address, purpose="parallel search", num_cpus=slots)
+        )
         self._ray = ray
-        self._owns_ray = not ray.is_initialized()
-        if self._owns_ray:
-            try:
-                if address is None:
-                    ray.init(num_cpus=slots, include_dashboard=False, log_to_driver=False)
-                else:
-                    ray.init(address=address, include_dashboard=False, log_to_driver=False)
-            except Exception as exc:  # ray raises ConnectionError, RuntimeError, ValueError...
-                raise MergeLabError(f"cannot connect to the Ray cluster at {address!r}: {exc}") from None
+        try:  # a failure here leaves no Ray started behind
+            @ray.remote(num_cpus=1)
+            class _Actor:
+                def __init__(self, space, sources, factory, objective, seed):
+                    self.args = (space, sources, factory(), objective, seed)
 
-        @ray.remote(num_cpus=1)
-        class _Actor:
-            def __init__(self, space, sources, factory, objective, seed):
-                self.args = (space, sources, factory(), objective, seed)
+                def trial(self, key, config):
+                    return key, evaluate_trial(config, *self.args)
 
-            def trial(self, key, config):
-                return key, evaluate_trial(config, *self.args)
-
-        shared = ray.put(sources)
-        self._actors = [_Actor.remote(space, shared, make_evaluator, objective, seed)
-                        for _ in range(slots)]
-        self._idle = list(self._actors)
-        self._pending: dict = {}  # object ref -> actor
+            shared = ray.put(sources)
+            self._actors = [_Actor.remote(space, shared, make_evaluator, objective, seed)
+                            for _ in range(slots)]
+            self._idle = list(self._actors)
+            self._pending: dict = {}  # object ref -> actor
+        except BaseException:
+            self._connection.close()
+            raise
         self.slots = slots
 
     def submit(self, key, config: dict) -> None:
@@ -104,5 +78,4 @@ class RayWorkers:
     def close(self) -> None:
         for actor in self._actors:
             self._ray.kill(actor)
-        if self._owns_ray:
-            self._ray.shutdown()
+        self._connection.close()
