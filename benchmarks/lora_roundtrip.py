@@ -397,6 +397,11 @@ def run_mergekit(args: argparse.Namespace) -> str:
     hidden, inter, layers, vocab = SIZES[args.size]
     base, tuned = fam.base, fam.variants[0]
     env = {**os.environ, **OFFLINE_ENV, "PYTHONPATH": str(REPO / "src")}
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):  # both tools: torch's intra-op threads
+        if args.threads > 0:
+            env[name] = str(args.threads)
+        else:
+            env.pop(name, None)
     mergelab = [sys.executable, "-c", "from mergelab.cli import app; app()"]
     rows = []
     work = WORK / f"mergekit-{args.size}"
@@ -433,8 +438,8 @@ def run_mergekit(args: argparse.Namespace) -> str:
         "mergekit-extract-lora needs and runs on); the fine-tune is `ft1` (every tensor moved by "
         "seeded noise, so the deltas are full-rank: the hardest case for a low rank). Both tools "
         "extract every matrix, embeddings included (mergekit `--embed-lora`, mergelab "
-        "`--embeddings`); the norms are saved whole by both. One CPU thread each "
-        f"(OMP_NUM_THREADS=1), one run per cell, {machine()}; 1-minute load average "
+        "`--embeddings`); the norms are saved whole by both. "
+        f"{_threads_text(args.threads)}, one run per cell, {machine()}; 1-minute load average "
         f"{load_at_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end. Seconds: the whole "
         "command's wall time (interpreter start-up included); peak: the child's maximum resident "
         "set (os.wait4). Error: `||D - BA||_F / ||D||_F` over all LoRA matrices together, computed "
@@ -454,6 +459,12 @@ def run_mergekit(args: argparse.Namespace) -> str:
     write_text_atomic(WORK.parent / f"lora_roundtrip-mergekit-{args.size}.json",
                       json.dumps({"command": args.command, "rows": rows}, indent=1) + "\n")
     return body
+
+
+def _threads_text(threads: int) -> str:
+    if threads <= 0:
+        return "Each tool with the libraries' default threads"
+    return f"{threads} CPU thread{'s' if threads > 1 else ''} each (OMP_NUM_THREADS={threads})"
 
 
 # --------------------------------------------------------------------------- command line
@@ -482,6 +493,8 @@ def main(argv: list[str] | None = None) -> None:
     peer = sub.add_parser("mergekit", help="extraction against mergekit-extract-lora")
     peer.add_argument("--size", default="505m", help="a size of benchmarks/speed_vs_mergekit.py")
     peer.add_argument("--rank", default="32", help="rank(s), comma-separated")
+    peer.add_argument("--threads", type=int, default=1,
+                      help="CPU threads of each tool (OMP_NUM_THREADS; 0: the libraries' default)")
     for p in (zoo, peer):
         p.add_argument("--docs", default=str(DOCS), help="markdown file to update")
     args = parser.parse_args(argv)
