@@ -318,44 +318,55 @@ def run_zoo(args: argparse.Namespace) -> str:
     settings = settings_of(_ints(args.ranks), _floats(args.energies))
     zoo = get_zoo("text", **test_examples_option(args.test_examples))
     runs: dict[str, dict] = {}
-    sections = []
+    sections: list[str] = []
+
+    def publish() -> str:
+        """The docs section and JSON of the recipes done so far (after every recipe, so an
+        interrupted run leaves its finished recipes in the docs)."""
+        wall = time.perf_counter() - started
+        first = next(iter(runs.values()))
+        done = ", ".join(runs)
+        body = "\n".join([
+            "## LoRA round trip: extract from a full fine-tune, fold back, score (text zoo)", "",
+            f"Reproduce: `{args.command}`", "",
+            f"Wall time {wall / 60:.1f} min ({done}), {machine_note(load_at_start)}. For every "
+            "task's fine-tune of MiniLM, `mergelab.lora.ops.extract_adapter` (`mergelab lora "
+            "extract`) extracts an adapter from the fine-tuned minus the pretrained encoder at "
+            "each rank (every changed matrix at that rank, capped by the matrix's rank: 384 is "
+            "MiniLM's full rank) and at each energy threshold (per module the smallest rank "
+            "keeping that share of the delta's squared Frobenius norm); changed biases go to "
+            "`lora_B.bias`, changed LayerNorms and position/type embeddings are saved whole "
+            "(`modules_to_save`); the word embeddings stay frozen in the zoo. The adapter is folded "
+            "back onto the pretrained encoder (the `model+lora` source) and scored on the task's "
+            "test split with the task's own fine-tuned head. Each cell: test accuracy [95% "
+            "bootstrap interval over test examples]; a row's average interval is stratified over "
+            "tasks; `normalised` is the mean of accuracy / the fine-tune's accuracy; `gain kept` "
+            "the share of the fine-tune's gain over the linear probe. "
+            + test_size_note([first["outcomes"][next(iter(first["outcomes"]))]]),
+            "",
+            "Relative reconstruction error: `||D - BA||_F / ||D||_F` over every LoRA matrix of "
+            "the adapter together (D: the fine-tune's change of the matrix), and the worst single "
+            "module; extraction seconds and peak extra resident memory (above the level before "
+            "the call, sampled every 5 ms) are per task's extraction (`extract_adapter`, which "
+            "writes the adapter folder).",
+            "",
+            *sections,
+            "![accuracy against LoRA rank](lora_roundtrip.png)", "",
+        ])
+        update_docs(args.docs, "lora-roundtrip", body)
+        record = {"command": args.command, "wall_seconds": wall,
+                  "settings": [asdict(s) for s in settings],
+                  "runs": {k: {"results": v["results"], "costs": v["costs"]} for k, v in runs.items()}}
+        write_text_atomic(WORK.parent / "lora_roundtrip-zoo.json", json.dumps(record, indent=1) + "\n")
+        return body
+
+    body = ""
     for recipe in [r for r in args.recipes.split(",") if r]:
         run = run_recipe(zoo, recipe, args.seed, settings, lambda m: print(m, flush=True))
         runs[f"{recipe} s{args.seed}"] = run
         sections.append(recipe_markdown(recipe, args.seed, run, settings))
-        # Figures as soon as they exist: the plot after every recipe.
         plot(runs, settings, FIGURE)
-    wall = time.perf_counter() - started
-    first = next(iter(runs.values()))
-    body = "\n".join([
-        "## LoRA round trip: extract from a full fine-tune, fold back, score (text zoo)", "",
-        f"Reproduce: `{args.command}`", "",
-        f"Wall time {wall / 60:.1f} min, {machine_note(load_at_start)}. For every task's fine-tune "
-        "of MiniLM, `mergelab.lora.ops.extract_adapter` (`mergelab lora extract`) extracts an "
-        "adapter from the fine-tuned minus the pretrained encoder at each rank (every changed "
-        "matrix at that rank, capped by the matrix's rank) and at each energy threshold (per "
-        "module the smallest rank keeping that share of the delta's squared Frobenius norm); "
-        "changed biases go to `lora_B.bias`, changed LayerNorms and position/type embeddings "
-        "are saved whole (`modules_to_save`); the word embeddings stay frozen in the zoo. The "
-        "adapter is folded back onto the pretrained encoder (the `model+lora` source) and scored "
-        "on the task's test split with the task's own fine-tuned head. Each cell: test accuracy "
-        "[95% bootstrap interval over test examples]; a row's average interval is stratified "
-        "over tasks; `normalised` is the mean of accuracy / the fine-tune's accuracy; `gain "
-        "kept` the share of the fine-tune's gain over the linear probe. "
-        + test_size_note([first["outcomes"][next(iter(first["outcomes"]))]]),
-        "",
-        "Relative reconstruction error: `||D - BA||_F / ||D||_F` over every LoRA matrix of the "
-        "adapter together (D: the fine-tune's change of the matrix); extraction seconds and "
-        "peak extra resident memory (above the level before the call, sampled every 5 ms) are "
-        "per task's extraction, one CPU thread.",
-        "",
-        *sections,
-        "![accuracy against LoRA rank](lora_roundtrip.png)", "",
-    ])
-    update_docs(args.docs, "lora-roundtrip", body)
-    record = {"command": args.command, "wall_seconds": wall, "settings": [asdict(s) for s in settings],
-              "runs": {k: {"results": v["results"], "costs": v["costs"]} for k, v in runs.items()}}
-    write_text_atomic(WORK.parent / "lora_roundtrip-zoo.json", json.dumps(record, indent=1) + "\n")
+        body = publish()
     return body
 
 
