@@ -175,10 +175,10 @@ def run_recipe(zoo, recipe: str, seed: int, settings: list[Setting], log) -> dic
             out = work / f"adapter-{task}-{setting.slug}"
             shutil.rmtree(out, ignore_errors=True)
             with PeakMemory() as memory:
-                tick = time.perf_counter()
+                tick, cpu_tick = time.perf_counter(), time.process_time()
                 report = extract_adapter(base_dir, tuned_dir, out, rank=setting.rank,
                                          energy=setting.energy, progress=False)
-                seconds = time.perf_counter() - tick
+                seconds, cpu = time.perf_counter() - tick, time.process_time() - cpu_tick
             encoder = fold_in_memory(base_dir, out)
             score(setting.label, encoder, {task: built.heads[task]}, [task])
             ranks = [m["rank"] for m in report.modules.values()]
@@ -186,6 +186,7 @@ def run_recipe(zoo, recipe: str, seed: int, settings: list[Setting], log) -> dic
             cost = {
                 "task": task,
                 "seconds": seconds,
+                "cpu_seconds": cpu,
                 "peak_extra_mb": memory.extra_mb,
                 "adapter_mb": _folder_bytes(out) / 1e6,
                 "modules": len(ranks),
@@ -239,8 +240,8 @@ def recipe_markdown(recipe: str, seed: int, run: dict, settings: list[Setting]) 
     cost_lines = [
         "| setting | ranks (min-max over modules and tasks) | LoRA parameters (share of the encoder) "
         "| adapter file (MB) | relative reconstruction error (mean over tasks; worst module) "
-        "| extraction (s, mean) | peak extra memory (MB, max) |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| extraction wall (s, mean) | extraction CPU (s, mean) | peak extra memory (MB, max) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for setting in settings:
         cs = costs[setting.label]
@@ -250,7 +251,8 @@ def recipe_markdown(recipe: str, seed: int, run: dict, settings: list[Setting]) 
             f"| {params / 1e6:.2f} M ({100 * params / run['full_parameters']:.1f}%) "
             f"| {_mean([c['adapter_mb'] for c in cs]):.1f} "
             f"| {_mean([c['relative_error'] for c in cs]):.3f}; {max(c['worst_module_error'] for c in cs):.3f} "
-            f"| {_mean([c['seconds'] for c in cs]):.2f} | {max(c['peak_extra_mb'] for c in cs):.0f} |"
+            f"| {_mean([c['seconds'] for c in cs]):.2f} | {_mean([c['cpu_seconds'] for c in cs]):.2f} "
+            f"| {max(c['peak_extra_mb'] for c in cs):.0f} |"
         )
     return "\n".join([
         f"### recipe `{recipe}`, seed {seed}", "",
@@ -346,9 +348,10 @@ def run_zoo(args: argparse.Namespace) -> str:
             "",
             "Relative reconstruction error: `||D - BA||_F / ||D||_F` over every LoRA matrix of "
             "the adapter together (D: the fine-tune's change of the matrix), and the worst single "
-            "module; extraction seconds and peak extra resident memory (above the level before "
-            "the call, sampled every 5 ms) are per task's extraction (`extract_adapter`, which "
-            "writes the adapter folder).",
+            "module; extraction wall and CPU seconds (the process's user + system time: on a "
+            "shared machine the wall time includes waiting for a core, the CPU time does not) and "
+            "peak extra resident memory (above the level before the call, sampled every 5 ms) are "
+            "per task's extraction (`extract_adapter`, which writes the adapter folder).",
             "",
             *sections,
             "![accuracy against LoRA rank](lora_roundtrip.png)", "",
@@ -398,8 +401,27 @@ def reconstruction(base: Path, tuned: Path, adapter: Path) -> dict[str, float]:
             "adapter_mb": _folder_bytes(adapter) / 1e6}
 
 
+def run_with_usage(cmd: list[str], env: dict[str, str]) -> tuple[float, float, int]:
+    """Wall seconds, CPU seconds (user + system) and peak RSS (bytes) of one child process,
+    from the kernel's accounting (os.wait4, as GNU time reports them)."""
+    import subprocess
+    import tempfile
+
+    start = time.perf_counter()
+    with tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - start
+        err.seek(0)
+        stderr = err.read().decode(errors="replace")
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        raise RuntimeError(f"{shlex.join(cmd)} failed ({code}):\n{stderr[-3000:]}")
+    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss * 1024
+
+
 def run_mergekit(args: argparse.Namespace) -> str:
-    from speed_vs_mergekit import SIZES, build_family, machine, run_measured
+    from speed_vs_mergekit import SIZES, build_family, machine
 
     from mergelab.fileio import write_text_atomic
     from mergelab_bench.bench import update_docs
@@ -433,11 +455,12 @@ def run_mergekit(args: argparse.Namespace) -> str:
             shutil.rmtree(out, ignore_errors=True)
             cmd = [part.replace("{out}", str(out)) for part in template]
             print(f"rank {rank}: {label}: {shlex.join(cmd)}", flush=True)
-            seconds, peak, _ = run_measured(cmd, env)
+            seconds, cpu, peak = run_with_usage(cmd, env)
             quality = reconstruction(base, tuned, out)
-            row = {"tool": label, "rank": rank, "seconds": seconds, "peak_rss_mb": peak / 1e6, **quality}
-            print(f"  {seconds:.1f} s, peak RSS {peak / 1e6:.0f} MB, error {quality['relative_error']:.4f}",
-                  flush=True)
+            row = {"tool": label, "rank": rank, "seconds": seconds, "cpu_seconds": cpu,
+                   "peak_rss_mb": peak / 1e6, **quality}
+            print(f"  {seconds:.1f} s ({cpu:.1f} s CPU), peak RSS {peak / 1e6:.0f} MB, error "
+                  f"{quality['relative_error']:.4f}", flush=True)
             rows.append(row)
             shutil.rmtree(out)
     lines = [
@@ -451,17 +474,19 @@ def run_mergekit(args: argparse.Namespace) -> str:
         "extract every matrix, embeddings included (mergekit `--embed-lora`, mergelab "
         "`--embeddings`); the norms are saved whole by both. "
         f"{_threads_text(args.threads)}, one run per cell, {machine()}; 1-minute load average "
-        f"{load_at_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end. Seconds: the whole "
-        "command's wall time (interpreter start-up included); peak: the child's maximum resident "
-        "set (os.wait4). Error: `||D - BA||_F / ||D||_F` over all LoRA matrices together, computed "
+        f"{load_at_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end. Wall and CPU "
+        "seconds (user + system: on a shared machine the wall time includes waiting for a core, "
+        "the CPU time does not) of the whole command, interpreter start-up included; peak: the "
+        "child's maximum resident set (os.wait4). Error: `||D - BA||_F / ||D||_F` over all LoRA matrices together, computed "
         "the same way for both outputs (mergelab's reader opens mergekit's adapter and checks it "
         "against the base).", "",
-        "| tool | rank | seconds | peak RSS (MB) | relative error (all; worst module) | LoRA modules | saved tensors | adapter (MB) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| tool | rank | wall (s) | CPU (s) | peak RSS (MB) | relative error (all; worst module) "
+        "| LoRA modules | saved tensors | adapter (MB) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['tool']} | {r['rank']} | {r['seconds']:.1f} | {r['peak_rss_mb']:.0f} | "
+            f"| {r['tool']} | {r['rank']} | {r['seconds']:.1f} | {r['cpu_seconds']:.1f} | {r['peak_rss_mb']:.0f} | "
             f"{r['relative_error']:.4f}; {r['worst_module_error']:.4f} | {r['modules']} | "
             f"{r['saved_tensors']} | {r['adapter_mb']:.0f} |"
         )
