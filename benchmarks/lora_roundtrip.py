@@ -15,7 +15,7 @@ per setting the extraction wall time, peak extra resident memory (sampled every 
 size and relative reconstruction error of the changed matrices, and a plot
 (docs/lora_roundtrip.png).
 
-`mergekit`: extraction time, peak memory (the child's maximum resident set, os.wait4) and
+`mergekit`: extraction time, peak memory (the command's maximum resident set, GNU time) and
 reconstruction error of `mergelab lora extract` against `mergekit-extract-lora` (mergekit 0.1.5
 in .bench-venv, run as a subprocess, never imported) on the synthetic 0.5B Llama checkpoints of
 benchmarks/speed_vs_mergekit.py (a real Hugging Face architecture: config.json names
@@ -402,22 +402,25 @@ def reconstruction(base: Path, tuned: Path, adapter: Path) -> dict[str, float]:
 
 
 def run_with_usage(cmd: list[str], env: dict[str, str]) -> tuple[float, float, int]:
-    """Wall seconds, CPU seconds (user + system) and peak RSS (bytes) of one child process,
-    from the kernel's accounting (os.wait4, as GNU time reports them)."""
+    """Wall seconds, CPU seconds (user + system) and peak RSS (bytes) of one command, the last
+    two as GNU time reports them.
+
+    Not os.wait4 on a child of this process: Python starts children with vfork, so a child's
+    maximum resident set starts at this (large) process's high-water mark; GNU time forks the
+    command from its own small process, so the figure is the command's own.
+    """
     import subprocess
     import tempfile
 
-    start = time.perf_counter()
-    with tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err)
-        _, status, usage = os.wait4(proc.pid, 0)
+    with tempfile.NamedTemporaryFile("r", suffix=".time") as usage:
+        start = time.perf_counter()
+        proc = subprocess.run(["/usr/bin/time", "-f", "%U %S %M", "-o", usage.name, *cmd], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         wall = time.perf_counter() - start
-        err.seek(0)
-        stderr = err.read().decode(errors="replace")
-    code = os.waitstatus_to_exitcode(status)
-    if code != 0:
-        raise RuntimeError(f"{shlex.join(cmd)} failed ({code}):\n{stderr[-3000:]}")
-    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss * 1024
+        if proc.returncode != 0:
+            raise RuntimeError(f"{shlex.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+        user, system, max_kb = usage.read().split()[-3:]
+    return wall, float(user) + float(system), int(max_kb) * 1024
 
 
 def run_mergekit(args: argparse.Namespace) -> str:
@@ -477,7 +480,7 @@ def run_mergekit(args: argparse.Namespace) -> str:
         f"{load_at_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end. Wall and CPU "
         "seconds (user + system: on a shared machine the wall time includes waiting for a core, "
         "the CPU time does not) of the whole command, interpreter start-up included; peak: the "
-        "child's maximum resident set (os.wait4). Error: `||D - BA||_F / ||D||_F` over all LoRA matrices together, computed "
+        "command's maximum resident set (GNU time's %M). Error: `||D - BA||_F / ||D||_F` over all LoRA matrices together, computed "
         "the same way for both outputs (mergelab's reader opens mergekit's adapter and checks it "
         "against the base).", "",
         "| tool | rank | wall (s) | CPU (s) | peak RSS (MB) | relative error (all; worst module) "
