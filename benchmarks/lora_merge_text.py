@@ -172,9 +172,9 @@ def run(args: argparse.Namespace) -> str:
     score(PROBE_ROW, built.pretrained, built.probe_heads, tasks)
     for task in tasks:
         score(ADAPTER_ROW, fold_in_memory(base_dir, adapters[task]), {task: built.probe_heads[task]}, [task])
-        score(FULL_ROW, built.finetuned[task], {task: built.heads[task]}, [task])
-    print(f"probe {_mean(results[PROBE_ROW]):.3f}, adapters {_mean(results[ADAPTER_ROW]):.3f}, "
-          f"full fine-tunes {_mean(results[FULL_ROW]):.3f}", flush=True)
+        if args.full_finetunes:
+            score(FULL_ROW, built.finetuned[task], {task: built.heads[task]}, [task])
+    print(f"probe {_mean(results[PROBE_ROW]):.3f}, adapters {_mean(results[ADAPTER_ROW]):.3f}", flush=True)
 
     merge_rank = args.merge_rank or training.rank * len(tasks)
     chosen: dict[str, str] = {}
@@ -223,8 +223,10 @@ def run(args: argparse.Namespace) -> str:
         f"`lambda sum_i B_i A_i` (rank {training.rank * len(tasks)}); delta-space TIES and KnOTS + TIES re-factorise the "
         f"merged delta to rank {merge_rank} by exact SVD. Settings picked on the validation split "
         "(note column; TIES from mergelab_bench.bench.GRIDS, `cat`'s lambda from 0.3, 0.6, 1). "
-        "Every task is scored with its probe head (the head its adapter trained under; the full "
-        "fine-tunes row uses the zoo's lpft fine-tunes and their heads, for reference). "
+        "Every task is scored with its probe head (the head its adapter trained under)"
+        + ("; the full fine-tunes row uses the zoo's lpft fine-tunes and their heads, for "
+           "reference. " if args.full_finetunes else ". ")
+        +
         "`normalised` and `gain kept` are against the individual adapters. Cells: test accuracy "
         "[95% bootstrap interval over test examples]. " + test_size_note([outcomes[PROBE_ROW]]),
         "",
@@ -255,6 +257,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="rank of the delta-space / KnOTS merges (default: the sum of the ranks)")
     parser.add_argument("--test-examples", type=int, default=None,
                         help="test examples per task (default: the zoo's 1000; 0: all)")
+    parser.add_argument("--full-finetunes", action="store_true",
+                        help="also score the zoo's full lpft fine-tunes (a reference row)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: one per core)")
     parser.add_argument("--docs", default=str(DOCS), help="markdown file to update")
     args = parser.parse_args(argv)
