@@ -223,14 +223,13 @@ def recipe_markdown(recipe: str, seed: int, run: dict, settings: list[Setting]) 
     from mergelab_bench.bench import FINETUNED_ROW, PROBE_ROW
 
     results, costs, tasks = run["results"], run["costs"], run["tasks"]
-    notes = {}
-    for setting in settings:
-        cs = costs[setting.label]
-        if setting.energy is not None:
-            notes[setting.label] = "ranks " + ", ".join(
-                f"{c['task']} {c['rank_min']}-{c['rank_max']}" for c in cs)
+    energy_ranks = [
+        f"{setting.label}: " + ", ".join(f"{c['task']} {c['rank_min']}-{c['rank_max']}"
+                                         for c in costs[setting.label])
+        for setting in settings if setting.energy is not None
+    ]
     rows = summarise(results, finetuned=results[FINETUNED_ROW], probe=results[PROBE_ROW])
-    table = markdown_table(aggregate_rows([rows], notes, [run["outcomes"]]))
+    table = markdown_table(aggregate_rows([rows], {}, [run["outcomes"]]))
     by_rank = {s.rank: s.label for s in settings if s.energy is None}
     smallest = []
     for task in tasks:
@@ -257,6 +256,8 @@ def recipe_markdown(recipe: str, seed: int, run: dict, settings: list[Setting]) 
     return "\n".join([
         f"### recipe `{recipe}`, seed {seed}", "",
         table, "",
+        *([f"Per-module ranks the energy thresholds chose (min-max per task): {'; '.join(energy_ranks)}.", ""]
+          if energy_ranks else []),
         f"Smallest rank keeping {100 * KEEP:.0f}% of the fine-tuned accuracy (point estimates, "
         f"ranks {', '.join(str(r) for r in sorted(by_rank))}): " + ", ".join(smallest) + ".", "",
         *cost_lines, "",
