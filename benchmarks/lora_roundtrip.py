@@ -526,7 +526,7 @@ def main(argv: list[str] | None = None) -> None:
     zoo.add_argument("--seed", type=int, default=0)
     zoo.add_argument("--ranks", default="4,8,16,32,64,128,384",
                      help="fixed ranks (384: MiniLM's full rank, the exactness check)")
-    zoo.add_argument("--energies", default="0.5,0.9,0.99")
+    zoo.add_argument("--energies", default="0.9,0.99")
     zoo.add_argument("--test-examples", type=int, default=None,
                      help="test examples per task (default: the zoo's 1000; 0: all)")
     zoo.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: one per core)")
