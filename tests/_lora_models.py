@@ -10,16 +10,19 @@ import torch
 warnings.filterwarnings("ignore", message=".*embedding.*", category=UserWarning)
 
 
-def tiny_llama(seed: int = 0, tie: bool = False):
+def tiny_llama(seed: int = 0, tie: bool = False, **changes):
+    """A 2-layer Llama (hidden 16, MLP 24, vocab 48); `changes` override config fields (e.g.
+    `hidden_size=24` for a model of another shape)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(
+    settings = dict(
         vocab_size=48, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32,
         tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2, pad_token_id=0,
     )
-    return LlamaForCausalLM(config).eval()
+    settings.update(changes)
+    return LlamaForCausalLM(LlamaConfig(**settings)).eval()
 
 
 def tiny_gpt2(seed: int = 0):

@@ -204,3 +204,38 @@ def test_not_a_lora_adapter(setup, tmp_path):
     _, base, good = setup
     path = _copy_adapter(good, tmp_path / "ia3", config_edits={"peft_type": "IA3"})
     _assert_refused(base, path, tmp_path / "out", "peft_type is 'IA3'")
+
+
+def test_adapter_trained_for_another_base(setup, tmp_path):
+    """A real PEFT adapter of a wider Llama (hidden 24): refused by fold, in a `model+lora`
+    config and by `lora merge` beside an adapter of this base, naming the factor, the base's
+    weight and both shapes, before anything is written."""
+    from mergelab.lora.ops import merge_adapters
+
+    model, base, good = setup
+    other = make_adapter(tiny_llama(seed=5, hidden_size=24), tmp_path / "other", seed=4, r=4,
+                         lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    factor = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    text = _assert_refused(
+        base, other, tmp_path / "out",
+        f"tensor `{factor}` has shape [4, 24]", "weight `model.layers.0.self_attn.q_proj.weight`",
+        "[16, 16]", "needs [4, 16]",
+    )
+    # Every module of the wrong base is named, not only the first.
+    assert "model.layers.1.self_attn.v_proj" in text
+    config = {"merge_method": "ties", "base_model": str(base), "models": [
+        {"model": f"{base}+{other}", "parameters": {"weight": 1.0, "density": 0.5}},
+        {"model": f"{base}+{good}", "parameters": {"weight": 1.0, "density": 0.5}},
+    ]}
+    with pytest.raises(mergelab.ConfigError) as caught:
+        mergelab.merge(config, tmp_path / "merged", progress=False)
+    assert f"tensor `{factor}` has shape [4, 24]" in str(caught.value)
+    assert "[16, 16]" in str(caught.value)
+    assert not (tmp_path / "merged").exists()
+    plain = make_adapter(model, tmp_path / "plain", seed=6, r=4, lora_alpha=8)
+    with pytest.raises(mergelab.ConfigError) as caught:
+        merge_adapters([plain, other], tmp_path / "lora", combination="cat", progress=False)
+    message = str(caught.value)
+    assert "module `model.layers.0.self_attn.q_proj` differs between adapters" in message
+    assert "A [4, 16]" in message and "A [4, 24]" in message
+    assert not (tmp_path / "lora").exists()

@@ -15,6 +15,7 @@ pytest.importorskip("peft")
 pytest.importorskip("transformers")
 
 from _lora_models import make_adapter, merged_with_peft, save_model, tiny_gpt2, tiny_llama  # noqa: E402
+from conftest import MERGEKIT_HINT, require, save_checkpoint  # noqa: E402
 
 import mergelab  # noqa: E402
 from mergelab.errors import CheckpointError  # noqa: E402
@@ -162,9 +163,9 @@ def test_fold_cli(llama, tmp_path):
     assert "folded 4 tensor(s)" in result.output
 
 
-def test_parity_with_mergekit_lora_folding(llama, tmp_path, monkeypatch):
-    """mergekit 0.1.5 folds `model+lora` with PEFT (ModelReference.merged); same inputs here."""
-    pytest.importorskip("mergekit")
+def _mergekit_model_reference(monkeypatch):
+    """mergekit 0.1.5's `ModelReference` (its `model+lora` parsing and folding)."""
+    require("mergekit", MERGEKIT_HINT)
     try:
         import immutables  # noqa: F401
     except ImportError:
@@ -174,15 +175,85 @@ def test_parity_with_mergekit_lora_folding(llama, tmp_path, monkeypatch):
     monkeypatch.delitem(sys.modules, "mergekit.common", raising=False)
     from mergekit.common import ModelReference
 
+    return ModelReference
+
+
+def _mergekit_folded(model_reference, spec: str, cache) -> dict[str, torch.Tensor]:
+    """The tensors of mergekit's own folding of `spec` (`MODEL+LORA`)."""
+    folded = model_reference.parse(spec).merged(cache_dir=str(cache))
+    return load_file(f"{folded.model.path}/model.safetensors")
+
+
+def test_parity_with_mergekit_lora_folding(llama, tmp_path, monkeypatch):
+    """mergekit 0.1.5 folds `model+lora` with PEFT (ModelReference.merged); same inputs here."""
+    model_reference = _mergekit_model_reference(monkeypatch)
     _, base, adapters = llama
-    reference = ModelReference.parse(f"{base}+{adapters['plain']}").merged(cache_dir=str(tmp_path / "cache"))
-    theirs = load_file(f"{reference.model.path}/model.safetensors")
+    theirs = _mergekit_folded(model_reference, f"{base}+{adapters['plain']}", tmp_path / "cache")
     mergelab.merge(
         {"merge_method": "linear", "models": [{"model": f"{base}+{adapters['plain']}", "parameters": {"weight": 1.0}}]},
         tmp_path / "ours", progress=False,
     )
     ours = load_file(tmp_path / "ours" / "model.safetensors")
     _close(ours, theirs, atol=1e-6)
+
+
+def test_ties_config_of_model_plus_lora_sources_matches_mergekit(llama, tmp_path, monkeypatch):
+    """A TIES merge of two `base+lora` sources and a full fine-tune against mergekit 0.1.5, end
+    to end on the same inputs: mergekit folds each `base+lora` itself (ModelReference.merged),
+    then its own TIES kernel merges every tensor with the config's per-model weights and
+    densities; mergelab merges the config as written (folding while it streams)."""
+    model_reference = _mergekit_model_reference(monkeypatch)
+    registry = require("mergekit.merge_methods.registry", MERGEKIT_HINT)
+    from mergekit.merge_methods.base import TensorGroup
+
+    model, base, adapters = llama
+    # A third source without an adapter: a full fine-tune (every tensor moved), so each tensor
+    # has at least one non-zero task vector and the LoRA sources' zero deltas on the tensors
+    # they do not adapt take part in the sign election.
+    generator = torch.Generator().manual_seed(11)
+    full = {k: v + 0.05 * torch.randn(v.shape, generator=generator) for k, v in model.state_dict().items()}
+    full_dir = tmp_path / "full"
+    save_checkpoint(full_dir, full)
+    sources = [
+        (f"{base}+{adapters['plain']}", {"weight": 0.7, "density": 0.5}),
+        (f"{base}+{adapters['patterns']}", {"weight": 0.4, "density": 0.8}),
+        (str(full_dir), {"weight": 1.0, "density": 0.3}),
+    ]
+    config = {
+        "merge_method": "ties",
+        "base_model": str(base),
+        "parameters": {"normalize": True},
+        "models": [{"model": spec, "parameters": dict(p)} for spec, p in sources],
+    }
+    mergelab.merge(config, tmp_path / "ours", progress=False)
+    ours = load_file(tmp_path / "ours" / "model.safetensors")
+
+    base_sd = load_file(base / "model.safetensors")
+    inputs = [
+        _mergekit_folded(model_reference, spec, tmp_path / "cache") if "+" in spec else full
+        for spec, _ in sources
+    ]
+    ties = registry.get("ties")
+    # mergekit's parameters as its planner hands them to the kernel: per-model ones keyed by
+    # the input's index (the base is 0), shared ones at their defaults unless the config sets them.
+    parameters = {spec.name: spec.default for spec in ties.spec.parameters}
+    parameters.update({"normalize": True, **{
+        key: {i + 1: p[key] for i, (_, p) in enumerate(sources)} for key in ("weight", "density")
+    }})
+    theirs = {
+        name: ties.merge_group(
+            TensorGroup.from_tensors([base_sd[name], *(m[name] for m in inputs)], base_index=0),
+            **parameters,
+        )
+        for name in ours
+    }
+    _close(ours, theirs, atol=1e-5)
+    # The adapters took part: their folded tensors move the merge away from the one of the
+    # full fine-tune alone (a fold dropped on the way would fail here, not only above).
+    mergelab.merge({**config, "models": [config["models"][2]]}, tmp_path / "alone", progress=False)
+    alone = load_file(tmp_path / "alone" / "model.safetensors")
+    for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight"):
+        assert (ours[name] - alone[name]).abs().max() > 1e-3, name
 
 
 def test_conv2d_adapters_fold_like_peft(tmp_path):
