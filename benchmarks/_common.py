@@ -234,6 +234,39 @@ def run(cmd: Sequence[str | os.PathLike], timeout: float = 600, env: Mapping[str
     return RunResult(argv, code, time.perf_counter() - start, out)
 
 
+@dataclass(frozen=True)
+class Usage:
+    """One command's wall seconds, CPU seconds (user + system), peak RSS (bytes) and stdout."""
+
+    seconds: float
+    cpu_seconds: float
+    peak_rss: int
+    stdout: str
+
+
+def run_with_usage(cmd: Sequence[str | os.PathLike], env: Mapping[str, str] | None = None) -> Usage:
+    """Run one command and measure it as GNU time does (`/usr/bin/time`, Debian's `time`);
+    raises with the command's stderr on a non-zero exit.
+
+    Not os.wait4 on a child of this process: Python starts children with vfork, so a child's
+    maximum resident set starts at this (large) process's high-water mark; GNU time forks the
+    command from its own small process, so the figure is the command's own.
+    """
+    import shlex
+    import tempfile
+
+    argv = [str(c) for c in cmd]
+    with tempfile.NamedTemporaryFile("r", suffix=".time") as usage:
+        start = time.perf_counter()
+        proc = subprocess.run(["/usr/bin/time", "-f", "%U %S %M", "-o", usage.name, *argv], env=env,
+                              capture_output=True, text=True)
+        wall = time.perf_counter() - start
+        if proc.returncode != 0:
+            raise RuntimeError(f"{shlex.join(argv)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+        user, system, max_kb = usage.read().split()[-3:]
+    return Usage(wall, float(user) + float(system), int(max_kb) * 1024, proc.stdout)
+
+
 def bench_tool(name: str) -> Path:
     """Path of a console script in the peer venv (e.g. `mergekit-yaml`), checked to exist."""
     path = BENCH_VENV / "bin" / name

@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import OFFLINE_ENV, bench_tool  # noqa: E402
+from _common import OFFLINE_ENV, bench_tool, run_with_usage  # noqa: E402
 from data_aware import PeakMemory  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -402,28 +402,6 @@ def reconstruction(base: Path, tuned: Path, adapter: Path) -> dict[str, float]:
             "adapter_mb": _folder_bytes(adapter) / 1e6}
 
 
-def run_with_usage(cmd: list[str], env: dict[str, str]) -> tuple[float, float, int]:
-    """Wall seconds, CPU seconds (user + system) and peak RSS (bytes) of one command, the last
-    two as GNU time reports them.
-
-    Not os.wait4 on a child of this process: Python starts children with vfork, so a child's
-    maximum resident set starts at this (large) process's high-water mark; GNU time forks the
-    command from its own small process, so the figure is the command's own.
-    """
-    import subprocess
-    import tempfile
-
-    with tempfile.NamedTemporaryFile("r", suffix=".time") as usage:
-        start = time.perf_counter()
-        proc = subprocess.run(["/usr/bin/time", "-f", "%U %S %M", "-o", usage.name, *cmd], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        wall = time.perf_counter() - start
-        if proc.returncode != 0:
-            raise RuntimeError(f"{shlex.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-        user, system, max_kb = usage.read().split()[-3:]
-    return wall, float(user) + float(system), int(max_kb) * 1024
-
-
 def run_mergekit(args: argparse.Namespace) -> str:
     from speed_vs_mergekit import SIZES, build_family, machine
 
@@ -459,7 +437,8 @@ def run_mergekit(args: argparse.Namespace) -> str:
             shutil.rmtree(out, ignore_errors=True)
             cmd = [part.replace("{out}", str(out)) for part in template]
             print(f"rank {rank}: {label}: {shlex.join(cmd)}", flush=True)
-            seconds, cpu, peak = run_with_usage(cmd, env)
+            usage = run_with_usage(cmd, env)
+            seconds, cpu, peak = usage.seconds, usage.cpu_seconds, usage.peak_rss
             quality = reconstruction(base, tuned, out)
             row = {"tool": label, "rank": rank, "seconds": seconds, "cpu_seconds": cpu,
                    "peak_rss_mb": peak / 1e6, **quality}

@@ -2,8 +2,9 @@
 
 Builds three Llama-shaped bf16 checkpoints (a base and two fine-tune-like variants; random
 seeded weights), then for each method times both tools on the same YAML, alternating runs, and
-takes the median of `--repeats` runs. Peak RSS is read from the kernel's accounting of each child
-process (`os.wait4`, the same figure as GNU time's "Maximum resident set size"). The I/O floor is
+takes the median of `--repeats` runs. Peak RSS is GNU time's "Maximum resident set size" of each
+command (`/usr/bin/time`, which forks it from its own small process: a child of this script
+would start from this script's high-water mark). The I/O floor is
 measured in the same run: reading the inputs from the page cache plus writing one output-sized
 file with fsync.
 
@@ -21,9 +22,7 @@ import os
 import re
 import shutil
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +31,7 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import BENCH_VENV, MAIN_VENV, replace_docs_section  # noqa: E402
+from _common import BENCH_VENV, MAIN_VENV, replace_docs_section, run_with_usage  # noqa: E402
 
 CACHE = Path(os.environ.get("MERGELAB_CACHE", Path.home() / ".cache" / "mergelab")) / "bench"
 
@@ -135,20 +134,9 @@ def configs(fam: Family) -> dict[str, dict]:
 
 
 def run_measured(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, int, str]:
-    """Wall seconds, peak RSS (bytes) and stdout of one command."""
-    start = time.perf_counter()
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=err)
-        _, status, usage = os.wait4(proc.pid, 0)
-        wall = time.perf_counter() - start
-        out.seek(0)
-        err.seek(0)
-        stdout = out.read().decode(errors="replace")
-        stderr = err.read().decode(errors="replace")
-    code = os.waitstatus_to_exitcode(status)
-    if code != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({code}):\n{stderr[-3000:]}")
-    return wall, usage.ru_maxrss * 1024, stdout
+    """Wall seconds, peak RSS (bytes) and stdout of one command (GNU time's figures)."""
+    usage = run_with_usage(cmd, env)
+    return usage.seconds, usage.peak_rss, usage.stdout
 
 
 def merge_seconds(stdout: str) -> float:

@@ -2,7 +2,7 @@
 
 Uses the cached bf16 families of `speed_vs_mergekit.py` (a base and two fine-tune-like
 variants; `--size 100m` or `505m`), runs `mergelab merge` once per method in a child process
-and reads its wall time, its own merge time and its peak RSS (`os.wait4`). WUDI runs with the
+and reads its wall time, its own merge time and its peak RSS (GNU time's). WUDI runs with the
 paper's Adam (300 iterations by default, `--iterations`) and with its closed form. Peak RSS
 against the checkpoint size shows whether the merge streamed (a few tensors in memory) or held
 a model.
