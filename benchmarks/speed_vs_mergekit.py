@@ -292,6 +292,8 @@ def write_docs(
         + " ".join(f"--size {s}" for s in sizes)
         + f" --repeats {repeats} --write-docs"
     )
+    busy = ("" if max(loads) < (os.cpu_count() or 1) else
+            " (above the core count: other jobs shared the machine, the timings are indicative)")
     header = (
         f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {machine()}, no GPU. "
         f"Reproduce with `{command}`. Three Llama-shaped bf16 checkpoints per size (a base and "
@@ -300,8 +302,7 @@ def write_docs(
         "alternating, peak RSS the maximum (the kernel's accounting of each process, as GNU "
         "time reports it). The I/O floor is measured beside every run: reading the three inputs "
         "from the page cache plus writing and fsyncing one output-sized file. 1-minute load "
-        f"average {loads[0]:.1f} at the start and {loads[1]:.1f} at the end (above the core "
-        "count, other jobs shared the machine and the timings are indicative)."
+        f"average {loads[0]:.1f} at the start and {loads[1]:.1f} at the end{busy}."
     )
     replace_docs_section("speed", f"{header}\n\n{table}", heading="Speed and memory vs mergekit")
 
