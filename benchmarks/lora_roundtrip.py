@@ -438,11 +438,10 @@ def run_mergekit(args: argparse.Namespace) -> str:
             cmd = [part.replace("{out}", str(out)) for part in template]
             print(f"rank {rank}: {label}: {shlex.join(cmd)}", flush=True)
             usage = run_with_usage(cmd, env)
-            seconds, cpu, peak = usage.seconds, usage.cpu_seconds, usage.peak_rss
             quality = reconstruction(base, tuned, out)
-            row = {"tool": label, "rank": rank, "seconds": seconds, "cpu_seconds": cpu,
-                   "peak_rss_mb": peak / 1e6, **quality}
-            print(f"  {seconds:.1f} s ({cpu:.1f} s CPU), peak RSS {peak / 1e6:.0f} MB, error "
+            row = {"tool": label, "rank": rank, "seconds": usage.seconds, "cpu_seconds": usage.cpu_seconds,
+                   "peak_rss_mb": usage.peak_rss / 1e6, **quality}
+            print(f"  {usage.seconds:.1f} s ({usage.cpu_seconds:.1f} s CPU), peak RSS {usage.peak_rss / 1e6:.0f} MB, error "
                   f"{quality['relative_error']:.4f}", flush=True)
             rows.append(row)
             shutil.rmtree(out)

@@ -133,12 +133,6 @@ def configs(fam: Family) -> dict[str, dict]:
     }
 
 
-def run_measured(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, int, str]:
-    """Wall seconds, peak RSS (bytes) and stdout of one command (GNU time's figures)."""
-    usage = run_with_usage(cmd, env)
-    return usage.seconds, usage.peak_rss, usage.stdout
-
-
 def merge_seconds(stdout: str) -> float:
     """The merge's own time as `mergelab merge` reports it (without interpreter start-up)."""
     match = re.search(r"in ([0-9.]+) s", " ".join(stdout.split()))
@@ -149,7 +143,7 @@ def startup_seconds(repeats: int, module: str = "mergelab.cli") -> float:
     """Interpreter start-up and imports of `module` (the mergelab CLI: paid by every run;
     torch: what any Python merging tool pays)."""
     cmd = [str(MAIN_VENV / "bin" / "python"), "-c", f"import {module}"]
-    return statistics.median(run_measured(cmd)[0] for _ in range(repeats))
+    return statistics.median(run_with_usage(cmd).seconds for _ in range(repeats))
 
 
 def machine() -> str:
@@ -231,24 +225,24 @@ def main() -> None:
                 floors.append(io_floor(fam, work / "floor"))
                 if not args.skip_mergekit:
                     drop_output(out)
-                    theirs.append(run_measured([str(mergekit), str(cfg_path), str(out)], env))
+                    theirs.append(run_with_usage([str(mergekit), str(cfg_path), str(out)], env))
                 drop_output(out)
-                ours.append(run_measured([str(mergelab), "merge", str(cfg_path), str(out), "--no-progress"], env))
+                ours.append(run_with_usage([str(mergelab), "merge", str(cfg_path), str(out), "--no-progress"], env))
                 drop_output(out)
             read_floor = statistics.median(r for r, _ in floors)
             write_floor = statistics.median(w for _, w in floors)
             row = {
                 "size": size, "method": method, "params_m": round(fam.params / 1e6),
-                "mergelab_s": statistics.median(w for w, _, _ in ours),
-                "mergelab_merge_s": statistics.median(merge_seconds(o) for _, _, o in ours),
-                "mergelab_rss_gb": max(r for _, r, _ in ours) / 1e9,
+                "mergelab_s": statistics.median(u.seconds for u in ours),
+                "mergelab_merge_s": statistics.median(merge_seconds(u.stdout) for u in ours),
+                "mergelab_rss_gb": max(u.peak_rss for u in ours) / 1e9,
                 "floor_read_s": read_floor, "floor_write_s": write_floor,
                 "floor_s": read_floor + write_floor,
                 "limit_s": torch_import + read_floor + write_floor,
             }
             if theirs:
-                row["mergekit_s"] = statistics.median(w for w, _, _ in theirs)
-                row["mergekit_rss_gb"] = max(r for _, r, _ in theirs) / 1e9
+                row["mergekit_s"] = statistics.median(u.seconds for u in theirs)
+                row["mergekit_rss_gb"] = max(u.peak_rss for u in theirs) / 1e9
             rows.append(row)
             print(json.dumps(row))
     table = render(rows, startup, torch_import)

@@ -26,7 +26,8 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from speed_vs_mergekit import build_family, configs, machine, merge_seconds, run_measured  # noqa: E402
+from _common import run_with_usage  # noqa: E402
+from speed_vs_mergekit import build_family, configs, machine, merge_seconds  # noqa: E402
 
 
 def wudi_configs(fam, iterations: int) -> dict[str, dict]:
@@ -59,7 +60,8 @@ def main() -> None:
             out = Path(scratch) / "out"
             cmd = [sys.executable, "-m", "mergelab.cli", "merge", str(path), "--out", str(out),
                    "--no-progress", "--overwrite"]  # fmt: skip
-            wall, rss, stdout = run_measured(cmd, env=dict(os.environ))
+            usage = run_with_usage(cmd, env=dict(os.environ))
+            wall, rss, stdout = usage.seconds, usage.peak_rss, usage.stdout
             rows.append((label, wall, merge_seconds(stdout), rss))
             print(f"{label}: wall {wall:.1f} s, merge {merge_seconds(stdout):.1f} s, "
                   f"peak RSS {rss / 1e6:.0f} MB", flush=True)
