@@ -12,7 +12,6 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 from torch import nn
 
 from mergelab.align.features import collect_moments
@@ -33,6 +32,10 @@ def solve_assignment(similarity: torch.Tensor, head_size: int | None = None) -> 
 
     With head_size, units only move within consecutive blocks of that size.
     """
+    # scipy.optimize costs ~0.9 s to import; every CLI command would pay it through
+    # mergelab.training, so it is loaded only when an assignment is solved.
+    from scipy.optimize import linear_sum_assignment
+
     sim = similarity.detach().to(torch.float64).cpu().numpy()
     if not np.isfinite(sim).all():
         raise AlignError("similarity matrix has non-finite entries (NaN or inf in the weights?)")
