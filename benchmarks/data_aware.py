@@ -10,13 +10,13 @@ benchmark runner (mergelab_bench.bench.run_seed: task arithmetic and TIES with t
 density picked on validation); each data-aware method then runs once at the paper's settings
 through `mergelab.data_merge`:
 
-- RegMean, RegMean++, Fisher: statistics on the first `--examples` training inputs of each task
+- RegMean, RegMean++, Fisher: statistics on `--examples` training inputs (a seeded random draw) of each task
   (Fisher: the gradient of the log-likelihood of labels sampled from each model's own
   predictions, as Matena & Raffel; a seeded generator);
-- AdaMerging task-wise and layer-wise: entropy minimised on the first `--ada-examples` unlabeled
+- AdaMerging task-wise and layer-wise: entropy minimised on `--ada-examples` (a seeded random draw) unlabeled
   *test* inputs of each task, the paper's (transductive) protocol;
 - ProDistill (only when named in `--methods`): coefficients distilled layer by layer from the
-  first `--prodistill-examples` *training* inputs of each task (the paper: 64 per task),
+  `--prodistill-examples` (a seeded random draw) *training* inputs of each task (the paper: 64 per task),
   `--prodistill-steps` steps per layer at lr `--prodistill-lr`.
 
 Reported: test accuracy per task (each task's own head on the merged encoder), normalised
@@ -141,20 +141,20 @@ def data_note(args: argparse.Namespace, methods: list[str]) -> str:
     if statistics:
         parts.append(
             f"{_and([titles[m] for m in statistics])} {'sees' if len(statistics) == 1 else 'see'} "
-            f"the first {args.examples} *training* "
+            f"{args.examples} (a seeded random draw) *training* "
             "inputs of each task" + (" (Fisher: labels sampled from each model's predictions)" if "fisher" in statistics else "")
         )
     if "prodistill" in methods:
         parts.append(
-            f"ProDistill distils each layer's per-task, per-tensor coefficients from the first "
-            f"{args.prodistill_examples} *training* inputs of each task (the examples it used are in "
+            f"ProDistill distils each layer's per-task, per-tensor coefficients from "
+            f"{args.prodistill_examples} (a seeded random draw) *training* inputs of each task (the examples it used are in "
             f"the cost table), {args.prodistill_steps} Adam steps per layer at lr "
             f"{args.prodistill_lr:g}, {args.batch_size} examples per step, coefficients initialised "
             "at 0.3"
         )
     if any(m.startswith("adamerging") for m in methods):
         parts.append(
-            f"AdaMerging minimises prediction entropy on the first {args.ada_examples} unlabeled "
+            f"AdaMerging minimises prediction entropy on {args.ada_examples} (a seeded random draw) unlabeled "
             f"*test* inputs of each task (the paper's transductive protocol), {args.ada_steps} Adam "
             f"steps at lr {args.ada_lr:g}, coefficients initialised at 0.3 and kept in [0, 1]"
         )

@@ -220,10 +220,12 @@ def test_teacher_of_another_width_gets_a_projection_and_replay_keeps_the_init(zo
     assert with_replay["texts_seen"] == 2 * without["texts_seen"]
     # the ablation: on the replay texts, the replayed student's features stay closer to the
     # init's than those of the student distilled without replay
+    from mergelab.distill.config import replay_texts
     from mergelab.eval.harness import embed_texts
     from mergelab.eval.models import load_model
 
-    texts = list(load_task_texts(zoo["topics"]))[:40]
+    texts = replay_texts(str(zoo["topics"]), 40, 0)  # the replayed texts (config seed 0)
+    assert set(texts) <= set(load_task_texts(zoo["topics"])) and len(texts) == 40
     init = load_model(zoo["base"])
     reference = embed_texts(init.encoder, init.tokenizer, texts, max_length=16)
 
@@ -234,6 +236,35 @@ def test_teacher_of_another_width_gets_a_projection_and_replay_keeps_the_init(zo
 
     assert kept(tmp_path / "with") == pytest.approx(with_replay["student"]["replay_cosine"], abs=1e-4)
     assert kept(tmp_path / "with") > kept(tmp_path / "without") + 0.02
+
+
+def test_teacher_and_replay_texts_are_seeded_draws_not_prefixes(zoo, tmp_path):
+    """A task file sorted by class: `examples` and `validation_examples` draw from every class
+    (a prefix would hold one), from the config's seed, and the replay draw likewise."""
+    from mergelab.distill.config import read_distill_config, replay_texts
+    from mergelab.distill.run import _load_teacher
+
+    rows = sorted((zoo["reviews"]).read_text().splitlines()[1:], key=lambda r: r.rsplit(",", 1)[1])
+    sorted_csv = tmp_path / "sorted.csv"
+    sorted_csv.write_text("\n".join(["text,label", *rows]) + "\n")
+    teachers = [{"model": str(zoo["ft-reviews"]), "task": str(sorted_csv), "examples": 12,
+                 "validation_examples": 8}]  # fmt: skip
+
+    def drawn(seed):
+        settings = read_distill_config(_config(tmp_path / f"s{seed}.yml", teachers, seed=seed,
+                                               init=str(zoo["base"])))  # fmt: skip
+        teacher = _load_teacher(settings.teachers[0], settings)
+        return teacher.targets.texts, teacher.validation.labels.tolist()
+
+    texts, labels = drawn(0)
+    negative, positive = set(POOLS["reviews"]["negative"]), set(POOLS["reviews"]["positive"])
+    assert len(texts) == 12 and len(labels) == 8
+    assert any(set(t.split()) & negative for t in texts) and any(set(t.split()) & positive for t in texts)
+    assert set(labels) == {0, 1}
+    assert drawn(0)[0] == texts and drawn(1)[0] != texts
+    replayed = replay_texts(str(sorted_csv), 12, 0)
+    assert any(set(t.split()) & negative for t in replayed) and any(set(t.split()) & positive for t in replayed)
+    assert replay_texts(str(sorted_csv), 12, 0) == replayed != replay_texts(str(sorted_csv), 12, 1)
 
 
 def test_student_from_a_merge_config(zoo, tmp_path):

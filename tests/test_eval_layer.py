@@ -667,3 +667,21 @@ def test_mergelab_eval_loads_a_smile_merge_with_its_experts(tiny, tmp_path):
     assert outcome.exit_code == 0, outcome.output
     row = json.loads(outcome.output)["results"][0]
     assert row["model"] == "smile" and row["low"] <= row["value"] <= row["high"]
+
+
+def test_seeded_subset_draws_from_every_class_in_order_and_repeats_by_seed():
+    import torch
+
+    from mergelab.eval.data import LabelledImages, LabelledTexts, seeded_indices, seeded_subset
+
+    texts = LabelledTexts(tuple(f"t{i}" for i in range(40)), tuple([0] * 20 + [1] * 20),
+                          tuple(f"g{i}" for i in range(40)))  # fmt: skip
+    drawn = seeded_subset(texts, 10, seed=3)
+    assert len(drawn) == 10 and set(drawn.labels) == {0, 1}  # a prefix would hold class 0 only
+    order = [texts.texts.index(t) for t in drawn.texts]
+    assert order == sorted(order) and len(set(order)) == 10
+    assert seeded_subset(texts, 10, seed=3) == drawn and seeded_subset(texts, 10, seed=4) != drawn
+    assert seeded_subset(texts, None, seed=3) is texts and seeded_subset(texts, 40, seed=3) is texts
+    assert seeded_indices(40, 10, 3).tolist() == order
+    images = LabelledImages(torch.zeros(40, 2, 2, dtype=torch.uint8), torch.tensor(texts.labels))
+    assert seeded_subset(images, 10, seed=3).labels.tolist() == list(drawn.labels)

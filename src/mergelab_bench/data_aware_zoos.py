@@ -26,9 +26,21 @@ def _chunks(x: torch.Tensor, y: torch.Tensor, batch_size: int) -> list[tuple[tor
     return [(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, len(y), batch_size)]
 
 
+# The seed of the examples drawn from each split (the same for every method and zoo seed).
+DRAW_SEED = 0
+
+
+def _draw(n: int, examples: int) -> torch.Tensor:
+    from mergelab.eval.data import seeded_indices
+
+    return seeded_indices(n, examples, DRAW_SEED)
+
+
 class ZooData:
     """`module()`: the encoder architecture holding the pretrained weights;
-    `task_data(task, split, examples, batch_size)`: that split's first `examples` examples."""
+    `task_data(task, split, examples, batch_size)`: `examples` examples of that split, a random
+    subset drawn from a fixed seed (the zoos' splits keep their sources' order, often sorted by
+    class, so a prefix would be biased)."""
 
     def __init__(self, built: BuiltZoo):
         self.built = built
@@ -70,19 +82,20 @@ class ZooData:
         zoo = self.built.zoo
         if zoo == "mlp":
             x, y = ev.data(task, split)
-            batches = _chunks(x[:examples], y[:examples], batch_size)
+            chosen = _draw(len(y), examples)
+            batches = _chunks(x[chosen], y[chosen], batch_size)
         elif zoo == "vision":
             part = ev.data.split(task, split)
-            n = min(examples, len(part))
-            batches = _chunks(part.batch(slice(0, n)), part.labels[:n], batch_size)
+            chosen = _draw(len(part), examples)
+            batches = _chunks(part.batch(chosen), part.labels[chosen], batch_size)
         else:
+            from mergelab.eval.data import seeded_subset
             from mergelab.stats.text import text_batches
 
             self.module()
-            texts = ev.split(task, split)
-            n = min(examples, len(texts))
+            texts = seeded_subset(ev.split(task, split), examples, DRAW_SEED)
             batches = text_batches(
-                self._tokenizer, texts.texts[:n], texts.labels[:n],
+                self._tokenizer, texts.texts, texts.labels,
                 batch_size=batch_size, max_length=ev._settings.max_length,
             )
         return TaskData(batches, head=self.built.heads[task], forward=self._forward())

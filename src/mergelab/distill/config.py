@@ -67,10 +67,12 @@ class Teacher(_Frozen):
                       "PATH.csv or a built-in text task); split by the seed the teacher records.")
     name: str | None = Field(None, description="The student's head for this teacher (default: "
                              "the teacher's task name).")
-    examples: int | None = Field(None, ge=1, description="Use at most this many training texts "
-                                 "(default: the whole training split).")
+    examples: int | None = Field(None, ge=1, description="Use at most this many training texts, "
+                                 "a random subset drawn from `seed` (default: the whole training "
+                                 "split).")
     validation_examples: int | None = Field(1000, ge=1, description="Judge the student on at "
-                                            "most this many validation texts (null: all).")
+                                            "most this many validation texts, drawn as `examples` "
+                                            "(null: all).")
     loss: TeacherLoss = Field(default_factory=TeacherLoss, description="What is distilled.")
 
 
@@ -79,7 +81,8 @@ class Replay(_Frozen):
 
     data: str = Field(description="Texts: a task spec (its training split) or a .txt file, one "
                       "text per line.")
-    examples: int = Field(256, ge=1, description="Texts kept in the memory (the first ones).")
+    examples: int = Field(256, ge=1, description="Texts kept in the memory: a .txt file's "
+                          "first lines, or a random subset (from `seed`) of a task's training texts.")
     ratio: float = Field(0.3, gt=0, lt=1, description="Share of each step's loss that is the "
                          "replay loss (the rest is the teachers'); each step replays as many "
                          "texts as it distils.")
@@ -130,7 +133,8 @@ class DistillConfig(_Frozen):
     teachers: tuple[Teacher, ...] = Field(min_length=1, description="At least one teacher.")
     replay: Replay | None = Field(None, description="The replay memory (none: no replay).")
     stages: tuple[Stage, ...] = Field(DEFAULT_STAGES, min_length=1, description="In order.")
-    seed: int = Field(0, ge=0, description="Seeds heads, batches, dropout and replay draws.")
+    seed: int = Field(0, ge=0, description="Seeds heads, batches, dropout and the draws of "
+                      "training, validation and replay texts.")
     max_length: int | None = Field(None, ge=1, description="Student tokens per text (default: "
                                    "the largest a teacher records, else 64).")
 
@@ -315,8 +319,9 @@ def _check_teacher(teacher: Teacher) -> tuple[str | None, list[str]]:
     return task_name, problems
 
 
-def replay_texts(spec: str, limit: int) -> list[str]:
-    """The first `limit` replay texts: the lines of a .txt file, or a task's training texts."""
+def replay_texts(spec: str, limit: int, seed: int = 0) -> list[str]:
+    """`limit` replay texts: the first lines of a .txt file, or a random subset (drawn from
+    `seed`) of a task's training texts."""
     from mergelab.eval.sources import load_task
     from mergelab.eval.tasks import read_utf8_file
 
@@ -327,7 +332,9 @@ def replay_texts(spec: str, limit: int) -> list[str]:
         lines = [line.strip() for line in read_utf8_file(path, "replay texts").splitlines()]
         return [line for line in lines if line][:limit]
     task = load_task(spec)
-    texts = getattr(task.splits(0).train, "texts", None)
-    if texts is None:
+    from mergelab.eval.data import seeded_subset
+
+    train = task.splits(0).train
+    if getattr(train, "texts", None) is None:
         raise MergeLabError(f"{spec} is a {task.modality} task; the replay memory holds texts")
-    return list(texts)[:limit]
+    return list(seeded_subset(train, limit, seed).texts)

@@ -93,7 +93,7 @@ def distill(
     max_length = settings.max_length or max(t.max_length for t in teachers)
     replay = None
     if settings.replay is not None:
-        texts = replay_texts(settings.replay.data, settings.replay.examples)
+        texts = replay_texts(settings.replay.data, settings.replay.examples, settings.seed)
         replay = ReplayMemory(texts, _embed(encoder, tokenizer, texts, max_length),
                               settings.replay.ratio, settings.replay.loss)  # fmt: skip
     student_dim = _embed(encoder, tokenizer, teachers[0].targets.texts[:1], max_length).shape[1]
@@ -161,6 +161,7 @@ def distill(
 
 def _load_teacher(teacher, settings: DistillConfig) -> _Teacher:
     from mergelab.checkpoint.heads import folder_heads
+    from mergelab.eval.data import seeded_subset
     from mergelab.eval.models import Classifier, load_model
     from mergelab.eval.sources import load_task
 
@@ -173,7 +174,10 @@ def _load_teacher(teacher, settings: DistillConfig) -> _Teacher:
     split_seed = int(head_info.facts.get("split_seed", 0))
     max_length = int(head_info.facts.get("max_length", DEFAULT_MAX_LENGTH))
     splits = task.splits(split_seed)
-    texts = list(splits.train.texts)[: teacher.examples]
+    # Seeded subsets, not prefixes: a split keeps its source's order, often sorted by class.
+    train = seeded_subset(splits.train, teacher.examples, settings.seed)
+    validation = seeded_subset(splits.validation, teacher.validation_examples, settings.seed)
+    texts = list(train.texts)
     model = load_model(teacher.model)
     if not isinstance(model, Classifier) or model.head is None or model.tokenizer is None:
         raise MergeLabError(f"teacher {teacher.model} is not a text encoder with a head")
@@ -188,13 +192,13 @@ def _load_teacher(teacher, settings: DistillConfig) -> _Teacher:
             return features, model.head(features)
 
     features, logits = outputs(texts)
-    validation_texts = list(splits.validation.texts)[: teacher.validation_examples]
+    validation_texts = list(validation.texts)
     validation_features, validation_logits = outputs(validation_texts)
     name = teacher.name or task.name
     return _Teacher(
         TeacherTargets(name, texts, features, logits, teacher.loss),
         _Validation(validation_texts,
-                    torch.as_tensor(splits.validation.labels)[: len(validation_texts)],
+                    torch.as_tensor(validation.labels),
                     validation_features, validation_logits),
         head_info, task, teacher.model, max_length,
     )  # fmt: skip

@@ -81,6 +81,26 @@ class LabelledImages:
         return x.unsqueeze(1) if x.dim() == 3 else x.permute(0, 3, 1, 2)
 
 
+def seeded_subset(data, limit: int | None, seed: int):
+    """At most `limit` examples of `data` (LabelledTexts or LabelledImages), a random subset
+    drawn from `seed` and kept in `data`'s order; all of `data` when `limit` is None or not
+    below its length. Splits hold examples in source order, which is often sorted by class:
+    a prefix would be biased."""
+    if limit is None or len(data) <= limit:
+        return data
+    chosen = seeded_indices(len(data), limit, seed)
+    return data.subset(chosen if isinstance(data, LabelledImages) else chosen.tolist())
+
+
+def seeded_indices(n: int, limit: int | None, seed: int) -> torch.Tensor:
+    """The sorted indices of `seeded_subset` among `n` examples (every index when `limit` is
+    None or not below `n`)."""
+    if limit is None or n <= limit:
+        return torch.arange(n)
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randperm(n, generator=generator)[:limit].sort().values
+
+
 D = TypeVar("D")
 
 

@@ -19,7 +19,7 @@ from torch import nn
 
 from mergelab.errors import MergeLabError
 from mergelab.eval.bootstrap import CONFIDENCE, RESAMPLES, Interval, bootstrap_interval
-from mergelab.eval.data import LabelledImages, LabelledTexts
+from mergelab.eval.data import LabelledImages, LabelledTexts, seeded_subset
 from mergelab.eval.harness import check_head, embed_texts
 from mergelab.eval.models import Classifier, LanguageModel, Model, load_model
 from mergelab.eval.probe import PROBE_CS, select_probe
@@ -129,12 +129,7 @@ class ModelEvaluator:
         if key not in self._splits:
             # The task is kept alongside so that its id is not reused while cached.
             self._splits[key] = (task, task.splits(self.seed))
-        data = self._splits[key][1].get(split)
-        if self.limit is None or len(data) <= self.limit:
-            return data
-        generator = torch.Generator().manual_seed(self.seed)
-        chosen = torch.randperm(len(data), generator=generator)[: self.limit].sort().values
-        return data.subset(chosen if isinstance(data, LabelledImages) else chosen.tolist())
+        return seeded_subset(self._splits[key][1].get(split), self.limit, self.seed)
 
     @staticmethod
     def _labels(data) -> torch.Tensor:

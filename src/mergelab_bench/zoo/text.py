@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from mergelab.errors import MergeLabError
+from mergelab.eval.data import seeded_subset
 from mergelab.eval.harness import check_head, embed_texts, head_accuracy
 from mergelab.eval.tasks import SplitSizes, TaskSplits, TextTask, load_splits, resolve_task
 from mergelab.progress import progress_bar
@@ -246,16 +247,6 @@ class TextEvaluator(Evaluator):
         return logits.argmax(dim=-1) == torch.as_tensor(self.split(task, split).labels)
 
 
-def limit_test(splits: TaskSplits, limit: int | None, seed: int) -> TaskSplits:
-    """`splits` with the test split cut to a seeded random subset of at most `limit` examples
-    (splits hold examples in source order, so a prefix would be biased)."""
-    if limit is None or len(splits.test) <= limit:
-        return splits
-    generator = torch.Generator().manual_seed(seed)
-    chosen = torch.randperm(len(splits.test), generator=generator)[:limit].sort().values.tolist()
-    return TaskSplits(train=splits.train, validation=splits.validation, test=splits.test.subset(chosen))
-
-
 class TextZoo:
     """MiniLM fine-tuned per text task; see the module docstring."""
 
@@ -407,7 +398,7 @@ class TextZoo:
              **common}
         )
         eval_splits = {
-            name: limit_test(split, self.test_examples, s.split_seed)
+            name: replace(split, test=seeded_subset(split.test, self.test_examples, s.split_seed))
             for name, split in splits.items()
         }
         evaluator = TextEvaluator(model, tokenizer, self._tasks, eval_splits, s, fingerprint)
