@@ -336,6 +336,8 @@ def run(args) -> str:
                 tick = time.perf_counter()
                 folder, report = run_student(config, CACHE / "students")
                 encoder, heads = student_encoder_and_heads(folder)
+                # the folder also carries the base's non-persistent buffers (position ids)
+                encoder = {k: encoder[k] for k in built.pretrained}
                 score(STUDENT_ROWS[with_replay], encoder, heads)
                 costs.append((STUDENT_ROWS[with_replay], recipe, seed, report.get("seconds", time.perf_counter() - tick)))
                 ability_of(f"{STUDENT_ROWS[with_replay]} ({tag})", module(encoder))

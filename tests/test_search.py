@@ -147,6 +147,66 @@ def test_space_reports_every_bad_parameter_at_once():
         build_space({"merge_method": "nope", "models": ["a"]}, {"parameters": {"weight": {}}})
 
 
+def test_start_config_is_the_configs_own_point_by_hand():
+    config = {"merge_method": "ties", "base_model": "b", "parameters": {"density": 0.6, "lambda": 1.25},
+              "models": [{"model": "m1", "parameters": {"weight": 0.8, "density": 0.4}},
+                         {"model": "m2", "parameters": {"weight": 0.2}}]}  # fmt: skip
+    section = {"parameters": {"weight": {}, "density": {"low": 0.2, "high": 1.0},
+                              "lambda": {"low": 0.5, "high": 1.5}}, "start": "config"}  # fmt: skip
+    space = build_space(config, section)
+    # the model's own value, else the config's global one; (value - low) / (high - low)
+    assert space.start_point() == pytest.approx({
+        "m1.weight[0]": 0.8, "m2.weight[0]": 0.2, "m1.density[0]": 0.25, "m2.density[0]": 0.5,
+        "lambda[0]": 0.75})  # fmt: skip
+    assert space.sampler_start() == space.start_point()
+    x = [space.start_point()[d.label] for d in space.dimensions]
+    back = space.to_config(x)
+    assert [m["parameters"] for m in back["models"]] == [
+        {"weight": pytest.approx(0.8), "density": pytest.approx(0.4)},
+        {"weight": pytest.approx(0.2), "density": pytest.approx(0.6)}]  # fmt: skip
+    assert back["parameters"]["lambda"] == pytest.approx(1.25)
+    # the default start: none, and a study of either start is its own search
+    centre = build_space(config, {**section, "start": "centre"})
+    assert centre.start_point() is None and centre.sampler_start() is None
+    assert centre.fingerprint_facts() != space.fingerprint_facts()
+    # bad input: every problem at once, naming the key
+    bad = {**config, "parameters": {"density": "high", "lambda": 3.0},
+           "models": [{"model": "m1", "parameters": {"weight": [0.1, 0.2, 0.3]}}, "m2"]}  # fmt: skip
+    with pytest.raises(ConfigError) as caught:
+        build_space(bad, {**section, "layer_groups": 2})
+    text = str(caught.value)
+    assert "`models[m1].parameters.weight` is a list of 3; the search has 2 layer group(s)" in text
+    assert "`parameters.density`: a number is needed to start from; got 'high'" in text
+    assert "`parameters.lambda` = 3 lies outside the searched range [0.5, 1.5]" in text
+    with pytest.raises(ConfigError, match="search.start: one of centre, config; got 'middle'"):
+        build_space(config, {**section, "start": "middle"})
+
+
+def test_a_search_started_from_the_config_tries_it_first_and_cmaes_centres_on_it(setup):
+    root, folders = setup
+    import toy_evaluator
+
+    from mergelab.search.run import load_sources, read_search_config
+
+    config = _config(folders, sampler="cmaes", start="config")
+    config["models"][0]["parameters"] = {"weight": 0.9}
+    config["models"][1]["parameters"] = {"weight": 0.1}
+    path = root / "start.yml"
+    path.write_text(yaml.safe_dump(config))
+    _, _, space = read_search_config(path)
+    assert list(space.start_point().values()) == pytest.approx([0.9, 0.1])
+    sources = load_sources(space)
+    result = run_search(space, sources, toy_evaluator.score, storage=f"sqlite:///{root}/start.db",
+                        trials=7, sampler="cmaes", seed=0, evaluator_name="toy_evaluator:score")  # fmt: skip
+    trials = sorted(result.trials, key=lambda t: t.number)
+    weights = [[m["parameters"]["weight"] for m in t.config["models"]] for t in trials]
+    assert weights[0] == pytest.approx([0.9, 0.1])  # the first trial is the config itself
+    # CMA-ES's first generation is drawn around the start (sigma 1/6), not the centre (0.5)
+    first_generation = torch.tensor(weights[1:]).mean(dim=0).tolist()
+    assert first_generation[0] > 0.7 and first_generation[1] < 0.3, weights
+    assert result.best_value >= trials[0].value
+
+
 def test_cli_search_writes_a_recipe_that_merge_reproduces(setup):
     root, folders = setup
     config = root / "search.yml"

@@ -123,6 +123,10 @@ class DataflowSpace:
                 point[d.label] = (1.0 - self.scale_low) / (self.scale_high - self.scale_low)
         return point
 
+    def sampler_start(self) -> None:
+        """CMA-ES starts at the cube's centre (the host's stack is only the first trial)."""
+        return None
+
     def fingerprint_facts(self) -> dict:
         return {"space": "dataflow", **self.__dict__}
 

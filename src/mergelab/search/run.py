@@ -41,7 +41,7 @@ from mergelab.search.study import (
 
 SEARCH_KEYS = {"space", "evaluator", "trials", "sampler", "seed", "storage", "timeout_seconds",
                "objective"}
-PARAMETER_KEYS = {"parameters", "layer_groups", "normalize_weights", "negative_weights"}
+PARAMETER_KEYS = {"parameters", "layer_groups", "normalize_weights", "negative_weights", "start"}
 SPACES = ("parameters", "dataflow")
 
 

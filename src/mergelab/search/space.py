@@ -53,18 +53,26 @@ class ParameterSpace:
     dimensions: tuple[Dimension, ...]
     layer_groups: int
     normalize_weights: bool
+    start: Mapping[str, float] | None = None  # `start: config`: the config's own point
 
     @property
     def size(self) -> int:
         return len(self.dimensions)
 
-    def start_point(self) -> None:
-        """No fixed first trial: CMA-ES starts at the cube's centre (the paper's x0 = 0.5)."""
-        return None
+    def start_point(self) -> dict[str, float] | None:
+        """`start: centre` (the default): None, no fixed first trial, and CMA-ES starts at the
+        cube's centre (the paper's x0 = 0.5). `start: config`: the point of the config's own
+        values (a hand-tuned recipe), which is then the first trial and CMA-ES's x0."""
+        return dict(self.start) if self.start is not None else None
+
+    def sampler_start(self) -> dict[str, float] | None:
+        """Where CMA-ES's mean starts (None: the cube's centre): the start point, if any."""
+        return self.start_point()
 
     def fingerprint_facts(self) -> dict:
         return {"config": self.config, "dimensions": [d.__dict__ for d in self.dimensions],
-                "layer_groups": self.layer_groups, "normalize_weights": self.normalize_weights}
+                "layer_groups": self.layer_groups, "normalize_weights": self.normalize_weights,
+                **({"start": dict(self.start)} if self.start is not None else {})}
 
     def build(self, config: dict, sources, seed: int = 0) -> dict:
         """The merged state dict of a trial's config (merged in memory by the engine)."""
@@ -174,14 +182,53 @@ def build_space(config: Mapping, section: Mapping) -> ParameterSpace:
                     dimensions.append(Dimension(name, str(model), g, low, high))
         else:
             dimensions.append(Dimension(name, None, 0, low, high))
+    start = section.get("start", "centre")
+    if start not in STARTS:
+        problems.append(f"search.start: one of {', '.join(STARTS)}; got {start!r}")
     if problems:
         raise ConfigError(problems)
     merge_config = {k: copy.deepcopy(v) for k, v in config.items() if k != "search"}
     merge_config["models"] = [
         dict(m) if isinstance(m, Mapping) else {"model": m} for m in config["models"]
     ]
+    point = _config_point(merge_config, dimensions, declared) if start == "config" else None
     return ParameterSpace(merge_config, tuple(dimensions), groups,
-                          bool(section.get("normalize_weights", False)))
+                          bool(section.get("normalize_weights", False)), point)
+
+
+STARTS = ("centre", "config")
+
+
+def _config_point(config: Mapping, dimensions: Sequence[Dimension], declared: Mapping) -> dict[str, float]:
+    """The unit-cube point of the values `config` gives the searched parameters (a model's
+    `parameters`, else the config's `parameters`, else the declared default; a gradient list
+    needs one value per layer group). Raises ConfigError for a value that is missing, not a
+    number or outside the searched range."""
+    problems, point = [], {}
+    groups = 1 + max((d.group for d in dimensions), default=0)
+    for d in dimensions:
+        where = "parameters"
+        value = (config.get("parameters") or {}).get(d.parameter, declared[d.parameter].default)
+        if d.model is not None:
+            entry = next(m for m in config["models"] if m["model"] == d.model)
+            if d.parameter in (entry.get("parameters") or {}):
+                where, value = f"models[{d.model}].parameters", entry["parameters"][d.parameter]
+        key = f"search.start: config: `{where}.{d.parameter}`"
+        if isinstance(value, list):
+            if len(value) != groups:
+                problems.append(f"{key} is a list of {len(value)}; the search has {groups} layer group(s)")
+                continue
+            value = value[d.group]
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            problems.append(f"{key}: a number is needed to start from; got {value!r}")
+            continue
+        if not d.low <= value <= d.high:
+            problems.append(f"{key} = {value:g} lies outside the searched range [{d.low:g}, {d.high:g}]")
+            continue
+        point[d.label] = (float(value) - d.low) / (d.high - d.low)
+    if problems:
+        raise ConfigError(sorted(dict.fromkeys(problems)))
+    return point
 
 
 def _numeric(declared: Mapping) -> list[str]:
