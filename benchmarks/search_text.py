@@ -76,7 +76,7 @@ def run_one(args, built, label: str, space, sources, depends_on: dict | None = N
         tag = "-" + hashlib.sha256(json.dumps(depends_on, sort_keys=True).encode()).hexdigest()[:8]
     storage = f"sqlite:///{WORK / f'{label}-{built.recipe}-{built.seed}{tag}.db'}"
     result = run_search(space, sources, lambda c: validation_scores(built, c), storage=storage,
-                        trials=args.trials if label == "parameters" else args.dataflow_trials,
+                        trials=args.trials if label.startswith("parameters") else args.dataflow_trials,
                         sampler="cmaes", seed=built.seed, evaluator_name="text-zoo-validation")
     print(f"  {label}: best validation {100 * result.best_value:.1f}% after {result.completed} "
           f"trials ({result.failed} failed)", flush=True)
@@ -101,6 +101,7 @@ def run(args) -> str:
         FINETUNED_ROW,
         PROBE_ROW,
         GridPoint,
+        grid_for,
         machine_note,
         merge_config,
         run_seed,
@@ -137,14 +138,22 @@ def run(args) -> str:
                 print(f"  {row}: test {100 * sum(results[row].values()) / len(tasks):.1f}%", flush=True)
 
             # parameter space: TIES, a weight and a density per fine-tune, lambda
-            config = merge_config("ties", GridPoint(), tasks)
-            config["models"] = [{"model": t} for t in tasks]
-            space = build_space(config, {"parameters": {"weight": {}, "density": {"low": 0.1, "high": 1.0},
-                                                        "lambda": {"low": 0.5, "high": 2.0}}})
+            section = {"parameters": {"weight": {}, "density": {"low": 0.1, "high": 1.0},
+                                      "lambda": {"low": 0.5, "high": 2.0}}}  # fmt: skip
+            if args.start == "config":  # from the hand-tuned TIES grid point
+                chosen = seed_result.outcomes["ties"].chosen
+                config = merge_config("ties", next(p for p in grid_for("ties") if p.label == chosen), tasks)
+                space = build_space(config, {**section, "start": "config"})
+                label, row = "parameters-from-hand-tuned", f"search: TIES, parameter space, from ({chosen})"
+            else:
+                config = merge_config("ties", GridPoint(), tasks)
+                config["models"] = [{"model": t} for t in tasks]
+                space = build_space(config, section)
+                label, row = "parameters", "search: TIES, parameter space"
             sources = {BASE_NAME: built.pretrained, **{t: built.finetuned[t] for t in tasks}}
-            found = run_one(args, built, "parameters", space, sources)
+            found = run_one(args, built, label, space, sources)
             merged = mergelab.merge_state_dicts(found.best_config, sources, seed=seed)
-            score("search: TIES, parameter space", merged)
+            score(row, merged)
             cost_lines.append(("parameter space", recipe, seed, found.completed, Timer(found)))
 
             # data-flow space over the fine-tunes; the hybrid with the merge as host
@@ -188,7 +197,9 @@ def run(args) -> str:
         f"Wall time {wall / 60:.1f} min, {machine_note(load_at_start)}. " + CELLS_NOTE + " "
         + test_size_note(sizes_seen),
         "",
-        f"Searches (CMA-ES, optuna's defaults: start at the centre, sigma 1/6): parameter space = "
+        "Searches (CMA-ES, optuna's defaults: sigma 1/6, start at the centre"
+        + (", except the parameter space, which starts from the hand-tuned TIES grid point (its "
+           "first trial; `start: config`)" if args.start == "config" else "") + "): parameter space = "
         f"TIES with a weight in [0, 1] and a density in [0.1, 1] per fine-tune and lambda in "
         f"[0.5, 2] ({args.trials} trials); data-flow = which of the fine-tunes' 6 x 5 layers run, "
         f"in layout order, one repetition, no scaling matrix, the first fine-tune's embeddings "
@@ -216,6 +227,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--recipes", default="lpft,joint")
     parser.add_argument("--seeds", default="0,1")
     parser.add_argument("--trials", type=int, default=48, help="parameter-space trials")
+    parser.add_argument("--start", choices=("centre", "config"), default="centre",
+                        help="parameter space: CMA-ES from the cube's centre (the paper) or from "
+                        "the hand-tuned TIES grid point (its first trial)")
     parser.add_argument("--dataflow-trials", type=int, default=32, help="data-flow and hybrid trials")
     parser.add_argument("--test-examples", type=int, default=None)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
