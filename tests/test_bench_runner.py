@@ -286,3 +286,31 @@ def test_upscaled_methods_need_an_evaluator_that_scores_modules(built):
     result = run_seed(dataclasses.replace(built, evaluator=StateDictsOnly()), ["smile", "linear"], repair=False)
     assert "torch module" in result.failures["smile"] and "smile" not in result.results
     assert "linear" in result.results
+
+
+def test_wemoe_rows_train_routers_on_unlabelled_inputs_and_untrained_is_task_arithmetic(built, monkeypatch):
+    """WEMoE runs with the tasks' training inputs. Untrained (steps 0) its routers give every
+    task vector lambda, so its row is task arithmetic at that lambda, example for example;
+    trained, the row is another model with the same cost. On the MLP trunk (no MLP-block
+    names) only `all_linear` upscales anything; by default the row fails with the reason."""
+    from mergelab_bench import bench
+
+    run, skipped = applicable_methods(len(built.tasks))
+    assert "wemoe" in run and "regmean" in skipped
+    default = run_seed(built, ["wemoe"], repair=False)
+    assert "upscales no layer" in default.failures["wemoe"] and "wemoe" not in default.results
+
+    monkeypatch.setitem(bench.GRIDS, "task_arithmetic", [GridPoint({"lambda": 0.3})])
+    monkeypatch.setitem(bench.GRIDS, "wemoe", [GridPoint({"lambda": 0.3, "all_linear": True, "steps": 0})])
+    untrained = run_seed(built, ["wemoe", "task_arithmetic"], repair=False)
+    assert untrained.examples["wemoe"] == untrained.examples["task_arithmetic"]
+    monkeypatch.setitem(bench.GRIDS, "wemoe", [
+        GridPoint({"lambda": 0.3, "all_linear": True, "steps": 20, "lr": 0.01, "router_hidden": 0}),
+    ])  # fmt: skip
+    trained = run_seed(built, ["wemoe"], repair=False)
+    assert trained.examples["wemoe"] != untrained.examples["wemoe"]
+    outcome, tasks = trained.outcomes["wemoe"], len(built.tasks)
+    # one-layer routers: per layer [out, in] T task vectors, T bias deltas, W_r [T, in], b_r [T]
+    extra = sum(tasks * (out * inp + out + inp + 1) for out, inp in ((32, 64), (32, 32)))
+    assert outcome.extra_parameters == extra
+    assert outcome.macs_ratio > 1 + tasks

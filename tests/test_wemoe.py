@@ -26,7 +26,7 @@ from mergelab.methods.wemoe import (
     wemoe_forward,
     wemoe_tensor,
 )
-from mergelab.stats.batches import TaskData
+from mergelab.stats.batches import DataError, TaskData
 from mergelab.training import FinetuneSettings, train
 from mergelab.upscale import upscale_module
 from mergelab.upscale.train import EntropyExamples, TrainedParameters
@@ -283,9 +283,11 @@ def test_bad_input_fails_before_work(tmp_path, bert):
     with pytest.raises(ConfigError, match="needs the task head"):
         mergelab.merge(config, tmp_path / "x", progress=False)
     assert not (tmp_path / "x").exists()
-    with pytest.raises(ConfigError, match="use mergelab.merge"):
-        mergelab.data_merge("wemoe", transformers.BertModel.from_pretrained(folders["base"]),
-                            {"m0": {}}, {"m0": []})  # fmt: skip
+    base = transformers.BertModel.from_pretrained(folders["base"])
+    with pytest.raises(ConfigError, match="'m0': its state dict has no tensors"):
+        mergelab.data_merge("wemoe", base, {"m0": {}}, {"m0": []})
+    with pytest.raises(DataError, match="model 'm0': its task's data yielded no batch"):
+        mergelab.data_merge("wemoe", base, {"m0": base.state_dict()}, {"m0": TaskData([], head=nn.Linear(8, 2))})
     out = tmp_path / "wemoe"
     mergelab.merge(_config(bert, steps=1), out, progress=False)
     other = transformers.BertModel(transformers.BertConfig(

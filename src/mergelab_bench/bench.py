@@ -9,12 +9,15 @@ and each task's own fine-tuned model. Rows are aggregated over seeds (mean and s
 Merges go through `mergelab.merge_state_dicts`, the same validation and kernels as
 `mergelab merge`. Grids are data (`GRIDS`); a method without an entry runs at its registry
 defaults (weight 1 per model). Methods that take fewer models than the zoo has tasks (SLERP,
-NuSLERP, NearSwap...) or need data are listed as not applicable.
+NuSLERP, NearSwap...) or need data are listed as not applicable, except an upscaled method
+that trains its extras on unlabelled inputs (WEMoE's routers: `Upscaling.trainer`): it gets the
+first `TRAINER_EXAMPLES` training inputs of every task, whose labels its objective (the heads'
+prediction entropy) never reads.
 
 Two kinds of method are more than one merged encoder, told apart by their declarations:
 modulated ones (`modulation`: TALL masks, EMR) give each task its own encoder, scored with that
-task's head; upscaled ones (`upscaling`: SMILE) give one bigger routed model
-(`mergelab.merge_upscaled`), scored as a torch module with each task's head (the zoo's
+task's head; upscaled ones (`upscaling`: SMILE, WEMoE) give one bigger routed model
+(`mergelab.merge_upscaled`; `mergelab.data_merge` for WEMoE), scored as a torch module with each task's head (the zoo's
 evaluator's `module` / `correct_module`). Their rows carry the extra storage per task and the
 inference cost against one model (`MethodOutcome`).
 """
@@ -107,7 +110,12 @@ GRIDS: dict[str, list[GridPoint]] = {
     # The experts' rank: low against full for the MLP zoo's 32-wide layers (truncated to the
     # rank), about 4% and 17% of a 384-wide MiniLM layer's parameters per task.
     "smile": grid({"k": [8, 32]}),
+    # wemoe: no entry, one run at the registry's defaults (lambda 0.3, the MLPs' linear layers,
+    # 100 router steps): each point trains its routers.
 }
+# The unlabelled inputs of an upscaled method's trainer (WEMoE's routers): the first examples of
+# each task's training split, in batches of this size (one step: a batch of every task).
+TRAINER_EXAMPLES, TRAINER_BATCH_SIZE = 256, 16
 # Methods of the registry that are not merges of several fine-tunes.
 NOT_BENCHMARKED = {
     "passthrough": "copies one model",
@@ -125,6 +133,8 @@ def applicable_methods(num_models: int) -> tuple[list[str], dict[str, str]]:
     run, skipped = [], {}
     for method in _method_objects():
         needs = tuple(getattr(method, "needs", ()) or ())
+        if needs == ("data",) and getattr(method, "trains_extras", False):
+            needs = ()  # the runner gives it the tasks' unlabelled training inputs
         if method.name in NOT_BENCHMARKED:
             skipped[method.name] = NOT_BENCHMARKED[method.name]
         elif needs:
@@ -175,11 +185,26 @@ def merge_zoo_modulated(built: BuiltZoo, method_name: str, point: GridPoint):
 
 
 def merge_zoo_upscaled(built: BuiltZoo, method_name: str, point: GridPoint):
-    """An upscaling method's merge of the zoo (`mergelab.merge_upscaled`): the shared encoder
-    weights plus every layer's extras; `.upscale(module)` wraps a module holding them."""
+    """An upscaling method's merge of the zoo, a `mergelab.upscale.memory.UpscaledStateDicts`:
+    the shared encoder weights plus every layer's extras; `.upscale(module)` wraps a module
+    holding them. A method that trains extras (WEMoE) trains them with `mergelab.data_merge` on
+    the first `TRAINER_EXAMPLES` training inputs of each task (labels unused)."""
     import mergelab
+    from mergelab.methods import get_method
 
     tasks = list(built.tasks)
+    if get_method(method_name).trains_extras:
+        from mergelab_bench.data_aware_zoos import ZooData
+
+        adapter = ZooData(built)
+        data = {t: adapter.task_data(t, "train", TRAINER_EXAMPLES, TRAINER_BATCH_SIZE) for t in tasks}
+        model_params = {t: dict(point.model_params) for t in tasks} if point.model_params else None
+        result = mergelab.data_merge(
+            method_name, adapter.module(), {t: built.finetuned[t] for t in tasks}, data,
+            base_state_dict=built.pretrained, model_params=model_params, merge_seed=built.seed,
+            **point.global_params,
+        )  # fmt: skip
+        return result.upscaled
     sources = {BASE_NAME: built.pretrained, **{t: built.finetuned[t] for t in tasks}}
     return mergelab.merge_upscaled(merge_config(method_name, point, tasks), sources, seed=built.seed)
 
@@ -398,9 +423,9 @@ def _run_upscaled(built: BuiltZoo, name: str, points: Sequence[GridPoint],
         merged = merge_zoo_upscaled(built, name, point)
         if merged.upscaled_layers == 0:
             raise MergeLabError(
-                f"`{name}` upscales no layer of this zoo's encoder: none of its layers whose "
-                "weights the fine-tunes changed is of a type the method wraps, so the routed "
-                "model would be the shared one"
+                f"`{name}` upscales no layer of this zoo's encoder (its declaration gives extras "
+                "to none of the layers the fine-tunes changed), so the routed model would be "
+                "the shared one"
             )
         module = merged.upscale(make(merged.state_dict))
         score = float("nan")

@@ -168,6 +168,9 @@ def data_merge(
     names = list(finetuned_state_dicts)
     if not names:
         raise ConfigError("no fine-tuned model to merge")
+    empty = [n for n in names if not finetuned_state_dicts[n]]
+    if empty:
+        raise ConfigError([f"model {n!r}: its state dict has no tensors" for n in empty])
     try:
         declared = get_method(method)
     except KeyError as exc:
