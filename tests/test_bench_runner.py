@@ -218,7 +218,13 @@ def _smile_cost(k: int, tasks: int, top_k: int = 1, layers=((32, 64), (32, 32)))
 
 
 def test_smile_rows_are_one_routed_model_scored_with_each_tasks_head(built):
-    from mergelab_bench.bench import COST_COLUMN, EXTRA_COLUMN, bench_markdown, cost_columns, encoder_bytes
+    from mergelab_bench.bench import (
+        COST_COLUMN,
+        EXTRA_COLUMN,
+        bench_markdown,
+        cost_columns,
+        encoder_bytes,
+    )
 
     result = run_seed(built, ["smile", "task_arithmetic"], repair=False)
     assert "smile" not in result.failures

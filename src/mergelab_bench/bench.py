@@ -17,9 +17,9 @@ prediction entropy) never reads.
 Two kinds of method are more than one merged encoder, told apart by their declarations:
 modulated ones (`modulation`: TALL masks, EMR) give each task its own encoder, scored with that
 task's head; upscaled ones (`upscaling`: SMILE, WEMoE) give one bigger routed model
-(`mergelab.merge_upscaled`; `mergelab.data_merge` for WEMoE), scored as a torch module with each task's head (the zoo's
-evaluator's `module` / `correct_module`). Their rows carry the extra storage per task and the
-inference cost against one model (`MethodOutcome`).
+(`mergelab.merge_upscaled`; `mergelab.data_merge` for WEMoE), scored as a torch module with
+each task's head (the zoo's evaluator's `module` / `correct_module`). Their rows carry the
+extra storage per task and the inference cost against one model (`MethodOutcome`).
 """
 
 from __future__ import annotations
@@ -228,7 +228,7 @@ class MethodOutcome:
     seconds: float
     grid_scores: list[tuple[str, float]]
     # beyond one merged model, per task: a modulated method's (TALL masks, EMR) modulators, an
-    # upscaled one's (SMILE) extras divided by the tasks (its experts are per task); 0: none
+    # upscaled one's (SMILE, WEMoE) extras divided by the tasks (nearly all are per task); 0: none
     extra_bytes_per_task: int = 0
     # upscaled methods: multiply-adds per token of the upscaled layers against the same layers
     # of one model (the merge's `cost`); 1.0: one model's
@@ -600,7 +600,9 @@ def run_bench(
     files: dict[str, dict[str, Path]] = {}
     if out_dir is not None:
         for recipe, recipe_rows in rows.items():
-            columns = None if built is None else cost_columns(recipe_rows, results[recipe], encoder_bytes(built))
+            columns = None
+            if built is not None:
+                columns = cost_columns(recipe_rows, results[recipe], encoder_bytes(built))
             files[recipe] = write_report(
                 recipe_rows, out_dir, title=f"{zoo_name} zoo, recipe {recipe}",
                 facts={"seeds": list(seeds), "wall_seconds": wall, "command": command,

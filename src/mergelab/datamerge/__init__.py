@@ -241,7 +241,8 @@ def data_merge(
         # folder writer does.
         for tensor, learned in (prepared.extras or {}).items():
             extras.tensors[tensor].update(learned)
-        upscaled = extras.finish(declared.name, names, {k: v.detach().cpu() for k, v in sink.tensors.items()})
+        shared = {k: v.detach().cpu() for k, v in sink.tensors.items()}
+        upscaled = extras.finish(declared.name, names, shared)
     return DataMergeResult(
         method=declared.name,
         state_dict={k: v.detach().cpu() for k, v in sink.tensors.items()},

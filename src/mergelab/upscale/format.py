@@ -73,7 +73,9 @@ def base_parameter_count(planned: Sequence[tuple[str, tuple[int, ...], object, i
     return sum(_numel(shape) for _, shape, _, _, _ in planned)
 
 
-def upscaled_cost(upscaling: Upscaling, records: dict[str, dict], base_parameters: int) -> dict[str, int]:
+def upscaled_cost(
+    upscaling: Upscaling, records: dict[str, dict], base_parameters: int
+) -> dict[str, int]:
     """The manifest's `cost` of merged `records` (its `tensors` entries, `active` set):
     `base_parameters`, `extra_parameters` (the entries of every active record's extras), and
     the multiply-adds per token of the upscaled linear layers (`upscaled_macs`) against the

@@ -95,7 +95,9 @@ class MemoryExtras:
         """The extra `key` of `tensor` (for `mergelab.upscale.load.wrap_layers`)."""
         return self.tensors[tensor][key]
 
-    def finish(self, method: str, tasks: Sequence[str], shared: dict[str, torch.Tensor]) -> UpscaledStateDicts:
+    def finish(
+        self, method: str, tasks: Sequence[str], shared: dict[str, torch.Tensor]
+    ) -> UpscaledStateDicts:
         """The merge's result, once the engine has run: `shared` is the sink's tensors."""
         return UpscaledStateDicts(
             method=method, tasks=list(tasks), state_dict=shared, records=self.records,
