@@ -202,3 +202,121 @@ def test_modulated_methods_score_each_task_with_its_own_modulated_encoder(built)
         expected = evaluate_model(built.evaluator, merged.task_state_dict(task),
                                   {task: built.heads[task]}, tasks=[task])[task]  # fmt: skip
         assert result.results["emr"][task] == expected
+
+
+def _smile_cost(k: int, tasks: int, top_k: int = 1, layers=((32, 64), (32, 32))) -> tuple[int, int, int]:
+    """(extra parameters, upscaled MACs, base MACs) of SMILE on the MLP trunk's linear layers
+    (out, in), by hand: per task a gate row (gate_k 1), U [out, k], S V^T [k, in] and a bias
+    delta; per token the base product, the router's T projections and top_k experts."""
+    extra = up = base = 0
+    for out, inp in layers:
+        rank = min(k, out, inp)
+        extra += tasks * (inp + out * rank + rank * inp + out)
+        up += out * inp + tasks * inp + top_k * rank * (out + inp)
+        base += out * inp
+    return extra, up, base
+
+
+def test_smile_rows_are_one_routed_model_scored_with_each_tasks_head(built):
+    from mergelab_bench.bench import (
+        COST_COLUMN,
+        EXTRA_COLUMN,
+        bench_markdown,
+        cost_columns,
+        encoder_bytes,
+    )
+
+    result = run_seed(built, ["smile", "task_arithmetic"], repair=False)
+    assert "smile" not in result.failures
+    outcome = result.outcomes["smile"]
+    assert set(outcome.test) == set(built.tasks)
+    assert [label for label, _ in outcome.grid_scores] == ["k 8", "k 32"]
+    assert outcome.chosen == max(outcome.grid_scores, key=lambda item: item[1])[0]
+    # per-example outcomes for the intervals, one per test example of each task
+    for task in built.tasks:
+        bits = result.examples["smile"][task]
+        assert len(bits) == len(built.evaluator.data(task, "test")[1])
+        assert bits.count("1") / len(bits) == pytest.approx(outcome.test[task])
+    # the cost of the chosen merge, against the hand count
+    tasks = len(built.tasks)
+    extra, up, base = _smile_cost(int(outcome.chosen.split()[1]), tasks)
+    assert outcome.extra_parameters == extra > 0
+    assert outcome.base_parameters == sum(t.numel() for t in built.pretrained.values())
+    assert outcome.extra_bytes_per_task == 4 * extra // tasks
+    assert outcome.macs_ratio == pytest.approx(up / base) and outcome.macs_ratio > 1
+    plain = result.outcomes["task_arithmetic"]
+    assert plain.extra_bytes_per_task == 0 and plain.macs_ratio == 1.0
+
+    rows = aggregate([result])
+    columns = cost_columns(rows, [result], encoder_bytes(built))
+    share = 100 * outcome.extra_bytes_per_task / encoder_bytes(built)
+    assert columns[EXTRA_COLUMN]["smile"] == f"{share:.1f}%"
+    assert columns[COST_COLUMN]["smile"] == f"{up / base:.2f}x"
+    assert columns[EXTRA_COLUMN]["task_arithmetic"] == "0" and columns[COST_COLUMN]["task_arithmetic"] == "1.00x"
+    assert columns[EXTRA_COLUMN][FINETUNED_ROW] == "100%"
+    text = bench_markdown("mlp", {"lpft": rows}, {"lpft": [result]}, {}, [0], 1.0, 0.0, "", built)
+    assert f"| {EXTRA_COLUMN} | {COST_COLUMN} | chosen on validation |" in text
+    smile_line = next(line for line in text.splitlines() if line.startswith("| smile |"))
+    assert f"| {share:.1f}% | {up / base:.2f}x | {outcome.chosen} |" in smile_line
+    assert f"`smile` {extra:,} extra parameters in all" in text
+
+
+def test_smile_of_two_copies_of_one_fine_tune_at_full_rank_is_that_fine_tune(built, monkeypatch):
+    """Two identical experts of full rank: whichever the router picks (top 2, weights
+    renormalised to sum 1), each layer is W_0 x + (W_t - W_0) x + b_t, the fine-tuned layer; so
+    the SMILE row scores every example as the fine-tuned row does. Distinct fine-tunes do not
+    (the router sends some inputs to another task's expert)."""
+    import dataclasses
+
+    from mergelab_bench import bench
+
+    monkeypatch.setitem(bench.GRIDS, "smile", [GridPoint({"k": 32, "top_k": 2})])
+    tuned = built.finetuned["parity"]
+    copies = dataclasses.replace(built, tasks=["parity", "low_high"],
+                                 finetuned={"parity": tuned, "low_high": tuned})  # fmt: skip
+    result = run_seed(copies, ["smile"], repair=False)
+    assert result.examples["smile"] == result.examples[FINETUNED_ROW]
+    assert result.results["smile"] == result.results[FINETUNED_ROW]
+    assert result.outcomes["smile"].macs_ratio > 1
+    distinct = run_seed(dataclasses.replace(built, tasks=["parity", "low_high"]), ["smile"], repair=False)
+    assert distinct.examples["smile"] != distinct.examples[FINETUNED_ROW]
+
+
+def test_upscaled_methods_need_an_evaluator_that_scores_modules(built):
+    import dataclasses
+
+    class StateDictsOnly:
+        def correct(self, *args, **kwargs):
+            return built.evaluator.correct(*args, **kwargs)
+
+    result = run_seed(dataclasses.replace(built, evaluator=StateDictsOnly()), ["smile", "linear"], repair=False)
+    assert "torch module" in result.failures["smile"] and "smile" not in result.results
+    assert "linear" in result.results
+
+
+def test_wemoe_rows_train_routers_on_unlabelled_inputs_and_untrained_is_task_arithmetic(built, monkeypatch):
+    """WEMoE runs with the tasks' training inputs. Untrained (steps 0) its routers give every
+    task vector lambda, so its row is task arithmetic at that lambda, example for example;
+    trained, the row is another model with the same cost. On the MLP trunk (no MLP-block
+    names) only `all_linear` upscales anything; by default the row fails with the reason."""
+    from mergelab_bench import bench
+
+    run, skipped = applicable_methods(len(built.tasks))
+    assert "wemoe" in run and "regmean" in skipped
+    default = run_seed(built, ["wemoe"], repair=False)
+    assert "upscales no layer" in default.failures["wemoe"] and "wemoe" not in default.results
+
+    monkeypatch.setitem(bench.GRIDS, "task_arithmetic", [GridPoint({"lambda": 0.3})])
+    monkeypatch.setitem(bench.GRIDS, "wemoe", [GridPoint({"lambda": 0.3, "all_linear": True, "steps": 0})])
+    untrained = run_seed(built, ["wemoe", "task_arithmetic"], repair=False)
+    assert untrained.examples["wemoe"] == untrained.examples["task_arithmetic"]
+    monkeypatch.setitem(bench.GRIDS, "wemoe", [
+        GridPoint({"lambda": 0.3, "all_linear": True, "steps": 20, "lr": 0.01, "router_hidden": 0}),
+    ])  # fmt: skip
+    trained = run_seed(built, ["wemoe"], repair=False)
+    assert trained.examples["wemoe"] != untrained.examples["wemoe"]
+    outcome, tasks = trained.outcomes["wemoe"], len(built.tasks)
+    # one-layer routers: per layer [out, in] T task vectors, T bias deltas, W_r [T, in], b_r [T]
+    extra = sum(tasks * (out * inp + out + inp + 1) for out, inp in ((32, 64), (32, 32)))
+    assert outcome.extra_parameters == extra
+    assert outcome.macs_ratio > 1 + tasks

@@ -191,3 +191,48 @@ def test_smile_bad_input_fails_before_work(tmp_path, berts):
         intermediate_size=32, max_position_embeddings=32))  # fmt: skip
     with pytest.raises(CheckpointError, match="extras were made for"):
         upscale_module(other, out)
+
+
+def test_in_memory_smile_merge_is_the_folder_merge(tmp_path, berts):
+    """`merge_upscaled` on the same weights as state dicts: the same shared weights, extras,
+    cost and routed module as `merge` writes and `upscale_module` loads."""
+    out = tmp_path / "smile"
+    mergelab.merge(_config(berts, k=4, top_k=2), out, progress=False)
+    state_dicts = {name: transformers.BertModel.from_pretrained(folder).state_dict()
+                   for name, folder in berts.items()}  # fmt: skip
+    config = {"merge_method": "smile", "base_model": "base", "models": [{"model": "a"}, {"model": "b"}],
+              "parameters": {"k": 4, "top_k": 2}}  # fmt: skip
+    merged = mergelab.merge_upscaled(config, state_dicts)
+    manifest = json.loads((out / "upscaled" / "upscaled.json").read_text())
+    assert merged.cost == manifest["cost"] and merged.tasks == ["a", "b"]
+    assert merged.records == manifest["tensors"]
+    assert merged.upscaled_layers == 7
+    assert merged.macs_ratio == manifest["cost"]["upscaled_macs"] / manifest["cost"]["base_macs"]
+    assert merged.extra_bytes == 4 * manifest["cost"]["extra_parameters"]  # float32 extras
+    base = transformers.BertModel.from_pretrained(berts["base"]).state_dict()
+    assert all(torch.equal(merged.state_dict[k], base[k]) for k in base if k in merged.state_dict)
+
+    from_folder = upscale_module(transformers.BertModel.from_pretrained(out), out).eval()
+    model = transformers.BertModel(from_folder.config)
+    model.load_state_dict(merged.state_dict, strict=False)
+    in_memory = merged.upscale(model).eval()
+    assert sum(isinstance(m, SmileLinear) for m in in_memory.modules()) == 7
+    ids = torch.randint(0, 20, (2, 6), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(in_memory(input_ids=ids).last_hidden_state,
+                           from_folder(input_ids=ids).last_hidden_state)  # fmt: skip
+
+
+def test_in_memory_upscaled_merge_refuses_other_methods_and_trained_extras(berts):
+    state_dicts = {name: transformers.BertModel.from_pretrained(folder).state_dict()
+                   for name, folder in berts.items()}  # fmt: skip
+    config = {"base_model": "base", "models": [{"model": "a"}, {"model": "b"}]}
+    weighted = [{"model": m, "parameters": {"weight": 1.0}} for m in ("a", "b")]
+    with pytest.raises(ConfigError, match="does not upscale; use merge_state_dicts"):
+        mergelab.merge_upscaled({**config, "models": weighted, "merge_method": "task_arithmetic"},
+                                state_dicts)  # fmt: skip
+    with pytest.raises(ConfigError, match="`wemoe` needs data"):
+        mergelab.merge_upscaled({**config, "merge_method": "wemoe"}, state_dicts)
+    small = {k: v[:8] if v.ndim else v for k, v in state_dicts["a"].items()}
+    with pytest.raises(ConfigError):
+        mergelab.merge_upscaled({**config, "merge_method": "smile"}, {**state_dicts, "a": small})

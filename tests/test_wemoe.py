@@ -26,7 +26,7 @@ from mergelab.methods.wemoe import (
     wemoe_forward,
     wemoe_tensor,
 )
-from mergelab.stats.batches import TaskData
+from mergelab.stats.batches import DataError, TaskData
 from mergelab.training import FinetuneSettings, train
 from mergelab.upscale import upscale_module
 from mergelab.upscale.train import EntropyExamples, TrainedParameters
@@ -283,9 +283,11 @@ def test_bad_input_fails_before_work(tmp_path, bert):
     with pytest.raises(ConfigError, match="needs the task head"):
         mergelab.merge(config, tmp_path / "x", progress=False)
     assert not (tmp_path / "x").exists()
-    with pytest.raises(ConfigError, match="use mergelab.merge"):
-        mergelab.data_merge("wemoe", transformers.BertModel.from_pretrained(folders["base"]),
-                            {"m0": {}}, {"m0": []})  # fmt: skip
+    base = transformers.BertModel.from_pretrained(folders["base"])
+    with pytest.raises(ConfigError, match="'m0': its state dict has no tensors"):
+        mergelab.data_merge("wemoe", base, {"m0": {}}, {"m0": []})
+    with pytest.raises(DataError, match="model 'm0': its task's data yielded no batch"):
+        mergelab.data_merge("wemoe", base, {"m0": base.state_dict()}, {"m0": TaskData([], head=nn.Linear(8, 2))})
     out = tmp_path / "wemoe"
     mergelab.merge(_config(bert, steps=1), out, progress=False)
     other = transformers.BertModel(transformers.BertConfig(
@@ -306,3 +308,40 @@ def test_one_layer_routers_on_every_linear_layer_write_and_load(tmp_path, bert):
     assert len(layers) == 13 and all(m.router.hidden == 0 for m in layers)  # 6 per layer + pooler
     with torch.no_grad():
         assert torch.isfinite(model(input_ids=_ids()).last_hidden_state).all()
+
+
+def test_data_merge_trains_the_same_routers_in_memory_as_the_folder_merge(tmp_path, bert):
+    """`mergelab.data_merge("wemoe", ...)` on the config's architecture and data: its upscaled
+    result (shared weights, trained routers, cost) is the folder `mergelab.merge` writes."""
+    from mergelab.api import _provider
+
+    config = _config(bert, steps=8, lr=0.05)
+    out = tmp_path / "wemoe"
+    mergelab.merge(config, out, progress=False, seed=3)
+    plan = mergelab.plan_merge(config)
+    try:
+        provider = _provider(plan, None, None)
+        names = list(plan.merged_sources)
+        module = provider.module()
+        data = {n: provider.task_data(n) for n in names}
+        folders = [m["model"] for m in config["models"]]
+        state_dicts = {n: load_file(f"{f}/model.safetensors") for n, f in zip(names, folders, strict=True)}
+        base = load_file(f"{config['base_model']}/model.safetensors")
+        result = mergelab.data_merge("wemoe", module, state_dicts, data, base_state_dict=base,
+                                     merge_seed=3, router_hidden=4, steps=8, lr=0.05)  # fmt: skip
+    finally:
+        mergelab.api.close_plan(plan)
+    upscaled = result.upscaled
+    manifest = json.loads((out / "upscaled" / "upscaled.json").read_text())
+    assert upscaled.cost == manifest["cost"] and upscaled.upscaled_layers == 4
+    assert len(result.entropy_history) == 8
+    extras = load_file(out / "upscaled" / "extras" / "extras.safetensors")
+    for tensor, keys in upscaled.extras.items():
+        for key, value in keys.items():
+            assert torch.allclose(extras[f"{tensor}:{key}"], value, atol=1e-6), (tensor, key)
+    model = transformers.BertModel.from_pretrained(out).eval()
+    model.load_state_dict(upscaled.state_dict, strict=False)
+    in_memory = upscaled.upscale(model).eval()
+    with torch.no_grad():
+        assert torch.allclose(in_memory(input_ids=_ids()).last_hidden_state,
+                              _load(out)(input_ids=_ids()).last_hidden_state, atol=1e-6)  # fmt: skip

@@ -5,6 +5,7 @@ from mergelab.api import (
     merge_expert_groups,
     merge_modulated,
     merge_state_dicts,
+    merge_upscaled,
     moe,
     plan_merge,
 )
@@ -19,6 +20,7 @@ __all__ = [
     "merge_expert_groups",
     "merge_modulated",
     "merge_state_dicts",
+    "merge_upscaled",
     "moe",
     "plan_merge",
     "CheckpointError",

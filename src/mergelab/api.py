@@ -1,5 +1,5 @@
-"""The Python API: `merge` (checkpoints on disk), `merge_state_dicts` (in memory) and
-`merge_expert_groups` (the copies inside one in-memory model)."""
+"""The Python API: `merge` (checkpoints on disk); `merge_state_dicts`, `merge_modulated` and
+`merge_upscaled` (in memory); `merge_expert_groups` (the copies inside one in-memory model)."""
 
 from __future__ import annotations
 
@@ -179,6 +179,37 @@ def merge_modulated(
     execute(plan, sink, device=device, seed=seed, allow_nonfinite=allow_nonfinite,
             progress=progress, modulators=modulators)  # fmt: skip
     return modulators.finish(sink.tensors, plan.method.modulation.rescalers)
+
+
+def merge_upscaled(
+    config: Mapping | MergeConfig,
+    state_dicts: Mapping[str, Mapping[str, torch.Tensor]],
+    *,
+    device: str = "cpu",
+    seed: int = 0,
+    allow_nonfinite: bool = False,
+    progress: bool = False,
+):
+    """Merge in memory with an upscaling method (`smile`): the shared weights plus every
+    tensor's extras, as a `mergelab.upscale.memory.UpscaledStateDicts`, what `merge` would
+    write to a folder (same validation, kernels and cost). Its `.upscale(module)` wraps the
+    layers of a module holding `.state_dict`, as `mergelab.upscale.upscale_module` does for a
+    folder. Raises ConfigError for a method that does not upscale, and for one whose extras
+    are trained on data (WEMoE's routers: `mergelab.merge` with a `data:` section)."""
+    from mergelab.upscale.memory import MemoryExtras, planned_extras
+
+    cfg, config_dir = _read_config(config)
+    open_source = _state_dict_opener(state_dicts)
+    plan = _build(cfg, open_source, None)
+    if plan.method.upscaling is None:
+        raise ConfigError([f"method `{plan.method.name}` does not upscale; use "
+                           "merge_state_dicts"])  # fmt: skip
+    if plan.needs_data_stage:
+        plan = _statistics_from_folders(plan, open_source, config_dir, device)
+    sink, extras = MemorySink(plan), MemoryExtras(plan.method.upscaling, planned_extras(plan))
+    execute(plan, sink, device=device, seed=seed, allow_nonfinite=allow_nonfinite,
+            progress=progress, extras=extras)  # fmt: skip
+    return extras.finish(plan.method.name, plan.merged_sources, sink.tensors)
 
 
 def _build(cfg: MergeConfig, open_source, label: str | None, config_dir: Path | None = None,

@@ -9,7 +9,17 @@ and each task's own fine-tuned model. Rows are aggregated over seeds (mean and s
 Merges go through `mergelab.merge_state_dicts`, the same validation and kernels as
 `mergelab merge`. Grids are data (`GRIDS`); a method without an entry runs at its registry
 defaults (weight 1 per model). Methods that take fewer models than the zoo has tasks (SLERP,
-NuSLERP, NearSwap...) or need data are listed as not applicable.
+NuSLERP, NearSwap...) or need data are listed as not applicable, except an upscaled method
+that trains its extras on unlabelled inputs (WEMoE's routers: `Upscaling.trainer`): it gets the
+first `TRAINER_EXAMPLES` training inputs of every task, whose labels its objective (the heads'
+prediction entropy) never reads.
+
+Two kinds of method are more than one merged encoder, told apart by their declarations:
+modulated ones (`modulation`: TALL masks, EMR) give each task its own encoder, scored with that
+task's head; upscaled ones (`upscaling`: SMILE, WEMoE) give one bigger routed model
+(`mergelab.merge_upscaled`; `mergelab.data_merge` for WEMoE), scored as a torch module with
+each task's head (the zoo's evaluator's `module` / `correct_module`). Their rows carry the
+extra storage per task and the inference cost against one model (`MethodOutcome`).
 """
 
 from __future__ import annotations
@@ -97,12 +107,18 @@ GRIDS: dict[str, list[GridPoint]] = {
     "consensus": grid({"lambda": [0.3, 0.6]}),
     "wudi": grid({"closed_form": [False, True]}),
     "tall_masks": grid({"mask_lambda": [0.2, 0.4, 0.6]}),
+    # The experts' rank: low against full for the MLP zoo's 32-wide layers (truncated to the
+    # rank), about 4% and 17% of a 384-wide MiniLM layer's parameters per task.
+    "smile": grid({"k": [8, 32]}),
+    # wemoe: no entry, one run at the registry's defaults (lambda 0.3, the MLPs' linear layers,
+    # 100 router steps): each point trains its routers.
 }
+# The unlabelled inputs of an upscaled method's trainer (WEMoE's routers): the first examples of
+# each task's training split, in batches of this size (one step: a batch of every task).
+TRAINER_EXAMPLES, TRAINER_BATCH_SIZE = 256, 16
 # Methods of the registry that are not merges of several fine-tunes.
 NOT_BENCHMARKED = {
     "passthrough": "copies one model",
-    "smile": "an upscaled model (routed low-rank experts), which the zoos' state-dict "
-    "evaluators cannot score yet; `mergelab eval` loads it (docs/upscaled.md)",
 }
 
 
@@ -117,6 +133,8 @@ def applicable_methods(num_models: int) -> tuple[list[str], dict[str, str]]:
     run, skipped = [], {}
     for method in _method_objects():
         needs = tuple(getattr(method, "needs", ()) or ())
+        if needs == ("data",) and getattr(method, "trains_extras", False):
+            needs = ()  # the runner gives it the tasks' unlabelled training inputs
         if method.name in NOT_BENCHMARKED:
             skipped[method.name] = NOT_BENCHMARKED[method.name]
         elif needs:
@@ -166,6 +184,31 @@ def merge_zoo_modulated(built: BuiltZoo, method_name: str, point: GridPoint):
     return mergelab.merge_modulated(merge_config(method_name, point, tasks), sources, seed=built.seed)
 
 
+def merge_zoo_upscaled(built: BuiltZoo, method_name: str, point: GridPoint):
+    """An upscaling method's merge of the zoo, a `mergelab.upscale.memory.UpscaledStateDicts`:
+    the shared encoder weights plus every layer's extras; `.upscale(module)` wraps a module
+    holding them. A method that trains extras (WEMoE) trains them with `mergelab.data_merge` on
+    the first `TRAINER_EXAMPLES` training inputs of each task (labels unused)."""
+    import mergelab
+    from mergelab.methods import get_method
+
+    tasks = list(built.tasks)
+    if get_method(method_name).trains_extras:
+        from mergelab_bench.data_aware_zoos import ZooData
+
+        adapter = ZooData(built)
+        data = {t: adapter.task_data(t, "train", TRAINER_EXAMPLES, TRAINER_BATCH_SIZE) for t in tasks}
+        model_params = {t: dict(point.model_params) for t in tasks} if point.model_params else None
+        result = mergelab.data_merge(
+            method_name, adapter.module(), {t: built.finetuned[t] for t in tasks}, data,
+            base_state_dict=built.pretrained, model_params=model_params, merge_seed=built.seed,
+            **point.global_params,
+        )  # fmt: skip
+        return result.upscaled
+    sources = {BASE_NAME: built.pretrained, **{t: built.finetuned[t] for t in tasks}}
+    return mergelab.merge_upscaled(merge_config(method_name, point, tasks), sources, seed=built.seed)
+
+
 def merge_zoo(built: BuiltZoo, method_name: str, point: GridPoint,
               tasks: Sequence[str] | None = None) -> StateDict:
     """Merge the zoo's fine-tuned encoders (of `tasks`, default all) with one grid point."""
@@ -184,8 +227,14 @@ class MethodOutcome:
     test: dict[str, float]
     seconds: float
     grid_scores: list[tuple[str, float]]
-    # modulated methods (TALL masks, EMR): bytes of one task's modulators (0: one merged model)
+    # beyond one merged model, per task: a modulated method's (TALL masks, EMR) modulators, an
+    # upscaled one's (SMILE, WEMoE) extras divided by the tasks (nearly all are per task); 0: none
     extra_bytes_per_task: int = 0
+    # upscaled methods: multiply-adds per token of the upscaled layers against the same layers
+    # of one model (the merge's `cost`); 1.0: one model's
+    macs_ratio: float = 1.0
+    extra_parameters: int = 0  # upscaled methods: every extra (the cost's `extra_parameters`)
+    base_parameters: int = 0  # upscaled methods: one model's (the cost's `base_parameters`)
 
 
 @dataclass
@@ -257,9 +306,13 @@ def run_seed(built: BuiltZoo, methods: Sequence[str], *, cache: ResultCache | No
     for name in methods:
         tick = time.perf_counter()
         points = grid_for(name)
-        if get_method(name).modulation is not None:
+        declared = get_method(name)
+        if declared.modulation is not None or declared.upscaling is not None:
             try:
-                row, outcome = _run_modulated(built, name, points, test_scores, cache)
+                if declared.modulation is not None:
+                    row, outcome = _run_modulated(built, name, points, test_scores, cache)
+                else:
+                    row, outcome = _run_upscaled(built, name, points, examples)
             except MergeLabError as exc:
                 failures[name] = " ".join(str(exc).split())
                 log(f"  {name}: failed: {failures[name]}")
@@ -328,6 +381,70 @@ def _run_modulated(built: BuiltZoo, name: str, points: Sequence[GridPoint], test
     test = {t: test_scores(name, dense[t], {t: built.heads[t]})[t] for t in tasks}
     return name, MethodOutcome(name, points[index].label, None if len(points) == 1 else score,
                                test, 0.0, scores, extra)  # fmt: skip
+
+
+def module_scores(evaluator, module: torch.nn.Module, heads, tasks: Sequence[str], split: str,
+                  examples: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
+    """Accuracy per task of an encoder given as a torch module, each task with its own head
+    (`evaluate_model` for modules: the evaluator's `correct_module`; nothing cached);
+    `examples` gets each task's per-example correctness."""
+    score = getattr(evaluator, "correct_module", None)
+    if score is None:
+        raise MergeLabError(
+            f"{type(evaluator).__name__} scores state dicts only (it has no `correct_module`), "
+            "so a model that is a torch module (an upscaled merge) cannot be scored on this zoo"
+        )
+    results = {}
+    for task in tasks:
+        correct = torch.as_tensor(score(module, heads[task], task, split)).reshape(-1).bool()
+        if correct.numel() == 0:
+            raise MergeLabError(f"task {task!r} has no {split} examples to score")
+        results[task] = correct.float().mean().item()
+        if examples is not None:
+            examples[task] = correct
+    return results
+
+
+def _run_upscaled(built: BuiltZoo, name: str, points: Sequence[GridPoint],
+                  examples: dict[str, dict[str, str]]):
+    """An upscaled method's row: one routed model (the shared weights with its layers
+    wrapped) scored on every task with that task's head, the grid point picked on the mean
+    validation score over tasks; the row's cost is its merge's (`UpscaledStateDicts.cost`)."""
+    ev, tasks = built.evaluator, list(built.tasks)
+    make = getattr(ev, "module", None)
+    if make is None or getattr(ev, "correct_module", None) is None:
+        raise MergeLabError(
+            f"{type(ev).__name__} cannot build and score its encoder as a torch module (no "
+            "`module` / `correct_module`), which an upscaled merge is"
+        )
+    best = None
+    scores: list[tuple[str, float]] = []
+    for index, point in enumerate(points):
+        merged = merge_zoo_upscaled(built, name, point)
+        if merged.upscaled_layers == 0:
+            raise MergeLabError(
+                f"`{name}` upscales no layer of this zoo's encoder (its declaration gives extras "
+                "to none of the layers the fine-tunes changed), so the routed model would be "
+                "the shared one"
+            )
+        module = merged.upscale(make(merged.state_dict))
+        score = float("nan")
+        if len(points) > 1:
+            score = _mean(module_scores(ev, module, built.heads, tasks, "validation").values())
+            scores.append((point.label, score))
+        if best is None or score > best[0]:
+            best = (score, index, module, merged)
+    assert best is not None
+    score, index, module, merged = best
+    outcomes: dict[str, torch.Tensor] = {}
+    test = module_scores(ev, module, built.heads, tasks, "test", outcomes)
+    examples.setdefault(name, {}).update({t: correctness_bits(c) for t, c in outcomes.items()})
+    return name, MethodOutcome(
+        name, points[index].label, None if len(points) == 1 else score, test, 0.0, scores,
+        extra_bytes_per_task=merged.extra_bytes // len(tasks), macs_ratio=merged.macs_ratio,
+        extra_parameters=merged.cost["extra_parameters"],
+        base_parameters=merged.cost["base_parameters"],
+    )  # fmt: skip
 
 
 def machine_note(load_at_start: float) -> str:
@@ -483,15 +600,53 @@ def run_bench(
     files: dict[str, dict[str, Path]] = {}
     if out_dir is not None:
         for recipe, recipe_rows in rows.items():
+            columns = None
+            if built is not None:
+                columns = cost_columns(recipe_rows, results[recipe], encoder_bytes(built))
             files[recipe] = write_report(
                 recipe_rows, out_dir, title=f"{zoo_name} zoo, recipe {recipe}",
                 facts={"seeds": list(seeds), "wall_seconds": wall, "command": command,
                        "failures": {str(r.seed): r.failures for r in results[recipe]}},
-                stem=f"{zoo_name}-{recipe}",
+                stem=f"{zoo_name}-{recipe}", columns=columns,
             )
     if docs_path is not None:
         update_docs(docs_path, zoo_name, markdown)
     return BenchReport(zoo_name, rows, list(seeds), results, skipped, wall, build_seconds, markdown, files)
+
+
+EXTRA_COLUMN = "extra storage per task"
+COST_COLUMN = "inference cost"
+
+
+def encoder_bytes(built: BuiltZoo) -> int:
+    """Bytes of one float32 encoder of the zoo (what the extra-storage column is a share of)."""
+    return sum(t.numel() * 4 for t in built.pretrained.values())
+
+
+def cost_columns(rows: Sequence[AggregateRow], seed_results: Sequence[SeedResult],
+                 one_model_bytes: int) -> dict[str, dict[str, str]]:
+    """The table's cost columns, {header: {row: cell}}: the storage each task needs beyond one
+    merged encoder, in % of one float32 encoder (modulators; an upscaled model's experts over
+    its tasks; the individual fine-tunes: a whole model each), and the inference cost in
+    multiply-adds per token against one model (upscaled rows: their linear layers'). A
+    figure that differs between seeds (another grid point chosen) is given per seed, "a / b"."""
+    extra: dict[str, str] = {}
+    cost: dict[str, str] = {}
+    for row in rows:
+        outcomes = [r.outcomes[row.name] for r in seed_results if row.name in r.outcomes]
+        if row.name == FINETUNED_ROW:
+            extra[row.name], cost[row.name] = "100%", "1.00x"
+            continue
+        shares = [o.extra_bytes_per_task / one_model_bytes for o in outcomes] or [0.0]
+        ratios = [o.macs_ratio for o in outcomes] or [1.0]
+        extra[row.name] = _per_seed(f"{100 * v:.1f}%" if v else "0" for v in shares)
+        cost[row.name] = _per_seed(f"{v:.2f}x" for v in ratios)
+    return {EXTRA_COLUMN: extra, COST_COLUMN: cost}
+
+
+def _per_seed(cells: Iterable[str]) -> str:
+    cells = list(cells)
+    return cells[0] if len(set(cells)) == 1 else " / ".join(cells)
 
 
 CELLS_NOTE = (
@@ -514,6 +669,19 @@ def test_size_note(outcomes: Iterable[Mapping[str, Sized]]) -> str:
     return "test examples per task: " + ", ".join(
         f"{t} {'/'.join(str(n) for n in sorted(ns))}" for t, ns in sizes.items()
     ) + "."
+
+
+COSTS_NOTE = (
+    "Extra storage per task: what each task needs beyond one merged encoder, in % of one "
+    "float32 encoder (heads, which every row has, not counted): modulators (bit-packed masks "
+    "and a rescaler), an upscaled model's extras divided by its tasks (each task's experts and "
+    "router rows), a whole model for the individual fine-tunes; 0 for one merged model. "
+    "Inference cost: multiply-adds per token against one model; for an upscaled model, those of "
+    "its upscaled linear layers (router and chosen experts included) against the same layers "
+    "(the merge's `cost`; attention's own products and the other layers, unchanged, not "
+    "counted); 1.00x for one merged model and for a modulated one (each task runs a model of "
+    "one model's size)."
+)
 
 
 def bench_markdown(
@@ -542,11 +710,16 @@ def bench_markdown(
         + " normalised = accuracy / the task's fine-tuned accuracy; gain kept = "
         "(accuracy - probe) / (fine-tuned - probe), both averaged over tasks. Hyperparameters "
         "were picked on the validation split from the grid in `mergelab_bench.bench.GRIDS` "
-        "(last column: the choice per seed).",
+        "(last column: the choice per seed). "
+        + (COSTS_NOTE if built_sample is not None else ""),
         "",
     ]
     for recipe, recipe_rows in rows.items():
-        lines += [f"### recipe `{recipe}`", "", markdown_table(recipe_rows), ordering_statement(recipe_rows) + ".", ""]
+        columns = None
+        if built_sample is not None:
+            columns = cost_columns(recipe_rows, results[recipe], encoder_bytes(built_sample))
+        lines += [f"### recipe `{recipe}`", "", markdown_table(recipe_rows, columns),
+                  ordering_statement(recipe_rows) + ".", ""]  # fmt: skip
         failures = {name: why for r in results[recipe] for name, why in r.failures.items()}
         if failures:
             lines += ["Failed merges: " + "; ".join(f"`{k}`: {v}" for k, v in failures.items()), ""]
@@ -555,17 +728,32 @@ def bench_markdown(
         if merge_seconds:
             lines += ["Seconds per method (grid merges + evaluations, mean over seeds): "
                       + ", ".join(f"{k} {v:.0f}" for k, v in merge_seconds.items()), ""]
-        modulated = {name: o for name, o in results[recipe][0].outcomes.items()
-                     if o.extra_bytes_per_task}  # fmt: skip
+        from mergelab.methods import get_method
+
+        first = results[recipe][0].outcomes
+        modulated = {name: o for name, o in first.items() if get_method(o.method).modulation is not None}
+        upscaled = {name: o for name, o in first.items() if get_method(o.method).upscaling is not None}
         if modulated and built_sample is not None:
-            encoder_bytes = sum(t.numel() * 4 for t in built_sample.pretrained.values())
+            one_model = encoder_bytes(built_sample)
             lines += [
                 "Per-task modulators (each task scored with its own modulated encoder, whose "
                 "inference costs what one model does): extra storage per task "
                 + ", ".join(f"`{k}` {o.extra_bytes_per_task / 1e6:.2f} MB "
-                            f"({100 * o.extra_bytes_per_task / encoder_bytes:.1f}% of the float32 "
+                            f"({100 * o.extra_bytes_per_task / one_model:.1f}% of the float32 "
                             "encoder)" for k, o in modulated.items())
                 + "; every other row is one merged model (0 extra).",
+                "",
+            ]
+        if upscaled:
+            lines += [
+                "Upscaled (one routed model for every task, each task scored with its own head; "
+                f"seed {results[recipe][0].seed}'s choice): "
+                + ", ".join(f"`{k}` {o.extra_parameters:,} extra parameters in all "
+                            f"({100 * o.extra_parameters / max(o.base_parameters, 1):.1f}% of the "
+                            f"{o.base_parameters:,} of one encoder), {o.macs_ratio:.2f}x the "
+                            "multiply-adds per token of its upscaled linear layers"
+                            for k, o in upscaled.items())
+                + ".",
                 "",
             ]
     if skipped:

@@ -1,5 +1,5 @@
 """Data-aware merging on any torch module: `data_merge` (Fisher, RegMean, RegMean++, AdaMerging,
-ProDistill).
+ProDistill, and WEMoE's upscaled model with its routers trained on the data).
 
     result = mergelab.data_merge(
         "regmean", encoder, {"sentiment": sd_a, "topic": sd_b},
@@ -54,6 +54,10 @@ class DataMergeResult:
         weights, bit for bit).
     statistics: model -> kind -> statistics store; pass it back as `data_merge(...,
         statistics=...)` to merge again (other parameters) without running the data again.
+    upscaled: an upscaling method's (WEMoE's) whole result, the shared weights (`state_dict`)
+        plus every layer's extras with the trained ones (its routers) in place, as
+        `mergelab.merge_upscaled` returns it (`.upscale(module)` wraps a module holding the
+        shared weights; `.cost`); else None.
     """
 
     method: str
@@ -69,6 +73,7 @@ class DataMergeResult:
     config: Any = None
     statistics: dict[str, dict[str, Any]] = field(default_factory=dict)
     optimisation: Any = None
+    upscaled: Any = None
 
     @property
     def yaml(self) -> str:
@@ -122,12 +127,14 @@ def data_merge(
     progress: bool = False,
     stats_dir: str | None = None,
     statistics: Mapping[str, Mapping[str, Any]] | None = None,
+    merge_seed: int = 0,
     **params: Any,
 ) -> DataMergeResult:
     """Merge fine-tuned state dicts of one architecture with a data-aware method.
 
     method: any registered method that needs data ("regmean", "regmean_plusplus", "fisher",
-        "adamerging_taskwise", "adamerging_layerwise", "prodistill"; see `mergelab methods`).
+        "adamerging_taskwise", "adamerging_layerwise", "prodistill", "wemoe": an upscaled
+        model, in `DataMergeResult.upscaled`; see `mergelab methods`).
     base_module: the architecture (a torch module whose state dict keys match); its own weights
         are the base theta_0 (AdaMerging; RegMean's optional `scaling`) unless
         `base_state_dict` is given. It is not modified.
@@ -143,6 +150,8 @@ def data_merge(
     stats_dir: keep the statistics on disk, one folder per model (stats_dir/<model name>);
         existing folders are loaded instead of running the data.
     statistics: statistics of an earlier merge (`DataMergeResult.statistics`) to reuse.
+    merge_seed: the merge seed, `merge_state_dicts`'s `seed` (a randomized kernel's draws; a
+        trainer's batch order and initial values: WEMoE's routers).
     params: the method's global parameters (alpha, steps, lr...).
     Raises ConfigError (parameters, key/shape mismatches) or DataError (data) before merging.
     """
@@ -159,16 +168,15 @@ def data_merge(
     names = list(finetuned_state_dicts)
     if not names:
         raise ConfigError("no fine-tuned model to merge")
+    empty = [n for n in names if not finetuned_state_dicts[n]]
+    if empty:
+        raise ConfigError([f"model {n!r}: its state dict has no tensors" for n in empty])
     try:
         declared = get_method(method)
     except KeyError as exc:
         raise ConfigError([f"merge_method: {exc.args[0]}"]) from None
     if not declared.needs_data:
         raise ConfigError(f"merge_method `{method}` needs no data: use mergelab.merge_state_dicts")
-    if declared.trains_extras:
-        raise ConfigError(f"merge_method `{method}` trains extras of an upscaled model, which an "
-                          "in-memory merge has no place for: use mergelab.merge (a `data:` "
-                          "section; docs/upscaled.md)")  # fmt: skip
     state_dicts: dict[str, StateDict] = dict(finetuned_state_dicts)
     keys = list(finetuned_state_dicts[names[0]])
     cfg: dict[str, Any] = {
@@ -209,6 +217,7 @@ def data_merge(
         progress=progress,
         fisher_target=fisher_target,
         generator=generator,
+        seed=merge_seed,
     )
     notes: list[str] = []
     if declared.optimiser is not None and declared.param("examples") is None and max_examples is not None:
@@ -219,7 +228,21 @@ def data_merge(
         folders=folders, statistics=statistics,
     )
     sink = MemorySink(prepared.plan)
-    execute(prepared.plan, sink, device="cpu" if device is None else device, progress=False)
+    extras = None
+    if declared.upscaling is not None:
+        from mergelab.upscale.memory import MemoryExtras, planned_extras
+
+        extras = MemoryExtras(declared.upscaling, planned_extras(prepared.plan))
+    execute(prepared.plan, sink, device="cpu" if device is None else device, progress=False,
+            extras=extras, seed=merge_seed)  # fmt: skip
+    upscaled = None
+    if extras is not None:
+        # The trained extras (WEMoE's routers) replace the kernel's initial values, as the
+        # folder writer does.
+        for tensor, learned in (prepared.extras or {}).items():
+            extras.tensors[tensor].update(learned)
+        shared = {k: v.detach().cpu() for k, v in sink.tensors.items()}
+        upscaled = extras.finish(declared.name, names, shared)
     return DataMergeResult(
         method=declared.name,
         state_dict={k: v.detach().cpu() for k, v in sink.tensors.items()},
@@ -234,6 +257,7 @@ def data_merge(
         config=prepared.config,
         statistics=prepared.statistics,
         optimisation=prepared.optimisation,
+        upscaled=upscaled,
     )
 
 

@@ -463,12 +463,18 @@ def _pct(spread: Spread | None, with_std: bool = True) -> str:
     return text + interval_text(spread.interval)
 
 
-def markdown_table(rows: Sequence[AggregateRow]) -> str:
+def markdown_table(
+    rows: Sequence[AggregateRow], columns: Mapping[str, Mapping[str, str]] | None = None
+) -> str:
     """A markdown table: model, each task, average, normalised, gain kept, note (percentages;
     `mean ± std` over seeds when there are several, then `[low, high]`, the 95% bootstrap
-    interval over test examples, where measured)."""
+    interval over test examples, where measured).
+
+    columns: more columns before the note, header -> {model name: cell} (a model without a
+    cell gets an empty one), e.g. a benchmark's storage and inference cost per model."""
+    columns = dict(columns or {})
     tasks = list(rows[0].accuracy) if rows else []
-    header = ["model", *tasks, "average", "normalised", "gain kept", "chosen on validation"]
+    header = ["model", *tasks, "average", "normalised", "gain kept", *columns, "chosen on validation"]
     lines = ["| " + " | ".join(header) + " |", "|---" + "|---:" * (len(header) - 2) + "|---|"]
     for row in rows:
         cells = [
@@ -477,6 +483,7 @@ def markdown_table(rows: Sequence[AggregateRow]) -> str:
             f"**{_pct(row.average)}**",
             _pct(row.normalised),
             _pct(row.retained_gain),
+            *(cells_by_model.get(row.name, "") for cells_by_model in columns.values()),
             row.note or "",
         ]
         lines.append("| " + " | ".join(cells) + " |")
@@ -533,9 +540,10 @@ def bar_chart(rows: Sequence[AggregateRow], path: str | Path, title: str = "") -
 
 def write_report(
     rows: Sequence[AggregateRow], out_dir: str | Path, *, title: str, facts: Mapping | None = None,
-    stem: str = "results",
+    stem: str = "results", columns: Mapping[str, Mapping[str, str]] | None = None,
 ) -> dict[str, Path]:
-    """Write `stem`.json, `stem`.md and `stem`.png into `out_dir` (each atomically replaced)."""
+    """Write `stem`.json, `stem`.md and `stem`.png into `out_dir` (each atomically replaced);
+    `columns`: more columns of the table (`markdown_table`), also kept in the JSON."""
     import json
 
     from mergelab.fileio import write_atomic, write_text_atomic
@@ -544,9 +552,11 @@ def write_report(
     out.mkdir(parents=True, exist_ok=True)
     paths = {kind: out / f"{stem}.{kind}" for kind in ("json", "md", "png")}
     payload = {"title": title, "facts": dict(facts or {}), "rows": rows_to_json(rows)}
+    if columns:
+        payload["columns"] = {header: dict(cells) for header, cells in columns.items()}
     text = {
         "json": json.dumps(payload, indent=2, default=str) + "\n",
-        "md": f"## {title}\n\n" + markdown_table(rows),
+        "md": f"## {title}\n\n" + markdown_table(rows, columns),
     }
     for kind, content in text.items():
         write_text_atomic(paths[kind], content)

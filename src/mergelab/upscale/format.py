@@ -60,6 +60,39 @@ def read_manifest(folder: Path) -> dict:
     return raw
 
 
+def _numel(shape) -> int:
+    numel = 1
+    for size in shape:
+        numel *= int(size)
+    return numel
+
+
+def base_parameter_count(planned: Sequence[tuple[str, tuple[int, ...], object, int, dict]]) -> int:
+    """The parameters of one model: every planned tensor's entries (the manifest's
+    `cost.base_parameters`)."""
+    return sum(_numel(shape) for _, shape, _, _, _ in planned)
+
+
+def upscaled_cost(
+    upscaling: Upscaling, records: dict[str, dict], base_parameters: int
+) -> dict[str, int]:
+    """The manifest's `cost` of merged `records` (its `tensors` entries, `active` set):
+    `base_parameters`, `extra_parameters` (the entries of every active record's extras), and
+    the multiply-adds per token of the upscaled linear layers (`upscaled_macs`) against the
+    same layers of one model (`base_macs`), from the method's `Upscaling.cost`."""
+    extra = upscaled_macs = base_macs = 0
+    for record in records.values():
+        if not record["active"]:
+            continue
+        extra += sum(_numel(shape) for shape in record["extras"].values())
+        if len(record["shape"]) == 2:
+            shapes = {k: tuple(v) for k, v in record["extras"].items()}
+            up, base = upscaling.cost(tuple(record["shape"]), shapes, record["params"])
+            upscaled_macs, base_macs = upscaled_macs + up, base_macs + base
+    return {"base_parameters": base_parameters, "extra_parameters": extra,
+            "upscaled_macs": upscaled_macs, "base_macs": base_macs}  # fmt: skip
+
+
 def planned_records(
     upscaling: Upscaling, planned: Sequence[tuple[str, tuple[int, ...], object, int, dict]]
 ) -> dict[str, dict]:

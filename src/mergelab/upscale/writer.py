@@ -15,8 +15,10 @@ from mergelab.upscale.format import (
     FORMAT,
     MANIFEST,
     VERSION,
+    base_parameter_count,
     extra_name,
     planned_records,
+    upscaled_cost,
 )
 
 
@@ -44,12 +46,7 @@ class ExtrasWriter:
         self._trained = {name: dict(v) for name, v in (trained or {}).items()}
         planned = list(planned)
         self._records = planned_records(self._upscaling, planned)
-        self._base_parameters = 0
-        for _, shape, _, _, _ in planned:
-            numel = 1
-            for size in shape:
-                numel *= size
-            self._base_parameters += numel
+        self._base_parameters = base_parameter_count(planned)
         dtypes = {name: dtype for name, _, dtype, _, _ in planned}
         entries = [(extra_name(name, k), tuple(v), dtypes[name])
                    for name, record in self._records.items() for k, v in record["extras"].items()]  # fmt: skip
@@ -74,21 +71,9 @@ class ExtrasWriter:
     def finish(self) -> list[str]:
         """Commit the extras, write the manifest; returns notes on size and inference cost."""
         self._extras.commit()
-        extra = upscaled_macs = base_macs = 0
-        for record in self._records.values():
-            if not record["active"]:
-                continue
-            for shape in record["extras"].values():
-                numel = 1
-                for size in shape:
-                    numel *= size
-                extra += numel
-            if len(record["shape"]) == 2:
-                shapes = {k: tuple(v) for k, v in record["extras"].items()}
-                up, base = self._upscaling.cost(tuple(record["shape"]), shapes, record["params"])
-                upscaled_macs, base_macs = upscaled_macs + up, base_macs + base
-        cost = {"base_parameters": self._base_parameters, "extra_parameters": extra,
-                "upscaled_macs": upscaled_macs, "base_macs": base_macs}  # fmt: skip
+        cost = upscaled_cost(self._upscaling, self._records, self._base_parameters)
+        extra, upscaled_macs, base_macs = (cost["extra_parameters"], cost["upscaled_macs"],
+                                           cost["base_macs"])  # fmt: skip
         self._writer.write_json(f"{FOLDER}/{MANIFEST}", {
             "format": FORMAT, "version": VERSION, "method": self._method.name,
             "tasks": self._models, "tensors": dict(sorted(self._records.items())), "cost": cost,

@@ -45,7 +45,12 @@ class Evaluator:
     per merge in a grid search. A zoo's evaluator implements `correct` (whether each example of
     the split is classified right, in the split's order: the confidence intervals of the tables
     resample these); `accuracy` is their mean. (The library's `mergelab.eval.evaluator` scores
-    a model with confidence intervals; the zoos' data are its task types.)"""
+    a model with confidence intervals; the zoos' data are its task types.)
+
+    A zoo whose encoder can also be scored as a torch module (a model that is no state dict:
+    an upscaled merge's routed layers) adds `module(encoder) -> nn.Module` (its architecture
+    holding `encoder`'s weights) and `correct_module(module, head, task, split)`, as `correct`
+    for that module; the benchmark runner scores upscaled methods through them."""
 
     def correct(
         self, encoder: StateDict, head: torch.nn.Module, task: str, split: str

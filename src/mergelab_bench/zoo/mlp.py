@@ -209,6 +209,22 @@ class MLPEvaluator(Evaluator):
         with one_thread():
             return head(self.features(encoder, x)).argmax(dim=-1) == y
 
+    def module(self, encoder: StateDict) -> nn.Module:
+        """An MLP trunk of its own holding `encoder`'s weights (strict), in eval mode."""
+        module = MLPEncoder(self.settings.hidden)
+        module.load_state_dict(dict(encoder), strict=True)
+        return module.eval()
+
+    @torch.no_grad()
+    def correct_module(self, module: nn.Module, head: nn.Module, task: str, split: str) -> torch.Tensor:
+        """As `correct`, for a trunk given as a torch module (e.g. an upscaled merge)."""
+        from mergelab.eval.harness import check_head
+
+        check_head(head, self.num_classes(task), task)
+        x, y = self.data(task, split)
+        with one_thread():
+            return head(module(x)).argmax(dim=-1) == y
+
 
 class MLPZoo:
     """The unit-test zoo (see the module docstring). `build` is memoised, and cached on disk
