@@ -251,6 +251,24 @@ def prodistill_encoder(args, built, seed: int):
 # --- the run ------------------------------------------------------------------------------------
 
 
+def gain_line(rows, args) -> str:
+    """The fine-tuning gain over the probe each student keeps, beside the weight merges' best."""
+    by_name = {r.name: r for r in rows}
+
+    def kept(name):
+        row = by_name.get(name)
+        return None if row is None or row.retained_gain is None else 100 * row.retained_gain.mean
+
+    merges = {name: kept(name) for name in by_name if name.split(" ")[0] in (*WEIGHT_MERGES, "prodistill")}
+    merges = {n: v for n, v in merges.items() if v is not None}
+    best = max(merges, key=merges.get) if merges else None
+    parts = [f"{name} keeps {kept(name):.0f}% of the fine-tuning gain over the probe"
+             for name in STUDENT_ROWS.values() if kept(name) is not None]  # fmt: skip
+    if best is not None:
+        parts.append(f"the weight merge that keeps most, {best}, {merges[best]:.0f}%")
+    return "Gain kept (mean over seeds; the aim is 90%): " + "; ".join(parts) + "."
+
+
 def run(args) -> str:
     from mergelab.eval.bootstrap import bootstrap_interval
     from mergelab.eval.harness import (
@@ -347,7 +365,7 @@ def run(args) -> str:
             sizes_seen.append(outcomes[FINETUNED_ROW])
         notes = {name: "; ".join(labels) for name, labels in choices.items()}
         rows = aggregate_rows(per_seed_rows, notes, per_seed_examples)
-        sections += [f"### recipe `{recipe}`", "", markdown_table(rows), ""]
+        sections += [f"### recipe `{recipe}`", "", markdown_table(rows), "", gain_line(rows, args), ""]
 
     ability_lines = ["| model (recipe, seed) | lemma retrieval top-1 |", "|---|---:|"]
     for row, corrects in ability_rows.items():

@@ -137,38 +137,42 @@ def run(args) -> str:
                                                   tasks=tasks, cache=cache, examples=outcomes[row])
                 print(f"  {row}: test {100 * sum(results[row].values()) / len(tasks):.1f}%", flush=True)
 
-            # parameter space: TIES, a weight and a density per fine-tune, lambda
-            section = {"parameters": {"weight": {}, "density": {"low": 0.1, "high": 1.0},
-                                      "lambda": {"low": 0.5, "high": 2.0}}}  # fmt: skip
-            if args.start == "config":  # from the hand-tuned TIES grid point
-                chosen = seed_result.outcomes["ties"].chosen
-                config = merge_config("ties", next(p for p in grid_for("ties") if p.label == chosen), tasks)
-                space = build_space(config, {**section, "start": "config"})
-                label, row = "parameters-from-hand-tuned", f"search: TIES, parameter space, from ({chosen})"
-            else:
-                config = merge_config("ties", GridPoint(), tasks)
-                config["models"] = [{"model": t} for t in tasks]
-                space = build_space(config, section)
-                label, row = "parameters", "search: TIES, parameter space"
-            sources = {BASE_NAME: built.pretrained, **{t: built.finetuned[t] for t in tasks}}
-            found = run_one(args, built, label, space, sources)
-            merged = mergelab.merge_state_dicts(found.best_config, sources, seed=seed)
-            score(row, merged)
-            cost_lines.append(("parameter space", recipe, seed, found.completed, Timer(found)))
-
-            # data-flow space over the fine-tunes; the hybrid with the merge as host
+            # data-flow space over the fine-tunes
             modules = [built.evaluator.module(built.finetuned[t]) for t in tasks]
             layers = modules[0].config.num_hidden_layers
             flow = DataflowSpace(tuple(tasks), layers, 1, False, 0.5, 1.5, 0, "host")
             routed = run_one(args, built, "dataflow", flow, modules)
             score("search: data-flow, fine-tunes", flow.build(routed.best_config, modules))
             cost_lines.append(("data-flow", recipe, seed, routed.completed, Timer(routed)))
-            hybrid_sources = [built.evaluator.module(merged), *modules]
-            hybrid = DataflowSpace(("merge", *tasks), layers, 1, False, 0.5, 1.5, 0, "host")
-            combined = run_one(args, built, "hybrid", hybrid, hybrid_sources,
-                               depends_on=found.best_config)
-            score("search: hybrid (merge + fine-tunes)", hybrid.build(combined.best_config, hybrid_sources))
-            cost_lines.append(("hybrid", recipe, seed, combined.completed, Timer(combined)))
+
+            # parameter space: TIES, a weight and a density per fine-tune, lambda; from the
+            # cube's centre (the paper) and/or from the hand-tuned grid point; then the hybrid
+            # with that search's merge as host
+            section = {"parameters": {"weight": {}, "density": {"low": 0.1, "high": 1.0},
+                                      "lambda": {"low": 0.5, "high": 2.0}}}  # fmt: skip
+            sources = {BASE_NAME: built.pretrained, **{t: built.finetuned[t] for t in tasks}}
+            for start in args.starts.split(","):
+                if start == "config":
+                    chosen = seed_result.outcomes["ties"].chosen
+                    point = next(p for p in grid_for("ties") if p.label == chosen)
+                    space = build_space(merge_config("ties", point, tasks), {**section, "start": "config"})
+                    label, suffix = "parameters-from-hand-tuned", f", from the hand-tuned point ({chosen})"
+                else:
+                    config = merge_config("ties", GridPoint(), tasks)
+                    config["models"] = [{"model": t} for t in tasks]
+                    space = build_space(config, section)
+                    label, suffix = "parameters", ""
+                found = run_one(args, built, label, space, sources)
+                merged = mergelab.merge_state_dicts(found.best_config, sources, seed=seed)
+                score("search: TIES, parameter space" + suffix, merged)
+                cost_lines.append(("parameter space" + suffix, recipe, seed, found.completed, Timer(found)))
+                hybrid_sources = [built.evaluator.module(merged), *modules]
+                hybrid = DataflowSpace(("merge", *tasks), layers, 1, False, 0.5, 1.5, 0, "host")
+                combined = run_one(args, built, "hybrid", hybrid, hybrid_sources,
+                                   depends_on=found.best_config)
+                score("search: hybrid (merge + fine-tunes)" + suffix,
+                      hybrid.build(combined.best_config, hybrid_sources))
+                cost_lines.append(("hybrid" + suffix, recipe, seed, combined.completed, Timer(combined)))
             for t in tasks:  # every single source, scored with every head
                 score(f"single source: {t} fine-tune", built.finetuned[t])
             per_seed_rows.append(summarise(results, finetuned=results[FINETUNED_ROW],
@@ -198,8 +202,10 @@ def run(args) -> str:
         + test_size_note(sizes_seen),
         "",
         "Searches (CMA-ES, optuna's defaults: sigma 1/6, start at the centre"
-        + (", except the parameter space, which starts from the hand-tuned TIES grid point (its "
-           "first trial; `start: config`)" if args.start == "config" else "") + "): parameter space = "
+        + ("; the rows 'from the hand-tuned point' start the parameter space at the TIES grid "
+           "point chosen on validation instead (`start: config`: its first trial, CMA-ES's mean), "
+           "and their hybrid uses that search's merge" if "config" in args.starts else "")
+        + "): parameter space = "
         f"TIES with a weight in [0, 1] and a density in [0.1, 1] per fine-tune and lambda in "
         f"[0.5, 2] ({args.trials} trials); data-flow = which of the fine-tunes' 6 x 5 layers run, "
         f"in layout order, one repetition, no scaling matrix, the first fine-tune's embeddings "
@@ -227,14 +233,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--recipes", default="lpft,joint")
     parser.add_argument("--seeds", default="0,1")
     parser.add_argument("--trials", type=int, default=48, help="parameter-space trials")
-    parser.add_argument("--start", choices=("centre", "config"), default="centre",
-                        help="parameter space: CMA-ES from the cube's centre (the paper) or from "
-                        "the hand-tuned TIES grid point (its first trial)")
+    parser.add_argument("--starts", default="centre",
+                        help="parameter-space starts, comma-separated: centre (CMA-ES from the "
+                        "cube's centre, the paper), config (from the hand-tuned TIES grid point)")
     parser.add_argument("--dataflow-trials", type=int, default=32, help="data-flow and hybrid trials")
     parser.add_argument("--test-examples", type=int, default=None)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--docs", default=str(REPO / "docs" / "benchmarks.md"))
     args = parser.parse_args(argv)
+    if not args.starts or set(args.starts.split(",")) - {"centre", "config"}:
+        parser.error(f"--starts: centre and/or config, comma-separated; got {args.starts!r}")
     args.command = "python benchmarks/search_text.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     print(run(args))
 

@@ -11,7 +11,7 @@ Merges go through `mergelab.merge_state_dicts`, the same validation and kernels 
 defaults (weight 1 per model). Methods that take fewer models than the zoo has tasks (SLERP,
 NuSLERP, NearSwap...) or need data are listed as not applicable, except an upscaled method
 that trains its extras on unlabelled inputs (WEMoE's routers: `Upscaling.trainer`): it gets the
-first `TRAINER_EXAMPLES` training inputs of every task, whose labels its objective (the heads'
+`TRAINER_EXAMPLES` training inputs of every task (a seeded draw), whose labels its objective (the heads'
 prediction entropy) never reads.
 
 Two kinds of method are more than one merged encoder, told apart by their declarations:
@@ -113,7 +113,7 @@ GRIDS: dict[str, list[GridPoint]] = {
     # wemoe: no entry, one run at the registry's defaults (lambda 0.3, the MLPs' linear layers,
     # 100 router steps): each point trains its routers.
 }
-# The unlabelled inputs of an upscaled method's trainer (WEMoE's routers): the first examples of
+# The unlabelled inputs of an upscaled method's trainer (WEMoE's routers): a seeded draw of
 # each task's training split, in batches of this size (one step: a batch of every task).
 TRAINER_EXAMPLES, TRAINER_BATCH_SIZE = 256, 16
 # Methods of the registry that are not merges of several fine-tunes.
@@ -188,7 +188,7 @@ def merge_zoo_upscaled(built: BuiltZoo, method_name: str, point: GridPoint):
     """An upscaling method's merge of the zoo, a `mergelab.upscale.memory.UpscaledStateDicts`:
     the shared encoder weights plus every layer's extras; `.upscale(module)` wraps a module
     holding them. A method that trains extras (WEMoE) trains them with `mergelab.data_merge` on
-    the first `TRAINER_EXAMPLES` training inputs of each task (labels unused)."""
+    `TRAINER_EXAMPLES` training inputs of each task, a seeded draw (labels unused)."""
     import mergelab
     from mergelab.methods import get_method
 
