@@ -141,9 +141,10 @@ def run(args) -> str:
             modules = [built.evaluator.module(built.finetuned[t]) for t in tasks]
             layers = modules[0].config.num_hidden_layers
             flow = DataflowSpace(tuple(tasks), layers, 1, False, 0.5, 1.5, 0, "host")
-            routed = run_one(args, built, "dataflow", flow, modules)
-            score("search: data-flow, fine-tunes", flow.build(routed.best_config, modules))
-            cost_lines.append(("data-flow", recipe, seed, routed.completed, Timer(routed)))
+            if not args.skip_dataflow:
+                routed = run_one(args, built, "dataflow", flow, modules)
+                score("search: data-flow, fine-tunes", flow.build(routed.best_config, modules))
+                cost_lines.append(("data-flow", recipe, seed, routed.completed, Timer(routed)))
 
             # parameter space: TIES, a weight and a density per fine-tune, lambda; from the
             # cube's centre (the paper) and/or from the hand-tuned grid point; then the hybrid
@@ -194,7 +195,8 @@ def run(args) -> str:
                      f"{timer.evaluate / timer.trials:.2f} | {100 * timer.build / total:.0f}% | "
                      f"{3600 * timer.trials / total:.0f} |")
     body = "\n".join([
-        "## Recipe search: text zoo",
+        "## Recipe search: text zoo" + ("" if args.starts == "centre" else
+                                         ", parameter space from the hand-tuned point"),
         "",
         f"Reproduce: `{args.command}`",
         "",
@@ -224,7 +226,10 @@ def run(args) -> str:
         "",
     ])
     if args.docs:
-        update_docs(args.docs, MARKER, body)
+        # a run of other searches than the default ones keeps its own section
+        marker = MARKER if args.starts == "centre" and not args.skip_dataflow else (
+            f"{MARKER}-{args.starts.replace(',', '-')}" + ("-no-dataflow" if args.skip_dataflow else ""))
+        update_docs(args.docs, marker, body)
     return body
 
 
@@ -233,6 +238,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--recipes", default="lpft,joint")
     parser.add_argument("--seeds", default="0,1")
     parser.add_argument("--trials", type=int, default=48, help="parameter-space trials")
+    parser.add_argument("--skip-dataflow", action="store_true",
+                        help="no data-flow search over the fine-tunes (the hybrid still runs)")
     parser.add_argument("--starts", default="centre",
                         help="parameter-space starts, comma-separated: centre (CMA-ES from the "
                         "cube's centre, the paper), config (from the hand-tuned TIES grid point)")
