@@ -168,14 +168,39 @@ def replay_file(tasks, teacher_texts: set[str], count: int, split_seed: int, pat
     return path
 
 
-def distill_config(args, teachers: dict[str, Path], replay: Path | None, seed: int) -> dict:
-    from mergelab.training.to_folder import default_text_model
+def student_init(args, teachers: dict[str, Path], chosen: dict[str, str], root: Path) -> str:
+    """The student's init: the pretrained MiniLM folder, or a merge config of the teachers
+    (`--student-init tsv`/`ties`, at the grid point chosen on validation) merged in memory."""
+    import yaml
 
+    from mergelab.training.to_folder import default_text_model
+    from mergelab_bench.bench import grid_for, merge_config
+
+    base = str(default_text_model())
+    if args.student_init == "pretrained":
+        return base
+    label = chosen[args.student_init]
+    point = next(p for p in grid_for(args.student_init) if p.label == label)
+    config = merge_config(args.student_init, point, list(teachers))
+    for entry in config["models"]:
+        entry["model"] = str(teachers[entry["model"]])
+    config["base_model"] = base
+    path = root / f"init-{digest(json.dumps(config, sort_keys=True))}.yml"
+    root.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+    return str(path)
+
+
+def distill_config(args, teachers: dict[str, Path], replay: Path | None, seed: int, init: str) -> dict:
+    # the default loss (cosine features, KL logits at temperature 2, weights 1) stays implicit,
+    # so the config (and the cached student's name) is the one of a run without these options
+    weights = {"feature_weight": args.feature_weight, "logit_weight": args.logit_weight}
+    loss = {} if weights == {"feature_weight": 1.0, "logit_weight": 1.0} else {"loss": weights}
     config = {
         "seed": seed,
-        "student": {"init": str(default_text_model())},
+        "student": {"init": init},
         "teachers": [{"model": str(folder), "task": task, "examples": args.teacher_examples,
-                      "validation_examples": 100} for task, folder in teachers.items()],
+                      "validation_examples": 100, **loss} for task, folder in teachers.items()],
         "stages": [
             {"name": "probe", "steps": args.probe_steps, "train_backbone": False,
              "head_learning_rate": 1e-2, "batch_size": args.batch_size},
@@ -346,11 +371,13 @@ def run(args) -> str:
                 ability_of(f"prodistill ({tag})", module(merged))
 
             teachers = teacher_folders(built, CACHE / "teachers", settings.split_seed, settings.max_length)
-            teacher_texts = distilled_texts(distill_config(args, teachers, None, seed), settings.split_seed)
+            init = student_init(args, teachers, {n: o.chosen for n, o in seed_result.outcomes.items()},
+                                CACHE / "inits")  # fmt: skip
+            teacher_texts = distilled_texts(distill_config(args, teachers, None, seed, init), settings.split_seed)
             replay = replay_file(tasks, teacher_texts, args.replay_examples, settings.split_seed,
                                  CACHE / f"replay-{recipe}-s{seed}-{args.replay_examples}.txt")  # fmt: skip
-            for with_replay in (True, False):
-                config = distill_config(args, teachers, replay if with_replay else None, seed)
+            for with_replay in {"both": (True, False), "with": (True,), "without": (False,)}[args.replay]:
+                config = distill_config(args, teachers, replay if with_replay else None, seed, init)
                 tick = time.perf_counter()
                 folder, report = run_student(config, CACHE / "students")
                 encoder, heads = student_encoder_and_heads(folder)
@@ -380,8 +407,10 @@ def run(args) -> str:
         f"Wall time {wall / 60:.1f} min, {machine_note(load_at_start)}. " + CELLS_NOTE + " "
         + test_size_note(sizes_seen),
         "",
-        f"Students: MiniLM (pretrained) with one head per task, distilled from the five fine-tunes "
-        f"(each teacher's mean-pooled features by cosine, its logits by KL at temperature 2), "
+        f"Students: {'MiniLM (pretrained)' if args.student_init == 'pretrained' else 'the ' + args.student_init + ' merge of the fine-tunes (its grid point chosen on validation)'} "
+        f"with one head per task, distilled from the five fine-tunes (each teacher's mean-pooled "
+        f"features by cosine, weight {args.feature_weight:g}, its logits by KL at temperature 2, "
+        f"weight {args.logit_weight:g}), "
         f"{args.teacher_examples} training texts per teacher (a seeded draw from the task's "
         f"training groups), {args.probe_steps} head-probing steps then {args.distill_steps} steps "
         f"of encoder and heads (lr {args.learning_rate:g}, heads 1e-3, batch {args.batch_size}); "
@@ -405,7 +434,8 @@ def run(args) -> str:
         "",
     ])
     if args.write_docs:
-        replace_docs_section(MARKER, body, heading=HEADING)
+        replace_docs_section(args.docs_marker, body, heading=HEADING if args.docs_marker == MARKER
+                             else f"{HEADING} ({args.docs_marker})")  # fmt: skip
     return body
 
 
@@ -414,6 +444,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--recipes", default="lpft,joint")
     parser.add_argument("--seeds", default="0,1")
     parser.add_argument("--teacher-examples", type=int, default=1000)
+    parser.add_argument("--student-init", choices=("pretrained", "tsv", "ties"), default="pretrained",
+                        help="the student's init: MiniLM, or the weight merge (grid point chosen on "
+                        "validation) merged in memory")
+    parser.add_argument("--feature-weight", type=float, default=1.0, help="weight of the cosine feature loss")
+    parser.add_argument("--logit-weight", type=float, default=1.0, help="weight of the KL logit loss (T 2)")
+    parser.add_argument("--replay", choices=("both", "with", "without"), default="both",
+                        help="students with and/or without the replay memory")
+    parser.add_argument("--docs-marker", default=MARKER, help="docs/benchmarks.md section to write")
     parser.add_argument("--probe-steps", type=int, default=50)
     parser.add_argument("--distill-steps", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=16)
