@@ -142,6 +142,20 @@ def test_a_merge_config_is_a_source_merged_in_memory(tmp_path):
     weight = "encoder.layer.1.output.dense.weight"
     expected = 0.3 * a.state_dict()[weight] + 0.7 * b.state_dict()[weight]
     torch.testing.assert_close(module.state_dict()[weight], expected)
+    # checkpoints that also hold the non-persistent `position_ids` buffer (older BERTs, the
+    # all-MiniLM-L6-v2 folder the text zoo uses) merge and load the same
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    for name in ("m0", "m1"):
+        path = folders[name] / "model.safetensors"
+        tensors = load_file(str(path))
+        positions = json.loads((folders[name] / "config.json").read_text())["max_position_embeddings"]
+        tensors["embeddings.position_ids"] = torch.arange(positions)[None]
+        save_file(tensors, str(path))
+    with_positions = load_source(str(tmp_path / "best.yaml"))
+    torch.testing.assert_close(with_positions.state_dict()[weight], expected)
 
 
 def test_cli_dataflow_search_writes_a_routing_that_scores_as_recorded(tmp_path):

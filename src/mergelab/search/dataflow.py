@@ -293,6 +293,11 @@ def _merged_source(path: Path) -> nn.Module:
     merged = merge_state_dicts(config, load_checkpoints(config))
     architecture = load_model(config.get("base_model") or names[0])
     module = architecture.encoder if isinstance(architecture, Classifier) else architecture.model
+    # A checkpoint may hold a module's non-persistent buffers (older BERTs' `position_ids`,
+    # all-MiniLM-L6-v2's among them): the module computes those itself.
+    persistent = set(module.state_dict())
+    transient = {n for n, _ in module.named_buffers()} - persistent
+    merged = {k: v for k, v in merged.items() if k not in transient}
     missing, unexpected = module.load_state_dict(merged, strict=False)
     if unexpected or [k for k in missing if not k.endswith("position_ids")]:
         raise MergeLabError(f"{path}: the merged weights do not fit the architecture of "
