@@ -434,8 +434,9 @@ def run(args) -> str:
         "",
     ])
     if args.write_docs:
-        replace_docs_section(args.docs_marker, body, heading=HEADING if args.docs_marker == MARKER
-                             else f"{HEADING} ({args.docs_marker})")  # fmt: skip
+        heading = HEADING if args.student_init == "pretrained" else (
+            f"{HEADING}, student initialised from the {args.student_init} merge")
+        replace_docs_section(args.docs_marker, body, heading=heading)
     return body
 
 
