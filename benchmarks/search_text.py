@@ -118,6 +118,7 @@ def run(args) -> str:
     cache = default_result_cache()
     for recipe in args.recipes.split(","):
         per_seed_rows, per_seed_examples = [], []
+        starts_from: dict[str, list[str]] = {}  # row -> the grid point each seed started from
         for seed in parse_seeds(args.seeds):
             print(f"text zoo, recipe {recipe}, seed {seed}", flush=True)
             built = zoo.build(recipe=recipe, seed=seed, progress=False)
@@ -157,7 +158,8 @@ def run(args) -> str:
                     chosen = seed_result.outcomes["ties"].chosen
                     point = next(p for p in grid_for("ties") if p.label == chosen)
                     space = build_space(merge_config("ties", point, tasks), {**section, "start": "config"})
-                    label, suffix = "parameters-from-hand-tuned", f", from the hand-tuned point ({chosen})"
+                    label, suffix = "parameters-from-hand-tuned", ", from the hand-tuned point"
+                    starts_from.setdefault("search: TIES, parameter space" + suffix, []).append(chosen)
                 else:
                     config = merge_config("ties", GridPoint(), tasks)
                     config["models"] = [{"model": t} for t in tasks]
@@ -180,7 +182,7 @@ def run(args) -> str:
                                            probe=results[PROBE_ROW]))
             per_seed_examples.append(outcomes)
             sizes_seen.append(outcomes[FINETUNED_ROW])
-        notes = {}
+        notes = {row: "started from " + "; ".join(points) for row, points in starts_from.items()}
         rows = aggregate_rows(per_seed_rows, notes, per_seed_examples)
         sections += [f"### recipe `{recipe}`", "", markdown_table(rows), ""]
     wall = time.perf_counter() - started
