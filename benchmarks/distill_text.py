@@ -217,15 +217,14 @@ def distill_config(args, teachers: dict[str, Path], replay: Path | None, seed: i
 
 def distilled_texts(config: dict, split_seed: int) -> set[str]:
     """Every training text a teacher of `config` distils (the draws `mergelab.distill` makes)."""
-    from mergelab.distill.config import DistillConfig
-    from mergelab.eval.data import seeded_subset
+    from mergelab.distill.config import DistillConfig, teacher_splits
     from mergelab.eval.tasks import resolve_task
 
     checked = DistillConfig(**config)
     texts = set()
     for teacher in checked.teachers:
-        train = resolve_task(teacher.task).splits(split_seed).train
-        texts |= set(seeded_subset(train, teacher.examples, checked.seed).texts)
+        train, _ = teacher_splits(teacher, resolve_task(teacher.task), split_seed, checked.seed)
+        texts |= set(train.texts)
     return texts
 
 

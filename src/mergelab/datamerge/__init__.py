@@ -235,17 +235,17 @@ def data_merge(
         extras = MemoryExtras(declared.upscaling, planned_extras(prepared.plan))
     execute(prepared.plan, sink, device="cpu" if device is None else device, progress=False,
             extras=extras, seed=merge_seed)  # fmt: skip
+    merged = {k: v.detach().cpu() for k, v in sink.tensors.items()}
     upscaled = None
     if extras is not None:
         # The trained extras (WEMoE's routers) replace the kernel's initial values, as the
         # folder writer does.
         for tensor, learned in (prepared.extras or {}).items():
             extras.tensors[tensor].update(learned)
-        shared = {k: v.detach().cpu() for k, v in sink.tensors.items()}
-        upscaled = extras.finish(declared.name, names, shared)
+        upscaled = extras.finish(declared.name, names, merged)
     return DataMergeResult(
         method=declared.name,
-        state_dict={k: v.detach().cpu() for k, v in sink.tensors.items()},
+        state_dict=merged,
         params=resolve_defaults(declared.global_params, params),
         examples=prepared.examples,
         seconds=time.perf_counter() - start,

@@ -319,6 +319,18 @@ def _check_teacher(teacher: Teacher) -> tuple[str | None, list[str]]:
     return task_name, problems
 
 
+def teacher_splits(teacher: Teacher, task, split_seed: int, seed: int):
+    """(train, validation) examples `teacher` is distilled and judged on: seeded draws (from
+    `seed`, the config's) of at most `examples` / `validation_examples` of `task`'s splits
+    drawn from `split_seed` (the teacher's). Not prefixes: a split keeps its source's order,
+    often sorted by class."""
+    from mergelab.eval.data import seeded_subset
+
+    splits = task.splits(split_seed)
+    return (seeded_subset(splits.train, teacher.examples, seed),
+            seeded_subset(splits.validation, teacher.validation_examples, seed))  # fmt: skip
+
+
 def replay_texts(spec: str, limit: int, seed: int = 0) -> list[str]:
     """`limit` replay texts: the first lines of a .txt file, or a random subset (drawn from
     `seed`) of a task's training texts."""

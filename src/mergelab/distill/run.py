@@ -25,7 +25,7 @@ import torch
 import yaml
 from torch import nn
 
-from mergelab.distill.config import DistillConfig, read_distill_config, replay_texts
+from mergelab.distill.config import DistillConfig, read_distill_config, replay_texts, teacher_splits
 from mergelab.distill.examples import DistillExamples, ReplayMemory, StudentHeads, TeacherTargets
 from mergelab.errors import MergeLabError
 from mergelab.training.loop import train
@@ -161,7 +161,6 @@ def distill(
 
 def _load_teacher(teacher, settings: DistillConfig) -> _Teacher:
     from mergelab.checkpoint.heads import folder_heads
-    from mergelab.eval.data import seeded_subset
     from mergelab.eval.models import Classifier, load_model
     from mergelab.eval.sources import load_task
 
@@ -173,10 +172,7 @@ def _load_teacher(teacher, settings: DistillConfig) -> _Teacher:
                             f"{list(task.label_names)} (in this order)")  # fmt: skip
     split_seed = int(head_info.facts.get("split_seed", 0))
     max_length = int(head_info.facts.get("max_length", DEFAULT_MAX_LENGTH))
-    splits = task.splits(split_seed)
-    # Seeded subsets, not prefixes: a split keeps its source's order, often sorted by class.
-    train = seeded_subset(splits.train, teacher.examples, settings.seed)
-    validation = seeded_subset(splits.validation, teacher.validation_examples, settings.seed)
+    train, validation = teacher_splits(teacher, task, split_seed, settings.seed)
     texts = list(train.texts)
     model = load_model(teacher.model)
     if not isinstance(model, Classifier) or model.head is None or model.tokenizer is None:

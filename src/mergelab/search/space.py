@@ -191,7 +191,7 @@ def build_space(config: Mapping, section: Mapping) -> ParameterSpace:
     merge_config["models"] = [
         dict(m) if isinstance(m, Mapping) else {"model": m} for m in config["models"]
     ]
-    point = _config_point(merge_config, dimensions, declared) if start == "config" else None
+    point = _config_point(merge_config, dimensions, declared, groups) if start == "config" else None
     return ParameterSpace(merge_config, tuple(dimensions), groups,
                           bool(section.get("normalize_weights", False)), point)
 
@@ -199,13 +199,13 @@ def build_space(config: Mapping, section: Mapping) -> ParameterSpace:
 STARTS = ("centre", "config")
 
 
-def _config_point(config: Mapping, dimensions: Sequence[Dimension], declared: Mapping) -> dict[str, float]:
+def _config_point(config: Mapping, dimensions: Sequence[Dimension], declared: Mapping,
+                  groups: int) -> dict[str, float]:
     """The unit-cube point of the values `config` gives the searched parameters (a model's
     `parameters`, else the config's `parameters`, else the declared default; a gradient list
     needs one value per layer group). Raises ConfigError for a value that is missing, not a
     number or outside the searched range."""
     problems, point = [], {}
-    groups = 1 + max((d.group for d in dimensions), default=0)
     for d in dimensions:
         where = "parameters"
         value = (config.get("parameters") or {}).get(d.parameter, declared[d.parameter].default)

@@ -24,6 +24,7 @@ model (`upscaled_macs`, `base_macs`).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -61,10 +62,7 @@ def read_manifest(folder: Path) -> dict:
 
 
 def _numel(shape) -> int:
-    numel = 1
-    for size in shape:
-        numel *= int(size)
-    return numel
+    return math.prod(int(size) for size in shape)
 
 
 def base_parameter_count(planned: Sequence[tuple[str, tuple[int, ...], object, int, dict]]) -> int:
