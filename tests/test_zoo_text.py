@@ -61,6 +61,20 @@ def _run(tmp_path):
     assert all(0.0 <= s <= 1.0 for s in scores.values())
     again = TextZoo(settings, cache_root=tmp_path / "zoo").build(recipe="lpft", seed=0, progress=False)
     assert all(again.info["per_task"][t]["cached"] for t in again.tasks)
+    # A larger validation split (the recipe search's fitness): the same fine-tunes from the
+    # cache, the same train and test examples, and the default validation examples plus more.
+    wider = TextZoo(settings, cache_root=tmp_path / "zoo", test_examples=10,
+                    validation_examples=16).build(recipe="lpft", seed=0, progress=False)
+    assert all(wider.info["per_task"][t]["cached"] for t in wider.tasks)
+    assert wider.evaluator.fingerprint != built.evaluator.fingerprint
+    for task in built.tasks:
+        for split in ("train", "test"):
+            assert wider.evaluator.split(task, split).texts == built.evaluator.split(task, split).texts
+        validation = wider.evaluator.split(task, "validation")
+        assert len(validation) == 16
+        assert set(built.evaluator.split(task, "validation").texts) < set(validation.texts)
+    with pytest.raises(MergeLabError, match="validation_examples must be a positive"):
+        TextZoo(settings, validation_examples=0)
     with pytest.raises(MergeLabError, match="outputs 3 classes; the task has 2"):
         built.evaluator.accuracy(built.pretrained, torch.nn.Linear(384, 3), "sentiment", "test")
 

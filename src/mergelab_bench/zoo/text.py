@@ -259,15 +259,22 @@ class TextZoo:
         cache_root: str | Path | None = None,
         model_path: str | Path | None = None,
         test_examples: int | None = TEST_EXAMPLES,
+        validation_examples: int | None = None,
     ):
         """test_examples: score the test split on a seeded random subset of at most this many
         examples per task, drawn from every example of the task's test groups (None: all of
-        them); the fine-tunes and the validation split are unchanged."""
-        if test_examples is not None and test_examples < 1:
-            raise MergeLabError(
-                f"test_examples must be a positive number of examples; got {test_examples}"
-            )
+        them); the fine-tunes and the validation split are unchanged.
+
+        validation_examples: draw this many validation examples per task from the validation
+        groups instead of `settings.sizes.validation` (None: that count). The draw takes the
+        same shuffled order, so a larger count holds the default examples and more; the
+        fine-tunes, their cache keys and the train and test splits are unchanged (each split's
+        shuffle consumes the generator by its group size, not by the count)."""
+        for option, count in (("test_examples", test_examples), ("validation_examples", validation_examples)):
+            if count is not None and count < 1:
+                raise MergeLabError(f"{option} must be a positive number of examples; got {count}")
         self.test_examples = test_examples
+        self.validation_examples = validation_examples
         self.settings = settings or TextZooSettings()
         self.cache_root = (
             Path(cache_root) if cache_root is not None else default_cache_root() / "text"
@@ -287,6 +294,8 @@ class TextZoo:
             # Every test-group example: train and validation are drawn before test, so they are
             # the same examples as with `sizes.test` (the fine-tunes' cache keys stay valid).
             sizes = replace(self.settings.sizes, test=None)
+            if self.validation_examples is not None:
+                sizes = replace(sizes, validation=self.validation_examples)
             splits = {
                 name: load_splits(task, sizes, seed=self.settings.split_seed)
                 for name, task in self._tasks.items()
@@ -395,7 +404,10 @@ class TextZoo:
             facts[name] = {**meta, "cached": hit}
         fingerprint = "text-" + cache_key(
             {"tasks": list(s.tasks), "eval_batch": s.eval_batch_size, "test_examples": self.test_examples,
-             **common}
+             **common,
+             # only when set, so the default zoo's cached results keep their keys
+             **({"validation_examples": self.validation_examples}
+                if self.validation_examples is not None else {})}
         )
         eval_splits = {
             name: replace(split, test=seeded_subset(split.test, self.test_examples, s.split_seed))
