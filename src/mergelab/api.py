@@ -7,7 +7,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -170,15 +170,15 @@ def merge_modulated(
     names). Raises ConfigError for a method without modulators."""
     from mergelab.modulators.memory import MemoryModulators
 
-    cfg, _ = _read_config(config)
-    plan = _build(cfg, _state_dict_opener(state_dicts), None)
-    if plan.method.modulation is None:
-        raise ConfigError([f"method `{plan.method.name}` has no per-task modulators; use "
-                           "merge_state_dicts"])  # fmt: skip
-    sink, modulators = MemorySink(plan), MemoryModulators(plan.merged_sources)
-    execute(plan, sink, device=device, seed=seed, allow_nonfinite=allow_nonfinite,
-            progress=progress, modulators=modulators)  # fmt: skip
-    return modulators.finish(sink.tensors, plan.method.modulation.rescalers)
+    def require(plan: MergePlan) -> None:
+        if plan.method.modulation is None:
+            raise ConfigError([f"method `{plan.method.name}` has no per-task modulators; use "
+                               "merge_state_dicts"])  # fmt: skip
+
+    plan = _memory_plan(config, state_dicts, device, require=require)
+    modulators = MemoryModulators(plan.merged_sources)
+    tensors = _execute_in_memory(plan, device, seed, allow_nonfinite, progress, modulators=modulators)
+    return modulators.finish(tensors, plan.method.modulation.rescalers)
 
 
 def merge_upscaled(
@@ -198,18 +198,15 @@ def merge_upscaled(
     are trained on data (WEMoE's routers: `mergelab.merge` with a `data:` section)."""
     from mergelab.upscale.memory import MemoryExtras, planned_extras
 
-    cfg, config_dir = _read_config(config)
-    open_source = _state_dict_opener(state_dicts)
-    plan = _build(cfg, open_source, None)
-    if plan.method.upscaling is None:
-        raise ConfigError([f"method `{plan.method.name}` does not upscale; use "
-                           "merge_state_dicts"])  # fmt: skip
-    if plan.needs_data_stage:
-        plan = _statistics_from_folders(plan, open_source, config_dir, device)
-    sink, extras = MemorySink(plan), MemoryExtras(plan.method.upscaling, planned_extras(plan))
-    execute(plan, sink, device=device, seed=seed, allow_nonfinite=allow_nonfinite,
-            progress=progress, extras=extras)  # fmt: skip
-    return extras.finish(plan.method.name, plan.merged_sources, sink.tensors)
+    def require(plan: MergePlan) -> None:
+        if plan.method.upscaling is None:
+            raise ConfigError([f"method `{plan.method.name}` does not upscale; use "
+                               "merge_state_dicts"])  # fmt: skip
+
+    plan = _memory_plan(config, state_dicts, device, require=require)
+    extras = MemoryExtras(plan.method.upscaling, planned_extras(plan))
+    tensors = _execute_in_memory(plan, device, seed, allow_nonfinite, progress, extras=extras)
+    return extras.finish(plan.method.name, plan.merged_sources, tensors)
 
 
 def _build(cfg: MergeConfig, open_source, label: str | None, config_dir: Path | None = None,
@@ -715,20 +712,31 @@ def merge_state_dicts(
     The same validation and kernels as `merge`, without touching the disk; search loops call it.
     Returns the merged state dict (tensors on CPU, in the output dtype).
     """
+    plan = _memory_plan(config, state_dicts, device, strict=strict)
+    return _execute_in_memory(plan, device, seed, allow_nonfinite, progress)
+
+
+def _memory_plan(config, state_dicts, device: str, *, strict: bool = False,
+                 require: Callable[[MergePlan], None] | None = None) -> MergePlan:
+    """The plan of an in-memory merge (the `merge_*` functions over state dicts): validated
+    against the state dicts, `require`d of its method before any statistics are read, with a
+    data-aware method's statistics loaded from the folders its config names."""
     cfg, config_dir = _read_config(config)
     open_source = _state_dict_opener(state_dicts)
     plan = _build(cfg, open_source, None, strict=strict)
+    if require is not None:
+        require(plan)
     if plan.needs_data_stage:
         plan = _statistics_from_folders(plan, open_source, config_dir, device)
+    return plan
+
+
+def _execute_in_memory(plan: MergePlan, device: str, seed: int, allow_nonfinite: bool,
+                       progress: bool, **outputs) -> dict[str, torch.Tensor]:
+    """Run `plan` into memory; `outputs`: the engine's extra outputs (modulators, extras)."""
     sink = MemorySink(plan)
-    execute(
-        plan,
-        sink,
-        device=device,
-        seed=seed,
-        allow_nonfinite=allow_nonfinite,
-        progress=progress,
-    )
+    execute(plan, sink, device=device, seed=seed, allow_nonfinite=allow_nonfinite,
+            progress=progress, **outputs)  # fmt: skip
     return sink.tensors
 
 
