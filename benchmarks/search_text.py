@@ -48,17 +48,12 @@ class Timer:
         self.trials = len(done)
 
 
-def correct_by_task(built, candidate, split: str) -> dict[str, torch.Tensor]:
-    """Per-example correctness per task on `split` of a merged state dict or an encoder module,
-    each task scored with its own head."""
-    score = (built.evaluator.correct_module if isinstance(candidate, torch.nn.Module)
-             else built.evaluator.correct)
-    return {task: score(candidate, built.heads[task], task, split) for task in built.tasks}
-
-
 def validation_scores(built, candidate) -> dict[str, float]:
-    """Validation accuracy per task (the search's fitness)."""
-    return {t: float(c.float().mean()) for t, c in correct_by_task(built, candidate, "validation").items()}
+    """Validation accuracy per task (the search's fitness) of a merged state dict or an encoder
+    module, each task with its own head."""
+    from mergelab.eval.harness import evaluate_model
+
+    return evaluate_model(built.evaluator, candidate, built.heads, tasks=built.tasks, split="validation")
 
 
 def run_one(args, built, label: str, space, sources, depends_on: dict | None = None):
@@ -134,13 +129,9 @@ def run(args) -> str:
             tasks = list(built.tasks)
 
             def score(row, candidate, results=results, outcomes=outcomes, built=built, tasks=tasks):
-                if isinstance(candidate, torch.nn.Module):
-                    outcomes[row] = correct_by_task(built, candidate, "test")
-                    results[row] = {t: float(c.float().mean()) for t, c in outcomes[row].items()}
-                else:  # a state dict: through the result cache
-                    outcomes[row] = {}
-                    results[row] = evaluate_model(built.evaluator, candidate, built.heads,
-                                                  tasks=tasks, cache=cache, examples=outcomes[row])
+                outcomes[row] = {}  # a state dict goes through the result cache, a module not
+                results[row] = evaluate_model(built.evaluator, candidate, built.heads,
+                                              tasks=tasks, cache=cache, examples=outcomes[row])
                 print(f"  {row}: test {100 * sum(results[row].values()) / len(tasks):.1f}%", flush=True)
 
             # data-flow space over the fine-tunes

@@ -236,6 +236,30 @@ def test_evaluate_model_returns_and_caches_per_example_outcomes(tmp_path):
         evaluate_model(CountingEvaluator(), {"w": torch.ones(2)}, {"t1": nn.Linear(3, 2)}, examples={})
 
 
+class ModuleEvaluator(ExampleEvaluator):
+    """ExampleEvaluator that also scores encoders given as modules (their `w` parameter)."""
+
+    fingerprint = "fake-module-v1"
+
+    def correct_module(self, module, head, task, split):
+        return self.correct({"w": module.w.detach()}, head, task, split)
+
+
+def test_evaluate_model_scores_a_module_uncached(tmp_path):
+    ev = ModuleEvaluator({"a": 4, "b": 5})
+    heads = {"a": nn.Linear(1, 2), "b": nn.Linear(1, 2)}
+    module = nn.Module()
+    module.w = nn.Parameter(torch.tensor(0.75))
+    cache, outcomes = ResultCache(tmp_path), {}
+    scores = evaluate_model(ev, module, heads, cache=cache, examples=outcomes)
+    assert scores == {"a": pytest.approx(0.75), "b": pytest.approx(0.8)}
+    assert outcomes["b"].tolist() == [True, True, True, True, False]
+    evaluate_model(ev, module, heads, cache=cache)
+    assert ev.calls == 4  # a module's results are not cached: its weights are not a state dict
+    with pytest.raises(MergeLabError, match="ExampleEvaluator scores state dicts only"):
+        evaluate_model(ExampleEvaluator({"a": 4}), module, {"a": nn.Linear(1, 2)})
+
+
 def test_aggregate_rows_intervals_over_seeds_and_tasks():
     from mergelab.eval.bootstrap import bootstrap_interval, stratified_bootstrap_interval
 

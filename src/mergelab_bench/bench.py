@@ -383,28 +383,6 @@ def _run_modulated(built: BuiltZoo, name: str, points: Sequence[GridPoint], test
                                test, 0.0, scores, extra)  # fmt: skip
 
 
-def module_scores(evaluator, module: torch.nn.Module, heads, tasks: Sequence[str], split: str,
-                  examples: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
-    """Accuracy per task of an encoder given as a torch module, each task with its own head
-    (`evaluate_model` for modules: the evaluator's `correct_module`; nothing cached);
-    `examples` gets each task's per-example correctness."""
-    score = getattr(evaluator, "correct_module", None)
-    if score is None:
-        raise MergeLabError(
-            f"{type(evaluator).__name__} scores state dicts only (it has no `correct_module`), "
-            "so a model that is a torch module (an upscaled merge) cannot be scored on this zoo"
-        )
-    results = {}
-    for task in tasks:
-        correct = torch.as_tensor(score(module, heads[task], task, split)).reshape(-1).bool()
-        if correct.numel() == 0:
-            raise MergeLabError(f"task {task!r} has no {split} examples to score")
-        results[task] = correct.float().mean().item()
-        if examples is not None:
-            examples[task] = correct
-    return results
-
-
 def _run_upscaled(built: BuiltZoo, name: str, points: Sequence[GridPoint],
                   examples: dict[str, dict[str, str]]):
     """An upscaled method's row: one routed model (the shared weights with its layers
@@ -430,14 +408,14 @@ def _run_upscaled(built: BuiltZoo, name: str, points: Sequence[GridPoint],
         module = merged.upscale(make(merged.state_dict))
         score = float("nan")
         if len(points) > 1:
-            score = _mean(module_scores(ev, module, built.heads, tasks, "validation").values())
+            score = _mean(evaluate_model(ev, module, built.heads, tasks=tasks, split="validation").values())
             scores.append((point.label, score))
         if best is None or score > best[0]:
             best = (score, index, module, merged)
     assert best is not None
     score, index, module, merged = best
     outcomes: dict[str, torch.Tensor] = {}
-    test = module_scores(ev, module, built.heads, tasks, "test", outcomes)
+    test = evaluate_model(ev, module, built.heads, tasks=tasks, examples=outcomes)
     examples.setdefault(name, {}).update({t: correctness_bits(c) for t, c in outcomes.items()})
     return name, MethodOutcome(
         name, points[index].label, None if len(points) == 1 else score, test, 0.0, scores,

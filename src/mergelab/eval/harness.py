@@ -288,7 +288,7 @@ def default_result_cache() -> ResultCache:
 
 def evaluate_model(
     evaluator,
-    encoder: Mapping[str, torch.Tensor],
+    encoder: Mapping[str, torch.Tensor] | nn.Module,
     heads: Mapping[str, nn.Module],
     *,
     tasks: Sequence[str] | None = None,
@@ -296,12 +296,15 @@ def evaluate_model(
     cache: ResultCache | None = None,
     examples: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, float]:
-    """Accuracy of `encoder` (a state dict) with each task's own head, per task.
+    """Accuracy of `encoder` (a state dict, or a torch module such as an upscaled merge or a
+    routed model) with each task's own head, per task.
 
     evaluator: anything with `correct(encoder, head, task, split)` (a bool per example of the
         split, see mergelab_bench.zoo.base) or, for a bare score, `accuracy(encoder, head, task,
-        split)`; its optional `num_classes(task)` lets heads be checked before any compute, and
-        its optional `fingerprint` (a string naming its data and settings) enables `cache`.
+        split)`; for an encoder given as a module, `correct_module(module, head, task, split)`
+        (results for a module are not cached). Its optional `num_classes(task)` lets heads be
+        checked before any compute, and its optional `fingerprint` (a string naming its data
+        and settings) enables `cache`.
     tasks: the tasks to score (default: every task in `heads`); a task without a head, or a
         head whose class count does not match the task, raises MergeLabError.
     examples: a dict filled with each task's per-example correctness (for bootstrap intervals);
@@ -313,7 +316,13 @@ def evaluate_model(
     missing = [t for t in tasks if t not in heads]
     if missing:
         raise MergeLabError(f"no head for task(s) {missing}; heads given for {sorted(heads)}")
-    per_example = getattr(evaluator, "correct", None)
+    is_module = isinstance(encoder, nn.Module)
+    per_example = getattr(evaluator, "correct_module" if is_module else "correct", None)
+    if is_module and per_example is None:
+        raise MergeLabError(
+            f"{type(evaluator).__name__} scores state dicts only (it has no `correct_module`), "
+            "so a model given as a torch module cannot be scored with it"
+        )
     if examples is not None and per_example is None:
         raise MergeLabError(
             f"{type(evaluator).__name__} scores no single examples (it has no `correct`), so "
@@ -324,7 +333,7 @@ def evaluate_model(
         for task in tasks:
             check_head(heads[task], num_classes(task), task)
     fingerprint = getattr(evaluator, "fingerprint", None)
-    use_cache = cache is not None and fingerprint is not None
+    use_cache = cache is not None and fingerprint is not None and not is_module
     weights = state_dict_hash(encoder) if use_cache else ""
     results: dict[str, float] = {}
     for task in tasks:
