@@ -196,6 +196,8 @@ def distill_config(args, teachers: dict[str, Path], replay: Path | None, seed: i
     # so the config (and the cached student's name) is the one of a run without these options
     weights = {"feature_weight": args.feature_weight, "logit_weight": args.logit_weight}
     loss = {} if weights == {"feature_weight": 1.0, "logit_weight": 1.0} else {"loss": weights}
+    if args.student_head != "new":  # likewise: the default head stays implicit
+        loss["head"] = args.student_head
     config = {
         "seed": seed,
         "student": {"init": init},
@@ -212,6 +214,10 @@ def distill_config(args, teachers: dict[str, Path], replay: Path | None, seed: i
     if replay is not None:
         config["replay"] = {"data": str(replay), "examples": args.replay_examples,
                             "ratio": args.replay_ratio}  # fmt: skip
+        if args.replay_model == "pretrained":  # the default (the init's own) stays implicit
+            from mergelab.training.to_folder import default_text_model
+
+            config["replay"]["model"] = str(default_text_model())
     return config
 
 
@@ -407,14 +413,16 @@ def run(args) -> str:
         + test_size_note(sizes_seen),
         "",
         f"Students: {'MiniLM (pretrained)' if args.student_init == 'pretrained' else 'the ' + args.student_init + ' merge of the fine-tunes (its grid point chosen on validation)'} "
-        f"with one head per task, distilled from the five fine-tunes (each teacher's mean-pooled "
+        f"with one head per task ({'a copy of the teacher' + chr(39) + 's head at the start' if args.student_head == 'teacher' else 'new, randomly initialised'}), "
+        f"distilled from the five fine-tunes (each teacher's mean-pooled "
         f"features by cosine, weight {args.feature_weight:g}, its logits by KL at temperature 2, "
         f"weight {args.logit_weight:g}), "
         f"{args.teacher_examples} training texts per teacher (a seeded draw from the task's "
         f"training groups), {args.probe_steps} head-probing steps then {args.distill_steps} steps "
         f"of encoder and heads (lr {args.learning_rate:g}, heads 1e-3, batch {args.batch_size}); "
-        f"replay: {args.replay_examples} other training texts of the five tasks, the pretrained "
-        f"model's own features on them, ratio {args.replay_ratio:g}. ProDistill: "
+        f"replay: {args.replay_examples} other training texts of the five tasks, "
+        + ("the pretrained MiniLM's" if args.replay_model == "pretrained" else "the student init's own")
+        + f" features on them, ratio {args.replay_ratio:g}. ProDistill: "
         f"{args.prodistill_examples} training inputs per task, {args.prodistill_steps} steps per "
         "layer. Weight merges: grid point picked on validation (mergelab_bench.bench.GRIDS); "
         "`tall_masks` keeps a binary mask per task.",
@@ -447,6 +455,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--student-init", choices=("pretrained", "tsv", "ties"), default="pretrained",
                         help="the student's init: MiniLM, or the weight merge (grid point chosen on "
                         "validation) merged in memory")
+    parser.add_argument("--student-head", choices=("new", "teacher"), default="new",
+                        help="the student's head per task: new, or a copy of the teacher's")
     parser.add_argument("--feature-weight", type=float, default=1.0, help="weight of the cosine feature loss")
     parser.add_argument("--logit-weight", type=float, default=1.0, help="weight of the KL logit loss (T 2)")
     parser.add_argument("--replay", choices=("both", "with", "without"), default="both",
@@ -456,6 +466,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--distill-steps", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--learning-rate", type=float, default=5e-5)
+    parser.add_argument("--replay-model", choices=("init", "pretrained"), default="init",
+                        help="whose features the replay memory keeps: the student init's, or "
+                        "the pretrained MiniLM's (for a student initialised from a merge)")
     parser.add_argument("--replay-examples", type=int, default=500)
     parser.add_argument("--replay-ratio", type=float, default=0.3)
     parser.add_argument("--prodistill-examples", type=int, default=64, help="0: no ProDistill row")

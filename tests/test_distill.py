@@ -238,6 +238,62 @@ def test_teacher_of_another_width_gets_a_projection_and_replay_keeps_the_init(zo
     assert kept(tmp_path / "with") > kept(tmp_path / "without") + 0.02
 
 
+def test_head_teacher_starts_the_student_head_as_a_copy_of_the_teachers(zoo, tmp_path):
+    """`head: teacher`: a student initialised from the teacher itself predicts as the teacher
+    before any step (agreement 1); a new head does not; a wider teacher's head is refused."""
+    from mergelab.distill import distill
+    from mergelab.errors import MergeLabError
+
+    stages = [{"name": "probe", "steps": 1, "train_backbone": False, **TINY}]
+    teacher = {"model": str(zoo["ft-topics"]), "task": str(zoo["topics"])}
+    copied = distill(_config(tmp_path / "a.yml", [{**teacher, "head": "teacher"}], stages=stages,
+                             init=str(zoo["ft-topics"])), tmp_path / "copied", progress=False)
+    new = distill(_config(tmp_path / "b.yml", [teacher], stages=stages, init=str(zoo["ft-topics"])),
+                  tmp_path / "new", progress=False)
+    assert copied["init"]["topics"]["agreement"] == 1.0
+    assert copied["init"]["topics"]["feature_cosine"] == pytest.approx(1.0, abs=1e-5)
+    assert new["init"]["topics"]["agreement"] < 0.9
+    wide = {"model": str(zoo["ft-wide"]), "task": str(zoo["reviews"]), "head": "teacher"}
+    with pytest.raises(MergeLabError, match="`head: teacher` copies its head, which reads 24 "
+                       "features; the student outputs 16"):
+        distill(_config(tmp_path / "c.yml", [wide], stages=stages, init=str(zoo["base"])),
+                tmp_path / "wide", progress=False)
+    assert not (tmp_path / "wide").exists()
+
+
+def test_replay_model_replays_another_models_features(zoo, tmp_path):
+    """`replay.model`: the memory holds that model's features (here the pretrained base, for a
+    student initialised from a fine-tune), so at the init the replay cosine is the cosine
+    between the two models' features; a model of another width is refused."""
+    from mergelab.distill import distill
+    from mergelab.distill.config import replay_texts
+    from mergelab.errors import MergeLabError
+    from mergelab.eval.harness import embed_texts
+    from mergelab.eval.models import load_model
+
+    stages = [{"name": "probe", "steps": 1, "train_backbone": False, **TINY}]
+    teachers = [{"model": str(zoo["ft-reviews"]), "task": str(zoo["reviews"])}]
+    replay = {"data": str(zoo["topics"]), "examples": 20, "ratio": 0.3}
+    own = distill(_config(tmp_path / "a.yml", teachers, stages=stages, replay=replay,
+                          init=str(zoo["ft-reviews"])), tmp_path / "own", progress=False)
+    other = distill(_config(tmp_path / "b.yml", teachers, stages=stages, init=str(zoo["ft-reviews"]),
+                            replay={**replay, "model": str(zoo["base"])}), tmp_path / "other",
+                    progress=False)  # fmt: skip
+    assert own["init"]["replay_cosine"] == pytest.approx(1.0, abs=1e-5)
+    texts = replay_texts(str(zoo["topics"]), 20, 0)
+    student, base = load_model(zoo["ft-reviews"]), load_model(zoo["base"])
+    expected = torch.nn.functional.cosine_similarity(
+        embed_texts(student.encoder, student.tokenizer, texts, max_length=16),
+        embed_texts(base.encoder, base.tokenizer, texts, max_length=16)).mean().item()
+    assert expected < 0.999
+    assert other["init"]["replay_cosine"] == pytest.approx(expected, abs=1e-4)
+    with pytest.raises(MergeLabError, match="`replay.model` .* outputs 24 features, the student 16"):
+        distill(_config(tmp_path / "c.yml", teachers, stages=stages, init=str(zoo["base"]),
+                        replay={**replay, "model": str(zoo["ft-wide"])}), tmp_path / "wide",
+                progress=False)  # fmt: skip
+    assert not (tmp_path / "wide").exists()
+
+
 def test_teacher_and_replay_texts_are_seeded_draws_not_prefixes(zoo, tmp_path):
     """A task file sorted by class: `examples` and `validation_examples` draw from every class
     (a prefix would hold one), from the config's seed, and the replay draw likewise."""
@@ -361,7 +417,8 @@ def test_every_config_problem_at_once_before_any_model_loads(zoo, tmp_path, monk
     config = _config(tmp_path / "bad2.yml", [
         {"model": str(zoo["base"]), "task": str(zoo["reviews"])},
         {"model": str(zoo["ft-topics"]), "task": str(zoo["reviews"])},
-    ], init=str(tmp_path / "missing"), replay={"data": str(tmp_path / "empty.txt"), "ratio": 0.3},
+    ], init=str(tmp_path / "missing"), replay={"data": str(tmp_path / "empty.txt"), "ratio": 0.3,
+                                               "model": str(tmp_path / "gone")},
        stages=[{"name": "s", "steps": 2, "warmup_steps": 5}])  # fmt: skip
     with pytest.raises(ConfigError) as caught:
         read_distill_config(config)
@@ -373,7 +430,8 @@ def test_every_config_problem_at_once_before_any_model_loads(zoo, tmp_path, monk
     assert "replay.data" in text and "holds no text" in text
     assert "warmup_steps" in text
     assert "share the head name(s) ['reviews']" in text  # two teachers of one task
-    assert len(problems) == 6, problems
+    assert "`replay.model`" in text and "gone" in text
+    assert len(problems) == 7, problems
 
 
 def test_cli_refuses_bad_input_and_an_existing_output(zoo, tmp_path):

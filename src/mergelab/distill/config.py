@@ -74,6 +74,11 @@ class Teacher(_Frozen):
                                             "most this many validation texts, drawn as `examples` "
                                             "(null: all).")
     loss: TeacherLoss = Field(default_factory=TeacherLoss, description="What is distilled.")
+    head: Literal["new", "teacher"] = Field(
+        "new", description="The student's head for this teacher: new (randomly initialised, "
+        "as SAM-CLIP's light heads), or teacher (a trainable copy of the teacher's own head, "
+        "for a student whose features live where the teacher's do, e.g. one initialised from a "
+        "merge of the teachers; needs equal feature widths).")
 
 
 class Replay(_Frozen):
@@ -88,6 +93,12 @@ class Replay(_Frozen):
                          "texts as it distils.")
     loss: FeatureLoss = Field("cosine", description="Loss between the student's features and "
                               "the init's recorded ones.")
+    model: str | None = Field(None, description="The model whose features on the replay texts "
+                              "the student keeps: a model folder or a merge config, as "
+                              "`student.init` (default: the student init itself). SAM-CLIP "
+                              "replays the model the student starts from; a student initialised "
+                              "from a merge can replay the pretrained model instead, to keep "
+                              "what it could do before any fine-tuning.")
 
 
 class Stage(_Frozen):
@@ -179,6 +190,8 @@ def _with_absolute_paths(raw: dict, base: Path) -> dict:
         raw["teachers"] = teachers
     if isinstance(raw.get("replay"), dict) and isinstance(raw["replay"].get("data"), str):
         raw["replay"] = {**raw["replay"], "data": _absolute_spec(raw["replay"]["data"], base)}
+    if isinstance(raw.get("replay"), dict) and isinstance(raw["replay"].get("model"), str):
+        raw["replay"] = {**raw["replay"], "model": _absolute_path(raw["replay"]["model"], base)}
     return raw
 
 
@@ -226,7 +239,7 @@ def check_config(config: DistillConfig) -> list[str]:
     names = [s.name for s in config.stages]
     if len(set(names)) != len(names):
         problems.append(f"`stages`: stage names must be unique; got {names}")
-    problems += _check_student(config.student.init)
+    problems += _check_student(config.student.init, "student.init")
     heads = []
     for i, teacher in enumerate(config.teachers):
         found, teacher_problems = _check_teacher(teacher)
@@ -243,18 +256,21 @@ def check_config(config: DistillConfig) -> list[str]:
                 problems.append(f"`replay.data`: {config.replay.data} holds no text")
         except MergeLabError as error:
             problems.append(f"`replay.data`: {error}")
+        if config.replay.model is not None:
+            problems += _check_student(config.replay.model, "replay.model")
     return problems
 
 
-def _check_student(init: str) -> list[str]:
+def _check_student(init: str, key: str) -> list[str]:
+    """Problems of a model folder or merge config named at `key` (`student.init`, ...)."""
     from mergelab.search.dataflow import architecture_folder
 
     try:
         folder = architecture_folder(init)
     except MergeLabError as error:
-        return [f"`student.init`: {error}"]
+        return [f"`{key}`: {error}"]
     if not (folder / "config.json").is_file():
-        return [f"`student.init`: {folder} is not a Hugging Face model folder (no config.json)"]
+        return [f"`{key}`: {folder} is not a Hugging Face model folder (no config.json)"]
     return []
 
 

@@ -32,6 +32,8 @@ class TeacherTargets:
     """One teacher's training texts and its frozen outputs on them.
 
     features: [N, teacher_dim] mean-pooled features; logits: [N, classes] its head's logits.
+    head: the teacher's head, when the student's head for it starts as a copy of it (config
+        `head: teacher`); None: a new head.
     """
 
     name: str
@@ -39,6 +41,7 @@ class TeacherTargets:
     features: torch.Tensor
     logits: torch.Tensor
     loss: TeacherLoss
+    head: nn.Module | None = None
 
     def __post_init__(self):
         n = len(self.texts)
@@ -52,14 +55,29 @@ class StudentHeads(nn.Module):
     whose features are not as wide as the student's, a linear projection onto them."""
 
     def __init__(self, student_dim: int, teachers: Sequence[TeacherTargets], generator: torch.Generator):
+        """Raises MergeLabError for a teacher whose head is to be copied (`TeacherTargets.head`)
+        while its features are not as wide as the student's."""
+        import copy
+
+        from mergelab.errors import MergeLabError
         from mergelab.training.recipes import random_head
 
         super().__init__()
         self.heads = nn.ModuleDict()
         self.projections = nn.ModuleDict()
         for teacher in teachers:
-            self.heads[teacher.name] = random_head(student_dim, teacher.logits.shape[1], generator)
             teacher_dim = teacher.features.shape[1]
+            if teacher.head is not None:
+                if teacher_dim != student_dim:
+                    raise MergeLabError(
+                        f"teacher {teacher.name!r}: `head: teacher` copies its head, which reads "
+                        f"{teacher_dim} features; the student outputs {student_dim}. Use `head: "
+                        "new` (a new head, with a learned projection onto the teacher's features)")
+                head = copy.deepcopy(teacher.head).float()
+                head.requires_grad_(True)
+                self.heads[teacher.name] = head
+            else:
+                self.heads[teacher.name] = random_head(student_dim, teacher.logits.shape[1], generator)
             if teacher_dim != student_dim:
                 self.projections[teacher.name] = random_head(student_dim, teacher_dim, generator)
 

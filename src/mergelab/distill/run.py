@@ -94,7 +94,8 @@ def distill(
     replay = None
     if settings.replay is not None:
         texts = replay_texts(settings.replay.data, settings.replay.examples, settings.seed)
-        replay = ReplayMemory(texts, _embed(encoder, tokenizer, texts, max_length),
+        replay = ReplayMemory(texts, _replay_targets(settings.replay.model, encoder, tokenizer,
+                                                     texts, max_length),
                               settings.replay.ratio, settings.replay.loss)  # fmt: skip
     student_dim = _embed(encoder, tokenizer, teachers[0].targets.texts[:1], max_length).shape[1]
     heads = StudentHeads(student_dim, [t.targets for t in teachers],
@@ -192,7 +193,8 @@ def _load_teacher(teacher, settings: DistillConfig) -> _Teacher:
     validation_features, validation_logits = outputs(validation_texts)
     name = teacher.name or task.name
     return _Teacher(
-        TeacherTargets(name, texts, features, logits, teacher.loss),
+        TeacherTargets(name, texts, features, logits, teacher.loss,
+                       head=model.head if teacher.head == "teacher" else None),
         _Validation(validation_texts,
                     torch.as_tensor(validation.labels),
                     validation_features, validation_logits),
@@ -214,6 +216,21 @@ def _load_student(init: str) -> tuple[nn.Module, Any, Path]:
     except (OSError, ValueError, KeyError) as error:
         raise MergeLabError(f"the student cannot load its init {init}: {error}") from None
     return encoder, tokenizer, folder
+
+
+def _replay_targets(model: str | None, student, tokenizer, texts: list[str], max_length: int):
+    """The replayed features: the student init's own on `texts`, or (`replay.model`) another
+    model's, which must be as wide as the student's (the replay loss compares them directly)."""
+    features = _embed(student, tokenizer, texts, max_length)
+    if model is None:
+        return features
+    other, other_tokenizer, _ = _load_student(model)
+    targets = _embed(other, other_tokenizer, texts, max_length)
+    if targets.shape[1] != features.shape[1]:
+        raise MergeLabError(f"`replay.model` {model} outputs {targets.shape[1]} features, the "
+                            f"student {features.shape[1]}: the replay loss compares them "
+                            "directly, so they must be as wide")  # fmt: skip
+    return targets
 
 
 def _embed(encoder: nn.Module, tokenizer, texts: list[str], max_length: int) -> torch.Tensor:
