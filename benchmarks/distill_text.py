@@ -443,6 +443,10 @@ def run(args) -> str:
     if args.write_docs:
         heading = HEADING if args.student_init == "pretrained" else (
             f"{HEADING}, student initialised from the {args.student_init} merge")
+        if args.student_head == "teacher":  # a variant's section must not repeat another's title
+            heading += ", heads copied from the teachers"
+        if args.replay_model == "pretrained":
+            heading += ", replaying the pretrained model"
         replace_docs_section(args.docs_marker, body, heading=heading)
     return body
 
