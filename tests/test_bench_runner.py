@@ -320,3 +320,17 @@ def test_wemoe_rows_train_routers_on_unlabelled_inputs_and_untrained_is_task_ari
     extra = sum(tasks * (out * inp + out + inp + 1) for out, inp in ((32, 64), (32, 32)))
     assert outcome.extra_parameters == extra
     assert outcome.macs_ratio > 1 + tasks
+
+
+def test_a_zoos_method_settings_enter_every_grid_point():
+    from dataclasses import replace as replaced
+
+    from mergelab_bench.bench import GRIDS, grid_for
+    from mergelab_bench.zoo.base import BuiltZoo
+
+    built = BuiltZoo(zoo="z", recipe="lpft", seed=0, tasks=[], pretrained={}, finetuned={}, heads={},
+                     probe_heads={}, evaluator=None, method_settings={"smile": {"top_k": 2}})  # fmt: skip
+    points = grid_for("smile", built)
+    assert [p.global_params for p in points] == [{"top_k": 2, **p.global_params} for p in GRIDS["smile"]]
+    assert grid_for("ties", built) == grid_for("ties") == GRIDS["ties"]
+    assert grid_for("smile", replaced(built, method_settings={})) == GRIDS["smile"]

@@ -99,6 +99,89 @@ def test_unchanged_layers_and_non_linear_tensors_get_no_experts() -> None:
     assert smile_tensor(table).extras == {}
 
 
+def _conv(weight: torch.Tensor, bias: torch.Tensor, **options) -> torch.nn.Conv2d:
+    layer = torch.nn.Conv2d(weight.shape[1], weight.shape[0], tuple(weight.shape[2:]), **options)
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+        layer.bias.copy_(bias)
+    return layer
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_a_pointwise_convolution_is_upscaled_as_a_linear_layer_per_pixel(stride) -> None:
+    """A 1x1 convolution is a linear layer at every pixel: one full-rank expert gives the
+    fine-tuned convolution; two experts route each pixel as the linear layer routes a token."""
+    gen = torch.Generator().manual_seed(3)
+    weight, bias = torch.randn(5, 4, 1, 1, generator=gen), torch.randn(5, generator=gen)
+    tuned = [(weight + torch.randn(5, 4, 1, 1, generator=gen), bias + torch.randn(5, generator=gen))
+             for _ in range(2)]  # fmt: skip
+    params = resolve_defaults(get_method("smile").global_params, {"k": 4, "top_k": 1})
+
+    def extras(sources):
+        jobs = (("c.weight", weight, [w for w, _ in sources]), ("c.bias", bias, [b for _, b in sources]))
+        out = {}
+        for name, base, tensors in jobs:
+            out.update(smile_tensor(TensorMerge(tensors=tensors, base=base, model_params=[{}] * len(tensors),
+                                                params=params, name=name)).extras)  # fmt: skip
+        return out
+
+    x = torch.randn(2, 4, 6, 6, generator=gen)
+    one = SmileLinear(_conv(weight, bias, stride=stride), extras(tuned[:1]), top_k=1)
+    expected = torch.nn.functional.conv2d(x, tuned[0][0], tuned[0][1], stride=stride)
+    assert one(x).shape == expected.shape
+    assert torch.allclose(one(x), expected, atol=1e-5)
+    two = extras(tuned)
+    as_conv = SmileLinear(_conv(weight, bias, stride=stride), two, top_k=1)
+    as_linear = SmileLinear(_layer(weight.flatten(1), bias), two, top_k=1)
+    pixels = x[..., ::stride, ::stride].movedim(1, -1)  # [B, H, W, C]: a token per pixel
+    assert torch.allclose(as_conv(x), as_linear(pixels).movedim(-1, 1), atol=1e-6)
+    assert smile_cost((5, 4, 1, 1), {k: tuple(v.shape) for k, v in two.items() if k != "bias"},
+                      {"top_k": 1}) == smile_cost((5, 4), {k: tuple(v.shape) for k, v in two.items()
+                                                           if k != "bias"}, {"top_k": 1})  # fmt: skip
+
+
+def test_only_linear_maps_of_pixels_are_upscaled() -> None:
+    """A 3x3 convolution's weight gets no experts; a grouped or padded 1x1 convolution holding
+    experts is refused when wrapped, naming the problem."""
+    params = resolve_defaults(get_method("smile").global_params, {})
+    spatial = TensorMerge(tensors=[torch.ones(4, 4, 3, 3)], base=torch.zeros(4, 4, 3, 3),
+                          model_params=[{}], params=params, name="conv.weight")  # fmt: skip
+    assert smile_tensor(spatial).extras == {}
+    experts = smile_experts(torch.randn(2, 4, 2), k=1, gate_k=1)
+    with pytest.raises(CheckpointError, match="groups 2 .* only pointwise"):
+        SmileLinear(torch.nn.Conv2d(4, 4, 1, groups=2), experts, top_k=1)
+    with pytest.raises(CheckpointError, match="padding"):
+        SmileLinear(torch.nn.Conv2d(2, 4, 1, padding=1), smile_experts(torch.randn(2, 4, 2), 1, 1), 1)
+
+
+def test_in_memory_smile_merge_of_a_cnn_wraps_its_pointwise_convolutions() -> None:
+    """A tiny CNN (3x3 conv, BatchNorm, 1x1 convs) whose fine-tune moved only its pointwise
+    convolutions: SMILE of that one fine-tune at full rank is the fine-tuned network."""
+
+    def cnn() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8),
+                                   torch.nn.ReLU(), torch.nn.Conv2d(8, 6, 1), torch.nn.ReLU(),
+                                   torch.nn.Conv2d(6, 4, 1, stride=2)).eval()  # fmt: skip
+
+    base, tuned = cnn(), cnn()
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for index in (3, 5):
+            tuned[index].weight.add_(0.3 * torch.randn(tuned[index].weight.shape, generator=gen))
+            tuned[index].bias.add_(0.3 * torch.randn(tuned[index].bias.shape, generator=gen))
+    config = {"merge_method": "smile", "base_model": "base", "models": [{"model": "ft"}],
+              "parameters": {"k": 8}}  # fmt: skip
+    merged = mergelab.merge_upscaled(config, {"base": base.state_dict(), "ft": tuned.state_dict()})
+    assert merged.upscaled_layers == 2
+    routed = merged.upscale(cnn()).eval()
+    assert [type(m).__name__ for m in routed] == ["Conv2d", "BatchNorm2d", "ReLU", "SmileLinear",
+                                                  "ReLU", "SmileLinear"]  # fmt: skip
+    x = torch.randn(2, 3, 8, 8, generator=gen)
+    with torch.no_grad():
+        assert torch.allclose(routed(x), tuned(x), atol=1e-5)
+
+
 def test_cost_counts_base_router_and_chosen_experts() -> None:
     shapes = {"gate": (3 * 2, 10), "u": (3, 6, 4), "svh": (3, 4, 10)}
     # base 6*10; router 6 gate rows * 10; one expert: 4 * (6 + 10)

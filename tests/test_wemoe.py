@@ -100,6 +100,44 @@ def test_an_untrained_router_is_the_task_arithmetic_layer_bit_for_bit() -> None:
     assert router["router_in"].abs().max() > 0 and not router["router_out"].any()
 
 
+def test_a_pointwise_convolution_routes_every_pixel_as_a_token() -> None:
+    """`all_linear` upscales a 1x1 convolution: its output at each pixel is the linear WEMoE
+    layer's on that pixel's channels, the routing per pixel; untrained, the task-arithmetic
+    convolution."""
+    gen = torch.Generator().manual_seed(2)
+    base_w, base_b = torch.randn(5, 4, 1, 1, generator=gen), torch.randn(5, generator=gen)
+    tuned = [(base_w + torch.randn(5, 4, 1, 1, generator=gen), base_b + torch.randn(5, generator=gen))
+             for _ in range(2)]  # fmt: skip
+    resolved = _params(**{"lambda": 0.5, "router_hidden": 3, "all_linear": True})
+
+    def extras(name, base, tensors):
+        return wemoe_tensor(TensorMerge(tensors=tensors, base=base, model_params=[{}] * len(tensors),
+                                        params=resolved, name=name,
+                                        generator=torch.Generator().manual_seed(0)))  # fmt: skip
+
+    weight = extras("features.3.conv.weight", base_w, [w for w, _ in tuned])
+    bias = extras("features.3.conv.bias", base_b, [b for _, b in tuned])
+    assert weight.extras["task_vectors"].shape == (2, 5, 4)
+    conv = nn.Conv2d(4, 5, 1)
+    with torch.no_grad():
+        conv.weight.copy_(weight.merged)
+        conv.bias.copy_(bias.merged)
+    layer = WEMoELinear(conv, {**weight.extras, **bias.extras}, 0.5)
+    x = torch.randn(2, 4, 3, 3, generator=gen)
+    with torch.no_grad():
+        assert torch.allclose(layer(x), conv(x), atol=1e-6)  # untrained: task arithmetic
+        layer.router.router_out.normal_(generator=gen)  # a router that routes
+        linear = WEMoELinear(_linear(weight.merged.flatten(1), bias.merged),
+                             {**weight.extras, **bias.extras}, 0.5)
+        linear.router.load_state_dict(layer.router.state_dict())
+        pixels = x.movedim(1, -1)
+        assert torch.allclose(layer(x), linear(pixels).movedim(-1, 1), atol=1e-5)
+        assert layer.last_routing.shape == (2, 3, 3, 2)
+        assert not torch.allclose(layer(x), conv(x), atol=1e-3)
+    with pytest.raises(CheckpointError, match="only pointwise"):
+        WEMoELinear(nn.Conv2d(4, 5, 1, groups=1, padding=1), {**weight.extras, **bias.extras}, 0.5)
+
+
 def test_layer_is_the_papers_input_conditioned_weights_token_by_token() -> None:
     # The paper (and FusionBench's WeightEnsemblingMoE) builds the weights W_0 + sum_i r_i tau_i
     # for an input, then applies them; our layer applies the task-arithmetic weights and adds

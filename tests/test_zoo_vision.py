@@ -289,6 +289,9 @@ def test_tiny_zoo_builds_caches_and_keeps_batchnorm_statistics(tmp_path):
     assert all(torch.equal(base[k], imagenet[k]) for k in base)
     probe_acc = built.evaluator.accuracy(base, built.probe_heads[task], task, "validation")
     assert 0.2 < probe_acc <= 1.0  # ten classes: chance is 0.1
+    # An encoder given as a module (an upscaled merge) scores as its state dict does.
+    as_module = built.evaluator.correct_module(built.evaluator.module(tuned), built.heads[task], task, "validation")
+    assert torch.equal(as_module, built.evaluator.correct(tuned, built.heads[task], task, "validation"))
     repaired = built.evaluator.reestimate_batchnorm(tuned)
     assert not torch.equal(repaired["features.0.1.running_var"], tuned["features.0.1.running_var"])
     assert torch.equal(repaired["features.0.0.weight"], tuned["features.0.0.weight"])

@@ -147,9 +147,14 @@ def applicable_methods(num_models: int) -> tuple[list[str], dict[str, str]]:
     return run, skipped
 
 
-def grid_for(method_name: str) -> list[GridPoint]:
-    """The method's grid, or one point at its registry defaults."""
-    return GRIDS.get(method_name, [GridPoint()])
+def grid_for(method_name: str, built: BuiltZoo | None = None) -> list[GridPoint]:
+    """The method's grid, or one point at its registry defaults; on `built`, every point also
+    gets the zoo's settings for the method (`BuiltZoo.method_settings`)."""
+    points = GRIDS.get(method_name, [GridPoint()])
+    fixed = built.method_settings.get(method_name) if built is not None else None
+    if not fixed:
+        return points
+    return [GridPoint({**fixed, **p.global_params}, p.model_params) for p in points]
 
 
 def merge_config(method_name: str, point: GridPoint, tasks: Sequence[str]) -> dict:
@@ -305,7 +310,7 @@ def run_seed(built: BuiltZoo, methods: Sequence[str], *, cache: ResultCache | No
 
     for name in methods:
         tick = time.perf_counter()
-        points = grid_for(name)
+        points = grid_for(name, built)
         declared = get_method(name)
         if declared.modulation is not None or declared.upscaling is not None:
             try:

@@ -28,6 +28,11 @@ except embedding tables and LM heads (embedding-like names, `_lowrank.EMBEDDING_
 its `*.bias` when there is one; at load time those must be `torch.nn.Linear` modules (GPT-2's
 Conv1D is refused). Choices of ours: `k` and `gate_k` larger than a matrix's rank are truncated to it (as
 the reference's slicing does); `top_k` above the number of models is refused before merging.
+A pointwise (1x1) convolution's `[out, in, 1, 1]` weight counts as a linear layer too (it is
+one, applied at every pixel): its experts are those of the `[out, in]` matrix and each pixel is
+routed as a token, so a convolutional network (the vision zoo's MobileNet) can be upscaled;
+at load time such a weight must belong to a `torch.nn.Conv2d` with groups 1 and no padding (a
+stride subsamples the pixels first, as the convolution does).
 """
 
 from __future__ import annotations
@@ -49,21 +54,58 @@ from mergelab.methods.registry import (
 
 
 def is_linear_weight(name: str, shape: tuple[int, ...]) -> bool:
-    """A tensor SMILE upscales: a 2-D `.weight` whose name is not an embedding's or LM
+    """A tensor SMILE upscales: a linear map's `.weight`, 2-D (a linear layer's) or
+    `[out, in, 1, 1]` (a pointwise convolution's), whose name is not an embedding's or LM
     head's (token, position or type tables of any shape)."""
     lowered = name.lower()
+    pointwise = len(shape) == 4 and tuple(shape[2:]) == (1, 1)
     return (
         name.endswith(".weight")
-        and len(shape) == 2
+        and (len(shape) == 2 or pointwise)
         and min(shape) > 0
         and not any(hint in lowered for hint in EMBEDDING_HINTS)
     )
 
 
 def expert_ranks(shape: tuple[int, ...], k: int, gate_k: int) -> tuple[int, int]:
-    """(k, gate_k) truncated to the rank a matrix of `shape` can have."""
-    rank = min(shape)
+    """(k, gate_k) truncated to the rank the matrix of a weight of `shape` can have."""
+    rank = min(shape[:2])
     return min(k, rank), min(gate_k, rank)
+
+
+def pointwise_stride(layer: torch.nn.Module) -> int | None:
+    """None for a linear layer; the stride of a pointwise convolution a linear-layer module
+    can stand in for (groups 1, no padding). Raises CheckpointError for another convolution."""
+    if not isinstance(layer, torch.nn.Conv2d):
+        return None
+    if layer.groups != 1 or any(p != 0 for p in _pair(layer.padding)) or layer.kernel_size != (1, 1):
+        from mergelab.errors import CheckpointError
+
+        raise CheckpointError(
+            f"a {tuple(layer.kernel_size)} convolution with groups {layer.groups} and "
+            f"padding {layer.padding} is no linear map of its pixels; only pointwise (1x1) "
+            "convolutions with groups 1 and no padding are upscaled"
+        )
+    stride = _pair(layer.stride)
+    if stride[0] != stride[1]:
+        from mergelab.errors import CheckpointError
+
+        raise CheckpointError(f"a pointwise convolution with unequal strides {stride}")
+    return int(stride[0])
+
+
+def _pair(value) -> tuple:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
+
+
+def per_pixel(x: torch.Tensor, stride: int | None, linear) -> torch.Tensor:
+    """`linear(x)` for a linear layer (stride None); for a pointwise convolution, `linear`
+    applied to every pixel's channels of x [..., C, H, W] (subsampled by `stride`)."""
+    if stride is None:
+        return linear(x)
+    if stride > 1:
+        x = x[..., ::stride, ::stride]
+    return linear(x.movedim(-3, -1)).movedim(-1, -3)
 
 
 def smile_experts(
@@ -127,7 +169,7 @@ def smile_shapes(
 ) -> dict[str, tuple[int, ...]]:
     """The shapes of SMILE's extra tensors for one tensor ({} for tensors it leaves alone)."""
     if is_linear_weight(name, shape):
-        rows, cols = shape
+        rows, cols = shape[:2]
         k, gate_k = expert_ranks(shape, int(params["k"]), int(params["gate_k"]))
         return {"gate": (num_models * gate_k, cols), "u": (num_models, rows, k),
                 "svh": (num_models, k, cols)}  # fmt: skip
@@ -147,7 +189,8 @@ def smile_tensor(m: TensorMerge) -> Upscaled:
         return Upscaled(merged=base, extras=zeros, active=False)
     if "bias" in shapes:
         return Upscaled(merged=base, extras={"bias": task_vectors.contiguous()})
-    extras = smile_experts(task_vectors, int(m.params["k"]), int(m.params["gate_k"]), m.name)
+    matrices = task_vectors.reshape(task_vectors.shape[:3])  # a pointwise conv's [T, out, in]
+    extras = smile_experts(matrices, int(m.params["k"]), int(m.params["gate_k"]), m.name)
     return Upscaled(merged=base, extras=extras)
 
 
@@ -158,14 +201,17 @@ def smile_kernel(m: TensorMerge) -> torch.Tensor:
 
 
 class SmileLinear(torch.nn.Module):
-    """A base linear layer with SMILE's routed low-rank experts (see `smile_forward`).
+    """A base linear layer (or pointwise convolution) with SMILE's routed low-rank experts
+    (see `smile_forward`).
 
     Holds the base layer's weight and bias and the experts' `gate`, `u`, `svh` (and `bias`
-    deltas) as buffers; `top_k` experts per token."""
+    deltas) as buffers; `top_k` experts per token (per pixel for a convolution)."""
 
-    def __init__(self, layer: torch.nn.Linear, experts: Mapping[str, torch.Tensor], top_k: int):
+    def __init__(self, layer: torch.nn.Linear | torch.nn.Conv2d, experts: Mapping[str, torch.Tensor],
+                 top_k: int):
         super().__init__()
-        self.in_features, self.out_features = layer.in_features, layer.out_features
+        self.stride = pointwise_stride(layer)
+        self.in_features, self.out_features = layer.weight.shape[1], layer.weight.shape[0]
         self.weight = layer.weight
         self.bias = layer.bias
         self.top_k = int(top_k)
@@ -180,7 +226,9 @@ class SmileLinear(torch.nn.Module):
         return {k: getattr(self, f"expert_{k}") for k in keys if hasattr(self, f"expert_{k}")}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return smile_forward(x, self.weight, self.bias, self.experts(), self.top_k)
+        weight, experts = self.weight.flatten(1), self.experts()
+        return per_pixel(x, self.stride,
+                         lambda t: smile_forward(t, weight, self.bias, experts, self.top_k))
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -188,7 +236,8 @@ class SmileLinear(torch.nn.Module):
 
 
 def smile_module(
-    layer: torch.nn.Linear, extras: Mapping[str, torch.Tensor], params: Mapping[str, ParamValue]
+    layer: torch.nn.Linear | torch.nn.Conv2d, extras: Mapping[str, torch.Tensor],
+    params: Mapping[str, ParamValue],
 ) -> SmileLinear:
     return SmileLinear(layer, extras, int(params["top_k"]))
 
@@ -198,7 +247,7 @@ def smile_cost(
 ) -> tuple[int, int]:
     """Multiply-adds per token of one SMILE layer (base + router + top_k experts) and of the
     base layer alone."""
-    rows, cols = shape
+    rows, cols = shape[:2]
     base = rows * cols
     if "u" not in extras:
         return base, base
@@ -226,7 +275,7 @@ SMILE = register(
         upscaling=Upscaling(
             kernel=smile_tensor,
             shapes=smile_shapes,
-            wraps=(torch.nn.Linear,),
+            wraps=(torch.nn.Linear, torch.nn.Conv2d),
             module=smile_module,
             cost=smile_cost,
             forward_params=("top_k",),

@@ -44,6 +44,9 @@ Choices of ours, and why:
   intermediate activations (wider: `router_hidden` x intermediate size more parameters).
 - Which layers are MLP layers is decided from the names alone (`is_mlp_linear`); `all_linear`
   upscales every linear layer (SMILE's choice) instead.
+- A pointwise (1x1) convolution counts as a linear layer (as for SMILE: `[out, in, 1, 1]`
+  weights, each pixel routed as a token), so `all_linear` also upscales a convolutional
+  network's pointwise convolutions (the vision zoo's MobileNet has no MLP).
 """
 
 from __future__ import annotations
@@ -64,7 +67,7 @@ from mergelab.methods.registry import (
     get_method,
     register,
 )
-from mergelab.methods.smile import is_linear_weight
+from mergelab.methods.smile import is_linear_weight, per_pixel, pointwise_stride
 
 # Names of the linear layers of a transformer's MLP (feed-forward) block, across families:
 # CLIP/ViT-open_clip/Llama/Qwen `mlp.*`, BERT/ViT (HF) `intermediate.dense` and the block's
@@ -104,8 +107,8 @@ def wemoe_shapes(
     name: str, shape: tuple[int, ...], num_models: int, params: Mapping[str, ParamValue]
 ) -> dict[str, tuple[int, ...]]:
     """The shapes of WEMoE's extra tensors for one tensor ({} for tensors it merges only)."""
-    if len(shape) == 2 and upscales(name, shape, params):
-        rows, cols = shape
+    if upscales(name, shape, params):
+        rows, cols = shape[:2]
         return {"task_vectors": (num_models, rows, cols),
                 **router_shapes(cols, num_models, int(params["router_hidden"]))}  # fmt: skip
     if name.endswith(".bias") and len(shape) == 1:
@@ -166,7 +169,8 @@ def wemoe_tensor(m: TensorMerge) -> Upscaled:
         return Upscaled(merged=merged, extras={"bias": task_vectors.contiguous()})
     router = initial_router(base.shape[1], task_vectors.shape[0], int(m.params["router_hidden"]),
                             float(m.params["lambda"]), m.generator, base.dtype, base.device)  # fmt: skip
-    return Upscaled(merged=merged, extras={"task_vectors": task_vectors.contiguous(), **router})
+    matrices = task_vectors.reshape(task_vectors.shape[:3])  # a pointwise conv's [T, out, in]
+    return Upscaled(merged=merged, extras={"task_vectors": matrices.contiguous(), **router})
 
 
 class Router(torch.nn.Module):
@@ -213,15 +217,19 @@ def wemoe_forward(
 
 
 class WEMoELinear(torch.nn.Module):
-    """A merged linear layer with WEMoE's routed task vectors (see `wemoe_forward`).
+    """A merged linear layer (or pointwise convolution) with WEMoE's routed task vectors (see
+    `wemoe_forward`).
 
     The merged weight and bias are the wrapped layer's; the task vectors (and bias vectors)
     are buffers; the router is a trainable submodule (`router`). `last_routing` keeps the
-    routing weights [..., T] of the latest forward (for inspection)."""
+    routing weights [..., T] of the latest forward (for inspection; [..., H, W, T] for a
+    convolution)."""
 
-    def __init__(self, layer: torch.nn.Linear, extras: Mapping[str, torch.Tensor], scale: float):
+    def __init__(self, layer: torch.nn.Linear | torch.nn.Conv2d, extras: Mapping[str, torch.Tensor],
+                 scale: float):
         super().__init__()
-        self.in_features, self.out_features = layer.in_features, layer.out_features
+        self.stride = pointwise_stride(layer)
+        self.in_features, self.out_features = layer.weight.shape[1], layer.weight.shape[0]
         self.weight = layer.weight
         self.bias = layer.bias
         self.scale = float(scale)
@@ -233,10 +241,13 @@ class WEMoELinear(torch.nn.Module):
         self.last_routing: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return per_pixel(x, self.stride, self._linear)
+
+    def _linear(self, x: torch.Tensor) -> torch.Tensor:
         routing = self.router(x)
         self.last_routing = routing.detach()
-        return wemoe_forward(x, self.weight, self.bias, self.task_vectors, self.bias_vectors,
-                             routing, self.scale)  # fmt: skip
+        return wemoe_forward(x, self.weight.flatten(1), self.bias, self.task_vectors,
+                             self.bias_vectors, routing, self.scale)  # fmt: skip
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -244,7 +255,8 @@ class WEMoELinear(torch.nn.Module):
 
 
 def wemoe_module(
-    layer: torch.nn.Linear, extras: Mapping[str, torch.Tensor], params: Mapping[str, ParamValue]
+    layer: torch.nn.Linear | torch.nn.Conv2d, extras: Mapping[str, torch.Tensor],
+    params: Mapping[str, ParamValue],
 ) -> WEMoELinear:
     return WEMoELinear(layer, extras, float(params["lambda"]))
 
@@ -254,7 +266,7 @@ def wemoe_cost(
 ) -> tuple[int, int]:
     """Multiply-adds per token of one WEMoE layer (the merged layer, each task vector applied,
     their weighted sum and the router) and of the merged layer alone."""
-    rows, cols = shape
+    rows, cols = shape[:2]
     base = rows * cols
     if "task_vectors" not in extras:
         return base, base
@@ -275,7 +287,7 @@ WEMOE = register(
         upscaling=Upscaling(
             kernel=wemoe_tensor,
             shapes=wemoe_shapes,
-            wraps=(torch.nn.Linear,),
+            wraps=(torch.nn.Linear, torch.nn.Conv2d),
             module=wemoe_module,
             cost=wemoe_cost,
             forward_params=("lambda",),
@@ -315,8 +327,8 @@ WEMOE = register(
                 "all_linear",
                 bool,
                 False,
-                "upscale every linear layer (embeddings and LM heads excepted), not only the "
-                "MLPs'",
+                "upscale every linear layer (embeddings and LM heads excepted; pointwise "
+                "convolutions count), not only the MLPs'",
             ),
         ),
         base="required",

@@ -71,6 +71,12 @@ def base_parameter_count(planned: Sequence[tuple[str, tuple[int, ...], object, i
     return sum(_numel(shape) for _, shape, _, _, _ in planned)
 
 
+def is_layer_record(name: str) -> bool:
+    """Whether a manifest record is an upscaled layer's weight (a linear layer's or a pointwise
+    convolution's), not the bias beside it."""
+    return name.endswith(".weight")
+
+
 def upscaled_cost(
     upscaling: Upscaling, records: dict[str, dict], base_parameters: int
 ) -> dict[str, int]:
@@ -79,11 +85,11 @@ def upscaled_cost(
     the multiply-adds per token of the upscaled linear layers (`upscaled_macs`) against the
     same layers of one model (`base_macs`), from the method's `Upscaling.cost`."""
     extra = upscaled_macs = base_macs = 0
-    for record in records.values():
+    for name, record in records.items():
         if not record["active"]:
             continue
         extra += sum(_numel(shape) for shape in record["extras"].values())
-        if len(record["shape"]) == 2:
+        if is_layer_record(name):
             shapes = {k: tuple(v) for k, v in record["extras"].items()}
             up, base = upscaling.cost(tuple(record["shape"]), shapes, record["params"])
             upscaled_macs, base_macs = upscaled_macs + up, base_macs + base

@@ -82,7 +82,10 @@ def wrap_layers(
                 tensors[key] = read(f"{name}.bias", key, shape)
             used.add(f"{name}.bias")
         used.add(f"{name}.weight")
-        new = upscaling.module(layer, tensors, weight["params"])
+        try:
+            new = upscaling.module(layer, tensors, weight["params"])
+        except CheckpointError as error:
+            raise CheckpointError(f"{where}: layer `{path}`: {error}") from None
         _replace(module, path, new)
         wrapped[f"{name}.weight"] = new
     unused = sorted(n for n in records if n not in used and n.endswith(".weight"))

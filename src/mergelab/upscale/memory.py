@@ -13,7 +13,12 @@ import torch
 
 from mergelab.methods import get_method
 from mergelab.methods.registry import Upscaled, Upscaling
-from mergelab.upscale.format import base_parameter_count, planned_records, upscaled_cost
+from mergelab.upscale.format import (
+    base_parameter_count,
+    is_layer_record,
+    planned_records,
+    upscaled_cost,
+)
 from mergelab.upscale.load import wrap_layers
 
 
@@ -36,8 +41,9 @@ class UpscaledStateDicts:
 
     @property
     def upscaled_layers(self) -> int:
-        """Linear layers with active extras (0: the upscaled model is the shared one)."""
-        return sum(1 for r in self.records.values() if r["active"] and len(r["shape"]) == 2)
+        """Linear layers (pointwise convolutions included) with active extras (0: the upscaled
+        model is the shared one)."""
+        return sum(1 for n, r in self.records.items() if r["active"] and is_layer_record(n))
 
     @property
     def extra_bytes(self) -> int:

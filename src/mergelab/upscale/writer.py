@@ -17,6 +17,7 @@ from mergelab.upscale.format import (
     VERSION,
     base_parameter_count,
     extra_name,
+    is_layer_record,
     planned_records,
     upscaled_cost,
 )
@@ -78,7 +79,7 @@ class ExtrasWriter:
             "format": FORMAT, "version": VERSION, "method": self._method.name,
             "tasks": self._models, "tensors": dict(sorted(self._records.items())), "cost": cost,
         })  # fmt: skip
-        layers = sum(1 for r in self._records.values() if r["active"] and len(r["shape"]) == 2)
+        layers = sum(1 for n, r in self._records.items() if r["active"] and is_layer_record(n))
         ratio = upscaled_macs / base_macs if base_macs else 1.0
         return [
             f"upscaled ({self._method.name}): {layers} layer(s) with experts of "

@@ -26,6 +26,8 @@ class BuiltZoo:
     probe_heads: task -> a linear probe fitted on the frozen pretrained encoder (the cheap
         alternative a user has); for LP-FT zoos it is also the frozen head fine-tuning used.
     info: free-form facts for reports (recipe, seed, steps, wall time, data origin and licence).
+    method_settings: method -> global parameters every benchmark grid point of that method gets
+        on this zoo: settings its architecture needs (a CNN has no MLP block for WEMoE to find).
     """
 
     zoo: str
@@ -38,6 +40,7 @@ class BuiltZoo:
     probe_heads: dict[str, torch.nn.Module]
     evaluator: Evaluator
     info: dict = field(default_factory=dict)
+    method_settings: dict[str, dict] = field(default_factory=dict)
 
 
 class Evaluator:

@@ -318,6 +318,20 @@ class VisionEvaluator(Evaluator):
             )
         return logits.argmax(dim=-1) == self.data.split(task, split).labels
 
+    def module(self, encoder: StateDict) -> nn.Module:
+        """A MobileNetV2 encoder of its own holding `encoder`'s weights (strict), in eval mode
+        (for models that are no state dict, such as an upscaled merge)."""
+        return encoder_from_state_dict(encoder)
+
+    @torch.no_grad()
+    def correct_module(self, module: nn.Module, head: nn.Module, task: str, split: str) -> torch.Tensor:
+        """As `correct`, for an encoder given as a torch module (nothing cached)."""
+        from mergelab.eval.harness import check_head
+
+        check_head(head, self.data.tasks[task].num_classes, task)
+        data = self.data.split(task, split)
+        return head(pooled_features(module, data)).argmax(dim=-1) == data.labels
+
     def reestimate_batchnorm(
         self,
         encoder: StateDict,
@@ -555,6 +569,8 @@ class VisionZoo:
             heads=heads,
             probe_heads=probes,
             evaluator=VisionEvaluator(self.data, self.settings),
+            # MobileNetV2 has no MLP block: WEMoE's linear layers are its pointwise convolutions
+            method_settings={"wemoe": {"all_linear": True}},
             info={
                 "model": "MobileNetV2 (ImageNet), " + WEIGHTS_SOURCE
                 + (", BatchNorm statistics re-estimated on the tasks' images (AdaBN)"
