@@ -43,7 +43,8 @@ class TinyMLP(nn.Module):
 
 
 def tiny_mlp(state: dict[str, torch.Tensor]) -> TinyMLP:
-    model = TinyMLP()
+    """A TinyMLP holding `state`, in the state's dtype."""
+    model = TinyMLP().to(next(iter(state.values())).dtype)
     model.load_state_dict(state)
     return model.eval()
 
@@ -370,7 +371,9 @@ def main(work: Path) -> int:
     status: dict[str, dict] = {}
     outputs: dict[str, torch.Tensor] = {}
     for case in cases["cases"]:
-        inputs = Inputs(tensors, cases["num_tasks"], case.get("family", ""))
+        dtype = getattr(torch, case.get("dtype", "float32"))
+        inputs = Inputs({k: v.to(dtype) for k, v in tensors.items()}, cases["num_tasks"],
+                        case.get("family", ""))
         start = time.perf_counter()
         try:
             result = RUNNERS[case["runner"]](inputs, case["settings"])

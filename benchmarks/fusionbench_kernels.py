@@ -49,7 +49,7 @@ DRIVER = Path(__file__).resolve().parent / "fusionbench_driver.py"
 NUM_TASKS = 4
 SEED = 0
 TOKENS = (6, 5)  # layer inputs: 6 sequences of 5 tokens
-REGMEAN_BATCHES, REGMEAN_ROWS = 2, 16
+REGMEAN_BATCHES = 2
 RTOL = 1e-5  # float32 kernels that do the same arithmetic
 RTOL_ITERATIVE = 1e-4  # WUDI's 300 Adam steps: rounding of the loss's gradient accumulates
 DARE_SEEDS = 20
@@ -78,13 +78,20 @@ def build_inputs(seed: int = SEED) -> dict[str, torch.Tensor]:
     out["x.one_token"] = out["x.tokens"][:, :1].clone()
     for i in range(NUM_TASKS):
         for j in range(REGMEAN_BATCHES):
-            out[f"data{i}.{j}"] = torch.randn(REGMEAN_ROWS, IN_FEATURES, generator=gen) + 0.5 * i
+            rows = regmean_rows(i)
+            out[f"data{i}.{j}"] = torch.randn(rows, IN_FEATURES, generator=gen) + 0.5 * i
     # A router "after training": random, so that routing differs from input to input.
     out["router.router_in"] = 0.3 * torch.randn(IN_FEATURES, IN_FEATURES, generator=gen)
     out["router.router_in_bias"] = 0.1 * torch.randn(IN_FEATURES, generator=gen)
     out["router.router_out"] = 0.3 * torch.randn(NUM_TASKS, IN_FEATURES, generator=gen)
     out["router.router_out_bias"] = 0.3 + 0.05 * torch.randn(NUM_TASKS, generator=gen)
     return out
+
+
+def regmean_rows(task: int) -> int:
+    """Rows per RegMean batch of task `task`: 16, 24, 32, ... (unequal, so that how each model's
+    Gram is weighted shows)."""
+    return 16 + 8 * task
 
 
 def family(tensors: dict[str, torch.Tensor], prefix: str = "") -> dict[str, State]:
@@ -210,14 +217,17 @@ def ml_wemoe(tensors: dict[str, torch.Tensor], scale: float) -> Callable[[dict[s
     return merge
 
 
-def ml_regmean(tensors: dict[str, torch.Tensor], alpha: float) -> Callable[[dict[str, State]], State]:
+def ml_regmean(tensors: dict[str, torch.Tensor], alpha: float,
+               average_grams: bool) -> Callable[[dict[str, State]], State]:
     def merge(sds: dict[str, State]) -> State:
         from mergelab.datamerge import data_merge
 
         tasks = [f"task{i}" for i in range(NUM_TASKS)]
-        batches = {t: [tensors[f"data{i}.{j}"] for j in range(REGMEAN_BATCHES)] for i, t in enumerate(tasks)}
+        dtype = sds["base"]["mlp.fc1.weight"].dtype
+        batches = {t: [tensors[f"data{i}.{j}"].to(dtype) for j in range(REGMEAN_BATCHES)]
+                   for i, t in enumerate(tasks)}
         result = data_merge("regmean", tiny_mlp(sds["base"]), {t: sds[t] for t in tasks}, batches,
-                            alpha=alpha)
+                            alpha=alpha, average_grams=average_grams)
         return dict(result.state_dict)
 
     return merge
@@ -239,6 +249,7 @@ class Case:
     family: str = ""  # "" or "zero." (the same task vectors on a zero base)
     check: str = "exact"  # "exact", "iterative" or "statistical"
     keys: tuple[str, ...] = ()  # the outputs compared (empty: all of them)
+    dtype: str = "float32"  # both tools run on the inputs in this dtype
 
 
 def cases(tensors: dict[str, torch.Tensor]) -> list[Case]:
@@ -344,6 +355,8 @@ def cases(tensors: dict[str, torch.Tensor]) -> list[Case]:
             f"(gate_k={p['gate_k']}, k={p['k']}, top_k={p['top_k']})` on both layers; the MLP's output",
             "smile", {**p}, f"`smile`, k {p['k']}, gate_k {p['gate_k']}, top_k {p['top_k']}; "
             "`merge_upscaled(...).upscale(model)`'s output", ml_smile(p, tensors["x.tokens"])))
+    regmean = ("`fusion_bench.method.regmean.regmean.regmean_merging(reduce_non_diagonal_ratio=0.9)` "
+               "(its own forward hooks on nn.Linear inputs; a stand-in Trainer yields the batches)")
     wemoe = ("`fusion_bench.models.we_moe.WeightEnsemblingMoE(init_lambda=0.3, router_hidden_layers=2, "
              "batch_first=True)` around mlp.fc1, its gate's weights set to the same router")
     ml_wemoe_text = "`wemoe` kernel + `WEMoELinear`, lambda 0.3, router_hidden 32, the same router"
@@ -355,11 +368,16 @@ def cases(tensors: dict[str, torch.Tensor]) -> list[Case]:
              why="mergelab routes each token (r(x) per token); FusionBench averages the router's "
                  "outputs over a sequence's tokens and merges once per sequence "
                  "(docs/upscaled.md says why); on one-token sequences the two agree (row above)"),
-        Case("regmean", "`fusion_bench.method.regmean.regmean.regmean_merging(reduce_non_diagonal_ratio=0.9)` "
-             "(its own forward hooks on nn.Linear inputs; a stand-in Trainer yields the batches)",
-             "regmean", {"reduce_non_diagonal_ratio": 0.9},
-             "`mergelab.datamerge.data_merge('regmean', alpha=0.9)` on the same batches",
-             ml_regmean(tensors, 0.9)),
+        Case("regmean", regmean, "regmean", {"reduce_non_diagonal_ratio": 0.9},
+             "`mergelab.datamerge.data_merge('regmean', alpha=0.9, average_grams=True)`, same batches",
+             ml_regmean(tensors, 0.9, average_grams=True), dtype="float64"),
+        Case("regmean(summed Grams)", regmean, "regmean", {"reduce_non_diagonal_ratio": 0.9},
+             "`mergelab.datamerge.data_merge('regmean', alpha=0.9)` (default: average_grams false)",
+             ml_regmean(tensors, 0.9, average_grams=False), expect="differ", dtype="float64",
+             why="FusionBench's hook keeps each model's Gram divided by its row count (X^T X / n: an "
+                 "equal say per model), mergelab's default sums X_i^T X_i as the paper writes it (a model "
+                 "with more rows weighs more); the tasks here have 32 to 80 rows; mergelab's "
+                 "`average_grams: true` is FusionBench's choice (row above)"),
         Case("dare", "`fusion_bench.method.dare.task_arithmetic.DareTaskArithmetic(sparsity_ratio=0.6, "
              f"scaling_factor=0.5, only_on_linear_weights=False, rescale=True)`, seeds 0-{DARE_SEEDS - 1}",
              "dare", {"sparsity_ratio": 0.6, "scaling_factor": 0.5, "seeds": list(range(DARE_SEEDS))},
@@ -505,8 +523,8 @@ def run_fusionbench(work: Path, selected: list[Case], tensors: dict[str, torch.T
 
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(work / "inputs.safetensors"))
     spec = {"num_tasks": NUM_TASKS,
-            "cases": [{"name": c.name, "runner": c.runner, "settings": c.settings, "family": c.family}
-                      for c in selected]}
+            "cases": [{"name": c.name, "runner": c.runner, "settings": c.settings, "family": c.family,
+                       "dtype": c.dtype} for c in selected]}
     (work / "cases.json").write_text(json.dumps(spec, indent=1))
     res = run([fusionbench_python(), DRIVER, work], timeout=900)
     if not res.ok:
@@ -524,7 +542,8 @@ def evaluate(selected: list[Case], tensors: dict[str, torch.Tensor], status: dic
         if not state["ok"]:
             row.problems.append(f"FusionBench raised {state['error']}")
             continue
-        sds = family(tensors, case.family)
+        dtype = getattr(torch, case.dtype)
+        sds = {name: {k: v.to(dtype) for k, v in sd.items()} for name, sd in family(tensors, case.family).items()}
         try:
             ml = case.merge(sds)
         except Exception as exc:  # a failing mergelab call is a failed row
@@ -546,7 +565,7 @@ def _fmt(x: float) -> str:
 def markdown(rows: list[Row], versions: dict) -> str:
     fb_version = versions.get("fusion-bench", "?")
     lines = [
-        f"Reproduce with `{REPRODUCE}` (CPU, offline, about a minute; `make fusionbench-env` builds",
+        f"Reproduce with `{REPRODUCE}` (CPU, offline, under a minute; `make fusionbench-env` builds",
         f"`.fusionbench-venv` with torch {versions.get('torch', '?')} (CPU wheel) and fusion-bench=={fb_version},",
         "all its dependencies installed from the package index).",
         "",
@@ -554,14 +573,14 @@ def markdown(rows: list[Row], versions: dict) -> str:
         f"[{IN_FEATURES}, {HIDDEN}] with biases, as a base",
         f"and {NUM_TASKS} fine-tune-like variants (base + sparse task vectors: half a shared direction,",
         "half each task's own noise, on 60 % of the entries); layer inputs of 6 sequences x 5 tokens;",
-        f"RegMean batches ({REGMEAN_BATCHES} x {REGMEAN_ROWS} rows per task); a seeded WEMoE router.",
+        f"RegMean batches ({REGMEAN_BATCHES} per task, of {regmean_rows(0)} to {regmean_rows(NUM_TASKS - 1)} rows); a seeded WEMoE router.",
         "`benchmarks/fusionbench_driver.py` runs FusionBench's own code on them in `.fusionbench-venv`,",
         "`benchmarks/fusionbench_kernels.py` runs mergelab's (`merge_state_dicts`, `merge_modulated`,",
         "`merge_upscaled`, `datamerge.data_merge`) on the same tensors. **rel diff** is",
         "max |mergelab - FusionBench| / max |FusionBench| over the row's tensors (its worst tensor), in",
-        f"float32; rows agree under {RTOL:g} ({RTOL_ITERATIVE:g} for WUDI's 300 Adam steps). Rows marked",
+        f"float32 (RegMean: float64); rows agree under {RTOL:g} ({RTOL_ITERATIVE:g} for WUDI's 300 Adam steps). Rows marked",
         "*differ* are known differences, each explained below and each paired with a row that sets both",
-        f"tools alike and agrees. DARE draws random masks: its row compares the fraction of entries that",
+        "tools alike and agrees. DARE draws random masks: its row compares the fraction of entries that",
         f"differ from the base and the norm of merged - base, averaged over {DARE_SEEDS} seeds of each tool",
         f"(means within {SIGMAS:g} standard errors of their difference; **rel diff** is the larger relative gap).",
         "",
@@ -579,11 +598,18 @@ def markdown(rows: list[Row], versions: dict) -> str:
             lines.append(f"* `{r.case.name}`: {note}.")
         if r.status not in ("agree", "differ"):
             lines += [f"* `{r.case.name}`: **{p}**" for p in r.problems]
+    rank = min(IN_FEATURES, HIDDEN)
     lines += [
         "* Shared settings beyond the table: both tools merge every tensor (no `exclude_keys` /",
         "  `remove_keys`); non-matrix tensors (biases) take the mean of the task vectors in TSV-M,",
-        "  ISO-C, ISO-CTS and WUDI in both; TSV-M keeps floor(rank / 4) = 8 triplets per task;",
-        "  ISO-CTS keeps int(0.8 rank) common directions, then rounds the rest to a multiple of 4.",
+        f"  ISO-C, ISO-CTS and WUDI in both; TSV-M keeps floor(rank / {NUM_TASKS}) = {rank // NUM_TASKS} "
+        "triplets per task of each",
+        f"  rank-{rank} matrix; ISO-CTS keeps int(0.8 rank) common directions, then rounds the rest to "
+        f"a multiple of {NUM_TASKS};",
+        "  the RegMean rows run both tools in float64 (models and batches): in float32 FusionBench",
+        "  inverts the summed Gram with `torch.inverse` in float32 (mergelab solves in float64 by",
+        "  Cholesky), which alone moves its result by more than 1e-5 here; in float64 what remains is",
+        "  its off-diagonal factor, built in float32 (0.9 as 0.89999998).",
         "",
         "Not compared:",
         "",
