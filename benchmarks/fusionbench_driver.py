@@ -72,10 +72,12 @@ class Inputs:
     def fine_tunes(self) -> list[dict[str, torch.Tensor]]:
         return [self.state(f"ft{i}") for i in range(self.num_tasks)]
 
-    def pool(self) -> dict[str, nn.Module]:
-        """A fresh model pool as FusionBench's algorithms take it: `_pretrained_` + tasks."""
-        pool: dict[str, nn.Module] = {"_pretrained_": tiny_mlp(self.base)}
-        pool.update({f"task{i}": tiny_mlp(sd) for i, sd in enumerate(self.fine_tunes)})
+    def pool(self, models: int | None = None, pretrained: bool = True) -> dict[str, nn.Module]:
+        """A fresh model pool as FusionBench's algorithms take it: `_pretrained_` (unless
+        `pretrained` is false) and the first `models` tasks (all by default)."""
+        pool: dict[str, nn.Module] = {"_pretrained_": tiny_mlp(self.base)} if pretrained else {}
+        tuned = self.fine_tunes[:models]
+        pool.update({f"task{i}": tiny_mlp(sd) for i, sd in enumerate(tuned)})
         return pool
 
     def task_vectors(self) -> list[dict[str, torch.Tensor]]:
@@ -93,10 +95,10 @@ def _fabric():
     return lightning.Fabric(accelerator="cpu", devices=1)
 
 
-def _model_pool(inputs: Inputs):
+def _model_pool(inputs: Inputs, models: int | None = None, pretrained: bool = True):
     from fusion_bench.modelpool import BaseModelPool
 
-    return BaseModelPool(inputs.pool())
+    return BaseModelPool(inputs.pool(models, pretrained))
 
 
 # --------------------------------------------------------------------------- cases
@@ -109,6 +111,31 @@ def task_arithmetic(inputs: Inputs, s: dict) -> Result:
 
     algo = TaskArithmeticAlgorithm(scaling_factor=s["scaling_factor"])
     return _state(algo.run(inputs.pool()))
+
+
+def simple_average(inputs: Inputs, s: dict) -> Result:
+    from fusion_bench.method.simple_average import SimpleAverageAlgorithm
+
+    return _state(SimpleAverageAlgorithm().run(_model_pool(inputs, pretrained=False)))
+
+
+def magmax(inputs: Inputs, s: dict) -> Result:
+    from fusion_bench.method.magmax.magmax import MagMaxAlgorithm
+
+    return _state(MagMaxAlgorithm(scaling_factor=s["scaling_factor"]).run(_model_pool(inputs)))
+
+
+def model_stock(inputs: Inputs, s: dict) -> Result:
+    from fusion_bench.method.model_stock.model_stock import ModelStock
+
+    return _state(ModelStock().run(_model_pool(inputs, s["models"])))
+
+
+def slerp(inputs: Inputs, s: dict) -> Result:
+    """SlerpMergeAlgorithm between the first two fine-tunes (task0 primary)."""
+    from fusion_bench.method.slerp.slerp import SlerpMergeAlgorithm
+
+    return _state(SlerpMergeAlgorithm(t=s["t"]).run(_model_pool(inputs, 2, pretrained=False)))
 
 
 def ties_per_tensor(inputs: Inputs, s: dict) -> Result:
@@ -357,7 +384,7 @@ def dare(inputs: Inputs, s: dict) -> Result:
 
 RUNNERS: dict[str, Callable[[Inputs, dict], Result]] = {
     f.__name__: f
-    for f in (task_arithmetic, ties_per_tensor, ties_whole_model, tsvm, iso_c, iso_cts, wudi,
+    for f in (simple_average, task_arithmetic, magmax, model_stock, slerp, ties_per_tensor, ties_whole_model, tsvm, iso_c, iso_cts, wudi,
               tall_masks_utils, tall_masks_class, consensus, consensus_counted, emr, smile, wemoe, regmean, dare)
 }
 

@@ -104,21 +104,25 @@ def family(tensors: dict[str, torch.Tensor], prefix: str = "") -> dict[str, Stat
     return {"base": state("base"), **{f"task{i}": state(f"ft{i}") for i in range(NUM_TASKS)}}
 
 
-def _config(method: str, parameters: dict | None = None, weights: bool = False) -> dict:
-    models = [{"model": f"task{i}", **({"parameters": {"weight": 1.0}} if weights else {})}
-              for i in range(NUM_TASKS)]
-    return {"merge_method": method, "base_model": "base", "models": models,
-            "parameters": parameters or {}}
+def _config(method: str, parameters: dict | None = None, weights: bool = False,
+            models: int = NUM_TASKS, base: str | None = "base") -> dict:
+    entries = [{"model": f"task{i}", **({"parameters": {"weight": 1.0}} if weights else {})}
+               for i in range(models)]
+    config = {"merge_method": method, "models": entries, "parameters": parameters or {}}
+    if base is not None:
+        config["base_model"] = base
+    return config
 
 
 # --------------------------------------------------------------------------- mergelab's side
 
 
-def ml_merge(method: str, parameters: dict, weights: bool = False) -> Callable[[dict[str, State]], State]:
+def ml_merge(method: str, parameters: dict, weights: bool = False, models: int = NUM_TASKS,
+             base: str | None = "base") -> Callable[[dict[str, State]], State]:
     def merge(sds: dict[str, State]) -> State:
         import mergelab
 
-        return mergelab.merge_state_dicts(_config(method, parameters, weights), sds)
+        return mergelab.merge_state_dicts(_config(method, parameters, weights, models, base), sds)
 
     return merge
 
@@ -258,10 +262,29 @@ def cases(tensors: dict[str, torch.Tensor]) -> list[Case]:
     tall = "fusion_bench.method.tall_mask"
     smile_params = [{"k": 8, "gate_k": 1, "top_k": 1}, {"k": 8, "gate_k": 2, "top_k": 2}]
     out = [
+        Case("simple_average", "`fusion_bench.method.simple_average.SimpleAverageAlgorithm()` (no base)",
+             "simple_average", {}, "`linear`, weight 1 each, no base",
+             ml_merge("linear", {}, weights=True, base=None)),
         Case("task_arithmetic", f"`{ta}.TaskArithmeticAlgorithm(scaling_factor=0.3)`",
              "task_arithmetic", {"scaling_factor": 0.3},
              "`task_arithmetic`, weight 1, lambda 0.3",
              ml_merge("task_arithmetic", {"lambda": 0.3}, weights=True)),
+        Case("magmax", "`fusion_bench.method.magmax.magmax.MagMaxAlgorithm(scaling_factor=0.5)`",
+             "magmax", {"scaling_factor": 0.5}, "`magmax`, lambda 0.5",
+             ml_merge("magmax", {"lambda": 0.5})),
+        Case("model_stock(2 models)", "`fusion_bench.method.model_stock.model_stock.ModelStock()` on "
+             "task0, task1", "model_stock", {"models": 2}, "`model_stock` on task0, task1",
+             ml_merge("model_stock", {}, models=2)),
+        Case("model_stock(4 models)", "`fusion_bench.method.model_stock.model_stock.ModelStock()`",
+             "model_stock", {"models": NUM_TASKS}, f"`model_stock` on the {NUM_TASKS} fine-tunes",
+             ml_merge("model_stock", {}), expect="differ",
+             why="with more than two models FusionBench averages the pairwise *angles* and takes "
+                 "the cosine of the mean angle, mergelab (as mergekit) averages the pairwise cosines; "
+                 "with one pair the two are the same (row above)"),
+        Case("slerp", "`fusion_bench.method.slerp.slerp.SlerpMergeAlgorithm(t=0.3)` from task0 to task1",
+             "slerp", {"t": 0.3}, "`slerp`, t 0.3, base_model task0, models task0 and task1; "
+             "on the zero-base family (task vectors: far from colinear, so the spherical branch runs)",
+             ml_merge("slerp", {"t": 0.3}, models=2, base="task0"), family="zero."),
         Case("ties(sum, same density)",
              f"`{ties}.ties_merging_utils.ties_merging(reset_thresh=0.5, merge_func='sum')` per tensor",
              "ties_per_tensor", {"threshold": 0.5, "merge_func": "sum", "scaling_factor": 0.4},
