@@ -357,8 +357,7 @@ class _Batches:
 def regmean(inputs: Inputs, s: dict) -> Result:
     from fusion_bench.method.regmean.regmean import regmean_merging
 
-    t = inputs.tensors
-    batches = [[t[k] for k in sorted(t) if k.startswith(f"data{i}.")] for i in range(inputs.num_tasks)]
+    batches = _task_batches(inputs)
     merged = regmean_merging(
         models_to_merge=[tiny_mlp(sd) for sd in inputs.fine_tunes],
         trainers=[_Batches(b) for b in batches],
@@ -366,6 +365,56 @@ def regmean(inputs: Inputs, s: dict) -> Result:
         nums_regmean_examples=[sum(x.shape[0] for x in b) for b in batches],
         reduce_non_diagonal_ratio=s["reduce_non_diagonal_ratio"],
     )
+    return {k: v.detach().clone() for k, v in merged.items()}
+
+
+class _Logits(nn.Module):
+    """A TinyMLP whose output is read as class logits (`.logits`, as `fisher_merging` reads a
+    Hugging Face model's output); the same parameter names."""
+
+    def __init__(self, model: TinyMLP) -> None:
+        super().__init__()
+        self.mlp = model.mlp
+
+    def forward(self, x: torch.Tensor):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(logits=TinyMLP.forward(self, x))
+
+
+def _task_batches(inputs: Inputs) -> list[list[torch.Tensor]]:
+    t = inputs.tensors
+    return [[t[k] for k in sorted(t) if k.startswith(f"data{i}.")] for i in range(inputs.num_tasks)]
+
+
+def fisher_merge_step(inputs: Inputs, s: dict) -> Result:
+    """`merging_with_fisher_weights` fed with mergelab's diagonal Fishers (inputs `fisher<i>.*`),
+    equal scaling coefficients."""
+    from fusion_bench.method.fisher_merging.fisher_merging import merging_with_fisher_weights
+
+    tuned = inputs.fine_tunes
+    params = {k: [sd[k] for sd in tuned] for k in tuned[0]}
+    fishers = [inputs.state(f"fisher{i}") for i in range(inputs.num_tasks)]
+    merged = merging_with_fisher_weights(
+        models_to_merge_param_dict=params, models_to_merge_fisher_weights_list=fishers,
+        fisher_scaling_coefficients=torch.ones(inputs.num_tasks) / inputs.num_tasks,
+        normalize_fisher_weight=s["normalize_fisher_weight"], minimal_fisher_weight=s["minimal_fisher_weight"])
+    return {k: v.detach().clone() for k, v in merged.items()}
+
+
+def fisher_own_estimate(inputs: Inputs, s: dict) -> Result:
+    """`fisher_merging` whole: its own Fisher estimate (a stand-in Trainer yields the batches,
+    the MLP's outputs read as logits) and its merge."""
+    from fusion_bench.method.fisher_merging.fisher_merging import fisher_merging
+
+    batches = _task_batches(inputs)
+    with torch.enable_grad():
+        merged = fisher_merging(
+            models_to_merge=[_Logits(tiny_mlp(sd)) for sd in inputs.fine_tunes],
+            trainers=[_Batches(b) for b in batches], exclude_param_names_regex=[],
+            nums_fisher_examples=[sum(x.shape[0] for x in b) for b in batches],
+            normalize_fisher_weight=s["normalize_fisher_weight"],
+            minimal_fisher_weight=s["minimal_fisher_weight"])
     return {k: v.detach().clone() for k, v in merged.items()}
 
 
@@ -384,8 +433,10 @@ def dare(inputs: Inputs, s: dict) -> Result:
 
 RUNNERS: dict[str, Callable[[Inputs, dict], Result]] = {
     f.__name__: f
-    for f in (simple_average, task_arithmetic, magmax, model_stock, slerp, ties_per_tensor, ties_whole_model, tsvm, iso_c, iso_cts, wudi,
-              tall_masks_utils, tall_masks_class, consensus, consensus_counted, emr, smile, wemoe, regmean, dare)
+    for f in (simple_average, task_arithmetic, magmax, model_stock, slerp, ties_per_tensor,
+              ties_whole_model, tsvm, iso_c, iso_cts, wudi, tall_masks_utils, tall_masks_class,
+              consensus, consensus_counted, emr, smile, wemoe, regmean, fisher_merge_step,
+              fisher_own_estimate, dare)
 }
 
 

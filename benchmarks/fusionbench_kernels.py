@@ -6,8 +6,9 @@
 
 Inputs: a two-layer MLP (`mlp.fc1` [48, 32] and `mlp.fc2` [32, 48], with biases) as a seeded
 base and four fine-tune-like variants (base + sparse task vectors, half a shared direction and
-half each task's own noise: `_common._perturb`), seeded layer inputs, RegMean batches and a
-seeded WEMoE router. They are saved with safetensors to a temporary folder;
+half each task's own noise: `_common._perturb`), seeded layer inputs, RegMean / Fisher batches,
+a seeded WEMoE router, and mergelab's diagonal Fishers of the task models (the Fisher merge-step
+rows feed them to FusionBench). They are saved with safetensors to a temporary folder;
 `benchmarks/fusionbench_driver.py` runs there under `.fusionbench-venv/bin/python` and calls
 FusionBench's own functions and classes on them (one case each, its outputs saved back), and
 this script runs mergelab's kernels on the same tensors the way a user does
@@ -221,6 +222,36 @@ def ml_wemoe(tensors: dict[str, torch.Tensor], scale: float) -> Callable[[dict[s
     return merge
 
 
+FISHER_FLOOR = 1e-6  # mergelab's `fisher_floor` = FusionBench's `minimal_fisher_weight` (both added)
+
+
+def ml_fisher(tensors: dict[str, torch.Tensor], normalize: bool) -> Callable[[dict[str, State]], State]:
+    def merge(sds: dict[str, State]) -> State:
+        return _fisher_result(tensors, sds, normalize).state_dict
+
+    return merge
+
+
+def _fisher_result(tensors: dict[str, torch.Tensor], sds: dict[str, State], normalize: bool):
+    """mergelab's Fisher merge of the task models on their RegMean batches, the MLP's outputs
+    read as logits, y the model's arg-max prediction (deterministic)."""
+    from mergelab.datamerge import data_merge
+
+    tasks = [f"task{i}" for i in range(NUM_TASKS)]
+    batches = {t: [tensors[f"data{i}.{j}"] for j in range(REGMEAN_BATCHES)] for i, t in enumerate(tasks)}
+    return data_merge("fisher", tiny_mlp(sds["base"]), {t: sds[t] for t in tasks}, batches,
+                      fisher_target="argmax", normalize=normalize, fisher_floor=FISHER_FLOOR)
+
+
+def add_mergelab_fishers(tensors: dict[str, torch.Tensor]) -> None:
+    """Store mergelab's diagonal Fisher of each task model as `fisher<i>.<param>` (what the
+    `fisher(merge step)` rows feed FusionBench's merge step)."""
+    result = _fisher_result(tensors, family(tensors), normalize=False)
+    for i in range(NUM_TASKS):
+        store = result.statistics[f"task{i}"]["fisher"]
+        tensors.update({f"fisher{i}.{k}": v.detach().float().contiguous() for k, v in store.fisher.items()})
+
+
 def ml_regmean(tensors: dict[str, torch.Tensor], alpha: float,
                average_grams: bool) -> Callable[[dict[str, State]], State]:
     def merge(sds: dict[str, State]) -> State:
@@ -380,6 +411,7 @@ def cases(tensors: dict[str, torch.Tensor]) -> list[Case]:
             "`merge_upscaled(...).upscale(model)`'s output", ml_smile(p, tensors["x.tokens"])))
     regmean = ("`fusion_bench.method.regmean.regmean.regmean_merging(reduce_non_diagonal_ratio=0.9)` "
                "(its own forward hooks on nn.Linear inputs; a stand-in Trainer yields the batches)")
+    fisher = "fusion_bench.method.fisher_merging.fisher_merging"
     wemoe = ("`fusion_bench.models.we_moe.WeightEnsemblingMoE(init_lambda=0.3, router_hidden_layers=2, "
              "batch_first=True)` around mlp.fc1, its gate's weights set to the same router")
     ml_wemoe_text = "`wemoe` kernel + `WEMoELinear`, lambda 0.3, router_hidden 32, the same router"
@@ -401,6 +433,31 @@ def cases(tensors: dict[str, torch.Tensor]) -> list[Case]:
                  "equal say per model), mergelab's default sums X_i^T X_i as the paper writes it (a model "
                  "with more rows weighs more); the tasks here have 32 to 80 rows; mergelab's "
                  "`average_grams: true` is FusionBench's choice (row above)"),
+        Case("fisher(merge step)", f"`{fisher}.merging_with_fisher_weights(normalize_fisher_weight=False, "
+             f"minimal_fisher_weight={FISHER_FLOOR:g})` fed with mergelab's Fishers",
+             "fisher_merge_step", {"normalize_fisher_weight": False, "minimal_fisher_weight": FISHER_FLOOR},
+             f"`data_merge('fisher', fisher_target='argmax', normalize=False, fisher_floor={FISHER_FLOOR:g})`",
+             ml_fisher(tensors, normalize=False)),
+        Case("fisher(merge step, normalised)", f"`{fisher}.merging_with_fisher_weights(normalize_fisher_weight=True, "
+             f"minimal_fisher_weight={FISHER_FLOOR:g})` fed with mergelab's Fishers",
+             "fisher_merge_step", {"normalize_fisher_weight": True, "minimal_fisher_weight": FISHER_FLOOR},
+             f"`data_merge('fisher', fisher_target='argmax', normalize=True, fisher_floor={FISHER_FLOOR:g})`",
+             ml_fisher(tensors, normalize=True), expect="differ",
+             why="FusionBench's `normalize_fisher_weight` scales model i by 1 / ||F_i|| (the L2 norm of its "
+                 "Fisher over all parameters, the weights then summing to 1), mergelab's `normalize` divides "
+                 "F_i by its mean entry; the two agree only when ||F_i|| / mean(F_i) is the same for every "
+                 "model; unnormalised (row above) they agree"),
+        Case("fisher(own estimates)", f"`{fisher}.fisher_merging(normalize_fisher_weight=False, "
+             f"minimal_fisher_weight={FISHER_FLOOR:g})` (its own Fisher; a stand-in Trainer, the MLP's "
+             "output as logits)", "fisher_own_estimate",
+             {"normalize_fisher_weight": False, "minimal_fisher_weight": FISHER_FLOOR},
+             f"`data_merge('fisher', fisher_target='argmax', normalize=False, fisher_floor={FISHER_FLOOR:g})`",
+             ml_fisher(tensors, normalize=False), expect="differ",
+             why="the estimates differ: FusionBench squares the gradient of a whole batch's "
+                 "sum_n sum_y sqrt(p_ny) log p_ny (cross terms between examples and classes, divided by "
+                 "the examples), mergelab squares per-example gradients of log p(y|x) (here y the "
+                 "model's arg-max: `fisher_target` sample, argmax or labels); fed the same Fishers "
+                 "(first row) the merges agree"),
         Case("dare", "`fusion_bench.method.dare.task_arithmetic.DareTaskArithmetic(sparsity_ratio=0.6, "
              f"scaling_factor=0.5, only_on_linear_weights=False, rescale=True)`, seeds 0-{DARE_SEEDS - 1}",
              "dare", {"sparsity_ratio": 0.6, "scaling_factor": 0.5, "seeds": list(range(DARE_SEEDS))},
@@ -425,10 +482,6 @@ def driver_outputs_for(case: Case, outputs: dict[str, torch.Tensor]) -> State:
 NOT_RUN = [
     ("lines", "FusionBench 0.2.33 has no LiNeS (no implementation under `fusion_bench/method`)."),
     ("pcb", "FusionBench 0.2.33 has no PCB merging (no implementation under `fusion_bench/method`)."),
-    ("fisher", "FusionBench's `fisher_merging` estimates the Fisher inside its Trainer pipeline (squared "
-               "gradients of its own classification loss) and normalises each model's Fisher by its L2 "
-               "norm over all parameters, where mergelab's `normalize` divides by the mean entry; a "
-               "like-for-like row would need mergelab's kernel fed FusionBench's Fishers (not done)."),
 ]
 
 
@@ -596,7 +649,8 @@ def markdown(rows: list[Row], versions: dict) -> str:
         f"[{IN_FEATURES}, {HIDDEN}] with biases, as a base",
         f"and {NUM_TASKS} fine-tune-like variants (base + sparse task vectors: half a shared direction,",
         "half each task's own noise, on 60 % of the entries); layer inputs of 6 sequences x 5 tokens;",
-        f"RegMean batches ({REGMEAN_BATCHES} per task, of {regmean_rows(0)} to {regmean_rows(NUM_TASKS - 1)} rows); a seeded WEMoE router.",
+        f"RegMean / Fisher batches ({REGMEAN_BATCHES} per task, of {regmean_rows(0)} to "
+        f"{regmean_rows(NUM_TASKS - 1)} rows); a seeded WEMoE router.",
         "`benchmarks/fusionbench_driver.py` runs FusionBench's own code on them in `.fusionbench-venv`,",
         "`benchmarks/fusionbench_kernels.py` runs mergelab's (`merge_state_dicts`, `merge_modulated`,",
         "`merge_upscaled`, `datamerge.data_merge`) on the same tensors. **rel diff** is",
@@ -664,6 +718,7 @@ def main(argv: list[str] | None = None) -> int:
     fusionbench_python()  # fail early with the hint to run `make fusionbench-env`
 
     tensors = build_inputs()
+    add_mergelab_fishers(tensors)
     selected = [c for c in cases(tensors) if fnmatch.fnmatch(c.name, args.only)]
     if not selected:
         print("no row matches", file=sys.stderr)
