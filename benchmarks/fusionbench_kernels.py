@@ -72,9 +72,9 @@ def build_inputs(seed: int = SEED) -> dict[str, torch.Tensor]:
     tuned = [_perturb(base, shared, seed + 1 + i, scale=0.05) for i in range(NUM_TASKS)]
     out: dict[str, torch.Tensor] = {}
     for prefix, offset in (("", None), ("zero.", base)):
-        out.update({f"{prefix}base.{k}": v - offset[k] if offset else v for k, v in base.items()})
-        for i, ft in enumerate(tuned):
-            out.update({f"{prefix}ft{i}.{k}": v - offset[k] if offset else v for k, v in ft.items()})
+        for name, state in (("base", base), *((f"ft{i}", ft) for i, ft in enumerate(tuned))):
+            out.update({f"{prefix}{name}.{k}": v if offset is None else v - offset[k]
+                        for k, v in state.items()})
     out["x.tokens"] = torch.randn(*TOKENS, IN_FEATURES, generator=gen)
     out["x.one_token"] = out["x.tokens"][:, :1].clone()
     for i in range(NUM_TASKS):
@@ -135,7 +135,7 @@ def ml_ties_matched(threshold: float, normalize: bool, scaling: float) -> Callab
     def merge(sds: dict[str, State]) -> State:
         import mergelab
 
-        densities = [{"filter": name, "value": fusionbench_kept(v.numel(), threshold) / v.numel()}
+        densities = [{"filter": name, "value": matched_density(v.numel(), threshold)}
                      for name, v in sds["base"].items()]
         params = {"density": densities, "normalize": normalize, "lambda": scaling}
         return mergelab.merge_state_dicts(_config("ties", params, weights=True), sds)
@@ -143,11 +143,17 @@ def ml_ties_matched(threshold: float, normalize: bool, scaling: float) -> Callab
     return merge
 
 
-def fusionbench_kept(numel: int, threshold: float) -> float:
-    """Entries FusionBench's `topk_values_mask(M, K)` keeps of `numel` (no ties in |M|): it
-    keeps |M| >= the (n - int(n K))-th smallest, i.e. int(n K) + 1 entries; returned + 0.5 so
-    that mergelab's int(density * n) lands on that count whatever the float rounding."""
-    return int(numel * threshold) + 1 + 0.5
+def fusionbench_kept(numel: int, threshold: float) -> int:
+    """Entries FusionBench's `topk_values_mask(M, K)` keeps of `numel` (no ties in |M|): those
+    with |M| >= the (n - int(n K))-th smallest, i.e. int(n K) + 1."""
+    return int(numel * threshold) + 1
+
+
+def matched_density(numel: int, threshold: float) -> float:
+    """The density for which mergelab's magnitude trim (int(density * n) entries) keeps
+    `fusionbench_kept` entries; half an entry over, so float rounding cannot floor it to one less
+    (at most 1: keeping all n entries)."""
+    return min(1.0, (fusionbench_kept(numel, threshold) + 0.5) / numel)
 
 
 def ml_dare(parameters: dict) -> Callable[[dict[str, State]], State]:

@@ -20,6 +20,7 @@ from fusionbench_kernels import (  # noqa: E402
     compare,
     family,
     fusionbench_kept,
+    matched_density,
     mean_and_error,
     relative_difference,
     seed_statistics,
@@ -32,8 +33,11 @@ def test_matched_density_makes_mergelab_keep_fusionbench_s_count() -> None:
     # and K, whatever the float rounding of (count / n) * n.
     for numel in range(1, 3000, 7):
         for threshold in (0.1, 0.2, 0.3, 0.5, 0.7, 0.9):
-            density = fusionbench_kept(numel, threshold) / numel
-            assert max(1, int(density * numel)) == int(numel * threshold) + 1, (numel, threshold)
+            kept = fusionbench_kept(numel, threshold)
+            assert kept == int(numel * threshold) + 1
+            density = matched_density(numel, threshold)
+            assert 0.0 < density <= 1.0
+            assert max(1, int(density * numel)) == min(kept, numel), (numel, threshold)
 
 
 def test_relative_difference_is_against_the_reference_s_largest_magnitude() -> None:
