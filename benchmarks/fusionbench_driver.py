@@ -138,6 +138,14 @@ def slerp(inputs: Inputs, s: dict) -> Result:
     return _state(SlerpMergeAlgorithm(t=s["t"]).run(_model_pool(inputs, 2, pretrained=False)))
 
 
+def expo(inputs: Inputs, s: dict) -> Result:
+    """`expo_(sft_model=base, rlhf_model=task0)`: extrapolate task0 away from the base."""
+    from fusion_bench.method.linear.llama_expo import expo_
+
+    return _state(expo_(tiny_mlp(inputs.base), tiny_mlp(inputs.fine_tunes[0]),
+                        extrapolation_factor=s["extrapolation_factor"]))
+
+
 def ties_per_tensor(inputs: Inputs, s: dict) -> Result:
     """`ties_merging` (ties_merging_utils) called on one tensor at a time, so that the top-k
     trim is per tensor as in mergelab (the algorithm class trims over the whole model)."""
@@ -433,7 +441,7 @@ def dare(inputs: Inputs, s: dict) -> Result:
 
 RUNNERS: dict[str, Callable[[Inputs, dict], Result]] = {
     f.__name__: f
-    for f in (simple_average, task_arithmetic, magmax, model_stock, slerp, ties_per_tensor,
+    for f in (simple_average, task_arithmetic, magmax, model_stock, slerp, expo, ties_per_tensor,
               ties_whole_model, tsvm, iso_c, iso_cts, wudi, tall_masks_utils, tall_masks_class,
               consensus, consensus_counted, emr, smile, wemoe, regmean, fisher_merge_step,
               fisher_own_estimate, dare)

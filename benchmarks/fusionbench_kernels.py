@@ -322,6 +322,9 @@ def cases(tensors: dict[str, torch.Tensor]) -> list[Case]:
              "slerp", {"t": 0.3}, "`slerp`, t 0.3, base_model task0, models task0 and task1; "
              "on the zero-base family (task vectors: far from colinear, so the spherical branch runs)",
              ml_merge("slerp", {"t": 0.3}, models=2, base="task0"), family="zero."),
+        Case("expo", "`fusion_bench.method.linear.llama_expo.expo_(sft_model=base, rlhf_model=task0, "
+             "extrapolation_factor=0.3)`", "expo", {"extrapolation_factor": 0.3},
+             "`expo`, alpha 0.3, base_model base, models task0", ml_merge("expo", {"alpha": 0.3}, models=1)),
         Case("ties(sum, same density)",
              f"`{ties}.ties_merging_utils.ties_merging(reset_thresh=0.5, merge_func='sum')` per tensor",
              "ties_per_tensor", {"threshold": 0.5, "merge_func": "sum", "scaling_factor": 0.4},
@@ -486,6 +489,14 @@ def driver_outputs_for(case: Case, outputs: dict[str, torch.Tensor]) -> State:
 
 # Methods mergelab has that FusionBench 0.2.33 cannot run here, and why.
 NOT_RUN = [
+    ("regmean_plusplus", "FusionBench's `RegMeanAlgorithmPlusPlus` leaves the model-specific steps "
+                         "(embedding merge, first-layer inputs, the layer list, per-layer Grams) to "
+                         "subclasses, and 0.2.33 ships only a CLIP one (`clip_regmean_plusplus.py`); a "
+                         "row would run a subclass written here, not FusionBench's code."),
+    ("adamerging_taskwise, adamerging_layerwise", "FusionBench's AdaMerging classes leave the test "
+                         "loaders and logits to its CLIP, flan-t5, GPT-2, ResNet and Llama subclasses, "
+                         "which load their model pools and task pools; and an optimisation over shuffled "
+                         "batches compares only statistically."),
     ("lines", "FusionBench 0.2.33 has no LiNeS (no implementation under `fusion_bench/method`)."),
     ("pcb", "FusionBench 0.2.33 has no PCB merging (no implementation under `fusion_bench/method`)."),
 ]
