@@ -55,7 +55,9 @@ parity: $(STAMP) bench-env
 	$(PY) benchmarks/parity_mergekit.py
 
 # FusionBench in its own venv: the reference benchmarks/fusionbench_kernels.py runs its kernels
-# against, on the same small tensors; never imported by mergelab or by `make test`.
+# against, on the same small tensors; never imported by mergelab or by `make test`. torch first,
+# pinned (its CPU wheel is on local disk; left to fusion-bench it pulls the CUDA packages); then
+# fusion-bench with all its dependencies (lightning, hydra, transformers, datasets...: ~1.8 GB).
 FUSIONBENCH_VENV := .fusionbench-venv
 fusionbench-env: $(FUSIONBENCH_VENV)/.installed
 $(FUSIONBENCH_VENV)/.installed: constraints.txt
