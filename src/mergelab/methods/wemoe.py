@@ -42,6 +42,10 @@ Choices of ours, and why:
   block on the block's input, shared by its two linear layers). The upscaled format and its
   loader stay per linear layer, as SMILE's; the router of the MLP's second layer sees the
   intermediate activations (wider: `router_hidden` x intermediate size more parameters).
+- 100 router steps at lr 1e-3 by default (FusionBench's CLIP config: 1,000 steps at 1e-4,
+  batch 16): a tenth of the steps at ten times the rate, so a benchmark point takes minutes on
+  a CPU. On the vision zoo's joint recipe neither setting helps: the entropy objective drives
+  the routers below the untrained (task-arithmetic) model (docs/benchmarks.md).
 - Which layers are MLP layers is decided from the names alone (`is_mlp_linear`); `all_linear`
   upscales every linear layer (SMILE's choice) instead.
 - A pointwise (1x1) convolution counts as a linear layer (as for SMILE: `[out, in, 1, 1]`
