@@ -70,7 +70,7 @@ def run(args) -> str:
 
     from mergelab.search import run_search
     from mergelab.search.parallel import RayWorkers
-    from mergelab_bench.bench import machine_note, update_docs
+    from mergelab_bench.bench import update_docs
 
     load_at_start = os.getloadavg()[0]
     cores = os.cpu_count() or 1
@@ -106,7 +106,9 @@ def run(args) -> str:
     body = "\n".join([
         f"Reproduce: `{args.command}`",
         "",
-        f"{machine_note(load_at_start)}; text zoo, recipe `{args.recipe}`, seed {args.seed}: the "
+        f"CPU ({cores} core(s), torch threads as each row says; 1-minute load average "
+        f"{load_at_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end); text zoo, "
+        f"recipe `{args.recipe}`, seed {args.seed}: the "
         "parameter-space search of the recipe-search section (TIES, a weight and a density per "
         "fine-tune, lambda; fitness the mean validation accuracy over the five tasks), "
         f"{args.trials} trials per run, each run a fresh study with the same seed. Ray: a local "
