@@ -91,13 +91,13 @@ def distill(
     teachers = [_load_teacher(t, settings) for t in settings.teachers]
     encoder, tokenizer, architecture = _load_student(settings.student.init)
     max_length = settings.max_length or max(t.max_length for t in teachers)
+    student_dim = _embed(encoder, tokenizer, teachers[0].targets.texts[:1], max_length).shape[1]
     replay = None
     if settings.replay is not None:
         texts = replay_texts(settings.replay.data, settings.replay.examples, settings.seed)
         replay = ReplayMemory(texts, _replay_targets(settings.replay.model, encoder, tokenizer,
-                                                     texts, max_length),
+                                                     texts, max_length, student_dim),
                               settings.replay.ratio, settings.replay.loss)  # fmt: skip
-    student_dim = _embed(encoder, tokenizer, teachers[0].targets.texts[:1], max_length).shape[1]
     heads = StudentHeads(student_dim, [t.targets for t in teachers],
                          torch.Generator().manual_seed(settings.seed))  # fmt: skip
     examples = DistillExamples(tokenizer, [t.targets for t in teachers], max_length=max_length,
@@ -218,17 +218,17 @@ def _load_student(init: str) -> tuple[nn.Module, Any, Path]:
     return encoder, tokenizer, folder
 
 
-def _replay_targets(model: str | None, student, tokenizer, texts: list[str], max_length: int):
+def _replay_targets(model: str | None, student, tokenizer, texts: list[str], max_length: int,
+                    student_dim: int):
     """The replayed features: the student init's own on `texts`, or (`replay.model`) another
-    model's, which must be as wide as the student's (the replay loss compares them directly)."""
-    features = _embed(student, tokenizer, texts, max_length)
+    model's, which must be `student_dim` wide (the replay loss compares them directly)."""
     if model is None:
-        return features
+        return _embed(student, tokenizer, texts, max_length)
     other, other_tokenizer, _ = _load_student(model)
     targets = _embed(other, other_tokenizer, texts, max_length)
-    if targets.shape[1] != features.shape[1]:
+    if targets.shape[1] != student_dim:
         raise MergeLabError(f"`replay.model` {model} outputs {targets.shape[1]} features, the "
-                            f"student {features.shape[1]}: the replay loss compares them "
+                            f"student {student_dim}: the replay loss compares them "
                             "directly, so they must be as wide")  # fmt: skip
     return targets
 

@@ -76,11 +76,11 @@ def expert_ranks(shape: tuple[int, ...], k: int, gate_k: int) -> tuple[int, int]
 def pointwise_stride(layer: torch.nn.Module) -> int | None:
     """None for a linear layer; the stride of a pointwise convolution a linear-layer module
     can stand in for (groups 1, no padding). Raises CheckpointError for another convolution."""
+    from mergelab.errors import CheckpointError
+
     if not isinstance(layer, torch.nn.Conv2d):
         return None
     if layer.groups != 1 or any(p != 0 for p in _pair(layer.padding)) or layer.kernel_size != (1, 1):
-        from mergelab.errors import CheckpointError
-
         raise CheckpointError(
             f"a {tuple(layer.kernel_size)} convolution with groups {layer.groups} and "
             f"padding {layer.padding} is no linear map of its pixels; only pointwise (1x1) "
@@ -88,8 +88,6 @@ def pointwise_stride(layer: torch.nn.Module) -> int | None:
         )
     stride = _pair(layer.stride)
     if stride[0] != stride[1]:
-        from mergelab.errors import CheckpointError
-
         raise CheckpointError(f"a pointwise convolution with unequal strides {stride}")
     return int(stride[0])
 
