@@ -70,7 +70,7 @@ def test_finetune_steps_zero_and_steps_within_warmup(zoo, tmp_path):
     root, folders = zoo
     out = tmp_path / "ft"
     base = ["finetune", "--task", root / "task.csv", "--model", folders["base"], "--out", out]
-    _refused([*base, "--steps", 0], out, "`steps`", "greater than or equal to 1; got 0")
+    _refused([*base, "--steps", 0], out, "steps: ", "greater than or equal to 1; got 0")
     _refused([*base, "--steps", 8], out,
              "`warmup_steps` (10) must be below `steps` (8)", "0: no warm-up")  # fmt: skip
     _refused([*base, "--steps", 3, "--warmup-steps", 3], out, "`warmup_steps` (3) must be below `steps` (3)")

@@ -33,16 +33,19 @@ class MergeError(MergeLabError):
     """A merge failed while running (non-finite values, numerical failure)."""
 
 
-def validation_problems(exc: Any) -> list[str]:
+def validation_problems(exc: Any, *, inputs: bool = False) -> list[str]:
     """One `key.path: message` line per problem of a pydantic ValidationError, each once
     (`unknown key` for a key the model forbids; a validator's several problems, one per line of
-    its message, become one line each; a model-level problem carries its own key path)."""
+    its message, become one line each; a model-level problem carries its own key path).
+    `inputs`: a field's problem also says the value it got (`; got 0`)."""
     problems: list[str] = []
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"]) or "<root>"
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
+        elif inputs and err["loc"]:
+            msg += f"; got {err['input']!r}"
         for part in msg.split("\n"):
             text = part if loc == "<root>" else f"{loc}: {part}"
             if text not in problems:

@@ -20,16 +20,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
 from mergelab.errors import ConfigError, validation_problems
+from mergelab.schema import StrictModel
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class AlignData(_Frozen):
+class AlignData(StrictModel):
     """Model inputs for activation matching, ZipIt!'s correlations and BatchNorm repair.
 
     Give `inputs` (a tensor file: any model taking one tensor) or `task` (a text task, for
@@ -62,7 +59,7 @@ class AlignData(_Frozen):
         return self
 
 
-class AlignSection(_Frozen):
+class AlignSection(StrictModel):
     """Align (Git Re-Basin) or zip (ZipIt!) models of one architecture, trained from different
     initialisations, and write the merged checkpoint."""
 
@@ -146,7 +143,7 @@ class AlignSection(_Frozen):
         return None if mode == "none" else mode
 
 
-class AlignConfig(_Frozen):
+class AlignConfig(StrictModel):
     """A config file holding an `align:` section."""
 
     align: AlignSection = Field(description="What to align or zip, and how.")

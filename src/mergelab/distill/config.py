@@ -22,19 +22,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
-from mergelab.errors import ConfigError, MergeLabError
+from mergelab.errors import ConfigError, MergeLabError, validation_problems
+from mergelab.schema import StrictModel
 from mergelab.training.settings import FinetuneSettings
 
 FeatureLoss = Literal["cosine", "mse"]  # the keys of losses.FEATURE_LOSSES (a test checks)
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class TeacherLoss(_Frozen):
+class TeacherLoss(StrictModel):
     """What the student learns of one teacher."""
 
     features: FeatureLoss | None = Field(
@@ -59,7 +56,7 @@ class TeacherLoss(_Frozen):
         return self
 
 
-class Teacher(_Frozen):
+class Teacher(StrictModel):
     """A frozen teacher and the data it is distilled on."""
 
     model: str = Field(description="A folder `mergelab finetune` wrote: encoder + head.safetensors.")
@@ -81,7 +78,7 @@ class Teacher(_Frozen):
         "merge of the teachers; needs equal feature widths).")
 
 
-class Replay(_Frozen):
+class Replay(StrictModel):
     """A memory of the student init's own inputs and outputs, replayed so it keeps its abilities."""
 
     data: str = Field(description="Texts: a task spec (its training split) or a .txt file, one "
@@ -101,7 +98,7 @@ class Replay(_Frozen):
                               "what it could do before any fine-tuning.")
 
 
-class Stage(_Frozen):
+class Stage(StrictModel):
     """One stage of the schedule (SAM-CLIP: head probing, then multi-task distillation)."""
 
     name: str = Field(description="Shown in the progress bar and the report.")
@@ -133,11 +130,11 @@ DEFAULT_STAGES = (
 )
 
 
-class Student(_Frozen):
+class Student(StrictModel):
     init: str = Field(description="A model folder, or a merge config (.yml/.yaml) merged in memory.")
 
 
-class DistillConfig(_Frozen):
+class DistillConfig(StrictModel):
     """Several teachers into one student (see the module docstring)."""
 
     student: Student
@@ -211,20 +208,11 @@ def read_distill_config(path: str | Path) -> DistillConfig:
     try:
         config = DistillConfig(**_with_absolute_paths(raw, path.parent.absolute()))
     except ValidationError as error:
-        raise ConfigError(_problems(error), str(path)) from None
+        raise ConfigError(validation_problems(error), str(path)) from None
     problems = check_config(config)
     if problems:
         raise ConfigError(problems, str(path))
     return config
-
-
-def _problems(error: ValidationError) -> list[str]:
-    problems = []
-    for item in error.errors():
-        where = ".".join(str(part) for part in item["loc"])
-        message = item["msg"].removeprefix("Value error, ")
-        problems.append(f"`{where}`: {message}" if where else message)
-    return problems
 
 
 def check_config(config: DistillConfig) -> list[str]:

@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from mergelab.errors import ConfigError
+from mergelab.schema import StrictModel
 
 Scalar = bool | int | float | str
 ScalarOrGradient = Scalar | list[Scalar]
@@ -24,11 +25,7 @@ DTYPES = ("float32", "float16", "bfloat16", "float64")
 DtypeName = Literal["float32", "float16", "bfloat16", "float64"]
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class ConditionalValue(_Frozen):
+class ConditionalValue(StrictModel):
     """A parameter value that applies to tensors whose name contains `filter` (all if omitted)."""
 
     value: ScalarOrGradient = Field(description="Scalar or per-layer gradient list.")
@@ -41,7 +38,7 @@ ParameterSetting = ScalarOrGradient | ConditionalValue | list[ConditionalValue]
 Parameters = dict[str, ParameterSetting]
 
 
-class ModelEntry(_Frozen):
+class ModelEntry(StrictModel):
     """A source model of a `models:` merge."""
 
     model: str = Field(description="Path of a checkpoint folder or file (or a state-dict name).")
@@ -50,7 +47,7 @@ class ModelEntry(_Frozen):
     )
 
 
-class SliceSource(_Frozen):
+class SliceSource(StrictModel):
     """A contiguous range of layers of one model, input to an output slice."""
 
     model: str = Field(description="Path of a checkpoint folder or file.")
@@ -65,7 +62,7 @@ class SliceSource(_Frozen):
         return self
 
 
-class OutputSlice(_Frozen):
+class OutputSlice(StrictModel):
     """A run of output layers, merged from sources whose layer ranges have equal lengths."""
 
     sources: list[SliceSource] = Field(min_length=1, description="Input layer ranges.")
@@ -73,7 +70,7 @@ class OutputSlice(_Frozen):
     parameters: Parameters | None = Field(default=None, description="Parameters of this slice.")
 
 
-class DataSection(_Frozen):
+class DataSection(StrictModel):
     """Data for data-aware methods (RegMean, Fisher, AdaMerging; see mergelab.stats.stage).
 
     Each source model gets its own task's data: give `task` (one for all models) or `tasks`
@@ -112,7 +109,7 @@ class DataSection(_Frozen):
         return self
 
 
-class ExpertGroupSpec(_Frozen):
+class ExpertGroupSpec(StrictModel):
     """Copies of one weight inside a model, one per modality (or expert), merged into one.
 
     Each member is a name pattern where `*` matches any text (including dots); tensors of the
@@ -136,7 +133,7 @@ class ExpertGroupSpec(_Frozen):
     )
 
 
-class ExpertGroupsSection(_Frozen):
+class ExpertGroupsSection(StrictModel):
     """Merge groups of copies *inside one model* (modality experts, MoE experts) into one weight.
 
     The config's single `models` entry is the model holding the copies; `base_model` is the seed
@@ -173,7 +170,7 @@ class ExpertGroupsSection(_Frozen):
         return self
 
 
-class TokenSourceSpec(_Frozen):
+class TokenSourceSpec(StrictModel):
     """Where a token's row comes from (mergekit's `kind: model_token` / `kind: zero`)."""
 
     kind: Literal["model_token", "zero"] = Field(
@@ -196,7 +193,7 @@ class TokenSourceSpec(_Frozen):
         return self
 
 
-class TokenSpec(_Frozen):
+class TokenSpec(StrictModel):
     """How one token's embedding and LM-head rows are made (mergelab.plan.tokenizer)."""
 
     source: TokenSourceSpec | str | None = Field(
@@ -209,7 +206,7 @@ class TokenSpec(_Frozen):
     )
 
 
-class TokenizerSection(_Frozen):
+class TokenizerSection(StrictModel):
     """mergekit's `tokenizer:` section: the output vocabulary and how its rows are made."""
 
     source: str = Field(
@@ -223,7 +220,7 @@ class TokenizerSection(_Frozen):
     )
 
 
-class MergeConfig(_Frozen):
+class MergeConfig(StrictModel):
     """A whole merge. Exactly one of `models` and `slices` is given."""
 
     merge_method: str = Field(description="Name of a registered merge method.")

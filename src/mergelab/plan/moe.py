@@ -36,20 +36,17 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
 from mergelab.errors import ConfigError, validation_problems
 from mergelab.plan.layout import TensorSource, split_layer_name
+from mergelab.schema import StrictModel
 
 GateMode = Literal["hidden", "hidden_avg", "hidden_last", "cheap_embed", "random", "uniform_random"]
 _MLP_PARTS = ("gate_proj", "up_proj", "down_proj")
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class ExpertSpec(_Frozen):
+class ExpertSpec(StrictModel):
     """One dense model whose MLPs become one expert of every layer."""
 
     source_model: str = Field(description="Path of the expert's checkpoint folder.")
@@ -67,7 +64,7 @@ class ExpertSpec(_Frozen):
     )
 
 
-class MoEConfig(_Frozen):
+class MoEConfig(StrictModel):
     """mergekit-moe's config: a base model and the experts built from dense models."""
 
     base_model: str = Field(description="The model every non-MLP tensor comes from.")

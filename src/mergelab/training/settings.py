@@ -9,18 +9,17 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
-from mergelab.errors import ConfigError
+from mergelab.errors import ConfigError, validation_problems
+from mergelab.schema import StrictModel
 
 Recipe = Literal["lpft", "joint"]
 RECIPES: tuple[str, ...] = ("lpft", "joint")
 
 
-class FinetuneSettings(BaseModel):
+class FinetuneSettings(StrictModel):
     """How an encoder (and its classification head) is fine-tuned. See `mergelab.training`."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
     recipe: Recipe = Field(
         "lpft",
@@ -118,11 +117,6 @@ class FinetuneSettings(BaseModel):
 
 
 def settings_error(error: ValidationError) -> ConfigError:
-    """One `ConfigError` listing every problem of a `ValidationError`, each with its field."""
-    problems = []
-    for item in error.errors():
-        field = ".".join(str(part) for part in item["loc"]) or "settings"
-        message = item["msg"].removeprefix("Value error, ")
-        got = f"; got {item['input']!r}" if item["loc"] else ""
-        problems.append(f"`{field}`: {message}{got}" if item["loc"] else message)
-    return ConfigError(problems, source="the fine-tuning settings")
+    """One `ConfigError` listing every problem of a `ValidationError`, each with its field and
+    the value it got."""
+    return ConfigError(validation_problems(error, inputs=True), source="the fine-tuning settings")
