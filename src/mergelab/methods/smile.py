@@ -106,6 +106,34 @@ def per_pixel(x: torch.Tensor, stride: int | None, linear) -> torch.Tensor:
     return linear(x.movedim(-3, -1)).movedim(-1, -3)
 
 
+class RoutedLinear(torch.nn.Module):
+    """A linear layer (or pointwise convolution) that an upscaled merge routes: it keeps the
+    wrapped layer's weight and bias, and applies `routed(x)` (x [..., in]) to every token, or
+    to every pixel's channels for a convolution (`per_pixel`). Subclasses define `routed` and
+    the `extra_repr` fields after the sizes (`routing_repr`)."""
+
+    def __init__(self, layer: torch.nn.Linear | torch.nn.Conv2d, num_experts: int):
+        super().__init__()
+        self.stride = pointwise_stride(layer)
+        self.in_features, self.out_features = layer.weight.shape[1], layer.weight.shape[0]
+        self.weight = layer.weight
+        self.bias = layer.bias
+        self.num_experts = int(num_experts)
+
+    def routed(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return per_pixel(x, self.stride, self.routed)
+
+    def routing_repr(self) -> str:
+        return ""
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"num_experts={self.num_experts}, {self.routing_repr()}")  # fmt: skip
+
+
 def smile_experts(
     task_vectors: torch.Tensor, k: int, gate_k: int, name: str = ""
 ) -> dict[str, torch.Tensor]:
@@ -198,39 +226,31 @@ def smile_kernel(m: TensorMerge) -> torch.Tensor:
     return base
 
 
-class SmileLinear(torch.nn.Module):
+class SmileLinear(RoutedLinear):
     """A base linear layer (or pointwise convolution) with SMILE's routed low-rank experts
     (see `smile_forward`).
 
     Holds the base layer's weight and bias and the experts' `gate`, `u`, `svh` (and `bias`
     deltas) as buffers; `top_k` experts per token (per pixel for a convolution)."""
 
+    EXPERT_KEYS = ("gate", "u", "svh", "bias")
+
     def __init__(self, layer: torch.nn.Linear | torch.nn.Conv2d, experts: Mapping[str, torch.Tensor],
                  top_k: int):
-        super().__init__()
-        self.stride = pointwise_stride(layer)
-        self.in_features, self.out_features = layer.weight.shape[1], layer.weight.shape[0]
-        self.weight = layer.weight
-        self.bias = layer.bias
+        super().__init__(layer, experts["u"].shape[0])
         self.top_k = int(top_k)
-        dtype = layer.weight.dtype
-        for key in ("gate", "u", "svh", "bias"):
+        for key in self.EXPERT_KEYS:
             if key in experts:
-                self.register_buffer(f"expert_{key}", experts[key].to(dtype))
-        self.num_experts = int(experts["u"].shape[0])
+                self.register_buffer(f"expert_{key}", experts[key].to(layer.weight.dtype))
 
     def experts(self) -> dict[str, torch.Tensor]:
-        keys = ("gate", "u", "svh", "bias")
-        return {k: getattr(self, f"expert_{k}") for k in keys if hasattr(self, f"expert_{k}")}
+        return {k: getattr(self, f"expert_{k}") for k in self.EXPERT_KEYS if hasattr(self, f"expert_{k}")}
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight, experts = self.weight.flatten(1), self.experts()
-        return per_pixel(x, self.stride,
-                         lambda t: smile_forward(t, weight, self.bias, experts, self.top_k))
+    def routed(self, x: torch.Tensor) -> torch.Tensor:
+        return smile_forward(x, self.weight.flatten(1), self.bias, self.experts(), self.top_k)
 
-    def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"num_experts={self.num_experts}, top_k={self.top_k}")  # fmt: skip
+    def routing_repr(self) -> str:
+        return f"top_k={self.top_k}"
 
 
 def smile_module(

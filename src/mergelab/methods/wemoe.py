@@ -71,7 +71,7 @@ from mergelab.methods.registry import (
     get_method,
     register,
 )
-from mergelab.methods.smile import is_linear_weight, per_pixel, pointwise_stride
+from mergelab.methods.smile import RoutedLinear, is_linear_weight
 
 # Names of the linear layers of a transformer's MLP (feed-forward) block, across families:
 # CLIP/ViT-open_clip/Llama/Qwen `mlp.*`, BERT/ViT (HF) `intermediate.dense` and the block's
@@ -220,7 +220,7 @@ def wemoe_forward(
     return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
-class WEMoELinear(torch.nn.Module):
+class WEMoELinear(RoutedLinear):
     """A merged linear layer (or pointwise convolution) with WEMoE's routed task vectors (see
     `wemoe_forward`).
 
@@ -231,31 +231,22 @@ class WEMoELinear(torch.nn.Module):
 
     def __init__(self, layer: torch.nn.Linear | torch.nn.Conv2d, extras: Mapping[str, torch.Tensor],
                  scale: float):
-        super().__init__()
-        self.stride = pointwise_stride(layer)
-        self.in_features, self.out_features = layer.weight.shape[1], layer.weight.shape[0]
-        self.weight = layer.weight
-        self.bias = layer.bias
+        super().__init__(layer, extras["task_vectors"].shape[0])
         self.scale = float(scale)
         dtype = layer.weight.dtype
         self.register_buffer("task_vectors", extras["task_vectors"].to(dtype))
         self.register_buffer("bias_vectors", extras["bias"].to(dtype) if "bias" in extras else None)
         self.router = Router({k: extras[k].to(dtype) for k in ROUTER_KEYS}).to(layer.weight.device)
-        self.num_experts = int(extras["task_vectors"].shape[0])
         self.last_routing: torch.Tensor | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return per_pixel(x, self.stride, self._linear)
-
-    def _linear(self, x: torch.Tensor) -> torch.Tensor:
+    def routed(self, x: torch.Tensor) -> torch.Tensor:
         routing = self.router(x)
         self.last_routing = routing.detach()
         return wemoe_forward(x, self.weight.flatten(1), self.bias, self.task_vectors,
                              self.bias_vectors, routing, self.scale)  # fmt: skip
 
-    def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"num_experts={self.num_experts}, router_hidden={self.router.hidden}")  # fmt: skip
+    def routing_repr(self) -> str:
+        return f"router_hidden={self.router.hidden}"
 
 
 def wemoe_module(
