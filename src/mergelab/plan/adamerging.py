@@ -216,18 +216,26 @@ def coefficients_config(
     )
 
 
+def coefficient_inputs(plan):
+    """What a stage that learns task-arithmetic coefficients reads of `plan`: the method's
+    parameters, the merged sources (the tasks, in order), the base's weights of the planned
+    tensors and each source's weights."""
+    from mergelab.stats.stage import source_weights
+
+    params = plan.tasks[0].params if plan.tasks else {}
+    tasks = plan.merged_sources
+    names = [n for t in plan.tasks for i, (k, n) in enumerate(t.inputs) if i == t.base_index]
+    base = {n: plan.sources[plan.config.base_model].get(n) for n in names}
+    return params, tasks, base, {k: source_weights(plan, k) for k in tasks}
+
+
 def optimise(plan, provider, options, folders=None):
     """The `adamerging` optimisation stage: learn the coefficients on the provider's data and
     return (the task-arithmetic config that applies them, the AdaMergingResult)."""
-    from mergelab.stats.stage import load_weights, source_weights, task_on_device, working_module
+    from mergelab.stats.stage import load_weights, task_on_device, working_module
 
     granularity = dict(plan.method.optimiser_options).get("granularity", "task")
-    params = plan.tasks[0].params if plan.tasks else {}
-    tasks = plan.merged_sources
-    base_key = plan.config.base_model
-    names = [n for t in plan.tasks for i, (k, n) in enumerate(t.inputs) if i == t.base_index]
-    base = {n: plan.sources[base_key].get(n) for n in names}
-    finetuned = {k: source_weights(plan, k) for k in tasks}
+    params, tasks, base, finetuned = coefficient_inputs(plan)
     module = working_module(provider, options.device)
     load_weights(module, base)
     data = {k: task_on_device(provider.task_data(k), options.device) for k in tasks}

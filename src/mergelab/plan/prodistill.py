@@ -42,13 +42,13 @@ from torch import nn
 from torch.func import functional_call
 from torch.utils._pytree import tree_flatten, tree_map
 
-from mergelab.plan.adamerging import coefficients_config
+from mergelab.plan.adamerging import coefficient_inputs, coefficients_config
 from mergelab.progress import progress_bar
 from mergelab.stats.batches import DataError, TaskData, limited, to_device
 from mergelab.stats.batches import batch_size as examples_in
 from mergelab.stats.gram import StopForward
 from mergelab.stats.progressive import block_of, execution_order
-from mergelab.stats.stage import load_weights, raw_forward, source_weights
+from mergelab.stats.stage import load_weights, raw_forward
 
 StateDict = Mapping[str, torch.Tensor]
 
@@ -409,12 +409,7 @@ def prodistill(
 def optimise(plan, provider, options, folders=None):
     """The `prodistill` optimisation stage: learn the coefficients on the provider's data and
     return (the task-arithmetic config that applies them, the ProDistillResult)."""
-    params = plan.tasks[0].params if plan.tasks else {}
-    tasks = plan.merged_sources
-    base_key = plan.config.base_model
-    names = [n for t in plan.tasks for i, (k, n) in enumerate(t.inputs) if i == t.base_index]
-    base = {n: plan.sources[base_key].get(n) for n in names}
-    finetuned = {k: source_weights(plan, k) for k in tasks}
+    params, tasks, base, finetuned = coefficient_inputs(plan)
     examples = int(params["examples"])
     if options.max_examples is not None:
         examples = min(examples, int(options.max_examples))
