@@ -165,6 +165,8 @@ def run(args) -> str:
                 merged = mergelab.merge_state_dicts(found.best_config, sources, seed=seed)
                 score("search: TIES, parameter space" + suffix, merged)
                 cost_lines.append(("parameter space" + suffix, recipe, seed, found.completed, Timer(found)))
+                if args.skip_hybrid:
+                    continue
                 hybrid_sources = [built.evaluator.module(merged), *modules]
                 hybrid = DataflowSpace(("merge", *tasks), layers, 1, False, 0.5, 1.5, 0, "host")
                 combined = run_one(args, built, "hybrid", hybrid, hybrid_sources,
@@ -212,7 +214,8 @@ def run(args) -> str:
         f"[0.5, 2] ({args.trials} trials); data-flow = which of the fine-tunes' 6 x 5 layers run, "
         f"in layout order, one repetition, no scaling matrix, the first fine-tune's embeddings "
         f"({args.dataflow_trials} trials, the first being that fine-tune's own stack); hybrid = "
-        f"the same over the parameter-space merge (host) and the five fine-tunes. Fitness: the "
+        f"the same over the parameter-space merge (host) and the five fine-tunes"
+        + (" (not run here)" if args.skip_hybrid else "") + ". Fitness: the "
         f"mean validation accuracy ({validation_size} examples per task, each task's own head, "
         f"the same split the hand-tuned grid points are picked on); the rows show "
         f"each search's best trial on the test split. 'single source' rows: one fine-tune's "
@@ -230,6 +233,8 @@ def run(args) -> str:
         # a run of other searches than the default ones keeps its own section
         marker = MARKER if args.starts == "centre" and not args.skip_dataflow else (
             f"{MARKER}-{args.starts.replace(',', '-')}" + ("-no-dataflow" if args.skip_dataflow else ""))
+        if args.skip_hybrid:
+            marker += "-no-hybrid"
         if args.validation_examples is not None:
             marker += f"-val{args.validation_examples}"
         update_docs(args.docs, marker, body)
@@ -243,6 +248,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--trials", type=int, default=48, help="parameter-space trials")
     parser.add_argument("--skip-dataflow", action="store_true",
                         help="no data-flow search over the fine-tunes (the hybrid still runs)")
+    parser.add_argument("--skip-hybrid", action="store_true",
+                        help="no hybrid search (over the parameter-space merge and the fine-tunes)")
     parser.add_argument("--starts", default="centre",
                         help="parameter-space starts, comma-separated: centre (CMA-ES from the "
                         "cube's centre, the paper), config (from the hand-tuned TIES grid point)")
