@@ -23,6 +23,10 @@ For every recipe and seed of the text zoo:
   and no replay memory saw them; each gloss embedded and matched by cosine against every
   item's lemma; correct when the nearest lemma is one of the synset's), measured for the
   pretrained model, every fine-tune, the weight merges and the students.
+With `--validation-examples N` the students, the probe and the fine-tunes are also scored on
+N validation examples per task (the zoo's larger validation draw): the split a choice between
+variants is made on; the section also counts the validation and test texts that are among what
+the students distil or replay for another task (the tasks share sources).
 Students and teacher folders are cached in ~/.cache/mergelab/bench/distill (a killed run
 resumes at the stage it reached). Results go to docs/benchmarks.md between this script's
 markers with `--write-docs`.
@@ -48,6 +52,7 @@ CACHE = Path(os.environ.get("MERGELAB_CACHE", Path.home() / ".cache" / "mergelab
 WEIGHT_MERGES = ("task_arithmetic", "ties", "tsv", "tall_masks")
 PROBE_ROWS = ("ties", "tsv")  # weight merges whose encoder the ability probe also scores
 STUDENT_ROWS = {True: "distilled student, replay", False: "distilled student, no replay"}
+CACHED_STUDENTS: list[str] = []  # students of this run read from the cache, not trained
 
 
 # --- the ability: lemma retrieval from WordNet glosses ----------------------------------------------
@@ -243,7 +248,9 @@ def run_student(config: dict, root: Path) -> tuple[Path, dict]:
 
     key = digest(json.dumps(config, sort_keys=True))
     out = root / f"student-{key}"
-    if not (out / REPORT_FILE).is_file():
+    if (out / REPORT_FILE).is_file():
+        CACHED_STUDENTS.append(out.name)
+    else:
         root.mkdir(parents=True, exist_ok=True)
         path = root / f"student-{key}.yml"
         path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
@@ -276,6 +283,45 @@ def prodistill_encoder(args, built, seed: int):
         seed=seed,
     )  # fmt: skip
     return {**built.pretrained, **result.state_dict}, max(result.examples.values())
+
+
+class Validation:
+    """Scores on a larger validation draw of one recipe and seed (`built`: the zoo built with
+    `validation_examples`): the probe, the fine-tunes and the students given to `score`."""
+
+    def __init__(self, built):
+        from mergelab_bench.bench import FINETUNED_ROW, PROBE_ROW
+
+        self.built, self.tasks = built, list(built.tasks)
+        self.results: dict[str, dict[str, float]] = {}
+        self.examples: dict[str, dict[str, torch.Tensor]] = {}
+        self.score(PROBE_ROW, built.pretrained, built.probe_heads)
+        self.examples[FINETUNED_ROW], self.results[FINETUNED_ROW] = {}, {}
+        for task in self.tasks:
+            self.results[FINETUNED_ROW].update(self._evaluate(
+                built.finetuned[task], {task: built.heads[task]}, [task], self.examples[FINETUNED_ROW]))
+
+    def _evaluate(self, encoder, heads, tasks, examples):
+        from mergelab.eval.harness import evaluate_model
+
+        return evaluate_model(self.built.evaluator, encoder, heads, tasks=tasks, split="validation",
+                              examples=examples)  # fmt: skip
+
+    def score(self, row: str, encoder, heads) -> None:
+        self.examples[row] = {}
+        self.results[row] = self._evaluate(encoder, heads, self.tasks, self.examples[row])
+        mean = sum(self.results[row].values()) / len(self.tasks)
+        print(f"  {row}: validation {100 * mean:.1f}%", flush=True)
+
+
+def shared_texts(built, texts: set[str], split: str) -> dict[str, int]:
+    """Per task of `built`, how many texts of its `split` are also in `texts` (what the
+    students distil or replay). The tasks share sources (Rotten Tomatoes snippets are in
+    sentiment and subjectivity, SemCor sentences in supersense and pos), so another task's
+    training texts hold some of a task's validation and test texts, unlabelled for that task."""
+    stripped = {t.strip() for t in texts}
+    return {task: len(stripped & {t.strip() for t in built.evaluator.split(task, split).texts})
+            for task in built.tasks}  # fmt: skip
 
 
 # --- the run ------------------------------------------------------------------------------------
@@ -338,8 +384,14 @@ def run(args) -> str:
         ability_rows.setdefault(row, []).append(correct)
         print(f"  ability, {row}: {100 * correct.float().mean():.1f}%", flush=True)
 
+    # the students on a larger validation draw (the zoo's own validation split, a superset of
+    # the default draw), to choose between variants; the test rows stay on `zoo`
+    validation_zoo = (None if args.validation_examples is None
+                      else get_zoo("text", validation_examples=args.validation_examples))  # fmt: skip
+    overlaps: list[dict[str, dict[str, int]]] = []  # per recipe and seed, per split and task
     for recipe in args.recipes.split(","):
         per_seed_rows, per_seed_examples, choices = [], [], {}
+        validation_rows, validation_examples = [], []
         for seed in (int(s) for s in args.seeds.split(",")):
             print(f"text zoo, recipe {recipe}, seed {seed}", flush=True)
             built = zoo.build(recipe=recipe, seed=seed, progress=False)
@@ -381,6 +433,11 @@ def run(args) -> str:
             teacher_texts = distilled_texts(distill_config(args, teachers, None, seed, init), settings.split_seed)
             replay = replay_file(tasks, teacher_texts, args.replay_examples, settings.split_seed,
                                  CACHE / f"replay-{recipe}-s{seed}-{args.replay_examples}.txt")  # fmt: skip
+            if validation_zoo is not None:
+                validation = Validation(validation_zoo.build(recipe=recipe, seed=seed, progress=False))
+                seen = teacher_texts | set(replay.read_text(encoding="utf-8").splitlines())
+                overlaps.append({"validation": shared_texts(validation.built, seen, "validation"),
+                                 "test": shared_texts(built, seen, "test")})  # fmt: skip
             for with_replay in {"both": (True, False), "with": (True,), "without": (False,)}[args.replay]:
                 config = distill_config(args, teachers, replay if with_replay else None, seed, init)
                 tick = time.perf_counter()
@@ -391,6 +448,12 @@ def run(args) -> str:
                 score(STUDENT_ROWS[with_replay], encoder, heads)
                 costs.append((STUDENT_ROWS[with_replay], recipe, seed, report.get("seconds", time.perf_counter() - tick)))
                 ability_of(f"{STUDENT_ROWS[with_replay]} ({tag})", module(encoder))
+                if validation_zoo is not None:
+                    validation.score(STUDENT_ROWS[with_replay], encoder, heads)
+            if validation_zoo is not None:
+                validation_rows.append(summarise(validation.results, finetuned=validation.results[FINETUNED_ROW],
+                                                 probe=validation.results[PROBE_ROW]))  # fmt: skip
+                validation_examples.append(validation.examples)
             per_seed_rows.append(summarise(results, finetuned=results[FINETUNED_ROW],
                                            probe=results[PROBE_ROW]))  # fmt: skip
             per_seed_examples.append(outcomes)
@@ -398,6 +461,23 @@ def run(args) -> str:
         notes = {name: "; ".join(labels) for name, labels in choices.items()}
         rows = aggregate_rows(per_seed_rows, notes, per_seed_examples)
         sections += [f"### recipe `{recipe}`", "", markdown_table(rows), "", gain_line(rows, args), ""]
+        if validation_rows:
+            sections += [f"Validation split, {args.validation_examples} examples per task (the "
+                         "zoo's validation groups of each task, which its teacher and fine-tune "
+                         "never train on; what a choice between student variants is made on):", "",
+                         markdown_table(aggregate_rows(validation_rows, {}, validation_examples)), ""]  # fmt: skip
+    if overlaps:
+        def most(split):
+            return ", ".join(f"{t} {max(o[split][t] for o in overlaps)}" for t in overlaps[0][split])
+
+        sections += [
+            "Texts shared across tasks (the largest count over recipes and seeds): the tasks "
+            "share sources (Rotten Tomatoes snippets are in sentiment and subjectivity, SemCor "
+            "sentences in supersense and pos), so the texts the students distil or replay for "
+            "one task include some of another task's validation and test texts, labelled for "
+            f"their own task only: validation {most('validation')}; test {most('test')} (of "
+            f"{args.validation_examples} validation texts per task and the test texts scored). The "
+            "fine-tunes and the data-aware merges see the same cross-task texts.", ""]
 
     ability_lines = ["| model (recipe, seed) | lemma retrieval top-1 |", "|---|---:|"]
     for row, corrects in ability_rows.items():
@@ -409,7 +489,10 @@ def run(args) -> str:
     body = "\n".join([
         f"Reproduce: `{args.command}`",
         "",
-        f"Wall time {wall / 60:.1f} min, {machine_note(load_at_start)}. " + CELLS_NOTE + " "
+        f"Wall time {wall / 60:.1f} min"
+        + (f" ({len(CACHED_STUDENTS)} students read from the cache of an earlier run; their "
+           "seconds below are that run's)" if CACHED_STUDENTS else "")
+        + f", {machine_note(load_at_start)}. " + CELLS_NOTE + " "
         + test_size_note(sizes_seen),
         "",
         f"Students: {'MiniLM (pretrained)' if args.student_init == 'pretrained' else 'the ' + args.student_init + ' merge of the fine-tunes (its grid point chosen on validation)'} "
@@ -479,6 +562,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prodistill-steps", type=int, default=100)
     parser.add_argument("--probe-items", type=int, default=1000, help="synsets of the ability probe")
     parser.add_argument("--test-examples", type=int, default=None)
+    parser.add_argument("--validation-examples", type=int, default=None,
+                        help="also score the students on this many validation examples per task "
+                             "(the zoo's larger validation draw), to choose a variant")
     parser.add_argument("--write-docs", action="store_true")
     args = parser.parse_args(argv)
     args.command = "python benchmarks/distill_text.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
