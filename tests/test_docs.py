@@ -38,3 +38,18 @@ def test_every_relative_link_in_the_docs_resolves_inside_the_repository():
             if not path.is_relative_to(root) or not path.exists():
                 broken.append(f"{page.relative_to(root)}: {target}")
     assert broken == []
+
+
+def test_readme_layout_names_every_package_and_module_of_the_library():
+    """The README's layout section lists each subpackage (`name/`) and top-level module
+    (`name.py`) of src/mergelab, so a new one cannot land undescribed."""
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    readme = root / "README.md"
+    layout = readme.read_text().split("## Layout", 1)[1].split("```")[1]
+    listed = set(re.findall(r"\b([a-z_]+/)", layout)) | set(re.findall(r"\b([a-z_]+\.py)\b", layout))
+    library = root / "src" / "mergelab"
+    present = {p.name + "/" for p in library.iterdir() if (p / "__init__.py").is_file()}
+    present |= {p.name for p in library.glob("*.py") if p.name != "__init__.py"}
+    assert sorted(present - listed) == [], f"add them to the layout section of {readme.name}"
